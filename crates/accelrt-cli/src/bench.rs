@@ -1,0 +1,572 @@
+//! `accelrt bench`: the allocator's fast path against the system allocator, an RMM-style
+//! random-allocation workload, multi-thread scaling, and the event benches.
+//!
+//! Numbers are only meaningful from a release build (`cargo run --release -p accelrt-cli --
+//! bench`). The allocator runs on the host backend's memory with a large capacity: segments
+//! are `MAP_NORESERVE` mappings that are never touched, so even the 1 GiB case costs no RAM.
+
+use std::hint::black_box;
+use std::process::ExitCode;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use accelrt::alloc::{format_size, AllocatorConfig, CachingAllocator, MemoryProvider};
+use accelrt::backend::host::HostMemory;
+use accelrt::{Device, DeviceType, Error, Stream};
+use serde_json::{json, Map, Value};
+
+use crate::replay::group;
+
+/// Arguments of `accelrt bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// A short run (about a tenth of the work) for smoke tests; numbers are noisier.
+    #[arg(long)]
+    pub quick: bool,
+    /// Threads in the multi-thread bench, each on its own stream.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
+}
+
+/// Simulated device size: large enough for the random workloads' peaks (tens of GiB of
+/// untouched, unreserved address space).
+const BENCH_CAPACITY: u64 = 256 << 30;
+
+/// Request sizes of the pair benches.
+const PAIR_SIZES: [usize; 7] = [512, 4096, 1 << 20, 2 << 20, 20 << 20, 64 << 20, 1 << 30];
+
+const DEVICE: Device = Device {
+    kind: DeviceType::Host,
+    index: 0,
+};
+
+/// How much work each bench does.
+struct Plan {
+    pair_batches: usize,
+    pair_iters: u64,
+    random_ops: u64,
+    thread_pairs: u64,
+    event_iters: u64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                pair_batches: 5,
+                pair_iters: 2_000,
+                random_ops: 20_000,
+                thread_pairs: 20_000,
+                event_iters: 2_000,
+            }
+        } else {
+            Plan {
+                pair_batches: 21,
+                pair_iters: 50_000,
+                random_ops: 200_000,
+                thread_pairs: 500_000,
+                event_iters: 100_000,
+            }
+        }
+    }
+}
+
+/// The configuration every bench runs under: the default, without per-call invariant checks
+/// (which would dominate the timings).
+fn bench_config() -> AllocatorConfig {
+    AllocatorConfig {
+        debug_checks: false,
+        ..AllocatorConfig::default()
+    }
+}
+
+fn fresh_allocator() -> Result<CachingAllocator, Error> {
+    let provider: Arc<dyn MemoryProvider> = Arc::new(HostMemory::new(BENCH_CAPACITY));
+    CachingAllocator::new(DEVICE, provider, None, bench_config())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+fn ns_per(elapsed: Duration, count: u64) -> f64 {
+    elapsed.as_nanos() as f64 / count.max(1) as f64
+}
+
+/// `pairs` alloc+free pairs: the first takes a segment from the device, later ones reuse it.
+fn warm_up(alloc: &CachingAllocator, size: usize, stream: Stream, pairs: u64) -> Result<(), Error> {
+    for _ in 0..pairs {
+        let p = alloc.raw_alloc(size, stream)?;
+        alloc.raw_free(p)?;
+    }
+    Ok(())
+}
+
+/// Median ns of a cached `raw_alloc` + `raw_free` pair of `size` bytes on one stream.
+fn accelrt_pair_ns(alloc: &CachingAllocator, size: usize, plan: &Plan) -> Result<f64, Error> {
+    let stream = Stream {
+        device: DEVICE,
+        index: 0,
+    };
+    warm_up(alloc, size, stream, plan.pair_iters.min(1_000))?;
+    let mut per_batch = Vec::with_capacity(plan.pair_batches);
+    for _ in 0..plan.pair_batches {
+        let start = Instant::now();
+        for _ in 0..plan.pair_iters {
+            let p = black_box(alloc.raw_alloc(black_box(size), stream)?);
+            alloc.raw_free(p)?;
+        }
+        per_batch.push(ns_per(start.elapsed(), plan.pair_iters));
+    }
+    Ok(median(per_batch))
+}
+
+/// Median ns of a `malloc` + `free` pair of `size` bytes (std's global allocator, which is
+/// the C library's `malloc` for these alignments).
+fn system_pair_ns(size: usize, plan: &Plan) -> Result<f64, Error> {
+    let layout = std::alloc::Layout::from_size_align(size, 16)
+        .map_err(|e| Error::InvalidArgument(format!("layout for {size} bytes: {e}")))?;
+    // Sizes the C library serves with mmap/munmap cost microseconds; do fewer of them.
+    let iters = if size >= 1 << 20 {
+        (plan.pair_iters / 20).max(100)
+    } else {
+        plan.pair_iters
+    };
+    let pair = || {
+        // SAFETY: `layout` has a non-zero size; the pointer is checked and freed with the
+        // same layout it was allocated with.
+        unsafe {
+            let p = std::alloc::alloc(black_box(layout));
+            if p.is_null() {
+                return Err(Error::InvalidArgument(format!(
+                    "the system allocator refused {}: not enough memory for the malloc comparison",
+                    format_size(size as u64)
+                )));
+            }
+            std::alloc::dealloc(black_box(p), layout);
+        }
+        Ok(())
+    };
+    for _ in 0..iters.min(1_000) {
+        pair()?;
+    }
+    let mut per_batch = Vec::with_capacity(plan.pair_batches);
+    for _ in 0..plan.pair_batches {
+        let start = Instant::now();
+        for _ in 0..iters {
+            pair()?;
+        }
+        per_batch.push(ns_per(start.elapsed(), iters));
+    }
+    Ok(median(per_batch))
+}
+
+/// SplitMix64: a small, fast, deterministic generator (Steele, Lea, Flood 2014).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (`n > 0`), by the multiply-high method.
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// Result of one random-allocation workload.
+struct RandomResult {
+    live: usize,
+    max_size: u64,
+    ops: u64,
+    ns_per_call: f64,
+    peak_reserved: u64,
+    peak_allocated: u64,
+    peak_requested: u64,
+    device_allocs: u64,
+}
+
+impl RandomResult {
+    /// Peak reserved / peak allocated (allocated = rounded block bytes, as PyTorch's
+    /// `max_memory_allocated`), the figure ANCHORS.md reports.
+    fn ratio(&self) -> f64 {
+        self.peak_reserved as f64 / self.peak_allocated.max(1) as f64
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "live": self.live,
+            "max_size_bytes": self.max_size,
+            "ops": self.ops,
+            "ns_per_call": self.ns_per_call,
+            "peak_reserved_bytes": self.peak_reserved,
+            "peak_allocated_bytes": self.peak_allocated,
+            "peak_requested_bytes": self.peak_requested,
+            "ratio": self.ratio(),
+            "ratio_vs_requested": self.peak_reserved as f64 / self.peak_requested.max(1) as f64,
+            "device_allocs": self.device_allocs,
+        })
+    }
+}
+
+/// RMM-style random allocations, as `tools/torch/alloc_bench.py` runs them on PyTorch: `live`
+/// allocations of sizes uniform in 1..=`max_size`; then `ops` times, free a random one and
+/// allocate a new one in its place. ns per call = loop time / (2 × ops). The random choices
+/// are drawn before the clock starts.
+fn random_workload(live: usize, max_size: u64, ops: u64, seed: u64) -> Result<RandomResult, Error> {
+    let alloc = fresh_allocator()?;
+    let stream = Stream {
+        device: DEVICE,
+        index: 0,
+    };
+    let mut rng = SplitMix64(seed);
+    let size = move |rng: &mut SplitMix64| 1 + rng.below(max_size);
+    let sizes: Vec<u64> = (0..live).map(|_| size(&mut rng)).collect();
+    let steps: Vec<(u32, u64)> = (0..ops)
+        .map(|_| (rng.below(live as u64) as u32, size(&mut rng)))
+        .collect();
+
+    // Peak of live requested bytes, outside the timed loop.
+    let mut current: u64 = sizes.iter().sum();
+    let mut peak_requested = current;
+    {
+        let mut shadow = sizes.clone();
+        for &(k, s) in &steps {
+            current = current - shadow[k as usize] + s;
+            shadow[k as usize] = s;
+            peak_requested = peak_requested.max(current);
+        }
+    }
+
+    let mut ptrs = Vec::with_capacity(live);
+    for &s in &sizes {
+        ptrs.push(alloc.raw_alloc(s as usize, stream)?);
+    }
+    let start = Instant::now();
+    for &(k, s) in &steps {
+        let slot = &mut ptrs[k as usize];
+        alloc.raw_free(*slot)?;
+        *slot = alloc.raw_alloc(s as usize, stream)?;
+    }
+    let elapsed = start.elapsed();
+    let stats = alloc.stats();
+    for p in ptrs {
+        alloc.raw_free(p)?;
+    }
+    Ok(RandomResult {
+        live,
+        max_size,
+        ops,
+        ns_per_call: ns_per(elapsed, 2 * ops),
+        peak_reserved: stats.reserved_bytes_peak,
+        peak_allocated: stats.all().allocated_bytes.peak,
+        peak_requested,
+        device_allocs: stats.counters.num_device_alloc,
+    })
+}
+
+/// Cached pairs per second over `threads` threads, each on its own stream, all started together.
+fn pairs_per_sec(threads: u32, pairs_per_thread: u64, size: usize) -> Result<f64, Error> {
+    let alloc = fresh_allocator()?;
+    let barrier = Barrier::new(threads as usize + 1);
+    let elapsed = std::thread::scope(|scope| -> Result<Duration, Error> {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (alloc, barrier) = (&alloc, &barrier);
+                scope.spawn(move || -> Result<(), Error> {
+                    let stream = Stream {
+                        device: DEVICE,
+                        index: t + 1,
+                    };
+                    let warm = warm_up(alloc, size, stream, pairs_per_thread.min(1_000));
+                    // Always reach the barrier, or the others would wait forever.
+                    barrier.wait();
+                    warm?;
+                    for _ in 0..pairs_per_thread {
+                        let p = black_box(alloc.raw_alloc(black_box(size), stream)?);
+                        alloc.raw_free(p)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        for w in workers {
+            w.join()
+                .map_err(|_| Error::InvalidArgument("a bench thread panicked".into()))??;
+        }
+        Ok(start.elapsed())
+    })?;
+    Ok((threads as u64 * pairs_per_thread) as f64 / elapsed.as_secs_f64().max(1e-9))
+}
+
+/// The CPU model and core count of this machine.
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| {
+                    l.starts_with("model name")
+                        || l.starts_with("Model")
+                        || l.starts_with("cpu model")
+                })
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".to_string());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    json!({ "cpu": cpu, "cores": cores, "os": std::env::consts::OS, "arch": std::env::consts::ARCH })
+}
+
+/// Now, in UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+/// Run `accelrt bench`.
+pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
+    let plan = Plan::new(args.quick);
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    if build == "debug" {
+        eprintln!("note: this is a debug build; bench numbers are only meaningful with `cargo run --release`");
+    }
+
+    let mut fast = Map::new();
+    let mut system = Map::new();
+    let pair_alloc = fresh_allocator()?;
+    for size in PAIR_SIZES {
+        fast.insert(
+            size.to_string(),
+            json!(accelrt_pair_ns(&pair_alloc, size, &plan)?),
+        );
+        system.insert(size.to_string(), json!(system_pair_ns(size, &plan)?));
+    }
+    drop(pair_alloc);
+
+    const SEED: u64 = 42;
+    let random_64 = random_workload(1000, 64 << 20, plan.random_ops, SEED)?;
+    let random_1 = random_workload(1000, 1 << 20, plan.random_ops, SEED)?;
+    let random_256 = random_workload(200, 256 << 20, plan.random_ops, SEED)?;
+
+    const THREAD_PAIR_SIZE: usize = 4096;
+    let single = pairs_per_sec(1, plan.thread_pairs, THREAD_PAIR_SIZE)?;
+    let total = pairs_per_sec(args.threads, plan.thread_pairs, THREAD_PAIR_SIZE)?;
+    let multi = json!({
+        "threads": args.threads,
+        "size_bytes": THREAD_PAIR_SIZE,
+        "pairs_per_thread": plan.thread_pairs,
+        "pairs_per_sec_total": total,
+        "single_thread_pairs_per_sec": single,
+        "scaling": total / single.max(1e-9),
+    });
+
+    let events = crate::bench_events::run_event_benches(plan.event_iters);
+
+    let mut out = Map::new();
+    out.insert("accelrt_version".into(), json!(env!("CARGO_PKG_VERSION")));
+    out.insert("build".into(), json!(build));
+    out.insert("quick".into(), json!(args.quick));
+    out.insert("date".into(), json!(utc_now()));
+    out.insert("machine".into(), machine());
+    out.insert("config".into(), json!(bench_config().to_conf_string()));
+    out.insert("fast_path_pair_ns".into(), Value::Object(fast));
+    out.insert("system_malloc_pair_ns".into(), Value::Object(system));
+    out.insert("random_ns_per_call".into(), json!(random_64.ns_per_call));
+    out.insert("random_ratio".into(), json!(random_64.ratio()));
+    out.insert(
+        "random_1mib_ns_per_call".into(),
+        json!(random_1.ns_per_call),
+    );
+    out.insert("random_1mib_ratio".into(), json!(random_1.ratio()));
+    out.insert(
+        "random_256mib_200_live_ns_per_call".into(),
+        json!(random_256.ns_per_call),
+    );
+    out.insert(
+        "random_256mib_200_live_ratio".into(),
+        json!(random_256.ratio()),
+    );
+    out.insert(
+        "random".into(),
+        json!({
+            "1000_live_64MiB": random_64.to_json(),
+            "1000_live_1MiB": random_1.to_json(),
+            "200_live_256MiB": random_256.to_json(),
+        }),
+    );
+    out.insert("multi_thread".into(), multi);
+    let event_keys: Vec<String> = match events {
+        Value::Object(map) => {
+            let keys = map.keys().cloned().collect();
+            for (k, v) in map {
+                out.insert(k, v);
+            }
+            keys
+        }
+        Value::Null => Vec::new(),
+        other => {
+            out.insert("events".into(), other);
+            vec!["events".into()]
+        }
+    };
+
+    if args.json {
+        println!("{}", Value::Object(out));
+    } else {
+        print_human(&out, &event_keys, &[&random_64, &random_1, &random_256]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn print_human(out: &Map<String, Value>, event_keys: &[String], randoms: &[&RandomResult]) {
+    let machine = &out["machine"];
+    println!(
+        "accelrt bench: {} build, {}, {} ({} cores)",
+        out["build"].as_str().unwrap_or("?"),
+        out["date"].as_str().unwrap_or("?"),
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["cores"],
+    );
+    println!("config: {}", out["config"].as_str().unwrap_or("?"));
+    println!();
+    println!("cached alloc+free pair on one stream (median ns per pair)");
+    println!(
+        "  {:>10}  {:>9}  {:>13}",
+        "size", "accelrt", "system malloc"
+    );
+    for size in PAIR_SIZES {
+        let key = size.to_string();
+        println!(
+            "  {:>10}  {:>9.1}  {:>13.1}",
+            format_size(size as u64),
+            num(&out["fast_path_pair_ns"][&key]),
+            num(&out["system_malloc_pair_ns"][&key])
+        );
+    }
+    println!();
+    println!("random allocations (RMM-style: free a random live allocation, allocate another)");
+    println!(
+        "  {:>5}  {:>14}  {:>9}  {:>8}  {:>14}  {:>14}  {:>8}  {:>13}",
+        "live",
+        "sizes",
+        "ops",
+        "ns/call",
+        "peak reserved",
+        "peak allocated",
+        "ratio",
+        "device allocs"
+    );
+    for r in randoms {
+        println!(
+            "  {:>5}  {:>14}  {:>9}  {:>8.1}  {:>14}  {:>14}  {:>7.3}x  {:>13}",
+            r.live,
+            format!("1 B..{}", format_size(r.max_size)),
+            group(r.ops),
+            r.ns_per_call,
+            format_size(r.peak_reserved),
+            format_size(r.peak_allocated),
+            r.ratio(),
+            group(r.device_allocs),
+        );
+    }
+    println!();
+    let m = &out["multi_thread"];
+    println!(
+        "threads, each on its own stream ({} pairs)",
+        format_size(m["size_bytes"].as_u64().unwrap_or(0))
+    );
+    println!(
+        "  1 thread: {:.0} pairs/s",
+        num(&m["single_thread_pairs_per_sec"])
+    );
+    println!(
+        "  {} threads: {:.0} pairs/s in total, scaling {:.2}x",
+        m["threads"],
+        num(&m["pairs_per_sec_total"]),
+        num(&m["scaling"])
+    );
+    if !event_keys.is_empty() {
+        println!();
+        println!("events");
+        for key in event_keys {
+            println!("  {key}: {}", out[key]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix_is_deterministic_and_in_range() {
+        let mut a = SplitMix64(42);
+        let mut b = SplitMix64(42);
+        for _ in 0..1000 {
+            let x = a.below(1000);
+            assert_eq!(x, b.below(1000));
+            assert!(x < 1000);
+        }
+        // Reference value of SplitMix64 seeded with 0.
+        assert_eq!(SplitMix64(0).next_u64(), 0xE220_A839_7B1D_CDAF);
+    }
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(Vec::new()), 0.0);
+    }
+
+    #[test]
+    fn dates() {
+        let d = utc_now();
+        assert_eq!(d.len(), 20, "{d}");
+        assert!(d.starts_with("20") && d.ends_with('Z'), "{d}");
+    }
+}

@@ -1,0 +1,41 @@
+//! `accelrt`: device info, allocator trace replay and benchmarks.
+
+mod bench;
+mod bench_events;
+mod info;
+mod replay;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "accelrt", version, about = "accelrt: accelerator runtime tools — device info, allocator trace replay, benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every backend (available or not, with the reason), its devices and configuration.
+    Info(info::InfoArgs),
+    /// Replay allocator traces through accelrt's caching allocator.
+    Replay(replay::ReplayArgs),
+    /// Measure the allocator and event fast paths.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Replay(a) => replay::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

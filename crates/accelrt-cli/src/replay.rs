@@ -1,0 +1,389 @@
+//! `accelrt replay`: replay allocator traces through accelrt's caching allocator, under one
+//! or more configurations, next to what PyTorch reached on the recorded run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use accelrt::alloc::{format_size, AllocatorConfig};
+use accelrt::trace::{self, ReplayOptions, ReplayOutcome, Trace};
+use accelrt::Error;
+
+/// Arguments of `accelrt replay`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// Trace files, plain text or gzip (see traces/FORMAT.md), e.g. traces/resnet50_train.trace.gz.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Allocator configuration, in ACCELRT_ALLOC_CONF syntax (e.g. 'expandable_segments:true');
+    /// repeat to compare several. None, or '', is the default configuration.
+    #[arg(long = "alloc-conf", value_name = "STR")]
+    pub alloc_conf: Vec<String>,
+    /// One JSON object per trace and configuration, one a line.
+    #[arg(long)]
+    pub json: bool,
+    /// Size of the simulated device: bytes, or with a unit (24GB, 24GiB, 512MiB, 1.5TiB).
+    /// Default: the host backend's default capacity.
+    #[arg(long, value_name = "BYTES", value_parser = parse_capacity)]
+    pub capacity: Option<u64>,
+}
+
+/// A configuration to replay under, with the label the user gave it.
+struct NamedConfig {
+    label: String,
+    config: AllocatorConfig,
+}
+
+/// Run `accelrt replay`. Exits non-zero when any trace could not be read or replayed to the
+/// end, after printing every result it has; each failure is on stderr, naming file and line.
+pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
+    let configs = parse_configs(&args.alloc_conf)?;
+    if cfg!(debug_assertions) && !args.json {
+        eprintln!(
+            "note: this is a debug build; ns/call is only meaningful with `cargo run --release`"
+        );
+    }
+    let mut failed = false;
+    for (n, path) in args.files.iter().enumerate() {
+        let trace = match trace::load(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        if !args.json {
+            if n > 0 {
+                println!();
+            }
+            print_trace_heading(&trace);
+        }
+        let mut rows = Vec::with_capacity(configs.len());
+        for named in &configs {
+            let opts = ReplayOptions {
+                config: named.config.clone(),
+                capacity: args.capacity,
+            };
+            let outcome = trace::replay(&trace, &opts);
+            if args.json {
+                println!("{}", json_line(&trace, named, &outcome, args.capacity));
+            }
+            if let Some(e) = &outcome.error {
+                failed = true;
+                let hint = if outcome.is_out_of_memory() {
+                    match args.capacity {
+                        Some(c) => format!(
+                            " (the simulated device has {}; try a larger --capacity)",
+                            format_size(c)
+                        ),
+                        None => " (try a larger --capacity)".to_string(),
+                    }
+                } else {
+                    String::new()
+                };
+                eprintln!("error: [{}] {e}{hint}", named.label);
+            }
+            rows.push((named.label.as_str(), outcome));
+        }
+        if !args.json {
+            print_table(&trace, &rows);
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn parse_configs(confs: &[String]) -> Result<Vec<NamedConfig>, Error> {
+    if confs.is_empty() {
+        return Ok(vec![NamedConfig {
+            label: "default".into(),
+            config: AllocatorConfig::default(),
+        }]);
+    }
+    confs
+        .iter()
+        .map(|conf| {
+            let conf = conf.trim();
+            let config = AllocatorConfig::parse(conf).map_err(|e| {
+                Error::Config(format!(
+                    "--alloc-conf '{conf}': {}",
+                    strip_config_prefix(&e)
+                ))
+            })?;
+            let label = if conf.is_empty() {
+                "default".to_string()
+            } else {
+                conf.to_string()
+            };
+            Ok(NamedConfig { label, config })
+        })
+        .collect()
+}
+
+fn strip_config_prefix(e: &Error) -> String {
+    match e {
+        Error::Config(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_trace_heading(trace: &Trace) {
+    let streams = trace.stream_count();
+    println!(
+        "{}  ({}: {} events, {} allocations on {} stream{}, peak live {})",
+        trace.name,
+        trace.source,
+        group(trace.ops.len() as u64),
+        group(trace.alloc_count() as u64),
+        streams,
+        if streams == 1 { "" } else { "s" },
+        format_size(trace::peak_live_bytes(trace)),
+    );
+}
+
+fn ratio_text(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".to_string(), |r| format!("{r:.3}x"))
+}
+
+fn print_table(trace: &Trace, rows: &[(&str, ReplayOutcome)]) {
+    let torch_label = trace.torch.as_ref().map(|t| {
+        format!(
+            "PyTorch ({}, recorded)",
+            t.conf.as_deref().unwrap_or("unknown conf")
+        )
+    });
+    let width = rows
+        .iter()
+        .map(|(label, _)| label.chars().count())
+        .chain(torch_label.iter().map(|l| l.chars().count()))
+        .chain(std::iter::once("config".len()))
+        .max()
+        .unwrap_or(6);
+    println!(
+        "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>4}  {:>8}",
+        "config",
+        "events",
+        "peak allocated",
+        "peak reserved",
+        "ratio",
+        "device allocs",
+        "OOMs",
+        "ns/call"
+    );
+    for (label, outcome) in rows {
+        let r = &outcome.report;
+        let events = if r.completed() {
+            group(r.ops)
+        } else {
+            format!("{}/{}", group(r.ops), group(r.total_ops))
+        };
+        println!(
+            "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>4}  {:>8.1}",
+            label,
+            events,
+            format_size(r.peak_allocated_bytes),
+            format_size(r.peak_reserved_bytes),
+            ratio_text(r.ratio()),
+            group(r.device_allocs),
+            r.ooms,
+            r.ns_per_call,
+        );
+    }
+    if let (Some(t), Some(label)) = (&trace.torch, torch_label) {
+        println!(
+            "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>4}  {:>8}",
+            label,
+            "-",
+            t.peak_allocated
+                .map_or_else(|| "-".to_string(), format_size),
+            t.peak_reserved.map_or_else(|| "-".to_string(), format_size),
+            ratio_text(t.ratio()),
+            "-",
+            "-",
+            "-",
+        );
+    }
+}
+
+fn json_line(
+    trace: &Trace,
+    named: &NamedConfig,
+    outcome: &ReplayOutcome,
+    capacity: Option<u64>,
+) -> String {
+    let r = &outcome.report;
+    let torch = trace.torch.as_ref();
+    serde_json::json!({
+        "trace": r.trace,
+        "file": trace.source,
+        "config": named.label,
+        "config_canonical": r.config,
+        "ops": r.ops,
+        "total_ops": r.total_ops,
+        "completed": r.completed(),
+        "peak_allocated_bytes": r.peak_allocated_bytes,
+        "peak_reserved_bytes": r.peak_reserved_bytes,
+        "ratio": r.ratio(),
+        "device_allocs": r.device_allocs,
+        "ooms": r.ooms,
+        "ns_per_call": r.ns_per_call,
+        "seconds": r.seconds,
+        "capacity_bytes": capacity,
+        "torch_peak_allocated_bytes": torch.and_then(|t| t.peak_allocated),
+        "torch_peak_reserved_bytes": torch.and_then(|t| t.peak_reserved),
+        "torch_ratio": torch.and_then(|t| t.ratio()),
+        "torch_conf": torch.and_then(|t| t.conf.clone()),
+        "error": outcome.error.as_ref().map(|e| e.to_string()),
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+    .to_string()
+}
+
+/// `1234567` → `1,234,567`.
+pub(crate) fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// Parse a byte count: `1073741824`, `24GB` (10^9), `24GiB` (2^30), `512MiB`, `1.5TiB`,
+/// `64K`/`64KiB` (2^10; a bare letter is binary). Case-insensitive; spaces and `_` allowed.
+pub fn parse_capacity(text: &str) -> Result<u64, Error> {
+    let bad = |why: &str| {
+        Error::InvalidArgument(format!(
+            "capacity '{text}' {why}: write bytes (e.g. 25769803776) or a number with a unit \
+             (B, KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB or K, M, G, T = powers of 1024), \
+             e.g. 24GiB or 512MiB"
+        ))
+    };
+    let cleaned: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '_')
+        .collect();
+    let split = cleaned
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(cleaned.len());
+    let (number, unit) = cleaned.split_at(split);
+    if number.is_empty() {
+        return Err(bad("has no number"));
+    }
+    let multiplier: u128 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        _ => return Err(bad(&format!("has an unknown unit '{unit}'"))),
+    };
+    let (whole, fraction) = match number.split_once('.') {
+        Some((w, f)) => (w, f),
+        None => (number, ""),
+    };
+    if fraction.contains('.') || (whole.is_empty() && fraction.is_empty()) {
+        return Err(bad("is not a number"));
+    }
+    if fraction.len() > 9 {
+        return Err(bad("has more than 9 decimals"));
+    }
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad("is too large"))?
+    };
+    let frac_digits: u128 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse().map_err(|_| bad("is not a number"))?
+    };
+    let scale = 10u128.pow(fraction.len() as u32);
+    let bytes = whole
+        .checked_mul(multiplier)
+        .and_then(|w| w.checked_add(frac_digits * multiplier / scale))
+        .filter(|&b| b <= u64::MAX as u128)
+        .ok_or_else(|| bad("does not fit in 64 bits"))?;
+    if bytes == 0 {
+        return Err(bad("is zero"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacities() {
+        assert_eq!(parse_capacity("1024").unwrap(), 1024);
+        assert_eq!(parse_capacity("24GB").unwrap(), 24_000_000_000);
+        assert_eq!(parse_capacity("24GiB").unwrap(), 24 << 30);
+        assert_eq!(parse_capacity("24 gib").unwrap(), 24 << 30);
+        assert_eq!(parse_capacity("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_capacity("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_capacity("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_capacity("0.5KB").unwrap(), 500);
+        assert_eq!(parse_capacity("1_000_000").unwrap(), 1_000_000);
+        assert!(parse_capacity("16EiB")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit 'EiB'"));
+        for bad in [
+            "",
+            "GiB",
+            "0",
+            "0GiB",
+            "-5",
+            "1.2.3GB",
+            "24XB",
+            "99999999999TiB",
+            "1.0000000001GB",
+            ".",
+            "abc",
+        ] {
+            let e = parse_capacity(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("capacity '{bad}'")), "{bad}: {e}");
+            assert!(e.contains("e.g. 24GiB"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn grouping() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1,000");
+        assert_eq!(group(51_804), "51,804");
+        assert_eq!(group(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn configs() {
+        let c = parse_configs(&[]).unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].label, "default");
+        let c = parse_configs(&["".into(), " expandable_segments:true ".into()]).unwrap();
+        assert_eq!(c[0].label, "default");
+        assert_eq!(c[0].config, AllocatorConfig::default());
+        assert_eq!(c[1].label, "expandable_segments:true");
+        assert!(c[1].config.expandable_segments);
+        let e = parse_configs(&["bogus:1".into()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("--alloc-conf 'bogus:1': unknown option 'bogus'"),
+            "{e}"
+        );
+    }
+}

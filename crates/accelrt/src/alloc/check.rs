@@ -1,0 +1,140 @@
+//! The invariant checker: usable from tests, and after every call with `debug_checks:true`.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::imp::CachingAllocator;
+use super::pool::{BlockState, NIL};
+use super::stats::PoolStats;
+
+impl CachingAllocator {
+    /// Check every structural invariant; `Err` describes the first one broken.
+    ///
+    /// Meant for quiescent moments (no call in flight on another thread): a concurrent call
+    /// can be seen half done.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut live_total = 0usize;
+        let mut live_seen = 0usize;
+        let mut reserved_total = 0u64;
+        let mut segment_total = 0usize;
+        for (pool_idx, pool) in self.pool_states() {
+            let st = pool.state.lock();
+            let mut expect = [PoolStats::default(); 2];
+            let mut pending_blocks = 0usize;
+            live_total += st.live.len();
+            for (k, index) in st.free_index.iter().enumerate() {
+                for idx in index.all(&st.blocks)? {
+                    let b = &st.blocks[idx as usize];
+                    if b.state != BlockState::Free || b.kind as usize != k {
+                        return Err(format!("pool {pool_idx}: block {idx} on free list {k} is {:?} of kind {:?}", b.state, b.kind));
+                    }
+                }
+            }
+            for seg in &st.segments {
+                segment_total += 1;
+                reserved_total += seg.size;
+                let e = &mut expect[seg.kind as usize];
+                e.segment.current += 1;
+                e.reserved_bytes.current += seg.size;
+                let mut cur = seg.head;
+                let mut addr = seg.base;
+                let mut prev = NIL;
+                let mut prev_free = false;
+                while cur != NIL {
+                    let b = &st.blocks[cur as usize];
+                    if b.addr != addr {
+                        return Err(format!("pool {pool_idx}: block {cur} at {:#x}, expected {addr:#x} (gap or overlap)", b.addr));
+                    }
+                    if b.prev != prev {
+                        return Err(format!("pool {pool_idx}: block {cur} prev {} but follows {prev}", b.prev));
+                    }
+                    if b.kind != seg.kind {
+                        return Err(format!("pool {pool_idx}: block {cur} kind differs from its segment"));
+                    }
+                    if b.size == 0 || b.size % 512 != 0 {
+                        return Err(format!("pool {pool_idx}: block {cur} has size {}", b.size));
+                    }
+                    match b.state {
+                        BlockState::Free => {
+                            if prev_free {
+                                return Err(format!("pool {pool_idx}: free blocks {prev} and {cur} were not coalesced"));
+                            }
+                            if !st.free_index[b.kind as usize].contains(&st.blocks, cur) {
+                                return Err(format!("pool {pool_idx}: free block {cur} is not on its free list"));
+                            }
+                            if b.is_split() {
+                                e.inactive_split.current += 1;
+                                e.inactive_split_bytes.current += b.size;
+                            }
+                        }
+                        BlockState::Recent => {
+                            if !st.recent.contains(&cur) {
+                                return Err(format!("pool {pool_idx}: recent block {cur} is in no recent slot"));
+                            }
+                            if b.is_split() {
+                                e.inactive_split.current += 1;
+                                e.inactive_split_bytes.current += b.size;
+                            }
+                        }
+                        BlockState::Allocated => {
+                            e.allocation.current += 1;
+                            e.allocated_bytes.current += b.size;
+                            e.requested_bytes.current += b.requested;
+                            e.active.current += 1;
+                            e.active_bytes.current += b.size;
+                            if b.requested > b.size {
+                                return Err(format!("pool {pool_idx}: block {cur} requested {} > size {}", b.requested, b.size));
+                            }
+                            match st.live.get(&b.addr) {
+                                Some(&l) if l == cur => live_seen += 1,
+                                other => return Err(format!("pool {pool_idx}: allocated block {cur} at {:#x} has live entry {other:?}", b.addr)),
+                            }
+                            if self.pages.lookup(b.addr) != Some(pool_idx) {
+                                return Err(format!("pool {pool_idx}: page map does not send {:#x} to its pool", b.addr));
+                            }
+                        }
+                        BlockState::Pending => {
+                            pending_blocks += 1;
+                            e.active.current += 1;
+                            e.active_bytes.current += b.size;
+                        }
+                        BlockState::Vacant => return Err(format!("pool {pool_idx}: vacant block {cur} linked into a segment")),
+                    }
+                    prev_free = b.state == BlockState::Free;
+                    addr += b.size as usize;
+                    prev = cur;
+                    cur = b.next;
+                }
+                if addr != seg.base + seg.size as usize {
+                    return Err(format!("pool {pool_idx}: segment {:#x} tiles to {addr:#x}, not its end", seg.base));
+                }
+            }
+            for &r in st.recent.iter().filter(|&&r| r != NIL) {
+                if st.blocks[r as usize].state != BlockState::Recent {
+                    return Err(format!("pool {pool_idx}: recent slot holds block {r} in state {:?}", st.blocks[r as usize].state));
+                }
+            }
+            if pending_blocks != st.pending.len() {
+                return Err(format!("pool {pool_idx}: {pending_blocks} pending blocks but {} pending entries", st.pending.len()));
+            }
+            for (k, (want, have)) in expect.iter().zip(st.stats.iter()).enumerate() {
+                for ((name, w), (_, h)) in want.named().iter().zip(have.named().iter()) {
+                    if w.current != h.current {
+                        return Err(format!("pool {pool_idx} kind {k}: stat {name} is {} but the blocks say {}", h.current, w.current));
+                    }
+                }
+            }
+        }
+        if live_seen != live_total {
+            return Err(format!("{live_total} live pointers but {live_seen} allocated blocks"));
+        }
+        let reserved = self.reserved.load(Relaxed);
+        if reserved != reserved_total {
+            return Err(format!("reserved counter {reserved} != sum of segments {reserved_total}"));
+        }
+        let index = self.segment_index.read();
+        if index.len() != segment_total || index.values().sum::<u64>() != reserved_total {
+            return Err(format!("segment index has {} entries, pools have {segment_total}", index.len()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,63 @@
+//! What the caching allocator needs from a backend: raw segments of device memory
+//! ([`MemoryProvider`]) and positions in streams ([`StreamEvents`]).
+//!
+//! Both are called on the slow path only (new segments, releases, cross-stream frees).
+
+use crate::error::Result;
+use crate::stream::Stream;
+
+/// Why a provider could not hand out a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderError {
+    /// The device has no room; the allocator may release its cache and retry.
+    OutOfMemory,
+    /// Anything else (driver failure): not retried.
+    Failed(String),
+}
+
+/// Raw device memory: a backend hands out and takes back whole segments.
+pub trait MemoryProvider: Send + Sync {
+    /// Allocate a segment of exactly `size` bytes (a multiple of 512), aligned to at least 512.
+    fn allocate(&self, size: usize) -> Result<usize, ProviderError>;
+    /// Give a segment back.
+    ///
+    /// # Safety
+    /// `ptr` and `size` must come from one earlier successful `allocate` of this provider,
+    /// not yet freed, and no live reference into the segment may remain.
+    unsafe fn free(&self, ptr: usize, size: usize);
+    /// (free, total) bytes of the device as the provider sees it.
+    fn memory_info(&self) -> (u64, u64);
+    /// The working set the device recommends; the high watermark is a ratio of this.
+    fn recommended_max(&self) -> u64 {
+        self.memory_info().1
+    }
+    /// Whether the host can read and write this memory directly.
+    fn host_visible(&self) -> bool;
+    /// Bytes currently held from the device through this provider.
+    fn driver_allocated(&self) -> u64;
+}
+
+/// Positions in streams, for blocks used on several streams (`record_stream`) and for
+/// `record_events` / `wait_for_events`. The runtime implements it over its event pool.
+pub trait StreamEvents: Send + Sync {
+    /// Record a pooled event at the current end of `stream`; returns a ticket.
+    fn record(&self, stream: Stream) -> Result<u64>;
+    /// True once the stream has passed the recorded point.
+    fn query(&self, ticket: u64) -> Result<bool>;
+    /// Block the calling thread until the stream has passed the recorded point.
+    fn synchronize(&self, ticket: u64) -> Result<()>;
+    /// Return the event to its pool.
+    fn release(&self, ticket: u64);
+}
+
+/// Copy host bytes into host-visible device memory (the default for providers whose memory
+/// the host can address).
+///
+/// # Safety
+/// `dst .. dst + src.len()` must lie inside a live segment of a host-visible provider and
+/// must not be accessed concurrently.
+pub(crate) unsafe fn copy_into_host_visible(dst: usize, src: &[u8]) {
+    // SAFETY: the caller guarantees the destination range is valid, writable and unshared;
+    // `src` is a distinct host slice, so the ranges cannot overlap.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) }
+}

@@ -1,0 +1,192 @@
+//! Allocator statistics, with PyTorch's `memory_stats()` names and meanings.
+
+use serde::Serialize;
+
+/// One statistic: current value, peak since the last peak reset, and the totals added and
+/// removed since the last accumulated reset.
+///
+/// Invariant: `allocated - freed == current` until `reset_accumulated` clears both totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Stat {
+    pub current: u64,
+    pub peak: u64,
+    pub allocated: u64,
+    pub freed: u64,
+}
+
+impl Stat {
+    #[inline(always)]
+    pub fn increase(&mut self, amount: u64) {
+        self.current += amount;
+        self.allocated += amount;
+        if self.current > self.peak {
+            self.peak = self.current;
+        }
+    }
+    #[inline(always)]
+    pub fn decrease(&mut self, amount: u64) {
+        debug_assert!(self.current >= amount, "stat would go negative: {} - {amount}", self.current);
+        self.current -= amount;
+        self.freed += amount;
+    }
+    pub fn reset_peak(&mut self) {
+        self.peak = self.current;
+    }
+    pub fn reset_accumulated(&mut self) {
+        self.allocated = 0;
+        self.freed = 0;
+    }
+    /// Sum of two stats; the peak is the sum of the peaks (an upper bound of the combined peak).
+    pub fn merged(self, other: Stat) -> Stat {
+        Stat {
+            current: self.current + other.current,
+            peak: self.peak + other.peak,
+            allocated: self.allocated + other.allocated,
+            freed: self.freed + other.freed,
+        }
+    }
+}
+
+/// Which pool a statistic covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PoolKind {
+    /// Requests of at most 1 MiB, served from 2 MiB segments.
+    Small = 0,
+    /// Everything else.
+    Large = 1,
+}
+
+impl PoolKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolKind::Small => "small_pool",
+            PoolKind::Large => "large_pool",
+        }
+    }
+}
+
+/// The per-pool statistics PyTorch reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PoolStats {
+    /// Live allocations handed to callers.
+    pub allocation: Stat,
+    /// Segments held from the device.
+    pub segment: Stat,
+    /// Blocks in use, including freed blocks waiting on other streams.
+    pub active: Stat,
+    /// Free blocks that are pieces of a split segment (not whole segments).
+    pub inactive_split: Stat,
+    /// Bytes of live allocations (rounded block sizes).
+    pub allocated_bytes: Stat,
+    /// Bytes held from the device.
+    pub reserved_bytes: Stat,
+    /// Bytes of active blocks.
+    pub active_bytes: Stat,
+    pub inactive_split_bytes: Stat,
+    /// Bytes callers asked for (before rounding).
+    pub requested_bytes: Stat,
+}
+
+impl PoolStats {
+    fn each_mut(&mut self) -> [&mut Stat; 9] {
+        [
+            &mut self.allocation,
+            &mut self.segment,
+            &mut self.active,
+            &mut self.inactive_split,
+            &mut self.allocated_bytes,
+            &mut self.reserved_bytes,
+            &mut self.active_bytes,
+            &mut self.inactive_split_bytes,
+            &mut self.requested_bytes,
+        ]
+    }
+    pub fn reset_peak(&mut self) {
+        self.each_mut().into_iter().for_each(Stat::reset_peak);
+    }
+    pub fn reset_accumulated(&mut self) {
+        self.each_mut().into_iter().for_each(Stat::reset_accumulated);
+    }
+    pub fn merged(mut self, mut other: PoolStats) -> PoolStats {
+        let mine = self.each_mut();
+        for (a, b) in mine.into_iter().zip(other.each_mut()) {
+            *a = a.merged(*b);
+        }
+        self
+    }
+    /// The (name, stat) pairs, in PyTorch's key order.
+    pub fn named(&self) -> [(&'static str, Stat); 9] {
+        [
+            ("allocation", self.allocation),
+            ("segment", self.segment),
+            ("active", self.active),
+            ("inactive_split", self.inactive_split),
+            ("allocated_bytes", self.allocated_bytes),
+            ("reserved_bytes", self.reserved_bytes),
+            ("active_bytes", self.active_bytes),
+            ("inactive_split_bytes", self.inactive_split_bytes),
+            ("requested_bytes", self.requested_bytes),
+        ]
+    }
+}
+
+/// Counters of events that are not current/peak values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EventCounters {
+    /// Allocations that released the cache and tried again.
+    pub num_alloc_retries: u64,
+    /// Allocations that failed with out-of-memory.
+    pub num_ooms: u64,
+    /// Times the allocator waited for every pending cross-stream event.
+    pub num_sync_all_streams: u64,
+    /// Segments taken from the device.
+    pub num_device_alloc: u64,
+    /// Segments given back to the device.
+    pub num_device_free: u64,
+}
+
+/// A device's allocator statistics: small pool, large pool and counters.
+///
+/// Peaks are exact per stream; when several streams have allocated, the aggregate peaks
+/// are the sum of the per-stream peaks (an upper bound), except `reserved_bytes` and
+/// `segment`, whose aggregate peaks are always exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryStats {
+    pub small_pool: PoolStats,
+    pub large_pool: PoolStats,
+    pub counters: EventCounters,
+    /// Exact peak of reserved bytes over all streams.
+    pub reserved_bytes_peak: u64,
+    /// Exact peak of segments over all streams.
+    pub segment_peak: u64,
+}
+
+impl MemoryStats {
+    /// Small and large pools together (PyTorch's `all`).
+    pub fn all(&self) -> PoolStats {
+        let mut all = self.small_pool.merged(self.large_pool);
+        all.reserved_bytes.peak = self.reserved_bytes_peak;
+        all.segment.peak = self.segment_peak;
+        all
+    }
+
+    /// A flat map with PyTorch's keys (`allocated_bytes.all.current`, `num_ooms`, ...).
+    pub fn to_flat_map(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut m = std::collections::BTreeMap::new();
+        for (pool_name, pool) in [("all", self.all()), ("small_pool", self.small_pool), ("large_pool", self.large_pool)] {
+            for (stat_name, s) in pool.named() {
+                m.insert(format!("{stat_name}.{pool_name}.current"), s.current);
+                m.insert(format!("{stat_name}.{pool_name}.peak"), s.peak);
+                m.insert(format!("{stat_name}.{pool_name}.allocated"), s.allocated);
+                m.insert(format!("{stat_name}.{pool_name}.freed"), s.freed);
+            }
+        }
+        let c = self.counters;
+        m.insert("num_alloc_retries".into(), c.num_alloc_retries);
+        m.insert("num_ooms".into(), c.num_ooms);
+        m.insert("num_sync_all_streams".into(), c.num_sync_all_streams);
+        m.insert("num_device_alloc".into(), c.num_device_alloc);
+        m.insert("num_device_free".into(), c.num_device_free);
+        m
+    }
+}

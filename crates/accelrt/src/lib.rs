@@ -1,0 +1,28 @@
+//! accelrt: the layer a framework uses to reach a device — backend hooks, streams, pooled
+//! events, a random generator, graph capture and a caching device allocator — with a host
+//! (CPU) backend that is always built.
+//!
+//! Start at [`backend`]: it returns the [`Backend`] hooks for a [`DeviceType`].
+//! `ARCHITECTURE.md` at the repository root has the map.
+
+pub mod alloc;
+pub mod backend;
+pub mod device;
+pub mod driver;
+pub mod error;
+pub mod event;
+pub mod generator;
+pub mod graph;
+pub mod hooks;
+pub mod registry;
+pub mod runtime;
+pub mod stream;
+pub mod trace;
+
+pub use device::{Device, DeviceProperties, DeviceType};
+pub use error::{Error, OomReport, Result};
+pub use event::EventId;
+pub use graph::{GraphId, MempoolId};
+pub use hooks::Backend;
+pub use registry::backend;
+pub use stream::{Stream, StreamPriority};

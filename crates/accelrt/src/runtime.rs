@@ -1,0 +1,1176 @@
+//! [`Runtime`]: turns a [`Driver`] into a full [`Backend`].
+//!
+//! This is the one place that validates arguments (device indices, stream handles, event
+//! and graph ids), so drivers stay small. It owns everything that is the same for every
+//! backend: lazy initialisation, the per-thread current device and stream, default and
+//! pooled streams, the event pool, per-device generators, the graph table, the per-device
+//! caching allocators and the pinned-memory allocator.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::alloc::{format_size, AllocatorConfig, CachingAllocator, StreamEvents, ALLOC_CONF_ENV};
+use crate::device::{Device, DeviceProperties, DeviceType};
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::event::{EventId, EventPool, EventSlot, PooledEvent};
+use crate::generator::Generator;
+use crate::graph::{GraphId, MempoolId};
+use crate::hooks::{Backend, EventCallback, HostTask};
+use crate::stream::{Stream, StreamPriority};
+
+/// Streams per priority in each device's stream pool.
+pub const POOL_STREAMS_PER_PRIORITY: usize = 4;
+
+// ---------------------------------------------------------------------------------------
+// small helpers
+
+/// A `OnceLock` whose initialiser may fail (and is retried on the next call).
+struct Lazy<T> {
+    cell: OnceLock<T>,
+    init: Mutex<()>,
+}
+
+impl<T> Lazy<T> {
+    fn new() -> Self {
+        Lazy {
+            cell: OnceLock::new(),
+            init: Mutex::new(()),
+        }
+    }
+
+    #[inline]
+    fn get(&self) -> Option<&T> {
+        self.cell.get()
+    }
+
+    #[inline]
+    fn get_or_try_init(&self, f: impl FnOnce() -> Result<T>) -> Result<&T> {
+        match self.cell.get() {
+            Some(v) => Ok(v),
+            None => self.init_slow(f),
+        }
+    }
+
+    #[cold]
+    fn init_slow(&self, f: impl FnOnce() -> Result<T>) -> Result<&T> {
+        let _guard = self.init.lock();
+        if let Some(v) = self.cell.get() {
+            return Ok(v);
+        }
+        let v = f()?;
+        Ok(self.cell.get_or_init(|| v))
+    }
+}
+
+fn priority_index(p: StreamPriority) -> usize {
+    match p {
+        StreamPriority::Normal => 0,
+        StreamPriority::High => 1,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// per-thread state
+
+static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What one thread has selected on one runtime.
+struct ThreadState {
+    runtime: u64,
+    device: u32,
+    /// `(device, stream index)` of streams made current with `set_current_stream`.
+    streams: Vec<(u32, u32)>,
+}
+
+thread_local! {
+    static THREAD: RefCell<Vec<ThreadState>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_thread<R>(runtime: u64, f: impl FnOnce(&mut ThreadState) -> R) -> R {
+    THREAD.with(|t| {
+        let mut states = t.borrow_mut();
+        let i = match states.iter().position(|s| s.runtime == runtime) {
+            Some(i) => i,
+            None => {
+                states.push(ThreadState {
+                    runtime,
+                    device: 0,
+                    streams: Vec::new(),
+                });
+                states.len() - 1
+            }
+        };
+        f(&mut states[i])
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// the core: driver, devices, streams, events (shared with the allocators' event adapter)
+
+struct StreamSlot<S> {
+    raw: S,
+    /// The graph capturing on this stream (0: none).
+    capturing: AtomicU64,
+}
+
+struct DeviceCtx<S> {
+    /// Index 0 is the default stream; pooled and new streams follow in creation order.
+    streams: RwLock<Vec<Arc<StreamSlot<S>>>>,
+    /// Indices of the pooled streams, per priority, created on first use.
+    pool: [Lazy<Box<[u32]>>; 2],
+    round_robin: [AtomicUsize; 2],
+    generator: Arc<Generator>,
+}
+
+struct Core<D: Driver> {
+    driver: Arc<D>,
+    count: u32,
+    devices: Box<[Lazy<DeviceCtx<D::Stream>>]>,
+    events: EventPool<D::Event>,
+}
+
+type StreamRef<D> = Arc<StreamSlot<<D as Driver>::Stream>>;
+type Slot<D> = EventSlot<<D as Driver>::Event>;
+
+impl<D: Driver> Core<D> {
+    #[inline]
+    fn check_device(&self, device: u32) -> Result<()> {
+        if device < self.count {
+            Ok(())
+        } else {
+            Err(self.invalid_device(device))
+        }
+    }
+
+    #[cold]
+    fn invalid_device(&self, device: u32) -> Error {
+        Error::InvalidDevice {
+            backend: D::KIND,
+            index: device,
+            count: self.count,
+        }
+    }
+
+    /// The device's state, created (with its default stream) on first use.
+    #[inline]
+    fn device(&self, device: u32) -> Result<&DeviceCtx<D::Stream>> {
+        let lazy = self
+            .devices
+            .get(device as usize)
+            .ok_or_else(|| self.invalid_device(device))?;
+        lazy.get_or_try_init(|| {
+            let default = self
+                .driver
+                .stream_create(device, StreamPriority::Normal, true)?;
+            Ok(DeviceCtx {
+                streams: RwLock::new(vec![Arc::new(StreamSlot {
+                    raw: default,
+                    capturing: AtomicU64::new(0),
+                })]),
+                pool: [Lazy::new(), Lazy::new()],
+                round_robin: [AtomicUsize::new(0), AtomicUsize::new(0)],
+                generator: Arc::new(Generator::default()),
+            })
+        })
+    }
+
+    fn handle(&self, device: u32, index: u32) -> Stream {
+        Stream {
+            device: Device {
+                kind: D::KIND,
+                index: device,
+            },
+            index,
+        }
+    }
+
+    #[cold]
+    fn bad_stream(&self, s: Stream, reason: String) -> Error {
+        Error::InvalidStream {
+            backend: D::KIND,
+            device: s.device.index,
+            stream: s.index,
+            reason,
+        }
+    }
+
+    /// The stream behind a handle, after checking it belongs to this backend.
+    #[inline]
+    fn stream(&self, s: Stream) -> Result<StreamRef<D>> {
+        if s.device.kind != D::KIND {
+            return Err(self.bad_stream(
+                s,
+                format!("it is a {} stream, not a {} one", s.device.kind, D::KIND),
+            ));
+        }
+        let ctx = self.device(s.device.index)?;
+        let found = ctx.streams.read().get(s.index as usize).cloned();
+        found.ok_or_else(|| self.unknown_stream(ctx, s))
+    }
+
+    #[cold]
+    fn unknown_stream(&self, ctx: &DeviceCtx<D::Stream>, s: Stream) -> Error {
+        let n = ctx.streams.read().len();
+        self.bad_stream(
+            s,
+            format!(
+                "{} has {n} stream(s) (indices 0..{n}); take handles from default_stream, \
+                 stream_from_pool or new_stream",
+                s.device
+            ),
+        )
+    }
+
+    fn add_streams(&self, device: u32, priority: StreamPriority, n: usize) -> Result<Vec<u32>> {
+        let ctx = self.device(device)?;
+        let raws = (0..n)
+            .map(|_| self.driver.stream_create(device, priority, false))
+            .collect::<Result<Vec<_>>>()?;
+        let mut streams = ctx.streams.write();
+        Ok(raws
+            .into_iter()
+            .map(|raw| {
+                streams.push(Arc::new(StreamSlot {
+                    raw,
+                    capturing: AtomicU64::new(0),
+                }));
+                (streams.len() - 1) as u32
+            })
+            .collect())
+    }
+
+    #[inline]
+    fn check_not_capturing(
+        &self,
+        slot: &StreamSlot<D::Stream>,
+        s: Stream,
+        what: &str,
+    ) -> Result<()> {
+        match slot.capturing.load(Ordering::Acquire) {
+            0 => Ok(()),
+            graph => Err(Error::Graph(format!(
+                "cannot {what} {s} while it is capturing graph {graph}: end the capture first"
+            ))),
+        }
+    }
+
+    // ---- events (shared by the id API, RAII handles and the allocator adapter) ----------
+
+    #[inline]
+    fn record(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
+        let slot = self.stream(stream)?;
+        if ev.device() != stream.device.index {
+            return Err(Error::Event(format!(
+                "an event of {}:{} cannot be recorded on {stream}, a stream of another device",
+                D::KIND,
+                ev.device()
+            )));
+        }
+        self.check_not_capturing(&slot, stream, "record an event on")?;
+        self.driver.event_record(ev.raw(), &slot.raw)?;
+        ev.mark_recorded();
+        Ok(())
+    }
+
+    fn sync_record(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
+        self.record(ev, stream)?;
+        let slot = self.stream(stream)?;
+        self.driver.stream_commit(&slot.raw)
+    }
+
+    #[inline]
+    fn query(&self, ev: &Slot<D>) -> Result<bool> {
+        if !ev.is_recorded() {
+            return Ok(true);
+        }
+        self.driver.event_query(ev.raw())
+    }
+
+    fn synchronize(&self, ev: &Slot<D>) -> Result<()> {
+        if !ev.is_recorded() {
+            return Ok(());
+        }
+        self.driver.event_synchronize(ev.raw())
+    }
+
+    fn wait(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
+        let slot = self.stream(stream)?;
+        self.check_not_capturing(&slot, stream, "wait for an event on")?;
+        if !ev.is_recorded() {
+            return Ok(());
+        }
+        self.driver.stream_wait_event(&slot.raw, ev.raw())
+    }
+
+    fn notify(&self, ev: &Slot<D>, callback: EventCallback) -> Result<()> {
+        if !ev.is_recorded() {
+            callback();
+            return Ok(());
+        }
+        self.driver.event_notify(ev.raw(), callback)
+    }
+
+    fn elapsed(
+        &self,
+        start: &Slot<D>,
+        end: &Slot<D>,
+        ids: (Option<EventId>, Option<EventId>),
+    ) -> Result<f64> {
+        let name = |id: Option<EventId>, role: &str| match id {
+            Some(id) => format!("{role} {id}"),
+            None => format!("the {role} event"),
+        };
+        let (a, b) = (name(ids.0, "start"), name(ids.1, "end"));
+        if !start.timing() || !end.timing() {
+            let flag = |s: &Slot<D>| {
+                if s.timing() {
+                    "timing on"
+                } else {
+                    "timing off"
+                }
+            };
+            return Err(Error::Event(format!(
+                "cannot compute the elapsed time from {a} to {b}: events were not created with \
+                 enable_timing=true ({a}: {}, {b}: {}); acquire both with enable_timing",
+                flag(start),
+                flag(end)
+            )));
+        }
+        for (ev, label) in [(start, &a), (end, &b)] {
+            if !ev.is_recorded() {
+                return Err(Error::Event(format!(
+                    "cannot compute the elapsed time from {a} to {b}: {label} was never recorded"
+                )));
+            }
+        }
+        self.driver
+            .event_elapsed_ms(start.raw(), end.raw())
+            .map_err(|e| match e {
+                Error::Event(m) => Error::Event(format!("elapsed time from {a} to {b}: {m}")),
+                other => other,
+            })
+    }
+}
+
+/// The allocators' view of the event pool: a ticket is an event id.
+struct PoolStreamEvents<D: Driver> {
+    core: Arc<Core<D>>,
+}
+
+impl<D: Driver> StreamEvents for PoolStreamEvents<D> {
+    fn record(&self, stream: Stream) -> Result<u64> {
+        self.core.stream(stream)?;
+        let ev = self.core.events.acquire(stream.device.index, false)?;
+        self.core.record(&ev, stream)?;
+        Ok(ev.into_id().0)
+    }
+    fn query(&self, ticket: u64) -> Result<bool> {
+        self.core.query(&*self.core.events.get(EventId(ticket))?)
+    }
+    fn synchronize(&self, ticket: u64) -> Result<()> {
+        self.core
+            .synchronize(&*self.core.events.get(EventId(ticket))?)
+    }
+    fn release(&self, ticket: u64) {
+        // A ticket the allocator releases twice is its bug, and harmless here.
+        let _ = self.core.events.release_id(EventId(ticket));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// graphs
+
+enum GraphState<G> {
+    Empty,
+    Capturing {
+        stream: Stream,
+    },
+    Captured {
+        graph: Arc<G>,
+        stream: Stream,
+        instantiated: bool,
+    },
+}
+
+struct GraphEntry<G> {
+    device: u32,
+    pool: MempoolId,
+    state: GraphState<G>,
+}
+
+#[cold]
+fn unknown_graph(g: GraphId) -> Error {
+    Error::Graph(format!(
+        "unknown graph id {}: it was never created by this backend or was destroyed",
+        g.0
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// the runtime
+
+struct Ready<D: Driver> {
+    core: Arc<Core<D>>,
+    allocators: Box<[Lazy<Arc<CachingAllocator>>]>,
+    pinned: Lazy<Arc<CachingAllocator>>,
+    graphs: Mutex<HashMap<u64, GraphEntry<D::Graph>>>,
+    next_graph: AtomicU64,
+}
+
+type Probe<D> = Box<dyn FnOnce() -> std::result::Result<D, String> + Send>;
+
+/// A [`Backend`] built from a [`Driver`]. Initialises on first use; thread-safe.
+///
+/// Several runtimes may exist at once (tests build host runtimes with different device
+/// counts); each has its own per-thread current device and streams.
+pub struct Runtime<D: Driver> {
+    id: u64,
+    probe: Mutex<Option<Probe<D>>>,
+    state: OnceLock<std::result::Result<Ready<D>, String>>,
+}
+
+impl<D: Driver> Default for Runtime<D> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<D: Driver> std::fmt::Debug for Runtime<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state.get() {
+            None => "not initialised".to_string(),
+            Some(Ok(r)) => format!("{} device(s)", r.core.count),
+            Some(Err(reason)) => format!("unavailable: {reason}"),
+        };
+        f.debug_struct("Runtime")
+            .field("kind", &D::KIND)
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl<D: Driver> Runtime<D> {
+    /// A runtime that opens its driver with [`Driver::probe`] on first use.
+    pub fn new() -> Self {
+        Self::with_probe(D::probe)
+    }
+
+    /// A runtime over an opened driver.
+    pub fn with_driver(driver: D) -> Self {
+        Self::with_probe(move || Ok(driver))
+    }
+
+    /// A runtime that opens its driver with `probe` on first use; an `Err` is the reason the
+    /// backend is unavailable.
+    pub fn with_probe(
+        probe: impl FnOnce() -> std::result::Result<D, String> + Send + 'static,
+    ) -> Self {
+        Runtime {
+            id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
+            probe: Mutex::new(Some(Box::new(probe))),
+            state: OnceLock::new(),
+        }
+    }
+
+    #[cold]
+    fn open(&self) -> std::result::Result<Ready<D>, String> {
+        let probe = self
+            .probe
+            .lock()
+            .take()
+            .ok_or("the driver probe panicked during an earlier initialisation")?;
+        let driver = Arc::new(probe()?);
+        let count = driver.device_count();
+        if count == 0 {
+            return Err(format!("the {} driver reports no devices", D::KIND));
+        }
+        let factory = Arc::clone(&driver);
+        let core = Arc::new(Core {
+            count,
+            devices: (0..count).map(|_| Lazy::new()).collect(),
+            events: EventPool::new(count, move |device, timing| {
+                factory.event_create(device, timing)
+            }),
+            driver,
+        });
+        Ok(Ready {
+            core,
+            allocators: (0..count).map(|_| Lazy::new()).collect(),
+            pinned: Lazy::new(),
+            graphs: Mutex::new(HashMap::new()),
+            next_graph: AtomicU64::new(1),
+        })
+    }
+
+    #[inline]
+    fn ready(&self) -> Result<&Ready<D>> {
+        match self.state.get_or_init(|| self.open()) {
+            Ok(r) => Ok(r),
+            Err(reason) => Err(Error::BackendUnavailable {
+                backend: D::KIND,
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    #[inline]
+    fn core(&self) -> Result<&Core<D>> {
+        Ok(&self.ready()?.core)
+    }
+
+    /// The opened driver.
+    pub fn driver(&self) -> Result<&D> {
+        Ok(&self.core()?.driver)
+    }
+
+    /// The event pool behind both event APIs.
+    pub fn event_pool(&self) -> Result<&EventPool<D::Event>> {
+        Ok(&self.core()?.events)
+    }
+
+    /// An event from the pool as an RAII handle (returned to the pool on drop): the fast path.
+    #[inline]
+    pub fn event(&self, device: u32, enable_timing: bool) -> Result<Event<'_, D>> {
+        let core = self.core()?;
+        core.check_device(device)?;
+        Ok(Event {
+            core,
+            ev: core.events.acquire(device, enable_timing)?,
+        })
+    }
+
+    fn events_adapter(&self) -> Result<Arc<dyn StreamEvents>> {
+        Ok(Arc::new(PoolStreamEvents {
+            core: Arc::clone(&self.ready()?.core),
+        }))
+    }
+
+    fn graph_entry<R>(
+        &self,
+        g: GraphId,
+        f: impl FnOnce(&mut GraphEntry<D::Graph>) -> Result<R>,
+    ) -> Result<R> {
+        let mut graphs = self.ready()?.graphs.lock();
+        f(graphs.get_mut(&g.0).ok_or_else(|| unknown_graph(g))?)
+    }
+}
+
+/// A pooled event with the runtime's operations, after PyTorch's `MPSEvent`. Returns to the
+/// pool when dropped.
+pub struct Event<'a, D: Driver> {
+    core: &'a Core<D>,
+    ev: PooledEvent<'a, D::Event>,
+}
+
+impl<D: Driver> std::fmt::Debug for Event<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.ev, f)
+    }
+}
+
+impl<D: Driver> Event<'_, D> {
+    /// Mark the current end of `stream` (a stream of the event's device).
+    #[inline]
+    pub fn record(&self, stream: Stream) -> Result<()> {
+        self.core.record(&self.ev, stream)
+    }
+    /// Record, then flush the stream so the event can complete without further work.
+    pub fn sync_record(&self, stream: Stream) -> Result<()> {
+        self.core.sync_record(&self.ev, stream)
+    }
+    /// True when complete; true for an event never recorded.
+    #[inline]
+    pub fn query(&self) -> Result<bool> {
+        self.core.query(&self.ev)
+    }
+    /// Block until the event completes.
+    pub fn synchronize(&self) -> Result<()> {
+        self.core.synchronize(&self.ev)
+    }
+    /// Make later work on `stream` wait for this event.
+    pub fn wait(&self, stream: Stream) -> Result<()> {
+        self.core.wait(&self.ev, stream)
+    }
+    /// Milliseconds from this (start) event to `end`; both timing events, completed.
+    pub fn elapsed_ms(&self, end: &Event<'_, D>) -> Result<f64> {
+        self.core.elapsed(&self.ev, &end.ev, (None, None))
+    }
+    /// Run `callback` once the event completes (now, if it has).
+    pub fn notify(&self, callback: impl FnOnce() + Send + 'static) -> Result<()> {
+        self.core.notify(&self.ev, Box::new(callback))
+    }
+    /// Whether the event records completion times.
+    pub fn timing(&self) -> bool {
+        self.ev.timing()
+    }
+    /// The device the event belongs to.
+    pub fn device(&self) -> u32 {
+        self.ev.device()
+    }
+    /// Hand the event over to the id API (released with `event_release`).
+    pub fn into_id(self) -> EventId {
+        self.ev.into_id()
+    }
+}
+
+/// Sets the current device and restores the previous one on drop (PyTorch's `DeviceGuard`).
+pub struct DeviceGuard<'a> {
+    backend: &'a dyn Backend,
+    previous: u32,
+}
+
+impl<'a> DeviceGuard<'a> {
+    /// Make `device` current on this thread until the guard drops. An invalid device is an
+    /// error and changes nothing.
+    pub fn new(backend: &'a dyn Backend, device: u32) -> Result<Self> {
+        let previous = backend.exchange_device(device)?;
+        Ok(DeviceGuard { backend, previous })
+    }
+
+    /// The device that will be restored.
+    pub fn previous(&self) -> u32 {
+        self.previous
+    }
+}
+
+impl Drop for DeviceGuard<'_> {
+    fn drop(&mut self) {
+        // `previous` was valid when read, and device counts never shrink.
+        let _ = self.backend.set_device(self.previous);
+    }
+}
+
+impl std::fmt::Debug for DeviceGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceGuard")
+            .field("backend", &self.backend.device_type())
+            .field("previous", &self.previous)
+            .finish()
+    }
+}
+
+impl<D: Driver> Backend for Runtime<D> {
+    fn device_type(&self) -> DeviceType {
+        D::KIND
+    }
+
+    fn init(&self) -> Result<()> {
+        self.ready().map(drop)
+    }
+
+    fn is_available(&self) -> bool {
+        self.ready().is_ok()
+    }
+
+    fn unavailable_reason(&self) -> Option<String> {
+        match self.ready() {
+            Ok(_) => None,
+            Err(Error::BackendUnavailable { reason, .. }) => Some(reason),
+            Err(other) => Some(other.to_string()),
+        }
+    }
+
+    fn device_count(&self) -> u32 {
+        self.ready().map_or(0, |r| r.core.count)
+    }
+
+    fn has_primary_context(&self, device: u32) -> bool {
+        self.ready()
+            .ok()
+            .and_then(|r| r.core.devices.get(device as usize))
+            .is_some_and(|d| d.get().is_some())
+    }
+
+    fn current_device(&self) -> Result<u32> {
+        self.ready()?;
+        Ok(with_thread(self.id, |t| t.device))
+    }
+
+    fn set_device(&self, device: u32) -> Result<()> {
+        self.core()?.check_device(device)?;
+        with_thread(self.id, |t| t.device = device);
+        Ok(())
+    }
+
+    fn exchange_device(&self, device: u32) -> Result<u32> {
+        self.core()?.check_device(device)?;
+        Ok(with_thread(self.id, |t| {
+            std::mem::replace(&mut t.device, device)
+        }))
+    }
+
+    fn maybe_exchange_device(&self, device: u32) -> Result<u32> {
+        let core = self.core()?;
+        if core.check_device(device).is_ok() {
+            self.exchange_device(device)
+        } else {
+            self.current_device()
+        }
+    }
+
+    fn device_synchronize(&self, device: u32) -> Result<()> {
+        let core = self.core()?;
+        let ctx = core.device(device)?;
+        let streams: Vec<StreamRef<D>> = ctx.streams.read().clone();
+        for (i, s) in streams.iter().enumerate() {
+            core.check_not_capturing(
+                s,
+                core.handle(device, i as u32),
+                "synchronize the device of",
+            )?;
+        }
+        let raws: Vec<&D::Stream> = streams.iter().map(|s| &s.raw).collect();
+        core.driver.device_synchronize(device, &raws)
+    }
+
+    fn show_config(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "accelrt {}", env!("CARGO_PKG_VERSION"));
+        let vars: Vec<&str> = match self.ready() {
+            Ok(r) => {
+                let (major, minor) = r.core.driver.runtime_version();
+                let _ = writeln!(
+                    out,
+                    "backend: {} (available), runtime {major}.{minor}",
+                    D::KIND
+                );
+                let _ = writeln!(out, "devices: {}", r.core.count);
+                for d in 0..r.core.count {
+                    match r.core.driver.device_properties(d) {
+                        Ok(p) => {
+                            let _ = writeln!(
+                                out,
+                                "  {}:{d}: {}, {} memory, {} cores, capability {}.{}",
+                                D::KIND,
+                                p.name,
+                                format_size(p.total_memory),
+                                p.multiprocessor_count,
+                                p.capability.0,
+                                p.capability.1
+                            );
+                        }
+                        Err(e) => {
+                            let _ = writeln!(out, "  {}:{d}: properties unavailable: {e}", D::KIND);
+                        }
+                    }
+                }
+                r.core.driver.env_vars().to_vec()
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    out,
+                    "backend: {} (unavailable: {})",
+                    D::KIND,
+                    self.unavailable_reason().unwrap_or(e.to_string())
+                );
+                Vec::new()
+            }
+        };
+        let _ = writeln!(out, "environment:");
+        for var in vars.iter().copied().chain([ALLOC_CONF_ENV]) {
+            match std::env::var_os(var) {
+                Some(v) => {
+                    let _ = writeln!(out, "  {var}={}", v.to_string_lossy());
+                }
+                None => {
+                    let _ = writeln!(out, "  {var} (unset)");
+                }
+            }
+        }
+        match AllocatorConfig::from_env() {
+            Ok(c) => {
+                let _ = writeln!(out, "allocator: {}", c.to_conf_string());
+            }
+            Err(e) => {
+                let _ = writeln!(out, "allocator: {e}");
+            }
+        }
+        out
+    }
+
+    fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
+        let core = self.core()?;
+        core.check_device(device)?;
+        core.driver.device_properties(device)
+    }
+
+    fn device_capability(&self, device: u32) -> Result<(u32, u32)> {
+        Ok(self.device_properties(device)?.capability)
+    }
+
+    fn runtime_version(&self) -> Result<(u32, u32)> {
+        Ok(self.core()?.driver.runtime_version())
+    }
+
+    // ---- streams ------------------------------------------------------------------------
+
+    fn default_stream(&self, device: u32) -> Result<Stream> {
+        let core = self.core()?;
+        core.device(device)?;
+        Ok(core.handle(device, 0))
+    }
+
+    fn current_stream(&self, device: u32) -> Result<Stream> {
+        let core = self.core()?;
+        core.device(device)?;
+        let index = with_thread(self.id, |t| {
+            t.streams
+                .iter()
+                .find(|(d, _)| *d == device)
+                .map_or(0, |&(_, i)| i)
+        });
+        Ok(core.handle(device, index))
+    }
+
+    fn set_current_stream(&self, stream: Stream) -> Result<()> {
+        self.core()?.stream(stream)?;
+        let (device, index) = (stream.device.index, stream.index);
+        with_thread(self.id, |t| {
+            match t.streams.iter_mut().find(|(d, _)| *d == device) {
+                Some(entry) => entry.1 = index,
+                None => t.streams.push((device, index)),
+            }
+        });
+        Ok(())
+    }
+
+    fn stream_from_pool(&self, device: u32, priority: StreamPriority) -> Result<Stream> {
+        let core = self.core()?;
+        let ctx = core.device(device)?;
+        let p = priority_index(priority);
+        let pool = ctx.pool[p].get_or_try_init(|| {
+            Ok(core
+                .add_streams(device, priority, POOL_STREAMS_PER_PRIORITY)?
+                .into_boxed_slice())
+        })?;
+        let next = ctx.round_robin[p].fetch_add(1, Ordering::Relaxed);
+        Ok(core.handle(device, pool[next % pool.len()]))
+    }
+
+    fn new_stream(&self, device: u32, priority: StreamPriority) -> Result<Stream> {
+        let core = self.core()?;
+        let index = core.add_streams(device, priority, 1)?[0];
+        Ok(core.handle(device, index))
+    }
+
+    fn stream_native_handle(&self, stream: Stream) -> Result<u64> {
+        let core = self.core()?;
+        Ok(core.driver.stream_native_handle(&core.stream(stream)?.raw))
+    }
+
+    fn stream_commit(&self, stream: Stream) -> Result<()> {
+        let core = self.core()?;
+        core.driver.stream_commit(&core.stream(stream)?.raw)
+    }
+
+    fn stream_synchronize(&self, stream: Stream) -> Result<()> {
+        let core = self.core()?;
+        let slot = core.stream(stream)?;
+        core.check_not_capturing(&slot, stream, "synchronize")?;
+        core.driver.stream_synchronize(&slot.raw)
+    }
+
+    fn stream_query(&self, stream: Stream) -> Result<bool> {
+        let core = self.core()?;
+        let slot = core.stream(stream)?;
+        core.check_not_capturing(&slot, stream, "query")?;
+        core.driver.stream_query(&slot.raw)
+    }
+
+    fn launch_host(&self, stream: Stream, task: HostTask) -> Result<()> {
+        let core = self.core()?;
+        core.driver.launch_host(&core.stream(stream)?.raw, task)
+    }
+
+    // ---- events ---------------------------------------------------------------------------
+
+    fn event_acquire(&self, device: u32, enable_timing: bool) -> Result<EventId> {
+        let core = self.core()?;
+        core.check_device(device)?;
+        core.events.acquire_id(device, enable_timing)
+    }
+
+    fn event_release(&self, id: EventId) -> Result<()> {
+        self.core()?.events.release_id(id)
+    }
+
+    #[inline]
+    fn event_record(&self, id: EventId, stream: Stream) -> Result<()> {
+        let core = self.core()?;
+        core.record(&*core.events.get(id)?, stream)
+    }
+
+    fn event_sync_record(&self, id: EventId, stream: Stream) -> Result<()> {
+        let core = self.core()?;
+        core.sync_record(&*core.events.get(id)?, stream)
+    }
+
+    fn event_wait(&self, id: EventId, stream: Stream) -> Result<()> {
+        let core = self.core()?;
+        core.wait(&*core.events.get(id)?, stream)
+    }
+
+    fn event_synchronize(&self, id: EventId) -> Result<()> {
+        let core = self.core()?;
+        core.synchronize(&*core.events.get(id)?)
+    }
+
+    #[inline]
+    fn event_query(&self, id: EventId) -> Result<bool> {
+        let core = self.core()?;
+        core.query(&*core.events.get(id)?)
+    }
+
+    fn event_elapsed_time(&self, start: EventId, end: EventId) -> Result<f64> {
+        let core = self.core()?;
+        let (a, b) = (core.events.get(start)?, core.events.get(end)?);
+        core.elapsed(&a, &b, (Some(start), Some(end)))
+    }
+
+    fn event_notify(&self, id: EventId, callback: EventCallback) -> Result<()> {
+        let core = self.core()?;
+        core.notify(&*core.events.get(id)?, callback)
+    }
+
+    // ---- pinned host memory ---------------------------------------------------------------
+
+    fn is_pinned_ptr(&self, ptr: usize) -> bool {
+        self.ready()
+            .ok()
+            .and_then(|r| r.pinned.get())
+            .is_some_and(|a| a.contains(ptr))
+    }
+
+    fn pinned_allocator(&self) -> Result<Arc<CachingAllocator>> {
+        let ready = self.ready()?;
+        ready
+            .pinned
+            .get_or_try_init(|| {
+                let config = AllocatorConfig::from_env()?;
+                let provider = ready.core.driver.pinned_memory_provider()?;
+                let device = Device {
+                    kind: DeviceType::Host,
+                    index: 0,
+                };
+                Ok(Arc::new(CachingAllocator::new(
+                    device,
+                    provider,
+                    Some(self.events_adapter()?),
+                    config,
+                )?))
+            })
+            .cloned()
+    }
+
+    // ---- random numbers -------------------------------------------------------------------
+
+    fn default_generator(&self, device: u32) -> Result<Arc<Generator>> {
+        Ok(Arc::clone(&self.core()?.device(device)?.generator))
+    }
+
+    // ---- graphs ---------------------------------------------------------------------------
+
+    fn graph_create(&self, device: u32) -> Result<GraphId> {
+        let ready = self.ready()?;
+        ready.core.check_device(device)?;
+        let id = ready.next_graph.fetch_add(1, Ordering::Relaxed);
+        ready.graphs.lock().insert(
+            id,
+            GraphEntry {
+                device,
+                pool: MempoolId::NONE,
+                state: GraphState::Empty,
+            },
+        );
+        Ok(GraphId(id))
+    }
+
+    fn graph_capture_begin(&self, graph: GraphId, stream: Stream, pool: MempoolId) -> Result<()> {
+        let core = self.core()?;
+        let slot = core.stream(stream)?;
+        self.graph_entry(graph, |entry| {
+            if entry.device != stream.device.index {
+                return Err(core.bad_stream(
+                    stream,
+                    format!(
+                        "graph {} belongs to {}:{}; capture it on a stream of that device",
+                        graph.0,
+                        D::KIND,
+                        entry.device
+                    ),
+                ));
+            }
+            match entry.state {
+                GraphState::Empty => {}
+                GraphState::Capturing { stream } => {
+                    return Err(Error::Graph(format!(
+                        "graph {} is already capturing on {stream}",
+                        graph.0
+                    )))
+                }
+                GraphState::Captured { .. } => {
+                    return Err(Error::Graph(format!(
+                        "graph {} already holds a capture: graph_reset it before capturing again",
+                        graph.0
+                    )))
+                }
+            }
+            if let Err(other) =
+                slot.capturing
+                    .compare_exchange(0, graph.0, Ordering::AcqRel, Ordering::Acquire)
+            {
+                return Err(Error::Graph(format!(
+                    "{stream} is already capturing graph {other}"
+                )));
+            }
+            if let Err(e) = core.driver.capture_begin(&slot.raw) {
+                slot.capturing.store(0, Ordering::Release);
+                return Err(e);
+            }
+            entry.pool = if pool.is_none() {
+                MempoolId(graph.0, 0)
+            } else {
+                pool
+            };
+            entry.state = GraphState::Capturing { stream };
+            Ok(())
+        })
+    }
+
+    fn graph_capture_end(&self, graph: GraphId) -> Result<()> {
+        let core = self.core()?;
+        self.graph_entry(graph, |entry| {
+            let GraphState::Capturing { stream } = entry.state else {
+                return Err(Error::Graph(format!(
+                    "graph {} is not capturing: call graph_capture_begin first",
+                    graph.0
+                )));
+            };
+            let slot = core.stream(stream)?;
+            let captured = core.driver.capture_end(&slot.raw);
+            slot.capturing.store(0, Ordering::Release);
+            match captured {
+                Ok(g) => {
+                    entry.state = GraphState::Captured {
+                        graph: Arc::new(g),
+                        stream,
+                        instantiated: false,
+                    };
+                    Ok(())
+                }
+                Err(e) => {
+                    entry.state = GraphState::Empty;
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn graph_instantiate(&self, graph: GraphId) -> Result<()> {
+        self.graph_entry(graph, |entry| match &mut entry.state {
+            GraphState::Captured { instantiated, .. } => {
+                *instantiated = true;
+                Ok(())
+            }
+            _ => Err(Error::Graph(format!(
+                "graph {} has no finished capture to instantiate: capture it first \
+                 (graph_capture_begin, launches, graph_capture_end)",
+                graph.0
+            ))),
+        })
+    }
+
+    fn graph_replay(&self, graph: GraphId) -> Result<()> {
+        let core = self.core()?;
+        let (g, stream) = self.graph_entry(graph, |entry| match &mut entry.state {
+            GraphState::Captured {
+                graph,
+                stream,
+                instantiated,
+            } => {
+                // Like PyTorch's `replay`, instantiate on first use.
+                *instantiated = true;
+                Ok((Arc::clone(graph), *stream))
+            }
+            _ => Err(Error::Graph(format!(
+                "graph {} has no finished capture to replay: capture it first",
+                graph.0
+            ))),
+        })?;
+        core.driver.graph_launch(&g, &core.stream(stream)?.raw)
+    }
+
+    fn graph_reset(&self, graph: GraphId) -> Result<()> {
+        self.graph_entry(graph, |entry| {
+            if let GraphState::Capturing { stream } = entry.state {
+                return Err(Error::Graph(format!(
+                    "graph {} is capturing on {stream}: end the capture before resetting it",
+                    graph.0
+                )));
+            }
+            entry.state = GraphState::Empty;
+            entry.pool = MempoolId::NONE;
+            Ok(())
+        })
+    }
+
+    fn graph_destroy(&self, graph: GraphId) -> Result<()> {
+        let ready = self.ready()?;
+        let mut graphs = ready.graphs.lock();
+        match graphs.get(&graph.0) {
+            None => Err(unknown_graph(graph)),
+            Some(GraphEntry {
+                state: GraphState::Capturing { stream },
+                ..
+            }) => Err(Error::Graph(format!(
+                "graph {} is capturing on {stream}: end the capture before destroying it",
+                graph.0
+            ))),
+            Some(_) => {
+                graphs.remove(&graph.0);
+                Ok(())
+            }
+        }
+    }
+
+    fn graph_pool(&self, graph: GraphId) -> Result<MempoolId> {
+        self.graph_entry(graph, |entry| {
+            if entry.pool.is_none() {
+                return Err(Error::Graph(format!(
+                    "graph {} has no memory pool yet: it is assigned by graph_capture_begin",
+                    graph.0
+                )));
+            }
+            Ok(entry.pool)
+        })
+    }
+
+    // ---- memory ---------------------------------------------------------------------------
+
+    fn allocator(&self, device: u32) -> Result<Arc<CachingAllocator>> {
+        let ready = self.ready()?;
+        ready.core.check_device(device)?;
+        ready.allocators[device as usize]
+            .get_or_try_init(|| {
+                let config = AllocatorConfig::from_env()?;
+                let provider = ready.core.driver.memory_provider(device)?;
+                let dev = Device {
+                    kind: D::KIND,
+                    index: device,
+                };
+                Ok(Arc::new(CachingAllocator::new(
+                    dev,
+                    provider,
+                    Some(self.events_adapter()?),
+                    config,
+                )?))
+            })
+            .cloned()
+    }
+}
