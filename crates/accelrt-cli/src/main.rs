@@ -8,7 +8,11 @@ mod replay;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "accelrt", version, about = "accelrt: accelerator runtime tools — device info, allocator trace replay, benchmarks")]
+#[command(
+    name = "accelrt",
+    version,
+    about = "accelrt: accelerator runtime tools — device info, allocator trace replay, benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

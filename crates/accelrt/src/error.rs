@@ -17,19 +17,34 @@ pub enum Error {
 
     /// A capability this backend does not have.
     #[error("{what} is not supported by the {backend} backend")]
-    Unsupported { backend: DeviceType, what: &'static str },
+    Unsupported {
+        backend: DeviceType,
+        what: &'static str,
+    },
 
     /// A capability that needs another backend (`cannot execute X without the Y backend`).
     #[error("cannot execute {what} without the {needs} backend")]
-    NeedsBackend { what: &'static str, needs: DeviceType },
+    NeedsBackend {
+        what: &'static str,
+        needs: DeviceType,
+    },
 
     /// A device index that does not exist.
     #[error("invalid device index {index} for the {backend} backend: it has {count} device(s) (valid: 0..{count})")]
-    InvalidDevice { backend: DeviceType, index: u32, count: u32 },
+    InvalidDevice {
+        backend: DeviceType,
+        index: u32,
+        count: u32,
+    },
 
     /// A stream handle that does not belong to this backend or device.
     #[error("invalid stream {stream} on {backend}:{device}: {reason}")]
-    InvalidStream { backend: DeviceType, device: u32, stream: u32, reason: String },
+    InvalidStream {
+        backend: DeviceType,
+        device: u32,
+        stream: u32,
+        reason: String,
+    },
 
     /// An event id that was never handed out or was already released.
     #[error("unknown event id {id}: it was never acquired from this pool or was already released")]
@@ -48,7 +63,9 @@ pub enum Error {
     OutOfMemory(Box<OomReport>),
 
     /// A pointer that accelrt did not allocate, or already freed.
-    #[error("pointer {ptr:#x} was not allocated by this allocator or was already freed ({context})")]
+    #[error(
+        "pointer {ptr:#x} was not allocated by this allocator or was already freed ({context})"
+    )]
     InvalidPointer { ptr: usize, context: &'static str },
 
     /// A request that can never be satisfied (size overflow, zero-sized where not allowed, ...).
@@ -61,7 +78,11 @@ pub enum Error {
 
     /// A malformed input file (trace, snapshot) with its location.
     #[error("{file}:{line}: {message}")]
-    Parse { file: String, line: u64, message: String },
+    Parse {
+        file: String,
+        line: u64,
+        message: String,
+    },
 
     /// An operating-system or driver call failed.
     #[error("{call} failed: {message}")]

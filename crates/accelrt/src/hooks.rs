@@ -2,7 +2,7 @@
 //!
 //! This is accelrt's equivalent of PyTorch's per-device hooks (MPSHooksInterface,
 //! MTIAHooksInterface): one object-safe trait, one implementation per backend, reached
-//! through [`crate::backend`]. Backends implement the much smaller [`crate::driver::Driver`]
+//! through [`crate::backend()`]. Backends implement the much smaller [`crate::driver::Driver`]
 //! trait; the shared [`crate::runtime::Runtime`] turns a driver into a `Backend` and is the
 //! single place where arguments are validated.
 

@@ -2,7 +2,7 @@
 //! events, a random generator, graph capture and a caching device allocator — with a host
 //! (CPU) backend that is always built.
 //!
-//! Start at [`backend`]: it returns the [`Backend`] hooks for a [`DeviceType`].
+//! Start at [`backend()`]: it returns the [`Backend`] hooks for a [`DeviceType`].
 //! `ARCHITECTURE.md` at the repository root has the map.
 
 pub mod alloc;

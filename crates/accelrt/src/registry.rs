@@ -1,6 +1,6 @@
 //! The backend registry: one lazily built, process-wide [`Backend`] per [`DeviceType`].
 //!
-//! Backends register in [`REGISTRY`], one row each; nothing else matches on device types.
+//! Backends register in the `REGISTRY` table, one row each; nothing else matches on device types.
 //! A backend that is not compiled in registers an [`UnavailableBackend`] that says so.
 
 use std::sync::OnceLock;

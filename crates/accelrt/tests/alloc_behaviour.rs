@@ -9,7 +9,10 @@ use accelrt::{Device, DeviceType, Error, Stream};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
-const DEV: Device = Device { kind: DeviceType::Host, index: 0 };
+const DEV: Device = Device {
+    kind: DeviceType::Host,
+    index: 0,
+};
 
 fn stream(index: u32) -> Stream {
     Stream { device: DEV, index }
@@ -51,7 +54,13 @@ fn streams_do_not_share_cached_blocks() {
 #[test]
 fn small_and_large_requests_use_their_own_segments() {
     // (request, expected segment bytes reserved after it alone)
-    let table = [(1, 2 * MIB), (MIB, 2 * MIB), (MIB + 1, 20 * MIB), (10 * MIB, 10 * MIB), (11 * MIB, 12 * MIB)];
+    let table = [
+        (1, 2 * MIB),
+        (MIB, 2 * MIB),
+        (MIB + 1, 20 * MIB),
+        (10 * MIB, 10 * MIB),
+        (11 * MIB, 12 * MIB),
+    ];
     for (size, reserved) in table {
         let a = allocator();
         let b = a.allocate(size, stream(0)).unwrap();
@@ -63,8 +72,14 @@ fn small_and_large_requests_use_their_own_segments() {
 #[test]
 fn split_blocks_coalesce_back_to_a_whole_segment() {
     let a = allocator();
-    let ptrs: Vec<usize> = (0..4).map(|_| a.raw_alloc(512 * KIB, stream(0)).unwrap()).collect();
-    assert_eq!(a.stats().counters.num_device_alloc, 1, "four 512 KiB blocks fill one 2 MiB segment");
+    let ptrs: Vec<usize> = (0..4)
+        .map(|_| a.raw_alloc(512 * KIB, stream(0)).unwrap())
+        .collect();
+    assert_eq!(
+        a.stats().counters.num_device_alloc,
+        1,
+        "four 512 KiB blocks fill one 2 MiB segment"
+    );
     // Free out of order: the middle ones first, so merging happens on both sides.
     for i in [1, 0, 3, 2] {
         a.raw_free(ptrs[i]).unwrap();
@@ -72,8 +87,16 @@ fn split_blocks_coalesce_back_to_a_whole_segment() {
     assert_eq!(a.stats().all().allocated_bytes.current, 0);
     a.check_invariants().unwrap();
     a.empty_cache().unwrap();
-    assert_eq!(a.stats().all().inactive_split.current, 0, "coalesced back to one whole segment");
-    assert_eq!(a.reserved_bytes(), 0, "whole segments go back to the device");
+    assert_eq!(
+        a.stats().all().inactive_split.current,
+        0,
+        "coalesced back to one whole segment"
+    );
+    assert_eq!(
+        a.reserved_bytes(),
+        0,
+        "whole segments go back to the device"
+    );
     assert_eq!(a.stats().counters.num_device_free, 1);
 }
 
@@ -86,7 +109,10 @@ fn statistics_follow_pytorch_meanings() {
     assert_eq!(s.small_pool.allocated_bytes.current, 1024);
     assert_eq!(s.small_pool.requested_bytes.current, 1000);
     assert_eq!(s.small_pool.reserved_bytes.current, 2 * MIB as u64);
-    assert_eq!(s.small_pool.inactive_split.current, 1, "the rest of the small segment");
+    assert_eq!(
+        s.small_pool.inactive_split.current, 1,
+        "the rest of the small segment"
+    );
     assert_eq!(s.large_pool.allocated_bytes.current, 3 * MIB as u64);
     assert_eq!(s.large_pool.reserved_bytes.current, 20 * MIB as u64);
     assert_eq!(s.all().allocation.current, 2);
@@ -101,7 +127,10 @@ fn statistics_follow_pytorch_meanings() {
     assert_eq!(a.stats().all().allocation.peak, 0);
     a.reset_accumulated_stats();
     let s = a.stats();
-    assert_eq!((s.all().allocation.allocated, s.counters.num_device_alloc), (0, 0));
+    assert_eq!(
+        (s.all().allocation.allocated, s.counters.num_device_alloc),
+        (0, 0)
+    );
     let flat = s.to_flat_map();
     assert!(flat.contains_key("allocated_bytes.all.current"));
     assert!(flat.contains_key("reserved_bytes.large_pool.peak"));
@@ -120,7 +149,10 @@ fn callbacks_fire_at_documented_points() {
     a.raw_free(p).unwrap();
     a.empty_cache().unwrap();
     use AllocatorEvent::*;
-    assert_eq!(*log.lock().unwrap(), vec![Allocated, Freed, Recycled, Freed, Released]);
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![Allocated, Freed, Recycled, Freed, Released]
+    );
     log.lock().unwrap().clear();
     // Fill the 4 MiB device, then ask for more: AllocationFailed fires before the retry.
     let big = a.raw_alloc(4 * MIB, stream(0)).unwrap();
@@ -144,7 +176,9 @@ fn allocation_failed_callback_can_free_memory_for_the_retry() {
         }
     }));
     use AllocatorEvent::AllocationFailed;
-    let p = a.raw_alloc(MIB, stream(1)).expect("the callback freed the hog, the retry succeeds");
+    let p = a
+        .raw_alloc(MIB, stream(1))
+        .expect("the callback freed the hog, the retry succeeds");
     assert_eq!(a.stats().counters.num_alloc_retries, 1);
     a.raw_free(p).unwrap();
 }
@@ -173,7 +207,11 @@ fn out_of_memory_releases_the_cache_retries_then_reports() {
     let s = a.stats();
     assert_eq!(s.counters.num_ooms, 1);
     assert_eq!(s.counters.num_alloc_retries, 1);
-    assert_eq!(a.reserved_bytes(), 2 * MIB as u64, "the cached 4 MiB went back before failing");
+    assert_eq!(
+        a.reserved_bytes(),
+        2 * MIB as u64,
+        "the cached 4 MiB went back before failing"
+    );
     a.check_invariants().unwrap();
     // Still usable: 6 MiB fits now.
     let q = a.raw_alloc(6 * MIB, stream(0)).unwrap();
@@ -210,8 +248,16 @@ fn a_request_that_fits_only_a_smaller_segment_still_succeeds() {
 fn memory_fraction_and_high_watermark_are_hard_limits() {
     // (config, request, limit named in the message)
     let table = [
-        ("per_process_memory_fraction:0.25", 20 * MIB, "per_process_memory_fraction 0.25"),
-        ("high_watermark_ratio:0.25", 20 * MIB, "high_watermark_ratio 0.25"),
+        (
+            "per_process_memory_fraction:0.25",
+            20 * MIB,
+            "per_process_memory_fraction 0.25",
+        ),
+        (
+            "high_watermark_ratio:0.25",
+            20 * MIB,
+            "high_watermark_ratio 0.25",
+        ),
     ];
     for (conf, size, want) in table {
         let a = allocator_with(64 * MIB as u64, conf);
@@ -225,7 +271,11 @@ fn memory_fraction_and_high_watermark_are_hard_limits() {
     assert_eq!(a.memory_fraction(), Some(0.5));
     assert!(a.set_memory_fraction(0.0).is_err());
     assert!(a.set_memory_fraction(1.5).is_err());
-    assert_eq!(a.memory_fraction(), Some(0.5), "a rejected setting changes nothing");
+    assert_eq!(
+        a.memory_fraction(),
+        Some(0.5),
+        "a rejected setting changes nothing"
+    );
     a.set_high_watermark_ratio(1.0).unwrap();
     assert!(a.set_low_watermark_ratio(1.5).is_err());
     a.set_low_watermark_ratio(0.5).unwrap();
@@ -242,7 +292,9 @@ fn low_watermark_collects_oldest_cached_segments_first() {
             r.lock().unwrap().push(ptr)
         }
     }));
-    let ptrs: Vec<usize> = (0..3).map(|_| a.raw_alloc(20 * MIB, stream(0)).unwrap()).collect();
+    let ptrs: Vec<usize> = (0..3)
+        .map(|_| a.raw_alloc(20 * MIB, stream(0)).unwrap())
+        .collect();
     for &p in &ptrs {
         a.raw_free(p).unwrap(); // freed in order: ptrs[0] is the oldest
     }
@@ -250,14 +302,21 @@ fn low_watermark_collects_oldest_cached_segments_first() {
     // A 30 MiB request needs a new segment: 60 + 30 > 50, so the oldest cached go first.
     let q = a.raw_alloc(30 * MIB, stream(0)).unwrap();
     assert_eq!(a.reserved_bytes(), 50 * MIB as u64);
-    assert_eq!(*released.lock().unwrap(), vec![ptrs[0], ptrs[1]], "oldest first, and no more than needed");
+    assert_eq!(
+        *released.lock().unwrap(),
+        vec![ptrs[0], ptrs[1]],
+        "oldest first, and no more than needed"
+    );
     a.raw_free(q).unwrap();
 }
 
 #[test]
 fn release_at_peak_gives_back_unusable_cache_before_growing_past_the_peak() {
     // (config, reserved peak after the sequence, device frees)
-    let table = [("", 60 * MIB as u64, 1), ("release_at_peak:false", 80 * MIB as u64, 0)];
+    let table = [
+        ("", 60 * MIB as u64, 1),
+        ("release_at_peak:false", 80 * MIB as u64, 0),
+    ];
     for (conf, peak, frees) in table {
         let a = allocator_with(1 << 34, conf);
         let x = a.raw_alloc(20 * MIB, stream(0)).unwrap();
@@ -270,7 +329,11 @@ fn release_at_peak_gives_back_unusable_cache_before_growing_past_the_peak() {
         // Below the peak, nothing is released: a steady loop does not churn.
         a.raw_free(z).unwrap();
         let again = a.raw_alloc(40 * MIB, stream(0)).unwrap();
-        assert_eq!(a.stats().counters.num_device_free, frees, "{conf:?}: no churn below the peak");
+        assert_eq!(
+            a.stats().counters.num_device_free,
+            frees,
+            "{conf:?}: no churn below the peak"
+        );
         a.raw_free(again).unwrap();
         a.raw_free(y).unwrap();
     }
@@ -311,8 +374,14 @@ fn buffer_metadata() {
     assert!(a.buffer_shape(p).is_err(), "metadata goes with the buffer");
     let b2 = a.allocate(1000, stream(0)).unwrap();
     assert_ne!(a.buffer_id(b2.ptr()).unwrap(), id, "ids are not reused");
-    assert_eq!(a.buffer_shape(b2.ptr()).unwrap(), Vec::<i64>::new(), "old shape does not leak to the reused block");
-    let s = a.alloc_scalar_with_value(&42u64.to_le_bytes(), stream(0)).unwrap();
+    assert_eq!(
+        a.buffer_shape(b2.ptr()).unwrap(),
+        Vec::<i64>::new(),
+        "old shape does not leak to the reused block"
+    );
+    let s = a
+        .alloc_scalar_with_value(&42u64.to_le_bytes(), stream(0))
+        .unwrap();
     // SAFETY: host memory; `s` is a live 8-byte (at least) buffer written just above.
     assert_eq!(unsafe { (s as *const u64).read() }, 42);
     a.raw_free(s).unwrap();
@@ -323,22 +392,53 @@ fn hostile_input_is_refused_and_changes_nothing() {
     let a = allocator();
     let p = a.raw_alloc(4096, stream(0)).unwrap();
     let before = a.stats();
-    let other_device = Stream { device: Device { kind: DeviceType::Host, index: 3 }, index: 0 };
+    let other_device = Stream {
+        device: Device {
+            kind: DeviceType::Host,
+            index: 3,
+        },
+        index: 0,
+    };
     let cases: Vec<(&str, Error)> = vec![
-        ("not from this allocator", a.raw_free(0xdead_0000).unwrap_err()),
+        (
+            "not from this allocator",
+            a.raw_free(0xdead_0000).unwrap_err(),
+        ),
         ("not from this allocator", a.raw_free(p + 512).unwrap_err()),
-        ("requests are limited to", a.raw_alloc(usize::MAX, stream(0)).unwrap_err()),
-        ("requests are limited to", a.raw_alloc(-1isize as usize, stream(0)).unwrap_err()),
-        ("this allocator serves host:0, not host:3", a.raw_alloc(16, other_device).unwrap_err()),
-        ("above the 4095 streams", a.raw_alloc(16, stream(100_000)).unwrap_err()),
+        (
+            "requests are limited to",
+            a.raw_alloc(usize::MAX, stream(0)).unwrap_err(),
+        ),
+        (
+            "requests are limited to",
+            a.raw_alloc(-1isize as usize, stream(0)).unwrap_err(),
+        ),
+        (
+            "this allocator serves host:0, not host:3",
+            a.raw_alloc(16, other_device).unwrap_err(),
+        ),
+        (
+            "above the 4095 streams",
+            a.raw_alloc(16, stream(100_000)).unwrap_err(),
+        ),
         ("requested_size", a.requested_size(12345).unwrap_err()),
-        ("not supported by the host backend", a.record_stream(p, stream(1)).unwrap_err()),
-        ("memory fraction must be in (0, 1]", a.set_memory_fraction(f64::NAN).unwrap_err()),
+        (
+            "not supported by the host backend",
+            a.record_stream(p, stream(1)).unwrap_err(),
+        ),
+        (
+            "memory fraction must be in (0, 1]",
+            a.set_memory_fraction(f64::NAN).unwrap_err(),
+        ),
     ];
     for (want, err) in cases {
         assert!(err.to_string().contains(want), "'{err}' lacks '{want}'");
     }
-    assert_eq!(a.stats(), before, "refused calls leave the statistics as they were");
+    assert_eq!(
+        a.stats(),
+        before,
+        "refused calls leave the statistics as they were"
+    );
     a.raw_free(p).unwrap();
     let err = a.raw_free(p).unwrap_err();
     assert!(err.to_string().contains("double free"), "{err}");
@@ -355,7 +455,10 @@ fn error_in_buffer_drop_is_reported_at_the_next_call() {
     drop(b); // the drop's free fails: kept for later
     let err = a.raw_alloc(16, stream(0)).unwrap_err();
     assert!(err.to_string().contains("double free"), "{err}");
-    a.raw_alloc(16, stream(0)).map(|p| a.raw_free(p)).unwrap().unwrap();
+    a.raw_alloc(16, stream(0))
+        .map(|p| a.raw_free(p))
+        .unwrap()
+        .unwrap();
 }
 
 #[test]

@@ -9,7 +9,10 @@ use accelrt::backend::host::HostMemory;
 use accelrt::{Device, DeviceType, Stream};
 use proptest::prelude::*;
 
-const DEV: Device = Device { kind: DeviceType::Host, index: 0 };
+const DEV: Device = Device {
+    kind: DeviceType::Host,
+    index: 0,
+};
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 
@@ -75,15 +78,32 @@ fn intact(l: &Live) -> bool {
 fn run(conf: &str, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut config = AllocatorConfig::parse(conf).unwrap();
     config.debug_checks = true; // check every invariant after every call
-    let a = CachingAllocator::new(DEV, Arc::new(HostMemory::new(256 * MIB as u64)), None, config).unwrap();
+    let a = CachingAllocator::new(
+        DEV,
+        Arc::new(HostMemory::new(256 * MIB as u64)),
+        None,
+        config,
+    )
+    .unwrap();
     let mut live: Vec<Live> = Vec::new();
     let mut tag = 0u8;
     for op in ops {
         match *op {
-            Op::Alloc { size, stream } => match a.raw_alloc(size, Stream { device: DEV, index: stream }) {
+            Op::Alloc { size, stream } => match a.raw_alloc(
+                size,
+                Stream {
+                    device: DEV,
+                    index: stream,
+                },
+            ) {
                 Ok(ptr) => {
                     for l in &live {
-                        prop_assert!(ptr + size <= l.ptr || l.ptr + l.size <= ptr, "{ptr:#x}+{size} overlaps {:#x}+{}", l.ptr, l.size);
+                        prop_assert!(
+                            ptr + size <= l.ptr || l.ptr + l.size <= ptr,
+                            "{ptr:#x}+{size} overlaps {:#x}+{}",
+                            l.ptr,
+                            l.size
+                        );
                     }
                     tag = tag.wrapping_add(1).max(1);
                     let l = Live { ptr, size, tag };
@@ -108,7 +128,10 @@ fn run(conf: &str, ops: &[Op]) -> Result<(), TestCaseError> {
         }
         let s = a.stats().all();
         prop_assert_eq!(s.allocation.current, live.len() as u64);
-        prop_assert_eq!(s.requested_bytes.current, live.iter().map(|l| l.size as u64).sum::<u64>());
+        prop_assert_eq!(
+            s.requested_bytes.current,
+            live.iter().map(|l| l.size as u64).sum::<u64>()
+        );
         prop_assert!(a.reserved_bytes() <= 256 * MIB as u64);
     }
     for l in live.drain(..) {
@@ -116,7 +139,11 @@ fn run(conf: &str, ops: &[Op]) -> Result<(), TestCaseError> {
         a.raw_free(l.ptr).unwrap();
     }
     a.empty_cache().unwrap();
-    prop_assert_eq!(a.reserved_bytes(), 0, "everything goes back once all is free");
+    prop_assert_eq!(
+        a.reserved_bytes(),
+        0,
+        "everything goes back once all is free"
+    );
     Ok(())
 }
 

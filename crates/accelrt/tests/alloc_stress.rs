@@ -8,7 +8,10 @@ use accelrt::alloc::{AllocatorConfig, CachingAllocator};
 use accelrt::backend::host::HostMemory;
 use accelrt::{Device, DeviceType, Stream};
 
-const DEV: Device = Device { kind: DeviceType::Host, index: 0 };
+const DEV: Device = Device {
+    kind: DeviceType::Host,
+    index: 0,
+};
 const THREADS: u64 = 8;
 const OPS: usize = 20_000;
 
@@ -47,14 +50,21 @@ fn verify(l: &Live) {
     for i in 0..words {
         // SAFETY: as in `stamp`; the buffer is still live.
         let v = unsafe { ((l.ptr as *const u64).add(i)).read() };
-        assert_eq!(v, l.tag ^ i as u64, "buffer {:#x} overwritten while live", l.ptr);
+        assert_eq!(
+            v,
+            l.tag ^ i as u64,
+            "buffer {:#x} overwritten while live",
+            l.ptr
+        );
     }
 }
 
 fn stress(seed: u64, conf: &str) {
     let mut config = AllocatorConfig::parse(conf).unwrap();
     config.debug_checks = false; // the checker is not meant for calls in flight
-    let a = Arc::new(CachingAllocator::new(DEV, Arc::new(HostMemory::new(8 << 30)), None, config).unwrap());
+    let a = Arc::new(
+        CachingAllocator::new(DEV, Arc::new(HostMemory::new(8 << 30)), None, config).unwrap(),
+    );
     let mailbox: Arc<Mutex<Vec<Live>>> = Arc::new(Mutex::new(Vec::new()));
     let barrier = Arc::new(Barrier::new(THREADS as usize));
     let handles: Vec<_> = (0..THREADS)
@@ -62,7 +72,10 @@ fn stress(seed: u64, conf: &str) {
             let (a, mailbox, barrier) = (a.clone(), mailbox.clone(), barrier.clone());
             std::thread::spawn(move || {
                 let mut rng = Rng(seed ^ (t << 32));
-                let stream = Stream { device: DEV, index: t as u32 };
+                let stream = Stream {
+                    device: DEV,
+                    index: t as u32,
+                };
                 let mut mine: Vec<Live> = Vec::new();
                 barrier.wait();
                 for i in 0..OPS {
@@ -74,7 +87,11 @@ fn stress(seed: u64, conf: &str) {
                             _ => 1 + rng.below(48 << 20),
                         } as usize;
                         let ptr = a.raw_alloc(size, stream).expect("8 GiB is plenty");
-                        let l = Live { ptr, size, tag: (t << 56) ^ (i as u64) ^ 0x5A5A_0000 };
+                        let l = Live {
+                            ptr,
+                            size,
+                            tag: (t << 56) ^ (i as u64) ^ 0x5A5A_0000,
+                        };
                         stamp(&l);
                         mine.push(l);
                     } else if r < 92 {

@@ -467,3 +467,33 @@ fn raii_events_return_to_the_pool() {
     );
     assert!(rt.event(3, false).is_err());
 }
+
+#[test]
+fn a_callback_may_synchronize_and_query_the_event_that_fired_it() {
+    let rt = Arc::new(runtime(1));
+    let s = rt.new_stream(0, StreamPriority::Normal).unwrap();
+    let gate = Gate::new();
+    rt.launch_host(s, gate.task()).unwrap();
+    let id = rt.event_acquire(0, false).unwrap();
+    rt.event_record(id, s).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let rt2 = Arc::clone(&rt);
+    rt.event_notify(
+        id,
+        Box::new(move || {
+            let seen = (
+                rt2.event_synchronize(id),
+                rt2.event_query(id),
+                rt2.stream_synchronize(s).is_err(),
+            );
+            tx.send(seen).unwrap();
+        }),
+    )
+    .unwrap();
+    gate.open();
+    // On the stream's own worker: the event is complete, but waiting for the whole stream
+    // from there would wait for itself.
+    assert_eq!(rx.recv_timeout(PATIENCE), Ok((Ok(()), Ok(true), true)));
+    rt.stream_synchronize(s).unwrap();
+    rt.event_release(id).unwrap();
+}

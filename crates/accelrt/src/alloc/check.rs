@@ -25,7 +25,10 @@ impl CachingAllocator {
                 for idx in index.all(&st.blocks)? {
                     let b = &st.blocks[idx as usize];
                     if b.state != BlockState::Free || b.kind as usize != k {
-                        return Err(format!("pool {pool_idx}: block {idx} on free list {k} is {:?} of kind {:?}", b.state, b.kind));
+                        return Err(format!(
+                            "pool {pool_idx}: block {idx} on free list {k} is {:?} of kind {:?}",
+                            b.state, b.kind
+                        ));
                     }
                 }
             }
@@ -45,10 +48,15 @@ impl CachingAllocator {
                         return Err(format!("pool {pool_idx}: block {cur} at {:#x}, expected {addr:#x} (gap or overlap)", b.addr));
                     }
                     if b.prev != prev {
-                        return Err(format!("pool {pool_idx}: block {cur} prev {} but follows {prev}", b.prev));
+                        return Err(format!(
+                            "pool {pool_idx}: block {cur} prev {} but follows {prev}",
+                            b.prev
+                        ));
                     }
                     if b.kind != seg.kind {
-                        return Err(format!("pool {pool_idx}: block {cur} kind differs from its segment"));
+                        return Err(format!(
+                            "pool {pool_idx}: block {cur} kind differs from its segment"
+                        ));
                     }
                     if b.size == 0 || b.size % 512 != 0 {
                         return Err(format!("pool {pool_idx}: block {cur} has size {}", b.size));
@@ -59,7 +67,9 @@ impl CachingAllocator {
                                 return Err(format!("pool {pool_idx}: free blocks {prev} and {cur} were not coalesced"));
                             }
                             if !st.free_index[b.kind as usize].contains(&st.blocks, cur) {
-                                return Err(format!("pool {pool_idx}: free block {cur} is not on its free list"));
+                                return Err(format!(
+                                    "pool {pool_idx}: free block {cur} is not on its free list"
+                                ));
                             }
                             if b.is_split() {
                                 e.inactive_split.current += 1;
@@ -68,7 +78,9 @@ impl CachingAllocator {
                         }
                         BlockState::Recent => {
                             if !st.recent.contains(&cur) {
-                                return Err(format!("pool {pool_idx}: recent block {cur} is in no recent slot"));
+                                return Err(format!(
+                                    "pool {pool_idx}: recent block {cur} is in no recent slot"
+                                ));
                             }
                             if b.is_split() {
                                 e.inactive_split.current += 1;
@@ -82,14 +94,20 @@ impl CachingAllocator {
                             e.active.current += 1;
                             e.active_bytes.current += b.size;
                             if b.requested > b.size {
-                                return Err(format!("pool {pool_idx}: block {cur} requested {} > size {}", b.requested, b.size));
+                                return Err(format!(
+                                    "pool {pool_idx}: block {cur} requested {} > size {}",
+                                    b.requested, b.size
+                                ));
                             }
                             match st.live.get(&b.addr) {
                                 Some(&l) if l == cur => live_seen += 1,
                                 other => return Err(format!("pool {pool_idx}: allocated block {cur} at {:#x} has live entry {other:?}", b.addr)),
                             }
                             if self.pages.lookup(b.addr) != Some(pool_idx) {
-                                return Err(format!("pool {pool_idx}: page map does not send {:#x} to its pool", b.addr));
+                                return Err(format!(
+                                    "pool {pool_idx}: page map does not send {:#x} to its pool",
+                                    b.addr
+                                ));
                             }
                         }
                         BlockState::Pending => {
@@ -97,7 +115,11 @@ impl CachingAllocator {
                             e.active.current += 1;
                             e.active_bytes.current += b.size;
                         }
-                        BlockState::Vacant => return Err(format!("pool {pool_idx}: vacant block {cur} linked into a segment")),
+                        BlockState::Vacant => {
+                            return Err(format!(
+                                "pool {pool_idx}: vacant block {cur} linked into a segment"
+                            ))
+                        }
                     }
                     prev_free = b.state == BlockState::Free;
                     addr += b.size as usize;
@@ -105,35 +127,54 @@ impl CachingAllocator {
                     cur = b.next;
                 }
                 if addr != seg.base + seg.size as usize {
-                    return Err(format!("pool {pool_idx}: segment {:#x} tiles to {addr:#x}, not its end", seg.base));
+                    return Err(format!(
+                        "pool {pool_idx}: segment {:#x} tiles to {addr:#x}, not its end",
+                        seg.base
+                    ));
                 }
             }
             for &r in st.recent.iter().filter(|&&r| r != NIL) {
                 if st.blocks[r as usize].state != BlockState::Recent {
-                    return Err(format!("pool {pool_idx}: recent slot holds block {r} in state {:?}", st.blocks[r as usize].state));
+                    return Err(format!(
+                        "pool {pool_idx}: recent slot holds block {r} in state {:?}",
+                        st.blocks[r as usize].state
+                    ));
                 }
             }
             if pending_blocks != st.pending.len() {
-                return Err(format!("pool {pool_idx}: {pending_blocks} pending blocks but {} pending entries", st.pending.len()));
+                return Err(format!(
+                    "pool {pool_idx}: {pending_blocks} pending blocks but {} pending entries",
+                    st.pending.len()
+                ));
             }
             for (k, (want, have)) in expect.iter().zip(st.stats.iter()).enumerate() {
                 for ((name, w), (_, h)) in want.named().iter().zip(have.named().iter()) {
                     if w.current != h.current {
-                        return Err(format!("pool {pool_idx} kind {k}: stat {name} is {} but the blocks say {}", h.current, w.current));
+                        return Err(format!(
+                            "pool {pool_idx} kind {k}: stat {name} is {} but the blocks say {}",
+                            h.current, w.current
+                        ));
                     }
                 }
             }
         }
         if live_seen != live_total {
-            return Err(format!("{live_total} live pointers but {live_seen} allocated blocks"));
+            return Err(format!(
+                "{live_total} live pointers but {live_seen} allocated blocks"
+            ));
         }
         let reserved = self.reserved.load(Relaxed);
         if reserved != reserved_total {
-            return Err(format!("reserved counter {reserved} != sum of segments {reserved_total}"));
+            return Err(format!(
+                "reserved counter {reserved} != sum of segments {reserved_total}"
+            ));
         }
         let index = self.segment_index.read();
         if index.len() != segment_total || index.values().sum::<u64>() != reserved_total {
-            return Err(format!("segment index has {} entries, pools have {segment_total}", index.len()));
+            return Err(format!(
+                "segment index has {} entries, pools have {segment_total}",
+                index.len()
+            ));
         }
         Ok(())
     }

@@ -74,9 +74,9 @@ impl AllocatorConfig {
             Ok(s) => Self::parse(&s)
                 .map_err(|e| Error::Config(format!("in {ALLOC_CONF_ENV}: {}", strip_prefix(&e)))),
             Err(std::env::VarError::NotPresent) => Ok(Self::default()),
-            Err(std::env::VarError::NotUnicode(_)) => {
-                Err(Error::Config(format!("{ALLOC_CONF_ENV} is not valid UTF-8")))
-            }
+            Err(std::env::VarError::NotUnicode(_)) => Err(Error::Config(format!(
+                "{ALLOC_CONF_ENV} is not valid UTF-8"
+            ))),
         }
     }
 
@@ -95,7 +95,9 @@ impl AllocatorConfig {
                 continue;
             }
             let (key, value) = item.split_once(':').ok_or_else(|| {
-                Error::Config(format!("option '{item}' has no value: write it as key:value"))
+                Error::Config(format!(
+                    "option '{item}' has no value: write it as key:value"
+                ))
             })?;
             self.set(key.trim(), value.trim())?;
         }
@@ -109,11 +111,15 @@ impl AllocatorConfig {
                 if mb == 0 {
                     return Err(bad(key, value, "a size in MiB of at least 1"));
                 }
-                self.max_split_size = Some(mb.checked_mul(MIB).ok_or_else(|| bad(key, value, "a size that fits in 64 bits"))?);
+                self.max_split_size = Some(
+                    mb.checked_mul(MIB)
+                        .ok_or_else(|| bad(key, value, "a size that fits in 64 bits"))?,
+                );
             }
             "max_non_split_rounding_mb" => {
-                self.max_non_split_rounding =
-                    parse_u64(key, value)?.checked_mul(MIB).ok_or_else(|| bad(key, value, "a size that fits in 64 bits"))?;
+                self.max_non_split_rounding = parse_u64(key, value)?
+                    .checked_mul(MIB)
+                    .ok_or_else(|| bad(key, value, "a size that fits in 64 bits"))?;
             }
             "roundup_power2_divisions" => self.roundup_power2_divisions = parse_divisions(value)?,
             "garbage_collection_threshold" => {
@@ -141,7 +147,11 @@ impl AllocatorConfig {
             "low_watermark_ratio" => {
                 let r = parse_f64(key, value)?;
                 if !(0.0..=2.0).contains(&r) {
-                    return Err(bad(key, value, "a number in [0, 2] (0 disables garbage collection)"));
+                    return Err(bad(
+                        key,
+                        value,
+                        "a number in [0, 2] (0 disables garbage collection)",
+                    ));
                 }
                 self.low_watermark_ratio = r;
             }
@@ -165,7 +175,8 @@ impl AllocatorConfig {
                 self.low_watermark_ratio, self.high_watermark_ratio
             )));
         }
-        if self.garbage_collection_threshold.is_some() && self.per_process_memory_fraction.is_none() {
+        if self.garbage_collection_threshold.is_some() && self.per_process_memory_fraction.is_none()
+        {
             // PyTorch accepts this but then never collects; say so instead.
             return Err(Error::Config(
                 "garbage_collection_threshold only acts with per_process_memory_fraction set: add per_process_memory_fraction:F".into(),
@@ -181,7 +192,10 @@ impl AllocatorConfig {
             parts.push(format!("max_split_size_mb:{}", m / MIB));
         }
         if self.max_non_split_rounding != 20 * MIB {
-            parts.push(format!("max_non_split_rounding_mb:{}", self.max_non_split_rounding / MIB));
+            parts.push(format!(
+                "max_non_split_rounding_mb:{}",
+                self.max_non_split_rounding / MIB
+            ));
         }
         if self.roundup_power2_divisions.iter().any(|&d| d > 1) {
             let list: Vec<String> = self
@@ -200,7 +214,10 @@ impl AllocatorConfig {
             parts.push(format!("per_process_memory_fraction:{f}"));
         }
         if self.high_watermark_ratio > 0.0 {
-            parts.push(format!("high_watermark_ratio:{}", self.high_watermark_ratio));
+            parts.push(format!(
+                "high_watermark_ratio:{}",
+                self.high_watermark_ratio
+            ));
         }
         if self.low_watermark_ratio > 0.0 {
             parts.push(format!("low_watermark_ratio:{}", self.low_watermark_ratio));
@@ -218,7 +235,11 @@ impl AllocatorConfig {
     #[inline]
     pub fn divisions_for(&self, size: u64) -> u32 {
         let mb = size >> 20;
-        let idx = if mb == 0 { 0 } else { 63 - mb.leading_zeros() as usize };
+        let idx = if mb == 0 {
+            0
+        } else {
+            63 - mb.leading_zeros() as usize
+        };
         self.roundup_power2_divisions[idx.min(ROUNDUP_INTERVALS - 1)]
     }
 }
@@ -244,11 +265,15 @@ fn strip_prefix(e: &Error) -> String {
 }
 
 fn bad(key: &str, value: &str, expected: &str) -> Error {
-    Error::Config(format!("option '{key}' has value '{value}': expected {expected}"))
+    Error::Config(format!(
+        "option '{key}' has value '{value}': expected {expected}"
+    ))
 }
 
 fn parse_u64(key: &str, value: &str) -> Result<u64> {
-    value.parse::<u64>().map_err(|_| bad(key, value, "a non-negative integer"))
+    value
+        .parse::<u64>()
+        .map_err(|_| bad(key, value, "a non-negative integer"))
 }
 
 fn parse_f64(key: &str, value: &str) -> Result<f64> {
@@ -276,7 +301,9 @@ fn split_top_level(conf: &str) -> Result<Vec<&str>> {
             ']' => {
                 depth -= 1;
                 if depth < 0 {
-                    return Err(Error::Config(format!("unbalanced ']' at byte {i} of '{conf}'")));
+                    return Err(Error::Config(format!(
+                        "unbalanced ']' at byte {i} of '{conf}'"
+                    )));
                 }
             }
             ',' if depth == 0 => {
@@ -295,7 +322,10 @@ fn split_top_level(conf: &str) -> Result<Vec<&str>> {
 
 fn parse_division_count(value: &str) -> Result<u32> {
     let key = "roundup_power2_divisions";
-    let d: u32 = value.trim().parse().map_err(|_| bad(key, value, "a power of two"))?;
+    let d: u32 = value
+        .trim()
+        .parse()
+        .map_err(|_| bad(key, value, "a power of two"))?;
     if d != 0 && !d.is_power_of_two() {
         return Err(bad(key, value, "a power of two (or 0 to disable)"));
     }
@@ -327,9 +357,15 @@ fn parse_divisions(value: &str) -> Result<[u32; ROUNDUP_INTERVALS]> {
             last_set = Some(ROUNDUP_INTERVALS - 1);
             continue;
         }
-        let mb: u64 = k.parse().map_err(|_| bad(key, k, "an interval start in MiB (a power of two)"))?;
+        let mb: u64 = k
+            .parse()
+            .map_err(|_| bad(key, k, "an interval start in MiB (a power of two)"))?;
         if !mb.is_power_of_two() {
-            return Err(bad(key, k, "an interval start in MiB that is a power of two"));
+            return Err(bad(
+                key,
+                k,
+                "an interval start in MiB that is a power of two",
+            ));
         }
         let idx = mb.trailing_zeros() as usize;
         if idx >= ROUNDUP_INTERVALS {
@@ -380,7 +416,10 @@ mod tests {
     fn bad_input_names_the_problem() {
         let cases = [
             ("bogus:1", "unknown option 'bogus'"),
-            ("max_split_size_mb:abc", "'max_split_size_mb' has value 'abc'"),
+            (
+                "max_split_size_mb:abc",
+                "'max_split_size_mb' has value 'abc'",
+            ),
             ("max_split_size_mb", "has no value"),
             ("expandable_segments:maybe", "true or false"),
             ("per_process_memory_fraction:1.5", "(0, 1]"),
@@ -388,13 +427,22 @@ mod tests {
             ("roundup_power2_divisions:3", "power of two"),
             ("roundup_power2_divisions:[256:1", "unclosed '['"),
             ("roundup_power2_divisions:[512:1,256:2]", "increasing order"),
-            ("garbage_collection_threshold:0.5", "per_process_memory_fraction"),
-            ("high_watermark_ratio:1.0,low_watermark_ratio:1.5", "must not exceed"),
+            (
+                "garbage_collection_threshold:0.5",
+                "per_process_memory_fraction",
+            ),
+            (
+                "high_watermark_ratio:1.0,low_watermark_ratio:1.5",
+                "must not exceed",
+            ),
             ("max_split_size_mb:99999999999999999", "fits in 64 bits"),
         ];
         for (conf, expected) in cases {
             let err = AllocatorConfig::parse(conf).unwrap_err().to_string();
-            assert!(err.contains(expected), "{conf}: got '{err}', want '{expected}'");
+            assert!(
+                err.contains(expected),
+                "{conf}: got '{err}', want '{expected}'"
+            );
         }
     }
 }

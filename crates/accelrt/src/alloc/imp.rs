@@ -19,7 +19,10 @@ use super::pagemap::PageMap;
 use super::pool::{BlockState, PendingFree, PoolState, Segment, NIL};
 use super::provider::copy_into_host_visible;
 use super::size::{round_size, round_up, segment_size, MAX_REQUEST, MIN_SEGMENT};
-use super::{format_size, AllocatorConfig, EventCounters, MemoryProvider, MemoryStats, ProviderError, StreamEvents};
+use super::{
+    format_size, AllocatorConfig, EventCounters, MemoryProvider, MemoryStats, ProviderError,
+    StreamEvents,
+};
 use crate::device::Device;
 use crate::error::{Error, OomReport, Result};
 use crate::stream::Stream;
@@ -95,7 +98,11 @@ impl Buffer<'_> {
 
 impl std::fmt::Debug for Buffer<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Buffer({:#x}, {} bytes, {})", self.ptr, self.size, self.stream)
+        write!(
+            f,
+            "Buffer({:#x}, {} bytes, {})",
+            self.ptr, self.size, self.stream
+        )
     }
 }
 
@@ -222,7 +229,12 @@ impl CachingAllocator {
     /// Allocate `size` bytes for use on `stream`; freed when the buffer is dropped.
     pub fn allocate(&self, size: usize, stream: Stream) -> Result<Buffer<'_>> {
         let ptr = self.raw_alloc(size, stream)?;
-        Ok(Buffer { alloc: self, ptr, size, stream })
+        Ok(Buffer {
+            alloc: self,
+            ptr,
+            size,
+            stream,
+        })
     }
 
     /// Allocate `size` bytes for use on `stream` and return the address. A zero-sized request
@@ -270,15 +282,28 @@ impl CachingAllocator {
         if ptr == 0 {
             return Ok(());
         }
-        let Some(pool) = self.pages.lookup(ptr).and_then(|i| self.pools[i as usize].get()) else {
-            return Err(Error::InvalidPointer { ptr, context: "free: not from this allocator" });
+        let Some(pool) = self
+            .pages
+            .lookup(ptr)
+            .and_then(|i| self.pools[i as usize].get())
+        else {
+            return Err(Error::InvalidPointer {
+                ptr,
+                context: "free: not from this allocator",
+            });
         };
         let mut st = pool.state.lock();
         let Some(block) = st.live.remove(&ptr) else {
-            return Err(Error::InvalidPointer { ptr, context: "free: double free, or not from this allocator" });
+            return Err(Error::InvalidPointer {
+                ptr,
+                context: "free: double free, or not from this allocator",
+            });
         };
         let b = &st.blocks[block as usize];
-        debug_assert!(b.addr == ptr && b.state == BlockState::Allocated, "live map out of sync at {ptr:#x}");
+        debug_assert!(
+            b.addr == ptr && b.state == BlockState::Allocated,
+            "live map out of sync at {ptr:#x}"
+        );
         let size = b.size;
         if b.has_extras {
             if let Err(e) = self.free_with_extras(&mut st, block) {
@@ -315,22 +340,41 @@ impl CachingAllocator {
     }
 
     fn pool_at(&self, idx: u32) -> &StreamPool {
-        self.pools[idx as usize].get().expect("a pool index taken from a live structure refers to a pool that exists")
+        self.pools[idx as usize]
+            .get()
+            .expect("a pool index taken from a live structure refers to a pool that exists")
     }
 
     #[cold]
     fn create_pool(&self, i: usize, stream: Stream) -> &StreamPool {
-        self.pools[i].get_or_init(|| Box::new(StreamPool { stream, state: Mutex::new(PoolState::new()) }))
+        self.pools[i].get_or_init(|| {
+            Box::new(StreamPool {
+                stream,
+                state: Mutex::new(PoolState::new()),
+            })
+        })
     }
 
     #[cold]
     fn bad_stream(&self, stream: Stream) -> Error {
         let reason = if stream.device != self.device {
-            format!("this allocator serves {}, not {}", self.device, stream.device)
+            format!(
+                "this allocator serves {}, not {}",
+                self.device, stream.device
+            )
         } else {
-            format!("stream index {} is above the {} streams an allocator serves", stream.index, MAX_STREAM_POOLS - 1)
+            format!(
+                "stream index {} is above the {} streams an allocator serves",
+                stream.index,
+                MAX_STREAM_POOLS - 1
+            )
         };
-        Error::InvalidStream { backend: stream.device.kind, device: stream.device.index, stream: stream.index, reason }
+        Error::InvalidStream {
+            backend: stream.device.kind,
+            device: stream.device.index,
+            stream: stream.index,
+            reason,
+        }
     }
 
     #[cold]
@@ -348,7 +392,13 @@ impl CachingAllocator {
     /// failure let callbacks free memory, release the whole cache and try once more.
     #[cold]
     #[inline(never)]
-    fn alloc_slow(&self, pool_idx: u32, pool: &StreamPool, rounded: u64, size: u64) -> Result<usize> {
+    fn alloc_slow(
+        &self,
+        pool_idx: u32,
+        pool: &StreamPool,
+        rounded: u64,
+        size: u64,
+    ) -> Result<usize> {
         // Recently freed blocks may coalesce into a fit: never grow before trying that.
         if let Some(ptr) = self.try_cached(pool, rounded, size) {
             return Ok(ptr);
@@ -358,7 +408,10 @@ impl CachingAllocator {
             self.release_before_new_peak(segment_size(rounded));
         }
         let mut attempt = self.reserve_for(rounded);
-        if matches!(attempt, Err(SegmentFailure::Limit(_)) | Err(SegmentFailure::DeviceFull)) {
+        if matches!(
+            attempt,
+            Err(SegmentFailure::Limit(_)) | Err(SegmentFailure::DeviceFull)
+        ) {
             self.fire(0, size, AllocatorEvent::AllocationFailed);
             if let Some(ptr) = self.try_cached(pool, rounded, size) {
                 return Ok(ptr);
@@ -373,16 +426,23 @@ impl CachingAllocator {
         match attempt {
             Ok((base, seg_size)) => {
                 self.pages.insert(base, seg_size as usize, pool_idx);
-                pool.state.lock().add_segment(base, seg_size, rounded, size, &self.config);
+                pool.state
+                    .lock()
+                    .add_segment(base, seg_size, rounded, size, &self.config);
                 self.fire(base, seg_size, AllocatorEvent::Allocated);
                 if self.config.debug_checks {
                     self.debug_check("alloc (new segment)");
                 }
                 Ok(base)
             }
-            Err(SegmentFailure::Driver(message)) => Err(Error::Driver { call: "segment allocation", message }),
+            Err(SegmentFailure::Driver(message)) => Err(Error::Driver {
+                call: "segment allocation",
+                message,
+            }),
             Err(SegmentFailure::Limit(limit)) => Err(self.out_of_memory(size, limit)),
-            Err(SegmentFailure::DeviceFull) => Err(self.out_of_memory(size, "device memory".into())),
+            Err(SegmentFailure::DeviceFull) => {
+                Err(self.out_of_memory(size, "device memory".into()))
+            }
         }
     }
 
@@ -419,7 +479,13 @@ impl CachingAllocator {
         let fraction = f64::from_bits(self.limits.fraction.load(Relaxed));
         if fraction > 0.0 {
             let bytes = (total as f64 * fraction) as u64;
-            limit = Some((bytes, format!("per_process_memory_fraction {fraction} ({})", format_size(bytes))));
+            limit = Some((
+                bytes,
+                format!(
+                    "per_process_memory_fraction {fraction} ({})",
+                    format_size(bytes)
+                ),
+            ));
         }
         let high = f64::from_bits(self.limits.high_watermark.load(Relaxed));
         if high > 0.0 {
@@ -427,7 +493,11 @@ impl CachingAllocator {
             if limit.as_ref().is_none_or(|(l, _)| bytes < *l) {
                 limit = Some((
                     bytes,
-                    format!("high_watermark_ratio {high} x recommended max {} ({})", format_size(self.provider.recommended_max()), format_size(bytes)),
+                    format!(
+                        "high_watermark_ratio {high} x recommended max {} ({})",
+                        format_size(self.provider.recommended_max()),
+                        format_size(bytes)
+                    ),
                 ));
             }
         }
@@ -458,7 +528,10 @@ impl CachingAllocator {
                     return Err(SegmentFailure::Limit(what.clone()));
                 }
             }
-            match self.reserved.compare_exchange_weak(cur, next, Relaxed, Relaxed) {
+            match self
+                .reserved
+                .compare_exchange_weak(cur, next, Relaxed, Relaxed)
+            {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
             }
@@ -506,7 +579,10 @@ impl CachingAllocator {
         while i < st.pending.len() {
             // A failed query means the stream is broken: waiting would never end, so the block
             // is treated as done with.
-            let done = st.pending[i].tickets.iter().all(|&t| events.query(t).unwrap_or(true));
+            let done = st.pending[i]
+                .tickets
+                .iter()
+                .all(|&t| events.query(t).unwrap_or(true));
             if done {
                 let p = st.pending.swap_remove(i);
                 p.tickets.iter().for_each(|&t| events.release(t));
@@ -519,8 +595,16 @@ impl CachingAllocator {
 
     /// Wait for every pending free of one pool, without holding its lock while waiting.
     fn sync_pending(&self, pool: &StreamPool) -> Result<()> {
-        let Some(events) = &self.events else { return Ok(()) };
-        let tickets: Vec<u64> = pool.state.lock().pending.iter().flat_map(|p| p.tickets.iter().copied()).collect();
+        let Some(events) = &self.events else {
+            return Ok(());
+        };
+        let tickets: Vec<u64> = pool
+            .state
+            .lock()
+            .pending
+            .iter()
+            .flat_map(|p| p.tickets.iter().copied())
+            .collect();
         for t in tickets {
             events.synchronize(t)?;
         }
@@ -540,8 +624,15 @@ impl CachingAllocator {
             let mut st = pool.state.lock();
             self.process_pending(&mut st);
             st.flush_recent();
-            let bases: Vec<usize> = st.releasable().into_iter().map(|(_, i)| st.segments[i].base).collect();
-            let freed: Vec<Segment> = bases.into_iter().filter_map(|b| st.remove_segment(b)).collect();
+            let bases: Vec<usize> = st
+                .releasable()
+                .into_iter()
+                .map(|(_, i)| st.segments[i].base)
+                .collect();
+            let freed: Vec<Segment> = bases
+                .into_iter()
+                .filter_map(|b| st.remove_segment(b))
+                .collect();
             drop(st);
             freed.into_iter().for_each(|s| self.give_back(s));
         }
@@ -551,7 +642,9 @@ impl CachingAllocator {
     /// Under a soft limit (low watermark, or garbage_collection_threshold), release whole
     /// cached segments, least recently used first, until `incoming` more bytes fit.
     fn collect_garbage(&self, incoming: u64) {
-        let Some(soft) = self.soft_limit() else { return };
+        let Some(soft) = self.soft_limit() else {
+            return;
+        };
         if self.reserved.load(Relaxed) + incoming <= soft {
             return;
         }
@@ -560,7 +653,11 @@ impl CachingAllocator {
             if let Some(pool) = pool.get() {
                 let mut st = pool.state.lock();
                 st.flush_recent();
-                candidates.extend(st.releasable().into_iter().map(|(age, i)| (age, pi, st.segments[i].base)));
+                candidates.extend(
+                    st.releasable()
+                        .into_iter()
+                        .map(|(age, i)| (age, pi, st.segments[i].base)),
+                );
             }
         }
         candidates.sort_unstable();
@@ -588,7 +685,11 @@ impl CachingAllocator {
             if let Some(pool) = pool.get() {
                 let mut st = pool.state.lock();
                 st.flush_recent();
-                candidates.extend(st.releasable().into_iter().map(|(age, i)| (age, pi, st.segments[i].base)));
+                candidates.extend(
+                    st.releasable()
+                        .into_iter()
+                        .map(|(age, i)| (age, pi, st.segments[i].base)),
+                );
             }
         }
         candidates.sort_unstable();
@@ -607,7 +708,12 @@ impl CachingAllocator {
     fn out_of_memory(&self, requested: u64, limit: String) -> Error {
         self.counters.num_ooms.fetch_add(1, Relaxed);
         let (free, total) = self.provider.memory_info();
-        let info = OomInfo { device: self.device, requested, device_total: total, device_free: free };
+        let info = OomInfo {
+            device: self.device,
+            requested,
+            device_total: total,
+            device_free: free,
+        };
         for obs in self.oom_observers.read().clone() {
             obs(&info);
         }
@@ -623,7 +729,8 @@ impl CachingAllocator {
              or max_split_size_mb to keep large blocks whole."
                 .to_string()
         } else {
-            "Free memory (tensors, other processes on the device) or reduce the working set.".to_string()
+            "Free memory (tensors, other processes on the device) or reduce the working set."
+                .to_string()
         };
         Error::OutOfMemory(Box::new(OomReport {
             device: self.device.to_string(),
@@ -672,16 +779,30 @@ impl CachingAllocator {
     }
 
     /// Run `f` on the live block at `ptr` under its pool's lock.
-    fn with_live_block<R>(&self, ptr: usize, what: &'static str, f: impl FnOnce(&mut PoolState, u32, &StreamPool) -> R) -> Result<R> {
-        let pool = self.pages.lookup(ptr).and_then(|i| self.pools[i as usize].get());
-        let Some(pool) = pool else { return Err(Error::InvalidPointer { ptr, context: what }) };
+    fn with_live_block<R>(
+        &self,
+        ptr: usize,
+        what: &'static str,
+        f: impl FnOnce(&mut PoolState, u32, &StreamPool) -> R,
+    ) -> Result<R> {
+        let pool = self
+            .pages
+            .lookup(ptr)
+            .and_then(|i| self.pools[i as usize].get());
+        let Some(pool) = pool else {
+            return Err(Error::InvalidPointer { ptr, context: what });
+        };
         let mut st = pool.state.lock();
-        let Some(&block) = st.live.get(&ptr) else { return Err(Error::InvalidPointer { ptr, context: what }) };
+        let Some(&block) = st.live.get(&ptr) else {
+            return Err(Error::InvalidPointer { ptr, context: what });
+        };
         Ok(f(&mut st, block, pool))
     }
 
     fn require_events(&self, what: &'static str) -> Result<&Arc<dyn StreamEvents>> {
-        self.events.as_ref().ok_or(Error::unsupported(self.device.kind, what))
+        self.events
+            .as_ref()
+            .ok_or(Error::unsupported(self.device.kind, what))
     }
 
     /// Mark `ptr` as used by `stream` too: when freed, it is not reused until the work
@@ -705,7 +826,8 @@ impl CachingAllocator {
     /// Record an event on `stream` for each buffer (MPS `recordEvents`): the buffers are in
     /// use there until [`CachingAllocator::wait_for_events`], and a free waits for them.
     pub fn record_events(&self, ptrs: &[usize], stream: Stream) -> Result<()> {
-        let events = self.require_events("record_events on an allocator without an event source")?;
+        let events =
+            self.require_events("record_events on an allocator without an event source")?;
         if stream.device != self.device {
             return Err(self.bad_stream(stream));
         }
@@ -729,10 +851,13 @@ impl CachingAllocator {
     /// Block until the events recorded for these buffers have completed (MPS
     /// `waitForEvents`), then give back cached segments whose waits are over.
     pub fn wait_for_events(&self, ptrs: &[usize]) -> Result<()> {
-        let events = self.require_events("wait_for_events on an allocator without an event source")?;
+        let events =
+            self.require_events("wait_for_events on an allocator without an event source")?;
         for &ptr in ptrs {
             let tickets = self.with_live_block(ptr, "wait_for_events", |st, block, _| {
-                let Some(x) = st.extras.get_mut(&block) else { return Vec::new() };
+                let Some(x) = st.extras.get_mut(&block) else {
+                    return Vec::new();
+                };
                 let tickets = std::mem::take(&mut x.events);
                 if x.stream_uses.is_empty() {
                     st.extras.remove(&block);
@@ -773,7 +898,9 @@ impl CachingAllocator {
 
     /// Bytes the caller asked for when allocating `ptr` (before rounding).
     pub fn requested_size(&self, ptr: usize) -> Result<u64> {
-        self.with_live_block(ptr, "requested_size", |st, b, _| st.blocks[b as usize].requested)
+        self.with_live_block(ptr, "requested_size", |st, b, _| {
+            st.blocks[b as usize].requested
+        })
     }
 
     /// Bytes reserved for `ptr` (the rounded block size).
@@ -783,7 +910,9 @@ impl CachingAllocator {
 
     /// A unique id for the allocation at `ptr` (never 0, never reused).
     pub fn buffer_id(&self, ptr: usize) -> Result<u64> {
-        self.with_live_block(ptr, "buffer_id", |st, b, pool| st.blocks[b as usize].id << 12 | pool.stream.index as u64)
+        self.with_live_block(ptr, "buffer_id", |st, b, pool| {
+            st.blocks[b as usize].id << 12 | pool.stream.index as u64
+        })
     }
 
     /// Attach a tensor shape to a live buffer (kept until it is freed).
@@ -797,7 +926,9 @@ impl CachingAllocator {
 
     /// The shape attached with [`CachingAllocator::set_buffer_shape`] (empty if none).
     pub fn buffer_shape(&self, ptr: usize) -> Result<Vec<i64>> {
-        self.with_live_block(ptr, "buffer_shape", |_, _, _| self.shapes.lock().get(&ptr).cloned().unwrap_or_default())
+        self.with_live_block(ptr, "buffer_shape", |_, _, _| {
+            self.shapes.lock().get(&ptr).cloned().unwrap_or_default()
+        })
     }
 
     #[cold]
@@ -814,13 +945,19 @@ impl CachingAllocator {
 
     /// Whether `ptr` is a live buffer the host can address directly.
     pub fn is_shared_buffer(&self, ptr: usize) -> bool {
-        self.provider.host_visible() && self.with_live_block(ptr, "is_shared_buffer", |_, _, _| ()).is_ok()
+        self.provider.host_visible()
+            && self
+                .with_live_block(ptr, "is_shared_buffer", |_, _, _| ())
+                .is_ok()
     }
 
     /// The host address of a shared buffer.
     pub fn shared_host_ptr(&self, ptr: usize) -> Result<*mut u8> {
         if !self.provider.host_visible() {
-            return Err(Error::unsupported(self.device.kind, "host access to device memory"));
+            return Err(Error::unsupported(
+                self.device.kind,
+                "host access to device memory",
+            ));
         }
         self.with_live_block(ptr, "shared_host_ptr", |_, _, _| ptr as *mut u8)
     }
@@ -828,10 +965,15 @@ impl CachingAllocator {
     /// Allocate a buffer holding `value` (MPS's scalar buffers), for host-visible memory.
     pub fn alloc_scalar_with_value(&self, value: &[u8], stream: Stream) -> Result<usize> {
         if !self.provider.host_visible() {
-            return Err(Error::unsupported(self.device.kind, "alloc_scalar_buffer_with_value on memory the host cannot write"));
+            return Err(Error::unsupported(
+                self.device.kind,
+                "alloc_scalar_buffer_with_value on memory the host cannot write",
+            ));
         }
         if value.is_empty() {
-            return Err(Error::InvalidArgument("alloc_scalar_with_value needs at least one byte".into()));
+            return Err(Error::InvalidArgument(
+                "alloc_scalar_with_value needs at least one byte".into(),
+            ));
         }
         let ptr = self.raw_alloc(value.len(), stream)?;
         // SAFETY: `ptr` is a fresh block of at least `value.len()` bytes of host-visible
@@ -843,14 +985,19 @@ impl CachingAllocator {
     /// Whether `ptr` lies inside memory this allocator holds (live or cached).
     pub fn contains(&self, ptr: usize) -> bool {
         let index = self.segment_index.read();
-        index.range(..=ptr).next_back().is_some_and(|(&base, &size)| ptr < base + size as usize)
+        index
+            .range(..=ptr)
+            .next_back()
+            .is_some_and(|(&base, &size)| ptr < base + size as usize)
     }
 
     // ---- limits ----------------------------------------------------------------------------
 
     fn check_ratio(what: &str, r: f64) -> Result<()> {
         if !(0.0..=2.0).contains(&r) {
-            return Err(Error::InvalidArgument(format!("{what} must be in [0, 2] (0 disables), got {r}")));
+            return Err(Error::InvalidArgument(format!(
+                "{what} must be in [0, 2] (0 disables), got {r}"
+            )));
         }
         Ok(())
     }
@@ -860,7 +1007,9 @@ impl CachingAllocator {
         Self::check_ratio("high_watermark_ratio", ratio)?;
         let low = self.low_watermark_ratio();
         if ratio > 0.0 && low > ratio {
-            return Err(Error::InvalidArgument(format!("high_watermark_ratio {ratio} is below low_watermark_ratio {low}")));
+            return Err(Error::InvalidArgument(format!(
+                "high_watermark_ratio {ratio} is below low_watermark_ratio {low}"
+            )));
         }
         self.limits.high_watermark.store(ratio.to_bits(), Relaxed);
         Ok(())
@@ -873,7 +1022,9 @@ impl CachingAllocator {
         Self::check_ratio("low_watermark_ratio", ratio)?;
         let high = self.high_watermark_ratio();
         if high > 0.0 && ratio > high {
-            return Err(Error::InvalidArgument(format!("low_watermark_ratio {ratio} exceeds high_watermark_ratio {high}")));
+            return Err(Error::InvalidArgument(format!(
+                "low_watermark_ratio {ratio} exceeds high_watermark_ratio {high}"
+            )));
         }
         self.limits.low_watermark.store(ratio.to_bits(), Relaxed);
         Ok(())
@@ -884,7 +1035,9 @@ impl CachingAllocator {
     /// Cap reserved memory at `fraction` of device memory, in (0, 1].
     pub fn set_memory_fraction(&self, fraction: f64) -> Result<()> {
         if !(fraction > 0.0 && fraction <= 1.0) {
-            return Err(Error::InvalidArgument(format!("memory fraction must be in (0, 1], got {fraction}")));
+            return Err(Error::InvalidArgument(format!(
+                "memory fraction must be in (0, 1], got {fraction}"
+            )));
         }
         self.limits.fraction.store(fraction.to_bits(), Relaxed);
         Ok(())
@@ -897,7 +1050,10 @@ impl CachingAllocator {
     /// when no low watermark is set).
     pub fn low_watermark_headroom(&self) -> Option<u64> {
         let low = self.low_watermark_ratio();
-        (low > 0.0).then(|| ((self.provider.recommended_max() as f64 * low) as u64).saturating_sub(self.reserved_bytes()))
+        (low > 0.0).then(|| {
+            ((self.provider.recommended_max() as f64 * low) as u64)
+                .saturating_sub(self.reserved_bytes())
+        })
     }
 
     // ---- figures ---------------------------------------------------------------------------
@@ -951,8 +1107,10 @@ impl CachingAllocator {
             let mut st = pool.state.lock();
             st.stats.iter_mut().for_each(|s| s.reset_peak());
         }
-        self.reserved_peak.store(self.reserved.load(Relaxed), Relaxed);
-        self.segments_peak.store(self.segments.load(Relaxed), Relaxed);
+        self.reserved_peak
+            .store(self.reserved.load(Relaxed), Relaxed);
+        self.segments_peak
+            .store(self.segments.load(Relaxed), Relaxed);
     }
 
     /// Zero the allocated/freed totals and the event counters.
@@ -962,7 +1120,13 @@ impl CachingAllocator {
             st.stats.iter_mut().for_each(|s| s.reset_accumulated());
         }
         let c = &self.counters;
-        for a in [&c.num_alloc_retries, &c.num_ooms, &c.num_sync_all_streams, &c.num_device_alloc, &c.num_device_free] {
+        for a in [
+            &c.num_alloc_retries,
+            &c.num_ooms,
+            &c.num_sync_all_streams,
+            &c.num_device_alloc,
+            &c.num_device_free,
+        ] {
             a.store(0, Relaxed);
         }
     }
@@ -998,7 +1162,12 @@ impl CachingAllocator {
         if !self.has_callbacks.load(Relaxed) {
             return;
         }
-        let cbs: Vec<AllocatorCallback> = self.callbacks.read().iter().map(|(_, c)| c.clone()).collect();
+        let cbs: Vec<AllocatorCallback> = self
+            .callbacks
+            .read()
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect();
         for cb in cbs {
             cb(ptr, size, event);
         }
@@ -1013,7 +1182,10 @@ impl CachingAllocator {
     #[cold]
     fn take_deferred(&self) -> Error {
         self.has_deferred.store(false, Relaxed);
-        self.deferred.lock().take().unwrap_or_else(|| Error::InvalidArgument("deferred error already taken".into()))
+        self.deferred
+            .lock()
+            .take()
+            .unwrap_or_else(|| Error::InvalidArgument("deferred error already taken".into()))
     }
 
     #[cold]
@@ -1024,7 +1196,10 @@ impl CachingAllocator {
     }
 
     pub(crate) fn pool_states(&self) -> impl Iterator<Item = (u32, &StreamPool)> {
-        self.pools.iter().enumerate().filter_map(|(i, p)| p.get().map(|b| (i as u32, &**b)))
+        self.pools
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.get().map(|b| (i as u32, &**b)))
     }
 }
 

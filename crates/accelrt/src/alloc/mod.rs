@@ -7,15 +7,18 @@ mod config;
 mod imp;
 mod pagemap;
 mod pool;
-mod size;
-mod tlsf;
 mod provider;
+mod size;
 mod stats;
+mod tlsf;
 
 pub use config::{AllocatorConfig, ALLOC_CONF_ENV, ROUNDUP_INTERVALS};
-pub use imp::{AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, OomInfo, OomObserver, MAX_STREAM_POOLS};
-pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
+pub use imp::{
+    AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, OomInfo, OomObserver,
+    MAX_STREAM_POOLS,
+};
 pub use provider::{MemoryProvider, ProviderError, StreamEvents};
+pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
 pub use stats::{EventCounters, MemoryStats, PoolKind, PoolStats, Stat};
 
 /// Human-readable size: `512 B`, `1.50 KiB`, `20.00 MiB`, `1.00 GiB`.

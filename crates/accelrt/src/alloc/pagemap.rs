@@ -41,7 +41,11 @@ impl Entry {
     }
     #[inline(always)]
     fn unpack(v: u64) -> Entry {
-        Entry { low: (v & 0xffff) as u32, high: ((v >> 16) & 0xffff) as u32, boundary: ((v >> 32) & 0xfff) as u32 }
+        Entry {
+            low: (v & 0xffff) as u32,
+            high: ((v >> 16) & 0xffff) as u32,
+            boundary: ((v >> 32) & 0xfff) as u32,
+        }
     }
 }
 
@@ -55,7 +59,9 @@ pub struct PageMap {
 impl PageMap {
     pub fn new() -> Self {
         PageMap {
-            root: (0..ROOT_LEN).map(|_| AtomicPtr::new(std::ptr::null_mut())).collect(),
+            root: (0..ROOT_LEN)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
             writer: Mutex::new(()),
             high: RwLock::new(BTreeMap::new()),
         }
@@ -83,7 +89,9 @@ impl PageMap {
     #[cold]
     fn lookup_high(&self, addr: usize) -> Option<u32> {
         let map = self.high.read();
-        map.range(..=addr).next_back().and_then(|(_, &(end, owner))| (addr < end).then_some(owner))
+        map.range(..=addr)
+            .next_back()
+            .and_then(|(_, &(end, owner))| (addr < end).then_some(owner))
     }
 
     fn leaf(&self, chunk: usize) -> &Leaf {
@@ -147,7 +155,11 @@ impl PageMap {
                         e.boundary = ((end & mask) >> UNIT_SHIFT) as u32;
                     }
                 } else {
-                    *e = Entry { low: 0, high: tag, boundary: 0 };
+                    *e = Entry {
+                        low: 0,
+                        high: tag,
+                        boundary: 0,
+                    };
                 }
             });
         }
@@ -198,7 +210,11 @@ mod tests {
         }
         m.remove(a, 2 * MIB);
         assert_eq!(m.lookup(a), None);
-        assert_eq!(m.lookup(b), Some(2), "the neighbour sharing a chunk is kept");
+        assert_eq!(
+            m.lookup(b),
+            Some(2),
+            "the neighbour sharing a chunk is kept"
+        );
         m.insert(1 << 50, 4 * MIB, 7);
         assert_eq!(m.lookup((1 << 50) + MIB), Some(7));
         m.remove(1 << 50, 4 * MIB);

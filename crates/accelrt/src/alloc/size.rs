@@ -78,7 +78,12 @@ pub fn segment_size(block_size: u64) -> u64 {
 /// Whether a free block of `block_size` may be split to serve `request` (a rounded size),
 /// leaving a remainder worth keeping.
 #[inline(always)]
-pub fn should_split(kind: PoolKind, block_size: u64, request: u64, config: &AllocatorConfig) -> bool {
+pub fn should_split(
+    kind: PoolKind,
+    block_size: u64,
+    request: u64,
+    config: &AllocatorConfig,
+) -> bool {
     let remaining = block_size - request;
     match kind {
         PoolKind::Small => remaining >= MIN_BLOCK,
@@ -95,7 +100,13 @@ mod tests {
     #[test]
     fn rounding_table() {
         let c = AllocatorConfig::default();
-        for (size, want) in [(1, 512), (512, 512), (513, 1024), (1 << 20, 1 << 20), ((1 << 20) + 1, (1 << 20) + 512)] {
+        for (size, want) in [
+            (1, 512),
+            (512, 512),
+            (513, 1024),
+            (1 << 20, 1 << 20),
+            ((1 << 20) + 1, (1 << 20) + 512),
+        ] {
             assert_eq!(round_size(size, &c), want, "size {size}");
         }
         let c = AllocatorConfig::parse("roundup_power2_divisions:4").unwrap();
@@ -108,7 +119,13 @@ mod tests {
 
     #[test]
     fn segment_sizes() {
-        for (block, want) in [(512, 2 << 20), (1 << 20, 2 << 20), ((1 << 20) + 512, 20 << 20), (10 << 20, 10 << 20), ((10 << 20) + 512, 12 << 20)] {
+        for (block, want) in [
+            (512, 2 << 20),
+            (1 << 20, 2 << 20),
+            ((1 << 20) + 512, 20 << 20),
+            (10 << 20, 10 << 20),
+            ((10 << 20) + 512, 12 << 20),
+        ] {
             assert_eq!(segment_size(block), want, "block {block}");
         }
     }

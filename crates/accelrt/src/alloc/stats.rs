@@ -25,7 +25,11 @@ impl Stat {
     }
     #[inline(always)]
     pub fn decrease(&mut self, amount: u64) {
-        debug_assert!(self.current >= amount, "stat would go negative: {} - {amount}", self.current);
+        debug_assert!(
+            self.current >= amount,
+            "stat would go negative: {} - {amount}",
+            self.current
+        );
         self.current -= amount;
         self.freed += amount;
     }
@@ -105,7 +109,9 @@ impl PoolStats {
         self.each_mut().into_iter().for_each(Stat::reset_peak);
     }
     pub fn reset_accumulated(&mut self) {
-        self.each_mut().into_iter().for_each(Stat::reset_accumulated);
+        self.each_mut()
+            .into_iter()
+            .for_each(Stat::reset_accumulated);
     }
     pub fn merged(mut self, mut other: PoolStats) -> PoolStats {
         let mine = self.each_mut();
@@ -173,7 +179,11 @@ impl MemoryStats {
     /// A flat map with PyTorch's keys (`allocated_bytes.all.current`, `num_ooms`, ...).
     pub fn to_flat_map(&self) -> std::collections::BTreeMap<String, u64> {
         let mut m = std::collections::BTreeMap::new();
-        for (pool_name, pool) in [("all", self.all()), ("small_pool", self.small_pool), ("large_pool", self.large_pool)] {
+        for (pool_name, pool) in [
+            ("all", self.all()),
+            ("small_pool", self.small_pool),
+            ("large_pool", self.large_pool),
+        ] {
             for (stat_name, s) in pool.named() {
                 m.insert(format!("{stat_name}.{pool_name}.current"), s.current);
                 m.insert(format!("{stat_name}.{pool_name}.peak"), s.peak);

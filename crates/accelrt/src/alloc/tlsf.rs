@@ -13,7 +13,9 @@ use super::pool::{Block, NIL};
 
 const SL_BITS: u32 = 5;
 const SL_COUNT: usize = 1 << SL_BITS;
-const FL_COUNT: usize = 40;
+/// First-level classes: a power of two so that masked indexing needs no bounds check.
+const FL_COUNT: usize = 64;
+const CLASSES: usize = FL_COUNT * SL_COUNT;
 /// At most this many blocks of one class are examined for the best fit, which bounds a
 /// search when a class holds very many blocks.
 const SCAN_LIMIT: usize = 64;
@@ -21,7 +23,12 @@ const SCAN_LIMIT: usize = 64;
 pub struct Tlsf {
     fl_bitmap: u64,
     sl_bitmap: [u32; FL_COUNT],
-    heads: [[u32; SL_COUNT]; FL_COUNT],
+    heads: Box<[u32; CLASSES]>,
+}
+
+#[inline(always)]
+fn flat(fl: usize, sl: usize) -> usize {
+    (fl * SL_COUNT + sl) & (CLASSES - 1)
 }
 
 #[inline(always)]
@@ -40,7 +47,11 @@ fn class_of(size: u64) -> (usize, usize) {
 
 impl Default for Tlsf {
     fn default() -> Self {
-        Tlsf { fl_bitmap: 0, sl_bitmap: [0; FL_COUNT], heads: [[NIL; SL_COUNT]; FL_COUNT] }
+        Tlsf {
+            fl_bitmap: 0,
+            sl_bitmap: [0; FL_COUNT],
+            heads: Box::new([NIL; CLASSES]),
+        }
     }
 }
 
@@ -48,25 +59,27 @@ impl Tlsf {
     #[inline]
     pub fn insert(&mut self, blocks: &mut [Block], idx: u32) {
         let (fl, sl) = class_of(blocks[idx as usize].size);
-        let head = self.heads[fl][sl];
+        let class = flat(fl, sl);
+        let head = self.heads[class];
         {
             let b = &mut blocks[idx as usize];
             b.free_prev = NIL;
             b.free_next = head;
+            b.class = class as u16;
         }
         if head != NIL {
             blocks[head as usize].free_prev = idx;
         }
-        self.heads[fl][sl] = idx;
+        self.heads[class] = idx;
         self.fl_bitmap |= 1 << fl;
-        self.sl_bitmap[fl] |= 1 << sl;
+        self.sl_bitmap[fl & (FL_COUNT - 1)] |= 1 << sl;
     }
 
     #[inline]
     pub fn remove(&mut self, blocks: &mut [Block], idx: u32) {
-        let (prev, next, size) = {
+        let (prev, next, class) = {
             let b = &blocks[idx as usize];
-            (b.free_prev, b.free_next, b.size)
+            (b.free_prev, b.free_next, b.class as usize)
         };
         if next != NIL {
             blocks[next as usize].free_prev = prev;
@@ -74,10 +87,11 @@ impl Tlsf {
         if prev != NIL {
             blocks[prev as usize].free_next = next;
         } else {
-            let (fl, sl) = class_of(size);
-            debug_assert_eq!(self.heads[fl][sl], idx, "free-list head out of sync");
-            self.heads[fl][sl] = next;
+            let class = class & (CLASSES - 1);
+            debug_assert_eq!(self.heads[class], idx, "free-list head out of sync");
+            self.heads[class] = next;
             if next == NIL {
+                let (fl, sl) = (class / SL_COUNT, class % SL_COUNT);
                 self.sl_bitmap[fl] &= !(1 << sl);
                 if self.sl_bitmap[fl] == 0 {
                     self.fl_bitmap &= !(1 << fl);
@@ -97,11 +111,15 @@ impl Tlsf {
     #[inline]
     pub fn find(&self, blocks: &[Block], size: u64, fits: impl Fn(&Block) -> bool) -> u32 {
         let (fl, sl) = class_of(size);
-        let best = Self::best_in(blocks, self.heads[fl][sl], size, &fits);
+        let best = Self::best_in(blocks, self.heads[flat(fl, sl)], size, &fits);
         if best != NIL {
             return best;
         }
-        let mut sl_map = if sl + 1 < SL_COUNT { self.sl_bitmap[fl] & (!0u32 << (sl + 1)) } else { 0 };
+        let mut sl_map = if sl + 1 < SL_COUNT {
+            self.sl_bitmap[fl] & (!0u32 << (sl + 1))
+        } else {
+            0
+        };
         let mut fl = fl;
         loop {
             if sl_map == 0 {
@@ -110,10 +128,10 @@ impl Tlsf {
                     return NIL;
                 }
                 fl = fl_map.trailing_zeros() as usize;
-                sl_map = self.sl_bitmap[fl];
+                sl_map = self.sl_bitmap[fl & (FL_COUNT - 1)];
             }
             let sl = sl_map.trailing_zeros() as usize;
-            let best = Self::best_in(blocks, self.heads[fl][sl], size, &fits);
+            let best = Self::best_in(blocks, self.heads[flat(fl, sl)], size, &fits);
             if best != NIL {
                 return best;
             }
@@ -142,7 +160,7 @@ impl Tlsf {
     /// Whether `idx` is reachable from its class head (for the invariant checker).
     pub fn contains(&self, blocks: &[Block], idx: u32) -> bool {
         let (fl, sl) = class_of(blocks[idx as usize].size);
-        let mut cur = self.heads[fl][sl];
+        let mut cur = self.heads[flat(fl, sl)];
         let mut steps = 0usize;
         while cur != NIL {
             if cur == idx {
@@ -162,20 +180,28 @@ impl Tlsf {
         let mut out = Vec::new();
         for fl in 0..FL_COUNT {
             for sl in 0..SL_COUNT {
-                let head = self.heads[fl][sl];
+                let head = self.heads[flat(fl, sl)];
                 let bit = self.sl_bitmap[fl] & (1 << sl) != 0;
                 if bit != (head != NIL) {
-                    return Err(format!("class ({fl},{sl}): bitmap says {bit}, head is {head}"));
+                    return Err(format!(
+                        "class ({fl},{sl}): bitmap says {bit}, head is {head}"
+                    ));
                 }
                 let mut cur = head;
                 let mut prev = NIL;
                 while cur != NIL {
                     let b = &blocks[cur as usize];
-                    if class_of(b.size) != (fl, sl) {
-                        return Err(format!("block {cur} of size {} sits in class ({fl},{sl})", b.size));
+                    if class_of(b.size) != (fl, sl) || b.class as usize != flat(fl, sl) {
+                        return Err(format!(
+                            "block {cur} of size {} sits in class ({fl},{sl})",
+                            b.size
+                        ));
                     }
                     if b.free_prev != prev {
-                        return Err(format!("block {cur}: free_prev {} but reached from {prev}", b.free_prev));
+                        return Err(format!(
+                            "block {cur}: free_prev {} but reached from {prev}",
+                            b.free_prev
+                        ));
                     }
                     out.push(cur);
                     if out.len() > blocks.len() {

@@ -93,12 +93,16 @@ impl HostEvent {
     }
 
     pub(super) fn synchronize(&self) -> Result<()> {
-        if let Some(p) = self.position() {
-            p.stream
-                .check_not_worker("synchronize an event recorded on")?;
-            p.stream.wait_for(p.seq);
+        match self.position() {
+            // Complete: nothing to wait for, even from the stream's own worker (a callback).
+            Some(p) if !p.reached() => {
+                p.stream
+                    .check_not_worker("synchronize an event recorded on")?;
+                p.stream.wait_for(p.seq);
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     pub(super) fn notify(&self, callback: EventCallback) {

@@ -18,7 +18,10 @@ pub struct HostMemory {
 impl HostMemory {
     /// A provider that refuses to hold more than `capacity` bytes at once.
     pub fn new(capacity: u64) -> Self {
-        HostMemory { capacity, used: AtomicU64::new(0) }
+        HostMemory {
+            capacity,
+            used: AtomicU64::new(0),
+        }
     }
 
     /// A provider as large as the machine's physical memory.
@@ -34,7 +37,12 @@ impl HostMemory {
 /// Physical memory of this machine in bytes (8 GiB if the OS will not say).
 pub fn physical_memory() -> u64 {
     // SAFETY: sysconf only reads system configuration values; no pointers are involved.
-    let (pages, page_size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     if pages > 0 && page_size > 0 {
         pages as u64 * page_size as u64
     } else {
@@ -45,13 +53,21 @@ pub fn physical_memory() -> u64 {
 impl MemoryProvider for HostMemory {
     fn allocate(&self, size: usize) -> Result<usize, ProviderError> {
         if size == 0 {
-            return Err(ProviderError::Failed("a segment of 0 bytes was requested".into()));
+            return Err(ProviderError::Failed(
+                "a segment of 0 bytes was requested".into(),
+            ));
         }
         let size64 = size as u64;
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
-            let next = cur.checked_add(size64).filter(|&n| n <= self.capacity).ok_or(ProviderError::OutOfMemory)?;
-            match self.used.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            let next = cur
+                .checked_add(size64)
+                .filter(|&n| n <= self.capacity)
+                .ok_or(ProviderError::OutOfMemory)?;
+            match self
+                .used
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
             }
@@ -83,7 +99,12 @@ impl MemoryProvider for HostMemory {
     unsafe fn free(&self, ptr: usize, size: usize) {
         // SAFETY: the caller guarantees (ptr, size) is one live mapping from `allocate`.
         let rc = unsafe { libc::munmap(ptr as *mut libc::c_void, size) };
-        debug_assert_eq!(rc, 0, "munmap({ptr:#x}, {size}) failed: {}", std::io::Error::last_os_error());
+        debug_assert_eq!(
+            rc,
+            0,
+            "munmap({ptr:#x}, {size}) failed: {}",
+            std::io::Error::last_os_error()
+        );
         self.used.fetch_sub(size as u64, Ordering::Relaxed);
     }
 
