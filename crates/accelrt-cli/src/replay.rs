@@ -15,14 +15,15 @@ pub struct ReplayArgs {
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
     /// Allocator configuration, in ACCELRT_ALLOC_CONF syntax (e.g. 'expandable_segments:true');
-    /// repeat to compare several. None, or '', is the default configuration.
+    /// repeat to compare several. None, or '', is the default configuration (the
+    /// ACCELRT_ALLOC_CONF variable is not read here, so runs are reproducible).
     #[arg(long = "alloc-conf", value_name = "STR")]
     pub alloc_conf: Vec<String>,
     /// One JSON object per trace and configuration, one a line.
     #[arg(long)]
     pub json: bool,
     /// Size of the simulated device: bytes, or with a unit (24GB, 24GiB, 512MiB, 1.5TiB).
-    /// Default: the host backend's default capacity.
+    /// Default: this machine's physical memory (pages are never touched, so any size works).
     #[arg(long, value_name = "BYTES", value_parser = parse_capacity)]
     pub capacity: Option<u64>,
 }

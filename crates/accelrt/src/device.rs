@@ -1,9 +1,9 @@
 //! Device kinds, indices and properties.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The kinds of device a backend can drive. The registry is keyed by this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceType {
     /// Host memory and worker-thread streams; always built.
@@ -45,7 +45,7 @@ impl std::str::FromStr for DeviceType {
 }
 
 /// A device: its type and its index within that backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Device {
     pub kind: DeviceType,
     pub index: u32,

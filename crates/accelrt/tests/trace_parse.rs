@@ -353,6 +353,32 @@ fn plain_and_gzip_round_trip() {
 }
 
 #[test]
+fn hostile_names_and_confs_do_not_break_the_written_form() {
+    let torch = TorchPeaks {
+        peak_allocated: Some(1),
+        peak_reserved: None,
+        conf: Some("a b\nc".into()),
+    };
+    let t = Trace::from_ops(
+        "evil\na 9 9 9\nname",
+        vec![TraceOp::Alloc {
+            id: 1,
+            size: 2,
+            stream: 0,
+        }],
+        Some(torch),
+    )
+    .unwrap();
+    let text = t.to_text();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let back = trace::parse_bytes("back", text.as_bytes()).unwrap();
+    assert_eq!(back.ops, t.ops);
+    let peaks = back.torch.unwrap();
+    assert_eq!(peaks.peak_allocated, Some(1));
+    assert_eq!(peaks.conf.as_deref(), Some("a_b_c"));
+}
+
+#[test]
 fn files_are_detected_by_content_not_extension() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("trace_parse_{}", std::process::id()));

@@ -15,6 +15,10 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
+use super::history::{
+    BlockInfo, BlockStatus, History, HistoryConfig, MemorySnapshot, SegmentInfo, TraceAction,
+    TraceEntry,
+};
 use super::pagemap::PageMap;
 use super::pool::{BlockState, PendingFree, PoolState, Segment, NIL};
 use super::provider::copy_into_host_visible;
@@ -169,6 +173,7 @@ pub struct CachingAllocator {
     pub(crate) segment_index: RwLock<BTreeMap<usize, u64>>,
     deferred: Mutex<Option<Error>>,
     has_deferred: AtomicBool,
+    history: History,
 }
 
 fn f64_bits(v: Option<f64>) -> u64 {
@@ -211,6 +216,7 @@ impl CachingAllocator {
             segment_index: RwLock::new(BTreeMap::new()),
             deferred: Mutex::new(None),
             has_deferred: AtomicBool::new(false),
+            history: History::new(),
         })
     }
 
@@ -255,12 +261,15 @@ impl CachingAllocator {
         let rounded = round_size(size, &self.config);
         let mut st = pool.state.lock();
         if !st.pending.is_empty() {
-            self.process_pending(&mut st);
+            self.process_pending(&mut st, pool.stream.index);
         }
         let block = st.take_cached(rounded, size, &self.config);
         if block != NIL {
             let ptr = st.blocks[block as usize].addr;
             let block_size = st.blocks[block as usize].size;
+            if self.history.enabled() {
+                self.note_alloc(&mut st, block, pool.stream.index);
+            }
             drop(st);
             if self.has_callbacks.load(Relaxed) {
                 self.fire(ptr, block_size, AllocatorEvent::Recycled);
@@ -299,6 +308,9 @@ impl CachingAllocator {
                 context: "free: double free, or not from this allocator",
             });
         };
+        if self.history.enabled() {
+            self.note_free(&mut st, block, pool.stream.index);
+        }
         let b = &st.blocks[block as usize];
         debug_assert!(
             b.addr == ptr && b.state == BlockState::Allocated,
@@ -426,9 +438,15 @@ impl CachingAllocator {
         match attempt {
             Ok((base, seg_size)) => {
                 self.pages.insert(base, seg_size as usize, pool_idx);
-                pool.state
-                    .lock()
-                    .add_segment(base, seg_size, rounded, size, &self.config);
+                let mut st = pool.state.lock();
+                let block = st.add_segment(base, seg_size, rounded, size, &self.config);
+                if self.history.enabled() {
+                    let stream = pool.stream.index;
+                    self.history
+                        .record(TraceAction::SegmentAlloc, base as u64, seg_size, stream);
+                    self.note_alloc(&mut st, block, stream);
+                }
+                drop(st);
                 self.fire(base, seg_size, AllocatorEvent::Allocated);
                 if self.config.debug_checks {
                     self.debug_check("alloc (new segment)");
@@ -466,7 +484,7 @@ impl CachingAllocator {
 
     fn try_cached(&self, pool: &StreamPool, rounded: u64, size: u64) -> Option<usize> {
         let mut st = pool.state.lock();
-        self.process_pending(&mut st);
+        self.process_pending(&mut st, pool.stream.index);
         st.flush_recent();
         let block = st.take_cached(rounded, size, &self.config);
         (block != NIL).then(|| st.blocks[block as usize].addr)
@@ -555,7 +573,7 @@ impl CachingAllocator {
         }
     }
 
-    fn give_back(&self, seg: Segment) {
+    fn give_back(&self, seg: Segment, stream: u32) {
         self.segment_index.write().remove(&seg.base);
         self.pages.remove(seg.base, seg.size as usize);
         // SAFETY: `seg` was removed from its pool, which held the only record of it; it came
@@ -565,6 +583,10 @@ impl CachingAllocator {
         self.reserved.fetch_sub(seg.size, Relaxed);
         self.segments.fetch_sub(1, Relaxed);
         self.counters.num_device_free.fetch_add(1, Relaxed);
+        if self.history.enabled() {
+            self.history
+                .record(TraceAction::SegmentFree, seg.base as u64, seg.size, stream);
+        }
         self.fire(seg.base, seg.size, AllocatorEvent::Released);
     }
 
@@ -573,7 +595,7 @@ impl CachingAllocator {
     }
 
     /// Finish frees whose events have all completed.
-    fn process_pending(&self, st: &mut PoolState) {
+    fn process_pending(&self, st: &mut PoolState, stream: u32) {
         let Some(events) = &self.events else { return };
         let mut i = 0;
         while i < st.pending.len() {
@@ -586,6 +608,15 @@ impl CachingAllocator {
             if done {
                 let p = st.pending.swap_remove(i);
                 p.tickets.iter().for_each(|&t| events.release(t));
+                if self.history.enabled() {
+                    let b = &st.blocks[p.block as usize];
+                    self.history.record(
+                        TraceAction::FreeCompleted,
+                        b.addr as u64,
+                        b.requested,
+                        stream,
+                    );
+                }
                 st.release_to_cache(p.block);
             } else {
                 i += 1;
@@ -622,7 +653,7 @@ impl CachingAllocator {
                 self.sync_pending(pool)?;
             }
             let mut st = pool.state.lock();
-            self.process_pending(&mut st);
+            self.process_pending(&mut st, pool.stream.index);
             st.flush_recent();
             let bases: Vec<usize> = st
                 .releasable()
@@ -634,7 +665,9 @@ impl CachingAllocator {
                 .filter_map(|b| st.remove_segment(b))
                 .collect();
             drop(st);
-            freed.into_iter().for_each(|s| self.give_back(s));
+            freed
+                .into_iter()
+                .for_each(|s| self.give_back(s, pool.stream.index));
         }
         Ok(())
     }
@@ -665,9 +698,10 @@ impl CachingAllocator {
             if self.reserved.load(Relaxed) + incoming <= soft {
                 break;
             }
-            let seg = self.pool_at(pi as u32).state.lock().remove_segment(base);
+            let pool = self.pool_at(pi as u32);
+            let seg = pool.state.lock().remove_segment(base);
             if let Some(seg) = seg {
-                self.give_back(seg);
+                self.give_back(seg, pool.stream.index);
             }
         }
     }
@@ -697,9 +731,10 @@ impl CachingAllocator {
             if self.reserved.load(Relaxed) + incoming <= peak {
                 break;
             }
-            let seg = self.pool_at(pi as u32).state.lock().remove_segment(base);
+            let pool = self.pool_at(pi as u32);
+            let seg = pool.state.lock().remove_segment(base);
             if let Some(seg) = seg {
-                self.give_back(seg);
+                self.give_back(seg, pool.stream.index);
             }
         }
     }
@@ -708,6 +743,10 @@ impl CachingAllocator {
     fn out_of_memory(&self, requested: u64, limit: String) -> Error {
         self.counters.num_ooms.fetch_add(1, Relaxed);
         let (free, total) = self.provider.memory_info();
+        if self.history.enabled() {
+            self.history
+                .record(TraceAction::Oom, free, requested, u32::MAX);
+        }
         let info = OomInfo {
             device: self.device,
             requested,
@@ -1128,6 +1167,106 @@ impl CachingAllocator {
             &c.num_device_free,
         ] {
             a.store(0, Relaxed);
+        }
+    }
+
+    // ---- history and snapshots -------------------------------------------------------------
+
+    /// Start (`Some`) or stop (`None`) recording allocator events into a ring buffer
+    /// (PyTorch's `_record_memory_history`). Stopping keeps what was recorded.
+    pub fn record_memory_history(&self, config: Option<HistoryConfig>) {
+        self.history.configure(config);
+    }
+
+    /// The recorded events, oldest first.
+    pub fn memory_history(&self) -> Vec<TraceEntry> {
+        self.history.entries()
+    }
+
+    /// Forget the recorded events.
+    pub fn clear_memory_history(&self) {
+        self.history.clear();
+    }
+
+    #[cold]
+    fn note_alloc(&self, st: &mut PoolState, block: u32, stream: u32) {
+        let b = &st.blocks[block as usize];
+        let (addr, requested) = (b.addr as u64, b.requested);
+        self.history
+            .record(TraceAction::Alloc, addr, requested, stream);
+        if let Some(frames) = self.history.context() {
+            st.frames.insert(block, frames);
+        }
+    }
+
+    #[cold]
+    fn note_free(&self, st: &mut PoolState, block: u32, stream: u32) {
+        let b = &st.blocks[block as usize];
+        let (addr, requested, pending) = (b.addr as u64, b.requested, b.has_extras);
+        self.history
+            .record(TraceAction::FreeRequested, addr, requested, stream);
+        if !pending {
+            self.history
+                .record(TraceAction::FreeCompleted, addr, requested, stream);
+        }
+        st.frames.remove(&block);
+    }
+
+    /// Every segment with its blocks, and the recorded history (PyTorch's `_snapshot`).
+    /// Segments are ordered by address.
+    pub fn memory_snapshot(&self) -> MemorySnapshot {
+        if self.history.enabled() {
+            self.history.record(TraceAction::Snapshot, 0, 0, u32::MAX);
+        }
+        let mut segments = Vec::new();
+        for pool in self.initialized_pools() {
+            let st = pool.state.lock();
+            for seg in &st.segments {
+                let mut info = SegmentInfo {
+                    device: self.device.index,
+                    address: seg.base as u64,
+                    total_size: seg.size,
+                    stream: pool.stream.index,
+                    segment_type: seg.kind,
+                    segment_pool_id: (0, 0),
+                    is_expandable: false,
+                    allocated_size: 0,
+                    active_size: 0,
+                    requested_size: 0,
+                    blocks: Vec::new(),
+                };
+                let mut cur = seg.head;
+                while cur != NIL {
+                    let b = &st.blocks[cur as usize];
+                    let state = match b.state {
+                        BlockState::Allocated => BlockStatus::ActiveAllocated,
+                        BlockState::Pending => BlockStatus::ActivePendingFree,
+                        _ => BlockStatus::Inactive,
+                    };
+                    if state == BlockStatus::ActiveAllocated {
+                        info.allocated_size += b.size;
+                        info.requested_size += b.requested;
+                    }
+                    if state != BlockStatus::Inactive {
+                        info.active_size += b.size;
+                    }
+                    info.blocks.push(BlockInfo {
+                        address: b.addr as u64,
+                        size: b.size,
+                        requested_size: b.requested,
+                        state,
+                        frames: st.frames.get(&cur).cloned(),
+                    });
+                    cur = b.next;
+                }
+                segments.push(info);
+            }
+        }
+        segments.sort_by_key(|s| s.address);
+        MemorySnapshot {
+            device: self.device,
+            segments,
+            history: self.history.entries(),
         }
     }
 

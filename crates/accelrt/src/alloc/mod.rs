@@ -4,6 +4,7 @@
 
 mod check;
 mod config;
+mod history;
 mod imp;
 mod pagemap;
 mod pool;
@@ -13,11 +14,15 @@ mod stats;
 mod tlsf;
 
 pub use config::{AllocatorConfig, ALLOC_CONF_ENV, ROUNDUP_INTERVALS};
+pub use history::{
+    set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,
+    MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,
+};
 pub use imp::{
     AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, OomInfo, OomObserver,
     MAX_STREAM_POOLS,
 };
-pub use provider::{MemoryProvider, ProviderError, StreamEvents};
+pub use provider::{MemoryProvider, PageHandle, ProviderError, StreamEvents, VirtualMemory};
 pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
 pub use stats::{EventCounters, MemoryStats, PoolKind, PoolStats, Stat};
 

@@ -165,6 +165,8 @@ pub struct PoolState {
     pub next_id: u64,
     /// Recently freed blocks, not coalesced (`NIL` = empty slot).
     pub recent: [u32; RECENT_SLOTS],
+    /// Context recorded at allocation, for snapshots (only while history records context).
+    pub frames: HashMap<u32, super::Frames>,
 }
 
 impl Default for PoolState {
@@ -181,6 +183,7 @@ impl Default for PoolState {
             tick: 0,
             next_id: 0,
             recent: [NIL; RECENT_SLOTS],
+            frames: HashMap::new(),
         }
     }
 }

@@ -52,7 +52,8 @@ impl Stat {
 }
 
 /// Which pool a statistic covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PoolKind {
     /// Requests of at most 1 MiB, served from 2 MiB segments.
     Small = 0,

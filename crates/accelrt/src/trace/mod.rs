@@ -166,7 +166,8 @@ impl Trace {
     /// Write the trace in the v1 text format (header comments, then one event a line).
     /// [`parse_bytes`] reads the result back to an equal trace (up to `lines` and `source`).
     pub fn write_to(&self, mut w: impl Write) -> std::io::Result<()> {
-        writeln!(w, "# allocator trace v1: '{}'", self.name)?;
+        // Names come from file names and may hold anything: keep the comment on one line.
+        writeln!(w, "# allocator trace v1: '{}'", self.name.escape_debug())?;
         if let Some(t) = &self.torch {
             let mut header = String::from("# torch");
             if let Some(a) = t.peak_allocated {
@@ -176,7 +177,18 @@ impl Trace {
                 header.push_str(&format!(" peak_reserved={r}"));
             }
             if let Some(c) = &t.conf {
-                header.push_str(&format!(" conf={c}"));
+                // One whitespace-free word, as the reader expects.
+                let word: String = c
+                    .chars()
+                    .map(|ch| {
+                        if ch.is_whitespace() || ch.is_control() {
+                            '_'
+                        } else {
+                            ch
+                        }
+                    })
+                    .collect();
+                header.push_str(&format!(" conf={word}"));
             }
             writeln!(w, "{header}")?;
         }
@@ -194,7 +206,7 @@ impl Trace {
         let mut out = Vec::new();
         self.write_to(&mut out)
             .expect("writing to a Vec cannot fail");
-        String::from_utf8(out).expect("the trace writer emits ASCII only")
+        String::from_utf8(out).expect("the trace writer writes only UTF-8 strings")
     }
 }
 

@@ -1,0 +1,152 @@
+//! Memory history and snapshots.
+
+use std::sync::Arc;
+
+use accelrt::alloc::{
+    set_thread_context, AllocatorConfig, BlockStatus, CachingAllocator, Frame, HistoryConfig,
+    PoolKind, TraceAction,
+};
+use accelrt::backend::host::HostMemory;
+use accelrt::{Device, DeviceType, Stream};
+
+const DEV: Device = Device {
+    kind: DeviceType::Host,
+    index: 0,
+};
+const MIB: usize = 1 << 20;
+
+fn allocator(capacity: u64) -> CachingAllocator {
+    let mut config = AllocatorConfig::parse("release_at_peak:false").unwrap();
+    config.debug_checks = true;
+    CachingAllocator::new(DEV, Arc::new(HostMemory::new(capacity)), None, config).unwrap()
+}
+
+fn s(index: u32) -> Stream {
+    Stream { device: DEV, index }
+}
+
+#[test]
+fn history_records_pytorch_actions_in_order() {
+    let a = allocator(64 * MIB as u64);
+    let p0 = a.raw_alloc(100, s(0)).unwrap(); // before recording: not in the history
+    a.record_memory_history(Some(HistoryConfig {
+        max_entries: 100,
+        context: false,
+    }));
+    let p = a.raw_alloc(1000, s(1)).unwrap();
+    a.raw_free(p).unwrap();
+    a.empty_cache().unwrap();
+    assert!(a.raw_alloc(1 << 40, s(1)).is_err());
+    a.record_memory_history(None);
+    a.raw_free(p0).unwrap(); // after: not recorded either
+    let h = a.memory_history();
+    let actions: Vec<(TraceAction, u64)> = h.iter().map(|e| (e.action, e.size)).collect();
+    use TraceAction::*;
+    assert_eq!(
+        actions,
+        vec![
+            (SegmentAlloc, 2 * MIB as u64),
+            (Alloc, 1000),
+            (FreeRequested, 1000),
+            (FreeCompleted, 1000),
+            (SegmentFree, 2 * MIB as u64),
+            (Oom, 1 << 40),
+        ]
+    );
+    assert!(h.windows(2).all(|w| w[0].time_us <= w[1].time_us));
+    assert!(h.iter().take(5).all(|e| e.stream == 1));
+    assert_eq!(h[1].addr, p as u64);
+    assert_eq!(Oom.name(), "oom");
+    assert_eq!(
+        TraceAction::from_name("free_requested"),
+        Some(FreeRequested)
+    );
+}
+
+#[test]
+fn ring_buffer_keeps_the_newest_entries() {
+    let a = allocator(64 * MIB as u64);
+    a.record_memory_history(Some(HistoryConfig {
+        max_entries: 4,
+        context: false,
+    }));
+    for _ in 0..10 {
+        let p = a.raw_alloc(512, s(0)).unwrap();
+        a.raw_free(p).unwrap();
+    }
+    let h = a.memory_history();
+    assert_eq!(h.len(), 4);
+    assert_eq!(h.last().unwrap().action, TraceAction::FreeCompleted);
+    a.clear_memory_history();
+    assert!(a.memory_history().is_empty());
+}
+
+#[test]
+fn snapshot_shows_segments_blocks_and_context() {
+    let a = allocator(256 * MIB as u64);
+    a.record_memory_history(Some(HistoryConfig::default()));
+    let frames: Arc<[Frame]> = vec![Frame {
+        name: "forward".into(),
+        filename: "model.py".into(),
+        line: 42,
+    }]
+    .into();
+    let previous = set_thread_context(Some(frames.clone()));
+    let small = a.raw_alloc(1000, s(0)).unwrap();
+    set_thread_context(previous);
+    let large = a.raw_alloc(30 * MIB, s(2)).unwrap();
+    let snap = a.memory_snapshot();
+    assert_eq!(snap.segments.len(), 2);
+    let seg_small = snap
+        .segments
+        .iter()
+        .find(|g| g.segment_type == PoolKind::Small)
+        .unwrap();
+    assert_eq!(
+        (seg_small.total_size, seg_small.stream),
+        (2 * MIB as u64, 0)
+    );
+    assert_eq!(seg_small.allocated_size, 1024);
+    assert_eq!(seg_small.requested_size, 1000);
+    assert_eq!(
+        seg_small.blocks.len(),
+        2,
+        "the block and the rest of the segment"
+    );
+    let b = &seg_small.blocks[0];
+    assert_eq!(
+        (b.address, b.state, b.requested_size),
+        (small as u64, BlockStatus::ActiveAllocated, 1000)
+    );
+    assert_eq!(b.frames.as_deref(), Some(&frames[..]));
+    assert_eq!(seg_small.blocks[1].state, BlockStatus::Inactive);
+    let seg_large = snap
+        .segments
+        .iter()
+        .find(|g| g.segment_type == PoolKind::Large)
+        .unwrap();
+    assert_eq!(
+        (
+            seg_large.address,
+            seg_large.stream,
+            seg_large.blocks[0].frames.clone()
+        ),
+        (large as u64, 2, None)
+    );
+    let total: u64 = snap.segments.iter().map(|g| g.total_size).sum();
+    assert_eq!(total, a.reserved_bytes());
+    let n = snap.history.len();
+    assert_eq!(
+        (snap.history[n - 2].action, snap.history[n - 1].action),
+        (TraceAction::Alloc, TraceAction::Snapshot)
+    );
+    assert_eq!(
+        snap.history[1].frames.as_deref(),
+        Some(&frames[..]),
+        "context recorded with the alloc"
+    );
+    let json = serde_json::to_string(&snap).unwrap();
+    assert!(json.contains("\"active_allocated\"") && json.contains("\"segment_alloc\""));
+    a.raw_free(small).unwrap();
+    a.raw_free(large).unwrap();
+}
