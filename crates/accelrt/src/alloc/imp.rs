@@ -157,6 +157,8 @@ pub struct CachingAllocator {
     config: AllocatorConfig,
     limits: Limits,
     pub(crate) pools: Box<[OnceLock<Box<StreamPool>>]>,
+    /// One past the highest pool index created: slow paths scan `pools[..pools_in_use]`.
+    pools_in_use: AtomicUsize,
     /// Address -> owning pool, lock-free for readers.
     pub(crate) pages: PageMap,
     pub(crate) reserved: AtomicU64,
@@ -201,6 +203,7 @@ impl CachingAllocator {
             },
             config,
             pools: (0..MAX_STREAM_POOLS).map(|_| OnceLock::new()).collect(),
+            pools_in_use: AtomicUsize::new(0),
             pages: PageMap::new(),
             reserved: AtomicU64::new(0),
             reserved_peak: AtomicU64::new(0),
@@ -359,12 +362,23 @@ impl CachingAllocator {
 
     #[cold]
     fn create_pool(&self, i: usize, stream: Stream) -> &StreamPool {
-        self.pools[i].get_or_init(|| {
+        let pool = self.pools[i].get_or_init(|| {
             Box::new(StreamPool {
                 stream,
                 state: Mutex::new(PoolState::new()),
             })
-        })
+        });
+        self.pools_in_use.fetch_max(i + 1, Relaxed);
+        pool
+    }
+
+    /// The pools created so far, with their indices.
+    fn pools_with_index(&self) -> impl Iterator<Item = (usize, &StreamPool)> {
+        let n = self.pools_in_use.load(Relaxed);
+        self.pools[..n]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.get().map(|b| (i, &**b)))
     }
 
     #[cold]
@@ -591,7 +605,7 @@ impl CachingAllocator {
     }
 
     fn initialized_pools(&self) -> impl Iterator<Item = &StreamPool> {
-        self.pools.iter().filter_map(|p| p.get().map(|b| &**b))
+        self.pools_with_index().map(|(_, p)| p)
     }
 
     /// Finish frees whose events have all completed.
@@ -675,34 +689,8 @@ impl CachingAllocator {
     /// Under a soft limit (low watermark, or garbage_collection_threshold), release whole
     /// cached segments, least recently used first, until `incoming` more bytes fit.
     fn collect_garbage(&self, incoming: u64) {
-        let Some(soft) = self.soft_limit() else {
-            return;
-        };
-        if self.reserved.load(Relaxed) + incoming <= soft {
-            return;
-        }
-        let mut candidates: Vec<(u64, usize, usize)> = Vec::new(); // (age, pool, base)
-        for (pi, pool) in self.pools.iter().enumerate() {
-            if let Some(pool) = pool.get() {
-                let mut st = pool.state.lock();
-                st.flush_recent();
-                candidates.extend(
-                    st.releasable()
-                        .into_iter()
-                        .map(|(age, i)| (age, pi, st.segments[i].base)),
-                );
-            }
-        }
-        candidates.sort_unstable();
-        for (_, pi, base) in candidates {
-            if self.reserved.load(Relaxed) + incoming <= soft {
-                break;
-            }
-            let pool = self.pool_at(pi as u32);
-            let seg = pool.state.lock().remove_segment(base);
-            if let Some(seg) = seg {
-                self.give_back(seg, pool.stream.index);
-            }
+        if let Some(soft) = self.soft_limit() {
+            self.release_oldest_until(soft, incoming);
         }
     }
 
@@ -710,25 +698,29 @@ impl CachingAllocator {
     /// cached segments (they cannot serve this request, or it would have found them), least
     /// recently used first, until the old peak holds or none is left.
     fn release_before_new_peak(&self, incoming: u64) {
-        let peak = self.reserved_peak.load(Relaxed);
-        if self.reserved.load(Relaxed) + incoming <= peak {
+        self.release_oldest_until(self.reserved_peak.load(Relaxed), incoming);
+    }
+
+    /// Give back whole cached segments of every pool, least recently used first, until
+    /// `reserved + incoming <= target` or none is left.
+    fn release_oldest_until(&self, target: u64, incoming: u64) {
+        let fits = || self.reserved.load(Relaxed) + incoming <= target;
+        if fits() {
             return;
         }
-        let mut candidates: Vec<(u64, usize, usize)> = Vec::new();
-        for (pi, pool) in self.pools.iter().enumerate() {
-            if let Some(pool) = pool.get() {
-                let mut st = pool.state.lock();
-                st.flush_recent();
-                candidates.extend(
-                    st.releasable()
-                        .into_iter()
-                        .map(|(age, i)| (age, pi, st.segments[i].base)),
-                );
-            }
+        let mut candidates: Vec<(u64, usize, usize)> = Vec::new(); // (age, pool, base)
+        for (pi, pool) in self.pools_with_index() {
+            let mut st = pool.state.lock();
+            st.flush_recent();
+            candidates.extend(
+                st.releasable()
+                    .into_iter()
+                    .map(|(age, i)| (age, pi, st.segments[i].base)),
+            );
         }
         candidates.sort_unstable();
         for (_, pi, base) in candidates {
-            if self.reserved.load(Relaxed) + incoming <= peak {
+            if fits() {
                 break;
             }
             let pool = self.pool_at(pi as u32);
@@ -1335,10 +1327,7 @@ impl CachingAllocator {
     }
 
     pub(crate) fn pool_states(&self) -> impl Iterator<Item = (u32, &StreamPool)> {
-        self.pools
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.get().map(|b| (i as u32, &**b)))
+        self.pools_with_index().map(|(i, p)| (i as u32, p))
     }
 }
 

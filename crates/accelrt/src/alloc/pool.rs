@@ -121,7 +121,9 @@ pub struct PtrHasher(u64);
 impl Hasher for PtrHasher {
     #[inline(always)]
     fn finish(&self) -> u64 {
-        self.0
+        // hashbrown takes the bucket from the low bits and the tag from the top 7: a product
+        // of 2 MiB-aligned addresses has zero low bits, so fold the well-mixed high half down.
+        self.0 ^ (self.0 >> 29)
     }
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
