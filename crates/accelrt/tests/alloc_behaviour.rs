@@ -18,8 +18,11 @@ fn stream(index: u32) -> Stream {
     Stream { device: DEV, index }
 }
 
+/// These tests are about plain segments (sizes, splits, segment release); expandable
+/// segments have their own file.
 fn allocator_with(capacity: u64, conf: &str) -> CachingAllocator {
     let mut config = AllocatorConfig::parse(conf).unwrap();
+    config.expandable_segments = false;
     config.debug_checks = true;
     CachingAllocator::new(DEV, Arc::new(HostMemory::new(capacity)), None, config).unwrap()
 }
@@ -464,7 +467,8 @@ fn error_in_buffer_drop_is_reported_at_the_next_call() {
 #[test]
 fn provider_figures() {
     let mem = Arc::new(HostMemory::new(1 << 30));
-    let a = CachingAllocator::new(DEV, mem.clone(), None, AllocatorConfig::default()).unwrap();
+    let config = AllocatorConfig::parse("expandable_segments:false").unwrap();
+    let a = CachingAllocator::new(DEV, mem.clone(), None, config).unwrap();
     let b = a.allocate(5 * MIB, stream(0)).unwrap();
     assert_eq!(a.driver_allocated(), mem.driver_allocated());
     assert_eq!(a.reserved_bytes(), 20 * MIB as u64);

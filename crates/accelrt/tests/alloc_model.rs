@@ -39,13 +39,17 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-const CONFIGS: [&str; 6] = [
+const CONFIGS: [&str; 10] = [
     "",
-    "release_at_peak:false",
     "max_split_size_mb:16",
+    "expandable_segments:false",
+    "expandable_segments:false,release_at_peak:false",
+    "expandable_segments:false,max_split_size_mb:16",
+    "release_at_peak:false",
     "roundup_power2_divisions:4",
     "low_watermark_ratio:0.5",
     "per_process_memory_fraction:0.6,garbage_collection_threshold:0.5",
+    "expandable_segments:false,low_watermark_ratio:0.5",
 ];
 
 struct Live {
@@ -148,7 +152,7 @@ fn run(conf: &str, ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
     #[test]
     fn random_operations_match_the_model(conf in 0..CONFIGS.len(), ops in prop::collection::vec(op(), 1..160)) {
         run(CONFIGS[conf], &ops)?;

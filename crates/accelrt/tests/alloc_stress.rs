@@ -139,3 +139,8 @@ fn eight_threads_default_config() {
 fn eight_threads_without_release_at_peak() {
     stress(42, "release_at_peak:false,max_split_size_mb:32");
 }
+
+#[test]
+fn eight_threads_plain_segments() {
+    stress(7, "expandable_segments:false");
+}

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::imp::CachingAllocator;
-use super::pool::{BlockState, NIL};
+use super::pool::{BlockState, NIL, NO_PAGE};
 use super::stats::PoolStats;
 
 impl CachingAllocator {
@@ -15,6 +15,7 @@ impl CachingAllocator {
         let mut live_total = 0usize;
         let mut live_seen = 0usize;
         let mut reserved_total = 0u64;
+        let mut address_total = 0u64;
         let mut segment_total = 0usize;
         for (pool_idx, pool) in self.pool_states() {
             let st = pool.state.lock();
@@ -34,10 +35,20 @@ impl CachingAllocator {
             }
             for seg in &st.segments {
                 segment_total += 1;
-                reserved_total += seg.size;
+                reserved_total += seg.memory();
+                address_total += seg.size;
                 let e = &mut expect[seg.kind as usize];
                 e.segment.current += 1;
-                e.reserved_bytes.current += seg.size;
+                e.reserved_bytes.current += seg.memory();
+                if let Some(t) = &seg.vm {
+                    let mapped = t.pages.iter().filter(|&&p| p != NO_PAGE).count() as u64;
+                    if mapped != t.mapped {
+                        return Err(format!(
+                            "pool {pool_idx}: segment {:#x} counts {} mapped pages, has {mapped}",
+                            seg.base, t.mapped
+                        ));
+                    }
+                }
                 let mut cur = seg.head;
                 let mut addr = seg.base;
                 let mut prev = NIL;
@@ -57,6 +68,22 @@ impl CachingAllocator {
                         return Err(format!(
                             "pool {pool_idx}: block {cur} kind differs from its segment"
                         ));
+                    }
+                    if let Some(t) = &seg.vm {
+                        let in_use = matches!(b.state, BlockState::Allocated | BlockState::Pending);
+                        let known = if in_use { b.size } else { b.mapped_len.min(b.size) };
+                        if known > 0 {
+                            let first = (b.addr - seg.base) / t.page_size as usize;
+                            let last = (b.addr - seg.base + known as usize - 1) / t.page_size as usize;
+                            if (first..=last).any(|i| t.pages[i] == NO_PAGE) {
+                                return Err(format!(
+                                    "pool {pool_idx}: block {cur} ({:?}, {known} bytes known mapped) has an unmapped page",
+                                    b.state
+                                ));
+                            }
+                        }
+                    } else if !b.is_mapped() {
+                        return Err(format!("pool {pool_idx}: block {cur} of a plain segment is marked unmapped"));
                     }
                     if b.size == 0 || b.size % 512 != 0 {
                         return Err(format!("pool {pool_idx}: block {cur} has size {}", b.size));
@@ -163,14 +190,13 @@ impl CachingAllocator {
                 "{live_total} live pointers but {live_seen} allocated blocks"
             ));
         }
+        let spare = self.spare_bytes();
         let reserved = self.reserved.load(Relaxed);
-        if reserved != reserved_total {
-            return Err(format!(
-                "reserved counter {reserved} != sum of segments {reserved_total}"
-            ));
+        if reserved != reserved_total + spare {
+            return Err(format!("reserved counter {reserved} != memory of segments {reserved_total} + spare pages {spare}"));
         }
         let index = self.segment_index.read();
-        if index.len() != segment_total || index.values().sum::<u64>() != reserved_total {
+        if index.len() != segment_total || index.values().sum::<u64>() != address_total {
             return Err(format!(
                 "segment index has {} entries, pools have {segment_total}",
                 index.len()

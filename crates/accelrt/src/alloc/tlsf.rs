@@ -157,6 +157,33 @@ impl Tlsf {
         best
     }
 
+    /// Every free block of at least `min_size` bytes, in increasing class order (walks only
+    /// the classes that can hold one, found through the bitmaps).
+    pub fn at_least(&self, blocks: &[Block], min_size: u64, out: &mut Vec<u32>) {
+        let (fl0, sl0) = class_of(min_size.max(512));
+        let mut fl_map = self.fl_bitmap & (!0u64).checked_shl(fl0 as u32).unwrap_or(0);
+        while fl_map != 0 {
+            let fl = fl_map.trailing_zeros() as usize;
+            fl_map &= fl_map - 1;
+            let mut sl_map = self.sl_bitmap[fl & (FL_COUNT - 1)];
+            if fl == fl0 {
+                sl_map &= !0u32 << sl0;
+            }
+            while sl_map != 0 {
+                let sl = sl_map.trailing_zeros() as usize;
+                sl_map &= sl_map - 1;
+                let mut cur = self.heads[flat(fl, sl)];
+                while cur != NIL {
+                    let b = &blocks[cur as usize];
+                    if b.size >= min_size {
+                        out.push(cur);
+                    }
+                    cur = b.free_next;
+                }
+            }
+        }
+    }
+
     /// Whether `idx` is reachable from its class head (for the invariant checker).
     pub fn contains(&self, blocks: &[Block], idx: u32) -> bool {
         let (fl, sl) = class_of(blocks[idx as usize].size);

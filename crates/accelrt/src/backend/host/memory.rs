@@ -1,26 +1,69 @@
-//! Host "device memory": anonymous private mappings.
+//! Host "device memory": anonymous private mappings, and a real analogue of CUDA's virtual
+//! memory management for expandable segments.
 //!
 //! Segments are `mmap`ed with `MAP_NORESERVE`, so pages cost nothing until touched: a
 //! replay of a 15 GB training trace reserves 15 GB of address space, not of RAM. A
 //! capacity makes the host device as small as asked, so out-of-memory is real and testable.
+//!
+//! Virtual memory (expandable segments) is commit and decommit over reserved address space:
+//! `reserve` makes a `PROT_NONE` range; a page handle is a page's worth of the capacity (as a
+//! CUDA physical allocation is a piece of device memory); `map` commits a run of slots
+//! (`mprotect` read-write: adjacent runs merge into one kernel mapping, so heavy remapping does
+//! not pile up mappings); `unmap` decommits (`MADV_DONTNEED`, which returns the memory, then
+//! `PROT_NONE`). Unlike CUDA, contents do not travel with a handle; the allocator never reads
+//! memory it has unmapped, so nothing depends on that.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::alloc::{MemoryProvider, ProviderError};
+use crate::alloc::{MemoryProvider, PageHandle, ProviderError, VirtualMemory};
+
+/// Default physical page size for expandable segments: CUDA's granularity.
+pub const HOST_PAGE_SIZE: usize = 2 << 20;
 
 /// Host memory provider with a byte capacity.
 #[derive(Debug)]
 pub struct HostMemory {
     capacity: u64,
     used: AtomicU64,
+    page_size: usize,
+    next_page: AtomicU64,
 }
 
 impl HostMemory {
     /// A provider that refuses to hold more than `capacity` bytes at once.
     pub fn new(capacity: u64) -> Self {
+        Self::with_page_size(capacity, HOST_PAGE_SIZE)
+    }
+
+    /// Like [`HostMemory::new`], with virtual-memory pages of `page_size` bytes (a power of
+    /// two, at least the OS page size).
+    pub fn with_page_size(capacity: u64, page_size: usize) -> Self {
+        assert!(
+            page_size.is_power_of_two() && page_size >= 4096,
+            "page size {page_size} must be a power of two >= 4096"
+        );
         HostMemory {
             capacity,
             used: AtomicU64::new(0),
+            page_size,
+            next_page: AtomicU64::new(0),
+        }
+    }
+
+    fn take_capacity(&self, bytes: u64) -> Result<(), ProviderError> {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = cur
+                .checked_add(bytes)
+                .filter(|&n| n <= self.capacity)
+                .ok_or(ProviderError::OutOfMemory)?;
+            match self
+                .used
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
         }
     }
 
@@ -58,20 +101,7 @@ impl MemoryProvider for HostMemory {
             ));
         }
         let size64 = size as u64;
-        let mut cur = self.used.load(Ordering::Relaxed);
-        loop {
-            let next = cur
-                .checked_add(size64)
-                .filter(|&n| n <= self.capacity)
-                .ok_or(ProviderError::OutOfMemory)?;
-            match self
-                .used
-                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => break,
-                Err(actual) => cur = actual,
-            }
-        }
+        self.take_capacity(size64)?;
         // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
         // no existing memory; the result is checked against MAP_FAILED below.
         let ptr = unsafe {
@@ -120,6 +150,98 @@ impl MemoryProvider for HostMemory {
     fn driver_allocated(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
+
+    fn virtual_memory(&self) -> Option<&dyn VirtualMemory> {
+        Some(self)
+    }
+}
+
+fn os_error(what: &str) -> ProviderError {
+    ProviderError::Failed(format!("{what}: {}", std::io::Error::last_os_error()))
+}
+
+impl VirtualMemory for HostMemory {
+    fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    fn reserve(&self, size: usize) -> Result<usize, ProviderError> {
+        let align = self.page_size;
+        let span = size.checked_add(align).ok_or(ProviderError::OutOfMemory)?;
+        // SAFETY: a fresh PROT_NONE private mapping at an address of the kernel's choosing;
+        // checked against MAP_FAILED.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(os_error("reserving address space"));
+        }
+        // Trim to a page-aligned range of exactly `size` bytes.
+        let start = raw as usize;
+        let base = (start + align - 1) & !(align - 1);
+        let (head, tail) = (base - start, span - (base - start) - size);
+        // SAFETY: both trims lie inside the mapping just made and nothing uses them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(start as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((base + size) as *mut libc::c_void, tail);
+            }
+        }
+        Ok(base)
+    }
+
+    unsafe fn unreserve(&self, base: usize, size: usize) {
+        // SAFETY: the caller passes one range from `reserve`, with nothing mapped in it.
+        unsafe { libc::munmap(base as *mut libc::c_void, size) };
+    }
+
+    fn create_page(&self) -> Result<PageHandle, ProviderError> {
+        self.take_capacity(self.page_size as u64)?;
+        Ok(PageHandle(self.next_page.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    unsafe fn destroy_page(&self, _page: PageHandle) {
+        self.used
+            .fetch_sub(self.page_size as u64, Ordering::Relaxed);
+    }
+
+    unsafe fn map(&self, addr: usize, pages: &[PageHandle]) -> Result<(), ProviderError> {
+        // SAFETY: the range is page-aligned inside a reservation of this provider and not
+        // mapped (the caller's promise): committing it touches no live memory.
+        let rc = unsafe {
+            libc::mprotect(
+                addr as *mut libc::c_void,
+                pages.len() * self.page_size,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(os_error("committing pages"));
+        }
+        Ok(())
+    }
+
+    unsafe fn unmap(&self, addr: usize, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let len = count * self.page_size;
+        // SAFETY: the range is mapped by `map` and idle (the caller's promise): dropping its
+        // contents and access frees its memory and affects nothing else.
+        unsafe {
+            libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED);
+            libc::mprotect(addr as *mut libc::c_void, len, libc::PROT_NONE);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -142,5 +264,40 @@ mod tests {
         }
         assert_eq!(m.driver_allocated(), 0);
         assert!(matches!(m.allocate(0), Err(ProviderError::Failed(_))));
+    }
+
+    #[test]
+    fn committed_pages_are_usable_and_counted() {
+        let m = HostMemory::new(8 << 20);
+        let vm = m.virtual_memory().unwrap();
+        let p = vm.page_size();
+        let base = vm.reserve(4 * p).unwrap();
+        assert_eq!(base % p, 0);
+        let a = vm.create_page().unwrap();
+        let b = vm.create_page().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(m.driver_allocated(), 2 * p as u64);
+        // SAFETY: the slots are in our reservation, unmapped, and used only by this test.
+        unsafe {
+            vm.map(base + 2 * p, &[a, b]).unwrap();
+            std::ptr::write_bytes((base + 2 * p) as *mut u8, 0x5A, 2 * p);
+            assert_eq!(*((base + 3 * p + 7) as *const u8), 0x5A);
+            vm.unmap(base + 2 * p, 2);
+            // Remapped elsewhere, the page is fresh memory.
+            vm.map(base, &[b]).unwrap();
+            assert_eq!(*((base + 7) as *const u8), 0);
+            vm.unmap(base, 1);
+            vm.destroy_page(a);
+            vm.destroy_page(b);
+            vm.unreserve(base, 4 * p);
+        }
+        assert_eq!(m.driver_allocated(), 0);
+        // Capacity counts pages: 8 MiB holds four 2 MiB pages, not five.
+        let pages: Vec<_> = (0..4).map(|_| vm.create_page().unwrap()).collect();
+        assert_eq!(vm.create_page(), Err(ProviderError::OutOfMemory));
+        for pg in pages {
+            // SAFETY: never mapped.
+            unsafe { vm.destroy_page(pg) };
+        }
     }
 }

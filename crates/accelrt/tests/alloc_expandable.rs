@@ -1,0 +1,162 @@
+//! Expandable segments: reserved address ranges backed by pages mapped on demand, with idle
+//! pages reused across blocks of any size.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use accelrt::alloc::{AllocatorConfig, AllocatorEvent, BlockStatus, CachingAllocator, HistoryConfig, TraceAction};
+use accelrt::backend::host::{HostDriver, HostMemory};
+use accelrt::runtime::Runtime;
+use accelrt::{Backend, Device, DeviceType, Stream, StreamPriority};
+
+const DEV: Device = Device { kind: DeviceType::Host, index: 0 };
+const MIB: usize = 1 << 20;
+
+fn allocator(capacity: u64, conf: &str) -> CachingAllocator {
+    let mut config = AllocatorConfig::parse(conf).unwrap();
+    config.debug_checks = true;
+    let a = CachingAllocator::new(DEV, Arc::new(HostMemory::new(capacity)), None, config).unwrap();
+    assert!(a.is_expandable(), "host memory supports virtual memory");
+    a
+}
+
+fn s(index: u32) -> Stream {
+    Stream { device: DEV, index }
+}
+
+#[test]
+fn reserved_memory_is_the_pages_under_live_blocks() {
+    let a = allocator(1 << 30, "");
+    // (request, reserved after it, in 2 MiB pages). Small and large requests have their own
+    // ranges; 1 MiB + 1 lands at offset 3 MiB of the large range, spanning a third page.
+    let table = [(3 * MIB, 2), (512, 3), (MIB + 1, 4)];
+    let mut live = Vec::new();
+    for (size, pages) in table {
+        live.push(a.raw_alloc(size, s(0)).unwrap());
+        assert_eq!(a.reserved_bytes(), pages * 2 * MIB as u64, "after {size}");
+    }
+    for p in live.drain(..) {
+        a.raw_free(p).unwrap();
+    }
+    // Same sizes again: all from mapped, cached memory.
+    let before = a.stats().counters.num_device_alloc;
+    let again: Vec<usize> = table.iter().map(|&(size, _)| a.raw_alloc(size, s(0)).unwrap()).collect();
+    assert_eq!(a.stats().counters.num_device_alloc, before, "no new pages for cached sizes");
+    again.into_iter().for_each(|p| a.raw_free(p).unwrap());
+    a.empty_cache().unwrap();
+    assert_eq!(a.reserved_bytes(), 0);
+    assert_eq!(a.stats().all().segment.current, 0, "empty ranges are unreserved");
+}
+
+#[test]
+fn idle_pages_of_a_freed_block_back_a_larger_one() {
+    let a = allocator(1 << 30, "");
+    let x = a.raw_alloc(64 * MIB, s(0)).unwrap();
+    let y = a.raw_alloc(64 * MIB, s(0)).unwrap();
+    a.raw_free(x).unwrap();
+    // 96 MiB fits no hole: with plain segments this needs 96 MiB more (224 MiB reserved);
+    // here x's 32 idle pages move under the new block and only 16 are created.
+    let z = a.raw_alloc(96 * MIB, s(0)).unwrap();
+    let st = a.stats();
+    assert_eq!(st.reserved_bytes_peak, 160 * MIB as u64, "peak reserved == peak allocated");
+    assert_eq!(st.counters.num_page_steals, 1);
+    assert_eq!(st.counters.num_pages_remapped, 32);
+    // SAFETY: z is a live 96 MiB host buffer; write all of it (remapped pages are usable).
+    unsafe { std::ptr::write_bytes(z as *mut u8, 0xC3, 96 * MIB) };
+    a.raw_free(y).unwrap();
+    a.raw_free(z).unwrap();
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn without_release_at_peak_pages_are_created_instead() {
+    let a = allocator(1 << 30, "release_at_peak:false");
+    let x = a.raw_alloc(64 * MIB, s(0)).unwrap();
+    let y = a.raw_alloc(64 * MIB, s(0)).unwrap();
+    a.raw_free(x).unwrap();
+    let z = a.raw_alloc(96 * MIB, s(0)).unwrap();
+    let st = a.stats();
+    assert_eq!(st.reserved_bytes_peak, 224 * MIB as u64);
+    assert_eq!(st.counters.num_page_steals, 0);
+    a.raw_free(y).unwrap();
+    a.raw_free(z).unwrap();
+}
+
+#[test]
+fn out_of_memory_steals_every_idle_page_then_reports() {
+    let a = allocator(64 * MIB as u64, "");
+    let failed = Arc::new(Mutex::new(0));
+    let f = failed.clone();
+    a.add_callback(Arc::new(move |_, _, ev| {
+        if ev == AllocatorEvent::AllocationFailed {
+            *f.lock().unwrap() += 1;
+        }
+    }));
+    let x = a.raw_alloc(40 * MIB, s(0)).unwrap();
+    let err = a.raw_alloc(40 * MIB, s(1)).unwrap_err();
+    assert!(err.is_out_of_memory(), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("tried to allocate 40.00 MiB") && msg.contains("64.00 MiB total"), "{msg}");
+    assert_eq!(*failed.lock().unwrap(), 1);
+    a.check_invariants().unwrap();
+    a.raw_free(x).unwrap();
+    // x's pages are idle now: another stream's block gets them.
+    let y = a.raw_alloc(60 * MIB, s(1)).unwrap();
+    assert!(a.reserved_bytes() <= 64 * MIB as u64);
+    a.raw_free(y).unwrap();
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn snapshot_and_history_show_mapping() {
+    let a = allocator(1 << 30, "");
+    a.record_memory_history(Some(HistoryConfig { max_entries: 1000, context: false }));
+    let x = a.raw_alloc(5 * MIB, s(0)).unwrap();
+    let snap = a.memory_snapshot();
+    assert_eq!(snap.segments.len(), 1);
+    let seg = &snap.segments[0];
+    assert!(seg.is_expandable);
+    let unmapped: u64 = seg.unmapped.iter().map(|&(_, len)| len).sum();
+    assert_eq!(seg.total_size - unmapped, 6 * MIB as u64, "three pages mapped under a 5 MiB block");
+    assert_eq!(seg.blocks[0].state, BlockStatus::ActiveAllocated);
+    a.raw_free(x).unwrap();
+    a.empty_cache().unwrap();
+    let actions: Vec<TraceAction> = a.memory_history().iter().map(|e| e.action).collect();
+    use TraceAction::*;
+    assert_eq!(actions, vec![SegmentMap, Alloc, Snapshot, FreeRequested, FreeCompleted, SegmentUnmap]);
+}
+
+/// A freed block's memory may still be written by work queued on its stream (stream-ordered
+/// reuse). Taking its pages for another stream must wait for that work: were they unmapped
+/// first, the task below would write to inaccessible memory and crash the test.
+#[test]
+fn stealing_pages_waits_for_the_stream_that_used_them() {
+    std::env::remove_var("ACCELRT_ALLOC_CONF");
+    let rt: Runtime<HostDriver> = Runtime::with_driver(HostDriver::with_devices(1).unwrap());
+    let alloc = rt.allocator(0).unwrap();
+    assert!(alloc.is_expandable());
+    let s1 = rt.new_stream(0, StreamPriority::Normal).unwrap();
+    let s2 = rt.new_stream(0, StreamPriority::Normal).unwrap();
+    let x = alloc.raw_alloc(64 * MIB, s1).unwrap();
+    let y = alloc.raw_alloc(64 * MIB, s1).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    rt.launch_host(
+        s1,
+        Arc::new(move || {
+            std::thread::sleep(Duration::from_millis(60));
+            // SAFETY: x stays mapped until s1 has passed this task (what the test checks).
+            unsafe { std::ptr::write_bytes(x as *mut u8, 0x77, 64 * MIB) };
+            d.store(true, Ordering::Release);
+        }),
+    )
+    .unwrap();
+    alloc.raw_free(x).unwrap(); // legal: s1's queued work still uses it, in stream order
+    let z = alloc.raw_alloc(96 * MIB, s2).unwrap(); // needs x's pages: must wait for s1
+    assert!(done.load(Ordering::Acquire), "pages were taken before the stream passed its work");
+    assert!(alloc.stats().counters.num_page_steals >= 1);
+    alloc.raw_free(y).unwrap();
+    alloc.raw_free(z).unwrap();
+    rt.device_synchronize(0).unwrap();
+}
