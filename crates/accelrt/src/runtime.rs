@@ -14,7 +14,10 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::alloc::{format_size, AllocatorConfig, CachingAllocator, StreamEvents, ALLOC_CONF_ENV};
+use crate::alloc::{
+    format_size, AllocatorConfig, CachingAllocator, HistoryConfig, StreamEvents, StreamFilter,
+    ALLOC_CONF_ENV,
+};
 use crate::device::{Device, DeviceProperties, DeviceType};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
@@ -22,6 +25,7 @@ use crate::event::{EventId, EventPool, EventSlot, PooledEvent};
 use crate::generator::Generator;
 use crate::graph::{GraphId, MempoolId};
 use crate::hooks::{Backend, EventCallback, HostTask};
+use crate::profiler::{Phase, Profiler, ProfilerMode, ProfilerTrace, SavedHistory};
 use crate::stream::{Stream, StreamPriority};
 
 /// Streams per priority in each device's stream pool.
@@ -133,6 +137,8 @@ struct Core<D: Driver> {
     count: u32,
     devices: Box<[Lazy<DeviceCtx<D::Stream>>]>,
     events: EventPool<D::Event>,
+    /// The profiler (`profiler_start_trace`); one relaxed load on hot paths while off.
+    profiler: Arc<Profiler>,
 }
 
 type StreamRef<D> = Arc<StreamSlot<<D as Driver>::Stream>>;
@@ -214,6 +220,32 @@ impl<D: Driver> Core<D> {
         found.ok_or_else(|| self.unknown_stream(ctx, s))
     }
 
+    /// Run `f` on the stream behind a handle (checked as in [`Core::stream`]) under the stream
+    /// table's read lock, without reference-count traffic: for hot paths. `f` must not take
+    /// the table's lock again.
+    #[inline]
+    fn with_stream_slot<R>(
+        &self,
+        s: Stream,
+        f: impl FnOnce(&StreamSlot<D::Stream>) -> Result<R>,
+    ) -> Result<R> {
+        if s.device.kind != D::KIND {
+            return Err(self.bad_stream(
+                s,
+                format!("it is a {} stream, not a {} one", s.device.kind, D::KIND),
+            ));
+        }
+        let ctx = self.device(s.device.index)?;
+        let streams = ctx.streams.read();
+        match streams.get(s.index as usize) {
+            Some(slot) => f(slot),
+            None => {
+                drop(streams);
+                Err(self.unknown_stream(ctx, s))
+            }
+        }
+    }
+
     #[cold]
     fn unknown_stream(&self, ctx: &DeviceCtx<D::Stream>, s: Stream) -> Error {
         let n = ctx.streams.read().len();
@@ -264,17 +296,21 @@ impl<D: Driver> Core<D> {
 
     #[inline]
     fn record(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
-        let slot = self.stream(stream)?;
-        if ev.device() != stream.device.index {
-            return Err(Error::Event(format!(
-                "an event of {}:{} cannot be recorded on {stream}, a stream of another device",
-                D::KIND,
-                ev.device()
-            )));
-        }
-        self.check_not_capturing(&slot, stream, "record an event on")?;
-        self.driver.event_record(ev.raw(), &slot.raw)?;
+        self.with_stream_slot(stream, |slot| {
+            if ev.device() != stream.device.index {
+                return Err(Error::Event(format!(
+                    "an event of {}:{} cannot be recorded on {stream}, a stream of another device",
+                    D::KIND,
+                    ev.device()
+                )));
+            }
+            self.check_not_capturing(slot, stream, "record an event on")?;
+            self.driver.event_record(ev.raw(), &slot.raw)
+        })?;
         ev.mark_recorded();
+        if self.profiler.active() {
+            self.profile_instant("event_record", stream, ev.timing());
+        }
         Ok(())
     }
 
@@ -296,6 +332,11 @@ impl<D: Driver> Core<D> {
         if !ev.is_recorded() {
             return Ok(());
         }
+        if self.profiler.active() {
+            return self.profile_timed("event_synchronize", ev.device(), None, || {
+                self.driver.event_synchronize(ev.raw())
+            });
+        }
         self.driver.event_synchronize(ev.raw())
     }
 
@@ -305,7 +346,94 @@ impl<D: Driver> Core<D> {
         if !ev.is_recorded() {
             return Ok(());
         }
-        self.driver.stream_wait_event(&slot.raw, ev.raw())
+        self.driver.stream_wait_event(&slot.raw, ev.raw())?;
+        if self.profiler.active() {
+            self.profile_instant("event_wait", stream, ev.timing());
+        }
+        Ok(())
+    }
+
+    // ---- profiler (entered only while a trace runs) ---------------------------------------
+
+    #[cold]
+    fn profile_instant(&self, name: &str, stream: Stream, timing: bool) {
+        self.profiler.record(
+            None,
+            |m| m.events,
+            name,
+            "event",
+            Phase::Instant,
+            None,
+            stream.device.index,
+            Some(stream.index),
+            serde_json::json!({ "timing": timing }),
+        );
+    }
+
+    #[cold]
+    fn profile_timed(
+        &self,
+        name: &str,
+        device: u32,
+        stream: Option<u32>,
+        f: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let start = self.profiler.now();
+        let result = f();
+        if let (Some((t0, id)), Some((t1, _))) = (start, self.profiler.now()) {
+            self.profiler.record(
+                Some(id),
+                |m| m.events,
+                name,
+                "sync",
+                Phase::Complete { dur_us: t1 - t0 },
+                Some(t0),
+                device,
+                stream,
+                serde_json::json!({ "ok": result.is_ok() }),
+            );
+        }
+        result
+    }
+
+    /// Wrap a host task so that its execution is recorded as a slice on its stream's track.
+    #[cold]
+    fn profile_task(&self, task: HostTask, stream: Stream) -> HostTask {
+        let Some((launched, session)) = self.profiler.now() else {
+            return task;
+        };
+        let (device, index) = (stream.device.index, Some(stream.index));
+        self.profiler.record(
+            Some(session),
+            |m| m.tasks,
+            "launch_host",
+            "task",
+            Phase::Instant,
+            Some(launched),
+            device,
+            index,
+            serde_json::json!({}),
+        );
+        let profiler = Arc::clone(&self.profiler);
+        Arc::new(move || {
+            let start = profiler.now();
+            task();
+            if let (Some((t0, id)), Some((t1, _))) = (start, profiler.now()) {
+                if id == session {
+                    profiler.record(
+                        Some(id),
+                        |m| m.tasks,
+                        "host task",
+                        "task",
+                        Phase::Complete { dur_us: t1 - t0 },
+                        Some(t0),
+                        device,
+                        index,
+                        serde_json::json!({ "queued_us": t0 - launched }),
+                    );
+                }
+            }
+        })
     }
 
     fn notify(&self, ev: &Slot<D>, callback: EventCallback) -> Result<()> {
@@ -404,6 +532,21 @@ struct GraphEntry<G> {
     state: GraphState<G>,
 }
 
+impl<D: Driver> Runtime<D> {
+    /// Drop a graph's use of its private pool (its memory goes back once nothing uses it).
+    fn release_graph_pool(&self, entry: &mut GraphEntry<D::Graph>) -> Result<()> {
+        let pool = std::mem::replace(&mut entry.pool, MempoolId::NONE);
+        if pool.is_none() {
+            return Ok(());
+        }
+        let allocator = self.allocator(entry.device)?;
+        if allocator.pool_use_count(pool).is_some() {
+            allocator.release_pool(pool)?;
+        }
+        Ok(())
+    }
+}
+
 #[cold]
 fn unknown_graph(g: GraphId) -> Error {
     Error::Graph(format!(
@@ -498,6 +641,7 @@ impl<D: Driver> Runtime<D> {
                 factory.event_create(device, timing)
             }),
             driver,
+            profiler: Arc::new(Profiler::default()),
         });
         Ok(Ready {
             core,
@@ -543,6 +687,20 @@ impl<D: Driver> Runtime<D> {
             core,
             ev: core.events.acquire(device, enable_timing)?,
         })
+    }
+
+    /// Run `f` with the driver and the native stream behind `stream`, for driver-specific
+    /// work in stream order (kernel launches, copies). The handle is checked like everywhere
+    /// else; `f` may launch work while the stream is capturing (that is how graphs get
+    /// their work).
+    pub fn with_stream<R>(
+        &self,
+        stream: Stream,
+        f: impl FnOnce(&D, &D::Stream) -> Result<R>,
+    ) -> Result<R> {
+        let core = self.core()?;
+        let slot = core.stream(stream)?;
+        f(&core.driver, &slot.raw)
     }
 
     fn events_adapter(&self) -> Result<Arc<dyn StreamEvents>> {
@@ -726,6 +884,11 @@ impl<D: Driver> Backend for Runtime<D> {
             )?;
         }
         let raws: Vec<&D::Stream> = streams.iter().map(|s| &s.raw).collect();
+        if core.profiler.active() {
+            return core.profile_timed("device_synchronize", device, None, || {
+                core.driver.device_synchronize(device, &raws)
+            });
+        }
         core.driver.device_synchronize(device, &raws)
     }
 
@@ -864,6 +1027,30 @@ impl<D: Driver> Backend for Runtime<D> {
         Ok(core.driver.stream_native_handle(&core.stream(stream)?.raw))
     }
 
+    unsafe fn wrap_external_stream(&self, device: u32, handle: u64) -> Result<Stream> {
+        let core = self.core()?;
+        let ctx = core.device(device)?;
+        let known = |streams: &[StreamRef<D>]| {
+            streams
+                .iter()
+                .position(|s| core.driver.stream_native_handle(&s.raw) == handle)
+        };
+        if let Some(i) = known(&ctx.streams.read()) {
+            return Ok(core.handle(device, i as u32));
+        }
+        // SAFETY: forwarded from this method's contract.
+        let raw = unsafe { core.driver.stream_wrap(device, handle)? };
+        let mut streams = ctx.streams.write();
+        if let Some(i) = known(&streams) {
+            return Ok(core.handle(device, i as u32));
+        }
+        streams.push(Arc::new(StreamSlot {
+            raw,
+            capturing: AtomicU64::new(0),
+        }));
+        Ok(core.handle(device, (streams.len() - 1) as u32))
+    }
+
     fn stream_commit(&self, stream: Stream) -> Result<()> {
         let core = self.core()?;
         core.driver.stream_commit(&core.stream(stream)?.raw)
@@ -873,6 +1060,12 @@ impl<D: Driver> Backend for Runtime<D> {
         let core = self.core()?;
         let slot = core.stream(stream)?;
         core.check_not_capturing(&slot, stream, "synchronize")?;
+        if core.profiler.active() {
+            let (device, index) = (stream.device.index, Some(stream.index));
+            return core.profile_timed("stream_synchronize", device, index, || {
+                core.driver.stream_synchronize(&slot.raw)
+            });
+        }
         core.driver.stream_synchronize(&slot.raw)
     }
 
@@ -885,7 +1078,13 @@ impl<D: Driver> Backend for Runtime<D> {
 
     fn launch_host(&self, stream: Stream, task: HostTask) -> Result<()> {
         let core = self.core()?;
-        core.driver.launch_host(&core.stream(stream)?.raw, task)
+        let slot = core.stream(stream)?;
+        let task = if core.profiler.active() {
+            core.profile_task(task, stream)
+        } else {
+            task
+        };
+        core.driver.launch_host(&slot.raw, task)
     }
 
     // ---- events ---------------------------------------------------------------------------
@@ -941,10 +1140,9 @@ impl<D: Driver> Backend for Runtime<D> {
     // ---- pinned host memory ---------------------------------------------------------------
 
     fn is_pinned_ptr(&self, ptr: usize) -> bool {
-        self.ready()
-            .ok()
-            .and_then(|r| r.pinned.get())
-            .is_some_and(|a| a.contains(ptr))
+        self.ready().is_ok_and(|r| {
+            r.pinned.get().is_some_and(|a| a.contains(ptr)) || r.core.driver.is_pinned_ptr(ptr)
+        })
     }
 
     fn pinned_allocator(&self) -> Result<Arc<CachingAllocator>> {
@@ -954,8 +1152,11 @@ impl<D: Driver> Backend for Runtime<D> {
             .get_or_try_init(|| {
                 let config = AllocatorConfig::from_env()?;
                 let provider = ready.core.driver.pinned_memory_provider()?;
+                // Pinned buffers are used by work on the backend's streams (copies on CUDA
+                // streams): the allocator takes device 0's stream handles, so `record_stream`
+                // works with them.
                 let device = Device {
-                    kind: DeviceType::Host,
+                    kind: D::KIND,
                     index: 0,
                 };
                 Ok(Arc::new(CachingAllocator::new(
@@ -1029,15 +1230,33 @@ impl<D: Driver> Backend for Runtime<D> {
                     "{stream} is already capturing graph {other}"
                 )));
             }
-            if let Err(e) = core.driver.capture_begin(&slot.raw) {
-                slot.capturing.store(0, Ordering::Release);
-                return Err(e);
-            }
-            entry.pool = if pool.is_none() {
+            let pool = if pool.is_none() {
                 MempoolId(graph.0, 0)
             } else {
                 pool
             };
+            // Allocations on the capture stream now come from the graph's private pool, so the
+            // addresses the graph uses stay reserved for its replays. A pool shared with
+            // another graph gains a use; a new one starts with one.
+            let allocator = self.allocator(entry.device)?;
+            let shared = allocator.pool_use_count(pool).is_some();
+            if shared {
+                allocator.retain_pool(pool)?;
+            }
+            if let Err(e) = allocator.begin_allocate_to_pool(pool, StreamFilter::Only(stream)) {
+                slot.capturing.store(0, Ordering::Release);
+                if shared {
+                    let _ = allocator.release_pool(pool);
+                }
+                return Err(e);
+            }
+            if let Err(e) = core.driver.capture_begin(&slot.raw) {
+                slot.capturing.store(0, Ordering::Release);
+                let _ = allocator.end_allocate_to_pool(pool);
+                let _ = allocator.release_pool(pool);
+                return Err(e);
+            }
+            entry.pool = pool;
             entry.state = GraphState::Capturing { stream };
             Ok(())
         })
@@ -1055,6 +1274,8 @@ impl<D: Driver> Backend for Runtime<D> {
             let slot = core.stream(stream)?;
             let captured = core.driver.capture_end(&slot.raw);
             slot.capturing.store(0, Ordering::Release);
+            self.allocator(entry.device)?
+                .end_allocate_to_pool(entry.pool)?;
             match captured {
                 Ok(g) => {
                     entry.state = GraphState::Captured {
@@ -1115,8 +1336,7 @@ impl<D: Driver> Backend for Runtime<D> {
                 )));
             }
             entry.state = GraphState::Empty;
-            entry.pool = MempoolId::NONE;
-            Ok(())
+            self.release_graph_pool(entry)
         })
     }
 
@@ -1133,13 +1353,15 @@ impl<D: Driver> Backend for Runtime<D> {
                 graph.0
             ))),
             Some(_) => {
-                graphs.remove(&graph.0);
-                Ok(())
+                let mut entry = graphs.remove(&graph.0).expect("matched above");
+                drop(graphs);
+                self.release_graph_pool(&mut entry)
             }
         }
     }
 
     fn graph_pool(&self, graph: GraphId) -> Result<MempoolId> {
+        // (the graph holds one use of its pool from capture until reset or destroy)
         self.graph_entry(graph, |entry| {
             if entry.pool.is_none() {
                 return Err(Error::Graph(format!(
@@ -1164,13 +1386,107 @@ impl<D: Driver> Backend for Runtime<D> {
                     kind: D::KIND,
                     index: device,
                 };
-                Ok(Arc::new(CachingAllocator::new(
+                let allocator = Arc::new(CachingAllocator::new(
                     dev,
                     provider,
                     Some(self.events_adapter()?),
                     config,
-                )?))
+                )?);
+                if ready.core.profiler.active()
+                    && ready.core.profiler.mode().is_some_and(|m| m.allocations)
+                {
+                    profile_allocator(&ready.core.profiler, device, &allocator);
+                }
+                Ok(allocator)
             })
             .cloned()
     }
+
+    // ---- profiler ---------------------------------------------------------------------------
+
+    fn profiler_start_trace(&self, mode: ProfilerMode, wait_until_completed: bool) -> Result<()> {
+        let ready = self.ready()?;
+        ready.core.profiler.start(mode, wait_until_completed)?;
+        if mode.allocations {
+            for (device, lazy) in ready.allocators.iter().enumerate() {
+                if let Some(allocator) = lazy.get() {
+                    profile_allocator(&ready.core.profiler, device as u32, allocator);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn profiler_stop_trace(&self) -> Result<ProfilerTrace> {
+        let ready = self.ready()?;
+        let profiler = &ready.core.profiler;
+        let mut sync_error = None;
+        if profiler.wait_until_completed()? {
+            for device in 0..ready.core.count {
+                if self.has_primary_context(device) {
+                    if let Err(e) = self.device_synchronize(device) {
+                        sync_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        let crate::profiler::Stopped {
+            mut events,
+            start_unix_us,
+            duration_us,
+            dropped,
+            saved,
+        } = profiler.stop()?;
+        for s in saved {
+            let Some(allocator) = ready.allocators[s.device as usize].get() else {
+                continue;
+            };
+            let history = allocator.memory_history();
+            events.extend(crate::profiler::history_events(
+                s.device,
+                &history,
+                start_unix_us,
+            ));
+            if !s.was_recording {
+                // History was off and empty before the trace: put it back that way.
+                allocator.record_memory_history(None);
+                allocator.clear_memory_history();
+            }
+        }
+        if let Some(e) = sync_error {
+            return Err(e);
+        }
+        events.sort_by(|a, b| a.ts_us.total_cmp(&b.ts_us));
+        Ok(ProfilerTrace {
+            device_type: D::KIND,
+            start_unix_us,
+            duration_us,
+            events,
+            dropped,
+        })
+    }
+
+    fn memory_provider(&self, device: u32) -> Result<Arc<dyn crate::alloc::MemoryProvider>> {
+        let core = self.core()?;
+        core.check_device(device)?;
+        core.driver.memory_provider(device)
+    }
 }
+
+/// Turn on an allocator's memory history for a profiler trace, noting whether it was on.
+fn profile_allocator(profiler: &Profiler, device: u32, allocator: &CachingAllocator) {
+    // accelrt cannot read an allocator's history setting: a history that holds entries is
+    // taken as the user's recording, which stays on after the trace.
+    let existing = allocator.memory_history().len();
+    allocator.record_memory_history(Some(HistoryConfig {
+        max_entries: existing + PROFILER_HISTORY_ENTRIES,
+        context: true,
+    }));
+    profiler.save_history(SavedHistory {
+        device,
+        was_recording: existing > 0,
+    });
+}
+
+/// History entries a profiler trace keeps per allocator (beyond what it already held).
+const PROFILER_HISTORY_ENTRIES: usize = 1_000_000;

@@ -71,10 +71,15 @@ impl CachingAllocator {
                     }
                     if let Some(t) = &seg.vm {
                         let in_use = matches!(b.state, BlockState::Allocated | BlockState::Pending);
-                        let known = if in_use { b.size } else { b.mapped_len.min(b.size) };
+                        let known = if in_use {
+                            b.size
+                        } else {
+                            b.mapped_len.min(b.size)
+                        };
                         if known > 0 {
                             let first = (b.addr - seg.base) / t.page_size as usize;
-                            let last = (b.addr - seg.base + known as usize - 1) / t.page_size as usize;
+                            let last =
+                                (b.addr - seg.base + known as usize - 1) / t.page_size as usize;
                             if (first..=last).any(|i| t.pages[i] == NO_PAGE) {
                                 return Err(format!(
                                     "pool {pool_idx}: block {cur} ({:?}, {known} bytes known mapped) has an unmapped page",
@@ -83,7 +88,9 @@ impl CachingAllocator {
                             }
                         }
                     } else if !b.is_mapped() {
-                        return Err(format!("pool {pool_idx}: block {cur} of a plain segment is marked unmapped"));
+                        return Err(format!(
+                            "pool {pool_idx}: block {cur} of a plain segment is marked unmapped"
+                        ));
                     }
                     if b.size == 0 || b.size % 512 != 0 {
                         return Err(format!("pool {pool_idx}: block {cur} has size {}", b.size));

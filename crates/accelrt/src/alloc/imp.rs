@@ -31,8 +31,11 @@ use super::{
 use crate::device::Device;
 
 mod expandable;
+mod private;
+
 use crate::error::{Error, OomReport, Result};
 use crate::stream::Stream;
+pub use private::{StreamFilter, MAX_PRIVATE_POOLS};
 
 /// Streams per device that can have a pool (stream indices `0..MAX_STREAM_POOLS`).
 pub const MAX_STREAM_POOLS: usize = 4096;
@@ -126,6 +129,8 @@ impl Drop for Buffer<'_> {
 #[repr(align(128))]
 pub(crate) struct StreamPool {
     pub(crate) stream: Stream,
+    /// A private pool (plain segments, routed to by `begin_allocate_to_pool`).
+    pub(crate) private: bool,
     pub(crate) state: Mutex<PoolState>,
 }
 
@@ -165,6 +170,10 @@ pub struct CachingAllocator {
     pool_config: AllocatorConfig,
     limits: Limits,
     pub(crate) pools: Box<[OnceLock<Box<StreamPool>>]>,
+    /// Private pools and the routes to them.
+    private: Mutex<private::PrivatePools>,
+    /// Number of routes to private pools: the fast path looks at routes only when non-zero.
+    routes_active: AtomicUsize,
     /// One past the highest pool index created: slow paths scan `pools[..pools_in_use]`.
     pools_in_use: AtomicUsize,
     /// Address -> owning pool, lock-free for readers.
@@ -213,7 +222,11 @@ impl CachingAllocator {
             _ => 0,
         };
         let pool_config = AllocatorConfig {
-            max_split_size: if vm_page != 0 { None } else { config.max_split_size },
+            max_split_size: if vm_page != 0 {
+                None
+            } else {
+                config.max_split_size
+            },
             ..config.clone()
         };
         Ok(CachingAllocator {
@@ -227,7 +240,11 @@ impl CachingAllocator {
                 low_watermark: AtomicU64::new(config.low_watermark_ratio.to_bits()),
             },
             config,
-            pools: (0..MAX_STREAM_POOLS).map(|_| OnceLock::new()).collect(),
+            pools: (0..MAX_STREAM_POOLS + MAX_PRIVATE_POOLS)
+                .map(|_| OnceLock::new())
+                .collect(),
+            private: Mutex::new(private::PrivatePools::default()),
+            routes_active: AtomicUsize::new(0),
             pools_in_use: AtomicUsize::new(0),
             pages: PageMap::new(),
             reserved: AtomicU64::new(0),
@@ -288,7 +305,10 @@ impl CachingAllocator {
         if self.has_deferred.load(Relaxed) {
             return Err(self.take_deferred());
         }
-        let (pool_idx, pool) = self.pool(stream)?;
+        let (pool_idx, pool) = match self.routes_active.load(Relaxed) {
+            0 => self.pool(stream)?,
+            _ => self.pool_for_capture(stream)?,
+        };
         let rounded = round_size(size, &self.config);
         let mut st = pool.state.lock();
         if !st.pending.is_empty() {
@@ -361,7 +381,11 @@ impl CachingAllocator {
             st.account_free(block);
             st.release_to_cache(block);
         }
+        let drain = pool.private && st.released;
         drop(st);
+        if drain {
+            self.drain_released_pool(pool);
+        }
         if self.shape_count.load(Relaxed) != 0 {
             self.forget_shape(ptr);
         }
@@ -386,6 +410,21 @@ impl CachingAllocator {
         }
     }
 
+    /// With routes to private pools in force: the routed pool, else the stream's own.
+    #[cold]
+    fn pool_for_capture(&self, stream: Stream) -> Result<(u32, &StreamPool)> {
+        let own = self.pool(stream)?; // validates the stream
+        let Some((index, pool)) = self.routed_pool(stream) else {
+            return Ok(own);
+        };
+        let mut st = pool.state.lock();
+        if !st.users.contains(&stream) {
+            st.users.push(stream);
+        }
+        drop(st);
+        Ok((index, pool))
+    }
+
     fn pool_at(&self, idx: u32) -> &StreamPool {
         self.pools[idx as usize]
             .get()
@@ -395,7 +434,11 @@ impl CachingAllocator {
     #[cold]
     fn create_pool(&self, i: usize, stream: Stream) -> &StreamPool {
         let pool = self.pools[i].get_or_init(|| {
-            Box::new(StreamPool { stream, state: Mutex::new(PoolState::new()) })
+            Box::new(StreamPool {
+                stream,
+                private: false,
+                state: Mutex::new(PoolState::new()),
+            })
         });
         self.pools_in_use.fetch_max(i + 1, Relaxed);
         pool
@@ -454,7 +497,7 @@ impl CachingAllocator {
         rounded: u64,
         size: u64,
     ) -> Result<usize> {
-        if self.vm_page != 0 {
+        if self.vm_page != 0 && !pool.private {
             return self.alloc_slow_vm(pool_idx, pool, rounded, size);
         }
         // Recently freed blocks may coalesce into a fit: never grow before trying that.
@@ -539,7 +582,10 @@ impl CachingAllocator {
         if self.history.enabled() {
             self.note_alloc(&mut st, block, pool.stream.index);
         }
-        let (ptr, block_size) = (st.blocks[block as usize].addr, st.blocks[block as usize].size);
+        let (ptr, block_size) = (
+            st.blocks[block as usize].addr,
+            st.blocks[block as usize].size,
+        );
         drop(st);
         self.fire(ptr, block_size, AllocatorEvent::Recycled);
         Some(ptr)
@@ -1335,7 +1381,7 @@ impl CachingAllocator {
                     total_size: seg.size,
                     stream: pool.stream.index,
                     segment_type: seg.kind,
-                    segment_pool_id: (0, 0),
+                    segment_pool_id: (st.pool_id.0, st.pool_id.1),
                     is_expandable: seg.vm.is_some(),
                     unmapped: Self::unmapped_ranges(&st, pos),
                     allocated_size: 0,

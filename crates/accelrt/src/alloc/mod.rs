@@ -20,7 +20,7 @@ pub use history::{
 };
 pub use imp::{
     AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, OomInfo, OomObserver,
-    MAX_STREAM_POOLS,
+    StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
 };
 pub use provider::{MemoryProvider, PageHandle, ProviderError, StreamEvents, VirtualMemory};
 pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};

@@ -282,6 +282,10 @@ pub struct PoolState {
     pub recent: [u32; RECENT_SLOTS],
     /// Context recorded at allocation, for snapshots (only while history records context).
     pub frames: HashMap<u32, super::Frames>,
+    /// Private pools: the pool's id, whether it was released, and the streams it served.
+    pub pool_id: crate::graph::MempoolId,
+    pub released: bool,
+    pub users: Vec<crate::stream::Stream>,
 }
 
 impl Default for PoolState {
@@ -299,6 +303,9 @@ impl Default for PoolState {
             next_id: 0,
             recent: [NIL; RECENT_SLOTS],
             frames: HashMap::new(),
+            pool_id: crate::graph::MempoolId::NONE,
+            released: false,
+            users: Vec::new(),
         }
     }
 }
@@ -628,7 +635,13 @@ impl PoolState {
 
     /// Register a reserved virtual range as an expandable segment: one free, unmapped block.
     pub fn add_vm_segment(&mut self, base: usize, size: u64, kind: PoolKind, page_size: u64) {
-        let idx = self.new_block(Block { addr: base, size, kind, mapped_len: 0, ..Block::vacant() });
+        let idx = self.new_block(Block {
+            addr: base,
+            size,
+            kind,
+            mapped_len: 0,
+            ..Block::vacant()
+        });
         let table = PageTable::new(page_size, size.div_ceil(page_size) as usize);
         self.segments.push(Segment {
             base,

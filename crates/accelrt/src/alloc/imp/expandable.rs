@@ -236,7 +236,10 @@ impl CachingAllocator {
 
     /// Whether the stealing budget (see [`ALLOCS_PER_STEAL`]) allows one more steal.
     fn may_steal(&self) -> bool {
-        let allocs: u64 = self.pools_with_index().map(|(_, p)| p.state.lock().next_id).sum();
+        let allocs: u64 = self
+            .pools_with_index()
+            .map(|(_, p)| p.state.lock().next_id)
+            .sum();
         self.counters.num_page_steals.load(Relaxed) < allocs / ALLOCS_PER_STEAL + INITIAL_STEALS
     }
 

@@ -1,0 +1,195 @@
+//! Private memory pools: routing during capture, memory kept for replays, release.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use accelrt::alloc::{AllocatorConfig, CachingAllocator, StreamFilter};
+use accelrt::backend::host::{HostDriver, HostMemory};
+use accelrt::runtime::Runtime;
+use accelrt::{Backend, Device, DeviceType, MempoolId, Stream, StreamPriority};
+
+const DEV: Device = Device {
+    kind: DeviceType::Host,
+    index: 0,
+};
+const MIB: usize = 1 << 20;
+
+fn allocator() -> CachingAllocator {
+    let mut config = AllocatorConfig::default();
+    config.debug_checks = true;
+    CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap()
+}
+
+fn s(index: u32) -> Stream {
+    Stream { device: DEV, index }
+}
+
+#[test]
+fn allocations_on_filtered_streams_go_to_the_pool_and_stay_there() {
+    let a = allocator();
+    let pool = a.new_pool_id();
+    a.begin_allocate_to_pool(pool, StreamFilter::Only(s(1)))
+        .unwrap();
+    let inside = a.raw_alloc(3 * MIB, s(1)).unwrap();
+    let outside = a.raw_alloc(3 * MIB, s(2)).unwrap(); // other stream: its own pool
+    a.end_allocate_to_pool(pool).unwrap();
+    let snap = a.memory_snapshot();
+    let seg_of = |p: usize| {
+        snap.segments
+            .iter()
+            .find(|g| g.address <= p as u64 && (p as u64) < g.address + g.total_size)
+            .unwrap()
+    };
+    assert_eq!(seg_of(inside).segment_pool_id, (pool.0, pool.1));
+    assert!(
+        !seg_of(inside).is_expandable,
+        "private pools use plain segments"
+    );
+    assert_eq!(seg_of(outside).segment_pool_id, (0, 0));
+    // Freed, the block returns to the private pool: stream 1 does not get it outside capture.
+    a.raw_free(inside).unwrap();
+    let later = a.raw_alloc(3 * MIB, s(1)).unwrap();
+    assert_ne!(
+        later, inside,
+        "memory of a private pool is not handed to ordinary allocations"
+    );
+    // Routing to the pool again (a replay's allocations) reuses its memory.
+    a.begin_allocate_to_pool(pool, StreamFilter::Only(s(1)))
+        .unwrap();
+    let again = a.raw_alloc(3 * MIB, s(1)).unwrap();
+    a.end_allocate_to_pool(pool).unwrap();
+    assert_eq!(again, inside);
+    for p in [outside, later, again] {
+        a.raw_free(p).unwrap();
+    }
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn releasing_the_last_use_gives_memory_back_even_if_blocks_outlive_it() {
+    let a = allocator();
+    let pool = a.new_pool_id();
+    a.begin_allocate_to_pool(pool, StreamFilter::All).unwrap();
+    let x = a.raw_alloc(30 * MIB, s(0)).unwrap();
+    let y = a.raw_alloc(40 * MIB, s(3)).unwrap();
+    a.end_allocate_to_pool(pool).unwrap();
+    a.retain_pool(pool).unwrap(); // e.g. a second graph shares it
+    assert_eq!(a.pool_use_count(pool), Some(2));
+    a.raw_free(x).unwrap();
+    let before = a.reserved_bytes();
+    a.release_pool(pool).unwrap();
+    assert_eq!(
+        a.reserved_bytes(),
+        before,
+        "one use remains: nothing is released"
+    );
+    a.release_pool(pool).unwrap();
+    assert_eq!(
+        a.reserved_bytes(),
+        before - 30 * MIB as u64,
+        "the cached segment goes at once"
+    );
+    a.raw_free(y).unwrap();
+    assert_eq!(
+        a.reserved_bytes(),
+        0,
+        "the last block's segment goes when it is freed"
+    );
+    assert_eq!(
+        a.pool_use_count(pool),
+        None,
+        "an emptied, released pool is gone"
+    );
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn misuse_is_refused() {
+    let a = allocator();
+    let unknown = MempoolId(0, 999);
+    let cases = [
+        (
+            a.begin_allocate_to_pool(MempoolId::NONE, StreamFilter::All)
+                .unwrap_err()
+                .to_string(),
+            "(0, 0) is not a pool",
+        ),
+        (
+            a.end_allocate_to_pool(unknown).unwrap_err().to_string(),
+            "no private pool",
+        ),
+        (
+            a.release_pool(unknown).unwrap_err().to_string(),
+            "no private pool",
+        ),
+        (
+            a.retain_pool(unknown).unwrap_err().to_string(),
+            "no private pool",
+        ),
+    ];
+    for (err, want) in cases {
+        assert!(err.contains(want), "'{err}' lacks '{want}'");
+    }
+}
+
+/// Capture on a host stream: the captured task writes into memory allocated during the
+/// capture; each replay runs it again on that memory; reset gives the memory back.
+#[test]
+fn graph_capture_replay_and_release_with_a_private_pool() {
+    std::env::remove_var("ACCELRT_ALLOC_CONF");
+    let rt: Runtime<HostDriver> = Runtime::with_driver(HostDriver::with_devices(1).unwrap());
+    let alloc = rt.allocator(0).unwrap();
+    let stream = rt.new_stream(0, StreamPriority::Normal).unwrap();
+    let graph = rt.graph_create(0).unwrap();
+    rt.graph_capture_begin(graph, stream, MempoolId::NONE)
+        .unwrap();
+    let buf = alloc.raw_alloc(8 * MIB, stream).unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    rt.launch_host(
+        stream,
+        Arc::new(move || {
+            // SAFETY: buf is an 8 MiB host buffer kept by the graph's pool for its replays.
+            let counter = unsafe { &*(buf as *const AtomicU64) };
+            counter.fetch_add(1, Ordering::Relaxed);
+            r.fetch_add(1, Ordering::Relaxed);
+        }),
+    )
+    .unwrap();
+    rt.graph_capture_end(graph).unwrap();
+    assert_eq!(
+        runs.load(Ordering::Relaxed),
+        0,
+        "capture records, it does not run"
+    );
+    let pool = rt.graph_pool(graph).unwrap();
+    assert_eq!(alloc.pool_use_count(pool), Some(1));
+    // SAFETY: buf is live; zero its counter before the replays.
+    unsafe { (*(buf as *const AtomicU64)).store(0, Ordering::Relaxed) };
+    for _ in 0..3 {
+        rt.graph_replay(graph).unwrap();
+    }
+    rt.stream_synchronize(stream).unwrap();
+    // SAFETY: as above; the stream has finished.
+    assert_eq!(
+        unsafe { (*(buf as *const AtomicU64)).load(Ordering::Relaxed) },
+        3
+    );
+    // The program drops its tensor: the block stays in the graph's pool.
+    alloc.raw_free(buf).unwrap();
+    let other = alloc.raw_alloc(8 * MIB, stream).unwrap();
+    assert_ne!(
+        other, buf,
+        "the graph's memory is not handed out while the graph lives"
+    );
+    alloc.raw_free(other).unwrap();
+    let reserved = alloc.reserved_bytes();
+    rt.graph_reset(graph).unwrap();
+    assert!(
+        alloc.reserved_bytes() < reserved,
+        "reset released the graph's pool"
+    );
+    assert_eq!(alloc.pool_use_count(pool), None);
+    rt.graph_destroy(graph).unwrap();
+    alloc.check_invariants().unwrap();
+}
