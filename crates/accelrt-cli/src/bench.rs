@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Threads in the multi-thread bench, each on its own stream.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
+    /// Where the allocator's segments and the benched events come from: `host` (simulated
+    /// device memory, host events; the default) or `cuda` (device 0's memory and CUDA events).
+    #[arg(long, value_name = "host|cuda", default_value = "host")]
+    pub backend: DeviceType,
 }
 
 /// Simulated device size: large enough for the random workloads' peaks (tens of GiB of
@@ -38,10 +42,18 @@ const BENCH_CAPACITY: u64 = 256 << 30;
 /// Request sizes of the pair benches.
 const PAIR_SIZES: [usize; 7] = [512, 4096, 1 << 20, 2 << 20, 20 << 20, 64 << 20, 1 << 30];
 
-const DEVICE: Device = Device {
+const HOST_DEVICE: Device = Device {
     kind: DeviceType::Host,
     index: 0,
 };
+
+/// Where bench allocators take their segments: a fresh simulated host device each time, or
+/// one real device's memory provider (shared; each bench empties its cache when done).
+#[derive(Clone)]
+struct Target {
+    device: Device,
+    provider: Option<Arc<dyn MemoryProvider>>,
+}
 
 /// How much work each bench does.
 struct Plan {
@@ -86,9 +98,12 @@ fn bench_config() -> AllocatorConfig {
     }
 }
 
-fn fresh_allocator() -> Result<CachingAllocator, Error> {
-    let provider: Arc<dyn MemoryProvider> = Arc::new(HostMemory::new(BENCH_CAPACITY));
-    CachingAllocator::new(DEVICE, provider, None, bench_config())
+fn fresh_allocator(target: &Target) -> Result<CachingAllocator, Error> {
+    let provider: Arc<dyn MemoryProvider> = match &target.provider {
+        Some(p) => Arc::clone(p),
+        None => Arc::new(HostMemory::new(BENCH_CAPACITY)),
+    };
+    CachingAllocator::new(target.device, provider, None, bench_config())
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -120,7 +135,7 @@ fn warm_up(alloc: &CachingAllocator, size: usize, stream: Stream, pairs: u64) ->
 /// Median ns of a cached `raw_alloc` + `raw_free` pair of `size` bytes on one stream.
 fn accelrt_pair_ns(alloc: &CachingAllocator, size: usize, plan: &Plan) -> Result<f64, Error> {
     let stream = Stream {
-        device: DEVICE,
+        device: alloc.device(),
         index: 0,
     };
     warm_up(alloc, size, stream, plan.pair_iters.min(1_000))?;
@@ -172,6 +187,24 @@ fn system_pair_ns(size: usize, plan: &Plan) -> Result<f64, Error> {
             pair()?;
         }
         per_batch.push(ns_per(start.elapsed(), iters));
+    }
+    Ok(median(per_batch))
+}
+
+/// Median ns of a cached pinned-host alloc+free pair, through the backend's own pinned
+/// allocator (page-locked memory on CUDA, host memory on the host backend).
+fn pinned_pair_ns(kind: accelrt::DeviceType, size: usize, plan: &Plan) -> Result<f64, Error> {
+    let pinned = accelrt::backend(kind).pinned_allocator()?;
+    let warm = pinned.allocate(size)?;
+    pinned.free(warm)?;
+    let mut per_batch = Vec::with_capacity(plan.pair_batches);
+    for _ in 0..plan.pair_batches {
+        let start = Instant::now();
+        for _ in 0..plan.pair_iters {
+            let p = pinned.allocate(black_box(size))?;
+            pinned.free(black_box(p))?;
+        }
+        per_batch.push(ns_per(start.elapsed(), plan.pair_iters));
     }
     Ok(median(per_batch))
 }
@@ -232,10 +265,16 @@ impl RandomResult {
 /// allocations of sizes uniform in 1..=`max_size`; then `ops` times, free a random one and
 /// allocate a new one in its place. ns per call = loop time / (2 × ops). The random choices
 /// are drawn before the clock starts.
-fn random_workload(live: usize, max_size: u64, ops: u64, seed: u64) -> Result<RandomResult, Error> {
-    let alloc = fresh_allocator()?;
+fn random_workload(
+    target: &Target,
+    live: usize,
+    max_size: u64,
+    ops: u64,
+    seed: u64,
+) -> Result<RandomResult, Error> {
+    let alloc = fresh_allocator(target)?;
     let stream = Stream {
-        device: DEVICE,
+        device: alloc.device(),
         index: 0,
     };
     let mut rng = SplitMix64(seed);
@@ -272,6 +311,7 @@ fn random_workload(live: usize, max_size: u64, ops: u64, seed: u64) -> Result<Ra
     for p in ptrs {
         alloc.raw_free(p)?;
     }
+    alloc.empty_cache()?;
     Ok(RandomResult {
         live,
         max_size,
@@ -287,8 +327,13 @@ fn random_workload(live: usize, max_size: u64, ops: u64, seed: u64) -> Result<Ra
 /// Cached pairs per second over `threads` threads, each on its own stream, all released
 /// together. The window runs from the first worker's start to the last worker's end, as the
 /// workers themselves see it (so a descheduled main thread cannot shorten it).
-fn pairs_per_sec(threads: u32, pairs_per_thread: u64, size: usize) -> Result<f64, Error> {
-    let alloc = fresh_allocator()?;
+fn pairs_per_sec(
+    target: &Target,
+    threads: u32,
+    pairs_per_thread: u64,
+    size: usize,
+) -> Result<f64, Error> {
+    let alloc = fresh_allocator(target)?;
     let barrier = Barrier::new(threads as usize);
     let windows = std::thread::scope(|scope| -> Result<Vec<(Instant, Instant)>, Error> {
         let workers: Vec<_> = (0..threads)
@@ -296,7 +341,7 @@ fn pairs_per_sec(threads: u32, pairs_per_thread: u64, size: usize) -> Result<f64
                 let (alloc, barrier) = (&alloc, &barrier);
                 scope.spawn(move || -> Result<(Instant, Instant), Error> {
                     let stream = Stream {
-                        device: DEVICE,
+                        device: alloc.device(),
                         index: t + 1,
                     };
                     let warm = warm_up(alloc, size, stream, pairs_per_thread.min(1_000));
@@ -320,6 +365,7 @@ fn pairs_per_sec(threads: u32, pairs_per_thread: u64, size: usize) -> Result<f64
             })
             .collect()
     })?;
+    alloc.empty_cache()?;
     let first = windows.iter().map(|w| w.0).min();
     let last = windows.iter().map(|w| w.1).max();
     let elapsed = match (first, last) {
@@ -384,9 +430,19 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
         eprintln!("note: this is a debug build; bench numbers are only meaningful with `cargo run --release`");
     }
 
+    let target = match crate::replay::backend_provider(args.backend)? {
+        None => Target {
+            device: HOST_DEVICE,
+            provider: None,
+        },
+        Some((device, provider)) => Target {
+            device,
+            provider: Some(provider),
+        },
+    };
     let mut fast = Map::new();
     let mut system = Map::new();
-    let pair_alloc = fresh_allocator()?;
+    let pair_alloc = fresh_allocator(&target)?;
     for size in PAIR_SIZES {
         fast.insert(
             size.to_string(),
@@ -394,19 +450,25 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
         );
         system.insert(size.to_string(), json!(system_pair_ns(size, &plan)?));
     }
+    pair_alloc.empty_cache()?;
     drop(pair_alloc);
 
     const SEED: u64 = 42;
-    let random_64 = random_workload(1000, 64 << 20, plan.random_ops, SEED)?;
-    let random_1 = random_workload(1000, 1 << 20, plan.random_ops, SEED)?;
-    let random_256 = random_workload(200, 256 << 20, plan.random_ops, SEED)?;
+    let random_64 = random_workload(&target, 1000, 64 << 20, plan.random_ops, SEED)?;
+    let random_1 = random_workload(&target, 1000, 1 << 20, plan.random_ops, SEED)?;
+    let random_256 = random_workload(&target, 200, 256 << 20, plan.random_ops, SEED)?;
 
     const THREAD_PAIR_SIZE: usize = 4096;
     // Best of a few runs: throughput only ever drops under outside load.
     let best = |threads: u32| -> Result<f64, Error> {
         let mut best = 0.0f64;
         for _ in 0..plan.thread_reps {
-            best = best.max(pairs_per_sec(threads, plan.thread_pairs, THREAD_PAIR_SIZE)?);
+            best = best.max(pairs_per_sec(
+                &target,
+                threads,
+                plan.thread_pairs,
+                THREAD_PAIR_SIZE,
+            )?);
         }
         Ok(best)
     };
@@ -422,7 +484,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
         "scaling": total / single.max(1e-9),
     });
 
-    let events = crate::bench_events::run_event_benches(plan.event_iters);
+    let events = crate::bench_events::run_event_benches(plan.event_iters, args.backend);
 
     let mut out = Map::new();
     out.insert("accelrt_version".into(), json!(env!("CARGO_PKG_VERSION")));
@@ -430,9 +492,25 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
     out.insert("quick".into(), json!(args.quick));
     out.insert("date".into(), json!(utc_now()));
     out.insert("machine".into(), machine());
+    out.insert("backend".into(), json!(args.backend.name()));
+    out.insert(
+        "device".into(),
+        json!(accelrt::backend(target.device.kind)
+            .device_properties(target.device.index)
+            .map(|p| p.name)
+            .unwrap_or_default()),
+    );
     out.insert("config".into(), json!(bench_config().to_conf_string()));
     out.insert("fast_path_pair_ns".into(), Value::Object(fast));
     out.insert("system_malloc_pair_ns".into(), Value::Object(system));
+    let mut pinned = Map::new();
+    for size in [4096usize, 1 << 20] {
+        pinned.insert(
+            size.to_string(),
+            json!(pinned_pair_ns(target.device.kind, size, &plan)?),
+        );
+    }
+    out.insert("pinned_pair_ns".into(), Value::Object(pinned));
     out.insert("random_ns_per_call".into(), json!(random_64.ns_per_call));
     out.insert("random_ratio".into(), json!(random_64.ratio()));
     out.insert(
@@ -494,6 +572,11 @@ fn print_human(out: &Map<String, Value>, event_keys: &[String], randoms: &[&Rand
         machine["cores"],
     );
     println!("config: {}", out["config"].as_str().unwrap_or("?"));
+    println!(
+        "backend: {} ({})",
+        out["backend"].as_str().unwrap_or("?"),
+        out["device"].as_str().unwrap_or("?")
+    );
     println!();
     println!("cached alloc+free pair on one stream (median ns per pair)");
     println!(
@@ -508,6 +591,12 @@ fn print_human(out: &Map<String, Value>, event_keys: &[String], randoms: &[&Rand
             num(&out["fast_path_pair_ns"][&key]),
             num(&out["system_malloc_pair_ns"][&key])
         );
+    }
+    println!();
+    println!("cached pinned-host alloc+free pair (median ns per pair)");
+    for (key, ns) in out["pinned_pair_ns"].as_object().into_iter().flatten() {
+        let bytes: u64 = key.parse().unwrap_or(0);
+        println!("  {:>10}  {:>9.1}", format_size(bytes), num(ns));
     }
     println!();
     println!("random allocations (RMM-style: free a random live allocation, allocate another)");

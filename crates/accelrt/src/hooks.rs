@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::alloc::CachingAllocator;
+use crate::alloc::{CachingAllocator, PinnedAllocator};
 use crate::device::{DeviceProperties, DeviceType};
 use crate::error::Result;
 use crate::event::EventId;
@@ -69,6 +69,19 @@ pub trait Backend: Send + Sync {
     fn new_stream(&self, device: u32, priority: StreamPriority) -> Result<Stream>;
     /// The native handle (CUstream address; host: the stream's worker id).
     fn stream_native_handle(&self, stream: Stream) -> Result<u64>;
+    /// A handle for a native stream created elsewhere (CUDA: a `CUstream` made by PyTorch or
+    /// a library), used without owning it: the backend never destroys it. Wrapping the same
+    /// handle again returns the same `Stream`; handle 0 is the default stream.
+    ///
+    /// # Safety
+    /// `handle` must be a live native stream of `device` (CUDA: of its primary context) that
+    /// stays alive for as long as the returned `Stream` is used.
+    unsafe fn wrap_external_stream(&self, _device: u32, _handle: u64) -> Result<Stream> {
+        Err(crate::Error::unsupported(
+            self.device_type(),
+            "wrapping an external stream",
+        ))
+    }
     /// Flush queued work to the device (MPS `commit`); a no-op where work is never batched.
     fn stream_commit(&self, stream: Stream) -> Result<()>;
     fn stream_synchronize(&self, stream: Stream) -> Result<()>;
@@ -95,7 +108,8 @@ pub trait Backend: Send + Sync {
 
     // ---- pinned host memory ---------------------------------------------------------------
     fn is_pinned_ptr(&self, ptr: usize) -> bool;
-    fn pinned_allocator(&self) -> Result<Arc<CachingAllocator>>;
+    /// The caching allocator of page-locked host memory.
+    fn pinned_allocator(&self) -> Result<Arc<PinnedAllocator>>;
 
     // ---- random numbers -------------------------------------------------------------------
     fn default_generator(&self, device: u32) -> Result<Arc<Generator>>;
@@ -116,6 +130,14 @@ pub trait Backend: Send + Sync {
     // ---- memory (delegates to the device's caching allocator) ------------------------------
     /// The device's caching allocator, created on first use.
     fn allocator(&self, device: u32) -> Result<Arc<CachingAllocator>>;
+    /// The raw memory provider under the device's allocator (for building other allocators
+    /// over the same device, e.g. `accelrt replay --backend cuda`).
+    fn memory_provider(&self, _device: u32) -> Result<Arc<dyn crate::alloc::MemoryProvider>> {
+        Err(crate::Error::unsupported(
+            self.device_type(),
+            "memory_provider()",
+        ))
+    }
     fn empty_cache(&self, device: u32) -> Result<()> {
         self.allocator(device)?.empty_cache()
     }
@@ -128,5 +150,30 @@ pub trait Backend: Send + Sync {
     }
     fn set_memory_fraction(&self, device: u32, fraction: f64) -> Result<()> {
         self.allocator(device)?.set_memory_fraction(fraction)
+    }
+
+    // ---- profiler (PyTorch MPS's profilerStartTrace / profilerStopTrace) --------------------
+    /// Start recording a timeline of what `mode` selects (event records, waits and
+    /// synchronizations; host tasks as executed; allocations, frees and segment allocations
+    /// from the allocators' memory history, which the trace turns on). With
+    /// `wait_until_completed`, stopping first synchronizes every device, so work still queued
+    /// is in the trace. An error if a trace is already running.
+    fn profiler_start_trace(
+        &self,
+        _mode: crate::profiler::ProfilerMode,
+        _wait_until_completed: bool,
+    ) -> Result<()> {
+        Err(crate::Error::unsupported(
+            self.device_type(),
+            "the profiler",
+        ))
+    }
+    /// End the running trace and return it (write it with
+    /// [`crate::profiler::ProfilerTrace::write_chrome_trace`]). An error if none runs.
+    fn profiler_stop_trace(&self) -> Result<crate::profiler::ProfilerTrace> {
+        Err(crate::Error::unsupported(
+            self.device_type(),
+            "the profiler",
+        ))
     }
 }

@@ -15,8 +15,8 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::{Mutex, RwLock};
 
 use crate::alloc::{
-    format_size, AllocatorConfig, CachingAllocator, HistoryConfig, StreamEvents, StreamFilter,
-    ALLOC_CONF_ENV,
+    format_size, AllocatorConfig, CachingAllocator, HistoryConfig, PinnedAllocator, StreamEvents,
+    StreamFilter, ALLOC_CONF_ENV,
 };
 use crate::device::{Device, DeviceProperties, DeviceType};
 use crate::driver::Driver;
@@ -561,7 +561,7 @@ fn unknown_graph(g: GraphId) -> Error {
 struct Ready<D: Driver> {
     core: Arc<Core<D>>,
     allocators: Box<[Lazy<Arc<CachingAllocator>>]>,
-    pinned: Lazy<Arc<CachingAllocator>>,
+    pinned: Lazy<Arc<PinnedAllocator>>,
     graphs: Mutex<HashMap<u64, GraphEntry<D::Graph>>>,
     next_graph: AtomicU64,
 }
@@ -1145,26 +1145,18 @@ impl<D: Driver> Backend for Runtime<D> {
         })
     }
 
-    fn pinned_allocator(&self) -> Result<Arc<CachingAllocator>> {
+    fn pinned_allocator(&self) -> Result<Arc<PinnedAllocator>> {
         let ready = self.ready()?;
         ready
             .pinned
             .get_or_try_init(|| {
-                let config = AllocatorConfig::from_env()?;
                 let provider = ready.core.driver.pinned_memory_provider()?;
                 // Pinned buffers are used by work on the backend's streams (copies on CUDA
-                // streams): the allocator takes device 0's stream handles, so `record_stream`
-                // works with them.
-                let device = Device {
-                    kind: D::KIND,
-                    index: 0,
-                };
-                Ok(Arc::new(CachingAllocator::new(
-                    device,
+                // streams): with the event pool, `record_stream` gates their reuse.
+                Ok(Arc::new(PinnedAllocator::new(
                     provider,
                     Some(self.events_adapter()?),
-                    config,
-                )?))
+                )))
             })
             .cloned()
     }

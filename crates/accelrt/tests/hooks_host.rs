@@ -395,13 +395,13 @@ fn pinned_pointers_are_recognised() {
     let pinned = rt.pinned_allocator().unwrap();
     assert!(Arc::ptr_eq(&pinned, &rt.pinned_allocator().unwrap()));
     let stream = rt.default_stream(0).unwrap();
-    let ptr = pinned.raw_alloc(1 << 16, stream).unwrap();
+    let ptr = pinned.allocate(1 << 16).unwrap();
     assert!(rt.is_pinned_ptr(ptr));
     let device_ptr = rt.allocator(0).unwrap().raw_alloc(1 << 16, stream).unwrap();
     assert!(
         !rt.is_pinned_ptr(device_ptr),
         "device memory is not pinned memory"
     );
-    pinned.raw_free(ptr).unwrap();
+    pinned.free(ptr).unwrap();
     rt.allocator(0).unwrap().raw_free(device_ptr).unwrap();
 }

@@ -7,6 +7,7 @@ mod config;
 mod history;
 mod imp;
 mod pagemap;
+mod pinned;
 mod pool;
 mod provider;
 mod size;
@@ -22,6 +23,7 @@ pub use imp::{
     AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, OomInfo, OomObserver,
     StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
 };
+pub use pinned::{PinnedAllocator, PinnedStats};
 pub use provider::{MemoryProvider, PageHandle, ProviderError, StreamEvents, VirtualMemory};
 pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
 pub use stats::{EventCounters, MemoryStats, PoolKind, PoolStats, Stat};

@@ -1,10 +1,12 @@
 //! Backends: drivers for each device type, and the stand-in for backends not compiled in.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod host;
 
 use std::sync::Arc;
 
-use crate::alloc::CachingAllocator;
+use crate::alloc::{CachingAllocator, PinnedAllocator};
 use crate::device::{DeviceProperties, DeviceType};
 use crate::error::{Error, Result};
 use crate::event::EventId;
@@ -119,6 +121,9 @@ impl Backend for UnavailableBackend {
     fn stream_native_handle(&self, _stream: Stream) -> Result<u64> {
         self.fail()
     }
+    unsafe fn wrap_external_stream(&self, _device: u32, _handle: u64) -> Result<Stream> {
+        self.fail()
+    }
     fn stream_commit(&self, _stream: Stream) -> Result<()> {
         self.fail()
     }
@@ -161,7 +166,7 @@ impl Backend for UnavailableBackend {
     fn is_pinned_ptr(&self, _ptr: usize) -> bool {
         false
     }
-    fn pinned_allocator(&self) -> Result<Arc<CachingAllocator>> {
+    fn pinned_allocator(&self) -> Result<Arc<PinnedAllocator>> {
         self.fail()
     }
     fn default_generator(&self, _device: u32) -> Result<Arc<Generator>> {
@@ -197,6 +202,9 @@ impl Backend for UnavailableBackend {
         self.fail()
     }
     fn allocator(&self, _device: u32) -> Result<Arc<CachingAllocator>> {
+        self.fail()
+    }
+    fn memory_provider(&self, _device: u32) -> Result<Arc<dyn crate::alloc::MemoryProvider>> {
         self.fail()
     }
 }
