@@ -1,5 +1,7 @@
-//! Event fast paths on the host backend: pooled acquire + release (RAII and id API) and
-//! record + query of a non-timing event on an idle stream.
+//! Event fast paths on a backend: pooled acquire + release (RAII and id API), record + query
+//! of a non-timing event on an idle stream, and the full pooled cycle (acquire + record +
+//! query + release) next to the driver's own record + query of one pre-made event (for CUDA:
+//! `cuEventRecord` + `cuEventQuery` through the backend's one-line wrappers), in the same run.
 //!
 //! Each measurement times batches of [`BATCH`] operations and reports the median batch, in
 //! nanoseconds per operation, so a preempted batch does not skew the result.
@@ -7,7 +9,9 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use accelrt::{DeviceType, Error, StreamPriority};
+use accelrt::driver::Driver;
+use accelrt::runtime::Runtime;
+use accelrt::{Backend, DeviceType, Error, StreamPriority};
 use serde_json::{json, Value};
 
 /// Operations per timed batch.
@@ -32,15 +36,15 @@ fn median_ns(iters: u64, mut op: impl FnMut() -> Result<(), Error>) -> Result<f6
     Ok(per_op[per_op.len() / 2])
 }
 
-fn measure(iters: u64) -> Result<Value, Error> {
-    let runtime = accelrt::registry::host();
+fn measure<D: Driver>(runtime: &'static Runtime<D>, iters: u64) -> Result<Value, Error> {
+    let backend: &dyn Backend = runtime;
+    backend.init()?;
     let pool = runtime.event_pool()?;
     let raii = median_ns(iters, || {
         black_box(pool.acquire(0, false)?);
         Ok(())
     })?;
 
-    let backend = accelrt::backend(DeviceType::Host);
     let id_api = median_ns(iters, || {
         let id = backend.event_acquire(0, false)?;
         backend.event_release(black_box(id))
@@ -55,24 +59,71 @@ fn measure(iters: u64) -> Result<Value, Error> {
         Ok(())
     });
     backend.event_release(event)?;
+    let record_query = record_query?;
+
+    // The full pooled cycle, through the runtime's RAII events (its fast path) ...
+    let pooled_cycle = median_ns(iters, || {
+        let ev = runtime.event(0, false)?;
+        ev.record(stream)?;
+        black_box(ev.query()?);
+        Ok(())
+    })?;
+    // ... and the driver's bare record + query of one event it made, on the same stream.
+    let raw = runtime.with_stream(stream, |driver, raw_stream| {
+        let ev = driver.event_create(0, false)?;
+        median_ns(iters, || {
+            driver.event_record(&ev, raw_stream)?;
+            black_box(driver.event_query(&ev)?);
+            Ok(())
+        })
+    })?;
+    backend.stream_synchronize(stream)?;
 
     Ok(json!({
         "event_acquire_release_ns": raii,
         "event_id_acquire_release_ns": id_api,
-        "event_record_query_ns": record_query?,
+        "event_record_query_ns": record_query,
+        "event_pooled_cycle_ns": pooled_cycle,
+        "event_raw_record_query_ns": raw,
+        "event_pooled_vs_raw": pooled_cycle / raw.max(1e-9),
     }))
 }
 
-/// Run the event benches for about `iters` operations each. A failure (host backend
-/// unavailable) gives `null` timings and an `event_bench_error` that says why.
-pub fn run_event_benches(iters: u64) -> Value {
-    measure(iters).unwrap_or_else(|e| {
-        json!({
-            "event_acquire_release_ns": null,
-            "event_id_acquire_release_ns": null,
-            "event_record_query_ns": null,
-            "event_bench_error": e.to_string(),
-        })
+fn measure_backend(iters: u64, kind: DeviceType) -> Result<Value, Error> {
+    match kind {
+        DeviceType::Host => measure(accelrt::registry::host(), iters),
+        #[cfg(feature = "cuda")]
+        DeviceType::Cuda => measure(accelrt::registry::cuda(), iters),
+        #[cfg(not(feature = "cuda"))]
+        DeviceType::Cuda => Err(Error::BackendUnavailable {
+            backend: kind,
+            reason: accelrt::backend(kind)
+                .unavailable_reason()
+                .unwrap_or_else(|| "built without the cuda backend (feature `cuda`)".into()),
+        }),
+    }
+}
+
+/// The keys [`run_event_benches`] reports.
+pub const EVENT_KEYS: [&str; 6] = [
+    "event_acquire_release_ns",
+    "event_id_acquire_release_ns",
+    "event_record_query_ns",
+    "event_pooled_cycle_ns",
+    "event_raw_record_query_ns",
+    "event_pooled_vs_raw",
+];
+
+/// Run the event benches on `kind`'s device 0 for about `iters` operations each. A failure
+/// (backend unavailable) gives `null` timings and an `event_bench_error` that says why.
+pub fn run_event_benches(iters: u64, kind: DeviceType) -> Value {
+    measure_backend(iters, kind).unwrap_or_else(|e| {
+        let mut v = serde_json::Map::new();
+        for key in EVENT_KEYS {
+            v.insert(key.into(), Value::Null);
+        }
+        v.insert("event_bench_error".into(), json!(e.to_string()));
+        Value::Object(v)
     })
 }
 
@@ -81,17 +132,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reports_the_three_timings_as_positive_numbers() {
-        let v = run_event_benches(2000);
-        for key in [
-            "event_acquire_release_ns",
-            "event_id_acquire_release_ns",
-            "event_record_query_ns",
-        ] {
+    fn reports_every_timing_as_a_positive_number() {
+        let v = run_event_benches(2000, DeviceType::Host);
+        for key in EVENT_KEYS {
             let ns = v[key]
                 .as_f64()
                 .unwrap_or_else(|| panic!("{key} missing in {v}"));
             assert!(ns > 0.0 && ns < 1e6, "{key} = {ns}");
         }
+    }
+
+    #[test]
+    fn an_unavailable_backend_gives_nulls_and_the_reason() {
+        if accelrt::backend(DeviceType::Cuda).is_available() {
+            return; // a GPU machine: nothing unavailable to test with
+        }
+        let v = run_event_benches(10, DeviceType::Cuda);
+        assert_eq!(v["event_pooled_cycle_ns"], Value::Null);
+        let reason = v["event_bench_error"].as_str().unwrap();
+        assert!(reason.contains("cuda backend is unavailable"), "{reason}");
     }
 }

@@ -3,7 +3,9 @@
 mod bench;
 mod bench_events;
 mod info;
+mod outputs;
 mod replay;
+mod snapshot_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,8 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Measure the allocator and event fast paths.
     Bench(bench::BenchArgs),
+    /// Draw or convert a memory snapshot (PyTorch pickle or accelrt JSON).
+    Snapshot(snapshot_cmd::SnapshotArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +38,7 @@ fn main() -> std::process::ExitCode {
         Command::Info(a) => info::run(a),
         Command::Replay(a) => replay::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Snapshot(a) => snapshot_cmd::run(a),
     };
     match result {
         Ok(code) => code,

@@ -3,15 +3,20 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use accelrt::alloc::{format_size, AllocatorConfig};
+use accelrt::alloc::{format_size, AllocatorConfig, MemoryProvider};
 use accelrt::trace::{self, ReplayOptions, ReplayOutcome, Trace};
-use accelrt::Error;
+use accelrt::{Device, DeviceType, Error};
+
+use crate::outputs;
 
 /// Arguments of `accelrt replay`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplayArgs {
-    /// Trace files, plain text or gzip (see traces/FORMAT.md), e.g. traces/resnet50_train.trace.gz.
+    /// Trace files, plain text or gzip (see traces/FORMAT.md), e.g. traces/resnet50_train.trace.gz,
+    /// or memory snapshots: a PyTorch `torch.cuda.memory._dump_snapshot()` pickle (each
+    /// device's `alloc`/`free_requested` entries are replayed) or accelrt's JSON snapshot.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
     /// Allocator configuration, in ACCELRT_ALLOC_CONF syntax (e.g. 'expandable_segments:true');
@@ -26,6 +31,44 @@ pub struct ReplayArgs {
     /// Default: this machine's physical memory (pages are never touched, so any size works).
     #[arg(long, value_name = "BYTES", value_parser = parse_capacity)]
     pub capacity: Option<u64>,
+    /// Whose memory the allocator gets its segments from: `host` (simulated device memory,
+    /// the default) or `cuda` (device 0's real memory, through cuMemAlloc).
+    #[arg(long, value_name = "host|cuda", default_value = "host")]
+    pub backend: DeviceType,
+    /// Replay again with memory history on and write the snapshot at the end of the replay,
+    /// with its full history: a PyTorch pickle (loadable by pickle.load and
+    /// https://pytorch.org/memory_viz), or accelrt's JSON when OUT ends in `.json`. With
+    /// several traces or configurations, the trace and configuration are added to the name.
+    #[arg(long, value_name = "OUT.pickle")]
+    pub snapshot: Option<PathBuf>,
+    /// Write the picture: one self-contained HTML page with memory over time and the segment
+    /// map at the peak (file names as for --snapshot).
+    #[arg(long, value_name = "OUT.html")]
+    pub html: Option<PathBuf>,
+    /// Write the replay's allocator events as a Chrome trace (Perfetto, chrome://tracing)
+    /// (file names as for --snapshot).
+    #[arg(long, value_name = "OUT.json")]
+    pub profile: Option<PathBuf>,
+}
+
+/// A real device and its memory provider.
+pub(crate) type DeviceMemory = (Device, Arc<dyn MemoryProvider>);
+
+/// The memory provider of `backend`'s device 0, or why it cannot be had. `None` for the host
+/// backend: each replay gets a fresh simulated device of `--capacity` bytes.
+pub(crate) fn backend_provider(backend: DeviceType) -> Result<Option<DeviceMemory>, Error> {
+    if backend == DeviceType::Host {
+        return Ok(None);
+    }
+    let hooks = accelrt::backend(backend);
+    if let Some(reason) = hooks.unavailable_reason() {
+        return Err(Error::BackendUnavailable { backend, reason });
+    }
+    let device = Device {
+        kind: backend,
+        index: 0,
+    };
+    Ok(Some((device, hooks.memory_provider(0)?)))
 }
 
 /// A configuration to replay under, with the label the user gave it.
@@ -38,56 +81,121 @@ struct NamedConfig {
 /// end, after printing every result it has; each failure is on stderr, naming file and line.
 pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
     let configs = parse_configs(&args.alloc_conf)?;
+    if args.capacity.is_some() && args.backend != DeviceType::Host {
+        return Err(Error::InvalidArgument(format!(
+            "--capacity sizes the simulated host device; with --backend {} the device's memory \
+             is real: cap it with --alloc-conf per_process_memory_fraction:F instead",
+            args.backend
+        )));
+    }
+    let target = backend_provider(args.backend)?;
     if cfg!(debug_assertions) && !args.json {
         eprintln!(
             "note: this is a debug build; ns/call is only meaningful with `cargo run --release`"
         );
     }
     let mut failed = false;
-    for (n, path) in args.files.iter().enumerate() {
-        let trace = match trace::load(path) {
-            Ok(t) => t,
+    let mut outputs = outputs::Outputs::new(
+        args.snapshot.clone(),
+        args.html.clone(),
+        args.profile.clone(),
+        args.files.len() > 1,
+        configs.len() > 1,
+    );
+    let mut shown = 0;
+    for path in &args.files {
+        let inputs = match outputs::load_inputs(path) {
+            Ok(inputs) => inputs,
             Err(e) => {
                 eprintln!("error: {e}");
                 failed = true;
                 continue;
             }
         };
-        if !args.json {
-            if n > 0 {
-                println!();
-            }
-            print_trace_heading(&trace);
+        if inputs.len() > 1 {
+            outputs.set_several_inputs();
         }
-        let mut rows = Vec::with_capacity(configs.len());
-        for named in &configs {
-            let opts = ReplayOptions {
-                config: named.config.clone(),
-                capacity: args.capacity,
-            };
-            let outcome = trace::replay(&trace, &opts);
-            if args.json {
-                println!("{}", json_line(&trace, named, &outcome, args.capacity));
+        for input in &inputs {
+            let trace = &input.trace;
+            let passes = configs.len() as u64 * if outputs.any() { 2 } else { 1 };
+            let progress =
+                outputs::Progress::new(args.json, passes * trace.ops.len() as u64, &trace.name);
+            if !args.json {
+                if shown > 0 {
+                    println!();
+                }
+                shown += 1;
+                if let Some((device, _)) = &target {
+                    println!("backend: {device} (real device memory)");
+                }
+                print_trace_heading(trace);
             }
-            if let Some(e) = &outcome.error {
-                failed = true;
-                let hint = if outcome.is_out_of_memory() {
-                    match args.capacity {
-                        Some(c) => format!(
-                            " (the simulated device has {}; try a larger --capacity)",
-                            format_size(c)
-                        ),
-                        None => " (try a larger --capacity)".to_string(),
-                    }
-                } else {
-                    String::new()
+            let mut rows = Vec::with_capacity(configs.len());
+            let mut files = Vec::new();
+            for named in &configs {
+                progress.set_label(&format!("{} [{}]", trace.name, named.label));
+                let opts = ReplayOptions {
+                    config: named.config.clone(),
+                    capacity: args.capacity,
                 };
-                eprintln!("error: [{}] {e}{hint}", named.label);
+                let outcome = match &target {
+                    None => trace::replay(trace, &opts),
+                    Some((device, provider)) => {
+                        trace::replay_on(trace, &opts.config, Arc::clone(provider), *device)
+                    }
+                };
+                progress.advance(trace.ops.len() as u64);
+                let mut written = outputs::Written::default();
+                if outputs.any() {
+                    match outputs.write(input, &named.label, &opts, args.backend, &progress) {
+                        Ok(w) => written = w,
+                        Err(e) => {
+                            failed = true;
+                            progress.suspend(|| eprintln!("error: [{}] {e}", named.label));
+                        }
+                    }
+                }
+                if args.json {
+                    let mut line = json_line(trace, named, &outcome, args.capacity);
+                    if let Some(map) = line.as_object_mut() {
+                        map.insert("backend".into(), args.backend.name().into());
+                        map.insert("input".into(), input.kind.into());
+                        for (key, file) in [
+                            ("snapshot_file", &written.snapshot),
+                            ("html_file", &written.html),
+                            ("profile_file", &written.profile),
+                        ] {
+                            if let Some(f) = file {
+                                map.insert(key.into(), f.display().to_string().into());
+                            }
+                        }
+                    }
+                    println!("{line}");
+                } else {
+                    files.push(written);
+                }
+                if let Some(e) = &outcome.error {
+                    failed = true;
+                    let hint = if outcome.is_out_of_memory() {
+                        match args.capacity {
+                            Some(c) => format!(
+                                " (the simulated device has {}; try a larger --capacity)",
+                                format_size(c)
+                            ),
+                            None => " (try a larger --capacity)".to_string(),
+                        }
+                    } else {
+                        String::new()
+                    };
+                    progress.suspend(|| eprintln!("error: [{}] {e}{hint}", named.label));
+                }
+                rows.push((named.label.as_str(), outcome));
             }
-            rows.push((named.label.as_str(), outcome));
-        }
-        if !args.json {
-            print_table(&trace, &rows);
+            progress.clear();
+            if !args.json {
+                print_table(trace, &rows);
+                files.iter().for_each(outputs::Written::announce);
+            }
         }
     }
     Ok(if failed {
@@ -214,7 +322,7 @@ fn json_line(
     named: &NamedConfig,
     outcome: &ReplayOutcome,
     capacity: Option<u64>,
-) -> String {
+) -> serde_json::Value {
     let r = &outcome.report;
     let torch = trace.torch.as_ref();
     serde_json::json!({
@@ -240,7 +348,6 @@ fn json_line(
         "error": outcome.error.as_ref().map(|e| e.to_string()),
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
     })
-    .to_string()
 }
 
 /// `1234567` → `1,234,567`.

@@ -50,6 +50,17 @@ pub trait Driver: Send + Sync + Sized + 'static {
         priority: StreamPriority,
         default: bool,
     ) -> Result<Self::Stream>;
+    /// Use a native stream created elsewhere (e.g. by PyTorch) without owning it.
+    ///
+    /// # Safety
+    /// `handle` must be a live native stream of `device` (CUDA: a `CUstream` of the device's
+    /// primary context, or 0 for its default stream) that outlives every use of the result.
+    unsafe fn stream_wrap(&self, _device: u32, _handle: u64) -> Result<Self::Stream> {
+        Err(Error::unsupported(
+            Self::KIND,
+            "wrapping an external stream",
+        ))
+    }
     /// The native handle reported by `stream_native_handle`.
     fn stream_native_handle(&self, stream: &Self::Stream) -> u64;
     /// Flush batched work (MPS `commit`). Drivers that never batch keep the default.
@@ -115,5 +126,10 @@ pub trait Driver: Send + Sync + Sized + 'static {
     /// Page-locked host memory for the pinned allocator.
     fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
         Err(Error::unsupported(Self::KIND, "pinned host memory"))
+    }
+    /// Whether `ptr` is page-locked host memory the driver knows of (allocated by anyone);
+    /// the runtime also answers true for its own pinned allocator's memory.
+    fn is_pinned_ptr(&self, _ptr: usize) -> bool {
+        false
     }
 }

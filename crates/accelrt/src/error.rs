@@ -84,6 +84,15 @@ pub enum Error {
         message: String,
     },
 
+    /// A malformed or inconsistent memory snapshot (a PyTorch pickle or accelrt's JSON):
+    /// `at` says where (`byte 1234`, `device_traces[0][17].size`, `segments[3]`).
+    #[error("{file}: {at}: {message}")]
+    Snapshot {
+        file: String,
+        at: String,
+        message: String,
+    },
+
     /// An operating-system or driver call failed.
     #[error("{call} failed: {message}")]
     Driver { call: &'static str, message: String },

@@ -14,8 +14,10 @@ pub mod event;
 pub mod generator;
 pub mod graph;
 pub mod hooks;
+pub mod profiler;
 pub mod registry;
 pub mod runtime;
+pub mod snapshot;
 pub mod stream;
 pub mod trace;
 

@@ -1,11 +1,13 @@
 //! The backend registry: one lazily built, process-wide [`Backend`] per [`DeviceType`].
 //!
 //! Backends register in the `REGISTRY` table, one row each; nothing else matches on device types.
-//! A backend that is not compiled in registers an [`UnavailableBackend`] that says so.
+//! A backend that is not compiled in registers a [`crate::backend::UnavailableBackend`] that
+//! says so.
 
 use std::sync::OnceLock;
 
 use crate::backend::host::HostDriver;
+#[cfg(not(feature = "cuda"))]
 use crate::backend::UnavailableBackend;
 use crate::device::DeviceType;
 use crate::hooks::Backend;
@@ -40,6 +42,21 @@ fn host_backend() -> &'static dyn Backend {
     host()
 }
 
+/// The process-wide CUDA runtime, for callers that want its concrete API (the driver's
+/// kernels and copies, RAII events, [`Runtime::with_stream`]). Opening it never fails: on a
+/// machine without a usable driver it is unavailable and says why.
+#[cfg(feature = "cuda")]
+pub fn cuda() -> &'static Runtime<crate::backend::cuda::CudaDriver> {
+    static CUDA: OnceLock<Runtime<crate::backend::cuda::CudaDriver>> = OnceLock::new();
+    CUDA.get_or_init(Runtime::new)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> &'static dyn Backend {
+    cuda()
+}
+
+#[cfg(not(feature = "cuda"))]
 fn cuda_backend() -> &'static dyn Backend {
     static CUDA: OnceLock<UnavailableBackend> = OnceLock::new();
     CUDA.get_or_init(|| UnavailableBackend::not_compiled(DeviceType::Cuda))

@@ -5,12 +5,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use accelrt::alloc::{AllocatorConfig, AllocatorEvent, BlockStatus, CachingAllocator, HistoryConfig, TraceAction};
+use accelrt::alloc::{
+    AllocatorConfig, AllocatorEvent, BlockStatus, CachingAllocator, HistoryConfig, TraceAction,
+};
 use accelrt::backend::host::{HostDriver, HostMemory};
 use accelrt::runtime::Runtime;
 use accelrt::{Backend, Device, DeviceType, Stream, StreamPriority};
 
-const DEV: Device = Device { kind: DeviceType::Host, index: 0 };
+const DEV: Device = Device {
+    kind: DeviceType::Host,
+    index: 0,
+};
 const MIB: usize = 1 << 20;
 
 fn allocator(capacity: u64, conf: &str) -> CachingAllocator {
@@ -41,12 +46,23 @@ fn reserved_memory_is_the_pages_under_live_blocks() {
     }
     // Same sizes again: all from mapped, cached memory.
     let before = a.stats().counters.num_device_alloc;
-    let again: Vec<usize> = table.iter().map(|&(size, _)| a.raw_alloc(size, s(0)).unwrap()).collect();
-    assert_eq!(a.stats().counters.num_device_alloc, before, "no new pages for cached sizes");
+    let again: Vec<usize> = table
+        .iter()
+        .map(|&(size, _)| a.raw_alloc(size, s(0)).unwrap())
+        .collect();
+    assert_eq!(
+        a.stats().counters.num_device_alloc,
+        before,
+        "no new pages for cached sizes"
+    );
     again.into_iter().for_each(|p| a.raw_free(p).unwrap());
     a.empty_cache().unwrap();
     assert_eq!(a.reserved_bytes(), 0);
-    assert_eq!(a.stats().all().segment.current, 0, "empty ranges are unreserved");
+    assert_eq!(
+        a.stats().all().segment.current,
+        0,
+        "empty ranges are unreserved"
+    );
 }
 
 #[test]
@@ -59,7 +75,11 @@ fn idle_pages_of_a_freed_block_back_a_larger_one() {
     // here x's 32 idle pages move under the new block and only 16 are created.
     let z = a.raw_alloc(96 * MIB, s(0)).unwrap();
     let st = a.stats();
-    assert_eq!(st.reserved_bytes_peak, 160 * MIB as u64, "peak reserved == peak allocated");
+    assert_eq!(
+        st.reserved_bytes_peak,
+        160 * MIB as u64,
+        "peak reserved == peak allocated"
+    );
     assert_eq!(st.counters.num_page_steals, 1);
     assert_eq!(st.counters.num_pages_remapped, 32);
     // SAFETY: z is a live 96 MiB host buffer; write all of it (remapped pages are usable).
@@ -97,7 +117,10 @@ fn out_of_memory_steals_every_idle_page_then_reports() {
     let err = a.raw_alloc(40 * MIB, s(1)).unwrap_err();
     assert!(err.is_out_of_memory(), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("tried to allocate 40.00 MiB") && msg.contains("64.00 MiB total"), "{msg}");
+    assert!(
+        msg.contains("tried to allocate 40.00 MiB") && msg.contains("64.00 MiB total"),
+        "{msg}"
+    );
     assert_eq!(*failed.lock().unwrap(), 1);
     a.check_invariants().unwrap();
     a.raw_free(x).unwrap();
@@ -111,20 +134,37 @@ fn out_of_memory_steals_every_idle_page_then_reports() {
 #[test]
 fn snapshot_and_history_show_mapping() {
     let a = allocator(1 << 30, "");
-    a.record_memory_history(Some(HistoryConfig { max_entries: 1000, context: false }));
+    a.record_memory_history(Some(HistoryConfig {
+        max_entries: 1000,
+        context: false,
+    }));
     let x = a.raw_alloc(5 * MIB, s(0)).unwrap();
     let snap = a.memory_snapshot();
     assert_eq!(snap.segments.len(), 1);
     let seg = &snap.segments[0];
     assert!(seg.is_expandable);
     let unmapped: u64 = seg.unmapped.iter().map(|&(_, len)| len).sum();
-    assert_eq!(seg.total_size - unmapped, 6 * MIB as u64, "three pages mapped under a 5 MiB block");
+    assert_eq!(
+        seg.total_size - unmapped,
+        6 * MIB as u64,
+        "three pages mapped under a 5 MiB block"
+    );
     assert_eq!(seg.blocks[0].state, BlockStatus::ActiveAllocated);
     a.raw_free(x).unwrap();
     a.empty_cache().unwrap();
     let actions: Vec<TraceAction> = a.memory_history().iter().map(|e| e.action).collect();
     use TraceAction::*;
-    assert_eq!(actions, vec![SegmentMap, Alloc, Snapshot, FreeRequested, FreeCompleted, SegmentUnmap]);
+    assert_eq!(
+        actions,
+        vec![
+            SegmentMap,
+            Alloc,
+            Snapshot,
+            FreeRequested,
+            FreeCompleted,
+            SegmentUnmap
+        ]
+    );
 }
 
 /// A freed block's memory may still be written by work queued on its stream (stream-ordered
@@ -154,7 +194,10 @@ fn stealing_pages_waits_for_the_stream_that_used_them() {
     .unwrap();
     alloc.raw_free(x).unwrap(); // legal: s1's queued work still uses it, in stream order
     let z = alloc.raw_alloc(96 * MIB, s2).unwrap(); // needs x's pages: must wait for s1
-    assert!(done.load(Ordering::Acquire), "pages were taken before the stream passed its work");
+    assert!(
+        done.load(Ordering::Acquire),
+        "pages were taken before the stream passed its work"
+    );
     assert!(alloc.stats().counters.num_page_steals >= 1);
     alloc.raw_free(y).unwrap();
     alloc.raw_free(z).unwrap();

@@ -16,7 +16,8 @@ const DEV: Device = Device {
 const MIB: usize = 1 << 20;
 
 fn allocator(capacity: u64) -> CachingAllocator {
-    let mut config = AllocatorConfig::parse("release_at_peak:false,expandable_segments:false").unwrap();
+    let mut config =
+        AllocatorConfig::parse("release_at_peak:false,expandable_segments:false").unwrap();
     config.debug_checks = true;
     CachingAllocator::new(DEV, Arc::new(HostMemory::new(capacity)), None, config).unwrap()
 }

@@ -15,8 +15,10 @@ const DEV: Device = Device {
 const MIB: usize = 1 << 20;
 
 fn allocator() -> CachingAllocator {
-    let mut config = AllocatorConfig::default();
-    config.debug_checks = true;
+    let config = AllocatorConfig {
+        debug_checks: true,
+        ..AllocatorConfig::default()
+    };
     CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap()
 }
 

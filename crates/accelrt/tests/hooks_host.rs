@@ -118,10 +118,22 @@ fn stream_of(b: &dyn Backend, device: u32, index: u32) -> Stream {
 #[test]
 fn cuda_is_registered_but_unavailable_with_the_reason_on_every_call() {
     let cuda = accelrt::backend(DeviceType::Cuda);
-    let reason = "accelrt was built without the cuda backend (feature `cuda`)";
-    assert!(!cuda.is_available());
+    if cuda.is_available() {
+        eprintln!("skipping: the cuda backend is available here (a GPU machine)");
+        return;
+    }
+    // Built without the backend, or built with it on a machine without a usable driver.
+    let reason = cuda
+        .unavailable_reason()
+        .expect("an unavailable backend says why");
+    let reason = reason.as_str();
+    if !cfg!(feature = "cuda") {
+        assert_eq!(
+            reason,
+            "accelrt was built without the cuda backend (feature `cuda`)"
+        );
+    }
     assert_eq!(cuda.device_count(), 0);
-    assert_eq!(cuda.unavailable_reason().as_deref(), Some(reason));
     assert!(!cuda.has_primary_context(0));
     assert!(!cuda.is_pinned_ptr(0x1000));
     assert!(cuda.show_config().contains(reason));

@@ -48,14 +48,11 @@ fn host_devices_and_allocator_configuration_come_from_the_environment() {
     std::env::set_var("ACCELRT_ALLOC_CONF", "no_such_option:1");
     let rt: Runtime<HostDriver> = Runtime::new();
     assert!(rt.is_available());
-    for (what, result) in [
-        ("allocator", rt.allocator(0).map(drop)),
-        ("pinned_allocator", rt.pinned_allocator().map(drop)),
-    ] {
-        let err = result.expect_err(what);
-        assert!(matches!(err, Error::Config(_)), "{what}: {err:?}");
-        assert!(err.to_string().contains("no_such_option"), "{what}: {err}");
-    }
+    let err = rt.allocator(0).map(drop).expect_err("allocator");
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    assert!(err.to_string().contains("no_such_option"), "{err}");
+    // The pinned allocator has no options of that string: it is not affected.
+    rt.pinned_allocator().unwrap();
     assert!(rt.show_config().contains("no_such_option"));
     let s = rt.default_stream(0).unwrap();
     rt.stream_synchronize(s).unwrap();

@@ -302,10 +302,20 @@ fn streams_map_to_separate_pools_and_cache_is_reused() {
     assert_eq!(r.device_allocs, 2);
     assert_eq!(r.peak_reserved_bytes, 4 * MIB, "both segments held");
     alloc.check_invariants().unwrap();
-    // With release_at_peak (the default), stream 0's idle segment is given back first.
-    let alloc = allocator(GIB, AllocatorConfig::default());
+    // With release_at_peak, stream 0's idle segment is given back first...
+    let plain = AllocatorConfig {
+        expandable_segments: false,
+        ..AllocatorConfig::default()
+    };
+    let alloc = allocator(GIB, plain);
     let r = trace::replay_into(&other, &alloc).into_result().unwrap();
     assert_eq!(r.device_allocs, 2);
+    assert_eq!(r.peak_reserved_bytes, 2 * MIB);
+    alloc.check_invariants().unwrap();
+    // ...and with expandable segments (the default) its idle page moves to stream 7.
+    let alloc = allocator(GIB, AllocatorConfig::default());
+    let r = trace::replay_into(&other, &alloc).into_result().unwrap();
+    assert_eq!(r.device_allocs, 1);
     assert_eq!(r.peak_reserved_bytes, 2 * MIB);
     alloc.check_invariants().unwrap();
 }

@@ -33,7 +33,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
-pub use replay::{replay, replay_into, ReplayOptions, ReplayOutcome, ReplayReport};
+pub use replay::{replay, replay_into, replay_on, ReplayOptions, ReplayOutcome, ReplayReport};
 
 /// The largest size one trace event may request: 2^48 bytes (256 TiB).
 pub const MAX_SIZE: u64 = 1 << 48;

@@ -98,14 +98,34 @@ const REPLAY_DEVICE: Device = Device {
 
 /// Replay `trace` through a fresh host allocator (capacity and configuration from `opts`).
 pub fn replay(trace: &Trace, opts: &ReplayOptions) -> ReplayOutcome {
-    let config_string = opts.config.to_conf_string();
     let provider = match opts.capacity {
         Some(bytes) => HostMemory::new(bytes),
         None => HostMemory::with_default_capacity(),
     };
-    let provider: Arc<dyn MemoryProvider> = Arc::new(provider);
-    match CachingAllocator::new(REPLAY_DEVICE, provider, None, opts.config.clone()) {
-        Ok(alloc) => replay_into(trace, &alloc),
+    replay_on(trace, &opts.config, Arc::new(provider), REPLAY_DEVICE)
+}
+
+/// Replay `trace` through a fresh allocator for `device` over `provider` (e.g. a real GPU's
+/// memory: `accelrt replay --backend cuda`). Everything the replay took from the provider is
+/// given back before returning, including allocations the trace never freed.
+pub fn replay_on(
+    trace: &Trace,
+    config: &AllocatorConfig,
+    provider: Arc<dyn MemoryProvider>,
+    device: Device,
+) -> ReplayOutcome {
+    let config_string = config.to_conf_string();
+    match CachingAllocator::new(device, provider, None, config.clone()) {
+        Ok(alloc) => {
+            let (outcome, live) = run(trace, &alloc);
+            for ptr in live {
+                // Live pointers of this replay: freeing them cannot fail, and a failure
+                // would only leave memory cached until `empty_cache` reports it.
+                let _ = alloc.raw_free(ptr);
+            }
+            let _ = alloc.empty_cache();
+            outcome
+        }
         // Not tied to a line of the trace: the allocator could not be built (its
         // configuration was refused).
         Err(e) => ReplayOutcome {
@@ -148,6 +168,11 @@ enum Step {
 /// allocations still live at the end of the trace stay allocated). Statistics are read from
 /// the allocator, so it should be fresh (or have had its peaks reset).
 pub fn replay_into(trace: &Trace, alloc: &CachingAllocator) -> ReplayOutcome {
+    run(trace, alloc).0
+}
+
+/// The replay, and the pointers still live at its end (or at the stop).
+fn run(trace: &Trace, alloc: &CachingAllocator) -> (ReplayOutcome, Vec<usize>) {
     let mut report = empty_report(trace, alloc.config().to_conf_string());
     let device = alloc.device();
     let stop = |index: usize, cause: Error, what: String| {
@@ -169,11 +194,12 @@ pub fn replay_into(trace: &Trace, alloc: &CachingAllocator) -> ReplayOutcome {
         Ok(plan) => plan,
         Err((index, message)) => {
             let (error, cause) = stop(index, Error::InvalidArgument(message.clone()), message);
-            return ReplayOutcome {
+            let outcome = ReplayOutcome {
                 report,
                 error: Some(error),
                 cause: Some(cause),
             };
+            return (outcome, Vec::new());
         }
     };
 
@@ -197,6 +223,19 @@ pub fn replay_into(trace: &Trace, alloc: &CachingAllocator) -> ReplayOutcome {
     let done = failure.as_ref().map_or(steps.len(), |(index, _)| *index);
     let calls = failure.as_ref().map_or(done, |_| done + 1);
     let stats = alloc.stats();
+    let mut live = vec![false; sizes.len()];
+    for step in &steps[..done] {
+        match *step {
+            Step::Alloc { slot, .. } => live[slot as usize] = true,
+            Step::Free { slot } => live[slot as usize] = false,
+        }
+    }
+    let live: Vec<usize> = live
+        .iter()
+        .zip(&ptrs)
+        .filter(|(alive, _)| **alive)
+        .map(|(_, &ptr)| ptr)
+        .collect();
     report.ops = done as u64;
     report.peak_allocated_bytes = peak_live(&steps[..done], &sizes);
     report.peak_reserved_bytes = stats.reserved_bytes_peak;
@@ -209,7 +248,7 @@ pub fn replay_into(trace: &Trace, alloc: &CachingAllocator) -> ReplayOutcome {
         elapsed.as_nanos() as f64 / calls as f64
     };
 
-    match failure {
+    let outcome = match failure {
         None => ReplayOutcome {
             report,
             error: None,
@@ -232,7 +271,8 @@ pub fn replay_into(trace: &Trace, alloc: &CachingAllocator) -> ReplayOutcome {
                 cause: Some(cause),
             }
         }
-    }
+    };
+    (outcome, live)
 }
 
 /// Turn trace events into steps over dense slots; `Err((event index, problem))` for an

@@ -1,0 +1,188 @@
+//! CUDA events from the event pool: `CU_EVENT_DISABLE_TIMING` unless timing is asked for.
+//! `notify` waits for the event on a private stream and hands the callback to a dispatcher
+//! thread, so callbacks may call CUDA (host functions may not).
+
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+
+use super::context::Context;
+use super::stream::{check_not_in_host_task, panic_text, CudaStream};
+use super::sys::{self, CUevent};
+use crate::error::{Error, Result};
+use crate::hooks::EventCallback;
+
+/// An event of a [`crate::backend::cuda::CudaDriver`].
+pub struct CudaEvent {
+    pub(crate) raw: CUevent,
+    pub(crate) ctx: Arc<Context>,
+    timing: bool,
+}
+
+// SAFETY: a CUevent is an opaque driver handle usable from any thread (the driver API is
+// thread-safe); we never dereference it.
+unsafe impl Send for CudaEvent {}
+// SAFETY: as above; the handle is never mutated.
+unsafe impl Sync for CudaEvent {}
+
+impl std::fmt::Debug for CudaEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaEvent")
+            .field("device", &self.ctx.ordinal)
+            .field("timing", &self.timing)
+            .finish()
+    }
+}
+
+impl CudaEvent {
+    pub(crate) fn create(ctx: Arc<Context>, timing: bool) -> Result<CudaEvent> {
+        ctx.deferred.take()?;
+        let raw = {
+            let _current = ctx.bind()?;
+            sys::event_create(timing)?
+        };
+        Ok(CudaEvent { raw, ctx, timing })
+    }
+
+    /// Whether the event records completion times.
+    pub fn timing(&self) -> bool {
+        self.timing
+    }
+
+    #[inline]
+    pub(crate) fn record(&self, stream: &CudaStream) -> Result<()> {
+        self.ctx.deferred.take()?;
+        // SAFETY: the event is live while borrowed; the stream's handle is live or null (then
+        // `call` makes its context, which is the event's, current).
+        stream.call(|s| unsafe { sys::event_record(self.raw, s) })
+    }
+
+    #[inline]
+    pub(crate) fn query(&self) -> Result<bool> {
+        self.ctx.deferred.take()?;
+        // SAFETY: the event is live while borrowed.
+        Ok(unsafe { sys::event_query(self.raw) }?)
+    }
+
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        check_not_in_host_task("synchronize an event")?;
+        self.ctx.deferred.take()?;
+        // SAFETY: the event is live while borrowed.
+        Ok(unsafe { sys::event_synchronize(self.raw) }?)
+    }
+
+    pub(crate) fn elapsed_ms(start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+        start.ctx.deferred.take()?;
+        // SAFETY: both events are live while borrowed.
+        match unsafe { sys::event_elapsed_ms(start.raw, end.raw) } {
+            Ok(ms) => Ok(f64::from(ms)),
+            Err(e) if e.code == sys::CUresult::CUDA_ERROR_NOT_READY => Err(Error::Event(
+                "an event has not completed yet: synchronize it (or its stream) before asking \
+                 for the elapsed time"
+                    .into(),
+            )),
+            Err(e) => Err(e.into_error()),
+        }
+    }
+
+    pub(crate) fn notify(&self, callback: EventCallback) -> Result<()> {
+        self.ctx.deferred.take()?;
+        let sender = dispatcher()?;
+        let stream = self.ctx.notify_stream()?;
+        // SAFETY: both handles are live (the notify stream lives as long as the context).
+        unsafe { sys::stream_wait_event(stream.raw, self.raw) }?;
+        let job = Box::into_raw(Box::new(NotifyJob {
+            callback,
+            ctx: Arc::clone(&self.ctx),
+            sender,
+        }));
+        // SAFETY: `job` is a fresh box handed to this one launch; `send_job` takes it back.
+        let launched = unsafe { sys::launch_host_func(stream.raw, send_job, job.cast::<c_void>()) };
+        if let Err(e) = launched {
+            // SAFETY: the launch failed, so the driver never took `job`; we still own it.
+            drop(unsafe { Box::from_raw(job) });
+            return Err(e.into_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaEvent {
+    fn drop(&mut self) {
+        // SAFETY: we created the event and own it; the pool drops it only when no handle can
+        // reach it any more. (Destroying an event that work still waits on is allowed: the
+        // driver releases it once that work is done.)
+        if let Err(e) = unsafe { sys::event_destroy(self.raw) } {
+            self.ctx.deferred.keep(e.into_error());
+        }
+    }
+}
+
+// ---- the notify dispatcher ---------------------------------------------------------------
+
+struct NotifyJob {
+    callback: EventCallback,
+    ctx: Arc<Context>,
+    sender: &'static Mutex<mpsc::Sender<Dispatched>>,
+}
+
+struct Dispatched {
+    callback: EventCallback,
+    ctx: Arc<Context>,
+}
+
+/// Host function of a notify launch: only moves the callback to the dispatcher thread (no
+/// CUDA call here, as CUDA requires).
+unsafe extern "C" fn send_job(data: *mut c_void) {
+    // SAFETY: `data` is `Box::into_raw` of a NotifyJob given to exactly one (uncaptured)
+    // launch, so this is its only use.
+    let job = unsafe { Box::from_raw(data.cast::<NotifyJob>()) };
+    let NotifyJob {
+        callback,
+        ctx,
+        sender,
+    } = *job;
+    let sent = match sender.lock() {
+        Ok(s) => s
+            .send(Dispatched {
+                callback,
+                ctx: Arc::clone(&ctx),
+            })
+            .is_ok(),
+        Err(_) => false,
+    };
+    if !sent {
+        ctx.deferred
+            .keep("an event callback was dropped: the notify dispatcher thread is gone");
+    }
+}
+
+/// The dispatcher thread's queue, started on first use.
+fn dispatcher() -> Result<&'static Mutex<mpsc::Sender<Dispatched>>> {
+    static SENDER: OnceLock<Mutex<mpsc::Sender<Dispatched>>> = OnceLock::new();
+    static INIT: Mutex<()> = Mutex::new(());
+    if let Some(s) = SENDER.get() {
+        return Ok(s);
+    }
+    let _init = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(s) = SENDER.get() {
+        return Ok(s);
+    }
+    let (tx, rx) = mpsc::channel::<Dispatched>();
+    std::thread::Builder::new()
+        .name("accelrt-cuda-notify".into())
+        .spawn(move || {
+            for job in rx {
+                if let Err(p) = catch_unwind(AssertUnwindSafe(job.callback)) {
+                    job.ctx
+                        .deferred
+                        .keep(format!("an event callback panicked: {}", panic_text(&*p)));
+                }
+            }
+        })
+        .map_err(|e| Error::Driver {
+            call: "std::thread::spawn",
+            message: format!("starting the CUDA event-callback thread: {e}"),
+        })?;
+    Ok(SENDER.get_or_init(|| Mutex::new(tx)))
+}

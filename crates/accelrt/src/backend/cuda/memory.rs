@@ -1,0 +1,309 @@
+//! Memory providers: device memory through `cuMemAlloc` (with the virtual-memory operations
+//! expandable segments use), and page-locked host memory through `cuMemHostAlloc`.
+
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use super::context::Context;
+use super::sys::{self, CuError};
+use crate::alloc::{MemoryProvider, PageHandle, ProviderError, VirtualMemory};
+
+/// Minimum alignment the allocator needs from a segment.
+const SEGMENT_ALIGN: usize = 512;
+
+fn provider_error(e: CuError) -> ProviderError {
+    if e.is_out_of_memory() {
+        ProviderError::OutOfMemory
+    } else {
+        ProviderError::Failed(e.into_error().to_string())
+    }
+}
+
+/// Device memory of one GPU for its caching allocator.
+pub struct CudaMemory {
+    ctx: Arc<Context>,
+    total: u64,
+    allocated: AtomicU64,
+    /// Physical page size of the virtual-memory API (0: unsupported on this device).
+    page_size: usize,
+    /// Devices that get read-write access to mapped pages (this one, then peers).
+    access: RwLock<Vec<c_int>>,
+}
+
+impl std::fmt::Debug for CudaMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaMemory")
+            .field("device", &self.ctx.ordinal)
+            .field("total", &self.total)
+            .field("allocated", &self.allocated.load(Ordering::Relaxed))
+            .field("page_size", &self.page_size)
+            .finish()
+    }
+}
+
+impl CudaMemory {
+    pub(crate) fn new(ctx: Arc<Context>) -> crate::Result<CudaMemory> {
+        let total = sys::device_total_mem(ctx.dev)? as u64;
+        let vmm = sys::device_attribute(
+            ctx.dev,
+            sys::Attr::CU_DEVICE_ATTRIBUTE_VIRTUAL_ADDRESS_MANAGEMENT_SUPPORTED,
+        )? != 0;
+        let page_size = if vmm {
+            sys::mem_granularity(ctx.ordinal as c_int)?
+        } else {
+            0
+        };
+        Ok(CudaMemory {
+            access: RwLock::new(vec![ctx.ordinal as c_int]),
+            ctx,
+            total,
+            allocated: AtomicU64::new(0),
+            page_size,
+        })
+    }
+
+    /// The device this memory belongs to.
+    pub fn device(&self) -> u32 {
+        self.ctx.ordinal
+    }
+
+    /// Let `peer` read and write pages mapped from now on (after `enable_peer_access`).
+    pub(crate) fn grant_peer(&self, peer: u32) {
+        let mut access = self.access.write();
+        if !access.contains(&(peer as c_int)) {
+            access.push(peer as c_int);
+        }
+    }
+
+    fn bind(&self) -> Result<super::context::CurrentGuard, ProviderError> {
+        self.ctx
+            .bind()
+            .map_err(|e| ProviderError::Failed(e.to_string()))
+    }
+}
+
+impl MemoryProvider for CudaMemory {
+    fn allocate(&self, size: usize) -> Result<usize, ProviderError> {
+        if size == 0 {
+            return Err(ProviderError::Failed(
+                "a segment of 0 bytes was requested".into(),
+            ));
+        }
+        let _current = self.bind()?;
+        let ptr = sys::mem_alloc(size).map_err(provider_error)? as usize;
+        if ptr % SEGMENT_ALIGN != 0 {
+            // SAFETY: `ptr` is the allocation just made, unused by anyone.
+            if let Err(e) = unsafe { sys::mem_free(ptr as sys::CUdeviceptr) } {
+                self.ctx.deferred.keep(e.into_error());
+            }
+            return Err(ProviderError::Failed(format!(
+                "cuMemAlloc returned {ptr:#x} for {size} bytes, not {SEGMENT_ALIGN}-byte aligned"
+            )));
+        }
+        self.allocated.fetch_add(size as u64, Ordering::Relaxed);
+        Ok(ptr)
+    }
+
+    unsafe fn free(&self, ptr: usize, size: usize) {
+        let freed = self.ctx.bind().and_then(|_current| {
+            // SAFETY: the caller guarantees (ptr, size) is one live allocation of ours that
+            // nothing uses any more.
+            Ok(unsafe { sys::mem_free(ptr as sys::CUdeviceptr) }?)
+        });
+        match freed {
+            Ok(()) => {
+                self.allocated.fetch_sub(size as u64, Ordering::Relaxed);
+            }
+            Err(e) => self.ctx.deferred.keep(e),
+        }
+    }
+
+    fn memory_info(&self) -> (u64, u64) {
+        let info = self
+            .ctx
+            .bind()
+            .and_then(|_current| Ok(sys::mem_get_info()?));
+        match info {
+            Ok((free, total)) => (free as u64, total as u64),
+            Err(_) => (0, self.total),
+        }
+    }
+
+    fn host_visible(&self) -> bool {
+        false
+    }
+
+    fn driver_allocated(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    fn virtual_memory(&self) -> Option<&dyn VirtualMemory> {
+        (self.page_size > 0).then_some(self as &dyn VirtualMemory)
+    }
+}
+
+impl VirtualMemory for CudaMemory {
+    fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    fn reserve(&self, size: usize) -> Result<usize, ProviderError> {
+        if size == 0 || size % self.page_size != 0 {
+            return Err(ProviderError::Failed(format!(
+                "cannot reserve {size} bytes of address space: not a positive multiple of the \
+                 page size ({} bytes)",
+                self.page_size
+            )));
+        }
+        let _current = self.bind()?;
+        sys::mem_address_reserve(size, self.page_size)
+            .map(|p| p as usize)
+            .map_err(provider_error)
+    }
+
+    unsafe fn unreserve(&self, base: usize, size: usize) {
+        // SAFETY: the caller guarantees (base, size) is one reservation of ours with nothing
+        // mapped in it.
+        if let Err(e) = unsafe { sys::mem_address_free(base as sys::CUdeviceptr, size) } {
+            self.ctx.deferred.keep(e.into_error());
+        }
+    }
+
+    fn create_page(&self) -> Result<PageHandle, ProviderError> {
+        let _current = self.bind()?;
+        let h =
+            sys::mem_create(self.page_size, self.ctx.ordinal as c_int).map_err(provider_error)?;
+        self.allocated
+            .fetch_add(self.page_size as u64, Ordering::Relaxed);
+        Ok(PageHandle(h))
+    }
+
+    unsafe fn destroy_page(&self, page: PageHandle) {
+        // SAFETY: the caller guarantees the page is ours and mapped nowhere.
+        match unsafe { sys::mem_release(page.0) } {
+            Ok(()) => {
+                self.allocated
+                    .fetch_sub(self.page_size as u64, Ordering::Relaxed);
+            }
+            Err(e) => self.ctx.deferred.keep(e.into_error()),
+        }
+    }
+
+    unsafe fn map(&self, addr: usize, pages: &[PageHandle]) -> Result<(), ProviderError> {
+        let ps = self.page_size;
+        for (i, page) in pages.iter().enumerate() {
+            let at = (addr + i * ps) as sys::CUdeviceptr;
+            // SAFETY: the caller guarantees the range is reserved, page-aligned and unmapped,
+            // and that each page is live and mapped nowhere else.
+            if let Err(e) = unsafe { sys::mem_map(at, ps, page.0) } {
+                // SAFETY: the first `i` pages were mapped just now, by us, and unused yet.
+                unsafe { self.unmap(addr, i) };
+                return Err(provider_error(e));
+            }
+        }
+        let access = self.access.read().clone();
+        // One call for the whole range (the driver's cost is per call, not per page).
+        // SAFETY: the whole range was mapped above, by us.
+        if let Err(e) =
+            unsafe { sys::mem_set_access(addr as sys::CUdeviceptr, pages.len() * ps, &access) }
+        {
+            // SAFETY: all pages were mapped just now, by us, and are unused yet.
+            unsafe { self.unmap(addr, pages.len()) };
+            return Err(provider_error(e));
+        }
+        Ok(())
+    }
+
+    unsafe fn unmap(&self, addr: usize, count: usize) {
+        let ps = self.page_size;
+        for i in 0..count {
+            // SAFETY: the caller guarantees the pages are mapped (one mapping each) and unused;
+            // each call covers exactly one whole mapping.
+            if let Err(e) = unsafe { sys::mem_unmap((addr + i * ps) as sys::CUdeviceptr, ps) } {
+                self.ctx.deferred.keep(e.into_error());
+            }
+        }
+    }
+}
+
+/// Page-locked (pinned) host memory, for the pinned-memory allocator: fast, asynchronous
+/// copies to and from every device.
+pub struct PinnedMemory {
+    ctx: Arc<Context>,
+    allocated: AtomicU64,
+}
+
+impl std::fmt::Debug for PinnedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedMemory")
+            .field("allocated", &self.allocated.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl PinnedMemory {
+    pub(crate) fn new(ctx: Arc<Context>) -> PinnedMemory {
+        PinnedMemory {
+            ctx,
+            allocated: AtomicU64::new(0),
+        }
+    }
+}
+
+/// (available, total) bytes of host RAM.
+fn host_memory() -> (u64, u64) {
+    // SAFETY: sysconf only reads system configuration values.
+    let (avail, total, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_AVPHYS_PAGES),
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if avail < 0 || total <= 0 || page <= 0 {
+        return (0, 8 << 30);
+    }
+    (avail as u64 * page as u64, total as u64 * page as u64)
+}
+
+impl MemoryProvider for PinnedMemory {
+    fn allocate(&self, size: usize) -> Result<usize, ProviderError> {
+        if size == 0 {
+            return Err(ProviderError::Failed(
+                "a segment of 0 bytes was requested".into(),
+            ));
+        }
+        let _current = self
+            .ctx
+            .bind()
+            .map_err(|e| ProviderError::Failed(e.to_string()))?;
+        let ptr = sys::mem_host_alloc(size).map_err(provider_error)? as usize;
+        self.allocated.fetch_add(size as u64, Ordering::Relaxed);
+        Ok(ptr)
+    }
+
+    unsafe fn free(&self, ptr: usize, size: usize) {
+        // SAFETY: the caller guarantees `ptr` is one live allocation of ours, unused now.
+        match unsafe { sys::mem_free_host(ptr as *mut std::ffi::c_void) } {
+            Ok(()) => {
+                self.allocated.fetch_sub(size as u64, Ordering::Relaxed);
+            }
+            Err(e) => self.ctx.deferred.keep(e.into_error()),
+        }
+    }
+
+    fn memory_info(&self) -> (u64, u64) {
+        host_memory()
+    }
+
+    fn host_visible(&self) -> bool {
+        true
+    }
+
+    fn driver_allocated(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,521 @@
+//! The CUDA backend, through cudarc's driver bindings (loaded at run time: the binary builds
+//! without a CUDA toolkit and runs on machines without a GPU, where the backend reports
+//! itself unavailable with the reason).
+//!
+//! Layout, like cudarc's own `sys` / `result` / `safe` split:
+//! - `sys.rs`: every raw driver call, one thin wrapper each, with its `SAFETY` argument;
+//! - `context.rs`: primary contexts (retained per device on first use), the scoped
+//!   current-context guard, errors kept from `Drop`;
+//! - `stream.rs`, `event.rs`, `graph.rs`, `memory.rs`, `kernels.rs`: the handle types;
+//! - this file: [`CudaDriver`], the [`Driver`] the runtime turns into the `cuda` backend.
+//!
+//! Conventions: the device's default stream is the legacy NULL stream (native handle 0, as
+//! PyTorch's); other streams are non-blocking. Handle-based calls do not touch the calling
+//! thread's current context; calls that need one (creating streams, events, memory) make the
+//! device's primary context current for the call and restore the previous one. Errors that
+//! happen where none can be returned (`Drop`, callbacks) are kept and returned by the next
+//! call on that device.
+
+mod context;
+mod event;
+mod graph;
+mod kernels;
+mod memory;
+mod stream;
+mod sys;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+pub use event::CudaEvent;
+pub use graph::CudaGraph;
+pub use memory::{CudaMemory, PinnedMemory};
+pub use stream::CudaStream;
+
+use context::Context;
+use stream::check_not_in_host_task;
+
+use crate::alloc::MemoryProvider;
+use crate::device::{DeviceProperties, DeviceType};
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::hooks::{EventCallback, HostTask};
+use crate::stream::StreamPriority;
+
+/// The oldest driver API version this backend runs on (CUDA 12.8: `cuEventElapsedTime_v2`).
+pub const MIN_DRIVER_VERSION: i32 = 12080;
+
+/// Environment variables the CUDA driver reads that change what this backend sees.
+const ENV_VARS: &[&str] = &["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"];
+
+/// Per-device state, created on first use.
+struct DeviceSlot {
+    context: OnceLock<Arc<Context>>,
+    memory: OnceLock<Arc<CudaMemory>>,
+    properties: OnceLock<DeviceProperties>,
+}
+
+/// The CUDA [`Driver`]: devices, streams, events, graphs and memory of the NVIDIA GPUs the
+/// driver library reports.
+pub struct CudaDriver {
+    devices: Box<[DeviceSlot]>,
+    version: (u32, u32),
+    pinned: OnceLock<Arc<PinnedMemory>>,
+    /// Serialises the fallible first-use initialisations above.
+    init: Mutex<()>,
+}
+
+impl std::fmt::Debug for CudaDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDriver")
+            .field("devices", &self.devices.len())
+            .field("driver_version", &self.version)
+            .finish()
+    }
+}
+
+/// Open the driver library and count devices, or say why that is impossible.
+fn open() -> std::result::Result<(u32, (u32, u32)), String> {
+    if !sys::library_present() {
+        return Err(
+            "no CUDA driver library was found (libcuda.so.1 is installed with the \
+                    NVIDIA driver): install the driver on a machine with an NVIDIA GPU, or use \
+                    the host backend"
+                .into(),
+        );
+    }
+    let missing = sys::missing_symbols(sys::SYMBOLS);
+    if !missing.is_empty() {
+        return Err(format!(
+            "the CUDA driver library lacks {} (it is older than CUDA {}.{}): update the NVIDIA \
+             driver",
+            missing.join(", "),
+            MIN_DRIVER_VERSION / 1000,
+            MIN_DRIVER_VERSION % 1000 / 10
+        ));
+    }
+    sys::init().map_err(|e| format!("CUDA could not be initialised: {}", e.into_error()))?;
+    let version = sys::driver_version().map_err(|e| e.into_error().to_string())?;
+    if version < MIN_DRIVER_VERSION {
+        return Err(format!(
+            "the NVIDIA driver supports CUDA {}.{}; accelrt's CUDA backend needs {}.{} or newer: \
+             update the driver",
+            version / 1000,
+            version % 1000 / 10,
+            MIN_DRIVER_VERSION / 1000,
+            MIN_DRIVER_VERSION % 1000 / 10
+        ));
+    }
+    let count = sys::device_count().map_err(|e| e.into_error().to_string())?;
+    if count <= 0 {
+        return Err("the CUDA driver reports no devices (check nvidia-smi and \
+                    CUDA_VISIBLE_DEVICES)"
+            .into());
+    }
+    Ok((
+        count as u32,
+        ((version / 1000) as u32, (version % 1000 / 10) as u32),
+    ))
+}
+
+impl CudaDriver {
+    /// The primary context of a valid device, retained on first use.
+    fn context(&self, device: u32) -> Result<&Arc<Context>> {
+        let slot = self.slot(device)?;
+        if let Some(ctx) = slot.context.get() {
+            return Ok(ctx);
+        }
+        let _init = self.init.lock();
+        if let Some(ctx) = slot.context.get() {
+            return Ok(ctx);
+        }
+        let ctx = Arc::new(Context::retain(device)?);
+        Ok(slot.context.get_or_init(|| ctx))
+    }
+
+    fn slot(&self, device: u32) -> Result<&DeviceSlot> {
+        self.devices
+            .get(device as usize)
+            .ok_or(Error::InvalidDevice {
+                backend: DeviceType::Cuda,
+                index: device,
+                count: self.devices.len() as u32,
+            })
+    }
+
+    fn device_memory(&self, device: u32) -> Result<&Arc<CudaMemory>> {
+        let slot = self.slot(device)?;
+        if let Some(m) = slot.memory.get() {
+            return Ok(m);
+        }
+        let ctx = Arc::clone(self.context(device)?);
+        let _init = self.init.lock();
+        if let Some(m) = slot.memory.get() {
+            return Ok(m);
+        }
+        let memory = Arc::new(CudaMemory::new(ctx)?);
+        Ok(slot.memory.get_or_init(|| memory))
+    }
+
+    /// The driver API version as (major, minor), e.g. (13, 0).
+    pub fn driver_version(&self) -> (u32, u32) {
+        self.version
+    }
+
+    /// Whether device `device` can read and write memory of device `peer` directly.
+    pub fn can_access_peer(&self, device: u32, peer: u32) -> Result<bool> {
+        let (a, b) = (self.context(device)?, self.context(peer)?);
+        if device == peer {
+            return Ok(true);
+        }
+        Ok(sys::can_access_peer(a.dev, b.dev)?)
+    }
+
+    /// Let kernels on `device` access memory of `peer` (device memory, and pages that
+    /// `peer`'s provider maps from now on). Enabling twice is fine; devices that cannot
+    /// reach each other give an error that says so.
+    pub fn enable_peer_access(&self, device: u32, peer: u32) -> Result<()> {
+        if device == peer {
+            return Ok(());
+        }
+        if !self.can_access_peer(device, peer)? {
+            return Err(Error::Unsupported {
+                backend: DeviceType::Cuda,
+                what: "peer access between these two devices (cuDeviceCanAccessPeer says no: \
+                       they share no NVLink or PCIe peer path)",
+            });
+        }
+        let (ctx, peer_ctx) = (self.context(device)?, self.context(peer)?);
+        {
+            let _current = ctx.bind()?;
+            // SAFETY: `peer_ctx` is retained by this driver; `ctx` is current for the call.
+            unsafe { sys::ctx_enable_peer_access(peer_ctx.raw) }?;
+        }
+        self.device_memory(peer)?.grant_peer(device);
+        Ok(())
+    }
+
+    // ---- device work for tests and benchmarks (the PTX kernels in kernels.ptx) -------------
+
+    /// Set `count` 32-bit words from `ptr` to `value`, in stream order.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + 4 * count` must be memory of the stream's device (or pinned memory) that
+    /// the caller owns until the work has run.
+    pub unsafe fn fill_u32(
+        &self,
+        stream: &CudaStream,
+        ptr: usize,
+        count: usize,
+        value: u32,
+    ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { stream.ctx.kernels()?.fill_u32(stream, ptr, count, value) }
+    }
+
+    /// Add `delta` to `count` 32-bit words from `ptr` (wrapping), in stream order.
+    ///
+    /// # Safety
+    /// As [`CudaDriver::fill_u32`].
+    pub unsafe fn add_u32(
+        &self,
+        stream: &CudaStream,
+        ptr: usize,
+        count: usize,
+        delta: u32,
+    ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { stream.ctx.kernels()?.add_u32(stream, ptr, count, delta) }
+    }
+
+    /// Keep the stream busy for `duration` (a kernel busy-waiting on the GPU's global timer).
+    pub fn spin(&self, stream: &CudaStream, duration: Duration) -> Result<()> {
+        stream.ctx.kernels()?.spin(stream, duration)
+    }
+
+    /// Wait `delay` on the device, then set `count` words from `ptr` to `value`.
+    ///
+    /// # Safety
+    /// As [`CudaDriver::fill_u32`], for the whole time until the kernel has run.
+    pub unsafe fn spin_then_fill(
+        &self,
+        stream: &CudaStream,
+        ptr: usize,
+        count: usize,
+        value: u32,
+        delay: Duration,
+    ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            stream
+                .ctx
+                .kernels()?
+                .spin_then_fill(stream, ptr, count, value, delay)
+        }
+    }
+
+    /// Add to the 64-bit device word at `counter` the number of the `count` words from `ptr`
+    /// that differ from `expected`.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + 4 * count` readable, and `counter` an 8-byte-aligned writable word, of
+    /// the stream's device, owned by the caller until the kernel has run.
+    pub unsafe fn count_mismatches(
+        &self,
+        stream: &CudaStream,
+        ptr: usize,
+        count: usize,
+        expected: u32,
+        counter: usize,
+    ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            stream
+                .ctx
+                .kernels()?
+                .count_mismatches(stream, ptr, count, expected, counter)
+        }
+    }
+
+    /// Set `count` 32-bit words from `ptr` to `value` with `cuMemsetD32Async`, in stream order.
+    ///
+    /// # Safety
+    /// As [`CudaDriver::fill_u32`].
+    pub unsafe fn memset_u32(
+        &self,
+        stream: &CudaStream,
+        ptr: usize,
+        count: usize,
+        value: u32,
+    ) -> Result<()> {
+        stream.ctx.deferred.take()?;
+        // SAFETY: forwarded from this function's contract; the stream handle is live or null.
+        stream.call(|s| unsafe { sys::memset_d32_async(ptr as sys::CUdeviceptr, value, count, s) })
+    }
+
+    /// Copy host bytes to device (or pinned) memory; synchronous (waits for the copy, and
+    /// for work on the legacy default stream).
+    ///
+    /// # Safety
+    /// `dst .. dst + src.len()` must be memory of `device` the caller owns, unused by work in
+    /// flight.
+    pub unsafe fn copy_to_device(&self, device: u32, dst: usize, src: &[u8]) -> Result<()> {
+        check_not_in_host_task("copy memory")?;
+        let ctx = self.context(device)?;
+        ctx.deferred.take()?;
+        let _current = ctx.bind()?;
+        // SAFETY: forwarded from this function's contract.
+        Ok(unsafe { sys::memcpy_htod(dst as sys::CUdeviceptr, src) }?)
+    }
+
+    /// Copy device (or pinned) memory to host bytes; synchronous.
+    ///
+    /// # Safety
+    /// `src .. src + dst.len()` must be readable memory of `device`, not written by work in
+    /// flight.
+    pub unsafe fn copy_to_host(&self, device: u32, dst: &mut [u8], src: usize) -> Result<()> {
+        check_not_in_host_task("copy memory")?;
+        let ctx = self.context(device)?;
+        ctx.deferred.take()?;
+        let _current = ctx.bind()?;
+        // SAFETY: forwarded from this function's contract.
+        Ok(unsafe { sys::memcpy_dtoh(dst, src as sys::CUdeviceptr) }?)
+    }
+
+    /// The device memory provider of `device` (the one its caching allocator uses).
+    pub fn device_memory_provider(&self, device: u32) -> Result<Arc<CudaMemory>> {
+        self.device_memory(device).cloned()
+    }
+}
+
+impl Driver for CudaDriver {
+    type Stream = CudaStream;
+    type Event = CudaEvent;
+    type Graph = CudaGraph;
+
+    const KIND: DeviceType = DeviceType::Cuda;
+
+    fn probe() -> std::result::Result<Self, String> {
+        // cudarc panics where a library or symbol is missing; `open` checks both first, and
+        // this turns anything it missed into the unavailable reason instead of a crash.
+        let (count, version) = std::panic::catch_unwind(open).unwrap_or_else(|p| {
+            Err(format!(
+                "loading the CUDA driver failed: {}",
+                stream::panic_text(&*p)
+            ))
+        })?;
+        Ok(CudaDriver {
+            devices: (0..count)
+                .map(|_| DeviceSlot {
+                    context: OnceLock::new(),
+                    memory: OnceLock::new(),
+                    properties: OnceLock::new(),
+                })
+                .collect(),
+            version,
+            pinned: OnceLock::new(),
+            init: Mutex::new(()),
+        })
+    }
+
+    fn device_count(&self) -> u32 {
+        self.devices.len() as u32
+    }
+
+    fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
+        let slot = self.slot(device)?;
+        if let Some(p) = slot.properties.get() {
+            return Ok(p.clone());
+        }
+        let dev = sys::device_get(device as i32)?;
+        let attr = |a| sys::device_attribute(dev, a).map(|v| v.max(0) as u32);
+        let total = sys::device_total_mem(dev)? as u64;
+        let props = DeviceProperties {
+            name: sys::device_name(dev)?,
+            total_memory: total,
+            recommended_max_memory: total,
+            multiprocessor_count: attr(sys::Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            capability: (
+                attr(sys::Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attr(sys::Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            ),
+            l2_cache_bytes: u64::from(attr(sys::Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?),
+            host_visible_memory: false,
+        };
+        Ok(slot.properties.get_or_init(|| props).clone())
+    }
+
+    fn runtime_version(&self) -> (u32, u32) {
+        self.version
+    }
+
+    fn env_vars(&self) -> &'static [&'static str] {
+        ENV_VARS
+    }
+
+    fn stream_create(
+        &self,
+        device: u32,
+        priority: StreamPriority,
+        default: bool,
+    ) -> Result<CudaStream> {
+        let ctx = Arc::clone(self.context(device)?);
+        if default {
+            return Ok(CudaStream::default_stream(ctx));
+        }
+        // Lower numbers run first: `least` (usually 0) is normal, `greatest` is high.
+        let (least, greatest) = ctx.priorities;
+        let p = match priority {
+            StreamPriority::Normal => least,
+            StreamPriority::High => greatest,
+        };
+        CudaStream::create(ctx, p)
+    }
+
+    unsafe fn stream_wrap(&self, device: u32, handle: u64) -> Result<CudaStream> {
+        let ctx = Arc::clone(self.context(device)?);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { CudaStream::external(ctx, handle) }
+    }
+
+    fn stream_native_handle(&self, stream: &CudaStream) -> u64 {
+        stream.handle()
+    }
+
+    fn stream_synchronize(&self, stream: &CudaStream) -> Result<()> {
+        stream.synchronize()
+    }
+
+    #[inline]
+    fn stream_query(&self, stream: &CudaStream) -> Result<bool> {
+        stream.query()
+    }
+
+    fn stream_wait_event(&self, stream: &CudaStream, event: &CudaEvent) -> Result<()> {
+        stream.wait_event(event)
+    }
+
+    fn launch_host(&self, stream: &CudaStream, task: HostTask) -> Result<()> {
+        stream.launch_host(task)
+    }
+
+    fn device_synchronize(&self, device: u32, streams: &[&CudaStream]) -> Result<()> {
+        check_not_in_host_task("synchronize a device")?;
+        let ctx = self.context(device)?;
+        ctx.deferred.take()?;
+        {
+            let _current = ctx.bind()?;
+            sys::ctx_synchronize()?;
+        }
+        let mut first_error = None;
+        for s in streams {
+            if let Err(e) = s.take_errors() {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn event_create(&self, device: u32, timing: bool) -> Result<CudaEvent> {
+        CudaEvent::create(Arc::clone(self.context(device)?), timing)
+    }
+
+    #[inline]
+    fn event_record(&self, event: &CudaEvent, stream: &CudaStream) -> Result<()> {
+        event.record(stream)
+    }
+
+    #[inline]
+    fn event_query(&self, event: &CudaEvent) -> Result<bool> {
+        event.query()
+    }
+
+    fn event_synchronize(&self, event: &CudaEvent) -> Result<()> {
+        event.synchronize()
+    }
+
+    fn event_elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+        CudaEvent::elapsed_ms(start, end)
+    }
+
+    fn event_notify(&self, event: &CudaEvent, callback: EventCallback) -> Result<()> {
+        event.notify(callback)
+    }
+
+    fn capture_begin(&self, stream: &CudaStream) -> Result<()> {
+        stream.begin_capture()
+    }
+
+    fn capture_end(&self, stream: &CudaStream) -> Result<CudaGraph> {
+        stream.end_capture()
+    }
+
+    fn graph_launch(&self, graph: &CudaGraph, stream: &CudaStream) -> Result<()> {
+        graph.launch(stream)
+    }
+
+    fn memory_provider(&self, device: u32) -> Result<Arc<dyn MemoryProvider>> {
+        Ok(Arc::clone(self.device_memory(device)?) as Arc<dyn MemoryProvider>)
+    }
+
+    fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
+        if let Some(p) = self.pinned.get() {
+            return Ok(Arc::clone(p) as Arc<dyn MemoryProvider>);
+        }
+        let ctx = Arc::clone(self.context(0)?);
+        let pinned = self.pinned.get_or_init(|| Arc::new(PinnedMemory::new(ctx)));
+        Ok(Arc::clone(pinned) as Arc<dyn MemoryProvider>)
+    }
+
+    fn is_pinned_ptr(&self, ptr: usize) -> bool {
+        // Only once a context exists: looking a pointer up must not create one.
+        match self.devices.first().and_then(|d| d.context.get()) {
+            Some(ctx) => ctx
+                .bind()
+                .is_ok_and(|_current| sys::pointer_is_host_memory(ptr)),
+            None => false,
+        }
+    }
+}

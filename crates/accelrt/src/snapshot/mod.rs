@@ -1,0 +1,529 @@
+//! Memory snapshots: PyTorch's `torch.cuda.memory._dump_snapshot()` pickles and accelrt's
+//! own, read and written in PyTorch's layout (and as JSON), imported as replayable traces,
+//! recorded from a replay, and drawn as one self-contained HTML page.
+//!
+//! - [`Snapshot`]: segments with their blocks at the moment the snapshot was taken, and the
+//!   allocator's history per device (`device_traces`), with stack frames when recorded.
+//! - [`load`] / [`parse_bytes`]: a PyTorch pickle (detected by its first byte, `0x80`) or
+//!   accelrt's JSON (`{`). Hostile input is an [`Error::Snapshot`] naming the file and where
+//!   (`byte 812`, `device_traces[0][17].size`), never a panic.
+//! - [`Snapshot::to_pickle`] / [`Snapshot::to_json`]: loadable by Python's `pickle.load`,
+//!   by PyTorch's memory visualiser (<https://pytorch.org/memory_viz>) and by [`load`].
+//! - [`Snapshot::traces`]: the `alloc` / `free_requested` entries of each device as a
+//!   [`Trace`] to replay through accelrt's allocator, with the frames of each allocation.
+//! - [`replay_recorded`]: replay a trace with memory history on and return the snapshot at
+//!   the **end** of the replay with the **full** history (PyTorch's meaning of a snapshot:
+//!   its segments are the state after the last history entry, so PyTorch's visualiser can
+//!   walk the history backwards from them).
+//! - [`render_html`]: memory over time (allocated vs reserved, large allocations stacked,
+//!   peaks marked) and the segment map at the moment of peak allocated memory, reconstructed
+//!   from the history.
+
+pub mod pickle;
+
+mod html;
+mod pytorch;
+mod record;
+mod timeline;
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::alloc::{BlockStatus, Frames, MemorySnapshot, SegmentInfo, TraceAction, TraceEntry};
+use crate::error::{Error, Result};
+use crate::trace::{TorchPeaks, Trace, TraceOp, MAX_SIZE, MAX_STREAM};
+
+pub use html::{render_html, HtmlOptions};
+pub use record::{replay_recorded, RecordedReplay};
+pub use timeline::{PeakState, Timeline, TimelinePoint};
+
+/// The value of the `format` key of accelrt's JSON snapshots.
+pub const JSON_FORMAT: &str = "accelrt-memory-snapshot";
+
+/// A memory snapshot of one or more devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Every segment of every device, with its blocks, at the moment the snapshot was taken.
+    pub segments: Vec<SegmentInfo>,
+    /// The allocator's history per device index (`device_traces[d]`), oldest first.
+    /// Streams are small indices per device (see `stream_handles`).
+    pub device_traces: Vec<Vec<TraceEntry>>,
+    /// The allocator's settings (PyTorch's `allocator_settings`); `null` when unknown.
+    #[serde(default)]
+    pub allocator_settings: serde_json::Value,
+    /// PyTorch's `external_annotations` (e.g. optimizer step begin/end), kept as is.
+    #[serde(default)]
+    pub external_annotations: Vec<serde_json::Value>,
+    /// For a snapshot imported from PyTorch: per device, the raw stream handle (a CUstream
+    /// address) of each stream index (`stream_handles[d][i]`; index 0 is handle 0). Export
+    /// writes these handles back. Empty for snapshots accelrt recorded.
+    #[serde(default)]
+    pub stream_handles: Vec<Vec<u64>>,
+}
+
+/// One device's allocations of a snapshot, as a replayable trace.
+#[derive(Debug, Clone)]
+pub struct SnapshotTrace {
+    /// The device index in the snapshot.
+    pub device: u32,
+    /// The `alloc` / `free_requested` entries as trace events. `trace.lines[i]` is the
+    /// 1-based position of event `i`'s entry in `device_traces[device]`; `trace.torch` holds
+    /// what the recorded run reached (peak live requested bytes, peak reserved bytes from the
+    /// segment entries, `PYTORCH_CUDA_ALLOC_CONF`).
+    pub trace: Trace,
+    /// The stack frames of each event (`Some` for allocations that recorded them).
+    pub frames: Vec<Option<Frames>>,
+}
+
+/// What kind of file a byte prefix starts: used by `accelrt replay` to accept traces and
+/// snapshots alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A pickle (first byte `0x80`, the `PROTO` opcode).
+    Pickle,
+    /// accelrt's JSON snapshot (first non-blank byte `{`).
+    Json,
+    /// Anything else: a v1 trace (plain or gzip).
+    Trace,
+}
+
+/// Classify a file by its first bytes.
+pub fn sniff(prefix: &[u8]) -> FileKind {
+    match prefix.first() {
+        Some(0x80) => FileKind::Pickle,
+        _ => match prefix.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => FileKind::Json,
+            _ => FileKind::Trace,
+        },
+    }
+}
+
+/// Read a snapshot file: a PyTorch pickle or accelrt's JSON.
+pub fn load(path: impl AsRef<Path>) -> Result<Snapshot> {
+    let path = path.as_ref();
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        path: shown.clone(),
+        message: format!("cannot read the snapshot: {e}"),
+    })?;
+    parse_bytes(&shown, &bytes)
+}
+
+/// Parse a snapshot held in memory (`file` names it in errors).
+pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Snapshot> {
+    match sniff(bytes) {
+        FileKind::Pickle => Snapshot::from_pickle(file, bytes),
+        FileKind::Json => Snapshot::from_json(file, bytes),
+        FileKind::Trace => Err(Error::Snapshot {
+            file: file.to_string(),
+            at: "byte 0".into(),
+            message: format!(
+                "not a memory snapshot: a PyTorch snapshot is a pickle (its first byte is 0x80) \
+                 and accelrt's JSON snapshot starts with '{{'; this file starts with {}. \
+                 Write one with torch.cuda.memory._dump_snapshot(\"snap.pickle\") or \
+                 `accelrt replay TRACE --snapshot OUT.pickle`",
+                describe_prefix(bytes)
+            ),
+        }),
+    }
+}
+
+fn describe_prefix(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return "nothing (the file is empty)".into();
+    }
+    let shown: String = bytes
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("the bytes {shown}")
+}
+
+#[derive(Serialize)]
+struct JsonOut<'a> {
+    format: &'static str,
+    version: u32,
+    #[serde(flatten)]
+    snapshot: &'a Snapshot,
+}
+
+#[derive(Deserialize)]
+struct JsonIn {
+    format: String,
+    version: u32,
+    #[serde(flatten)]
+    snapshot: Snapshot,
+}
+
+impl Snapshot {
+    /// A snapshot of allocator snapshots (one per device; any order). Their histories become
+    /// `device_traces[device index]`.
+    pub fn from_memory_snapshots(
+        snapshots: &[MemorySnapshot],
+        allocator_settings: serde_json::Value,
+    ) -> Snapshot {
+        let devices = snapshots
+            .iter()
+            .map(|s| s.device.index as usize + 1)
+            .max()
+            .unwrap_or(1);
+        let mut device_traces = vec![Vec::new(); devices];
+        let mut segments = Vec::new();
+        for s in snapshots {
+            device_traces[s.device.index as usize].extend(s.history.iter().cloned());
+            segments.extend(s.segments.iter().cloned());
+        }
+        segments.sort_by_key(|s| (s.device, s.address));
+        Snapshot {
+            segments,
+            device_traces,
+            allocator_settings,
+            external_annotations: Vec::new(),
+            stream_handles: Vec::new(),
+        }
+    }
+
+    /// Parse a PyTorch snapshot pickle (`file` names it in errors).
+    pub fn from_pickle(file: &str, bytes: &[u8]) -> Result<Snapshot> {
+        pytorch::import(file, bytes)
+    }
+
+    /// The snapshot as a PyTorch pickle (protocol 4): `segments`, `device_traces`,
+    /// `allocator_settings`, `external_annotations`, with PyTorch's keys.
+    pub fn to_pickle(&self) -> Vec<u8> {
+        pytorch::export(self)
+    }
+
+    /// Parse accelrt's JSON snapshot (`file` names it in errors).
+    pub fn from_json(file: &str, bytes: &[u8]) -> Result<Snapshot> {
+        let err = |at: String, message: String| Error::Snapshot {
+            file: file.to_string(),
+            at,
+            message,
+        };
+        let parsed: JsonIn = serde_json::from_slice(bytes).map_err(|e| {
+            err(
+                format!("line {} column {}", e.line(), e.column()),
+                format!(
+                    "not a valid accelrt JSON snapshot ({e}); write one with `accelrt replay \
+                     TRACE --snapshot OUT.json`"
+                ),
+            )
+        })?;
+        if parsed.format != JSON_FORMAT || parsed.version != 1 {
+            return Err(err(
+                "format".into(),
+                format!(
+                    "format '{}' version {} is not '{JSON_FORMAT}' version 1",
+                    parsed.format, parsed.version
+                ),
+            ));
+        }
+        let snapshot = parsed.snapshot;
+        snapshot.validate(file)?;
+        Ok(snapshot)
+    }
+
+    /// The snapshot as accelrt's JSON (`format`, `version`, then the fields of [`Snapshot`]).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&JsonOut {
+            format: JSON_FORMAT,
+            version: 1,
+            snapshot: self,
+        })
+        .expect("a snapshot always serializes")
+    }
+
+    /// Write the snapshot: JSON when `path` ends in `.json`, else a PyTorch pickle.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let json = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let bytes = if json {
+            self.to_json().into_bytes()
+        } else {
+            self.to_pickle()
+        };
+        std::fs::write(path, bytes).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            message: format!("cannot write the snapshot: {e}"),
+        })
+    }
+
+    /// Devices that have history entries or segments, in index order.
+    pub fn devices(&self) -> Vec<u32> {
+        let mut d: Vec<u32> = (0..self.device_traces.len() as u32)
+            .filter(|&i| !self.device_traces[i as usize].is_empty())
+            .chain(self.segments.iter().map(|s| s.device))
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
+    /// Checks that hold for any snapshot accelrt accepts (sizes within bounds, blocks inside
+    /// their segments).
+    fn validate(&self, file: &str) -> Result<()> {
+        let err = |at: String, message: String| Error::Snapshot {
+            file: file.to_string(),
+            at,
+            message,
+        };
+        for (i, s) in self.segments.iter().enumerate() {
+            if s.total_size > MAX_SIZE || s.address.checked_add(s.total_size).is_none() {
+                return Err(err(
+                    format!("segments[{i}]"),
+                    format!(
+                        "segment of {} bytes at {:#x} is larger than 2^48 bytes or wraps \
+                         around the address space",
+                        s.total_size, s.address
+                    ),
+                ));
+            }
+            for (j, b) in s.blocks.iter().enumerate() {
+                let inside = b.address >= s.address
+                    && b.address
+                        .checked_add(b.size)
+                        .is_some_and(|end| end <= s.address + s.total_size);
+                if !inside {
+                    return Err(err(
+                        format!("segments[{i}].blocks[{j}]"),
+                        format!(
+                            "block [{:#x}, +{}) lies outside its segment [{:#x}, +{})",
+                            b.address, b.size, s.address, s.total_size
+                        ),
+                    ));
+                }
+            }
+        }
+        for (d, entries) in self.device_traces.iter().enumerate() {
+            for (i, e) in entries.iter().enumerate() {
+                if e.action != TraceAction::Oom && e.size > MAX_SIZE {
+                    return Err(err(
+                        format!("device_traces[{d}][{i}].size"),
+                        format!(
+                            "{} of {} bytes is over 2^48 bytes (256 TiB), the largest size \
+                             accelrt accepts",
+                            e.action.name(),
+                            e.size
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each device's `alloc` / `free_requested` entries as a replayable [`Trace`] named
+    /// `name` (`name:dev1` for devices other than the only one). `source` (the file) names
+    /// the trace in replay errors. Devices without allocations are skipped.
+    ///
+    /// Errors ([`Error::Snapshot`], naming the entry): a free of an address no earlier entry
+    /// allocated (the history did not start at the beginning of the run), a double free, an
+    /// allocation at an address that is still live, more than 4096 streams on a device, no
+    /// allocation at all.
+    pub fn traces(&self, name: &str, source: &str) -> Result<Vec<SnapshotTrace>> {
+        let conf = self
+            .allocator_settings
+            .get("PYTORCH_CUDA_ALLOC_CONF")
+            .and_then(|v| v.as_str())
+            .map(|c| if c.is_empty() { "native" } else { c }.to_string());
+        let mut out = Vec::new();
+        let devices: Vec<usize> = (0..self.device_traces.len())
+            .filter(|&d| {
+                self.device_traces[d]
+                    .iter()
+                    .any(|e| e.action == TraceAction::Alloc)
+            })
+            .collect();
+        for &d in &devices {
+            let trace_name = if devices.len() == 1 && d == 0 {
+                name.to_string()
+            } else {
+                format!("{name}:dev{d}")
+            };
+            let mut t = device_trace(
+                &self.device_traces[d],
+                d,
+                &trace_name,
+                &format!("{source}[device {d}]"),
+                source,
+            )?;
+            let reserved = self.recorded_peak_reserved(d as u32);
+            t.trace.torch = Some(TorchPeaks {
+                peak_allocated: Some(crate::trace::peak_live_bytes(&t.trace)),
+                peak_reserved: reserved,
+                conf: conf.clone(),
+            });
+            out.push(t);
+        }
+        if out.is_empty() {
+            return Err(Error::Snapshot {
+                file: source.to_string(),
+                at: "device_traces".into(),
+                message: format!(
+                    "no 'alloc' entry on any of {} device(s): nothing to replay. Record the \
+                     history before the workload runs: \
+                     torch.cuda.memory._record_memory_history(max_entries=100000)",
+                    self.device_traces.len()
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Peak reserved bytes of device `d` over its history: the segments held when the
+    /// history starts (the final segments minus the net change the history records) plus
+    /// the largest rise the segment entries show. `None` without segment entries.
+    pub fn recorded_peak_reserved(&self, device: u32) -> Option<u64> {
+        let entries = self.device_traces.get(device as usize)?;
+        let mut current: i128 = 0;
+        let mut peak: i128 = 0;
+        let mut seen = false;
+        for e in entries {
+            match e.action {
+                TraceAction::SegmentAlloc | TraceAction::SegmentMap => {
+                    current += e.size as i128;
+                    peak = peak.max(current);
+                    seen = true;
+                }
+                TraceAction::SegmentFree | TraceAction::SegmentUnmap => {
+                    current -= e.size as i128;
+                    seen = true;
+                }
+                _ => {}
+            }
+        }
+        if !seen {
+            return None;
+        }
+        let final_total: i128 = self
+            .segments
+            .iter()
+            .filter(|s| s.device == device)
+            .map(|s| s.total_size as i128)
+            .sum();
+        let initial = (final_total - current).max(0);
+        Some((initial + peak) as u64)
+    }
+}
+
+/// Turn one device's history into a trace.
+fn device_trace(
+    entries: &[TraceEntry],
+    device: usize,
+    name: &str,
+    trace_source: &str,
+    file: &str,
+) -> Result<SnapshotTrace> {
+    let err = |i: usize, message: String| Error::Snapshot {
+        file: file.to_string(),
+        at: format!("device_traces[{device}][{i}]"),
+        message,
+    };
+    // Live address -> (trace id, entry index); freed address -> entry index of the free.
+    let mut live: HashMap<u64, (u64, usize)> = HashMap::new();
+    let mut freed: HashMap<u64, usize> = HashMap::new();
+    let mut ops = Vec::new();
+    let mut lines = Vec::new();
+    let mut frames = Vec::new();
+    let mut next_id = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        match e.action {
+            TraceAction::Alloc => {
+                if e.size > MAX_SIZE {
+                    return Err(err(
+                        i,
+                        format!("alloc of {} bytes is over 2^48 bytes (256 TiB)", e.size),
+                    ));
+                }
+                if e.stream > MAX_STREAM {
+                    return Err(err(
+                        i,
+                        format!("stream index {} is over {MAX_STREAM}", e.stream),
+                    ));
+                }
+                match live.entry(e.addr) {
+                    Entry::Occupied(o) => {
+                        return Err(err(
+                            i,
+                            format!(
+                                "alloc at {:#x}, which is still live: entry {} allocated it \
+                                 and no free_requested since frees it",
+                                e.addr,
+                                o.get().1
+                            ),
+                        ))
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert((next_id, i));
+                    }
+                }
+                freed.remove(&e.addr);
+                ops.push(TraceOp::Alloc {
+                    id: next_id,
+                    size: e.size,
+                    stream: e.stream,
+                });
+                frames.push(e.frames.clone());
+                next_id += 1;
+            }
+            TraceAction::FreeRequested => {
+                let Some((id, _)) = live.remove(&e.addr) else {
+                    return Err(err(
+                        i,
+                        match freed.get(&e.addr) {
+                            Some(at) => format!(
+                                "free_requested of {:#x}, which entry {at} already freed \
+                                 (double free)",
+                                e.addr
+                            ),
+                            None => format!(
+                                "free_requested of {:#x}, which no earlier alloc entry \
+                                 allocated: the history does not start at the beginning of \
+                                 the run (recording started late, or max_entries dropped the \
+                                 oldest entries). Record before the workload starts, with \
+                                 torch.cuda.memory._record_memory_history(max_entries=N) large \
+                                 enough for the whole run",
+                                e.addr
+                            ),
+                        },
+                    ));
+                };
+                freed.insert(e.addr, i);
+                ops.push(TraceOp::Free { id });
+                frames.push(None);
+            }
+            _ => continue,
+        }
+        lines.push(i as u64 + 1);
+    }
+    Ok(SnapshotTrace {
+        device: device as u32,
+        trace: Trace {
+            name: name.to_string(),
+            ops,
+            torch: None,
+            lines,
+            source: trace_source.to_string(),
+        },
+        frames,
+    })
+}
+
+/// PyTorch's name of a block state.
+pub(crate) fn block_status_from_name(name: &str) -> Option<BlockStatus> {
+    [
+        BlockStatus::ActiveAllocated,
+        BlockStatus::ActivePendingFree,
+        BlockStatus::Inactive,
+    ]
+    .into_iter()
+    .find(|s| s.name() == name)
+}

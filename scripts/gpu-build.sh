@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build, here, what scripts/gpu-check.sh runs on the GPU machine (which has no Rust
+# toolchain): the `accelrt` CLI and the `cuda_*` test executables, release mode without debug
+# info (they travel: the device tool carries at most 64 MiB), copied into .gpu-bin/ (ignored
+# by git through .git/info/exclude). Then, through the device tool:
+#     run(command: "bash scripts/gpu-check.sh", carry: [".gpu-bin"])
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/gpu}
+export CARGO_PROFILE_RELEASE_DEBUG=0
+export CARGO_PROFILE_RELEASE_STRIP=true
+
+cargo build --release -p accelrt-cli
+tests=$(cargo test --release --no-run -p accelrt --message-format=json \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in t.get("kind", []) \
+            and t.get("name", "").startswith("cuda_"):
+        print(m["executable"])
+')
+[ -n "$tests" ] || { echo "no cuda_* test executables were built" >&2; exit 1; }
+
+rm -rf .gpu-bin
+mkdir -p .gpu-bin
+cp "$CARGO_TARGET_DIR/release/accelrt" .gpu-bin/
+for t in $tests; do
+    name=$(basename "$t")
+    cp "$t" ".gpu-bin/${name%-*}"
+done
+if [ -d .git ]; then
+    mkdir -p .git/info
+    grep -qxF '/.gpu-bin/' .git/info/exclude 2>/dev/null || echo '/.gpu-bin/' >> .git/info/exclude
+fi
+ls -la .gpu-bin
+du -sh .gpu-bin
