@@ -99,7 +99,10 @@ fn replay_json_has_one_line_per_trace_and_config() {
     assert_eq!(lines[2]["peak_allocated_bytes"], 3_001_000);
     assert!(lines[2]["torch_peak_reserved_bytes"].is_null());
     // Expandable segments (the default) count pages: 1000 B takes one, 3 MB two.
-    assert_eq!(lines[2]["device_allocs"], 3, "pages under each stream's block");
+    assert_eq!(
+        lines[2]["device_allocs"], 3,
+        "pages under each stream's block"
+    );
 }
 
 #[test]
