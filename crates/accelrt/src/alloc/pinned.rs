@@ -7,7 +7,8 @@
 //! is not reused until events recorded on those streams at its free have completed.
 //!
 //! Locks: one per size bucket and one per shard of the live map, so threads working on
-//! different sizes or buffers do not meet. Device calls (allocate, free) happen outside them.
+//! different sizes or buffers do not meet; statistics are atomics. Device calls (allocate,
+//! free) happen outside the locks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -64,9 +65,47 @@ pub struct PinnedAllocator {
     buckets: Box<[Bucket]>,
     shards: Box<[Shard]>,
     blocks: RwLock<BTreeMap<usize, u64>>,
-    stats: Mutex<PinnedStats>,
+    allocations: Counter,
+    allocated_bytes: Counter,
+    reserved_bytes: Counter,
     host_allocs: AtomicU64,
     host_frees: AtomicU64,
+}
+
+/// A statistic kept in atomics (no lock on the allocation path).
+#[derive(Default)]
+struct Counter {
+    current: AtomicU64,
+    peak: AtomicU64,
+    allocated: AtomicU64,
+    freed: AtomicU64,
+}
+
+impl Counter {
+    #[inline]
+    fn increase(&self, n: u64) {
+        let now = self.current.fetch_add(n, Relaxed) + n;
+        self.allocated.fetch_add(n, Relaxed);
+        if now > self.peak.load(Relaxed) {
+            self.peak.fetch_max(now, Relaxed);
+        }
+    }
+    #[inline]
+    fn decrease(&self, n: u64) {
+        self.current.fetch_sub(n, Relaxed);
+        self.freed.fetch_add(n, Relaxed);
+    }
+    fn get(&self) -> Stat {
+        Stat {
+            current: self.current.load(Relaxed),
+            peak: self.peak.load(Relaxed),
+            allocated: self.allocated.load(Relaxed),
+            freed: self.freed.load(Relaxed),
+        }
+    }
+    fn reset_peak(&self) {
+        self.peak.store(self.current.load(Relaxed), Relaxed);
+    }
 }
 
 fn bucket_of(size: u64) -> usize {
@@ -92,7 +131,9 @@ impl PinnedAllocator {
                 .map(|_| Shard(Mutex::new(HashMap::new())))
                 .collect(),
             blocks: RwLock::new(BTreeMap::new()),
-            stats: Mutex::new(PinnedStats::default()),
+            allocations: Counter::default(),
+            allocated_bytes: Counter::default(),
+            reserved_bytes: Counter::default(),
             host_allocs: AtomicU64::new(0),
             host_frees: AtomicU64::new(0),
         }
@@ -129,9 +170,8 @@ impl PinnedAllocator {
                 streams: Vec::new(),
             },
         );
-        let mut st = self.stats.lock();
-        st.allocations.increase(1);
-        st.allocated_bytes.increase(bucket_size(bucket));
+        self.allocations.increase(1);
+        self.allocated_bytes.increase(bucket_size(bucket));
         Ok(ptr)
     }
 
@@ -174,7 +214,7 @@ impl PinnedAllocator {
             Ok(ptr) => {
                 self.blocks.write().insert(ptr, size);
                 self.host_allocs.fetch_add(1, Relaxed);
-                self.stats.lock().reserved_bytes.increase(size);
+                self.reserved_bytes.increase(size);
                 Ok(ptr)
             }
             Err(ProviderError::Failed(message)) => Err(Error::Driver {
@@ -183,7 +223,7 @@ impl PinnedAllocator {
             }),
             Err(ProviderError::OutOfMemory) => {
                 let (free, total) = self.provider.memory_info();
-                let st = *self.stats.lock();
+                let st = self.stats();
                 Err(Error::OutOfMemory(Box::new(OomReport {
                     device: "pinned host memory".into(),
                     requested,
@@ -233,9 +273,8 @@ impl PinnedAllocator {
             .0
             .lock()
             .push(FreeBlock { ptr, tickets });
-        let mut st = self.stats.lock();
-        st.allocations.decrease(1);
-        st.allocated_bytes.decrease(bucket_size(bucket));
+        self.allocations.decrease(1);
+        self.allocated_bytes.decrease(bucket_size(bucket));
         Ok(())
     }
 
@@ -287,7 +326,7 @@ impl PinnedAllocator {
                 // caller holds it) and its streams have passed their uses.
                 unsafe { self.provider.free(f.ptr, size as usize) };
                 self.host_frees.fetch_add(1, Relaxed);
-                self.stats.lock().reserved_bytes.decrease(size);
+                self.reserved_bytes.decrease(size);
             }
         }
     }
@@ -303,18 +342,20 @@ impl PinnedAllocator {
 
     /// Current statistics.
     pub fn stats(&self) -> PinnedStats {
-        let mut st = *self.stats.lock();
-        st.num_host_alloc = self.host_allocs.load(Relaxed);
-        st.num_host_free = self.host_frees.load(Relaxed);
-        st
+        PinnedStats {
+            allocations: self.allocations.get(),
+            allocated_bytes: self.allocated_bytes.get(),
+            reserved_bytes: self.reserved_bytes.get(),
+            num_host_alloc: self.host_allocs.load(Relaxed),
+            num_host_free: self.host_frees.load(Relaxed),
+        }
     }
 
     /// Set the peaks to the current values.
     pub fn reset_peak_stats(&self) {
-        let mut st = self.stats.lock();
-        st.allocations.reset_peak();
-        st.allocated_bytes.reset_peak();
-        st.reserved_bytes.reset_peak();
+        self.allocations.reset_peak();
+        self.allocated_bytes.reset_peak();
+        self.reserved_bytes.reset_peak();
     }
 }
 
