@@ -552,3 +552,18 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn traces_recorded_for_accelrt_parse_and_match_their_header() {
+    // (file, events)
+    for (file, events) in [
+        ("gpt2_generate.trace.gz", 1_383_602),
+        ("resnet50_varres.trace.gz", 21_396),
+        ("bert_varlen.trace.gz", 29_720),
+    ] {
+        let t = trace::load(shipped(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(t.ops.len(), events, "{file}");
+        let torch = t.torch.as_ref().expect("header with PyTorch's peaks");
+        assert_eq!(Some(trace::peak_live_bytes(&t)), torch.peak_allocated, "{file}");
+    }
+}
