@@ -416,8 +416,23 @@ impl PoolState {
         if idx == NIL {
             return NIL;
         }
-        self.remove_free(idx);
-        self.carve(idx, rounded, requested, config);
+        let (kind, size, class) = {
+            let b = &self.blocks[idx as usize];
+            (b.kind, b.size, b.class)
+        };
+        if should_split(kind, size, rounded, config) && Tlsf::class_index(size - rounded) == class {
+            // The remainder stays in the block's class: it takes the block's place on the
+            // free list instead of a remove and an insert.
+            self.inactive_remove(idx);
+            let rest = self.split_off(idx, rounded);
+            self.free_index[kind as usize].replace(&mut self.blocks, idx, rest);
+            self.blocks[rest as usize].state = BlockState::Free;
+            self.inactive_add(rest);
+            self.mark_allocated(idx, requested);
+        } else {
+            self.remove_free(idx);
+            self.carve(idx, rounded, requested, config);
+        }
         idx
     }
 
@@ -430,8 +445,16 @@ impl PoolState {
             (b.kind, b.size)
         };
         if should_split(kind, size, rounded, config) {
-            self.split(idx, rounded);
+            let rest = self.split_off(idx, rounded);
+            self.add_free(rest);
         }
+        self.mark_allocated(idx, requested);
+    }
+
+    /// Hand block `idx` out for `requested` bytes.
+    #[inline]
+    fn mark_allocated(&mut self, idx: u32, requested: u64) {
+        let kind = self.blocks[idx as usize].kind;
         self.tick += 1;
         self.next_id += 1;
         let (id, tick) = (self.next_id, self.tick);
@@ -450,8 +473,10 @@ impl PoolState {
         s.active_bytes.increase(size);
     }
 
-    #[cold]
-    fn split(&mut self, idx: u32, first_size: u64) {
+    /// Cut block `idx` after `first_size` bytes; returns the new block of the rest, linked
+    /// into the segment but on no free list (the caller puts it there).
+    #[inline]
+    fn split_off(&mut self, idx: u32, first_size: u64) -> u32 {
         let (addr, size, next, kind, mapped_len) = {
             let b = &self.blocks[idx as usize];
             (b.addr, b.size, b.next, b.kind, b.mapped_len)
@@ -472,7 +497,7 @@ impl PoolState {
         b.size = first_size;
         b.mapped_len = b.mapped_len.min(first_size);
         b.next = rest;
-        self.add_free(rest);
+        rest
     }
 
     /// Undo the allocation statistics of block `idx`; it stays active.
@@ -531,11 +556,26 @@ impl PoolState {
     /// Merge cached block `idx` (on no list) with its free neighbours and index the result.
     fn coalesce(&mut self, idx: u32) {
         let next = self.blocks[idx as usize].next;
+        let prev = self.blocks[idx as usize].prev;
+        let prev_free = prev != NIL && self.blocks[prev as usize].state == BlockState::Free;
         if next != NIL && self.blocks[next as usize].state == BlockState::Free {
+            let (kind, merged, next_class) = {
+                let (b, n) = (&self.blocks[idx as usize], &self.blocks[next as usize]);
+                (b.kind, b.size + n.size, n.class)
+            };
+            if !prev_free && Tlsf::class_index(merged) == next_class {
+                // The merged block stays in the free neighbour's class: take its place.
+                self.inactive_remove(next);
+                // (retiring `next` keeps its free-list links, which `replace` reads)
+                self.merge_into_prev(idx, next);
+                self.free_index[kind as usize].replace(&mut self.blocks, next, idx);
+                self.blocks[idx as usize].state = BlockState::Free;
+                self.inactive_add(idx);
+                return;
+            }
             self.remove_free(next);
             self.merge_into_prev(idx, next);
         }
-        let prev = self.blocks[idx as usize].prev;
         let idx = if prev != NIL && self.blocks[prev as usize].state == BlockState::Free {
             self.remove_free(prev);
             let last_used = self.blocks[idx as usize].last_used;

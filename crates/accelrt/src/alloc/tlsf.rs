@@ -103,6 +103,46 @@ impl Tlsf {
         b.free_next = NIL;
     }
 
+    /// The class index a free block of `size` bytes goes in.
+    #[inline(always)]
+    pub fn class_index(size: u64) -> u16 {
+        let (fl, sl) = class_of(size);
+        flat(fl, sl) as u16
+    }
+
+    /// Put block `new` in `old`'s place on its free list (same class: `new`'s size maps to
+    /// `old`'s class). O(1), no bitmap change: splitting a few MiB off a large free block, or
+    /// merging a block into one, usually leaves it in the same class.
+    #[inline]
+    pub fn replace(&mut self, blocks: &mut [Block], old: u32, new: u32) {
+        let (prev, next, class) = {
+            let o = &blocks[old as usize];
+            (o.free_prev, o.free_next, o.class)
+        };
+        debug_assert_eq!(
+            Self::class_index(blocks[new as usize].size),
+            class,
+            "replace across classes"
+        );
+        {
+            let n = &mut blocks[new as usize];
+            n.free_prev = prev;
+            n.free_next = next;
+            n.class = class;
+        }
+        if prev != NIL {
+            blocks[prev as usize].free_next = new;
+        } else {
+            self.heads[class as usize & (CLASSES - 1)] = new;
+        }
+        if next != NIL {
+            blocks[next as usize].free_prev = new;
+        }
+        let o = &mut blocks[old as usize];
+        o.free_prev = NIL;
+        o.free_next = NIL;
+    }
+
     /// The best-fitting free block of at least `size` bytes that `fits` accepts (smallest,
     /// then lowest address), or `NIL`. Does not remove it.
     ///

@@ -161,8 +161,12 @@ impl CachingAllocator {
             return Err(self.out_of_memory(size, "device memory".into()));
         }
         let page = self.vm_page;
-        // Address space is cheap: twice the device, so one range serves the pool's lifetime.
-        let span = round_up(total.saturating_mul(2).max(rounded + page), page);
+        // Address space is cheap: twice the device, so one range serves the pool's lifetime;
+        // plus 1/64 of that so the size sits mid-class in the free index, not on a class
+        // boundary (a power of two): the large free remainder then keeps its class as blocks
+        // come and go, and moves on its free list in O(1) (`Tlsf::replace`).
+        let twice = total.saturating_mul(2);
+        let span = round_up(twice.saturating_add(twice / 64).max(rounded + page), page);
         let base = self
             .vm()
             .reserve(span as usize)
