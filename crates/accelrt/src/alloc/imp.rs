@@ -799,17 +799,7 @@ impl CachingAllocator {
             // Work queued on the stream may still use cached blocks: let it finish first
             // (a device free would synchronize anyway; unmapping host memory would not).
             if releasable && self.sync_stream(pool).is_ok() {
-                let mut st = pool.state.lock();
-                let bases: Vec<usize> = st
-                    .releasable()
-                    .into_iter()
-                    .map(|(_, i)| st.segments[i].base)
-                    .collect();
-                let freed: Vec<Segment> = bases
-                    .into_iter()
-                    .filter_map(|b| st.remove_segment(b, u64::MAX))
-                    .collect();
-                drop(st);
+                let freed = pool.state.lock().take_releasable_segments();
                 freed
                     .into_iter()
                     .for_each(|s| self.give_back(s, pool.stream.index));

@@ -694,6 +694,26 @@ impl PoolState {
         self.add_free(idx);
     }
 
+    /// The expandable segment holding `addr`, with its page table.
+    fn vm_table_at(&self, addr: usize) -> Option<(&Segment, &PageTable)> {
+        let seg = &self.segments[self.vm_segment_at(addr)?];
+        seg.vm.as_deref().map(|t| (seg, t))
+    }
+
+    /// Remove every whole cached segment (after the caller made sure their streams have
+    /// passed); the caller gives them back to the device.
+    pub fn take_releasable_segments(&mut self) -> Vec<Segment> {
+        let bases: Vec<usize> = self
+            .releasable()
+            .into_iter()
+            .map(|(_, i)| self.segments[i].base)
+            .collect();
+        bases
+            .into_iter()
+            .filter_map(|b| self.remove_segment(b, u64::MAX))
+            .collect()
+    }
+
     /// The expandable segment holding `addr`.
     pub fn vm_segment_at(&self, addr: usize) -> Option<usize> {
         self.segments
@@ -706,14 +726,9 @@ impl PoolState {
     #[inline]
     pub fn refresh_mapped(&mut self, idx: u32) -> bool {
         let b = &self.blocks[idx as usize];
-        let Some(pos) = self.vm_segment_at(b.addr) else {
+        let Some((seg, table)) = self.vm_table_at(b.addr) else {
             return false;
         };
-        let seg = &self.segments[pos];
-        let table = seg
-            .vm
-            .as_ref()
-            .expect("vm_segment_at returns expandable segments");
         let p = table.page_size as usize;
         let first = (b.addr - seg.base) / p;
         let end = (b.addr - seg.base + b.size as usize).div_ceil(p);
@@ -783,14 +798,9 @@ impl PoolState {
         big.sort_unstable_by_key(|&i| std::cmp::Reverse(self.blocks[i as usize].size));
         for block in big {
             let b = &self.blocks[block as usize];
-            let Some(pos) = self.vm_segment_at(b.addr) else {
+            let Some((seg, table)) = self.vm_table_at(b.addr) else {
                 continue;
             };
-            let seg = &self.segments[pos];
-            let table = seg
-                .vm
-                .as_ref()
-                .expect("vm_segment_at returns expandable segments");
             let p = table.page_size as usize;
             let start = (b.addr - seg.base).div_ceil(p);
             let end = (b.addr - seg.base + b.size as usize) / p;

@@ -222,15 +222,7 @@ impl CachingAllocator {
         let (freed, empty, id) = {
             let mut st = pool.state.lock();
             st.flush_recent();
-            let bases: Vec<usize> = st
-                .releasable()
-                .into_iter()
-                .map(|(_, i)| st.segments[i].base)
-                .collect();
-            let freed: Vec<_> = bases
-                .into_iter()
-                .filter_map(|b| st.remove_segment(b, u64::MAX))
-                .collect();
+            let freed = st.take_releasable_segments();
             (freed, st.segments.is_empty(), st.pool_id)
         };
         freed
