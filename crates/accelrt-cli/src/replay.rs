@@ -467,6 +467,27 @@ mod tests {
     }
 
     #[test]
+    fn backends() {
+        assert!(backend_provider(DeviceType::Host).unwrap().is_none());
+        let cuda = accelrt::backend(DeviceType::Cuda);
+        match backend_provider(DeviceType::Cuda) {
+            Ok(Some((device, provider))) => {
+                assert!(cuda.is_available());
+                assert_eq!(device.kind, DeviceType::Cuda);
+                assert!(!provider.host_visible());
+            }
+            Ok(None) => panic!("cuda gave no provider"),
+            Err(e) => {
+                let reason = cuda.unavailable_reason().unwrap();
+                assert_eq!(
+                    e.to_string(),
+                    format!("the cuda backend is unavailable: {reason}")
+                );
+            }
+        }
+    }
+
+    #[test]
     fn grouping() {
         assert_eq!(group(0), "0");
         assert_eq!(group(999), "999");

@@ -3,7 +3,8 @@
 //! Creating a device event costs a driver call (~160 ns on CUDA, more with timing); frameworks
 //! create and drop events constantly (every cross-stream free, every `record_stream`). The pool
 //! keeps released events on a free stack per device and per timing flag, so the common case is
-//! a lock and a pop, and a lock and a push.
+//! one atomic swap to take an event and one to put it back (a one-event hot slot in front of
+//! each locked stack).
 //!
 //! Two ways to hold an event:
 //! - [`PooledEvent`], an RAII handle that returns its event to the pool on drop (the fast path);
@@ -16,7 +17,7 @@
 //! (record, query, ...) is the driver's business; [`crate::runtime::Runtime`] combines the two.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -75,7 +76,69 @@ impl<E> EventSlot<E> {
 /// Creates a raw event for `(device, enable_timing)` when the free list is empty.
 pub type EventFactory<E> = Box<dyn Fn(u32, bool) -> Result<E> + Send + Sync>;
 
-type FreeList<E> = Mutex<Vec<Arc<EventSlot<E>>>>;
+/// One free list: a single-event "hot" slot taken and refilled with one atomic swap each
+/// (the acquire-record-release cycle of one thread never locks), then a locked stack.
+struct FreeList<E> {
+    /// An `Arc::into_raw` pointer owned by the list, or null.
+    hot: AtomicPtr<EventSlot<E>>,
+    rest: Mutex<Vec<Arc<EventSlot<E>>>>,
+    /// `hot` owns an `Arc`: the list is Send/Sync only when that `Arc` is.
+    _owns: std::marker::PhantomData<Arc<EventSlot<E>>>,
+}
+
+impl<E> FreeList<E> {
+    fn new() -> Self {
+        FreeList {
+            hot: AtomicPtr::new(std::ptr::null_mut()),
+            rest: Mutex::new(Vec::new()),
+            _owns: std::marker::PhantomData,
+        }
+    }
+
+    #[inline]
+    fn pop(&self) -> Option<Arc<EventSlot<E>>> {
+        let hot = self.hot.swap(std::ptr::null_mut(), Ordering::Acquire);
+        if !hot.is_null() {
+            // SAFETY: a non-null `hot` is an `Arc::into_raw` pointer whose reference the list
+            // owned; the swap moved that ownership to us alone.
+            return Some(unsafe { Arc::from_raw(hot) });
+        }
+        self.rest.lock().pop()
+    }
+
+    #[inline]
+    fn push(&self, slot: Arc<EventSlot<E>>) {
+        let raw = Arc::into_raw(slot).cast_mut();
+        if self
+            .hot
+            .compare_exchange(
+                std::ptr::null_mut(),
+                raw,
+                Ordering::Release,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            // SAFETY: `raw` came from `Arc::into_raw` just above and was not published.
+            self.rest.lock().push(unsafe { Arc::from_raw(raw) });
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(!self.hot.load(Ordering::Acquire).is_null()) + self.rest.lock().len()
+    }
+}
+
+impl<E> Drop for FreeList<E> {
+    fn drop(&mut self) {
+        let hot = *self.hot.get_mut();
+        if !hot.is_null() {
+            // SAFETY: the list owns the reference behind a non-null `hot`; nothing else can
+            // reach the list any more.
+            drop(unsafe { Arc::from_raw(hot) });
+        }
+    }
+}
 
 /// A pool of reusable events: per device, one free stack for timing events and one for
 /// the others, plus the map of events handed out through the id API.
@@ -105,7 +168,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
         create: impl Fn(u32, bool) -> Result<E> + Send + Sync + 'static,
     ) -> Self {
         let free = (0..devices)
-            .map(|_| [Mutex::new(Vec::new()), Mutex::new(Vec::new())])
+            .map(|_| [FreeList::new(), FreeList::new()])
             .collect();
         EventPool {
             free,
@@ -140,11 +203,11 @@ impl<E: Send + Sync + 'static> EventPool<E> {
 
     /// Take an event from the free list (or create one) as an RAII handle.
     ///
-    /// Fast path: one lock, one pop. The event goes back to the pool when the handle drops.
+    /// Fast path: one atomic swap (the hot slot), else one lock and a pop. The event goes back to the pool when the handle drops.
     #[inline]
     pub fn acquire(&self, device: u32, enable_timing: bool) -> Result<PooledEvent<'_, E>> {
         let list = self.free_list(device, enable_timing)?;
-        let popped = list.lock().pop();
+        let popped = list.pop();
         let slot = match popped {
             Some(slot) => slot,
             None => self.create_slot(device, enable_timing)?,
@@ -174,7 +237,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
         slot.recorded.store(false, Ordering::Relaxed);
         // The slot was created for an existing device, so the index is valid.
         let list = &self.free[slot.device as usize][slot.timing as usize];
-        list.lock().push(slot);
+        list.push(slot);
     }
 
     /// Acquire an event through the id API: it stays in the in-use map until
@@ -207,7 +270,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
     /// Events waiting on the free list of `(device, timing)`; 0 for a device that does not exist.
     pub fn free_count(&self, device: u32, enable_timing: bool) -> usize {
         self.free_list(device, enable_timing)
-            .map(|l| l.lock().len())
+            .map(FreeList::len)
             .unwrap_or(0)
     }
 
@@ -284,6 +347,35 @@ mod tests {
 
     fn pool() -> EventPool<(u32, bool)> {
         EventPool::new(2, |d, t| Ok((d, t)))
+    }
+
+    #[test]
+    fn free_list_hot_slot_then_stack_owns_every_event_once() {
+        let slot = |n: u32| {
+            Arc::new(EventSlot {
+                raw: n,
+                device: 0,
+                timing: false,
+                recorded: AtomicBool::new(false),
+            })
+        };
+        let list = FreeList::new();
+        let (a, b, c) = (slot(1), slot(2), slot(3));
+        for s in [&a, &b, &c] {
+            list.push(Arc::clone(s));
+        }
+        assert_eq!(list.len(), 3);
+        assert_eq!(Arc::strong_count(&a), 2);
+        // The hot slot (the first pushed) comes out first, then the stack, last in first out.
+        let order: Vec<u32> = std::iter::from_fn(|| list.pop()).map(|s| s.raw).collect();
+        assert_eq!(order, [1, 3, 2]);
+        assert_eq!(list.len(), 0);
+        assert_eq!(Arc::strong_count(&a), 1);
+        // A list dropped with events in it releases them.
+        list.push(Arc::clone(&a));
+        list.push(Arc::clone(&b));
+        drop(list);
+        assert_eq!((Arc::strong_count(&a), Arc::strong_count(&b)), (1, 1));
     }
 
     #[test]

@@ -117,7 +117,11 @@ fn streams_priorities_handles_and_wrapping() {
         })
         .unwrap();
         rt.stream_synchronize(s).unwrap();
-        assert!(rt.stream_query(s).unwrap());
+        if s != default {
+            // (The legacy default stream also carries the synchronous copies of tests running
+            // alongside, so it may be busy again already.)
+            assert!(rt.stream_query(s).unwrap());
+        }
         assert!(read_u32(rt, 0, buf, 1024)
             .iter()
             .all(|&w| w == 40 + i as u32));

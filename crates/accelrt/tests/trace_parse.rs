@@ -564,6 +564,10 @@ fn traces_recorded_for_accelrt_parse_and_match_their_header() {
         let t = trace::load(shipped(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(t.ops.len(), events, "{file}");
         let torch = t.torch.as_ref().expect("header with PyTorch's peaks");
-        assert_eq!(Some(trace::peak_live_bytes(&t)), torch.peak_allocated, "{file}");
+        assert_eq!(
+            Some(trace::peak_live_bytes(&t)),
+            torch.peak_allocated,
+            "{file}"
+        );
     }
 }
