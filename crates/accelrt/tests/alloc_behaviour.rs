@@ -476,3 +476,20 @@ fn provider_figures() {
     assert_eq!(a.recommended_max(), 1 << 30);
     drop(b);
 }
+
+#[test]
+fn dropping_the_allocator_gives_all_memory_back() {
+    // (config, what is left live at drop)
+    for conf in ["expandable_segments:false", "expandable_segments:true"] {
+        let mem = Arc::new(HostMemory::new(1 << 30));
+        let mut config = AllocatorConfig::parse(conf).unwrap();
+        config.debug_checks = true;
+        let a = CachingAllocator::new(DEV, mem.clone(), None, config).unwrap();
+        let _live = a.raw_alloc(3 * MIB, stream(0)).unwrap();
+        let cached = a.raw_alloc(40 * MIB, stream(1)).unwrap();
+        a.raw_free(cached).unwrap();
+        assert!(mem.driver_allocated() > 0);
+        drop(a);
+        assert_eq!(mem.driver_allocated(), 0, "{conf}: memory left behind");
+    }
+}

@@ -1483,6 +1483,39 @@ impl CachingAllocator {
     }
 }
 
+/// Dropping the allocator gives every byte it holds back to the device, live blocks too: a
+/// [`Buffer`] borrows the allocator, so none can outlive it, and raw pointers from
+/// [`CachingAllocator::raw_alloc`] are invalid once their allocator is gone. Streams that used
+/// its memory are waited for first.
+impl Drop for CachingAllocator {
+    fn drop(&mut self) {
+        for pool in self.initialized_pools() {
+            let _ = self.sync_pending(pool);
+            let _ = self.sync_stream(pool);
+            let segments = std::mem::take(&mut pool.state.lock().segments);
+            for seg in segments {
+                if seg.vm.is_some() {
+                    self.drop_vm_segment(&seg);
+                } else {
+                    // SAFETY: the segment came from `provider.allocate` with this size; the
+                    // allocator is going away, so nothing can use its blocks any more.
+                    unsafe { self.provider.free(seg.base, seg.size as usize) };
+                }
+            }
+            let pending = std::mem::take(&mut pool.state.lock().pending);
+            if let Some(events) = &self.events {
+                pending
+                    .iter()
+                    .flat_map(|p| &p.tickets)
+                    .for_each(|&t| events.release(t));
+            }
+        }
+        if self.vm_page != 0 {
+            self.release_spare_pages();
+        }
+    }
+}
+
 impl std::fmt::Debug for CachingAllocator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachingAllocator")

@@ -452,3 +452,24 @@ impl CachingAllocator {
             .collect()
     }
 }
+
+impl CachingAllocator {
+    /// Unmap and destroy every page of an expandable segment being dropped with its allocator.
+    pub(super) fn drop_vm_segment(&self, seg: &crate::alloc::pool::Segment) {
+        let Some(table) = &seg.vm else { return };
+        let page = table.page_size as usize;
+        let slots: Vec<usize> = (0..table.pages.len())
+            .filter(|&i| table.pages[i] != NO_PAGE)
+            .collect();
+        for (first, len, _) in runs(&slots) {
+            // SAFETY: the allocator is being dropped: no block of it can be used any more (a
+            // `Buffer` borrows the allocator), and its streams were synchronized.
+            unsafe { self.vm().unmap(seg.base + first * page, len) };
+        }
+        for &slot in &slots {
+            self.destroy_page(PageHandle(table.pages[slot]));
+        }
+        // SAFETY: every page of the range is unmapped now; the range came from `reserve`.
+        unsafe { self.vm().unreserve(seg.base, seg.size as usize) };
+    }
+}
