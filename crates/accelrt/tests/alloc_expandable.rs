@@ -203,3 +203,19 @@ fn stealing_pages_waits_for_the_stream_that_used_them() {
     alloc.raw_free(z).unwrap();
     rt.device_synchronize(0).unwrap();
 }
+
+#[test]
+fn page_size_is_configurable_in_multiples_of_the_granularity() {
+    // (page MiB, reserved after a 5 MiB block)
+    for (page_mb, reserved_mb) in [(2u64, 6u64), (8, 8), (20, 20)] {
+        let a = allocator(1 << 30, &format!("expandable_page_mb:{page_mb}"));
+        let x = a.raw_alloc(5 * MIB, s(0)).unwrap();
+        assert_eq!(a.reserved_bytes(), reserved_mb << 20, "{page_mb} MiB pages");
+        a.raw_free(x).unwrap();
+        a.empty_cache().unwrap();
+        assert_eq!(a.reserved_bytes(), 0);
+    }
+    let config = AllocatorConfig::parse("expandable_page_mb:3").unwrap();
+    let err = CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap_err();
+    assert!(err.to_string().contains("not a multiple of host:0's page granularity (2.00 MiB)"), "{err}");
+}

@@ -39,8 +39,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-const CONFIGS: [&str; 10] = [
+const CONFIGS: [&str; 11] = [
     "",
+    "expandable_page_mb:8",
     "max_split_size_mb:16",
     "expandable_segments:false",
     "expandable_segments:false,release_at_peak:false",

@@ -32,28 +32,28 @@ fn virtual_memory_maps_pages_that_keep_their_data() {
     let before = provider.driver_allocated();
     let base = vm.reserve(8 * ps).unwrap();
     assert_eq!(base % ps, 0);
-    let pages: Vec<PageHandle> = (0..4).map(|_| vm.create_page().unwrap()).collect();
+    let pages: Vec<PageHandle> = (0..4).map(|_| vm.create_page(ps).unwrap()).collect();
     assert_eq!(provider.driver_allocated(), before + 4 * ps as u64);
     // SAFETY: `base` is a fresh reservation of 8 pages; the 4 pages are new and unmapped.
-    unsafe { vm.map(base, &pages) }.unwrap();
+    unsafe { vm.map(base, &pages, ps) }.unwrap();
     for (i, _) in pages.iter().enumerate() {
         write_u32(rt, 0, base + i * ps, &[100 + i as u32; 64]);
     }
     // Unmap, then map the pages in reverse order at the other half: data follows the page.
     // SAFETY: the 4 pages are mapped at `base` and nothing uses them (copies are synchronous).
-    unsafe { vm.unmap(base, 4) };
+    unsafe { vm.unmap(base, 4, ps) };
     let reversed: Vec<PageHandle> = pages.iter().rev().copied().collect();
     // SAFETY: the upper half of the reservation is unmapped; each page is mapped nowhere now.
-    unsafe { vm.map(base + 4 * ps, &reversed) }.unwrap();
+    unsafe { vm.map(base + 4 * ps, &reversed, ps) }.unwrap();
     for i in 0..4 {
         let data = read_u32(rt, 0, base + (4 + i) * ps, 64);
         assert_eq!(data, vec![100 + (3 - i) as u32; 64], "page {i}");
     }
     // SAFETY: mapped above, unused; then each page is mapped nowhere; then nothing is mapped.
     unsafe {
-        vm.unmap(base + 4 * ps, 4);
+        vm.unmap(base + 4 * ps, 4, ps);
         for p in pages {
-            vm.destroy_page(p);
+            vm.destroy_page(p, ps);
         }
         vm.unreserve(base, 8 * ps);
     }

@@ -39,6 +39,11 @@ pub struct AllocatorConfig {
     /// shipped traces (plain segments: 4 to 31% above). Off, or without virtual memory, the
     /// allocator uses plain segments.
     pub expandable_segments: bool,
+    /// Physical page size of expandable segments (`expandable_page_mb`; `None`: the device's
+    /// granularity, 2 MiB on CUDA). Larger pages mean fewer, cheaper-per-byte page creations
+    /// (each is a driver call) at the cost of more memory stranded at block boundaries;
+    /// must be a multiple of the device's granularity.
+    pub expandable_page_size: Option<u64>,
     /// Cap on reserved memory as a share of device memory (`per_process_memory_fraction`, (0, 1]).
     pub per_process_memory_fraction: Option<f64>,
     /// Hard limit as a ratio of the device's recommended maximum (0 disables, at most 2).
@@ -64,6 +69,7 @@ impl Default for AllocatorConfig {
             roundup_power2_divisions: [0; ROUNDUP_INTERVALS],
             garbage_collection_threshold: None,
             expandable_segments: true,
+            expandable_page_size: None,
             per_process_memory_fraction: None,
             high_watermark_ratio: 0.0,
             low_watermark_ratio: 0.0,
@@ -136,6 +142,13 @@ impl AllocatorConfig {
                 self.garbage_collection_threshold = Some(t);
             }
             "expandable_segments" => self.expandable_segments = parse_bool(key, value)?,
+            "expandable_page_mb" => {
+                let mb = parse_u64(key, value)?;
+                if mb == 0 || mb > 1 << 20 {
+                    return Err(bad(key, value, "a page size in MiB between 1 and 1048576"));
+                }
+                self.expandable_page_size = Some(mb * MIB);
+            }
             "per_process_memory_fraction" => {
                 let f = parse_f64(key, value)?;
                 if !(f > 0.0 && f <= 1.0) {
@@ -216,6 +229,9 @@ impl AllocatorConfig {
             parts.push(format!("garbage_collection_threshold:{t}"));
         }
         parts.push(format!("expandable_segments:{}", self.expandable_segments));
+        if let Some(p) = self.expandable_page_size {
+            parts.push(format!("expandable_page_mb:{}", p / MIB));
+        }
         if let Some(f) = self.per_process_memory_fraction {
             parts.push(format!("per_process_memory_fraction:{f}"));
         }
@@ -256,6 +272,7 @@ const KNOWN_OPTIONS: &[&str] = &[
     "roundup_power2_divisions",
     "garbage_collection_threshold",
     "expandable_segments",
+    "expandable_page_mb",
     "per_process_memory_fraction",
     "high_watermark_ratio",
     "low_watermark_ratio",

@@ -218,7 +218,19 @@ impl CachingAllocator {
         // Expandable segments need virtual memory; without it the allocator uses plain
         // segments (`is_expandable()` says which).
         let vm_page = match provider.virtual_memory() {
-            Some(vm) if config.expandable_segments => vm.page_size() as u64,
+            Some(vm) if config.expandable_segments => {
+                let granularity = vm.page_size() as u64;
+                let page = config.expandable_page_size.unwrap_or(granularity);
+                if page % granularity != 0 {
+                    return Err(Error::Config(format!(
+                        "expandable_page_mb:{} is not a multiple of {device}'s page granularity ({}): use a multiple of {} MiB",
+                        page >> 20,
+                        format_size(granularity),
+                        (granularity >> 20).max(1)
+                    )));
+                }
+                page
+            }
             _ => 0,
         };
         let pool_config = AllocatorConfig {

@@ -51,7 +51,8 @@ pub struct PageHandle(pub u64);
 /// Creating a page is expensive (CUDA: ~75 us with map and release); mapping an existing one
 /// is cheap (~1.5 us). Callers keep created pages and remap them rather than recreate them.
 pub trait VirtualMemory: Send + Sync {
-    /// Size of a physical page and the alignment of every mapping (2 MiB on CUDA).
+    /// The granularity of physical pages (2 MiB on CUDA): page sizes are multiples of it, and
+    /// so are mapping addresses.
     fn page_size(&self) -> usize;
     /// Reserve `size` bytes of address space (a multiple of the page size); no memory.
     fn reserve(&self, size: usize) -> Result<usize, ProviderError>;
@@ -60,25 +61,32 @@ pub trait VirtualMemory: Send + Sync {
     /// # Safety
     /// `(base, size)` must be one earlier `reserve`, with no page mapped in it any more.
     unsafe fn unreserve(&self, base: usize, size: usize);
-    /// Create one physical page. Counts against the device's memory.
-    fn create_page(&self) -> Result<PageHandle, ProviderError>;
-    /// Destroy a page.
+    /// Create one physical page of `size` bytes (a multiple of `page_size()`). Counts against
+    /// the device's memory.
+    fn create_page(&self, size: usize) -> Result<PageHandle, ProviderError>;
+    /// Destroy a page of `size` bytes.
     ///
     /// # Safety
-    /// The page must come from `create_page` of this provider and be mapped nowhere.
-    unsafe fn destroy_page(&self, page: PageHandle);
-    /// Map `pages` one after another from `addr` and make them readable and writable.
+    /// The page must come from `create_page(size)` of this provider and be mapped nowhere.
+    unsafe fn destroy_page(&self, page: PageHandle, size: usize);
+    /// Map `pages` (each of `page_size` bytes) one after another from `addr` and make them
+    /// readable and writable.
     ///
     /// # Safety
-    /// `addr` must be page-aligned inside a reserved range, and the `pages.len()` pages from
-    /// it must not be mapped; each page may be mapped at one place only.
-    unsafe fn map(&self, addr: usize, pages: &[PageHandle]) -> Result<(), ProviderError>;
-    /// Unmap `count` pages from `addr`. The pages stay alive for remapping.
+    /// `addr` must be aligned to `page_size` inside a reserved range, the range the pages
+    /// cover must not be mapped, and each page may be mapped at one place only.
+    unsafe fn map(
+        &self,
+        addr: usize,
+        pages: &[PageHandle],
+        page_size: usize,
+    ) -> Result<(), ProviderError>;
+    /// Unmap `count` pages of `page_size` bytes from `addr`. The pages stay alive.
     ///
     /// # Safety
-    /// The range must be mapped, and nothing may use it any more (the device included:
-    /// callers synchronize the streams that used it first).
-    unsafe fn unmap(&self, addr: usize, count: usize);
+    /// The range must be mapped by `map` with this page size, and nothing may use it any more
+    /// (the device included: callers synchronize the streams that used it first).
+    unsafe fn unmap(&self, addr: usize, count: usize, page_size: usize);
 }
 
 /// Positions in streams, for blocks used on several streams (`record_stream`) and for

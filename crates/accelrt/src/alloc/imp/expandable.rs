@@ -21,7 +21,7 @@ use super::{AllocatorEvent, CachingAllocator, SegmentFailure, StreamPool};
 use crate::alloc::history::TraceAction;
 use crate::alloc::pool::{PoolState, NIL, NO_PAGE};
 use crate::alloc::provider::{PageHandle, ProviderError, VirtualMemory};
-use crate::alloc::size::{pool_kind, round_up};
+use crate::alloc::size::pool_kind;
 use crate::error::{Error, Result};
 
 /// Idle pages taken per steal at least, so that waiting for a stream is amortised.
@@ -166,7 +166,11 @@ impl CachingAllocator {
         // boundary (a power of two): the large free remainder then keeps its class as blocks
         // come and go, and moves on its free list in O(1) (`Tlsf::replace`).
         let twice = total.saturating_mul(2);
-        let span = round_up(twice.saturating_add(twice / 64).max(rounded + page), page);
+        let span = twice
+            .saturating_add(twice / 64)
+            .max(rounded + page)
+            .div_ceil(page)
+            * page;
         let base = self
             .vm()
             .reserve(span as usize)
@@ -214,7 +218,7 @@ impl CachingAllocator {
                 // SAFETY: the slots are unmapped (checked under the pool lock, with `vm_lock`
                 // held since), page-aligned inside a range reserved by this provider, and each
                 // page is mapped nowhere else (fresh, spare or just unmapped).
-                if let Err(e) = unsafe { self.vm().map(addr, handles) } {
+                if let Err(e) = unsafe { self.vm().map(addr, handles, page) } {
                     self.spare.lock().extend(pages[at..].iter().copied());
                     return Err(match e {
                         ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
@@ -305,7 +309,7 @@ impl CachingAllocator {
 
     fn create_page(&self) -> std::result::Result<PageHandle, SegmentFailure> {
         let new_total = self.claim_reserved(self.vm_page)?;
-        match self.vm().create_page() {
+        match self.vm().create_page(self.vm_page as usize) {
             Ok(h) => {
                 self.reserved_peak.fetch_max(new_total, Relaxed);
                 self.counters.num_device_alloc.fetch_add(1, Relaxed);
@@ -323,7 +327,7 @@ impl CachingAllocator {
 
     fn destroy_page(&self, page: PageHandle) {
         // SAFETY: the page was unmapped (taken idle or spare) and belongs to this provider.
-        unsafe { self.vm().destroy_page(page) };
+        unsafe { self.vm().destroy_page(page, self.vm_page as usize) };
         self.reserved.fetch_sub(self.vm_page, Relaxed);
         self.counters.num_device_free.fetch_add(1, Relaxed);
     }
@@ -383,7 +387,7 @@ impl CachingAllocator {
             // SAFETY: these slots were mapped, lie wholly in free blocks not reused since the
             // stream was synchronized, and were removed from the page table under the pool
             // lock, so nothing uses or maps them concurrently (`vm_lock` is held).
-            unsafe { self.vm().unmap(base + first * page, len) };
+            unsafe { self.vm().unmap(base + first * page, len, page) };
             if self.history.enabled() {
                 let addr = (base + first * page) as u64;
                 self.history.record(
@@ -464,7 +468,7 @@ impl CachingAllocator {
         for (first, len, _) in runs(&slots) {
             // SAFETY: the allocator is being dropped: no block of it can be used any more (a
             // `Buffer` borrows the allocator), and its streams were synchronized.
-            unsafe { self.vm().unmap(seg.base + first * page, len) };
+            unsafe { self.vm().unmap(seg.base + first * page, len, page) };
         }
         for &slot in &slots {
             self.destroy_page(PageHandle(table.pages[slot]));

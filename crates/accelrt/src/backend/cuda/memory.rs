@@ -172,35 +172,43 @@ impl VirtualMemory for CudaMemory {
         }
     }
 
-    fn create_page(&self) -> Result<PageHandle, ProviderError> {
+    fn create_page(&self, size: usize) -> Result<PageHandle, ProviderError> {
+        if size == 0 || size % self.page_size != 0 {
+            return Err(ProviderError::Failed(format!(
+                "a page of {size} bytes is not a multiple of the device's {} byte granularity",
+                self.page_size
+            )));
+        }
         let _current = self.bind()?;
-        let h =
-            sys::mem_create(self.page_size, self.ctx.ordinal as c_int).map_err(provider_error)?;
-        self.allocated
-            .fetch_add(self.page_size as u64, Ordering::Relaxed);
+        let h = sys::mem_create(size, self.ctx.ordinal as c_int).map_err(provider_error)?;
+        self.allocated.fetch_add(size as u64, Ordering::Relaxed);
         Ok(PageHandle(h))
     }
 
-    unsafe fn destroy_page(&self, page: PageHandle) {
+    unsafe fn destroy_page(&self, page: PageHandle, size: usize) {
         // SAFETY: the caller guarantees the page is ours and mapped nowhere.
         match unsafe { sys::mem_release(page.0) } {
             Ok(()) => {
-                self.allocated
-                    .fetch_sub(self.page_size as u64, Ordering::Relaxed);
+                self.allocated.fetch_sub(size as u64, Ordering::Relaxed);
             }
             Err(e) => self.ctx.deferred.keep(e.into_error()),
         }
     }
 
-    unsafe fn map(&self, addr: usize, pages: &[PageHandle]) -> Result<(), ProviderError> {
-        let ps = self.page_size;
+    unsafe fn map(
+        &self,
+        addr: usize,
+        pages: &[PageHandle],
+        page_size: usize,
+    ) -> Result<(), ProviderError> {
+        let ps = page_size;
         for (i, page) in pages.iter().enumerate() {
             let at = (addr + i * ps) as sys::CUdeviceptr;
             // SAFETY: the caller guarantees the range is reserved, page-aligned and unmapped,
             // and that each page is live and mapped nowhere else.
             if let Err(e) = unsafe { sys::mem_map(at, ps, page.0) } {
                 // SAFETY: the first `i` pages were mapped just now, by us, and unused yet.
-                unsafe { self.unmap(addr, i) };
+                unsafe { self.unmap(addr, i, ps) };
                 return Err(provider_error(e));
             }
         }
@@ -211,14 +219,14 @@ impl VirtualMemory for CudaMemory {
             unsafe { sys::mem_set_access(addr as sys::CUdeviceptr, pages.len() * ps, &access) }
         {
             // SAFETY: all pages were mapped just now, by us, and are unused yet.
-            unsafe { self.unmap(addr, pages.len()) };
+            unsafe { self.unmap(addr, pages.len(), ps) };
             return Err(provider_error(e));
         }
         Ok(())
     }
 
-    unsafe fn unmap(&self, addr: usize, count: usize) {
-        let ps = self.page_size;
+    unsafe fn unmap(&self, addr: usize, count: usize, page_size: usize) {
+        let ps = page_size;
         for i in 0..count {
             // SAFETY: the caller guarantees the pages are mapped (one mapping each) and unused;
             // each call covers exactly one whole mapping.

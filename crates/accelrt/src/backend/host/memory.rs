@@ -204,23 +204,33 @@ impl VirtualMemory for HostMemory {
         unsafe { libc::munmap(base as *mut libc::c_void, size) };
     }
 
-    fn create_page(&self) -> Result<PageHandle, ProviderError> {
-        self.take_capacity(self.page_size as u64)?;
+    fn create_page(&self, size: usize) -> Result<PageHandle, ProviderError> {
+        if size == 0 || size % self.page_size != 0 {
+            return Err(ProviderError::Failed(format!(
+                "a page of {size} bytes is not a multiple of the {} byte granularity",
+                self.page_size
+            )));
+        }
+        self.take_capacity(size as u64)?;
         Ok(PageHandle(self.next_page.fetch_add(1, Ordering::Relaxed)))
     }
 
-    unsafe fn destroy_page(&self, _page: PageHandle) {
-        self.used
-            .fetch_sub(self.page_size as u64, Ordering::Relaxed);
+    unsafe fn destroy_page(&self, _page: PageHandle, size: usize) {
+        self.used.fetch_sub(size as u64, Ordering::Relaxed);
     }
 
-    unsafe fn map(&self, addr: usize, pages: &[PageHandle]) -> Result<(), ProviderError> {
+    unsafe fn map(
+        &self,
+        addr: usize,
+        pages: &[PageHandle],
+        page_size: usize,
+    ) -> Result<(), ProviderError> {
         // SAFETY: the range is page-aligned inside a reservation of this provider and not
         // mapped (the caller's promise): committing it touches no live memory.
         let rc = unsafe {
             libc::mprotect(
                 addr as *mut libc::c_void,
-                pages.len() * self.page_size,
+                pages.len() * page_size,
                 libc::PROT_READ | libc::PROT_WRITE,
             )
         };
@@ -230,11 +240,11 @@ impl VirtualMemory for HostMemory {
         Ok(())
     }
 
-    unsafe fn unmap(&self, addr: usize, count: usize) {
+    unsafe fn unmap(&self, addr: usize, count: usize, page_size: usize) {
         if count == 0 {
             return;
         }
-        let len = count * self.page_size;
+        let len = count * page_size;
         // SAFETY: the range is mapped by `map` and idle (the caller's promise): dropping its
         // contents and access frees its memory and affects nothing else.
         unsafe {
@@ -273,31 +283,31 @@ mod tests {
         let p = vm.page_size();
         let base = vm.reserve(4 * p).unwrap();
         assert_eq!(base % p, 0);
-        let a = vm.create_page().unwrap();
-        let b = vm.create_page().unwrap();
+        let a = vm.create_page(p).unwrap();
+        let b = vm.create_page(p).unwrap();
         assert_ne!(a, b);
         assert_eq!(m.driver_allocated(), 2 * p as u64);
         // SAFETY: the slots are in our reservation, unmapped, and used only by this test.
         unsafe {
-            vm.map(base + 2 * p, &[a, b]).unwrap();
+            vm.map(base + 2 * p, &[a, b], p).unwrap();
             std::ptr::write_bytes((base + 2 * p) as *mut u8, 0x5A, 2 * p);
             assert_eq!(*((base + 3 * p + 7) as *const u8), 0x5A);
-            vm.unmap(base + 2 * p, 2);
+            vm.unmap(base + 2 * p, 2, p);
             // Remapped elsewhere, the page is fresh memory.
-            vm.map(base, &[b]).unwrap();
+            vm.map(base, &[b], p).unwrap();
             assert_eq!(*((base + 7) as *const u8), 0);
-            vm.unmap(base, 1);
-            vm.destroy_page(a);
-            vm.destroy_page(b);
+            vm.unmap(base, 1, p);
+            vm.destroy_page(a, p);
+            vm.destroy_page(b, p);
             vm.unreserve(base, 4 * p);
         }
         assert_eq!(m.driver_allocated(), 0);
         // Capacity counts pages: 8 MiB holds four 2 MiB pages, not five.
-        let pages: Vec<_> = (0..4).map(|_| vm.create_page().unwrap()).collect();
-        assert_eq!(vm.create_page(), Err(ProviderError::OutOfMemory));
+        let pages: Vec<_> = (0..4).map(|_| vm.create_page(p).unwrap()).collect();
+        assert_eq!(vm.create_page(p), Err(ProviderError::OutOfMemory));
         for pg in pages {
             // SAFETY: never mapped.
-            unsafe { vm.destroy_page(pg) };
+            unsafe { vm.destroy_page(pg, p) };
         }
     }
 }
