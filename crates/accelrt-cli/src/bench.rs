@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// device memory, host events; the default) or `cuda` (device 0's memory and CUDA events).
     #[arg(long, value_name = "host|cuda", default_value = "host")]
     pub backend: DeviceType,
+    /// Allocator configuration to bench (`ACCELRT_ALLOC_CONF` syntax; the default when empty).
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub alloc_conf: String,
 }
 
 /// Simulated device size: large enough for the random workloads' peaks (tens of GiB of
@@ -53,6 +56,7 @@ const HOST_DEVICE: Device = Device {
 struct Target {
     device: Device,
     provider: Option<Arc<dyn MemoryProvider>>,
+    config: AllocatorConfig,
 }
 
 /// How much work each bench does.
@@ -89,13 +93,12 @@ impl Plan {
     }
 }
 
-/// The configuration every bench runs under: the default, without per-call invariant checks
-/// (which would dominate the timings).
-fn bench_config() -> AllocatorConfig {
-    AllocatorConfig {
-        debug_checks: false,
-        ..AllocatorConfig::default()
-    }
+/// The configuration the benches run under: `--alloc-conf` over the default, without
+/// per-call invariant checks (which would dominate the timings).
+fn bench_config(conf: &str) -> Result<AllocatorConfig, Error> {
+    let mut config = AllocatorConfig::parse(conf)?;
+    config.debug_checks = false;
+    Ok(config)
 }
 
 fn fresh_allocator(target: &Target) -> Result<CachingAllocator, Error> {
@@ -103,7 +106,7 @@ fn fresh_allocator(target: &Target) -> Result<CachingAllocator, Error> {
         Some(p) => Arc::clone(p),
         None => Arc::new(HostMemory::new(BENCH_CAPACITY)),
     };
-    CachingAllocator::new(target.device, provider, None, bench_config())
+    CachingAllocator::new(target.device, provider, None, target.config.clone())
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -430,14 +433,17 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
         eprintln!("note: this is a debug build; bench numbers are only meaningful with `cargo run --release`");
     }
 
+    let config = bench_config(&args.alloc_conf)?;
     let target = match crate::replay::backend_provider(args.backend)? {
         None => Target {
             device: HOST_DEVICE,
             provider: None,
+            config,
         },
         Some((device, provider)) => Target {
             device,
             provider: Some(provider),
+            config,
         },
     };
     let mut fast = Map::new();
@@ -500,7 +506,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
             .map(|p| p.name)
             .unwrap_or_default()),
     );
-    out.insert("config".into(), json!(bench_config().to_conf_string()));
+    out.insert("config".into(), json!(target.config.to_conf_string()));
     out.insert("fast_path_pair_ns".into(), Value::Object(fast));
     out.insert("system_malloc_pair_ns".into(), Value::Object(system));
     let mut pinned = Map::new();
