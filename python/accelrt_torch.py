@@ -19,8 +19,8 @@ allocation raises ``torch.OutOfMemoryError`` with accelrt's report. Without a co
 functions and warns about what is lost. The functions of this module (``memory_stats()``,
 ``memory_snapshot()``, ...) work either way.
 
-The allocator reads ``ACCELRT_ALLOC_CONF`` (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax).
-The library alone (``load_library``, the statistics and snapshot functions) does not need
+The allocator reads ``ACCELRT_ALLOC_CONF`` (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax), to
+which ``enable()`` adds ``release_at_peak:false`` (see ``TORCH_ALLOC_CONF``). The library alone (``load_library``, the statistics and snapshot functions) does not need
 PyTorch; ``ACCELRT_TORCH_BACKEND=host`` runs it on accelrt's host backend, for tests.
 """
 
@@ -55,6 +55,12 @@ __all__ = [
     "AccelrtError",
 ]
 
+# What enable() puts before ACCELRT_ALLOC_CONF (a key set there wins). With release_at_peak
+# on, expandable segments move idle pages between blocks once reserved memory reaches its
+# previous peak, and each move waits for the stream: on real training that wait drains the
+# GPU's queue, measured at +46% (ResNet-50) and +130% (GPT-2) step time on an H200
+# (BENCHMARKS.md, "PyTorch on accelrt"). Without it pages are created instead, never moved.
+TORCH_ALLOC_CONF = "release_at_peak:false"
 LIBRARY_NAME = "libaccelrt_torch.so"
 LIBRARY_ENV = "ACCELRT_TORCH_LIB"
 STATS_LEN = 113
@@ -205,6 +211,13 @@ def _feature_flags(include_dirs: list[str]) -> list[str]:
         flags.append("-DACCELRT_HAS_CREATE_OR_INCREF_POOL")
     if re.search(r"virtual\s+int\s+getPoolUseCount\s*\(\s*c10::DeviceIndex[^,]*,\s*MempoolId_t", caching):
         flags.append("-DACCELRT_HAS_GET_POOL_USE_COUNT")
+    if re.search(
+        r"virtual\s+void\s+setUseOnOOM\s*\(\s*c10::DeviceIndex[^,]*,\s*MempoolId_t[^,]*,\s*bool",
+        caching,
+    ):
+        flags.append("-DACCELRT_HAS_SET_USE_ON_OOM")
+    if re.search(r"virtual\s+void\s+setNoSplit\s*\(\s*c10::DeviceIndex[^,]*,\s*MempoolId_t", caching):
+        flags.append("-DACCELRT_HAS_SET_NO_SPLIT")
     if re.search(r"int64_t\s+num_sync_all_streams\b", stats):
         flags.append("-DACCELRT_HAS_NUM_SYNC_ALL_STREAMS")
     if re.search(r"int64_t\s+num_device_alloc\b", stats) and re.search(
@@ -220,14 +233,26 @@ def _build_shim(full: bool, verbose: bool) -> str:
     flags = ["-O2"]
     if full:
         flags += ["-DACCELRT_FULL"] + _feature_flags(cpp_extension.include_paths())
-    return cpp_extension.load(
-        name="accelrt_torch_shim" if full else "accelrt_torch_shim_basic",
-        sources=[str(_SHIM_SOURCE)],
-        extra_cflags=flags,
-        with_cuda=True,
-        is_python_module=False,
-        verbose=verbose,
-    )
+    # The shim has no device code, but without an architecture list cpp_extension asks each
+    # device for its capability, which initialises CUDA, after which PyTorch refuses to swap
+    # its allocator. Any list will do.
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not saved or saved == "native":
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    try:
+        return cpp_extension.load(
+            name="accelrt_torch_shim" if full else "accelrt_torch_shim_basic",
+            sources=[str(_SHIM_SOURCE)],
+            extra_cflags=flags,
+            with_cuda=True,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
 
 
 def _install_shim(verbose: bool) -> str:
@@ -239,6 +264,14 @@ def _install_shim(verbose: bool) -> str:
         except Exception as e:  # a compiler error, no CUDA headers, ...
             errors.append(f"{'full' if full else 'basic'} shim: {type(e).__name__}: {e}")
             continue
+        import torch
+
+        if torch.cuda.is_initialized():
+            raise AccelrtError(
+                "CUDA was initialised while the shim was built, so PyTorch's allocator can no "
+                "longer be swapped: set TORCH_CUDA_ARCH_LIST (e.g. 9.0) and call enable() again "
+                "in a new process"
+            )
         shim = ctypes.CDLL(path)
         shim.accelrt_shim_install.restype = ctypes.c_int
         shim.accelrt_shim_install.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
@@ -266,20 +299,35 @@ def _install_shim(verbose: bool) -> str:
     raise RuntimeError("; ".join(errors))
 
 
-def enable(path: str | os.PathLike | None = None, *, shim: bool = True, verbose: bool = False) -> dict:
+def enable(
+    path: str | os.PathLike | None = None,
+    *,
+    alloc_conf: str | None = None,
+    shim: bool = True,
+    verbose: bool = False,
+) -> dict:
     """Make accelrt PyTorch's CUDA allocator. Call it before CUDA memory is used (before
     the first CUDA tensor, ``torch.cuda.init()`` or any CUDA query that initialises it).
 
-    ``path``: libaccelrt_torch.so (default: see ``find_library``). ``shim=False`` skips the
-    C++ shim: only alloc/free are installed (no graphs, MemPool, memory fraction,
-    record_stream, empty_cache or PyTorch-side statistics). Returns ``status()``.
-    Calling it again with the library enabled does nothing.
+    ``path``: libaccelrt_torch.so (default: see ``find_library``). ``alloc_conf``: the
+    allocator configuration (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax, e.g.
+    ``"max_split_size_mb:256"``); default: ``$ACCELRT_ALLOC_CONF``. Either way it is applied
+    on top of ``TORCH_ALLOC_CONF`` (``release_at_peak:false``, see above; write
+    ``release_at_peak:true`` to undo it), and the result goes to ``ACCELRT_ALLOC_CONF`` for the
+    library. ``shim=False`` skips the C++ shim: only alloc/free are installed (no
+    graphs, MemPool, memory fraction, record_stream, empty_cache, PyTorch-side statistics,
+    and a failed allocation gives PyTorch a NULL pointer instead of an exception). Returns
+    ``status()``. Calling it again once enabled does nothing.
     """
     global _mode
     import torch
 
     if _mode is not None:
         return status()
+    if alloc_conf is None:
+        alloc_conf = os.environ.get("ACCELRT_ALLOC_CONF", "")
+    # Read by the library when a device's allocator is created, at its first allocation.
+    os.environ["ACCELRT_ALLOC_CONF"] = ",".join(c for c in (TORCH_ALLOC_CONF, alloc_conf) if c)
     if torch.cuda.is_initialized():
         raise RuntimeError(
             "accelrt_torch.enable() must run before PyTorch initialises CUDA, and "
@@ -335,7 +383,13 @@ def status() -> dict:
     version = None
     if _lib is not None:
         version = _lib.accelrt_torch_version().decode()
-    return {"mode": _mode, "library": _lib_path, "version": version, "missing": list(_missing)}
+    return {
+        "mode": _mode,
+        "library": _lib_path,
+        "version": version,
+        "alloc_conf": os.environ.get("ACCELRT_ALLOC_CONF") if _mode is not None else None,
+        "missing": list(_missing),
+    }
 
 
 # ---- statistics, snapshots -------------------------------------------------------------------

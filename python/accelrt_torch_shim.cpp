@@ -224,6 +224,25 @@ class AccelrtAllocator final : public pluggable::CUDAPluggableAllocator {
   }
 #endif
 
+#ifdef ACCELRT_HAS_SET_USE_ON_OOM
+  // ~MemPool calls this with false whatever the pool was created with: it must not throw
+  // then (a destructor that throws ends the process).
+  void setUseOnOOM(c10::DeviceIndex /*device*/, MempoolId_t /*id*/, bool use_on_oom) override {
+    TORCH_CHECK(!use_on_oom,
+                "accelrt allocator: MemPool(use_on_oom=True) is not supported (accelrt does "
+                "not fall back to a private pool when the device is full); create the "
+                "MemPool without it");
+  }
+#endif
+
+#ifdef ACCELRT_HAS_SET_NO_SPLIT
+  void setNoSplit(c10::DeviceIndex /*device*/, MempoolId_t /*id*/) override {
+    TORCH_CHECK(false,
+                "accelrt allocator: MemPool(no_split=True) is not supported; create the "
+                "MemPool without it");
+  }
+#endif
+
 #ifdef ACCELRT_HAS_GET_POOL_USE_COUNT
   int getPoolUseCount(c10::DeviceIndex device, MempoolId_t id) override {
     int uses = lib.pool_use_count(device, id.first, id.second);

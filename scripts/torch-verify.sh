@@ -16,7 +16,7 @@ OUT=${OUT:-/tmp/accelrt-torch-verify}
 STEPS=${STEPS:-20}
 mkdir -p "$OUT"
 export ACCELRT_TORCH_LIB=${ACCELRT_TORCH_LIB:-$PWD/target/release/libaccelrt_torch.so}
-export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/accelrt-torch-extensions}
 [ -f "$ACCELRT_TORCH_LIB" ] || {
     echo "no $ACCELRT_TORCH_LIB: build it with 'cargo build --release -p accelrt-torch' and carry it" >&2
@@ -28,7 +28,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/accelrt-torch-extension
     echo "cores: $(nproc)"
     grep -m1 'model name' /proc/cpuinfo
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-    python3 -c 'import torch, torchvision; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__)' 2>&1
+    python3 -c 'import torch, torchvision, torch.utils.cpp_extension as c; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__, "CUDA_HOME", c.CUDA_HOME)' 2>&1
     echo "library: $ACCELRT_TORCH_LIB ($(stat -c %s "$ACCELRT_TORCH_LIB") bytes)"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
@@ -41,12 +41,17 @@ grep -E '^\[(ok|FAIL)\]' "$OUT/features.log" || tail -20 "$OUT/features.log"
 timeout 120 python3 scripts/torch_verify.py plain-oom --out "$OUT/plain_oom.json" >> "$OUT/features.log" 2>&1 \
     || echo "plain-oom run failed (exit $?)" | tee -a "$OUT/features.log"
 
-# 2. Training: native, accelrt, native again (the second native run measures run-to-run
-#    spread and brackets accelrt in time).
+# 2. Training: native; accelrt as accelrt_torch.enable() sets it up ("default"), with
+#    accelrt's own release_at_peak ("steal") and with plain segments ("plain"); native again
+#    (the second native run measures the run-to-run spread and brackets the accelrt runs in
+#    time). gpt2-math is GPT-2 with the math attention kernel, whose backward is
+#    deterministic (the fused ones are not under warn_only): its losses must match exactly.
 : > "$OUT/runs.jsonl"
 : > "$OUT/train.log"
-for model in gpt2 resnet50; do
-    for run in native:a accelrt:a native:b; do
+for model in gpt2 gpt2-math resnet50; do
+    runs="native:a accelrt:default accelrt:steal accelrt:plain native:b"
+    [ "$model" = gpt2-math ] && runs="native:a accelrt:default native:b"
+    for run in $runs; do
         allocator=${run%%:*}
         tag=${run##*:}
         echo "== $model $allocator $tag" >> "$OUT/train.log"

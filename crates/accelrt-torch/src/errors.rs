@@ -53,8 +53,8 @@ pub(crate) static LOG_ALLOC_FAILURES: AtomicBool = AtomicBool::new(true);
 /// Keep `failure` as the calling thread's last error.
 pub(crate) fn set_last(failure: Failure) {
     // A C string cannot hold NUL: show it instead of cutting the message there.
-    let message = CString::new(failure.message.replace('\0', "\\0"))
-        .expect("NUL bytes were replaced above");
+    let message =
+        CString::new(failure.message.replace('\0', "\\0")).expect("NUL bytes were replaced above");
     LAST.with(|l| {
         *l.borrow_mut() = LastError {
             message,

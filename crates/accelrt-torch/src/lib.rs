@@ -152,7 +152,9 @@ pub unsafe extern "C" fn accelrt_torch_free(
     device: c_int,
     _stream: *mut c_void,
 ) {
-    guard("accelrt_torch_free", (), Report::Log, || free(ptr, size, device))
+    guard("accelrt_torch_free", (), Report::Log, || {
+        free(ptr, size, device)
+    })
 }
 
 fn free(ptr: *mut c_void, size: isize, device: c_int) -> Result<(), Failure> {
@@ -252,10 +254,15 @@ pub extern "C" fn accelrt_torch_get_memory_fraction(device: c_int) -> f64 {
 /// # Safety
 /// `stream` as in [`accelrt_torch_alloc`], for the device that owns `ptr`.
 #[no_mangle]
-pub unsafe extern "C" fn accelrt_torch_record_stream(ptr: *mut c_void, stream: *mut c_void) -> c_int {
+pub unsafe extern "C" fn accelrt_torch_record_stream(
+    ptr: *mut c_void,
+    stream: *mut c_void,
+) -> c_int {
     status("accelrt_torch_record_stream", || {
         if ptr.is_null() {
-            return Err("record_stream of a NULL pointer: pass a pointer from accelrt_torch_alloc".into());
+            return Err(
+                "record_stream of a NULL pointer: pass a pointer from accelrt_torch_alloc".into(),
+            );
         }
         let addr = ptr as usize;
         let st = state()?;
@@ -312,9 +319,11 @@ impl Drop for ForeignFilter {
 fn pool_id(id0: u64, id1: u64) -> Result<MempoolId, Failure> {
     let id = MempoolId(id0, id1);
     if id.is_none() {
-        return Err("pool id (0, 0) is not a pool: PyTorch's MempoolId_t of a graph or a \
+        return Err(
+            "pool id (0, 0) is not a pool: PyTorch's MempoolId_t of a graph or a \
                     MemPool is never (0, 0)"
-            .into());
+                .into(),
+        );
     }
     Ok(id)
 }
@@ -526,7 +535,11 @@ pub extern "C" fn accelrt_torch_memory_stats_json(device: c_int) -> *mut c_char 
 /// # Safety
 /// `out` must be NULL or valid for writing `len` `int64_t`s.
 #[no_mangle]
-pub unsafe extern "C" fn accelrt_torch_stats_array(device: c_int, out: *mut i64, len: usize) -> c_int {
+pub unsafe extern "C" fn accelrt_torch_stats_array(
+    device: c_int,
+    out: *mut i64,
+    len: usize,
+) -> c_int {
     guard("accelrt_torch_stats_array", -1, Report::Status, || {
         if out.is_null() {
             return Err("out is NULL: pass an array of ACCELRT_TORCH_STATS_LEN int64_t".into());
@@ -683,7 +696,11 @@ pub unsafe extern "C" fn accelrt_torch_snapshot_pickle(device: c_int, len: *mut 
 /// Start (`enabled` != 0, keeping at most `max_entries` events) or stop recording the
 /// allocator's history on `device` (-1: every device, including devices used later).
 #[no_mangle]
-pub extern "C" fn accelrt_torch_record_history(device: c_int, enabled: c_int, max_entries: usize) -> c_int {
+pub extern "C" fn accelrt_torch_record_history(
+    device: c_int,
+    enabled: c_int,
+    max_entries: usize,
+) -> c_int {
     status("accelrt_torch_record_history", || {
         let config = if enabled != 0 {
             if max_entries == 0 {

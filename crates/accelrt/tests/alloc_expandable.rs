@@ -216,6 +216,11 @@ fn page_size_is_configurable_in_multiples_of_the_granularity() {
         assert_eq!(a.reserved_bytes(), 0);
     }
     let config = AllocatorConfig::parse("expandable_page_mb:3").unwrap();
-    let err = CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap_err();
-    assert!(err.to_string().contains("not a multiple of host:0's page granularity (2.00 MiB)"), "{err}");
+    let err =
+        CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not a multiple of host:0's page granularity (2.00 MiB)"),
+        "{err}"
+    );
 }
