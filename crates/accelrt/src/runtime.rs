@@ -296,6 +296,12 @@ impl<D: Driver> Core<D> {
 
     #[inline]
     fn record(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
+        self.record_as(ev, stream, "event_record")
+    }
+
+    /// Record `ev` on `stream`; `name` is what a profiler trace calls it (the allocator's own
+    /// events are told apart from the program's).
+    fn record_as(&self, ev: &Slot<D>, stream: Stream, name: &'static str) -> Result<()> {
         self.with_stream_slot(stream, |slot| {
             if ev.device() != stream.device.index {
                 return Err(Error::Event(format!(
@@ -309,7 +315,7 @@ impl<D: Driver> Core<D> {
         })?;
         ev.mark_recorded();
         if self.profiler.active() {
-            self.profile_instant("event_record", stream, ev.timing());
+            self.profile_instant(name, stream, ev.timing());
         }
         Ok(())
     }
@@ -495,7 +501,7 @@ impl<D: Driver> StreamEvents for PoolStreamEvents<D> {
     fn record(&self, stream: Stream) -> Result<u64> {
         self.core.stream(stream)?;
         let ev = self.core.events.acquire(stream.device.index, false)?;
-        self.core.record(&ev, stream)?;
+        self.core.record_as(&ev, stream, "allocator event_record")?;
         Ok(ev.into_id().0)
     }
     fn query(&self, ticket: u64) -> Result<bool> {

@@ -168,14 +168,18 @@ fn snapshot_and_history_show_mapping() {
 }
 
 /// A freed block's memory may still be written by work queued on its stream (stream-ordered
-/// reuse). Taking its pages for another stream must wait for that work: were they unmapped
-/// first, the task below would write to inaccessible memory and crash the test.
+/// reuse). At the memory limit, taking its pages for another stream must wait for that work:
+/// were they unmapped first, the task below would write to inaccessible memory and crash.
 #[test]
-fn stealing_pages_waits_for_the_stream_that_used_them() {
+fn at_the_limit_stealing_pages_waits_for_the_stream_that_used_them() {
     std::env::remove_var("ACCELRT_ALLOC_CONF");
     let rt: Runtime<HostDriver> = Runtime::with_driver(HostDriver::with_devices(1).unwrap());
     let alloc = rt.allocator(0).unwrap();
     assert!(alloc.is_expandable());
+    let total = rt.device_properties(0).unwrap().total_memory;
+    alloc
+        .set_memory_fraction(160.0 * MIB as f64 / total as f64)
+        .unwrap(); // room for 160 MiB
     let s1 = rt.new_stream(0, StreamPriority::Normal).unwrap();
     let s2 = rt.new_stream(0, StreamPriority::Normal).unwrap();
     let x = alloc.raw_alloc(64 * MIB, s1).unwrap();
@@ -202,6 +206,49 @@ fn stealing_pages_waits_for_the_stream_that_used_them() {
     alloc.raw_free(y).unwrap();
     alloc.raw_free(z).unwrap();
     rt.device_synchronize(0).unwrap();
+}
+
+/// Below the limit, pages are taken only behind a completed fence: a steal never waits for a
+/// stream, so the device's queue is never drained by an allocation.
+#[test]
+fn steady_state_steals_never_wait_for_streams() {
+    std::env::remove_var("ACCELRT_ALLOC_CONF");
+    let rt: Runtime<HostDriver> = Runtime::with_driver(HostDriver::with_devices(1).unwrap());
+    let alloc = rt.allocator(0).unwrap();
+    let s1 = rt.new_stream(0, StreamPriority::Normal).unwrap();
+    let s2 = rt.new_stream(0, StreamPriority::Normal).unwrap();
+    let x = alloc.raw_alloc(64 * MIB, s1).unwrap();
+    let y = alloc.raw_alloc(64 * MIB, s1).unwrap();
+    alloc.raw_free(x).unwrap();
+    // First growth past the peak: no fence has completed yet, so new pages are created (and a
+    // fence is recorded on s1).
+    let w = alloc.raw_alloc(2 * MIB, s2).unwrap();
+    assert_eq!(alloc.stats().counters.num_page_steals, 0);
+    rt.stream_synchronize(s1).unwrap(); // the fence completes
+                                        // s1 is busy again: a steal that waited would take 300 ms.
+    rt.launch_host(
+        s1,
+        Arc::new(|| std::thread::sleep(Duration::from_millis(300))),
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let z = alloc.raw_alloc(64 * MIB, s2).unwrap(); // x's pages, freed before the fence
+    let waited = start.elapsed();
+    assert!(
+        alloc.stats().counters.num_page_steals >= 1,
+        "x's idle pages were reused"
+    );
+    assert!(
+        waited < Duration::from_millis(150),
+        "the steal waited for s1: {waited:?}"
+    );
+    // SAFETY: z is a live 64 MiB host buffer.
+    unsafe { std::ptr::write_bytes(z as *mut u8, 1, 64 * MIB) };
+    for p in [y, w, z] {
+        alloc.raw_free(p).unwrap();
+    }
+    rt.device_synchronize(0).unwrap();
+    alloc.check_invariants().unwrap();
 }
 
 #[test]

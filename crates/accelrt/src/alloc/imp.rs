@@ -1514,12 +1514,16 @@ impl Drop for CachingAllocator {
                     unsafe { self.provider.free(seg.base, seg.size as usize) };
                 }
             }
-            let pending = std::mem::take(&mut pool.state.lock().pending);
+            let (pending, fence) = {
+                let mut st = pool.state.lock();
+                (std::mem::take(&mut st.pending), st.fence.take())
+            };
             if let Some(events) = &self.events {
                 pending
                     .iter()
                     .flat_map(|p| &p.tickets)
                     .for_each(|&t| events.release(t));
+                fence.into_iter().for_each(|(_, t)| events.release(t));
             }
         }
         if self.vm_page != 0 {

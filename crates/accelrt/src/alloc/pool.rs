@@ -286,6 +286,12 @@ pub struct PoolState {
     pub pool_id: crate::graph::MempoolId,
     pub released: bool,
     pub users: Vec<crate::stream::Stream>,
+    /// Expandable segments: an event recorded on the pool's stream at pool tick `.0`
+    /// (`.1` = its ticket); once it completes, blocks freed up to that tick are no longer used
+    /// by queued work, and their pages can be taken without waiting.
+    pub fence: Option<(u64, u64)>,
+    /// The tick of the newest completed fence.
+    pub safe_tick: u64,
 }
 
 impl Default for PoolState {
@@ -306,6 +312,8 @@ impl Default for PoolState {
             pool_id: crate::graph::MempoolId::NONE,
             released: false,
             users: Vec::new(),
+            fence: None,
+            safe_tick: 0,
         }
     }
 }
@@ -780,7 +788,7 @@ impl PoolState {
     /// Up to `limit` mapped slots lying wholly inside free blocks. Only free blocks of at
     /// least a page can hold one, and the free index lists exactly those, so this costs
     /// little even with many blocks.
-    pub fn idle_pages(&self, limit: usize) -> Vec<IdlePage> {
+    pub fn idle_pages(&self, limit: usize, since: u64) -> Vec<IdlePage> {
         let mut out = Vec::new();
         let Some(page_size) = self
             .segments
@@ -798,6 +806,9 @@ impl PoolState {
         big.sort_unstable_by_key(|&i| std::cmp::Reverse(self.blocks[i as usize].size));
         for block in big {
             let b = &self.blocks[block as usize];
+            if b.last_used > since {
+                continue;
+            }
             let Some((seg, table)) = self.vm_table_at(b.addr) else {
                 continue;
             };

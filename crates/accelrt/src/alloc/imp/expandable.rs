@@ -24,6 +24,15 @@ use crate::alloc::provider::{PageHandle, ProviderError, VirtualMemory};
 use crate::alloc::size::pool_kind;
 use crate::error::{Error, Result};
 
+/// Whether taking pages may wait for the streams that used them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Only pages whose stream is known to have passed (a completed fence).
+    Never,
+    /// Synchronize the stream first (the last resort before an out-of-memory).
+    Block,
+}
+
 /// Idle pages taken per steal at least, so that waiting for a stream is amortised.
 const STEAL_BATCH_BYTES: u64 = 64 << 20;
 
@@ -285,11 +294,12 @@ impl CachingAllocator {
             }
         }
         if got.len() < n && self.may_steal() {
-            // Each steal waits for a stream: take a batch, and keep the surplus as spare pages
-            // for the next blocks (reserved memory does not change: the pages only move).
+            // Take a batch, and keep the surplus as spare pages for the next blocks (reserved
+            // memory does not change: the pages only move). Never waits: only pages behind a
+            // completed fence are taken, so the device's queue is never drained.
             let need = n - got.len();
             let batch = need.max((STEAL_BATCH_BYTES / self.vm_page) as usize);
-            let mut stolen = self.steal_idle_pages(batch, guard);
+            let mut stolen = self.steal_idle_pages(batch, guard, Wait::Never);
             if stolen.len() > need {
                 self.spare.lock().extend(stolen.drain(need..));
             }
@@ -298,9 +308,18 @@ impl CachingAllocator {
         while got.len() < n {
             match self.create_page() {
                 Ok(h) => got.push(h),
-                Err(e) => {
+                Err(SegmentFailure::Driver(m)) => {
                     self.spare.lock().extend(got);
-                    return Err(e);
+                    return Err(SegmentFailure::Driver(m));
+                }
+                Err(e) => {
+                    // At the limit: wait for streams and take any idle page before failing.
+                    let need = n - got.len();
+                    got.extend(self.steal_idle_pages(need, guard, Wait::Block));
+                    if got.len() < n {
+                        self.spare.lock().extend(got);
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -333,36 +352,100 @@ impl CachingAllocator {
     }
 
     /// Unmap up to `need` idle pages (least recently used first) from the pools' free blocks.
-    fn steal_idle_pages(&self, need: usize, guard: &mut MutexGuard<'_, ()>) -> Vec<PageHandle> {
+    fn steal_idle_pages(
+        &self,
+        need: usize,
+        guard: &mut MutexGuard<'_, ()>,
+        wait: Wait,
+    ) -> Vec<PageHandle> {
         let mut got = Vec::new();
         for (_, pool) in self.pools_with_index() {
             if got.len() >= need {
                 break;
             }
-            let taken = self.take_idle(pool, Some(need - got.len()), guard);
+            let taken = self.take_idle(pool, Some(need - got.len()), guard, wait);
             got.extend(taken);
         }
         got
     }
 
-    /// Unmap idle pages of one pool (up to `limit`) and return them. Waits for the pool's
-    /// stream with `vm_lock` released.
+    /// The pool tick up to which freed blocks are no longer used by queued work, as proven by
+    /// a completed fence; records the next fence. `None` until a fence has completed.
+    fn completed_fence(&self, pool: &StreamPool) -> Option<u64> {
+        let events = self.events.as_ref()?;
+        let mut st = pool.state.lock();
+        if let Some((tick, ticket)) = st.fence {
+            match events.query(ticket) {
+                Ok(true) => {
+                    events.release(ticket);
+                    st.safe_tick = st.safe_tick.max(tick);
+                    st.fence = None;
+                }
+                Ok(false) => {}
+                Err(_) => return None, // a broken stream: leave its memory alone
+            }
+        }
+        if st.fence.is_none() {
+            if let Ok(ticket) = events.record(pool.stream) {
+                st.fence = Some((st.tick, ticket));
+            }
+        }
+        (st.safe_tick > 0).then_some(st.safe_tick)
+    }
+
+    /// Unmap idle pages of one pool (up to `limit`) and return them. With [`Wait::Block`],
+    /// waits for the pool's stream (with `vm_lock` released) and may take any idle page; with
+    /// [`Wait::Never`], takes only pages freed before the pool's last completed fence.
     fn take_idle(
         &self,
         pool: &StreamPool,
         limit: Option<usize>,
         guard: &mut MutexGuard<'_, ()>,
+        wait: Wait,
     ) -> Vec<PageHandle> {
-        let (candidates, tick) = {
-            let mut st = pool.state.lock();
-            st.flush_recent();
-            (st.idle_pages(limit.unwrap_or(usize::MAX)), st.tick)
+        let limit = limit.unwrap_or(usize::MAX);
+        let (candidates, tick) = match (&self.events, wait) {
+            // No streams to wait for (a bare allocator, e.g. a replay).
+            (None, _) => {
+                let mut st = pool.state.lock();
+                st.flush_recent();
+                let tick = st.tick;
+                (st.idle_pages(limit, tick), tick)
+            }
+            (Some(_), Wait::Never) => {
+                // No fence (no event) where there is nothing to take.
+                let any_idle = {
+                    let mut st = pool.state.lock();
+                    st.flush_recent();
+                    !st.idle_pages(1, u64::MAX).is_empty()
+                };
+                if !any_idle {
+                    return Vec::new();
+                }
+                let Some(safe) = self.completed_fence(pool) else {
+                    return Vec::new();
+                };
+                let mut st = pool.state.lock();
+                st.flush_recent();
+                (st.idle_pages(limit, safe), safe)
+            }
+            (Some(_), Wait::Block) => {
+                let (candidates, tick) = {
+                    let mut st = pool.state.lock();
+                    st.flush_recent();
+                    (st.idle_pages(limit, u64::MAX), st.tick)
+                };
+                if candidates.is_empty() {
+                    return Vec::new();
+                }
+                if MutexGuard::unlocked(guard, || self.sync_stream(pool)).is_err() {
+                    return Vec::new(); // a broken stream: leave its memory alone
+                }
+                (candidates, tick)
+            }
         };
         if candidates.is_empty() {
             return Vec::new();
-        }
-        if MutexGuard::unlocked(guard, || self.sync_stream(pool)).is_err() {
-            return Vec::new(); // a broken stream: leave its memory alone
         }
         let mut taken = pool.state.lock().take_idle_pages(&candidates, tick);
         if !taken.is_empty() {
@@ -385,8 +468,9 @@ impl CachingAllocator {
                 len += 1;
             }
             // SAFETY: these slots were mapped, lie wholly in free blocks not reused since the
-            // stream was synchronized, and were removed from the page table under the pool
-            // lock, so nothing uses or maps them concurrently (`vm_lock` is held).
+            // stream passed the point they were freed at (synchronized, or a completed fence),
+            // and were removed from the page table under the pool lock, so nothing uses or maps
+            // them concurrently (`vm_lock` is held).
             unsafe { self.vm().unmap(base + first * page, len, page) };
             if self.history.enabled() {
                 let addr = (base + first * page) as u64;
@@ -405,7 +489,7 @@ impl CachingAllocator {
     /// Give every idle page of `pool` back to the device, and whole free ranges too.
     pub(super) fn release_idle_pages(&self, pool: &StreamPool) {
         let mut guard = self.vm_lock.lock();
-        for page in self.take_idle(pool, None, &mut guard) {
+        for page in self.take_idle(pool, None, &mut guard, Wait::Block) {
             self.destroy_page(page);
         }
         let empty: Vec<usize> = {
