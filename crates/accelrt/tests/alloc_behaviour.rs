@@ -493,3 +493,32 @@ fn dropping_the_allocator_gives_all_memory_back() {
         assert_eq!(mem.driver_allocated(), 0, "{conf}: memory left behind");
     }
 }
+
+#[test]
+fn combined_peaks_are_exact_not_the_sum_of_the_pools() {
+    let a = allocator();
+    let small = a.raw_alloc(MIB, stream(0)).unwrap();
+    a.raw_free(small).unwrap();
+    let large = a.raw_alloc(30 * MIB, stream(0)).unwrap();
+    a.raw_free(large).unwrap();
+    let s = a.stats();
+    assert_eq!(s.small_pool.allocated_bytes.peak, MIB as u64);
+    assert_eq!(s.large_pool.allocated_bytes.peak, 30 * MIB as u64);
+    // Never both live at once: the peak of the two together is the larger one, not the sum.
+    assert_eq!(s.all().allocated_bytes.peak, 30 * MIB as u64);
+    assert!(s.all().reserved_bytes.peak >= s.all().allocated_bytes.peak);
+}
+
+#[test]
+fn expandable_free_space_is_not_inactive_split() {
+    let config = AllocatorConfig {
+        debug_checks: true,
+        ..AllocatorConfig::default()
+    };
+    let a = CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap();
+    assert!(a.is_expandable());
+    let p = a.raw_alloc(5 * MIB, stream(0)).unwrap();
+    // The rest of the reserved range is address space, not stranded memory.
+    assert_eq!(a.stats().all().inactive_split_bytes.current, 0);
+    a.raw_free(p).unwrap();
+}

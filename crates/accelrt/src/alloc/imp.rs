@@ -1252,7 +1252,7 @@ impl CachingAllocator {
         self.initialized_pools()
             .map(|p| {
                 let st = p.state.lock();
-                st.stats[0].allocated_bytes.current + st.stats[1].allocated_bytes.current
+                st.stats[super::pool::ALL].allocated_bytes.current
             })
             .sum()
     }
@@ -1272,6 +1272,7 @@ impl CachingAllocator {
             let st = pool.state.lock();
             s.small_pool = s.small_pool.merged(st.stats[0]);
             s.large_pool = s.large_pool.merged(st.stats[1]);
+            s.combined = s.combined.merged(st.stats[super::pool::ALL]);
         }
         let c = &self.counters;
         s.counters = EventCounters {

@@ -23,6 +23,9 @@ use super::tlsf::Tlsf;
 use super::AllocatorConfig;
 use crate::stream::Stream;
 
+/// Index of the both-kinds statistics in `PoolState::stats`.
+pub const ALL: usize = 2;
+
 /// "No block".
 pub const NIL: u32 = u32::MAX;
 
@@ -65,6 +68,9 @@ pub struct Block {
     /// Bytes from the block's start known to be backed by mapped pages (at least `size`
     /// outside expandable segments). May understate; never overstates.
     pub mapped_len: u64,
+    /// Part of an expandable segment: its free space is not stranded by splitting (its pages
+    /// can move), so it does not count as inactive-split.
+    pub vm: bool,
 }
 
 impl Block {
@@ -84,6 +90,7 @@ impl Block {
             id: 0,
             has_extras: false,
             mapped_len: u64::MAX,
+            vm: false,
         }
     }
     /// Every page under the block is mapped.
@@ -272,7 +279,9 @@ pub struct PoolState {
     pub blocks: Vec<Block>,
     vacant: Vec<u32>,
     pub free_index: [Tlsf; 2],
-    pub stats: [PoolStats; 2],
+    /// Small pool, large pool, and both together ([`ALL`]): the combined peaks are exact,
+    /// where summing the two pools' peaks would overstate them.
+    pub stats: [PoolStats; 3],
     pub segments: Vec<Segment>,
     pub pending: Vec<PendingFree>,
     pub extras: std::collections::HashMap<u32, Extras>,
@@ -347,30 +356,33 @@ impl PoolState {
     }
 
     #[inline(always)]
-    fn stats_of(&mut self, kind: PoolKind) -> &mut PoolStats {
-        &mut self.stats[kind as usize]
+    fn bump(&mut self, kind: PoolKind, change: impl Fn(&mut PoolStats)) {
+        change(&mut self.stats[kind as usize]);
+        change(&mut self.stats[ALL]);
     }
 
     /// Count a cached piece of a split segment in the inactive-split figures.
     #[inline(always)]
     fn inactive_add(&mut self, idx: u32) {
         let b = &self.blocks[idx as usize];
-        if b.is_split() {
+        if b.is_split() && !b.vm {
             let (kind, size) = (b.kind, b.size);
-            let s = self.stats_of(kind);
-            s.inactive_split.increase(1);
-            s.inactive_split_bytes.increase(size);
+            self.bump(kind, |s| {
+                s.inactive_split.increase(1);
+                s.inactive_split_bytes.increase(size);
+            });
         }
     }
 
     #[inline(always)]
     fn inactive_remove(&mut self, idx: u32) {
         let b = &self.blocks[idx as usize];
-        if b.is_split() {
+        if b.is_split() && !b.vm {
             let (kind, size) = (b.kind, b.size);
-            let s = self.stats_of(kind);
-            s.inactive_split.decrease(1);
-            s.inactive_split_bytes.decrease(size);
+            self.bump(kind, |s| {
+                s.inactive_split.decrease(1);
+                s.inactive_split_bytes.decrease(size);
+            });
         }
     }
 
@@ -473,21 +485,22 @@ impl PoolState {
         b.last_used = tick;
         let (size, addr) = (b.size, b.addr);
         self.live.insert(addr, idx);
-        let s = self.stats_of(kind);
-        s.allocation.increase(1);
-        s.allocated_bytes.increase(size);
-        s.requested_bytes.increase(requested);
-        s.active.increase(1);
-        s.active_bytes.increase(size);
+        self.bump(kind, |s| {
+            s.allocation.increase(1);
+            s.allocated_bytes.increase(size);
+            s.requested_bytes.increase(requested);
+            s.active.increase(1);
+            s.active_bytes.increase(size);
+        });
     }
 
     /// Cut block `idx` after `first_size` bytes; returns the new block of the rest, linked
     /// into the segment but on no free list (the caller puts it there).
     #[inline]
     fn split_off(&mut self, idx: u32, first_size: u64) -> u32 {
-        let (addr, size, next, kind, mapped_len) = {
+        let (addr, size, next, kind, mapped_len, vm) = {
             let b = &self.blocks[idx as usize];
-            (b.addr, b.size, b.next, b.kind, b.mapped_len)
+            (b.addr, b.size, b.next, b.kind, b.mapped_len, b.vm)
         };
         let rest = self.new_block(Block {
             addr: addr + first_size as usize,
@@ -496,6 +509,7 @@ impl PoolState {
             next,
             kind,
             mapped_len: mapped_len.saturating_sub(first_size),
+            vm,
             ..Block::vacant()
         });
         if next != NIL {
@@ -513,10 +527,11 @@ impl PoolState {
     pub fn account_free(&mut self, idx: u32) {
         let b = &self.blocks[idx as usize];
         let (kind, size, requested) = (b.kind, b.size, b.requested);
-        let s = self.stats_of(kind);
-        s.allocation.decrease(1);
-        s.allocated_bytes.decrease(size);
-        s.requested_bytes.decrease(requested);
+        self.bump(kind, |s| {
+            s.allocation.decrease(1);
+            s.allocated_bytes.decrease(size);
+            s.requested_bytes.decrease(requested);
+        });
     }
 
     /// Return block `idx` (allocated or pending, already accounted by `account_free`) to the
@@ -534,9 +549,10 @@ impl PoolState {
             b.state = BlockState::Recent;
             (b.kind, b.size)
         };
-        let s = self.stats_of(kind);
-        s.active.decrease(1);
-        s.active_bytes.decrease(size);
+        self.bump(kind, |s| {
+            s.active.decrease(1);
+            s.active_bytes.decrease(size);
+        });
         if size > RECENT_MAX_SIZE {
             self.coalesce(idx);
             return;
@@ -639,9 +655,10 @@ impl PoolState {
             kind,
             vm: None,
         });
-        let s = self.stats_of(kind);
-        s.segment.increase(1);
-        s.reserved_bytes.increase(seg_size);
+        self.bump(kind, |s| {
+            s.segment.increase(1);
+            s.reserved_bytes.increase(seg_size);
+        });
         self.carve(idx, rounded, requested, config);
         idx
     }
@@ -673,9 +690,10 @@ impl PoolState {
         self.remove_free(head);
         self.retire_block(head);
         let seg = self.segments.swap_remove(pos);
-        let s = self.stats_of(kind);
-        s.segment.decrease(1);
-        s.reserved_bytes.decrease(memory);
+        self.bump(kind, |s| {
+            s.segment.decrease(1);
+            s.reserved_bytes.decrease(memory);
+        });
         Some(seg)
     }
 
@@ -688,6 +706,7 @@ impl PoolState {
             size,
             kind,
             mapped_len: 0,
+            vm: true,
             ..Block::vacant()
         });
         let table = PageTable::new(page_size, size.div_ceil(page_size) as usize);
@@ -698,7 +717,7 @@ impl PoolState {
             kind,
             vm: Some(Box::new(table)),
         });
-        self.stats_of(kind).segment.increase(1);
+        self.bump(kind, |s| s.segment.increase(1));
         self.add_free(idx);
     }
 
@@ -782,7 +801,7 @@ impl PoolState {
             table.set(slot, page);
         }
         let bytes = slots.len() as u64 * table.page_size;
-        self.stats_of(kind).reserved_bytes.increase(bytes);
+        self.bump(kind, |s| s.reserved_bytes.increase(bytes));
     }
 
     /// Up to `limit` mapped slots lying wholly inside free blocks. Only free blocks of at
@@ -854,7 +873,7 @@ impl PoolState {
             }
             taken.push((base, w.slot, table.clear(w.slot)));
             let bytes = table.page_size;
-            self.stats_of(kind).reserved_bytes.decrease(bytes);
+            self.bump(kind, |s| s.reserved_bytes.decrease(bytes));
             let b = &mut self.blocks[w.block as usize];
             b.mapped_len = b.mapped_len.min((lo - b_addr) as u64);
         }

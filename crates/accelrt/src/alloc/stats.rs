@@ -159,13 +159,15 @@ pub struct EventCounters {
 
 /// A device's allocator statistics: small pool, large pool and counters.
 ///
-/// Peaks are exact per stream; when several streams have allocated, the aggregate peaks
-/// are the sum of the per-stream peaks (an upper bound), except `reserved_bytes` and
-/// `segment`, whose aggregate peaks are always exact.
+/// Peaks are exact per stream (small, large, and both together); when several streams have
+/// allocated, the device-wide peaks are the sum of the per-stream peaks (an upper bound),
+/// except `reserved_bytes` and `segment`, whose device-wide peaks are always exact.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct MemoryStats {
     pub small_pool: PoolStats,
     pub large_pool: PoolStats,
+    /// Both pools together, kept per stream pool as its own record (exact peaks per stream).
+    pub combined: PoolStats,
     pub counters: EventCounters,
     /// Exact peak of reserved bytes over all streams.
     pub reserved_bytes_peak: u64,
@@ -176,7 +178,7 @@ pub struct MemoryStats {
 impl MemoryStats {
     /// Small and large pools together (PyTorch's `all`).
     pub fn all(&self) -> PoolStats {
-        let mut all = self.small_pool.merged(self.large_pool);
+        let mut all = self.combined;
         all.reserved_bytes.peak = self.reserved_bytes_peak;
         all.segment.peak = self.segment_peak;
         all
