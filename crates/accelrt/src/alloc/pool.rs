@@ -498,9 +498,17 @@ impl PoolState {
     /// into the segment but on no free list (the caller puts it there).
     #[inline]
     fn split_off(&mut self, idx: u32, first_size: u64) -> u32 {
-        let (addr, size, next, kind, mapped_len, vm) = {
+        let (addr, size, next, kind, mapped_len, vm, last_used) = {
             let b = &self.blocks[idx as usize];
-            (b.addr, b.size, b.next, b.kind, b.mapped_len, b.vm)
+            (
+                b.addr,
+                b.size,
+                b.next,
+                b.kind,
+                b.mapped_len,
+                b.vm,
+                b.last_used,
+            )
         };
         let rest = self.new_block(Block {
             addr: addr + first_size as usize,
@@ -510,6 +518,9 @@ impl PoolState {
             kind,
             mapped_len: mapped_len.saturating_sub(first_size),
             vm,
+            // The rest was free as long as the block was: its age is the block's (a younger
+            // age would let a steal or a release take memory queued work may still use).
+            last_used,
             ..Block::vacant()
         });
         if next != NIL {
@@ -602,9 +613,7 @@ impl PoolState {
         }
         let idx = if prev != NIL && self.blocks[prev as usize].state == BlockState::Free {
             self.remove_free(prev);
-            let last_used = self.blocks[idx as usize].last_used;
             self.merge_into_prev(prev, idx);
-            self.blocks[prev as usize].last_used = last_used;
             prev
         } else {
             idx
@@ -622,13 +631,18 @@ impl PoolState {
         if next != NIL {
             self.blocks[next as usize].prev = first;
         }
-        let second_mapped = self.blocks[second as usize].mapped_len;
+        let (second_mapped, second_used) = {
+            let b = &self.blocks[second as usize];
+            (b.mapped_len, b.last_used)
+        };
         let f = &mut self.blocks[first as usize];
         if f.is_mapped() {
             f.mapped_len = f.size.saturating_add(second_mapped);
         }
         f.size += size;
         f.next = next;
+        // The merged block was last used when the later of the two was.
+        f.last_used = f.last_used.max(second_used);
         self.retire_block(second);
     }
 
@@ -878,5 +892,54 @@ impl PoolState {
             b.mapped_len = b.mapped_len.min((lo - b_addr) as u64);
         }
         taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block's age is when its bytes were last in use: a free block split, or two merged,
+    /// must never look older than the bytes it holds, or steals and releases could take
+    /// memory that queued work still uses.
+    #[test]
+    fn ages_survive_splits_and_merges() {
+        let config = AllocatorConfig::default();
+        let mut st = PoolState::new();
+        let seg = st.add_segment(0x10_0000, 20 << 20, 4 << 20, 100, &config); // tick 1
+        st.account_free(seg);
+        st.release_to_cache(seg); // freed at tick 2
+        let a = st.take_cached(2 << 20, 10, &config); // splits the free block
+        assert_ne!(a, NIL);
+        let rest = st.blocks[a as usize].next;
+        assert_eq!(st.blocks[rest as usize].state, BlockState::Free);
+        assert_eq!(
+            st.blocks[rest as usize].last_used, 2,
+            "the remainder keeps the block's age"
+        );
+        st.account_free(a);
+        st.release_to_cache(a);
+    }
+
+    /// An older recently-freed block absorbing a newer free neighbour takes the newer age.
+    #[test]
+    fn merging_takes_the_younger_age() {
+        let config = AllocatorConfig::default();
+        let mut st = PoolState::new();
+        let b1 = st.add_segment(0x20_0000, 2 << 20, 4096, 4096, &config);
+        let b2 = st.take_cached(8192, 8192, &config);
+        let b3 = st.take_cached(8192, 8192, &config);
+        for b in [b1, b2, b3] {
+            st.account_free(b);
+            st.release_to_cache(b); // b3 takes b2's recent slot: b2 is coalesced (alone)
+        }
+        let newest = st.tick;
+        st.flush_recent(); // b1 (oldest) absorbs b2 and the rest
+        let head = st.segments[0].head;
+        assert_eq!(st.blocks[head as usize].next, NIL, "one free block again");
+        assert_eq!(
+            st.blocks[head as usize].last_used, newest,
+            "as young as the last free"
+        );
     }
 }
