@@ -19,8 +19,8 @@ allocation raises ``torch.OutOfMemoryError`` with accelrt's report. Without a co
 functions and warns about what is lost. The functions of this module (``memory_stats()``,
 ``memory_snapshot()``, ...) work either way.
 
-The allocator reads ``ACCELRT_ALLOC_CONF`` (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax), to
-which ``enable()`` adds ``release_at_peak:false`` (see ``TORCH_ALLOC_CONF``). The library alone (``load_library``, the statistics and snapshot functions) does not need
+The allocator reads ``ACCELRT_ALLOC_CONF`` (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax; unset:
+accelrt's defaults, expandable segments with ``release_at_peak``). The library alone (``load_library``, the statistics and snapshot functions) does not need
 PyTorch; ``ACCELRT_TORCH_BACKEND=host`` runs it on accelrt's host backend, for tests.
 """
 
@@ -55,12 +55,11 @@ __all__ = [
     "AccelrtError",
 ]
 
-# What enable() puts before ACCELRT_ALLOC_CONF (a key set there wins). With release_at_peak
-# on, expandable segments move idle pages between blocks once reserved memory reaches its
-# previous peak, and each move waits for the stream: on real training that wait drains the
-# GPU's queue, measured at +46% (ResNet-50) and +130% (GPT-2) step time on an H200
-# (BENCHMARKS.md, "PyTorch on accelrt"). Without it pages are created instead, never moved.
-TORCH_ALLOC_CONF = "release_at_peak:false"
+# What enable() puts before ACCELRT_ALLOC_CONF (a key set there wins): nothing, accelrt's
+# defaults serve training as they are. (Page moves between blocks never wait for a stream:
+# they take only pages behind a completed fence; measured on an H200 in BENCHMARKS.md,
+# "PyTorch on accelrt".)
+TORCH_ALLOC_CONF = ""
 LIBRARY_NAME = "libaccelrt_torch.so"
 LIBRARY_ENV = "ACCELRT_TORCH_LIB"
 STATS_LEN = 113
@@ -312,9 +311,8 @@ def enable(
     ``path``: libaccelrt_torch.so (default: see ``find_library``). ``alloc_conf``: the
     allocator configuration (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax, e.g.
     ``"max_split_size_mb:256"``); default: ``$ACCELRT_ALLOC_CONF``. Either way it is applied
-    on top of ``TORCH_ALLOC_CONF`` (``release_at_peak:false``, see above; write
-    ``release_at_peak:true`` to undo it), and the result goes to ``ACCELRT_ALLOC_CONF`` for the
-    library. ``shim=False`` skips the C++ shim: only alloc/free are installed (no
+    on top of ``TORCH_ALLOC_CONF`` (see above), and the result goes to ``ACCELRT_ALLOC_CONF``
+    for the library. ``shim=False`` skips the C++ shim: only alloc/free are installed (no
     graphs, MemPool, memory fraction, record_stream, empty_cache, PyTorch-side statistics,
     and a failed allocation gives PyTorch a NULL pointer instead of an exception). Returns
     ``status()``. Calling it again once enabled does nothing.

@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO / "python"))
 
 SEED = 1234
 # accelrt runs by tag: the allocator configuration each uses (None: accelrt's defaults).
-# "default" is what accelrt_torch.enable() uses (release_at_peak:false on top of accelrt's
-# defaults); "steal" puts accelrt's own default back (pages moved at the peak, waiting for
-# the stream); "plain" uses plain segments.
+# "default" is what accelrt_torch.enable() uses (accelrt's defaults); "steal" sets
+# release_at_peak:true explicitly (the default too: idle pages move at the peak, behind
+# completed fences, never waiting); "plain" uses plain segments.
 ALLOC_CONFS = {"default": None, "steal": "release_at_peak:true", "plain": "expandable_segments:false"}
 
 
