@@ -515,6 +515,20 @@ impl<D: Driver> StreamEvents for PoolStreamEvents<D> {
         // A ticket the allocator releases twice is its bug, and harmless here.
         let _ = self.core.events.release_id(EventId(ticket));
     }
+    fn synchronize_device(&self, device: u32) -> Result<()> {
+        let ctx = self.core.device(device)?;
+        let streams: Vec<StreamRef<D>> = ctx.streams.read().clone();
+        for (i, s) in streams.iter().enumerate() {
+            // Waiting would break a capture in progress: the allocator then keeps its memory.
+            self.core.check_not_capturing(
+                s,
+                self.core.handle(device, i as u32),
+                "synchronize the device of",
+            )?;
+        }
+        let raws: Vec<&D::Stream> = streams.iter().map(|s| &s.raw).collect();
+        self.core.driver.device_synchronize(device, &raws)
+    }
 }
 
 // ---------------------------------------------------------------------------------------

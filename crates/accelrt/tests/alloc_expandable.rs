@@ -208,21 +208,20 @@ fn at_the_limit_stealing_pages_waits_for_the_stream_that_used_them() {
     rt.device_synchronize(0).unwrap();
 }
 
-/// Below the limit, pages are taken only behind a completed fence: a steal never waits for a
-/// stream, so the device's queue is never drained by an allocation.
+/// Below the limit, pages are taken only behind a completed fence on the stream allocating:
+/// a steal never waits for a stream, so the device's queue is never drained by an allocation.
 #[test]
 fn steady_state_steals_never_wait_for_streams() {
     std::env::remove_var("ACCELRT_ALLOC_CONF");
     let rt: Runtime<HostDriver> = Runtime::with_driver(HostDriver::with_devices(1).unwrap());
     let alloc = rt.allocator(0).unwrap();
     let s1 = rt.new_stream(0, StreamPriority::Normal).unwrap();
-    let s2 = rt.new_stream(0, StreamPriority::Normal).unwrap();
     let x = alloc.raw_alloc(64 * MIB, s1).unwrap();
     let y = alloc.raw_alloc(64 * MIB, s1).unwrap();
     alloc.raw_free(x).unwrap();
-    // First growth past the peak: no fence has completed yet, so new pages are created (and a
-    // fence is recorded on s1).
-    let w = alloc.raw_alloc(2 * MIB, s2).unwrap();
+    // Growth past the peak with x's pages idle: no fence has completed yet, so new pages are
+    // created and a fence is recorded on s1.
+    let w = alloc.raw_alloc(96 * MIB, s1).unwrap();
     assert_eq!(alloc.stats().counters.num_page_steals, 0);
     rt.stream_synchronize(s1).unwrap(); // the fence completes
                                         // s1 is busy again: a steal that waited would take 300 ms.
@@ -232,18 +231,19 @@ fn steady_state_steals_never_wait_for_streams() {
     )
     .unwrap();
     let start = std::time::Instant::now();
-    let z = alloc.raw_alloc(64 * MIB, s2).unwrap(); // x's pages, freed before the fence
+    let z = alloc.raw_alloc(160 * MIB, s1).unwrap(); // fits no hole: takes x's 32 idle pages
     let waited = start.elapsed();
+    let st = alloc.stats().counters;
     assert!(
-        alloc.stats().counters.num_page_steals >= 1,
-        "x's idle pages were reused"
+        st.num_page_steals >= 1 && st.num_pages_remapped >= 32,
+        "x's idle pages were reused: {st:?}"
     );
     assert!(
         waited < Duration::from_millis(150),
         "the steal waited for s1: {waited:?}"
     );
-    // SAFETY: z is a live 64 MiB host buffer.
-    unsafe { std::ptr::write_bytes(z as *mut u8, 1, 64 * MIB) };
+    // SAFETY: z is a live 160 MiB host buffer (queued work on s1 does not touch it).
+    unsafe { std::ptr::write_bytes(z as *mut u8, 1, 160 * MIB) };
     for p in [y, w, z] {
         alloc.raw_free(p).unwrap();
     }

@@ -671,14 +671,16 @@ impl CachingAllocator {
     }
 
     /// Wait until `pool`'s stream has passed all work queued so far (no-op without events).
+    ///
+    /// Waits for the whole device, not with an event on `pool`'s stream: the stream may be a
+    /// wrapped external one its owner has destroyed since (recording on it would be undefined
+    /// behaviour in the driver). These waits are rare (memory going back to the device, the
+    /// last resort before an out-of-memory), as PyTorch's own device synchronizations are.
     fn sync_stream(&self, pool: &StreamPool) -> Result<()> {
-        let Some(events) = &self.events else {
-            return Ok(());
-        };
-        let ticket = events.record(pool.stream)?;
-        let done = events.synchronize(ticket);
-        events.release(ticket);
-        done
+        match &self.events {
+            Some(events) => events.synchronize_device(pool.stream.device.index),
+            None => Ok(()),
+        }
     }
 
     /// Whether expandable segments are in use (asked for, and the device supports them).

@@ -100,6 +100,10 @@ pub trait StreamEvents: Send + Sync {
     fn synchronize(&self, ticket: u64) -> Result<()>;
     /// Return the event to its pool.
     fn release(&self, ticket: u64);
+    /// Block until every stream of `device` has passed all work queued so far. Used instead of
+    /// an event on one stream where that stream may no longer exist (a wrapped external
+    /// stream its owner destroyed): it names no stream.
+    fn synchronize_device(&self, device: u32) -> Result<()>;
 }
 
 /// Copy host bytes into host-visible device memory (the default for providers whose memory

@@ -212,7 +212,7 @@ impl CachingAllocator {
                 b.mapped_len = b.size;
                 return Ok(());
             }
-            let mut pages = self.obtain_pages(wanted.len(), &mut guard)?;
+            let mut pages = self.obtain_pages(pool, wanted.len(), &mut guard)?;
             // Waiting for streams released `vm_lock`: look again.
             let (base, slots) = pool.state.lock().unmapped_pages(block);
             if slots.len() > pages.len() {
@@ -276,6 +276,7 @@ impl CachingAllocator {
     /// blocks, then new up to the hard limit.
     fn obtain_pages(
         &self,
+        requester: &StreamPool,
         n: usize,
         guard: &mut MutexGuard<'_, ()>,
     ) -> std::result::Result<Vec<PageHandle>, SegmentFailure> {
@@ -299,7 +300,13 @@ impl CachingAllocator {
             // completed fence are taken, so the device's queue is never drained.
             let need = n - got.len();
             let batch = need.max((STEAL_BATCH_BYTES / self.vm_page) as usize);
-            let mut stolen = self.steal_idle_pages(batch, guard, Wait::Never);
+            // Only from the requesting pool: its fence goes on the stream being allocated on,
+            // which is alive; another pool's stream may have been destroyed by its owner.
+            // (Without an event source there are no streams to outlive: any pool will do.)
+            let mut stolen = match self.events {
+                Some(_) => self.take_idle(requester, Some(batch), guard, Wait::Never),
+                None => self.steal_idle_pages(batch, guard, Wait::Never),
+            };
             if stolen.len() > need {
                 self.spare.lock().extend(stolen.drain(need..));
             }
