@@ -13,10 +13,11 @@ use std::time::Duration;
 use accelrt::backend::cuda::CudaDriver;
 use accelrt::driver::Driver;
 use accelrt::{Backend, DeviceType, Error, StreamPriority};
-use cuda_common::{gpu, read_u32};
+use cuda_common::{device_errors_exclusive, device_errors_shared, gpu, read_u32};
 
 #[test]
 fn without_a_gpu_every_call_answers_with_the_reason() {
+    let _shared = device_errors_shared();
     let cuda = accelrt::backend(DeviceType::Cuda);
     if cuda.is_available() {
         eprintln!("skipping without_a_gpu_every_call_answers_with_the_reason: a GPU is present");
@@ -54,6 +55,7 @@ fn without_a_gpu_every_call_answers_with_the_reason() {
 
 #[test]
 fn devices_and_properties() {
+    let _shared = device_errors_shared();
     let Some(rt) = gpu("devices_and_properties") else {
         return;
     };
@@ -92,6 +94,7 @@ fn devices_and_properties() {
 
 #[test]
 fn streams_priorities_handles_and_wrapping() {
+    let _shared = device_errors_shared();
     let Some(rt) = gpu("streams_priorities_handles_and_wrapping") else {
         return;
     };
@@ -165,6 +168,7 @@ fn streams_priorities_handles_and_wrapping() {
 
 #[test]
 fn events_order_streams_and_notify_after_completion() {
+    let _shared = device_errors_shared();
     let Some(rt) = gpu("events_order_streams_and_notify_after_completion") else {
         return;
     };
@@ -226,6 +230,7 @@ fn events_order_streams_and_notify_after_completion() {
 
 #[test]
 fn host_tasks_run_in_stream_order_and_panics_are_reported() {
+    let _exclusive = device_errors_exclusive();
     let Some(rt) = gpu("host_tasks_run_in_stream_order_and_panics_are_reported") else {
         return;
     };
@@ -272,6 +277,7 @@ fn host_tasks_run_in_stream_order_and_panics_are_reported() {
 
 #[test]
 fn pinned_memory_is_host_visible_and_copies_both_ways() {
+    let _shared = device_errors_shared();
     let Some(rt) = gpu("pinned_memory_is_host_visible_and_copies_both_ways") else {
         return;
     };
@@ -307,6 +313,7 @@ fn pinned_memory_is_host_visible_and_copies_both_ways() {
 
 #[test]
 fn peer_access_between_devices() {
+    let _shared = device_errors_shared();
     let Some(rt) = gpu("peer_access_between_devices") else {
         return;
     };
@@ -338,6 +345,7 @@ fn peer_access_between_devices() {
 
 #[test]
 fn one_allocator_per_device_and_memory_info() {
+    let _shared = device_errors_shared();
     let Some(rt) = gpu("one_allocator_per_device_and_memory_info") else {
         return;
     };

@@ -26,6 +26,19 @@ pub fn gpu(test: &str) -> Option<&'static Runtime<CudaDriver>> {
     }
 }
 
+/// A panicking host task is reported by the next synchronize on the device, whoever calls
+/// it. The test that provokes one holds this exclusively; the other tests of its binary hold
+/// it shared, so none collects another's error when the harness runs them in parallel.
+static DEVICE_ERRORS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+pub fn device_errors_exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    DEVICE_ERRORS.write().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn device_errors_shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    DEVICE_ERRORS.read().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Read `count` 32-bit words of device memory.
 pub fn read_u32(rt: &Runtime<CudaDriver>, device: u32, ptr: usize, count: usize) -> Vec<u32> {
     let mut bytes = vec![0u8; count * 4];
