@@ -1,32 +1,11 @@
 //! The `accelrt` binary end to end: replay, bench and info, in JSON and as tables.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn accelrt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_accelrt"))
-        .args(args)
-        .output()
-        .expect("run the accelrt binary")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8(o.stdout.clone()).expect("stdout is UTF-8")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn shipped(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../traces")
-        .join(name)
-        .display()
-        .to_string()
-}
+mod common;
+use common::{accelrt, shipped, stderr, stdout};
 
 /// A scratch file unique to this test run.
 fn scratch(name: &str, contents: &[u8]) -> PathBuf {

@@ -6,27 +6,11 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+use common::{accelrt, shipped, stderr};
+
 /// Peak of live requested bytes of the shipped snapshot (traces/FORMAT.md).
 const MLP_PEAK: u64 = 237_080_576;
-
-fn accelrt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_accelrt"))
-        .args(args)
-        .output()
-        .expect("run the accelrt binary")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn shipped(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../traces")
-        .join(name)
-        .display()
-        .to_string()
-}
 
 fn dir(test: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
