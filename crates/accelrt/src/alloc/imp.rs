@@ -1254,7 +1254,7 @@ impl CachingAllocator {
         self.initialized_pools()
             .map(|p| {
                 let st = p.state.lock();
-                st.stats[super::pool::ALL].allocated_bytes.current
+                st.stats[0].allocated_bytes.current + st.stats[1].allocated_bytes.current
             })
             .sum()
     }
@@ -1274,7 +1274,7 @@ impl CachingAllocator {
             let st = pool.state.lock();
             s.small_pool = s.small_pool.merged(st.stats[0]);
             s.large_pool = s.large_pool.merged(st.stats[1]);
-            s.combined = s.combined.merged(st.stats[super::pool::ALL]);
+            s.combined = s.combined.merged(st.combined_stats());
         }
         let c = &self.counters;
         s.counters = EventCounters {
@@ -1294,8 +1294,7 @@ impl CachingAllocator {
     /// Set every peak to its current value.
     pub fn reset_peak_stats(&self) {
         for pool in self.initialized_pools() {
-            let mut st = pool.state.lock();
-            st.stats.iter_mut().for_each(|s| s.reset_peak());
+            pool.state.lock().reset_peak_stats();
         }
         self.reserved_peak
             .store(self.reserved.load(Relaxed), Relaxed);

@@ -18,13 +18,13 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::size::{pool_kind, should_split};
-use super::stats::{PoolKind, PoolStats};
+use super::stats::{PoolKind, PoolStats, Stat};
 use super::tlsf::Tlsf;
 use super::AllocatorConfig;
 use crate::stream::Stream;
 
-/// Index of the both-kinds statistics in `PoolState::stats`.
-pub const ALL: usize = 2;
+/// Picks one statistic out of a pool's set.
+type StatField = fn(&mut PoolStats) -> &mut Stat;
 
 /// "No block".
 pub const NIL: u32 = u32::MAX;
@@ -279,9 +279,12 @@ pub struct PoolState {
     pub blocks: Vec<Block>,
     vacant: Vec<u32>,
     pub free_index: [Tlsf; 2],
-    /// Small pool, large pool, and both together ([`ALL`]): the combined peaks are exact,
-    /// where summing the two pools' peaks would overstate them.
-    pub stats: [PoolStats; 3],
+    /// Small pool and large pool.
+    pub stats: [PoolStats; 2],
+    /// The two pools together: only the `peak` fields are kept (the current values are the
+    /// pools' sums). Exact, where summing the pools' peaks would overstate them; raised after
+    /// each increase, so decreases (the free path) pay nothing for it.
+    pub combined_peaks: PoolStats,
     pub segments: Vec<Segment>,
     pub pending: Vec<PendingFree>,
     pub extras: std::collections::HashMap<u32, Extras>,
@@ -311,6 +314,7 @@ impl Default for PoolState {
             vacant: Vec::new(),
             free_index: Default::default(),
             stats: Default::default(),
+            combined_peaks: PoolStats::default(),
             segments: Vec::new(),
             pending: Vec::new(),
             extras: Default::default(),
@@ -356,9 +360,34 @@ impl PoolState {
     }
 
     #[inline(always)]
-    fn bump(&mut self, kind: PoolKind, change: impl Fn(&mut PoolStats)) {
-        change(&mut self.stats[kind as usize]);
-        change(&mut self.stats[ALL]);
+    fn stats_of(&mut self, kind: PoolKind) -> &mut PoolStats {
+        &mut self.stats[kind as usize]
+    }
+
+    /// After increases: raise the combined peak of each stat `fields` picks to the pools'
+    /// current sum.
+    #[inline(always)]
+    fn raise_combined_peaks<const N: usize>(&mut self, fields: [StatField; N]) {
+        for field in fields {
+            let [small, large] = &mut self.stats;
+            let now = field(small).current + field(large).current;
+            let peak = &mut field(&mut self.combined_peaks).peak;
+            *peak = (*peak).max(now);
+        }
+    }
+
+    /// Both pools together, with exact peaks.
+    pub fn combined_stats(&self) -> PoolStats {
+        self.stats[0]
+            .merged(self.stats[1])
+            .with_peaks_of(self.combined_peaks)
+    }
+
+    /// Set every peak (each pool's and the combined ones) to its current value.
+    pub fn reset_peak_stats(&mut self) {
+        self.stats.iter_mut().for_each(PoolStats::reset_peak);
+        self.combined_peaks = self.stats[0].merged(self.stats[1]);
+        self.combined_peaks.reset_peak();
     }
 
     /// Count a cached piece of a split segment in the inactive-split figures.
@@ -367,10 +396,10 @@ impl PoolState {
         let b = &self.blocks[idx as usize];
         if b.is_split() && !b.vm {
             let (kind, size) = (b.kind, b.size);
-            self.bump(kind, |s| {
-                s.inactive_split.increase(1);
-                s.inactive_split_bytes.increase(size);
-            });
+            let s = self.stats_of(kind);
+            s.inactive_split.increase(1);
+            s.inactive_split_bytes.increase(size);
+            self.raise_combined_peaks([|s| &mut s.inactive_split, |s| &mut s.inactive_split_bytes]);
         }
     }
 
@@ -379,10 +408,9 @@ impl PoolState {
         let b = &self.blocks[idx as usize];
         if b.is_split() && !b.vm {
             let (kind, size) = (b.kind, b.size);
-            self.bump(kind, |s| {
-                s.inactive_split.decrease(1);
-                s.inactive_split_bytes.decrease(size);
-            });
+            let s = self.stats_of(kind);
+            s.inactive_split.decrease(1);
+            s.inactive_split_bytes.decrease(size);
         }
     }
 
@@ -485,13 +513,19 @@ impl PoolState {
         b.last_used = tick;
         let (size, addr) = (b.size, b.addr);
         self.live.insert(addr, idx);
-        self.bump(kind, |s| {
-            s.allocation.increase(1);
-            s.allocated_bytes.increase(size);
-            s.requested_bytes.increase(requested);
-            s.active.increase(1);
-            s.active_bytes.increase(size);
-        });
+        let s = self.stats_of(kind);
+        s.allocation.increase(1);
+        s.allocated_bytes.increase(size);
+        s.requested_bytes.increase(requested);
+        s.active.increase(1);
+        s.active_bytes.increase(size);
+        self.raise_combined_peaks([
+            |s| &mut s.allocation,
+            |s| &mut s.allocated_bytes,
+            |s| &mut s.requested_bytes,
+            |s| &mut s.active,
+            |s| &mut s.active_bytes,
+        ]);
     }
 
     /// Cut block `idx` after `first_size` bytes; returns the new block of the rest, linked
@@ -538,11 +572,10 @@ impl PoolState {
     pub fn account_free(&mut self, idx: u32) {
         let b = &self.blocks[idx as usize];
         let (kind, size, requested) = (b.kind, b.size, b.requested);
-        self.bump(kind, |s| {
-            s.allocation.decrease(1);
-            s.allocated_bytes.decrease(size);
-            s.requested_bytes.decrease(requested);
-        });
+        let s = self.stats_of(kind);
+        s.allocation.decrease(1);
+        s.allocated_bytes.decrease(size);
+        s.requested_bytes.decrease(requested);
     }
 
     /// Return block `idx` (allocated or pending, already accounted by `account_free`) to the
@@ -560,10 +593,9 @@ impl PoolState {
             b.state = BlockState::Recent;
             (b.kind, b.size)
         };
-        self.bump(kind, |s| {
-            s.active.decrease(1);
-            s.active_bytes.decrease(size);
-        });
+        let s = self.stats_of(kind);
+        s.active.decrease(1);
+        s.active_bytes.decrease(size);
         if size > RECENT_MAX_SIZE {
             self.coalesce(idx);
             return;
@@ -669,10 +701,10 @@ impl PoolState {
             kind,
             vm: None,
         });
-        self.bump(kind, |s| {
-            s.segment.increase(1);
-            s.reserved_bytes.increase(seg_size);
-        });
+        let s = self.stats_of(kind);
+        s.segment.increase(1);
+        s.reserved_bytes.increase(seg_size);
+        self.raise_combined_peaks([|s| &mut s.segment, |s| &mut s.reserved_bytes]);
         self.carve(idx, rounded, requested, config);
         idx
     }
@@ -704,10 +736,9 @@ impl PoolState {
         self.remove_free(head);
         self.retire_block(head);
         let seg = self.segments.swap_remove(pos);
-        self.bump(kind, |s| {
-            s.segment.decrease(1);
-            s.reserved_bytes.decrease(memory);
-        });
+        let s = self.stats_of(kind);
+        s.segment.decrease(1);
+        s.reserved_bytes.decrease(memory);
         Some(seg)
     }
 
@@ -731,7 +762,8 @@ impl PoolState {
             kind,
             vm: Some(Box::new(table)),
         });
-        self.bump(kind, |s| s.segment.increase(1));
+        self.stats_of(kind).segment.increase(1);
+        self.raise_combined_peaks([|s| &mut s.segment]);
         self.add_free(idx);
     }
 
@@ -815,7 +847,8 @@ impl PoolState {
             table.set(slot, page);
         }
         let bytes = slots.len() as u64 * table.page_size;
-        self.bump(kind, |s| s.reserved_bytes.increase(bytes));
+        self.stats_of(kind).reserved_bytes.increase(bytes);
+        self.raise_combined_peaks([|s| &mut s.reserved_bytes]);
     }
 
     /// Up to `limit` mapped slots lying wholly inside free blocks. Only free blocks of at
@@ -887,7 +920,7 @@ impl PoolState {
             }
             taken.push((base, w.slot, table.clear(w.slot)));
             let bytes = table.page_size;
-            self.bump(kind, |s| s.reserved_bytes.decrease(bytes));
+            self.stats_of(kind).reserved_bytes.decrease(bytes);
             let b = &mut self.blocks[w.block as usize];
             b.mapped_len = b.mapped_len.min((lo - b_addr) as u64);
         }

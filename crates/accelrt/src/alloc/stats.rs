@@ -121,6 +121,13 @@ impl PoolStats {
         }
         self
     }
+    /// These statistics with every peak taken from `peaks`.
+    pub fn with_peaks_of(mut self, mut peaks: PoolStats) -> PoolStats {
+        for (s, p) in self.each_mut().into_iter().zip(peaks.each_mut()) {
+            s.peak = p.peak;
+        }
+        self
+    }
     /// The (name, stat) pairs, in PyTorch's key order.
     pub fn named(&self) -> [(&'static str, Stat); 9] {
         [
