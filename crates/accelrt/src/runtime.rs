@@ -511,6 +511,10 @@ impl<D: Driver> StreamEvents for PoolStreamEvents<D> {
         self.core
             .synchronize(&*self.core.events.get(EventId(ticket))?)
     }
+    fn wait(&self, stream: Stream, ticket: u64) -> Result<()> {
+        self.core
+            .wait(&*self.core.events.get(EventId(ticket))?, stream)
+    }
     fn release(&self, ticket: u64) {
         // A ticket the allocator releases twice is its bug, and harmless here.
         let _ = self.core.events.release_id(EventId(ticket));

@@ -98,6 +98,9 @@ pub trait StreamEvents: Send + Sync {
     fn query(&self, ticket: u64) -> Result<bool>;
     /// Block the calling thread until the stream has passed the recorded point.
     fn synchronize(&self, ticket: u64) -> Result<()>;
+    /// Make `stream` wait on the device until the recorded point has been passed: work
+    /// queued on `stream` afterwards runs after it. The calling thread does not wait.
+    fn wait(&self, stream: Stream, ticket: u64) -> Result<()>;
     /// Return the event to its pool.
     fn release(&self, ticket: u64);
     /// Block until every stream of `device` has passed all work queued so far. Used instead of
