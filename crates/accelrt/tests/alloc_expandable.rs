@@ -208,47 +208,133 @@ fn at_the_limit_stealing_pages_waits_for_the_stream_that_used_them() {
     rt.device_synchronize(0).unwrap();
 }
 
-/// Below the limit, pages are taken only behind a completed fence on the stream allocating:
-/// a steal never waits for a stream, so the device's queue is never drained by an allocation.
+/// Moving memory never waits for the GPU. A freed block's memory may still be written by work
+/// queued on its stream; its chunk moves under a new block of the same stream at once (the
+/// stream runs the old work first), and its old range stays mapped until a fence shows that
+/// work done. Were the old range unmapped at the move, the queued task below would fault.
 #[test]
-fn steady_state_steals_never_wait_for_streams() {
+fn moves_never_wait_and_keep_the_old_range_until_its_work_has_passed() {
     std::env::remove_var("ACCELRT_ALLOC_CONF");
     let rt: Runtime<HostDriver> = Runtime::with_driver(HostDriver::with_devices(1).unwrap());
     let alloc = rt.allocator(0).unwrap();
     let s1 = rt.new_stream(0, StreamPriority::Normal).unwrap();
     let x = alloc.raw_alloc(64 * MIB, s1).unwrap();
     let y = alloc.raw_alloc(64 * MIB, s1).unwrap();
-    alloc.raw_free(x).unwrap();
-    // Growth past the peak with x's pages idle: no fence has completed yet, so new pages are
-    // created and a fence is recorded on s1.
-    let w = alloc.raw_alloc(96 * MIB, s1).unwrap();
-    assert_eq!(alloc.stats().counters.num_page_steals, 0);
-    rt.stream_synchronize(s1).unwrap(); // the fence completes
-                                        // s1 is busy again: a steal that waited would take 300 ms.
     rt.launch_host(
         s1,
-        Arc::new(|| std::thread::sleep(Duration::from_millis(300))),
+        Arc::new(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: x's old range stays mapped until s1 has passed this task (what the test
+            // checks); its bytes now belong to z, whose own work runs after this, in order.
+            unsafe { std::ptr::write_bytes(x as *mut u8, 0x77, 64 * MIB) };
+        }),
     )
     .unwrap();
+    alloc.raw_free(x).unwrap(); // legal: s1's queued work still uses it, in stream order
     let start = std::time::Instant::now();
-    let z = alloc.raw_alloc(160 * MIB, s1).unwrap(); // fits no hole: takes x's 32 idle pages
+    let z = alloc.raw_alloc(96 * MIB, s1).unwrap(); // past the peak: x's chunks move under z
     let waited = start.elapsed();
-    let st = alloc.stats().counters;
+    let st = alloc.stats();
     assert!(
-        st.num_page_steals >= 1 && st.num_pages_remapped >= 32,
-        "x's idle pages were reused: {st:?}"
+        st.counters.num_page_steals >= 1 && st.counters.num_pages_remapped >= 32,
+        "x's idle memory moved: {:?}",
+        st.counters
+    );
+    assert_eq!(
+        st.reserved_bytes_peak,
+        160 * MIB as u64,
+        "no new memory for x's share"
     );
     assert!(
         waited < Duration::from_millis(150),
-        "the steal waited for s1: {waited:?}"
+        "the move waited for s1: {waited:?}"
     );
-    // SAFETY: z is a live 160 MiB host buffer (queued work on s1 does not touch it).
-    unsafe { std::ptr::write_bytes(z as *mut u8, 1, 160 * MIB) };
-    for p in [y, w, z] {
+    // Another slow path while the task still runs (a first small block): the lent range must
+    // stay mapped (the task writes it in a moment).
+    let v = alloc.raw_alloc(4096, s1).unwrap();
+    let ok = Arc::new(AtomicBool::new(false));
+    let o = ok.clone();
+    rt.launch_host(
+        s1,
+        Arc::new(move || {
+            // SAFETY: z is a live 96 MiB buffer; this task runs after the one writing x.
+            let bytes = unsafe {
+                std::ptr::write_bytes(z as *mut u8, 0x3C, 96 * MIB);
+                std::slice::from_raw_parts(z as *const u8, 96 * MIB)
+            };
+            o.store(bytes.iter().all(|&b| b == 0x3C), Ordering::Release);
+        }),
+    )
+    .unwrap();
+    rt.stream_synchronize(s1).unwrap();
+    assert!(
+        ok.load(Ordering::Acquire),
+        "z holds its own bytes, in stream order"
+    );
+    // The old range is unmapped on a later slow path, once the fence recorded at the move has
+    // completed: nothing waits for it.
+    let unmaps = alloc.stats().driver_calls.unmap;
+    let w = alloc.raw_alloc(40 * MIB, s1).unwrap();
+    assert!(
+        alloc.stats().driver_calls.unmap > unmaps,
+        "the lent range was unmapped: {:?}",
+        alloc.stats().driver_calls
+    );
+    alloc.check_invariants().unwrap();
+    for p in [y, z, w, v] {
         alloc.raw_free(p).unwrap();
     }
     rt.device_synchronize(0).unwrap();
-    alloc.check_invariants().unwrap();
+    alloc.empty_cache().unwrap();
+    assert_eq!(alloc.reserved_bytes(), 0);
+    let calls = alloc.stats().driver_calls;
+    assert_eq!(
+        calls.create, calls.release,
+        "every chunk released: {calls:?}"
+    );
+    assert_eq!(
+        calls.reserve, calls.unreserve,
+        "every range given back: {calls:?}"
+    );
+}
+
+/// Every driver call is counted, one count per kind, and `total` is their sum.
+#[test]
+fn driver_calls_are_counted_per_kind() {
+    let a = allocator(1 << 30, "");
+    let x = a.raw_alloc(64 * MIB, s(0)).unwrap(); // one range, chunks for 32 pages
+    let c = a.stats().driver_calls;
+    assert_eq!((c.reserve, c.segment_alloc), (1, 0));
+    assert!(
+        c.create >= 1 && c.map >= c.create && c.set_access >= 1,
+        "{c:?}"
+    );
+    assert_eq!(c.total(), c.named().iter().map(|(_, n)| n).sum::<u64>());
+    // A cached pair makes no driver call.
+    a.raw_free(x).unwrap();
+    let again = a.raw_alloc(64 * MIB, s(0)).unwrap();
+    assert_eq!(a.stats().driver_calls, c, "reuse in place calls nothing");
+    a.raw_free(again).unwrap();
+    a.empty_cache().unwrap();
+    let c = a.stats().driver_calls;
+    assert_eq!(c.release, c.create);
+    assert!(c.unmap >= 1 && c.unreserve == 1, "{c:?}");
+    let flat = a.stats().to_flat_map();
+    assert_eq!(flat["driver_calls.total"], c.total());
+    assert_eq!(flat["driver_calls.create"], c.create);
+    // Plain segments count segment allocations instead.
+    let config = AllocatorConfig::parse("expandable_segments:false").unwrap();
+    let plain =
+        CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap();
+    let x = plain.raw_alloc(64 * MIB, s(0)).unwrap();
+    plain.raw_free(x).unwrap();
+    plain.empty_cache().unwrap();
+    let c = plain.stats().driver_calls;
+    assert_eq!(
+        (c.segment_alloc, c.segment_free, c.create, c.map),
+        (1, 1, 0, 0),
+        "{c:?}"
+    );
 }
 
 #[test]

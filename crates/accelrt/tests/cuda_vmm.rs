@@ -1,13 +1,14 @@
 //! The CUDA virtual-memory provider on a real GPU (what expandable segments run on): reserve,
-//! create pages, map with one access call, unmap, remap elsewhere with the data intact; and
-//! an allocator with `expandable_segments:true` over it.
+//! create chunks of several sizes, map them with one access call, map one chunk at a second
+//! place while the first stays mapped (the same bytes through both), unmap several mappings
+//! in one call; and an allocator with `expandable_segments:true` over it.
 #![cfg(feature = "cuda")]
 
 mod cuda_common;
 
 use std::sync::{Mutex, MutexGuard};
 
-use accelrt::alloc::{AllocatorConfig, CachingAllocator, PageHandle};
+use accelrt::alloc::{AllocatorConfig, CachingAllocator, ChunkHandle};
 use accelrt::{Backend, Device, DeviceType, Stream};
 use cuda_common::{gpu, read_u32, write_u32};
 
@@ -18,48 +19,59 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 #[test]
-fn virtual_memory_maps_pages_that_keep_their_data() {
+fn chunks_map_whole_and_alias_across_ranges() {
     let _serial = serial();
-    let Some(rt) = gpu("virtual_memory_maps_pages_that_keep_their_data") else {
+    let Some(rt) = gpu("chunks_map_whole_and_alias_across_ranges") else {
         return;
     };
     let provider = rt.memory_provider(0).unwrap();
     let Some(vm) = provider.virtual_memory() else {
         panic!("the GPU supports virtual memory management, but the provider offers none");
     };
-    let ps = vm.page_size();
-    assert_eq!(ps, 2 << 20, "granularity");
+    let g = vm.granularity();
+    assert_eq!(g, 2 << 20, "granularity");
     let before = provider.driver_allocated();
-    let base = vm.reserve(8 * ps).unwrap();
-    assert_eq!(base % ps, 0);
-    let pages: Vec<PageHandle> = (0..4).map(|_| vm.create_page(ps).unwrap()).collect();
-    assert_eq!(provider.driver_allocated(), before + 4 * ps as u64);
-    // SAFETY: `base` is a fresh reservation of 8 pages; the 4 pages are new and unmapped.
-    unsafe { vm.map(base, &pages, ps) }.unwrap();
-    for (i, _) in pages.iter().enumerate() {
-        write_u32(rt, 0, base + i * ps, &[100 + i as u32; 64]);
+    let base = vm.reserve(16 * g).unwrap();
+    assert_eq!(base % g, 0);
+    // A one-granule chunk and a three-granule chunk, mapped one after the other.
+    let small: ChunkHandle = vm.create(g).unwrap();
+    let big: ChunkHandle = vm.create(3 * g).unwrap();
+    assert_eq!(provider.driver_allocated(), before + 4 * g as u64);
+    // SAFETY: `base` is a fresh reservation of 16 granules; both chunks are new and unmapped.
+    unsafe { vm.map(base, &[(small, g), (big, 3 * g)]) }.unwrap();
+    write_u32(rt, 0, base, &[7; 64]);
+    for i in 1..4 {
+        write_u32(rt, 0, base + i * g, &[100 + i as u32; 64]);
     }
-    // Unmap, then map the pages in reverse order at the other half: data follows the page.
-    // SAFETY: the 4 pages are mapped at `base` and nothing uses them (copies are synchronous).
-    unsafe { vm.unmap(base, 4, ps) };
-    let reversed: Vec<PageHandle> = pages.iter().rev().copied().collect();
-    // SAFETY: the upper half of the reservation is unmapped; each page is mapped nowhere now.
-    unsafe { vm.map(base + 4 * ps, &reversed, ps) }.unwrap();
-    for i in 0..4 {
-        let data = read_u32(rt, 0, base + (4 + i) * ps, 64);
-        assert_eq!(data, vec![100 + (3 - i) as u32; 64], "page {i}");
+    // The big chunk mapped a second time, higher up, while its first mapping stays.
+    // SAFETY: granules 8..11 of the reservation are unmapped; the chunk is live.
+    unsafe { vm.map(base + 8 * g, &[(big, 3 * g)]) }.unwrap();
+    for i in 0..3 {
+        let data = read_u32(rt, 0, base + (8 + i) * g, 64);
+        assert_eq!(
+            data,
+            vec![101 + i as u32; 64],
+            "granule {i} through the second range"
+        );
     }
-    // SAFETY: mapped above, unused; then each page is mapped nowhere; then nothing is mapped.
+    write_u32(rt, 0, base + 9 * g, &[55; 64]);
+    assert_eq!(
+        read_u32(rt, 0, base + 2 * g, 64),
+        vec![55; 64],
+        "one chunk, one memory"
+    );
+    // SAFETY: both ranges are covered by whole mappings of ours and unused (copies are
+    // synchronous); one call unmaps the two mappings of the first range.
     unsafe {
-        vm.unmap(base + 4 * ps, 4, ps);
-        for p in pages {
-            vm.destroy_page(p, ps);
-        }
-        vm.unreserve(base, 8 * ps);
+        vm.unmap(base, 4 * g);
+        vm.unmap(base + 8 * g, 3 * g);
+        vm.release(small, g);
+        vm.release(big, 3 * g);
+        vm.unreserve(base, 16 * g);
     }
     assert_eq!(provider.driver_allocated(), before);
-    let err = vm.reserve(ps + 1).unwrap_err();
-    assert!(format!("{err:?}").contains("page size"), "{err:?}");
+    let err = vm.reserve(g + 1).unwrap_err();
+    assert!(format!("{err:?}").contains("granularity"), "{err:?}");
 }
 
 #[test]

@@ -3,7 +3,10 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::imp::CachingAllocator;
-use super::pool::{BlockState, NIL, NO_PAGE};
+use std::collections::HashMap;
+
+use super::chunks::Home;
+use super::pool::{BlockState, LENT, NIL, NO_CHUNK};
 use super::stats::PoolStats;
 
 impl CachingAllocator {
@@ -17,6 +20,10 @@ impl CachingAllocator {
         let mut reserved_total = 0u64;
         let mut address_total = 0u64;
         let mut segment_total = 0usize;
+        // Lock order: the vm state before any pool.
+        let vm = self.vm_state.lock();
+        // chunk -> (slots seen holding it at home, lent ranges naming it)
+        let mut chunk_seen: HashMap<u32, (usize, u32)> = HashMap::new();
         for (pool_idx, pool) in self.pool_states() {
             let st = pool.state.lock();
             let mut expect = [PoolStats::default(); 2];
@@ -41,11 +48,38 @@ impl CachingAllocator {
                 e.segment.current += 1;
                 e.reserved_bytes.current += seg.memory();
                 if let Some(t) = &seg.vm {
-                    let mapped = t.pages.iter().filter(|&&p| p != NO_PAGE).count() as u64;
-                    if mapped != t.mapped {
+                    let (mut mapped, mut lent) = (0u64, 0u64);
+                    for slot in 0..t.len() {
+                        match t.get(slot) {
+                            NO_CHUNK => {}
+                            LENT => lent += 1,
+                            id => {
+                                mapped += 1;
+                                let c = vm.chunks.get(id);
+                                let Home::Mapped {
+                                    pool: hp,
+                                    seg_base,
+                                    slot: first,
+                                } = c.home
+                                else {
+                                    return Err(format!("pool {pool_idx}: slot {slot} of segment {:#x} holds chunk {id}, whose home is {:?}", seg.base, c.home));
+                                };
+                                let first = first as usize;
+                                if hp != pool_idx
+                                    || seg_base != seg.base
+                                    || slot < first
+                                    || slot >= first + c.pages as usize
+                                {
+                                    return Err(format!("pool {pool_idx}: slot {slot} of segment {:#x} holds chunk {id} homed at pool {hp} {seg_base:#x} slot {first} ({} pages)", seg.base, c.pages));
+                                }
+                                chunk_seen.entry(id).or_default().0 += 1;
+                            }
+                        }
+                    }
+                    if mapped != t.mapped || lent != t.lent_slots {
                         return Err(format!(
-                            "pool {pool_idx}: segment {:#x} counts {} mapped pages, has {mapped}",
-                            seg.base, t.mapped
+                            "pool {pool_idx}: segment {:#x} counts {} mapped and {} lent slots, has {mapped} and {lent}",
+                            seg.base, t.mapped, t.lent_slots
                         ));
                     }
                 }
@@ -70,26 +104,51 @@ impl CachingAllocator {
                         ));
                     }
                     if let Some(t) = &seg.vm {
+                        let p = t.page_size as usize;
                         let in_use = matches!(b.state, BlockState::Allocated | BlockState::Pending);
                         let known = if in_use {
                             b.size
+                        } else if b.state == BlockState::Lent {
+                            0
                         } else {
                             b.mapped_len.min(b.size)
                         };
                         if known > 0 {
-                            let first = (b.addr - seg.base) / t.page_size as usize;
-                            let last =
-                                (b.addr - seg.base + known as usize - 1) / t.page_size as usize;
-                            if (first..=last).any(|i| t.pages[i] == NO_PAGE) {
+                            let first = (b.addr - seg.base) / p;
+                            let last = (b.addr - seg.base + known as usize - 1) / p;
+                            if (first..=last).any(|i| t.get(i) >= LENT) {
                                 return Err(format!(
-                                    "pool {pool_idx}: block {cur} ({:?}, {known} bytes known mapped) has an unmapped page",
+                                    "pool {pool_idx}: block {cur} ({:?}, {known} bytes known mapped) has a slot without a chunk",
                                     b.state
                                 ));
                             }
                         }
-                    } else if !b.is_mapped() {
+                        if b.state == BlockState::Lent {
+                            let (off, len) = (b.addr - seg.base, b.size as usize);
+                            if off % p != 0 || len % p != 0 {
+                                return Err(format!(
+                                    "pool {pool_idx}: lent block {cur} is not page-aligned"
+                                ));
+                            }
+                            if (off / p..(off + len) / p).any(|i| t.get(i) != LENT) {
+                                return Err(format!("pool {pool_idx}: lent block {cur} covers a slot that is not lent"));
+                            }
+                            if st.lent.iter().filter(|l| l.block == cur).count() != 1 {
+                                return Err(format!("pool {pool_idx}: lent block {cur} is not listed once among lent ranges"));
+                            }
+                        } else {
+                            let first = (b.addr - seg.base) / p;
+                            let last = (b.addr - seg.base + b.size as usize - 1) / p;
+                            if (first..=last).any(|i| t.get(i) == LENT) {
+                                return Err(format!(
+                                    "pool {pool_idx}: {:?} block {cur} covers a lent slot",
+                                    b.state
+                                ));
+                            }
+                        }
+                    } else if !b.is_mapped() || b.state == BlockState::Lent {
                         return Err(format!(
-                            "pool {pool_idx}: block {cur} of a plain segment is marked unmapped"
+                            "pool {pool_idx}: block {cur} of a plain segment is marked unmapped or lent"
                         ));
                     }
                     if b.size == 0 || b.size % 512 != 0 {
@@ -149,6 +208,7 @@ impl CachingAllocator {
                             e.active.current += 1;
                             e.active_bytes.current += b.size;
                         }
+                        BlockState::Lent => {}
                         BlockState::Vacant => {
                             return Err(format!(
                                 "pool {pool_idx}: vacant block {cur} linked into a segment"
@@ -172,6 +232,15 @@ impl CachingAllocator {
                     return Err(format!(
                         "pool {pool_idx}: recent slot holds block {r} in state {:?}",
                         st.blocks[r as usize].state
+                    ));
+                }
+            }
+            for l in &st.lent {
+                chunk_seen.entry(l.chunk).or_default().1 += 1;
+                if st.blocks[l.block as usize].state != BlockState::Lent {
+                    return Err(format!(
+                        "pool {pool_idx}: lent range at slot {} names block {}, which is {:?}",
+                        l.slot, l.block, st.blocks[l.block as usize].state
                     ));
                 }
             }
@@ -205,7 +274,35 @@ impl CachingAllocator {
                 "{live_total} live pointers but {live_seen} allocated blocks"
             ));
         }
-        let spare = self.spare_bytes();
+        let mut spare_pages = 0u64;
+        for (id, c) in vm.chunks.live() {
+            let (slots, lent) = chunk_seen.get(&id).copied().unwrap_or_default();
+            let home_slots = match c.home {
+                Home::Mapped { .. } => c.pages as usize,
+                Home::Spare => {
+                    if !vm.chunks.spare_ids().contains(&id) {
+                        return Err(format!("chunk {id} is spare but not on the spare list"));
+                    }
+                    spare_pages += c.pages as u64;
+                    0
+                }
+                Home::Vacant => unreachable!("live() skips vacant records"),
+            };
+            if slots != home_slots || lent != c.lent {
+                return Err(format!(
+                    "chunk {id} ({} pages, {:?}) is held by {slots} slots and {lent} lent ranges, expected {home_slots} and {}",
+                    c.pages, c.home, c.lent
+                ));
+            }
+        }
+        if spare_pages != vm.chunks.spare_pages() {
+            return Err(format!(
+                "spare list counts {} pages, its chunks hold {spare_pages}",
+                vm.chunks.spare_pages()
+            ));
+        }
+        let spare = spare_pages * self.vm_page;
+        drop(vm);
         let reserved = self.reserved.load(Relaxed);
         if reserved != reserved_total + spare {
             return Err(format!("reserved counter {reserved} != memory of segments {reserved_total} + spare pages {spare}"));

@@ -22,11 +22,10 @@ use super::history::{
 use super::pagemap::PageMap;
 use super::pool::{BlockState, PendingFree, PoolState, Segment, NIL};
 use super::provider::copy_into_host_visible;
-use super::provider::PageHandle;
 use super::size::{round_size, round_up, segment_size, MAX_REQUEST, MIN_SEGMENT};
 use super::{
-    format_size, AllocatorConfig, EventCounters, MemoryProvider, MemoryStats, ProviderError,
-    StreamEvents,
+    format_size, AllocatorConfig, DriverCalls, EventCounters, MemoryProvider, MemoryStats,
+    ProviderError, StreamEvents,
 };
 use crate::device::Device;
 
@@ -194,11 +193,69 @@ pub struct CachingAllocator {
     has_deferred: AtomicBool,
     history: History,
     /// Page size of expandable segments; 0 when they are off.
-    vm_page: u64,
-    /// Serialises page-table changes (expandable segments only; never on the fast path).
-    vm_lock: Mutex<()>,
-    /// Created, unmapped pages waiting to be mapped.
-    spare: Mutex<Vec<PageHandle>>,
+    pub(crate) vm_page: u64,
+    /// Chunks and page-table changes (expandable segments only; never on the fast path).
+    pub(crate) vm_state: Mutex<expandable::VmState>,
+    /// Driver calls made, per kind.
+    driver: DriverCounters,
+}
+
+/// Driver calls made by the allocator (see [`DriverCalls`]).
+#[derive(Default)]
+pub(crate) struct DriverCounters {
+    pub segment_alloc: AtomicU64,
+    pub segment_free: AtomicU64,
+    pub reserve: AtomicU64,
+    pub unreserve: AtomicU64,
+    pub create: AtomicU64,
+    pub release: AtomicU64,
+    pub map: AtomicU64,
+    pub unmap: AtomicU64,
+    pub set_access: AtomicU64,
+    pub synchronize: AtomicU64,
+    pub event_record: AtomicU64,
+    pub event_query: AtomicU64,
+    pub event_wait: AtomicU64,
+}
+
+impl DriverCounters {
+    fn all(&self) -> [&AtomicU64; 13] {
+        [
+            &self.segment_alloc,
+            &self.segment_free,
+            &self.reserve,
+            &self.unreserve,
+            &self.create,
+            &self.release,
+            &self.map,
+            &self.unmap,
+            &self.set_access,
+            &self.synchronize,
+            &self.event_record,
+            &self.event_query,
+            &self.event_wait,
+        ]
+    }
+
+    fn snapshot(&self) -> DriverCalls {
+        let [segment_alloc, segment_free, reserve, unreserve, create, release, map, unmap, set_access, synchronize, event_record, event_query, event_wait] =
+            self.all().map(|a| a.load(Relaxed));
+        DriverCalls {
+            segment_alloc,
+            segment_free,
+            reserve,
+            unreserve,
+            create,
+            release,
+            map,
+            unmap,
+            set_access,
+            synchronize,
+            event_record,
+            event_query,
+            event_wait,
+        }
+    }
 }
 
 fn f64_bits(v: Option<f64>) -> u64 {
@@ -219,7 +276,7 @@ impl CachingAllocator {
         // segments (`is_expandable()` says which).
         let vm_page = match provider.virtual_memory() {
             Some(vm) if config.expandable_segments => {
-                let granularity = vm.page_size() as u64;
+                let granularity = vm.granularity() as u64;
                 let page = config.expandable_page_size.unwrap_or(granularity);
                 if page % granularity != 0 {
                     return Err(Error::Config(format!(
@@ -275,8 +332,8 @@ impl CachingAllocator {
             has_deferred: AtomicBool::new(false),
             history: History::new(),
             vm_page,
-            vm_lock: Mutex::new(()),
-            spare: Mutex::new(Vec::new()),
+            vm_state: Mutex::new(expandable::VmState::new(vm_page)),
+            driver: DriverCounters::default(),
         })
     }
 
@@ -678,7 +735,10 @@ impl CachingAllocator {
     /// last resort before an out-of-memory), as PyTorch's own device synchronizations are.
     fn sync_stream(&self, pool: &StreamPool) -> Result<()> {
         match &self.events {
-            Some(events) => events.synchronize_device(pool.stream.device.index),
+            Some(events) => {
+                self.driver.synchronize.fetch_add(1, Relaxed);
+                events.synchronize_device(pool.stream.device.index)
+            }
             None => Ok(()),
         }
     }
@@ -690,7 +750,9 @@ impl CachingAllocator {
 
     fn reserve_segment(&self, seg_size: u64) -> std::result::Result<usize, SegmentFailure> {
         let new_total = self.claim_reserved(seg_size)?;
-        match self.provider.allocate(seg_size as usize) {
+        let allocated = self.provider.allocate(seg_size as usize);
+        self.driver.segment_alloc.fetch_add(1, Relaxed);
+        match allocated {
             Ok(base) => {
                 self.reserved_peak.fetch_max(new_total, Relaxed);
                 let segs = self.segments.fetch_add(1, Relaxed) + 1;
@@ -727,12 +789,14 @@ impl CachingAllocator {
                     .expect("expandable mode")
                     .unreserve(seg.base, seg.size as usize)
             };
+            self.driver.unreserve.fetch_add(1, Relaxed);
             return;
         }
         // SAFETY: `seg` was removed from its pool, which held the only record of it; it came
         // from `provider.allocate` with this size and no block in it is live (it was whole
         // and free), and its stream was synchronized, so nothing refers to the memory any more.
         unsafe { self.provider.free(seg.base, seg.size as usize) };
+        self.driver.segment_free.fetch_add(1, Relaxed);
         self.reserved.fetch_sub(seg.size, Relaxed);
         self.counters.num_device_free.fetch_add(1, Relaxed);
         if self.history.enabled() {
@@ -753,10 +817,10 @@ impl CachingAllocator {
         while i < st.pending.len() {
             // A failed query means the stream is broken: waiting would never end, so the block
             // is treated as done with.
-            let done = st.pending[i]
-                .tickets
-                .iter()
-                .all(|&t| events.query(t).unwrap_or(true));
+            let done = st.pending[i].tickets.iter().all(|&t| {
+                self.driver.event_query.fetch_add(1, Relaxed);
+                events.query(t).unwrap_or(true)
+            });
             if done {
                 let p = st.pending.swap_remove(i);
                 p.tickets.iter().for_each(|&t| events.release(t));
@@ -789,40 +853,48 @@ impl CachingAllocator {
             .flat_map(|p| p.tickets.iter().copied())
             .collect();
         for t in tickets {
+            self.driver.synchronize.fetch_add(1, Relaxed);
             events.synchronize(t)?;
         }
         Ok(())
     }
 
-    /// Give every whole cached segment back to the device. With `wait`, first wait for the
-    /// events of pending cross-stream frees so their blocks can go too.
+    /// Give every whole cached segment (and, in expandable mode, every idle chunk) back to the
+    /// device. With `wait`, first wait for the events of pending cross-stream frees so their
+    /// blocks can go too. One device-wide wait covers everything: cached memory may still be
+    /// used by queued work (a device free would wait anyway; unmapping host memory would not).
     fn release_cached(&self, wait: bool) -> Result<()> {
         if wait {
             self.counters.num_sync_all_streams.fetch_add(1, Relaxed);
-        }
-        for pool in self.initialized_pools() {
-            if wait {
+            for pool in self.initialized_pools() {
                 self.sync_pending(pool)?;
             }
-            let releasable = {
-                let mut st = pool.state.lock();
-                self.process_pending(&mut st, pool.stream.index);
-                st.flush_recent();
-                !st.releasable().is_empty()
-            };
-            // Work queued on the stream may still use cached blocks: let it finish first
-            // (a device free would synchronize anyway; unmapping host memory would not).
-            if releasable && self.sync_stream(pool).is_ok() {
-                let freed = pool.state.lock().take_releasable_segments();
-                freed
-                    .into_iter()
-                    .for_each(|s| self.give_back(s, pool.stream.index));
-            }
-            if self.vm_page != 0 {
-                self.release_idle_pages(pool);
+        }
+        let mut releasable = false;
+        for pool in self.initialized_pools() {
+            let mut st = pool.state.lock();
+            self.process_pending(&mut st, pool.stream.index);
+            st.flush_recent();
+            releasable |= !st.releasable().is_empty();
+        }
+        let vm = self.vm_page != 0;
+        releasable |= vm && self.reserved.load(Relaxed) > self.allocated_bytes();
+        if !releasable {
+            return Ok(());
+        }
+        if self.fence_all_pools().is_err() {
+            return Ok(()); // a broken stream: leave its memory alone
+        }
+        for (pi, pool) in self.pools_with_index() {
+            let freed = pool.state.lock().take_releasable_segments();
+            freed
+                .into_iter()
+                .for_each(|s| self.give_back(s, pool.stream.index));
+            if vm && !pool.private {
+                self.release_idle_pages(pool, pi as u32);
             }
         }
-        if self.vm_page != 0 {
+        if vm {
             self.release_spare_pages();
         }
         Ok(())
@@ -941,6 +1013,7 @@ impl CachingAllocator {
         let mut recorded = Vec::with_capacity(extras.stream_uses.len());
         if let Some(events) = &self.events {
             for s in &extras.stream_uses {
+                self.driver.event_record.fetch_add(1, Relaxed);
                 match events.record(*s) {
                     Ok(t) => recorded.push(t),
                     Err(e) => {
@@ -1022,6 +1095,7 @@ impl CachingAllocator {
             self.with_live_block(ptr, "record_events", |_, _, _| ())?;
         }
         for &ptr in ptrs {
+            self.driver.event_record.fetch_add(1, Relaxed);
             let ticket = events.record(stream)?;
             let attached = self.with_live_block(ptr, "record_events", |st, block, _| {
                 st.extras.entry(block).or_default().events.push(ticket);
@@ -1053,6 +1127,7 @@ impl CachingAllocator {
                 tickets
             })?;
             for t in tickets {
+                self.driver.synchronize.fetch_add(1, Relaxed);
                 let r = events.synchronize(t);
                 events.release(t);
                 r?;
@@ -1286,6 +1361,7 @@ impl CachingAllocator {
             num_page_steals: c.num_page_steals.load(Relaxed),
             num_pages_remapped: c.num_pages_remapped.load(Relaxed),
         };
+        s.driver_calls = self.driver.snapshot();
         s.reserved_bytes_peak = self.reserved_peak.load(Relaxed);
         s.segment_peak = self.segments_peak.load(Relaxed);
         s
@@ -1318,6 +1394,9 @@ impl CachingAllocator {
             &c.num_page_steals,
             &c.num_pages_remapped,
         ] {
+            a.store(0, Relaxed);
+        }
+        for a in self.driver.all() {
             a.store(0, Relaxed);
         }
     }
@@ -1503,13 +1582,14 @@ impl CachingAllocator {
 /// its memory are waited for first.
 impl Drop for CachingAllocator {
     fn drop(&mut self) {
+        let mut vm_segments = Vec::new();
         for pool in self.initialized_pools() {
             let _ = self.sync_pending(pool);
             let _ = self.sync_stream(pool);
             let segments = std::mem::take(&mut pool.state.lock().segments);
             for seg in segments {
                 if seg.vm.is_some() {
-                    self.drop_vm_segment(&seg);
+                    vm_segments.push(seg);
                 } else {
                     // SAFETY: the segment came from `provider.allocate` with this size; the
                     // allocator is going away, so nothing can use its blocks any more.
@@ -1529,7 +1609,7 @@ impl Drop for CachingAllocator {
             }
         }
         if self.vm_page != 0 {
-            self.release_spare_pages();
+            self.drop_vm(&vm_segments);
         }
     }
 }

@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` ("alloc") for the design; `imp.rs` holds the implementation.
 
 mod check;
+mod chunks;
 mod config;
 mod history;
 mod imp;
@@ -24,9 +25,9 @@ pub use imp::{
     StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
 };
 pub use pinned::{PinnedAllocator, PinnedStats};
-pub use provider::{MemoryProvider, PageHandle, ProviderError, StreamEvents, VirtualMemory};
+pub use provider::{ChunkHandle, MemoryProvider, ProviderError, StreamEvents, VirtualMemory};
 pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
-pub use stats::{EventCounters, MemoryStats, PoolKind, PoolStats, Stat};
+pub use stats::{DriverCalls, EventCounters, MemoryStats, PoolKind, PoolStats, Stat};
 
 /// Human-readable size: `512 B`, `1.50 KiB`, `20.00 MiB`, `1.00 GiB`.
 pub fn format_size(bytes: u64) -> String {

@@ -41,52 +41,57 @@ pub trait MemoryProvider: Send + Sync {
     }
 }
 
-/// A handle to one physical page of device memory (CUDA: a `CUmemGenericAllocationHandle`
-/// of `page_size()` bytes; host: an offset in a memory file).
+/// A handle to one physical allocation of device memory, a *chunk* (CUDA: a
+/// `CUmemGenericAllocationHandle`; host: a range of a memory file). A chunk is a whole number
+/// of granules and is always mapped whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PageHandle(pub u64);
+pub struct ChunkHandle(pub u64);
 
-/// Virtual-memory operations: reserve address ranges, create physical pages, and map them.
+/// Virtual-memory operations: reserve address ranges, create physical chunks, and map them.
 ///
-/// Creating a page is expensive (CUDA: ~75 us with map and release); mapping an existing one
-/// is cheap (~1.5 us). Callers keep created pages and remap them rather than recreate them.
+/// The costs that shape the allocator (H200, driver 580; `ANCHORS.md`): creating a chunk is
+/// 15 us for 2 MiB and 40 us for 128 MiB; mapping is about 4 us per chunk; granting access is
+/// about 34 us per chunk in the range; unmapping about 22 us per chunk. So the allocator
+/// creates few, large chunks and keeps them mapped where they are used.
+///
+/// One chunk may be mapped at several address ranges at once (the allocator maps a chunk at
+/// its new place before the old place is unmapped, so work still queued on the old addresses
+/// finishes undisturbed); every mapping of a chunk shows the same bytes.
 pub trait VirtualMemory: Send + Sync {
-    /// The granularity of physical pages (2 MiB on CUDA): page sizes are multiples of it, and
-    /// so are mapping addresses.
-    fn page_size(&self) -> usize;
-    /// Reserve `size` bytes of address space (a multiple of the page size); no memory.
+    /// The granularity of chunks and mappings (2 MiB on CUDA): sizes and mapping addresses
+    /// are multiples of it.
+    fn granularity(&self) -> usize;
+    /// Reserve `size` bytes of address space (a multiple of the granularity); no memory.
     fn reserve(&self, size: usize) -> Result<usize, ProviderError>;
     /// Give back an address range from `reserve`.
     ///
     /// # Safety
-    /// `(base, size)` must be one earlier `reserve`, with no page mapped in it any more.
+    /// `(base, size)` must be one earlier `reserve`, with nothing mapped in it any more.
     unsafe fn unreserve(&self, base: usize, size: usize);
-    /// Create one physical page of `size` bytes (a multiple of `page_size()`). Counts against
-    /// the device's memory.
-    fn create_page(&self, size: usize) -> Result<PageHandle, ProviderError>;
-    /// Destroy a page of `size` bytes.
+    /// Create one chunk of `size` bytes (a multiple of the granularity). Counts against the
+    /// device's memory. One driver call.
+    fn create(&self, size: usize) -> Result<ChunkHandle, ProviderError>;
+    /// Destroy a chunk of `size` bytes. One driver call.
     ///
     /// # Safety
-    /// The page must come from `create_page(size)` of this provider and be mapped nowhere.
-    unsafe fn destroy_page(&self, page: PageHandle, size: usize);
-    /// Map `pages` (each of `page_size` bytes) one after another from `addr` and make them
-    /// readable and writable.
+    /// The chunk must come from `create(size)` of this provider and be mapped nowhere.
+    unsafe fn release(&self, chunk: ChunkHandle, size: usize);
+    /// Map `chunks` (handle, size) one after another from `addr`, then make the whole range
+    /// readable and writable by the device. One driver map per chunk and one access grant for
+    /// the range. On failure nothing stays mapped.
     ///
     /// # Safety
-    /// `addr` must be aligned to `page_size` inside a reserved range, the range the pages
-    /// cover must not be mapped, and each page may be mapped at one place only.
-    unsafe fn map(
-        &self,
-        addr: usize,
-        pages: &[PageHandle],
-        page_size: usize,
-    ) -> Result<(), ProviderError>;
-    /// Unmap `count` pages of `page_size` bytes from `addr`. The pages stay alive.
+    /// `addr` must be aligned to the granularity inside a reserved range, the range the chunks
+    /// cover must not be mapped, and every chunk must be live.
+    unsafe fn map(&self, addr: usize, chunks: &[(ChunkHandle, usize)])
+        -> Result<(), ProviderError>;
+    /// Unmap `[addr, addr + len)`, a range covering whole mappings made by `map`: one driver
+    /// call. The chunks stay alive.
     ///
     /// # Safety
-    /// The range must be mapped by `map` with this page size, and nothing may use it any more
-    /// (the device included: callers synchronize the streams that used it first).
-    unsafe fn unmap(&self, addr: usize, count: usize, page_size: usize);
+    /// The range must be exactly covered by mappings from `map`, and nothing may use it any
+    /// more (the device included: callers make sure the work queued on it has completed).
+    unsafe fn unmap(&self, addr: usize, len: usize);
 }
 
 /// Positions in streams, for blocks used on several streams (`record_stream`) and for

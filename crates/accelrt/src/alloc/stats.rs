@@ -157,11 +157,69 @@ pub struct EventCounters {
     pub num_device_alloc: u64,
     /// Segments given back to the device.
     pub num_device_free: u64,
-    /// Expandable segments: times idle pages were taken from free blocks for reuse
-    /// elsewhere (each waits for the streams that used them).
+    /// Expandable segments: times idle physical memory in free blocks was moved to serve a
+    /// block elsewhere (a chunk mapped at its new place at once; its old place unmapped later).
     pub num_page_steals: u64,
-    /// Expandable segments: pages moved by those steals.
+    /// Expandable segments: granules (pages) moved by those moves.
     pub num_pages_remapped: u64,
+}
+
+/// The driver calls an allocator made, one count per kind. Both backends count the same
+/// logical operations on their providers, so a replay on the host predicts the calls a CUDA
+/// run makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DriverCalls {
+    /// Plain segments taken (`cuMemAlloc`).
+    pub segment_alloc: u64,
+    /// Plain segments given back (`cuMemFree`).
+    pub segment_free: u64,
+    /// Address ranges reserved (`cuMemAddressReserve`).
+    pub reserve: u64,
+    /// Address ranges given back (`cuMemAddressFree`).
+    pub unreserve: u64,
+    /// Physical chunks created (`cuMemCreate`).
+    pub create: u64,
+    /// Physical chunks released (`cuMemRelease`).
+    pub release: u64,
+    /// Chunks mapped (`cuMemMap`, one per chunk).
+    pub map: u64,
+    /// Ranges unmapped (`cuMemUnmap`, one per contiguous range).
+    pub unmap: u64,
+    /// Access grants (`cuMemSetAccess`, one per mapped range).
+    pub set_access: u64,
+    /// Host waits for the device or a stream (`cuCtxSynchronize`, `cuEventSynchronize`).
+    pub synchronize: u64,
+    /// Events recorded (`cuEventRecord`).
+    pub event_record: u64,
+    /// Events queried (`cuEventQuery`).
+    pub event_query: u64,
+    /// Device-side waits (`cuStreamWaitEvent`).
+    pub event_wait: u64,
+}
+
+impl DriverCalls {
+    /// The (name, count) pairs.
+    pub fn named(&self) -> [(&'static str, u64); 13] {
+        [
+            ("segment_alloc", self.segment_alloc),
+            ("segment_free", self.segment_free),
+            ("reserve", self.reserve),
+            ("unreserve", self.unreserve),
+            ("create", self.create),
+            ("release", self.release),
+            ("map", self.map),
+            ("unmap", self.unmap),
+            ("set_access", self.set_access),
+            ("synchronize", self.synchronize),
+            ("event_record", self.event_record),
+            ("event_query", self.event_query),
+            ("event_wait", self.event_wait),
+        ]
+    }
+    /// All calls together.
+    pub fn total(&self) -> u64 {
+        self.named().iter().map(|(_, n)| n).sum()
+    }
 }
 
 /// A device's allocator statistics: small pool, large pool and counters.
@@ -176,6 +234,8 @@ pub struct MemoryStats {
     /// Both pools together, kept per stream pool as its own record (exact peaks per stream).
     pub combined: PoolStats,
     pub counters: EventCounters,
+    /// Driver calls made by the allocator.
+    pub driver_calls: DriverCalls,
     /// Exact peak of reserved bytes over all streams.
     pub reserved_bytes_peak: u64,
     /// Exact peak of segments over all streams.
@@ -214,6 +274,10 @@ impl MemoryStats {
         m.insert("num_device_free".into(), c.num_device_free);
         m.insert("num_page_steals".into(), c.num_page_steals);
         m.insert("num_pages_remapped".into(), c.num_pages_remapped);
+        for (name, n) in self.driver_calls.named() {
+            m.insert(format!("driver_calls.{name}"), n);
+        }
+        m.insert("driver_calls.total".into(), self.driver_calls.total());
         m
     }
 }

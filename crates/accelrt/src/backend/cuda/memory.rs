@@ -9,7 +9,7 @@ use parking_lot::RwLock;
 
 use super::context::Context;
 use super::sys::{self, CuError};
-use crate::alloc::{MemoryProvider, PageHandle, ProviderError, VirtualMemory};
+use crate::alloc::{ChunkHandle, MemoryProvider, ProviderError, VirtualMemory};
 
 /// Minimum alignment the allocator needs from a segment.
 const SEGMENT_ALIGN: usize = 512;
@@ -27,7 +27,7 @@ pub struct CudaMemory {
     ctx: Arc<Context>,
     total: u64,
     allocated: AtomicU64,
-    /// Physical page size of the virtual-memory API (0: unsupported on this device).
+    /// Granularity of the virtual-memory API (0: unsupported on this device).
     page_size: usize,
     /// Devices that get read-write access to mapped pages (this one, then peers).
     access: RwLock<Vec<c_int>>,
@@ -146,7 +146,7 @@ impl MemoryProvider for CudaMemory {
 }
 
 impl VirtualMemory for CudaMemory {
-    fn page_size(&self) -> usize {
+    fn granularity(&self) -> usize {
         self.page_size
     }
 
@@ -154,7 +154,7 @@ impl VirtualMemory for CudaMemory {
         if size == 0 || size % self.page_size != 0 {
             return Err(ProviderError::Failed(format!(
                 "cannot reserve {size} bytes of address space: not a positive multiple of the \
-                 page size ({} bytes)",
+                 granularity ({} bytes)",
                 self.page_size
             )));
         }
@@ -172,22 +172,23 @@ impl VirtualMemory for CudaMemory {
         }
     }
 
-    fn create_page(&self, size: usize) -> Result<PageHandle, ProviderError> {
+    fn create(&self, size: usize) -> Result<ChunkHandle, ProviderError> {
         if size == 0 || size % self.page_size != 0 {
             return Err(ProviderError::Failed(format!(
-                "a page of {size} bytes is not a multiple of the device's {} byte granularity",
+                "a chunk of {size} bytes is not a positive multiple of the device's {} byte \
+                 granularity",
                 self.page_size
             )));
         }
         let _current = self.bind()?;
         let h = sys::mem_create(size, self.ctx.ordinal as c_int).map_err(provider_error)?;
         self.allocated.fetch_add(size as u64, Ordering::Relaxed);
-        Ok(PageHandle(h))
+        Ok(ChunkHandle(h))
     }
 
-    unsafe fn destroy_page(&self, page: PageHandle, size: usize) {
-        // SAFETY: the caller guarantees the page is ours and mapped nowhere.
-        match unsafe { sys::mem_release(page.0) } {
+    unsafe fn release(&self, chunk: ChunkHandle, size: usize) {
+        // SAFETY: the caller guarantees the chunk is ours and mapped nowhere.
+        match unsafe { sys::mem_release(chunk.0) } {
             Ok(()) => {
                 self.allocated.fetch_sub(size as u64, Ordering::Relaxed);
             }
@@ -198,41 +199,42 @@ impl VirtualMemory for CudaMemory {
     unsafe fn map(
         &self,
         addr: usize,
-        pages: &[PageHandle],
-        page_size: usize,
+        chunks: &[(ChunkHandle, usize)],
     ) -> Result<(), ProviderError> {
-        let ps = page_size;
-        for (i, page) in pages.iter().enumerate() {
-            let at = (addr + i * ps) as sys::CUdeviceptr;
-            // SAFETY: the caller guarantees the range is reserved, page-aligned and unmapped,
-            // and that each page is live and mapped nowhere else.
-            if let Err(e) = unsafe { sys::mem_map(at, ps, page.0) } {
-                // SAFETY: the first `i` pages were mapped just now, by us, and unused yet.
-                unsafe { self.unmap(addr, i, ps) };
+        let _current = self.bind()?;
+        let mut at = addr;
+        for &(chunk, len) in chunks {
+            // SAFETY: the caller guarantees the range is reserved, aligned and unmapped, and
+            // that the chunk is live; a handle is mapped whole (offset 0, its full size).
+            if let Err(e) = unsafe { sys::mem_map(at as sys::CUdeviceptr, len, chunk.0) } {
+                if at > addr {
+                    // SAFETY: `[addr, at)` was mapped just now, by us, and is unused yet.
+                    unsafe { self.unmap(addr, at - addr) };
+                }
                 return Err(provider_error(e));
             }
+            at += len;
         }
         let access = self.access.read().clone();
-        // One call for the whole range (the driver's cost is per call, not per page).
+        // One call for the whole range.
         // SAFETY: the whole range was mapped above, by us.
-        if let Err(e) =
-            unsafe { sys::mem_set_access(addr as sys::CUdeviceptr, pages.len() * ps, &access) }
+        if let Err(e) = unsafe { sys::mem_set_access(addr as sys::CUdeviceptr, at - addr, &access) }
         {
-            // SAFETY: all pages were mapped just now, by us, and are unused yet.
-            unsafe { self.unmap(addr, pages.len(), ps) };
+            // SAFETY: all chunks were mapped just now, by us, and are unused yet.
+            unsafe { self.unmap(addr, at - addr) };
             return Err(provider_error(e));
         }
         Ok(())
     }
 
-    unsafe fn unmap(&self, addr: usize, count: usize, page_size: usize) {
-        let ps = page_size;
-        for i in 0..count {
-            // SAFETY: the caller guarantees the pages are mapped (one mapping each) and unused;
-            // each call covers exactly one whole mapping.
-            if let Err(e) = unsafe { sys::mem_unmap((addr + i * ps) as sys::CUdeviceptr, ps) } {
-                self.ctx.deferred.keep(e.into_error());
-            }
+    unsafe fn unmap(&self, addr: usize, len: usize) {
+        let unmapped = self.ctx.bind().and_then(|_current| {
+            // SAFETY: the caller guarantees the range is covered by whole mappings of ours
+            // that no work in flight uses; one call unmaps them all.
+            Ok(unsafe { sys::mem_unmap(addr as sys::CUdeviceptr, len) }?)
+        });
+        if let Err(e) = unmapped {
+            self.ctx.deferred.keep(e);
         }
     }
 }

@@ -1,23 +1,28 @@
-//! Host "device memory": anonymous private mappings, and a real analogue of CUDA's virtual
-//! memory management for expandable segments.
+//! Host "device memory": anonymous private mappings for plain segments, and a faithful
+//! analogue of CUDA's virtual memory management for expandable segments.
 //!
 //! Segments are `mmap`ed with `MAP_NORESERVE`, so pages cost nothing until touched: a
 //! replay of a 15 GB training trace reserves 15 GB of address space, not of RAM. A
 //! capacity makes the host device as small as asked, so out-of-memory is real and testable.
 //!
-//! Virtual memory (expandable segments) is commit and decommit over reserved address space:
-//! `reserve` makes a `PROT_NONE` range; a page handle is a page's worth of the capacity (as a
-//! CUDA physical allocation is a piece of device memory); `map` commits a run of slots
-//! (`mprotect` read-write: adjacent runs merge into one kernel mapping, so heavy remapping does
-//! not pile up mappings); `unmap` decommits (`MADV_DONTNEED`, which returns the memory, then
-//! `PROT_NONE`). Unlike CUDA, contents do not travel with a handle; the allocator never reads
-//! memory it has unmapped, so nothing depends on that.
+//! Virtual memory (Linux): a chunk is a range of a memory file (`memfd_create`), as a CUDA
+//! physical allocation is a piece of device memory. `reserve` makes a `PROT_NONE` range;
+//! `map` maps a chunk's file range there (`MAP_SHARED | MAP_FIXED`), so the same chunk mapped
+//! at two places shows the same bytes, exactly as on CUDA; `unmap` puts the reservation back
+//! over the range; `release` punches the range out of the file, which returns its memory.
+//! A kernel still touching an unmapped range faults, as a GPU kernel would: tests catch an
+//! allocator that unmaps too early. Elsewhere than Linux, the host has no virtual memory and
+//! the allocator uses plain segments.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
-use crate::alloc::{MemoryProvider, PageHandle, ProviderError, VirtualMemory};
+use parking_lot::Mutex;
 
-/// Default physical page size for expandable segments: CUDA's granularity.
+use crate::alloc::{ChunkHandle, MemoryProvider, ProviderError, VirtualMemory};
+
+/// Default granularity of expandable segments: CUDA's.
 pub const HOST_PAGE_SIZE: usize = 2 << 20;
 
 /// Host memory provider with a byte capacity.
@@ -25,8 +30,65 @@ pub const HOST_PAGE_SIZE: usize = 2 << 20;
 pub struct HostMemory {
     capacity: u64,
     used: AtomicU64,
-    page_size: usize,
-    next_page: AtomicU64,
+    granularity: usize,
+    /// The memory file behind chunks, made on first use; `Err` says why there is none.
+    file: OnceLock<std::result::Result<MemFile, String>>,
+}
+
+/// A memory file and which of its ranges hold chunks.
+#[derive(Debug)]
+struct MemFile {
+    fd: std::os::fd::OwnedFd,
+    space: Mutex<FileSpace>,
+}
+
+/// Free ranges of the file (offset -> length) and its end; the file is sparse, so ranges
+/// cost nothing until written.
+#[derive(Debug, Default)]
+struct FileSpace {
+    free: BTreeMap<u64, u64>,
+    end: u64,
+}
+
+impl FileSpace {
+    /// A range of `len` bytes: first fit among freed ranges, else at the end.
+    fn take(&mut self, len: u64) -> (u64, bool) {
+        let fit = self
+            .free
+            .iter()
+            .find(|(_, &l)| l >= len)
+            .map(|(&o, &l)| (o, l));
+        if let Some((off, l)) = fit {
+            self.free.remove(&off);
+            if l > len {
+                self.free.insert(off + len, l - len);
+            }
+            return (off, false);
+        }
+        let off = self.end;
+        self.end += len;
+        (off, true)
+    }
+
+    /// Give a range back, joining it with free neighbours.
+    fn give(&mut self, mut off: u64, mut len: u64) {
+        if let Some((&prev, &plen)) = self.free.range(..off).next_back() {
+            if prev + plen == off {
+                self.free.remove(&prev);
+                off = prev;
+                len += plen;
+            }
+        }
+        if let Some(&nlen) = self.free.get(&(off + len)) {
+            self.free.remove(&(off + len));
+            len += nlen;
+        }
+        if off + len == self.end {
+            self.end = off;
+        } else {
+            self.free.insert(off, len);
+        }
+    }
 }
 
 impl HostMemory {
@@ -35,7 +97,7 @@ impl HostMemory {
         Self::with_page_size(capacity, HOST_PAGE_SIZE)
     }
 
-    /// Like [`HostMemory::new`], with virtual-memory pages of `page_size` bytes (a power of
+    /// Like [`HostMemory::new`], with virtual-memory granularity `page_size` (a power of
     /// two, at least the OS page size).
     pub fn with_page_size(capacity: u64, page_size: usize) -> Self {
         assert!(
@@ -45,8 +107,8 @@ impl HostMemory {
         HostMemory {
             capacity,
             used: AtomicU64::new(0),
-            page_size,
-            next_page: AtomicU64::new(0),
+            granularity: page_size,
+            file: OnceLock::new(),
         }
     }
 
@@ -74,6 +136,44 @@ impl HostMemory {
 
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    fn file(&self) -> std::result::Result<&MemFile, &str> {
+        self.file
+            .get_or_init(MemFile::create)
+            .as_ref()
+            .map_err(|e| e.as_str())
+    }
+}
+
+impl MemFile {
+    #[cfg(target_os = "linux")]
+    fn create() -> std::result::Result<MemFile, String> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the name is a NUL-terminated literal; the result is checked below.
+        let fd =
+            unsafe { libc::memfd_create(c"accelrt-device-memory".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!(
+                "memfd_create failed: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(MemFile {
+            // SAFETY: `fd` was just created and is owned by nobody else.
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            space: Mutex::new(FileSpace::default()),
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn create() -> std::result::Result<MemFile, String> {
+        Err("the host backend's virtual memory needs Linux's memfd_create".into())
+    }
+
+    fn raw(&self) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
     }
 }
 
@@ -152,21 +252,45 @@ impl MemoryProvider for HostMemory {
     }
 
     fn virtual_memory(&self) -> Option<&dyn VirtualMemory> {
-        Some(self)
+        self.file().is_ok().then_some(self as &dyn VirtualMemory)
     }
 }
 
 fn os_error(what: &str) -> ProviderError {
-    ProviderError::Failed(format!("{what}: {}", std::io::Error::last_os_error()))
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOMEM) {
+        return ProviderError::OutOfMemory;
+    }
+    ProviderError::Failed(format!("{what}: {err}"))
+}
+
+/// Put a `PROT_NONE` reservation over `[addr, addr + len)`, replacing whatever was mapped.
+///
+/// # Safety
+/// The range must lie in a reservation of this provider and nothing may use it any more.
+unsafe fn reserve_over(addr: usize, len: usize) -> bool {
+    // SAFETY: MAP_FIXED over a range of our own reservation (the caller's promise) replaces
+    // only our mappings there.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    p != libc::MAP_FAILED
 }
 
 impl VirtualMemory for HostMemory {
-    fn page_size(&self) -> usize {
-        self.page_size
+    fn granularity(&self) -> usize {
+        self.granularity
     }
 
     fn reserve(&self, size: usize) -> Result<usize, ProviderError> {
-        let align = self.page_size;
+        let align = self.granularity;
         let span = size.checked_add(align).ok_or(ProviderError::OutOfMemory)?;
         // SAFETY: a fresh PROT_NONE private mapping at an address of the kernel's choosing;
         // checked against MAP_FAILED.
@@ -183,7 +307,7 @@ impl VirtualMemory for HostMemory {
         if raw == libc::MAP_FAILED {
             return Err(os_error("reserving address space"));
         }
-        // Trim to a page-aligned range of exactly `size` bytes.
+        // Trim to an aligned range of exactly `size` bytes.
         let start = raw as usize;
         let base = (start + align - 1) & !(align - 1);
         let (head, tail) = (base - start, span - (base - start) - size);
@@ -204,53 +328,90 @@ impl VirtualMemory for HostMemory {
         unsafe { libc::munmap(base as *mut libc::c_void, size) };
     }
 
-    fn create_page(&self, size: usize) -> Result<PageHandle, ProviderError> {
-        if size == 0 || size % self.page_size != 0 {
+    fn create(&self, size: usize) -> Result<ChunkHandle, ProviderError> {
+        if size == 0 || size % self.granularity != 0 {
             return Err(ProviderError::Failed(format!(
-                "a page of {size} bytes is not a multiple of the {} byte granularity",
-                self.page_size
+                "a chunk of {size} bytes is not a positive multiple of the {} byte granularity",
+                self.granularity
             )));
         }
+        let file = self
+            .file()
+            .map_err(|e| ProviderError::Failed(e.to_string()))?;
         self.take_capacity(size as u64)?;
-        Ok(PageHandle(self.next_page.fetch_add(1, Ordering::Relaxed)))
+        let mut space = file.space.lock();
+        let (off, grew) = space.take(size as u64);
+        if grew {
+            // SAFETY: growing our own memory file; the file stays sparse.
+            let rc = unsafe { libc::ftruncate(file.raw(), space.end as libc::off_t) };
+            if rc != 0 {
+                let e = os_error("growing the memory file");
+                space.give(off, size as u64);
+                self.used.fetch_sub(size as u64, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        Ok(ChunkHandle(off))
     }
 
-    unsafe fn destroy_page(&self, _page: PageHandle, size: usize) {
+    unsafe fn release(&self, chunk: ChunkHandle, size: usize) {
+        if let Ok(file) = self.file() {
+            // SAFETY: the range is this chunk's, mapped nowhere (the caller's promise):
+            // punching it out of the file frees its memory and touches nothing else.
+            unsafe {
+                libc::fallocate(
+                    file.raw(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    chunk.0 as libc::off_t,
+                    size as libc::off_t,
+                );
+            }
+            file.space.lock().give(chunk.0, size as u64);
+        }
         self.used.fetch_sub(size as u64, Ordering::Relaxed);
     }
 
     unsafe fn map(
         &self,
         addr: usize,
-        pages: &[PageHandle],
-        page_size: usize,
+        chunks: &[(ChunkHandle, usize)],
     ) -> Result<(), ProviderError> {
-        // SAFETY: the range is page-aligned inside a reservation of this provider and not
-        // mapped (the caller's promise): committing it touches no live memory.
-        let rc = unsafe {
-            libc::mprotect(
-                addr as *mut libc::c_void,
-                pages.len() * page_size,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-        if rc != 0 {
-            return Err(os_error("committing pages"));
+        let file = self
+            .file()
+            .map_err(|e| ProviderError::Failed(e.to_string()))?;
+        let mut at = addr;
+        for &(chunk, len) in chunks {
+            // SAFETY: `[at, at + len)` is an unmapped part of our reservation (the caller's
+            // promise); mapping the chunk's file range there replaces only the reservation.
+            let p = unsafe {
+                libc::mmap(
+                    at as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    file.raw(),
+                    chunk.0 as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                let e = os_error("mapping a chunk");
+                // SAFETY: what was mapped above is ours and unused yet.
+                unsafe { reserve_over(addr, at - addr) };
+                return Err(e);
+            }
+            at += len;
         }
         Ok(())
     }
 
-    unsafe fn unmap(&self, addr: usize, count: usize, page_size: usize) {
-        if count == 0 {
-            return;
-        }
-        let len = count * page_size;
-        // SAFETY: the range is mapped by `map` and idle (the caller's promise): dropping its
-        // contents and access frees its memory and affects nothing else.
-        unsafe {
-            libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED);
-            libc::mprotect(addr as *mut libc::c_void, len, libc::PROT_NONE);
-        }
+    unsafe fn unmap(&self, addr: usize, len: usize) {
+        // SAFETY: the range is ours and idle (the caller's promise).
+        let ok = unsafe { reserve_over(addr, len) };
+        debug_assert!(
+            ok,
+            "unmapping {len} bytes at {addr:#x} failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -277,37 +438,59 @@ mod tests {
     }
 
     #[test]
-    fn committed_pages_are_usable_and_counted() {
+    fn chunks_alias_across_mappings_and_are_counted() {
         let m = HostMemory::new(8 << 20);
-        let vm = m.virtual_memory().unwrap();
-        let p = vm.page_size();
+        let vm = m.virtual_memory().expect("Linux has memfd");
+        let p = vm.granularity();
         let base = vm.reserve(4 * p).unwrap();
         assert_eq!(base % p, 0);
-        let a = vm.create_page(p).unwrap();
-        let b = vm.create_page(p).unwrap();
+        let a = vm.create(p).unwrap();
+        let b = vm.create(p).unwrap();
         assert_ne!(a, b);
         assert_eq!(m.driver_allocated(), 2 * p as u64);
         // SAFETY: the slots are in our reservation, unmapped, and used only by this test.
         unsafe {
-            vm.map(base + 2 * p, &[a, b], p).unwrap();
+            vm.map(base + 2 * p, &[(a, p), (b, p)]).unwrap();
             std::ptr::write_bytes((base + 2 * p) as *mut u8, 0x5A, 2 * p);
-            assert_eq!(*((base + 3 * p + 7) as *const u8), 0x5A);
-            vm.unmap(base + 2 * p, 2, p);
-            // Remapped elsewhere, the page is fresh memory.
-            vm.map(base, &[b], p).unwrap();
-            assert_eq!(*((base + 7) as *const u8), 0);
-            vm.unmap(base, 1, p);
-            vm.destroy_page(a, p);
-            vm.destroy_page(b, p);
+            // The same chunk at a second place shows the same bytes.
+            vm.map(base, &[(b, p)]).unwrap();
+            assert_eq!(*((base + 7) as *const u8), 0x5A);
+            *(base as *mut u8) = 0x11;
+            assert_eq!(*((base + 3 * p) as *const u8), 0x11);
+            vm.unmap(base + 2 * p, 2 * p);
+            vm.unmap(base, p);
+            vm.release(a, p);
+            vm.release(b, p);
             vm.unreserve(base, 4 * p);
         }
         assert_eq!(m.driver_allocated(), 0);
-        // Capacity counts pages: 8 MiB holds four 2 MiB pages, not five.
-        let pages: Vec<_> = (0..4).map(|_| vm.create_page(p).unwrap()).collect();
-        assert_eq!(vm.create_page(p), Err(ProviderError::OutOfMemory));
-        for pg in pages {
+        // Capacity counts chunks: 8 MiB holds four 2 MiB chunks, not five.
+        let chunks: Vec<_> = (0..4).map(|_| vm.create(p).unwrap()).collect();
+        assert_eq!(vm.create(p), Err(ProviderError::OutOfMemory));
+        for c in chunks {
             // SAFETY: never mapped.
-            unsafe { vm.destroy_page(pg, p) };
+            unsafe { vm.release(c, p) };
         }
+        // Released file space is reused.
+        let again = vm.create(4 * p).unwrap();
+        assert_eq!(again, ChunkHandle(0));
+        // SAFETY: never mapped.
+        unsafe { vm.release(again, 4 * p) };
+    }
+
+    #[test]
+    fn file_space_reuses_and_joins_ranges() {
+        let mut s = FileSpace::default();
+        assert_eq!(s.take(10), (0, true));
+        assert_eq!(s.take(20), (10, true));
+        assert_eq!(s.take(5), (30, true));
+        s.give(0, 10);
+        assert_eq!(s.take(4), (0, false), "first fit in a freed range");
+        s.give(10, 20);
+        s.give(0, 4);
+        assert_eq!(s.free.get(&0), Some(&30), "neighbours join");
+        s.give(30, 5);
+        assert_eq!(s.end, 0, "everything free: the end moves back");
+        assert!(s.free.is_empty());
     }
 }

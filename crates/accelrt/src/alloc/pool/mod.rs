@@ -23,6 +23,9 @@ use super::tlsf::Tlsf;
 use super::AllocatorConfig;
 use crate::stream::Stream;
 
+mod vm;
+pub use vm::{LentRange, PageTable, Run, LENT, NO_CHUNK};
+
 /// Picks one statistic out of a pool's set.
 type StatField = fn(&mut PoolStats) -> &mut Stat;
 
@@ -39,6 +42,9 @@ pub enum BlockState {
     Allocated,
     /// Freed by the caller, waiting for other streams' events before reuse.
     Pending,
+    /// Expandable segments: the old mapping of a chunk that moved elsewhere, kept until the
+    /// work queued on it has passed; never handed out (see `pool/vm.rs`).
+    Lent,
     /// An unused slot of the block table.
     Vacant,
 }
@@ -116,96 +122,6 @@ pub struct Segment {
     /// Page table of an expandable segment (a reserved virtual range); `None` for a
     /// segment that is memory from end to end.
     pub vm: Option<Box<PageTable>>,
-}
-
-/// A mapped page lying wholly inside a free block of an expandable segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IdlePage {
-    pub block: u32,
-    pub base: usize,
-    pub slot: usize,
-}
-
-/// No physical page at this slot.
-pub const NO_PAGE: u64 = u64::MAX;
-
-/// Which physical page backs each page-sized slot of an expandable segment.
-#[derive(Debug, Clone)]
-pub struct PageTable {
-    pub page_size: u64,
-    pub pages: Vec<u64>,
-    pub mapped: u64,
-    /// One bit per slot, set while mapped: scans skip empty words.
-    bits: Vec<u64>,
-    /// Slots at or above this were never mapped (ranges fill from the bottom).
-    high_water: usize,
-}
-
-impl PageTable {
-    fn new(page_size: u64, slots: usize) -> Self {
-        PageTable {
-            page_size,
-            pages: vec![NO_PAGE; slots],
-            mapped: 0,
-            bits: vec![0; slots.div_ceil(64)],
-            high_water: 0,
-        }
-    }
-
-    fn set(&mut self, slot: usize, page: u64) {
-        debug_assert_eq!(self.pages[slot], NO_PAGE, "slot {slot} mapped twice");
-        self.pages[slot] = page;
-        self.bits[slot / 64] |= 1 << (slot % 64);
-        self.high_water = self.high_water.max(slot + 1);
-        self.mapped += 1;
-    }
-
-    fn clear(&mut self, slot: usize) -> u64 {
-        self.bits[slot / 64] &= !(1 << (slot % 64));
-        self.mapped -= 1;
-        std::mem::replace(&mut self.pages[slot], NO_PAGE)
-    }
-
-    /// Mapped slots in `[start, end)`, in order.
-    pub fn mapped_in(&self, start: usize, end: usize) -> impl Iterator<Item = usize> + '_ {
-        let end = end.min(self.high_water);
-        let mut word = start / 64;
-        let mut bits = if start < end {
-            self.bits[word] & (!0u64 << (start % 64))
-        } else {
-            0
-        };
-        std::iter::from_fn(move || loop {
-            if bits != 0 {
-                let slot = word * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                return (slot < end).then_some(slot);
-            }
-            word += 1;
-            if word * 64 >= end {
-                return None;
-            }
-            bits = self.bits[word];
-        })
-    }
-
-    /// Whether every slot in `[start, end)` is mapped.
-    pub fn all_mapped(&self, start: usize, end: usize) -> bool {
-        if end > self.high_water {
-            return false;
-        }
-        let mut slot = start;
-        while slot < end {
-            let (w, b) = (slot / 64, slot % 64);
-            let n = (64 - b).min(end - slot);
-            let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << b };
-            if self.bits[w] & mask != mask {
-                return false;
-            }
-            slot += n;
-        }
-        true
-    }
 }
 
 impl Segment {
@@ -304,6 +220,8 @@ pub struct PoolState {
     pub fence: Option<(u64, u64)>,
     /// The tick of the newest completed fence.
     pub safe_tick: u64,
+    /// Expandable segments: old mappings of chunks that moved, waiting to be unmapped.
+    pub lent: Vec<LentRange>,
 }
 
 impl Default for PoolState {
@@ -327,6 +245,7 @@ impl Default for PoolState {
             users: Vec::new(),
             fence: None,
             safe_tick: 0,
+            lent: Vec::new(),
         }
     }
 }
@@ -461,7 +380,9 @@ impl PoolState {
                 })
             }
         };
-        if idx == NIL {
+        if idx == NIL || self.blocks[idx as usize].mapped_len < rounded {
+            // Expandable segments: not known to be backed by memory. The slow path chooses
+            // with memory in mind (`take_backed`) and maps what is missing.
             return NIL;
         }
         let (kind, size, class) = {
@@ -482,6 +403,12 @@ impl PoolState {
             self.carve(idx, rounded, requested, config);
         }
         idx
+    }
+
+    /// Take free block `idx` (on its free list) for a request of `rounded` bytes.
+    fn take_block(&mut self, idx: u32, rounded: u64, requested: u64, config: &AllocatorConfig) {
+        self.remove_free(idx);
+        self.carve(idx, rounded, requested, config);
     }
 
     /// Hand out block `idx` (already off the free lists) for `rounded` bytes, splitting off
@@ -742,37 +669,6 @@ impl PoolState {
         Some(seg)
     }
 
-    // ---- expandable segments -------------------------------------------------------------
-
-    /// Register a reserved virtual range as an expandable segment: one free, unmapped block.
-    pub fn add_vm_segment(&mut self, base: usize, size: u64, kind: PoolKind, page_size: u64) {
-        let idx = self.new_block(Block {
-            addr: base,
-            size,
-            kind,
-            mapped_len: 0,
-            vm: true,
-            ..Block::vacant()
-        });
-        let table = PageTable::new(page_size, size.div_ceil(page_size) as usize);
-        self.segments.push(Segment {
-            base,
-            size,
-            head: idx,
-            kind,
-            vm: Some(Box::new(table)),
-        });
-        self.stats_of(kind).segment.increase(1);
-        self.raise_combined_peaks([|s| &mut s.segment]);
-        self.add_free(idx);
-    }
-
-    /// The expandable segment holding `addr`, with its page table.
-    fn vm_table_at(&self, addr: usize) -> Option<(&Segment, &PageTable)> {
-        let seg = &self.segments[self.vm_segment_at(addr)?];
-        seg.vm.as_deref().map(|t| (seg, t))
-    }
-
     /// Remove every whole cached segment (after the caller made sure their streams have
     /// passed); the caller gives them back to the device.
     pub fn take_releasable_segments(&mut self) -> Vec<Segment> {
@@ -785,146 +681,6 @@ impl PoolState {
             .into_iter()
             .filter_map(|b| self.remove_segment(b, u64::MAX))
             .collect()
-    }
-
-    /// The expandable segment holding `addr`.
-    pub fn vm_segment_at(&self, addr: usize) -> Option<usize> {
-        self.segments
-            .iter()
-            .position(|s| s.vm.is_some() && s.base <= addr && addr < s.base + s.size as usize)
-    }
-
-    /// Re-check a block marked not-fully-mapped against the page table (the mark goes stale
-    /// when a mapped block merges with an unmapped neighbour); true when it is mapped now.
-    #[inline]
-    pub fn refresh_mapped(&mut self, idx: u32) -> bool {
-        let b = &self.blocks[idx as usize];
-        let Some((seg, table)) = self.vm_table_at(b.addr) else {
-            return false;
-        };
-        let p = table.page_size as usize;
-        let first = (b.addr - seg.base) / p;
-        let end = (b.addr - seg.base + b.size as usize).div_ceil(p);
-        let mapped = table.all_mapped(first, end);
-        if mapped {
-            let b = &mut self.blocks[idx as usize];
-            b.mapped_len = b.size;
-        }
-        mapped
-    }
-
-    /// Slots under block `idx` with no page: (segment base, slot indices).
-    pub fn unmapped_pages(&self, idx: u32) -> (usize, Vec<usize>) {
-        let b = &self.blocks[idx as usize];
-        let Some(pos) = self.vm_segment_at(b.addr) else {
-            return (0, Vec::new());
-        };
-        let seg = &self.segments[pos];
-        let table = seg
-            .vm
-            .as_ref()
-            .expect("vm_segment_at returns expandable segments");
-        let first = (b.addr - seg.base) as u64 / table.page_size;
-        let last = (b.addr - seg.base + b.size as usize - 1) as u64 / table.page_size;
-        let missing = (first..=last)
-            .filter(|&i| table.pages[i as usize] == NO_PAGE)
-            .map(|i| i as usize)
-            .collect();
-        (seg.base, missing)
-    }
-
-    /// Record that `pages` now back `slots` of the expandable segment at `base`.
-    pub fn install_pages(&mut self, base: usize, slots: &[usize], pages: &[u64]) {
-        let pos = self
-            .segments
-            .iter()
-            .position(|s| s.base == base)
-            .expect("segment still registered");
-        let seg = &mut self.segments[pos];
-        let kind = seg.kind;
-        let table = seg.vm.as_mut().expect("an expandable segment");
-        for (&slot, &page) in slots.iter().zip(pages) {
-            table.set(slot, page);
-        }
-        let bytes = slots.len() as u64 * table.page_size;
-        self.stats_of(kind).reserved_bytes.increase(bytes);
-        self.raise_combined_peaks([|s| &mut s.reserved_bytes]);
-    }
-
-    /// Up to `limit` mapped slots lying wholly inside free blocks. Only free blocks of at
-    /// least a page can hold one, and the free index lists exactly those, so this costs
-    /// little even with many blocks.
-    pub fn idle_pages(&self, limit: usize, since: u64) -> Vec<IdlePage> {
-        let mut out = Vec::new();
-        let Some(page_size) = self
-            .segments
-            .iter()
-            .find_map(|s| s.vm.as_ref().map(|t| t.page_size))
-        else {
-            return out;
-        };
-        let mut big = Vec::new();
-        for index in &self.free_index {
-            index.at_least(&self.blocks, page_size, &mut big);
-        }
-        // Largest blocks first: their pages come in long runs (fewer unmap calls), and a large
-        // free block is the least likely to be reused whole soon.
-        big.sort_unstable_by_key(|&i| std::cmp::Reverse(self.blocks[i as usize].size));
-        for block in big {
-            let b = &self.blocks[block as usize];
-            if b.last_used > since {
-                continue;
-            }
-            let Some((seg, table)) = self.vm_table_at(b.addr) else {
-                continue;
-            };
-            let p = table.page_size as usize;
-            let start = (b.addr - seg.base).div_ceil(p);
-            let end = (b.addr - seg.base + b.size as usize) / p;
-            for slot in table.mapped_in(start, end) {
-                if out.len() == limit {
-                    return out;
-                }
-                out.push(IdlePage {
-                    block,
-                    base: seg.base,
-                    slot,
-                });
-            }
-        }
-        out
-    }
-
-    /// Take the pages out of the given idle slots where they are still idle, in a free block
-    /// not reused since pool tick `since` (so no work queued after the caller's stream
-    /// synchronization can use them); returns (segment base, slot, page) for those taken.
-    /// The free blocks that held them become not-fully-mapped. The caller unmaps the slots.
-    pub fn take_idle_pages(&mut self, wanted: &[IdlePage], since: u64) -> Vec<(usize, usize, u64)> {
-        let mut taken = Vec::new();
-        for w in wanted {
-            let b = &self.blocks[w.block as usize];
-            if b.state != BlockState::Free || b.last_used > since {
-                continue;
-            }
-            let Some(pos) = self.vm_segment_at(b.addr) else {
-                continue;
-            };
-            let (b_addr, b_end) = (b.addr, b.addr + b.size as usize);
-            let seg = &mut self.segments[pos];
-            let (base, kind) = (seg.base, seg.kind);
-            let table = seg.vm.as_mut().expect("an expandable segment");
-            let p = table.page_size as usize;
-            let (lo, hi) = (base + w.slot * p, base + (w.slot + 1) * p);
-            if base != w.base || lo < b_addr || hi > b_end || table.pages[w.slot] == NO_PAGE {
-                continue;
-            }
-            taken.push((base, w.slot, table.clear(w.slot)));
-            let bytes = table.page_size;
-            self.stats_of(kind).reserved_bytes.decrease(bytes);
-            let b = &mut self.blocks[w.block as usize];
-            b.mapped_len = b.mapped_len.min((lo - b_addr) as u64);
-        }
-        taken
     }
 }
 
