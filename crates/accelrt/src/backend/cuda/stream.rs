@@ -320,7 +320,7 @@ impl CudaStream {
                     .into(),
             ));
         }
-        CudaGraph::instantiate(Arc::clone(&self.ctx), graph, tasks)
+        Ok(CudaGraph::captured(Arc::clone(&self.ctx), graph, tasks))
     }
 }
 
