@@ -163,13 +163,13 @@ impl Faults {
         let mut delay = None;
         for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (key, value) = item.split_once('=').ok_or_else(|| {
-                Error::Config(format!(
+                Error::InvalidArgument(format!(
                     "'{item}' in the fault specification is not KEY=VALUE (e.g. allocation=2)"
                 ))
             })?;
             let (key, value) = (key.trim(), value.trim());
             let number = value.parse::<u64>().map_err(|_| {
-                Error::Config(format!(
+                Error::InvalidArgument(format!(
                     "'{item}' in the fault specification: {value:?} is not a whole number"
                 ))
             })?;
@@ -179,7 +179,7 @@ impl Faults {
                 counts.push((fault, number));
             } else {
                 let known: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
-                return Err(Error::Config(format!(
+                return Err(Error::InvalidArgument(format!(
                     "unknown fault '{key}' in the fault specification: expected delay_ms or one \
                      of {}",
                     known.join(", ")
