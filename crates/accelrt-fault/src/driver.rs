@@ -306,8 +306,8 @@ impl<D: Driver> Driver for FaultDriver<D> {
         self.inner.capture_join(stream, origin, &event.inner)
     }
 
-    fn capture_leave(&self, stream: &D::Stream) -> Result<()> {
-        self.inner.capture_leave(stream)
+    fn capture_leave(&self, stream: &D::Stream, graph: Option<&D::Graph>) -> Result<()> {
+        self.inner.capture_leave(stream, graph)
     }
 
     // ---- memory ----------------------------------------------------------------------------

@@ -181,8 +181,10 @@ pub trait Driver: Send + Sync + Sized + 'static {
             "forking a graph capture onto another stream",
         ))
     }
-    /// `stream`, which joined a capture, leaves it: the capture ended on its origin stream.
-    fn capture_leave(&self, _stream: &Self::Stream) -> Result<()> {
+    /// `stream`, which joined a capture, leaves it: the capture ended on its origin stream,
+    /// with `graph` when it produced one (which must then keep whatever work captured on
+    /// `stream` needs at replays, e.g. host tasks).
+    fn capture_leave(&self, _stream: &Self::Stream, _graph: Option<&Self::Graph>) -> Result<()> {
         Ok(())
     }
 

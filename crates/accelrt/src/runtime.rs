@@ -468,8 +468,9 @@ impl<D: Driver> Core<D> {
     }
 
     /// End the membership of the streams that joined the capture of `graph` on `device`
-    /// (after the origin stream's capture ended). The first driver error is returned.
-    fn leave_capture(&self, device: u32, graph: u64) -> Result<()> {
+    /// (after the origin stream's capture ended, giving `captured`). The first driver error
+    /// is returned.
+    fn leave_capture(&self, device: u32, graph: u64, captured: Option<&D::Graph>) -> Result<()> {
         let ctx = self.device(device)?;
         let joined: Vec<StreamRef<D>> = ctx
             .streams
@@ -480,7 +481,7 @@ impl<D: Driver> Core<D> {
             .collect();
         let mut first_error = None;
         for s in joined {
-            if let Err(e) = self.driver.capture_leave(&s.raw) {
+            if let Err(e) = self.driver.capture_leave(&s.raw, captured) {
                 first_error.get_or_insert(e);
             }
             s.joined.store(false, Ordering::Release);
@@ -1587,7 +1588,7 @@ impl<D: Driver> Backend for Runtime<D> {
             let slot = core.stream(stream)?;
             let captured = core.driver.capture_end(&slot.raw);
             slot.capturing.store(0, Ordering::Release);
-            let left = core.leave_capture(stream.device.index, graph.0);
+            let left = core.leave_capture(stream.device.index, graph.0, captured.as_ref().ok());
             self.allocator(entry.device)?
                 .end_allocate_to_pool(entry.pool)?;
             let g = match captured.and_then(|g| left.map(|()| g)) {

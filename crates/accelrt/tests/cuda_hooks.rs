@@ -6,6 +6,8 @@
 
 mod cuda_common;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use accelrt::{Backend, Device, DeviceType, MempoolId, StreamPriority};
@@ -99,6 +101,16 @@ fn a_captured_fork_and_join_of_kernels_replays_in_order() {
     // SAFETY: as above.
     rt.with_stream(side, |d, raw| unsafe { d.add_u32(raw, buf, WORDS, 10) })
         .unwrap();
+    // A host task on the joined stream: the graph keeps it for its replays.
+    let side_tasks = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&side_tasks);
+    rt.launch_host(
+        side,
+        Arc::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }),
+    )
+    .unwrap();
     rt.event_record(join, side).unwrap();
     // ... and joins back; main adds 1 after side.
     rt.event_wait(join, main).unwrap();
@@ -106,6 +118,11 @@ fn a_captured_fork_and_join_of_kernels_replays_in_order() {
     rt.with_stream(main, |d, raw| unsafe { d.add_u32(raw, buf, WORDS, 1) })
         .unwrap();
     rt.graph_capture_end(g).unwrap();
+    assert_eq!(
+        rt.with_graph(g, |_, cg| Ok(cg.host_tasks())),
+        Ok(1),
+        "the graph holds the joined stream's host task"
+    );
     rt.stream_synchronize(side).unwrap();
     for _ in 0..3 {
         rt.graph_replay(g).unwrap();
@@ -117,6 +134,7 @@ fn a_captured_fork_and_join_of_kernels_replays_in_order() {
             &words[..4]
         );
     }
+    assert_eq!(side_tasks.load(Ordering::SeqCst), 3, "once per replay");
     rt.graph_destroy(g).unwrap();
     for id in [fork, join] {
         rt.event_release(id).unwrap();

@@ -17,10 +17,11 @@ pub struct CudaGraph {
     template: Mutex<Option<CUgraph>>,
     exec: OnceLock<CUgraphExec>,
     ctx: Arc<Context>,
-    /// Host tasks captured into the graph: their host functions borrow these boxes at every
-    /// replay (boxed: the driver holds their addresses, which must not move).
+    /// Host tasks captured into the graph (on its stream, and on streams that joined the
+    /// capture): their host functions borrow these boxes at every replay (boxed: the driver
+    /// holds their addresses, which must not move).
     #[allow(clippy::vec_box)]
-    tasks: Vec<Box<TaskBox>>,
+    tasks: Mutex<Vec<Box<TaskBox>>>,
 }
 
 // SAFETY: CUgraph and CUgraphExec are opaque driver handles usable from any thread (the
@@ -36,7 +37,7 @@ impl std::fmt::Debug for CudaGraph {
             .field("device", &self.ctx.ordinal)
             .field("instantiated", &self.is_instantiated())
             .field("has_template", &self.has_template())
-            .field("host_tasks", &self.tasks.len())
+            .field("host_tasks", &self.host_tasks())
             .finish()
     }
 }
@@ -50,8 +51,15 @@ impl CudaGraph {
             template: Mutex::new(Some(graph)),
             exec: OnceLock::new(),
             ctx,
-            tasks,
+            tasks: Mutex::new(tasks),
         }
+    }
+
+    /// Keep the boxes of host tasks another stream captured into this graph (it joined the
+    /// capture), for as long as the graph lives.
+    #[allow(clippy::vec_box)] // boxed: the driver holds their addresses
+    pub(crate) fn adopt_tasks(&self, tasks: Vec<Box<TaskBox>>) {
+        self.tasks.lock().extend(tasks);
     }
 
     /// Make the executable form (`cuGraphInstantiate`); nothing to do if it exists.
@@ -131,13 +139,13 @@ impl CudaGraph {
 
     /// Host tasks in the graph.
     pub fn host_tasks(&self) -> usize {
-        self.tasks.len()
+        self.tasks.lock().len()
     }
 }
 
 impl Drop for CudaGraph {
     fn drop(&mut self) {
-        if !self.tasks.is_empty() {
+        if !self.tasks.get_mut().is_empty() {
             // A replay still in flight would call into the task boxes freed below: wait for
             // the device first (rare: only graphs with host tasks).
             let synced = self
@@ -147,7 +155,7 @@ impl Drop for CudaGraph {
             if let Err(e) = synced {
                 self.ctx.deferred.keep(e);
                 // Freeing the boxes could be unsound now: keep them.
-                std::mem::forget(std::mem::take(&mut self.tasks));
+                std::mem::forget(std::mem::take(self.tasks.get_mut()));
             }
         }
         // SAFETY: we own both handles and nothing uses them after this (destroying an

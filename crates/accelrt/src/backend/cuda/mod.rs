@@ -558,6 +558,16 @@ impl Driver for CudaDriver {
         stream.wait_event(event)
     }
 
+    fn capture_leave(&self, stream: &CudaStream, graph: Option<&CudaGraph>) -> Result<()> {
+        // Host tasks captured on the joined stream run at every replay of the graph: the
+        // graph keeps their boxes from now on (without a graph, nothing will run them, and
+        // the stream keeps them, as it does for captures that failed).
+        if let Some(graph) = graph {
+            graph.adopt_tasks(stream.take_captured_tasks());
+        }
+        Ok(())
+    }
+
     unsafe fn write_async(&self, stream: &CudaStream, dst: usize, src: &[u8]) -> Result<()> {
         stream.ctx.deferred.take()?;
         // SAFETY: forwarded from this function's contract; the stream handle is live or null

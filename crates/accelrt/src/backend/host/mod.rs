@@ -275,7 +275,7 @@ impl Driver for HostDriver {
         stream.shared.join_capture(&origin.shared)
     }
 
-    fn capture_leave(&self, stream: &HostStream) -> Result<()> {
+    fn capture_leave(&self, stream: &HostStream, _graph: Option<&HostGraph>) -> Result<()> {
         stream.shared.leave_capture();
         Ok(())
     }
