@@ -30,8 +30,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub threads: u32,
     /// Where the allocator's segments and the benched events come from: `host` (simulated
-    /// device memory, host events; the default) or `cuda` (device 0's memory and CUDA events).
-    #[arg(long, value_name = "host|cuda", default_value = "host")]
+    /// device memory, host events; the default), `cuda` (device 0's memory and CUDA events),
+    /// or a registered backend by name (e.g. `fault`: its device 0 and events).
+    #[arg(long, value_name = "host|cuda|NAME", default_value = "host")]
     pub backend: DeviceType,
     /// Allocator configuration to bench (`ACCELRT_ALLOC_CONF` syntax; the default when empty).
     #[arg(long, value_name = "STR", default_value = "")]
@@ -239,12 +240,33 @@ struct RandomResult {
     peak_allocated: u64,
     peak_requested: u64,
     device_allocs: u64,
+    /// The out-of-memory that stopped the workload: the device is smaller than its peak
+    /// (e.g. a registered backend over this machine's memory); the figures are then NaN.
+    error: Option<String>,
 }
 
 impl RandomResult {
+    /// A workload that did not fit the device.
+    fn did_not_fit(live: usize, max_size: u64, ops: u64, error: &Error) -> Self {
+        RandomResult {
+            live,
+            max_size,
+            ops,
+            ns_per_call: f64::NAN,
+            peak_reserved: 0,
+            peak_allocated: 0,
+            peak_requested: 0,
+            device_allocs: 0,
+            error: Some(error.to_string()),
+        }
+    }
+
     /// Peak reserved / peak allocated (allocated = rounded block bytes, as PyTorch's
     /// `max_memory_allocated`), the figure ANCHORS.md reports.
     fn ratio(&self) -> f64 {
+        if self.error.is_some() {
+            return f64::NAN;
+        }
         self.peak_reserved as f64 / self.peak_allocated.max(1) as f64
     }
 
@@ -260,6 +282,7 @@ impl RandomResult {
             "ratio": self.ratio(),
             "ratio_vs_requested": self.peak_reserved as f64 / self.peak_requested.max(1) as f64,
             "device_allocs": self.device_allocs,
+            "error": self.error,
         })
     }
 }
@@ -324,6 +347,7 @@ fn random_workload(
         peak_allocated: stats.all().allocated_bytes.peak,
         peak_requested,
         device_allocs: stats.counters.num_device_alloc,
+        error: None,
     })
 }
 
@@ -460,9 +484,20 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
     drop(pair_alloc);
 
     const SEED: u64 = 42;
-    let random_64 = random_workload(&target, 1000, 64 << 20, plan.random_ops, SEED)?;
-    let random_1 = random_workload(&target, 1000, 1 << 20, plan.random_ops, SEED)?;
-    let random_256 = random_workload(&target, 200, 256 << 20, plan.random_ops, SEED)?;
+    // A device smaller than a workload's peak reports that workload as not fitting.
+    let random =
+        |live, max_size| match random_workload(&target, live, max_size, plan.random_ops, SEED) {
+            Err(e) if e.is_out_of_memory() => Ok(RandomResult::did_not_fit(
+                live,
+                max_size,
+                plan.random_ops,
+                &e,
+            )),
+            other => other,
+        };
+    let random_64 = random(1000, 64 << 20)?;
+    let random_1 = random(1000, 1 << 20)?;
+    let random_256 = random(200, 256 << 20)?;
 
     const THREAD_PAIR_SIZE: usize = 4096;
     // Best of a few runs: throughput only ever drops under outside load.
@@ -629,6 +664,9 @@ fn print_human(out: &Map<String, Value>, event_keys: &[String], randoms: &[&Rand
             r.ratio(),
             group(r.device_allocs),
         );
+        if let Some(e) = &r.error {
+            println!("         did not fit the device: {e}");
+        }
     }
     println!();
     let m = &out["multi_thread"];

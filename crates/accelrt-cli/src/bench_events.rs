@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use accelrt::driver::Driver;
 use accelrt::runtime::Runtime;
-use accelrt::{Backend, DeviceType, Error, StreamPriority};
+use accelrt::{Backend, DeviceType, Error, Stream, StreamPriority};
 use serde_json::{json, Value};
 
 /// Operations per timed batch.
@@ -36,15 +36,10 @@ fn median_ns(iters: u64, mut op: impl FnMut() -> Result<(), Error>) -> Result<f6
     Ok(per_op[per_op.len() / 2])
 }
 
-fn measure<D: Driver>(runtime: &'static Runtime<D>, iters: u64) -> Result<Value, Error> {
-    let backend: &dyn Backend = runtime;
+/// The id-API timings any backend has: (acquire + release, record + query on an idle stream
+/// of its own), and that stream.
+fn measure_ids(backend: &dyn Backend, iters: u64) -> Result<(f64, f64, Stream), Error> {
     backend.init()?;
-    let pool = runtime.event_pool()?;
-    let raii = median_ns(iters, || {
-        black_box(pool.acquire(0, false)?);
-        Ok(())
-    })?;
-
     let id_api = median_ns(iters, || {
         let id = backend.event_acquire(0, false)?;
         backend.event_release(black_box(id))
@@ -59,7 +54,17 @@ fn measure<D: Driver>(runtime: &'static Runtime<D>, iters: u64) -> Result<Value,
         Ok(())
     });
     backend.event_release(event)?;
-    let record_query = record_query?;
+    Ok((id_api, record_query?, stream))
+}
+
+fn measure<D: Driver>(runtime: &'static Runtime<D>, iters: u64) -> Result<Value, Error> {
+    let backend: &dyn Backend = runtime;
+    let (id_api, record_query, stream) = measure_ids(backend, iters)?;
+    let pool = runtime.event_pool()?;
+    let raii = median_ns(iters, || {
+        black_box(pool.acquire(0, false)?);
+        Ok(())
+    })?;
 
     // The full pooled cycle, through the runtime's RAII events (its fast path) ...
     let pooled_cycle = median_ns(iters, || {
@@ -89,19 +94,38 @@ fn measure<D: Driver>(runtime: &'static Runtime<D>, iters: u64) -> Result<Value,
     }))
 }
 
+/// A registered backend whose runtime type the CLI does not know: the id API only (the RAII
+/// and raw-driver timings need the concrete runtime), the others null with a note.
+fn measure_hooks(backend: &dyn Backend, iters: u64) -> Result<Value, Error> {
+    let (id_api, record_query, stream) = measure_ids(backend, iters)?;
+    backend.stream_synchronize(stream)?;
+    Ok(json!({
+        "event_acquire_release_ns": null,
+        "event_id_acquire_release_ns": id_api,
+        "event_record_query_ns": record_query,
+        "event_pooled_cycle_ns": null,
+        "event_raw_record_query_ns": null,
+        "event_pooled_vs_raw": null,
+        "event_bench_note": format!(
+            "{} is a registered backend: only its id API is timed (the RAII and raw-driver \
+             timings need its concrete runtime)",
+            backend.device_type()
+        ),
+    }))
+}
+
 fn measure_backend(iters: u64, kind: DeviceType) -> Result<Value, Error> {
-    match kind {
-        DeviceType::Host => measure(accelrt::registry::host(), iters),
-        #[cfg(feature = "cuda")]
-        DeviceType::Cuda => measure(accelrt::registry::cuda(), iters),
-        #[cfg(not(feature = "cuda"))]
-        DeviceType::Cuda => Err(Error::BackendUnavailable {
-            backend: kind,
-            reason: accelrt::backend(kind)
-                .unavailable_reason()
-                .unwrap_or_else(|| "built without the cuda backend (feature `cuda`)".into()),
-        }),
+    if kind == DeviceType::Host {
+        return measure(accelrt::registry::host(), iters);
     }
+    #[cfg(feature = "cuda")]
+    if kind == DeviceType::Cuda {
+        return measure(accelrt::registry::cuda(), iters);
+    }
+    if kind == accelrt_fault::KIND {
+        return measure(accelrt_fault::register()?, iters);
+    }
+    measure_hooks(accelrt::backend(kind), iters)
 }
 
 /// The keys [`run_event_benches`] reports.
@@ -150,6 +174,25 @@ mod tests {
         let v = run_event_benches(10, DeviceType::Cuda);
         assert_eq!(v["event_pooled_cycle_ns"], Value::Null);
         let reason = v["event_bench_error"].as_str().unwrap();
-        assert!(reason.contains("cuda backend is unavailable"), "{reason}");
+        assert!(
+            reason.contains("cannot execute init() without the cuda backend"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn registered_backends_are_benched_too() {
+        // The fault backend: its concrete runtime is known, every timing is there.
+        let v = run_event_benches(2000, accelrt_fault::KIND);
+        for key in EVENT_KEYS {
+            assert!(v[key].as_f64().is_some_and(|ns| ns > 0.0), "{key} in {v}");
+        }
+        // A backend whose runtime type is unknown here: the id API, and a note for the rest.
+        let v = measure_hooks(accelrt::registry::host(), 2000).unwrap();
+        for key in ["event_id_acquire_release_ns", "event_record_query_ns"] {
+            assert!(v[key].as_f64().is_some_and(|ns| ns > 0.0), "{key} in {v}");
+        }
+        assert_eq!(v["event_pooled_cycle_ns"], Value::Null);
+        assert!(v["event_bench_note"].as_str().unwrap().contains("id API"));
     }
 }

@@ -15,6 +15,15 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
+/// Register the backends that live outside the `accelrt` crate (the workspace's `fault`
+/// backend), so `info` lists them and `--backend NAME` finds them. A failure is a warning:
+/// the built-in backends still work.
+pub fn register_backends() {
+    if let Err(e) = accelrt_fault::register() {
+        eprintln!("warning: the fault backend could not be registered: {e}");
+    }
+}
+
 /// One device as JSON: its index and properties, or the error that hid them.
 fn device_json(backend: &dyn Backend, index: u32) -> Value {
     match backend.device_properties(index) {
@@ -34,6 +43,7 @@ fn backend_json(backend: &dyn Backend) -> Value {
     let count = backend.device_count();
     json!({
         "name": backend.device_type().name(),
+        "builtin": backend.device_type().is_builtin(),
         "available": backend.is_available(),
         "device_count": count,
         "reason": backend.unavailable_reason(),
@@ -74,6 +84,7 @@ pub fn render_text(backends: &[&dyn Backend]) -> String {
                         ("total memory", format_size(p.total_memory)),
                         ("recommended max", format_size(p.recommended_max_memory)),
                         ("multiprocessors", p.multiprocessor_count.to_string()),
+                        ("threads per group", p.max_threads_per_group.to_string()),
                         (
                             "capability",
                             format!("{}.{}", p.capability.0, p.capability.1),
@@ -157,6 +168,33 @@ mod tests {
         } else {
             assert!(reason.contains("feature `cuda`"), "{reason}");
         }
+    }
+
+    #[test]
+    fn registered_backends_are_listed_after_the_builtin_ones() {
+        register_backends();
+        let v = report(&accelrt::registry::backends());
+        let names: Vec<&str> = v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names[..2], ["host", "cuda"]);
+        let fault = v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "fault")
+            .expect("the fault backend is listed");
+        assert_eq!(fault["builtin"], false);
+        assert_eq!(fault["available"], true);
+        assert!(fault["devices"][0]["name"]
+            .as_str()
+            .unwrap()
+            .contains("fault injection over host"));
+        let text = render_text(&accelrt::registry::backends());
+        assert!(text.contains("fault: available"), "{text}");
     }
 
     #[test]

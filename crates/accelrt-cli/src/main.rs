@@ -33,6 +33,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before parsing: `--backend NAME` resolves registered names.
+    info::register_backends();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(a) => info::run(a),

@@ -16,6 +16,15 @@ use crate::error::{Error, Result};
 use crate::hooks::{EventCallback, HostTask};
 use crate::stream::StreamPriority;
 
+/// What [`Driver::memory_usage`] reports, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// Device memory in use as the driver counts it (MPS's `getDriverAllocatedMemory`).
+    pub used: u64,
+    /// The working set the device recommends (MPS's `getRecommendedMaxMemory`).
+    pub recommended_max: u64,
+}
+
 /// A device backend at the level of raw handles.
 pub trait Driver: Send + Sync + Sized + 'static {
     /// A native stream: an ordered queue of work on one device.
@@ -40,6 +49,26 @@ pub trait Driver: Send + Sync + Sized + 'static {
     /// Environment variables that configure this driver, for `show_config`.
     fn env_vars(&self) -> &'static [&'static str] {
         &[]
+    }
+    /// Whether the device's context is active as the driver sees it (CUDA: the primary
+    /// context, whoever created it); `None` lets the runtime answer from its own state.
+    /// Must not create anything.
+    fn has_primary_context(&self, _device: u32) -> Option<bool> {
+        None
+    }
+    /// The device of memory the driver knows of (not the runtime's allocators, which the
+    /// runtime asks first); `None` when it is not device memory of this driver.
+    fn device_of_ptr(&self, _ptr: usize) -> Option<u32> {
+        None
+    }
+    /// Device memory in use and the recommended working set, as the driver counts them. The
+    /// default asks the device's memory provider.
+    fn memory_usage(&self, device: u32) -> Result<MemoryUsage> {
+        let provider = self.memory_provider(device)?;
+        Ok(MemoryUsage {
+            used: provider.driver_allocated(),
+            recommended_max: provider.recommended_max(),
+        })
     }
 
     // ---- streams ---------------------------------------------------------------------------
@@ -95,6 +124,12 @@ pub trait Driver: Send + Sync + Sized + 'static {
     fn event_create(&self, device: u32, timing: bool) -> Result<Self::Event>;
     /// Mark the current end of `stream`; re-recording moves the event.
     fn event_record(&self, event: &Self::Event, stream: &Self::Stream) -> Result<()>;
+    /// Record `event` on a stream that is capturing a graph: the event then marks a point
+    /// of the capture, which other streams may wait for (joining the capture) and the
+    /// runtime never queries. The default records as usual (CUDA's capture does the rest).
+    fn event_record_captured(&self, event: &Self::Event, stream: &Self::Stream) -> Result<()> {
+        self.event_record(event, stream)
+    }
     /// True once the recorded position has been reached.
     fn event_query(&self, event: &Self::Event) -> Result<bool>;
     /// Block until the recorded position has been reached.
@@ -104,6 +139,11 @@ pub trait Driver: Send + Sync + Sized + 'static {
     /// Run `callback` once the recorded event completes.
     fn event_notify(&self, _event: &Self::Event, _callback: EventCallback) -> Result<()> {
         Err(Error::unsupported(Self::KIND, "event_notify()"))
+    }
+    /// When a recorded timing event completed, in ns on [`crate::event::clock_ns`]'s clock;
+    /// an [`Error::Event`] while it has not.
+    fn event_completion_ns(&self, _event: &Self::Event) -> Result<u64> {
+        Err(Error::unsupported(Self::KIND, "event_completion_time()"))
     }
 
     // ---- graphs ----------------------------------------------------------------------------
@@ -115,9 +155,37 @@ pub trait Driver: Send + Sync + Sized + 'static {
     fn capture_end(&self, _stream: &Self::Stream) -> Result<Self::Graph> {
         Err(Error::unsupported(Self::KIND, "graph capture"))
     }
-    /// Queue the recorded work on `stream` again.
+    /// Queue the recorded work on `stream` again (the runtime instantiates first).
     fn graph_launch(&self, _graph: &Self::Graph, _stream: &Self::Stream) -> Result<()> {
         Err(Error::unsupported(Self::KIND, "graph replay"))
+    }
+    /// Make the executable form of a captured graph (CUDA: `cuGraphInstantiate`). Called
+    /// once per graph, before its first launch. The default has nothing to do.
+    fn graph_instantiate(&self, _graph: &Self::Graph) -> Result<()> {
+        Ok(())
+    }
+    /// Free the captured (non-executable) form of an instantiated graph: its creator did not
+    /// ask to keep it (`keep_graph`). The default keeps nothing to free.
+    fn graph_discard_template(&self, _graph: &Self::Graph) {}
+    /// `stream` (not capturing) waits for `event`, recorded while `origin` was capturing:
+    /// from now on its work is captured into `origin`'s graph (a fork; CUDA's
+    /// `cuStreamWaitEvent` on a captured event does this itself).
+    fn capture_join(
+        &self,
+        _stream: &Self::Stream,
+        _origin: &Self::Stream,
+        _event: &Self::Event,
+    ) -> Result<()> {
+        Err(Error::unsupported(
+            Self::KIND,
+            "forking a graph capture onto another stream",
+        ))
+    }
+    /// `stream`, which joined a capture, leaves it: the capture ended on its origin stream,
+    /// with `graph` when it produced one (which must then keep whatever work captured on
+    /// `stream` needs at replays, e.g. host tasks).
+    fn capture_leave(&self, _stream: &Self::Stream, _graph: Option<&Self::Graph>) -> Result<()> {
+        Ok(())
     }
 
     // ---- memory ----------------------------------------------------------------------------
@@ -126,6 +194,18 @@ pub trait Driver: Send + Sync + Sized + 'static {
     /// Page-locked host memory for the pinned allocator.
     fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
         Err(Error::unsupported(Self::KIND, "pinned host memory"))
+    }
+    /// Copy `src` to device memory at `dst`, in stream order on `stream` (work queued on it
+    /// later sees the bytes). `src` may be dropped when this returns.
+    ///
+    /// # Safety
+    /// `dst .. dst + src.len()` must be memory of the stream's device that the caller owns
+    /// until the copy has run.
+    unsafe fn write_async(&self, _stream: &Self::Stream, _dst: usize, _src: &[u8]) -> Result<()> {
+        Err(Error::unsupported(
+            Self::KIND,
+            "writing host bytes to device memory",
+        ))
     }
     /// Whether `ptr` is page-locked host memory the driver knows of (allocated by anyone);
     /// the runtime also answers true for its own pinned allocator's memory.

@@ -11,7 +11,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The backend is not compiled in, or has no usable device.
+    /// The backend is not compiled in, or has no usable device (said of the backend as a
+    /// whole; a call on it answers [`Error::NeedsBackend`], which names the call).
     #[error("the {backend} backend is unavailable: {reason}")]
     BackendUnavailable { backend: DeviceType, reason: String },
 
@@ -22,11 +23,14 @@ pub enum Error {
         what: &'static str,
     },
 
-    /// A capability that needs another backend (`cannot execute X without the Y backend`).
-    #[error("cannot execute {what} without the {needs} backend")]
+    /// A call on a backend that cannot be used here, naming the call (PyTorch's "Cannot
+    /// execute init() without MPS backend."): `call` is the hook's name, `reason` why the
+    /// backend is unavailable.
+    #[error("cannot execute {call}() without the {needs} backend: {reason}")]
     NeedsBackend {
-        what: &'static str,
+        call: &'static str,
         needs: DeviceType,
+        reason: String,
     },
 
     /// A device index that does not exist.

@@ -24,6 +24,21 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 
+/// Nanoseconds on accelrt's clock: a monotonic clock whose epoch is its first use in the
+/// process. Event completion times ([`crate::Backend::event_completion_time`]) are on it.
+pub fn clock_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
+/// [`clock_ns`] in milliseconds: "now", to compare with event completion times.
+pub fn clock_ms() -> f64 {
+    clock_ns() as f64 / 1e6
+}
+
 /// The id of an event acquired through the id API. Unique within its pool, never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct EventId(pub u64);
@@ -43,6 +58,8 @@ pub struct EventSlot<E> {
     /// Recorded since it left the free list. An event never recorded counts as complete
     /// without asking the driver, so the pool never has to reset driver state on reuse.
     recorded: AtomicBool,
+    /// The graph whose capture the last record was part of (0: a record on the device).
+    captured: AtomicU64,
 }
 
 impl<E> EventSlot<E> {
@@ -66,10 +83,17 @@ impl<E> EventSlot<E> {
     pub fn is_recorded(&self) -> bool {
         self.recorded.load(Ordering::Acquire)
     }
-    /// Note that the driver has recorded the event (call after the driver's record).
+    /// Note that the driver has recorded the event (call after the driver's record):
+    /// `graph` is the graph whose capture the record was part of, 0 for a plain record.
     #[inline]
-    pub fn mark_recorded(&self) {
+    pub fn mark_recorded(&self, graph: u64) {
+        self.captured.store(graph, Ordering::Relaxed);
         self.recorded.store(true, Ordering::Release);
+    }
+    /// The graph whose capture the last record was part of (0: none, or never recorded).
+    #[inline]
+    pub fn captured_in(&self) -> u64 {
+        self.captured.load(Ordering::Relaxed)
     }
 }
 
@@ -127,6 +151,13 @@ impl<E> FreeList<E> {
     fn len(&self) -> usize {
         usize::from(!self.hot.load(Ordering::Acquire).is_null()) + self.rest.lock().len()
     }
+
+    /// Take every event off the list.
+    fn drain(&self) -> Vec<Arc<EventSlot<E>>> {
+        let mut taken = std::mem::take(&mut *self.rest.lock());
+        taken.extend(self.pop());
+        taken
+    }
 }
 
 impl<E> Drop for FreeList<E> {
@@ -148,6 +179,7 @@ pub struct EventPool<E> {
     in_use: Mutex<HashMap<u64, Arc<EventSlot<E>>>>,
     next_id: AtomicU64,
     created: AtomicU64,
+    destroyed: AtomicU64,
     create: EventFactory<E>,
 }
 
@@ -157,6 +189,7 @@ impl<E: Send + Sync + 'static> std::fmt::Debug for EventPool<E> {
             .field("devices", &self.free.len())
             .field("in_use", &self.in_use_count())
             .field("created", &self.created_count())
+            .field("destroyed", &self.destroyed_count())
             .finish()
     }
 }
@@ -176,6 +209,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
             // 0 is never handed out, so a zeroed id is always unknown.
             next_id: AtomicU64::new(1),
             created: AtomicU64::new(0),
+            destroyed: AtomicU64::new(0),
             create: Box::new(create),
         }
     }
@@ -228,6 +262,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
             device,
             timing,
             recorded: AtomicBool::new(false),
+            captured: AtomicU64::new(0),
         }))
     }
 
@@ -235,6 +270,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
     #[inline]
     fn give_back(&self, slot: Arc<EventSlot<E>>) {
         slot.recorded.store(false, Ordering::Relaxed);
+        slot.captured.store(0, Ordering::Relaxed);
         // The slot was created for an existing device, so the index is valid.
         let list = &self.free[slot.device as usize][slot.timing as usize];
         list.push(slot);
@@ -282,6 +318,28 @@ impl<E: Send + Sync + 'static> EventPool<E> {
     /// Raw events created so far (the pool's misses).
     pub fn created_count(&self) -> u64 {
         self.created.load(Ordering::Relaxed)
+    }
+
+    /// Raw events destroyed by [`EventPool::empty_cache`] so far.
+    pub fn destroyed_count(&self) -> u64 {
+        self.destroyed.load(Ordering::Relaxed)
+    }
+
+    /// Destroy every event waiting on a free list (MPSEventPool's `emptyCache`): the driver
+    /// gets them back now instead of at exit. Events in use (RAII handles, ids) are kept and
+    /// return to the pool as usual. Returns how many were destroyed.
+    pub fn empty_cache(&self) -> u64 {
+        let mut destroyed = 0;
+        for lists in self.free.iter() {
+            for list in lists {
+                let taken = list.drain();
+                destroyed += taken.len() as u64;
+                // Dropping the last reference destroys the raw event (the driver's Drop).
+                drop(taken);
+            }
+        }
+        self.destroyed.fetch_add(destroyed, Ordering::Relaxed);
+        destroyed
     }
 }
 
@@ -357,6 +415,7 @@ mod tests {
                 device: 0,
                 timing: false,
                 recorded: AtomicBool::new(false),
+                captured: AtomicU64::new(0),
             })
         };
         let list = FreeList::new();
@@ -384,13 +443,38 @@ mod tests {
         {
             let e = p.acquire(1, true).unwrap();
             assert_eq!(*e.raw(), (1, true));
-            e.mark_recorded();
+            e.mark_recorded(7);
+            assert_eq!(e.captured_in(), 7);
             assert_eq!(p.free_count(1, true), 0);
         }
         assert_eq!(p.free_count(1, true), 1);
         let e = p.acquire(1, true).unwrap();
         assert!(!e.is_recorded(), "a reused event starts unrecorded");
+        assert_eq!(e.captured_in(), 0, "and outside any capture");
         assert_eq!(p.created_count(), 1);
+    }
+
+    #[test]
+    fn empty_cache_destroys_free_events_and_keeps_those_in_use() {
+        let p = pool();
+        let held = p.acquire(0, false).unwrap();
+        let id = p.acquire_id(1, true).unwrap();
+        // Three free events over two lists (one in each hot slot, one on a stack).
+        let free: Vec<_> = (0..3).map(|i| p.acquire(i % 2, false).unwrap()).collect();
+        drop(free);
+        assert_eq!(p.free_count(0, false) + p.free_count(1, false), 3);
+        assert_eq!(p.empty_cache(), 3);
+        assert_eq!((p.free_count(0, false), p.free_count(1, false)), (0, 0));
+        assert_eq!((p.created_count(), p.destroyed_count()), (5, 3));
+        // In-use events survive and come back to the (now empty) lists.
+        drop(held);
+        p.release_id(id).unwrap();
+        assert_eq!((p.free_count(0, false), p.free_count(1, true)), (1, 1));
+        assert_eq!(p.empty_cache(), 2);
+        assert_eq!(p.empty_cache(), 0, "nothing left");
+        // The next acquire creates a new event.
+        drop(p.acquire(0, false).unwrap());
+        assert_eq!(p.created_count(), 6);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! events, a random generator, graph capture and a caching device allocator — with a host
 //! (CPU) backend that is always built.
 //!
-//! Start at [`backend()`]: it returns the [`Backend`] hooks for a [`DeviceType`].
+//! Start at [`backend()`]: it returns the [`Backend`] hooks for a [`DeviceType`]
+//! ([`registry::backend_by_name`] by name; other crates add backends with
+//! [`registry::register`]).
 //! `ARCHITECTURE.md` at the repository root has the map.
 
 pub mod alloc;
@@ -21,7 +23,7 @@ pub mod snapshot;
 pub mod stream;
 pub mod trace;
 
-pub use device::{Device, DeviceProperties, DeviceType};
+pub use device::{BackendName, Device, DeviceProperties, DeviceType};
 pub use error::{Error, OomReport, Result};
 pub use event::EventId;
 pub use graph::{GraphId, MempoolId};

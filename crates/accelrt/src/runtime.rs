@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
@@ -121,6 +121,19 @@ struct StreamSlot<S> {
     raw: S,
     /// The graph capturing on this stream (0: none).
     capturing: AtomicU64,
+    /// Whether the stream joined that capture by waiting for one of its events (rather than
+    /// starting it with `graph_capture_begin`).
+    joined: AtomicBool,
+}
+
+impl<S> StreamSlot<S> {
+    fn new(raw: S) -> Self {
+        StreamSlot {
+            raw,
+            capturing: AtomicU64::new(0),
+            joined: AtomicBool::new(false),
+        }
+    }
 }
 
 struct DeviceCtx<S> {
@@ -175,10 +188,7 @@ impl<D: Driver> Core<D> {
                 .driver
                 .stream_create(device, StreamPriority::Normal, true)?;
             Ok(DeviceCtx {
-                streams: RwLock::new(vec![Arc::new(StreamSlot {
-                    raw: default,
-                    capturing: AtomicU64::new(0),
-                })]),
+                streams: RwLock::new(vec![Arc::new(StreamSlot::new(default))]),
                 pool: [Lazy::new(), Lazy::new()],
                 round_robin: [AtomicUsize::new(0), AtomicUsize::new(0)],
                 generator: Arc::new(Generator::default()),
@@ -268,10 +278,7 @@ impl<D: Driver> Core<D> {
         Ok(raws
             .into_iter()
             .map(|raw| {
-                streams.push(Arc::new(StreamSlot {
-                    raw,
-                    capturing: AtomicU64::new(0),
-                }));
+                streams.push(Arc::new(StreamSlot::new(raw)));
                 (streams.len() - 1) as u32
             })
             .collect())
@@ -296,13 +303,20 @@ impl<D: Driver> Core<D> {
 
     #[inline]
     fn record(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
-        self.record_as(ev, stream, "event_record")
+        self.record_as(ev, stream, "event_record", true)
     }
 
     /// Record `ev` on `stream`; `name` is what a profiler trace calls it (the allocator's own
-    /// events are told apart from the program's).
-    fn record_as(&self, ev: &Slot<D>, stream: Stream, name: &'static str) -> Result<()> {
-        self.with_stream_slot(stream, |slot| {
+    /// events are told apart from the program's). On a capturing stream the event marks a
+    /// point of the capture (`in_capture`; the allocator's events may not).
+    fn record_as(
+        &self,
+        ev: &Slot<D>,
+        stream: Stream,
+        name: &'static str,
+        in_capture: bool,
+    ) -> Result<()> {
+        let graph = self.with_stream_slot(stream, |slot| {
             if ev.device() != stream.device.index {
                 return Err(Error::Event(format!(
                     "an event of {}:{} cannot be recorded on {stream}, a stream of another device",
@@ -310,10 +324,18 @@ impl<D: Driver> Core<D> {
                     ev.device()
                 )));
             }
-            self.check_not_capturing(slot, stream, "record an event on")?;
-            self.driver.event_record(ev.raw(), &slot.raw)
+            match slot.capturing.load(Ordering::Acquire) {
+                0 => self.driver.event_record(ev.raw(), &slot.raw).map(|()| 0),
+                graph if in_capture => self
+                    .driver
+                    .event_record_captured(ev.raw(), &slot.raw)
+                    .map(|()| graph),
+                _ => self
+                    .check_not_capturing(slot, stream, "record an allocator event on")
+                    .map(|()| 0),
+            }
         })?;
-        ev.mark_recorded();
+        ev.mark_recorded(graph);
         if self.profiler.active() {
             self.profile_instant(name, stream, ev.timing());
         }
@@ -326,11 +348,31 @@ impl<D: Driver> Core<D> {
         self.driver.stream_commit(&slot.raw)
     }
 
+    /// `Err` for an event recorded inside a capture: it marks a point of a graph, not of
+    /// the device, so it cannot be waited for on the host.
+    #[inline]
+    fn check_not_captured(&self, ev: &Slot<D>, what: &str) -> Result<()> {
+        match ev.captured_in() {
+            0 => Ok(()),
+            graph => Err(self.captured_event(graph, what)),
+        }
+    }
+
+    #[cold]
+    fn captured_event(&self, graph: u64, what: &str) -> Error {
+        Error::Event(format!(
+            "cannot {what} an event recorded while a stream was capturing graph {graph}: it \
+             marks a point inside the graph, not on the device; record it again outside the \
+             capture (after a replay) to wait for the device"
+        ))
+    }
+
     #[inline]
     fn query(&self, ev: &Slot<D>) -> Result<bool> {
         if !ev.is_recorded() {
             return Ok(true);
         }
+        self.check_not_captured(ev, "query")?;
         self.driver.event_query(ev.raw())
     }
 
@@ -338,6 +380,7 @@ impl<D: Driver> Core<D> {
         if !ev.is_recorded() {
             return Ok(());
         }
+        self.check_not_captured(ev, "synchronize")?;
         if self.profiler.active() {
             return self.profile_timed("event_synchronize", ev.device(), None, || {
                 self.driver.event_synchronize(ev.raw())
@@ -346,17 +389,105 @@ impl<D: Driver> Core<D> {
         self.driver.event_synchronize(ev.raw())
     }
 
+    /// Make `stream` wait for `ev`. Inside captures: a stream that is not capturing and
+    /// waits for an event recorded in graph G's capture joins that capture (its work is
+    /// captured into G from now on, and its allocations go to G's pool); a stream capturing
+    /// G may wait for events recorded in G (a join). Other mixes are refused.
     fn wait(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
         let slot = self.stream(stream)?;
-        self.check_not_capturing(&slot, stream, "wait for an event on")?;
         if !ev.is_recorded() {
+            self.check_not_capturing(&slot, stream, "wait for an event on")?;
             return Ok(());
         }
-        self.driver.stream_wait_event(&slot.raw, ev.raw())?;
+        let captured = ev.captured_in();
+        let capturing = slot.capturing.load(Ordering::Acquire);
+        match (captured, capturing) {
+            (0, 0) => self.driver.stream_wait_event(&slot.raw, ev.raw())?,
+            (0, graph) => {
+                return Err(Error::Graph(format!(
+                    "{stream} is capturing graph {graph} and cannot wait for an event recorded \
+                     outside the capture: a graph can only wait for points inside it (record \
+                     the event on a stream of the capture)"
+                )))
+            }
+            (graph, 0) => {
+                if ev.device() != stream.device.index {
+                    return Err(Error::Graph(format!(
+                        "{stream} cannot join the capture of graph {graph}, which runs on {}:{}",
+                        D::KIND,
+                        ev.device()
+                    )));
+                }
+                let origin = self.capture_origin(stream.device.index, graph)?;
+                if let Err(other) =
+                    slot.capturing
+                        .compare_exchange(0, graph, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    return Err(Error::Graph(format!(
+                        "{stream} started capturing graph {other} meanwhile"
+                    )));
+                }
+                slot.joined.store(true, Ordering::Release);
+                if let Err(e) = self.driver.capture_join(&slot.raw, &origin.raw, ev.raw()) {
+                    slot.joined.store(false, Ordering::Release);
+                    slot.capturing.store(0, Ordering::Release);
+                    return Err(e);
+                }
+            }
+            (a, b) if a == b => self.driver.stream_wait_event(&slot.raw, ev.raw())?,
+            (a, b) => {
+                return Err(Error::Graph(format!(
+                    "{stream} is capturing graph {b} and cannot wait for an event recorded in \
+                     the capture of graph {a}"
+                )))
+            }
+        }
         if self.profiler.active() {
             self.profile_instant("event_wait", stream, ev.timing());
         }
         Ok(())
+    }
+
+    /// The stream whose `graph_capture_begin` started the capture of `graph` (the stream of
+    /// `device` capturing it that was not joined later).
+    fn capture_origin(&self, device: u32, graph: u64) -> Result<StreamRef<D>> {
+        let ctx = self.device(device)?;
+        let streams = ctx.streams.read();
+        streams
+            .iter()
+            .find(|s| {
+                s.capturing.load(Ordering::Acquire) == graph && !s.joined.load(Ordering::Acquire)
+            })
+            .cloned()
+            .ok_or_else(|| {
+                Error::Graph(format!(
+                    "graph {graph} is no longer capturing: an event recorded in its capture \
+                     can only be waited for until graph_capture_end"
+                ))
+            })
+    }
+
+    /// End the membership of the streams that joined the capture of `graph` on `device`
+    /// (after the origin stream's capture ended, giving `captured`). The first driver error
+    /// is returned.
+    fn leave_capture(&self, device: u32, graph: u64, captured: Option<&D::Graph>) -> Result<()> {
+        let ctx = self.device(device)?;
+        let joined: Vec<StreamRef<D>> = ctx
+            .streams
+            .read()
+            .iter()
+            .filter(|s| s.capturing.load(Ordering::Acquire) == graph)
+            .cloned()
+            .collect();
+        let mut first_error = None;
+        for s in joined {
+            if let Err(e) = self.driver.capture_leave(&s.raw, captured) {
+                first_error.get_or_insert(e);
+            }
+            s.joined.store(false, Ordering::Release);
+            s.capturing.store(0, Ordering::Release);
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     // ---- profiler (entered only while a trace runs) ---------------------------------------
@@ -447,7 +578,33 @@ impl<D: Driver> Core<D> {
             callback();
             return Ok(());
         }
+        self.check_not_captured(ev, "wait (notify) for")?;
         self.driver.event_notify(ev.raw(), callback)
+    }
+
+    /// When a completed timing event completed, in ms on [`crate::event::clock_ms`]'s clock.
+    fn completion_time(&self, ev: &Slot<D>, id: Option<EventId>) -> Result<f64> {
+        let name = id.map_or_else(|| "the event".to_string(), |id| id.to_string());
+        if !ev.timing() {
+            return Err(Error::Event(format!(
+                "{name} has no completion time: it was not created with enable_timing=true; \
+                 acquire it with enable_timing"
+            )));
+        }
+        if !ev.is_recorded() {
+            return Err(Error::Event(format!(
+                "{name} has no completion time: it was never recorded"
+            )));
+        }
+        self.check_not_captured(ev, "read the completion time of")?;
+        let ns = self
+            .driver
+            .event_completion_ns(ev.raw())
+            .map_err(|e| match e {
+                Error::Event(m) => Error::Event(format!("{name}: {m}")),
+                other => other,
+            })?;
+        Ok(ns as f64 / 1e6)
     }
 
     fn elapsed(
@@ -477,6 +634,7 @@ impl<D: Driver> Core<D> {
             )));
         }
         for (ev, label) in [(start, &a), (end, &b)] {
+            self.check_not_captured(ev, "time")?;
             if !ev.is_recorded() {
                 return Err(Error::Event(format!(
                     "cannot compute the elapsed time from {a} to {b}: {label} was never recorded"
@@ -501,7 +659,8 @@ impl<D: Driver> StreamEvents for PoolStreamEvents<D> {
     fn record(&self, stream: Stream) -> Result<u64> {
         self.core.stream(stream)?;
         let ev = self.core.events.acquire(stream.device.index, false)?;
-        self.core.record_as(&ev, stream, "allocator event_record")?;
+        self.core
+            .record_as(&ev, stream, "allocator event_record", false)?;
         Ok(ev.into_id().0)
     }
     fn query(&self, ticket: u64) -> Result<bool> {
@@ -552,6 +711,8 @@ enum GraphState<G> {
 
 struct GraphEntry<G> {
     device: u32,
+    /// Keep the captured graph after capture; instantiate on request (PyTorch's keep_graph).
+    keep_graph: bool,
     pool: MempoolId,
     state: GraphState<G>,
 }
@@ -676,36 +837,49 @@ impl<D: Driver> Runtime<D> {
         })
     }
 
+    /// The opened driver, or why it could not be opened (opens it on first use).
     #[inline]
-    fn ready(&self) -> Result<&Ready<D>> {
-        match self.state.get_or_init(|| self.open()) {
+    fn state(&self) -> &std::result::Result<Ready<D>, String> {
+        self.state.get_or_init(|| self.open())
+    }
+
+    /// The opened runtime, or [`Error::NeedsBackend`] naming `call`.
+    #[inline]
+    fn ready(&self, call: &'static str) -> Result<&Ready<D>> {
+        match self.state() {
             Ok(r) => Ok(r),
-            Err(reason) => Err(Error::BackendUnavailable {
-                backend: D::KIND,
-                reason: reason.clone(),
-            }),
+            Err(reason) => Err(Self::needs(call, reason)),
+        }
+    }
+
+    #[cold]
+    fn needs(call: &'static str, reason: &str) -> Error {
+        Error::NeedsBackend {
+            call,
+            needs: D::KIND,
+            reason: reason.to_string(),
         }
     }
 
     #[inline]
-    fn core(&self) -> Result<&Core<D>> {
-        Ok(&self.ready()?.core)
+    fn core(&self, call: &'static str) -> Result<&Core<D>> {
+        Ok(&self.ready(call)?.core)
     }
 
     /// The opened driver.
     pub fn driver(&self) -> Result<&D> {
-        Ok(&self.core()?.driver)
+        Ok(&self.core("driver")?.driver)
     }
 
     /// The event pool behind both event APIs.
     pub fn event_pool(&self) -> Result<&EventPool<D::Event>> {
-        Ok(&self.core()?.events)
+        Ok(&self.core("event_pool")?.events)
     }
 
     /// An event from the pool as an RAII handle (returned to the pool on drop): the fast path.
     #[inline]
     pub fn event(&self, device: u32, enable_timing: bool) -> Result<Event<'_, D>> {
-        let core = self.core()?;
+        let core = self.core("event")?;
         core.check_device(device)?;
         Ok(Event {
             core,
@@ -722,23 +896,95 @@ impl<D: Driver> Runtime<D> {
         stream: Stream,
         f: impl FnOnce(&D, &D::Stream) -> Result<R>,
     ) -> Result<R> {
-        let core = self.core()?;
+        let core = self.core("with_stream")?;
         let slot = core.stream(stream)?;
         f(&core.driver, &slot.raw)
     }
 
-    fn events_adapter(&self) -> Result<Arc<dyn StreamEvents>> {
-        Ok(Arc::new(PoolStreamEvents {
-            core: Arc::clone(&self.ready()?.core),
-        }))
+    fn events_adapter(ready: &Ready<D>) -> Arc<dyn StreamEvents> {
+        Arc::new(PoolStreamEvents {
+            core: Arc::clone(&ready.core),
+        })
+    }
+
+    /// Index of the calling thread's current stream on `device` (0 until set).
+    fn current_index(&self, device: u32) -> u32 {
+        with_thread(self.id, |t| {
+            t.streams
+                .iter()
+                .find(|(d, _)| *d == device)
+                .map_or(0, |&(_, i)| i)
+        })
+    }
+
+    /// The caching allocator of `device`, created on first use.
+    fn device_allocator(&self, ready: &Ready<D>, device: u32) -> Result<Arc<CachingAllocator>> {
+        ready.core.check_device(device)?;
+        ready.allocators[device as usize]
+            .get_or_try_init(|| {
+                let config = AllocatorConfig::from_env()?;
+                let provider = ready.core.driver.memory_provider(device)?;
+                let dev = Device {
+                    kind: D::KIND,
+                    index: device,
+                };
+                let allocator = Arc::new(CachingAllocator::new(
+                    dev,
+                    provider,
+                    Some(Self::events_adapter(ready)),
+                    config,
+                )?);
+                if ready.core.profiler.active()
+                    && ready.core.profiler.mode().is_some_and(|m| m.allocations)
+                {
+                    profile_allocator(&ready.core.profiler, device, &allocator);
+                }
+                Ok(allocator)
+            })
+            .cloned()
+    }
+
+    fn create_graph(&self, call: &'static str, device: u32, keep_graph: bool) -> Result<GraphId> {
+        let ready = self.ready(call)?;
+        ready.core.check_device(device)?;
+        let id = ready.next_graph.fetch_add(1, Ordering::Relaxed);
+        ready.graphs.lock().insert(
+            id,
+            GraphEntry {
+                device,
+                keep_graph,
+                pool: MempoolId::NONE,
+                state: GraphState::Empty,
+            },
+        );
+        Ok(GraphId(id))
+    }
+
+    /// Run `f` with the driver and the driver's graph behind `graph` (captured, possibly not
+    /// instantiated), for driver-specific inspection.
+    pub fn with_graph<R>(
+        &self,
+        graph: GraphId,
+        f: impl FnOnce(&D, &D::Graph) -> Result<R>,
+    ) -> Result<R> {
+        let driver = &self.core("with_graph")?.driver;
+        let g = self.graph_entry("with_graph", graph, |entry| match &entry.state {
+            GraphState::Captured { graph, .. } => Ok(Arc::clone(graph)),
+            _ => Err(Error::Graph(format!(
+                "graph {} holds no finished capture",
+                graph.0
+            ))),
+        })?;
+        f(driver, &g)
     }
 
     fn graph_entry<R>(
         &self,
+        call: &'static str,
         g: GraphId,
         f: impl FnOnce(&mut GraphEntry<D::Graph>) -> Result<R>,
     ) -> Result<R> {
-        let mut graphs = self.ready()?.graphs.lock();
+        let mut graphs = self.ready(call)?.graphs.lock();
         f(graphs.get_mut(&g.0).ok_or_else(|| unknown_graph(g))?)
     }
 }
@@ -782,6 +1028,11 @@ impl<D: Driver> Event<'_, D> {
     /// Milliseconds from this (start) event to `end`; both timing events, completed.
     pub fn elapsed_ms(&self, end: &Event<'_, D>) -> Result<f64> {
         self.core.elapsed(&self.ev, &end.ev, (None, None))
+    }
+    /// When this completed timing event completed, in ms on [`crate::event::clock_ms`]'s
+    /// clock (MPS's `getCompletionTime`).
+    pub fn completion_time_ms(&self) -> Result<f64> {
+        self.core.completion_time(&self.ev, None)
     }
     /// Run `callback` once the event completes (now, if it has).
     pub fn notify(&self, callback: impl FnOnce() + Send + 'static) -> Result<()> {
@@ -842,62 +1093,68 @@ impl<D: Driver> Backend for Runtime<D> {
         D::KIND
     }
 
+    fn is_built(&self) -> bool {
+        true
+    }
+
     fn init(&self) -> Result<()> {
-        self.ready().map(drop)
+        self.ready("init").map(drop)
     }
 
     fn is_available(&self) -> bool {
-        self.ready().is_ok()
+        self.state().is_ok()
     }
 
     fn unavailable_reason(&self) -> Option<String> {
-        match self.ready() {
-            Ok(_) => None,
-            Err(Error::BackendUnavailable { reason, .. }) => Some(reason),
-            Err(other) => Some(other.to_string()),
-        }
+        self.state().as_ref().err().cloned()
     }
 
     fn device_count(&self) -> u32 {
-        self.ready().map_or(0, |r| r.core.count)
+        self.state().as_ref().map_or(0, |r| r.core.count)
     }
 
     fn has_primary_context(&self, device: u32) -> bool {
-        self.ready()
-            .ok()
-            .and_then(|r| r.core.devices.get(device as usize))
-            .is_some_and(|d| d.get().is_some())
+        let Ok(ready) = self.state() else {
+            return false;
+        };
+        if device >= ready.core.count {
+            return false;
+        }
+        ready
+            .core
+            .driver
+            .has_primary_context(device)
+            .unwrap_or_else(|| ready.core.devices[device as usize].get().is_some())
     }
 
     fn current_device(&self) -> Result<u32> {
-        self.ready()?;
+        self.ready("current_device")?;
         Ok(with_thread(self.id, |t| t.device))
     }
 
     fn set_device(&self, device: u32) -> Result<()> {
-        self.core()?.check_device(device)?;
+        self.core("set_device")?.check_device(device)?;
         with_thread(self.id, |t| t.device = device);
         Ok(())
     }
 
     fn exchange_device(&self, device: u32) -> Result<u32> {
-        self.core()?.check_device(device)?;
+        self.core("exchange_device")?.check_device(device)?;
         Ok(with_thread(self.id, |t| {
             std::mem::replace(&mut t.device, device)
         }))
     }
 
     fn maybe_exchange_device(&self, device: u32) -> Result<u32> {
-        let core = self.core()?;
-        if core.check_device(device).is_ok() {
-            self.exchange_device(device)
-        } else {
-            self.current_device()
-        }
+        // The current device is per-thread state here: neither exchange creates a context.
+        self.core("maybe_exchange_device")?.check_device(device)?;
+        Ok(with_thread(self.id, |t| {
+            std::mem::replace(&mut t.device, device)
+        }))
     }
 
     fn device_synchronize(&self, device: u32) -> Result<()> {
-        let core = self.core()?;
+        let core = self.core("device_synchronize")?;
         let ctx = core.device(device)?;
         let streams: Vec<StreamRef<D>> = ctx.streams.read().clone();
         for (i, s) in streams.iter().enumerate() {
@@ -919,7 +1176,7 @@ impl<D: Driver> Backend for Runtime<D> {
     fn show_config(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "accelrt {}", env!("CARGO_PKG_VERSION"));
-        let vars: Vec<&str> = match self.ready() {
+        let vars: Vec<&str> = match self.state() {
             Ok(r) => {
                 let (major, minor) = r.core.driver.runtime_version();
                 let _ = writeln!(
@@ -949,13 +1206,8 @@ impl<D: Driver> Backend for Runtime<D> {
                 }
                 r.core.driver.env_vars().to_vec()
             }
-            Err(e) => {
-                let _ = writeln!(
-                    out,
-                    "backend: {} (unavailable: {})",
-                    D::KIND,
-                    self.unavailable_reason().unwrap_or(e.to_string())
-                );
+            Err(reason) => {
+                let _ = writeln!(out, "backend: {} (unavailable: {reason})", D::KIND);
                 Vec::new()
             }
         };
@@ -982,41 +1234,72 @@ impl<D: Driver> Backend for Runtime<D> {
     }
 
     fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
-        let core = self.core()?;
+        let core = self.core("device_properties")?;
         core.check_device(device)?;
         core.driver.device_properties(device)
     }
 
     fn device_capability(&self, device: u32) -> Result<(u32, u32)> {
-        Ok(self.device_properties(device)?.capability)
+        let core = self.core("device_capability")?;
+        core.check_device(device)?;
+        Ok(core.driver.device_properties(device)?.capability)
     }
 
     fn runtime_version(&self) -> Result<(u32, u32)> {
-        Ok(self.core()?.driver.runtime_version())
+        Ok(self.core("runtime_version")?.driver.runtime_version())
+    }
+
+    fn runtime_version_at_least(&self, major: u32, minor: u32) -> Result<bool> {
+        Ok(self
+            .core("runtime_version_at_least")?
+            .driver
+            .runtime_version()
+            >= (major, minor))
+    }
+
+    fn device_from_ptr(&self, ptr: usize) -> Result<Device> {
+        let ready = self.ready("device_from_ptr")?;
+        let device = |index| Device {
+            kind: D::KIND,
+            index,
+        };
+        for (index, lazy) in ready.allocators.iter().enumerate() {
+            if lazy.get().is_some_and(|a| a.contains(ptr)) {
+                return Ok(device(index as u32));
+            }
+        }
+        match ready.core.driver.device_of_ptr(ptr) {
+            Some(index) if index < ready.core.count => Ok(device(index)),
+            _ => Err(Error::InvalidPointer {
+                ptr,
+                context: "device_from_ptr: it is not memory of any device of this backend",
+            }),
+        }
     }
 
     // ---- streams ------------------------------------------------------------------------
 
     fn default_stream(&self, device: u32) -> Result<Stream> {
-        let core = self.core()?;
+        let core = self.core("default_stream")?;
         core.device(device)?;
         Ok(core.handle(device, 0))
     }
 
     fn current_stream(&self, device: u32) -> Result<Stream> {
-        let core = self.core()?;
+        let core = self.core("current_stream")?;
         core.device(device)?;
-        let index = with_thread(self.id, |t| {
-            t.streams
-                .iter()
-                .find(|(d, _)| *d == device)
-                .map_or(0, |&(_, i)| i)
-        });
-        Ok(core.handle(device, index))
+        Ok(core.handle(device, self.current_index(device)))
+    }
+
+    fn current_raw_stream(&self, device: u32) -> Result<u64> {
+        let core = self.core("current_raw_stream")?;
+        core.device(device)?;
+        let slot = core.stream(core.handle(device, self.current_index(device)))?;
+        Ok(core.driver.stream_native_handle(&slot.raw))
     }
 
     fn set_current_stream(&self, stream: Stream) -> Result<()> {
-        self.core()?.stream(stream)?;
+        self.core("set_current_stream")?.stream(stream)?;
         let (device, index) = (stream.device.index, stream.index);
         with_thread(self.id, |t| {
             match t.streams.iter_mut().find(|(d, _)| *d == device) {
@@ -1028,7 +1311,7 @@ impl<D: Driver> Backend for Runtime<D> {
     }
 
     fn stream_from_pool(&self, device: u32, priority: StreamPriority) -> Result<Stream> {
-        let core = self.core()?;
+        let core = self.core("stream_from_pool")?;
         let ctx = core.device(device)?;
         let p = priority_index(priority);
         let pool = ctx.pool[p].get_or_try_init(|| {
@@ -1041,18 +1324,18 @@ impl<D: Driver> Backend for Runtime<D> {
     }
 
     fn new_stream(&self, device: u32, priority: StreamPriority) -> Result<Stream> {
-        let core = self.core()?;
+        let core = self.core("new_stream")?;
         let index = core.add_streams(device, priority, 1)?[0];
         Ok(core.handle(device, index))
     }
 
     fn stream_native_handle(&self, stream: Stream) -> Result<u64> {
-        let core = self.core()?;
+        let core = self.core("stream_native_handle")?;
         Ok(core.driver.stream_native_handle(&core.stream(stream)?.raw))
     }
 
     unsafe fn wrap_external_stream(&self, device: u32, handle: u64) -> Result<Stream> {
-        let core = self.core()?;
+        let core = self.core("wrap_external_stream")?;
         let ctx = core.device(device)?;
         let known = |streams: &[StreamRef<D>]| {
             streams
@@ -1068,20 +1351,17 @@ impl<D: Driver> Backend for Runtime<D> {
         if let Some(i) = known(&streams) {
             return Ok(core.handle(device, i as u32));
         }
-        streams.push(Arc::new(StreamSlot {
-            raw,
-            capturing: AtomicU64::new(0),
-        }));
+        streams.push(Arc::new(StreamSlot::new(raw)));
         Ok(core.handle(device, (streams.len() - 1) as u32))
     }
 
     fn stream_commit(&self, stream: Stream) -> Result<()> {
-        let core = self.core()?;
+        let core = self.core("stream_commit")?;
         core.driver.stream_commit(&core.stream(stream)?.raw)
     }
 
     fn stream_synchronize(&self, stream: Stream) -> Result<()> {
-        let core = self.core()?;
+        let core = self.core("stream_synchronize")?;
         let slot = core.stream(stream)?;
         core.check_not_capturing(&slot, stream, "synchronize")?;
         if core.profiler.active() {
@@ -1094,14 +1374,14 @@ impl<D: Driver> Backend for Runtime<D> {
     }
 
     fn stream_query(&self, stream: Stream) -> Result<bool> {
-        let core = self.core()?;
+        let core = self.core("stream_query")?;
         let slot = core.stream(stream)?;
         core.check_not_capturing(&slot, stream, "query")?;
         core.driver.stream_query(&slot.raw)
     }
 
     fn launch_host(&self, stream: Stream, task: HostTask) -> Result<()> {
-        let core = self.core()?;
+        let core = self.core("launch_host")?;
         let slot = core.stream(stream)?;
         let task = if core.profiler.active() {
             core.profile_task(task, stream)
@@ -1114,63 +1394,72 @@ impl<D: Driver> Backend for Runtime<D> {
     // ---- events ---------------------------------------------------------------------------
 
     fn event_acquire(&self, device: u32, enable_timing: bool) -> Result<EventId> {
-        let core = self.core()?;
+        let core = self.core("event_acquire")?;
         core.check_device(device)?;
         core.events.acquire_id(device, enable_timing)
     }
 
     fn event_release(&self, id: EventId) -> Result<()> {
-        self.core()?.events.release_id(id)
+        self.core("event_release")?.events.release_id(id)
     }
 
     #[inline]
     fn event_record(&self, id: EventId, stream: Stream) -> Result<()> {
-        let core = self.core()?;
+        let core = self.core("event_record")?;
         core.record(&*core.events.get(id)?, stream)
     }
 
     fn event_sync_record(&self, id: EventId, stream: Stream) -> Result<()> {
-        let core = self.core()?;
+        let core = self.core("event_sync_record")?;
         core.sync_record(&*core.events.get(id)?, stream)
     }
 
     fn event_wait(&self, id: EventId, stream: Stream) -> Result<()> {
-        let core = self.core()?;
+        let core = self.core("event_wait")?;
         core.wait(&*core.events.get(id)?, stream)
     }
 
     fn event_synchronize(&self, id: EventId) -> Result<()> {
-        let core = self.core()?;
+        let core = self.core("event_synchronize")?;
         core.synchronize(&*core.events.get(id)?)
     }
 
     #[inline]
     fn event_query(&self, id: EventId) -> Result<bool> {
-        let core = self.core()?;
+        let core = self.core("event_query")?;
         core.query(&*core.events.get(id)?)
     }
 
     fn event_elapsed_time(&self, start: EventId, end: EventId) -> Result<f64> {
-        let core = self.core()?;
+        let core = self.core("event_elapsed_time")?;
         let (a, b) = (core.events.get(start)?, core.events.get(end)?);
         core.elapsed(&a, &b, (Some(start), Some(end)))
     }
 
+    fn event_completion_time(&self, id: EventId) -> Result<f64> {
+        let core = self.core("event_completion_time")?;
+        core.completion_time(&*core.events.get(id)?, Some(id))
+    }
+
     fn event_notify(&self, id: EventId, callback: EventCallback) -> Result<()> {
-        let core = self.core()?;
+        let core = self.core("event_notify")?;
         core.notify(&*core.events.get(id)?, callback)
+    }
+
+    fn event_pool_empty_cache(&self) -> Result<u64> {
+        Ok(self.core("event_pool_empty_cache")?.events.empty_cache())
     }
 
     // ---- pinned host memory ---------------------------------------------------------------
 
     fn is_pinned_ptr(&self, ptr: usize) -> bool {
-        self.ready().is_ok_and(|r| {
+        self.state().as_ref().is_ok_and(|r| {
             r.pinned.get().is_some_and(|a| a.contains(ptr)) || r.core.driver.is_pinned_ptr(ptr)
         })
     }
 
     fn pinned_allocator(&self) -> Result<Arc<PinnedAllocator>> {
-        let ready = self.ready()?;
+        let ready = self.ready("pinned_allocator")?;
         ready
             .pinned
             .get_or_try_init(|| {
@@ -1179,7 +1468,7 @@ impl<D: Driver> Backend for Runtime<D> {
                 // streams): with the event pool, `record_stream` gates their reuse.
                 Ok(Arc::new(PinnedAllocator::new(
                     provider,
-                    Some(self.events_adapter()?),
+                    Some(Self::events_adapter(ready)),
                 )))
             })
             .cloned()
@@ -1188,30 +1477,31 @@ impl<D: Driver> Backend for Runtime<D> {
     // ---- random numbers -------------------------------------------------------------------
 
     fn default_generator(&self, device: u32) -> Result<Arc<Generator>> {
-        Ok(Arc::clone(&self.core()?.device(device)?.generator))
+        Ok(Arc::clone(
+            &self.core("default_generator")?.device(device)?.generator,
+        ))
+    }
+
+    fn new_generator(&self, device: u32) -> Result<Arc<Generator>> {
+        self.core("new_generator")?.check_device(device)?;
+        Ok(Arc::new(Generator::default()))
     }
 
     // ---- graphs ---------------------------------------------------------------------------
 
     fn graph_create(&self, device: u32) -> Result<GraphId> {
-        let ready = self.ready()?;
-        ready.core.check_device(device)?;
-        let id = ready.next_graph.fetch_add(1, Ordering::Relaxed);
-        ready.graphs.lock().insert(
-            id,
-            GraphEntry {
-                device,
-                pool: MempoolId::NONE,
-                state: GraphState::Empty,
-            },
-        );
-        Ok(GraphId(id))
+        self.create_graph("graph_create", device, false)
+    }
+
+    fn graph_create_with(&self, device: u32, keep_graph: bool) -> Result<GraphId> {
+        self.create_graph("graph_create_with", device, keep_graph)
     }
 
     fn graph_capture_begin(&self, graph: GraphId, stream: Stream, pool: MempoolId) -> Result<()> {
-        let core = self.core()?;
+        let ready = self.ready("graph_capture_begin")?;
+        let core = &ready.core;
         let slot = core.stream(stream)?;
-        self.graph_entry(graph, |entry| {
+        self.graph_entry("graph_capture_begin", graph, |entry| {
             if entry.device != stream.device.index {
                 return Err(core.bad_stream(
                     stream,
@@ -1251,15 +1541,23 @@ impl<D: Driver> Backend for Runtime<D> {
             } else {
                 pool
             };
-            // Allocations on the capture stream now come from the graph's private pool, so the
-            // addresses the graph uses stay reserved for its replays. A pool shared with
+            // Allocations on the streams of the capture (this one, and any that join it by
+            // waiting for an event recorded in it) now come from the graph's private pool, so
+            // the addresses the graph uses stay reserved for its replays. A pool shared with
             // another graph gains a use; a new one starts with one.
             let allocator = self.allocator(entry.device)?;
             let shared = allocator.pool_use_count(pool).is_some();
             if shared {
                 allocator.retain_pool(pool)?;
             }
-            if let Err(e) = allocator.begin_allocate_to_pool(pool, StreamFilter::Only(stream)) {
+            let members = Arc::clone(&ready.core);
+            let filter = StreamFilter::Custom(Arc::new(move |s: Stream| {
+                s.device.kind == D::KIND
+                    && members
+                        .stream(s)
+                        .is_ok_and(|slot| slot.capturing.load(Ordering::Acquire) == graph.0)
+            }));
+            if let Err(e) = allocator.begin_allocate_to_pool(pool, filter) {
                 slot.capturing.store(0, Ordering::Release);
                 if shared {
                     let _ = allocator.release_pool(pool);
@@ -1279,8 +1577,8 @@ impl<D: Driver> Backend for Runtime<D> {
     }
 
     fn graph_capture_end(&self, graph: GraphId) -> Result<()> {
-        let core = self.core()?;
-        self.graph_entry(graph, |entry| {
+        let core = self.core("graph_capture_end")?;
+        self.graph_entry("graph_capture_end", graph, |entry| {
             let GraphState::Capturing { stream } = entry.state else {
                 return Err(Error::Graph(format!(
                     "graph {} is not capturing: call graph_capture_begin first",
@@ -1290,61 +1588,107 @@ impl<D: Driver> Backend for Runtime<D> {
             let slot = core.stream(stream)?;
             let captured = core.driver.capture_end(&slot.raw);
             slot.capturing.store(0, Ordering::Release);
+            let left = core.leave_capture(stream.device.index, graph.0, captured.as_ref().ok());
             self.allocator(entry.device)?
                 .end_allocate_to_pool(entry.pool)?;
-            match captured {
-                Ok(g) => {
-                    entry.state = GraphState::Captured {
-                        graph: Arc::new(g),
-                        stream,
-                        instantiated: false,
-                    };
-                    Ok(())
-                }
+            let g = match captured.and_then(|g| left.map(|()| g)) {
+                Ok(g) => g,
                 Err(e) => {
                     entry.state = GraphState::Empty;
-                    Err(e)
+                    return Err(e);
                 }
+            };
+            // Without keep_graph, the graph is instantiated now and only its executable form
+            // is kept (PyTorch's CUDAGraph::capture_end).
+            let instantiated = !entry.keep_graph;
+            if instantiated {
+                if let Err(e) = core.driver.graph_instantiate(&g) {
+                    entry.state = GraphState::Empty;
+                    return Err(e);
+                }
+                core.driver.graph_discard_template(&g);
             }
+            entry.state = GraphState::Captured {
+                graph: Arc::new(g),
+                stream,
+                instantiated,
+            };
+            Ok(())
         })
     }
 
     fn graph_instantiate(&self, graph: GraphId) -> Result<()> {
-        self.graph_entry(graph, |entry| match &mut entry.state {
-            GraphState::Captured { instantiated, .. } => {
-                *instantiated = true;
-                Ok(())
+        let core = self.core("graph_instantiate")?;
+        self.graph_entry("graph_instantiate", graph, |entry| {
+            let keep_graph = entry.keep_graph;
+            match &mut entry.state {
+                GraphState::Captured {
+                    instantiated: true, ..
+                } => Err(Error::Graph(if keep_graph {
+                    format!("graph {} is already instantiated", graph.0)
+                } else {
+                    format!(
+                        "graph {} was instantiated when its capture ended: graph_instantiate is \
+                         for graphs created with keep_graph (graph_create_with(device, true))",
+                        graph.0
+                    )
+                })),
+                GraphState::Captured {
+                    graph: g,
+                    instantiated,
+                    ..
+                } => {
+                    core.driver.graph_instantiate(g)?;
+                    *instantiated = true;
+                    Ok(())
+                }
+                _ => Err(Error::Graph(format!(
+                    "graph {} has no finished capture to instantiate: capture it first \
+                     (graph_capture_begin, launches, graph_capture_end)",
+                    graph.0
+                ))),
             }
-            _ => Err(Error::Graph(format!(
-                "graph {} has no finished capture to instantiate: capture it first \
-                 (graph_capture_begin, launches, graph_capture_end)",
-                graph.0
-            ))),
+        })
+    }
+
+    fn graph_is_instantiated(&self, graph: GraphId) -> Result<bool> {
+        self.graph_entry("graph_is_instantiated", graph, |entry| {
+            Ok(matches!(
+                entry.state,
+                GraphState::Captured {
+                    instantiated: true,
+                    ..
+                }
+            ))
         })
     }
 
     fn graph_replay(&self, graph: GraphId) -> Result<()> {
-        let core = self.core()?;
-        let (g, stream) = self.graph_entry(graph, |entry| match &mut entry.state {
-            GraphState::Captured {
-                graph,
-                stream,
-                instantiated,
-            } => {
-                // Like PyTorch's `replay`, instantiate on first use.
-                *instantiated = true;
-                Ok((Arc::clone(graph), *stream))
-            }
-            _ => Err(Error::Graph(format!(
-                "graph {} has no finished capture to replay: capture it first",
-                graph.0
-            ))),
-        })?;
+        let core = self.core("graph_replay")?;
+        let (g, stream) =
+            self.graph_entry("graph_replay", graph, |entry| match &mut entry.state {
+                GraphState::Captured {
+                    graph,
+                    stream,
+                    instantiated,
+                } => {
+                    // Like PyTorch's `replay`, instantiate on first use.
+                    if !*instantiated {
+                        core.driver.graph_instantiate(graph)?;
+                        *instantiated = true;
+                    }
+                    Ok((Arc::clone(graph), *stream))
+                }
+                _ => Err(Error::Graph(format!(
+                    "graph {} has no finished capture to replay: capture it first",
+                    graph.0
+                ))),
+            })?;
         core.driver.graph_launch(&g, &core.stream(stream)?.raw)
     }
 
     fn graph_reset(&self, graph: GraphId) -> Result<()> {
-        self.graph_entry(graph, |entry| {
+        self.graph_entry("graph_reset", graph, |entry| {
             if let GraphState::Capturing { stream } = entry.state {
                 return Err(Error::Graph(format!(
                     "graph {} is capturing on {stream}: end the capture before resetting it",
@@ -1357,7 +1701,7 @@ impl<D: Driver> Backend for Runtime<D> {
     }
 
     fn graph_destroy(&self, graph: GraphId) -> Result<()> {
-        let ready = self.ready()?;
+        let ready = self.ready("graph_destroy")?;
         let mut graphs = ready.graphs.lock();
         match graphs.get(&graph.0) {
             None => Err(unknown_graph(graph)),
@@ -1378,7 +1722,7 @@ impl<D: Driver> Backend for Runtime<D> {
 
     fn graph_pool(&self, graph: GraphId) -> Result<MempoolId> {
         // (the graph holds one use of its pool from capture until reset or destroy)
-        self.graph_entry(graph, |entry| {
+        self.graph_entry("graph_pool", graph, |entry| {
             if entry.pool.is_none() {
                 return Err(Error::Graph(format!(
                     "graph {} has no memory pool yet: it is assigned by graph_capture_begin",
@@ -1389,39 +1733,92 @@ impl<D: Driver> Backend for Runtime<D> {
         })
     }
 
+    fn graph_pool_handle(&self, device: u32) -> Result<MempoolId> {
+        let ready = self.ready("graph_pool_handle")?;
+        ready.core.check_device(device)?;
+        Ok(self.device_allocator(ready, device)?.new_pool_id())
+    }
+
     // ---- memory ---------------------------------------------------------------------------
 
     fn allocator(&self, device: u32) -> Result<Arc<CachingAllocator>> {
-        let ready = self.ready()?;
-        ready.core.check_device(device)?;
-        ready.allocators[device as usize]
-            .get_or_try_init(|| {
-                let config = AllocatorConfig::from_env()?;
-                let provider = ready.core.driver.memory_provider(device)?;
-                let dev = Device {
-                    kind: D::KIND,
-                    index: device,
-                };
-                let allocator = Arc::new(CachingAllocator::new(
-                    dev,
-                    provider,
-                    Some(self.events_adapter()?),
-                    config,
-                )?);
-                if ready.core.profiler.active()
-                    && ready.core.profiler.mode().is_some_and(|m| m.allocations)
-                {
-                    profile_allocator(&ready.core.profiler, device, &allocator);
-                }
-                Ok(allocator)
-            })
-            .cloned()
+        let ready = self.ready("allocator")?;
+        self.device_allocator(ready, device)
+    }
+
+    fn memory_provider(&self, device: u32) -> Result<Arc<dyn crate::alloc::MemoryProvider>> {
+        let core = self.core("memory_provider")?;
+        core.check_device(device)?;
+        core.driver.memory_provider(device)
+    }
+
+    fn empty_cache(&self, device: u32) -> Result<()> {
+        let ready = self.ready("empty_cache")?;
+        self.device_allocator(ready, device)?.empty_cache()
+    }
+
+    fn memory_stats(&self, device: u32) -> Result<crate::alloc::MemoryStats> {
+        let ready = self.ready("memory_stats")?;
+        Ok(self.device_allocator(ready, device)?.stats())
+    }
+
+    fn reset_peak_memory_stats(&self, device: u32) -> Result<()> {
+        let ready = self.ready("reset_peak_memory_stats")?;
+        self.device_allocator(ready, device)?.reset_peak_stats();
+        Ok(())
+    }
+
+    fn set_memory_fraction(&self, device: u32, fraction: f64) -> Result<()> {
+        let ready = self.ready("set_memory_fraction")?;
+        self.device_allocator(ready, device)?
+            .set_memory_fraction(fraction)
+    }
+
+    fn current_allocated_memory(&self, device: u32) -> Result<u64> {
+        let ready = self.ready("current_allocated_memory")?;
+        Ok(self.device_allocator(ready, device)?.allocated_bytes())
+    }
+
+    fn driver_allocated_memory(&self, device: u32) -> Result<u64> {
+        let core = self.core("driver_allocated_memory")?;
+        core.check_device(device)?;
+        Ok(core.driver.memory_usage(device)?.used)
+    }
+
+    fn recommended_max_memory(&self, device: u32) -> Result<u64> {
+        let core = self.core("recommended_max_memory")?;
+        core.check_device(device)?;
+        Ok(core.driver.memory_usage(device)?.recommended_max)
+    }
+
+    fn alloc_scalar_with_value(&self, stream: Stream, value: &[u8]) -> Result<usize> {
+        let ready = self.ready("alloc_scalar_with_value")?;
+        let slot = ready.core.stream(stream)?;
+        ready
+            .core
+            .check_not_capturing(&slot, stream, "write a scalar buffer on")?;
+        if value.is_empty() {
+            return Err(Error::InvalidArgument(
+                "alloc_scalar_with_value needs at least one byte".into(),
+            ));
+        }
+        let allocator = self.device_allocator(ready, stream.device.index)?;
+        let ptr = allocator.raw_alloc(value.len(), stream)?;
+        // SAFETY: `ptr` is a fresh block of at least `value.len()` bytes of the stream's
+        // device, handed to nobody else yet; the write is queued on the stream it was
+        // allocated for, so earlier work on the stream that used the memory comes first.
+        let written = unsafe { ready.core.driver.write_async(&slot.raw, ptr, value) };
+        if let Err(e) = written {
+            let _ = allocator.raw_free(ptr);
+            return Err(e);
+        }
+        Ok(ptr)
     }
 
     // ---- profiler ---------------------------------------------------------------------------
 
     fn profiler_start_trace(&self, mode: ProfilerMode, wait_until_completed: bool) -> Result<()> {
-        let ready = self.ready()?;
+        let ready = self.ready("profiler_start_trace")?;
         ready.core.profiler.start(mode, wait_until_completed)?;
         if mode.allocations {
             for (device, lazy) in ready.allocators.iter().enumerate() {
@@ -1434,12 +1831,12 @@ impl<D: Driver> Backend for Runtime<D> {
     }
 
     fn profiler_stop_trace(&self) -> Result<ProfilerTrace> {
-        let ready = self.ready()?;
+        let ready = self.ready("profiler_stop_trace")?;
         let profiler = &ready.core.profiler;
         let mut sync_error = None;
         if profiler.wait_until_completed()? {
             for device in 0..ready.core.count {
-                if self.has_primary_context(device) {
+                if ready.core.devices[device as usize].get().is_some() {
                     if let Err(e) = self.device_synchronize(device) {
                         sync_error.get_or_insert(e);
                     }
@@ -1480,12 +1877,6 @@ impl<D: Driver> Backend for Runtime<D> {
             events,
             dropped,
         })
-    }
-
-    fn memory_provider(&self, device: u32) -> Result<Arc<dyn crate::alloc::MemoryProvider>> {
-        let core = self.core()?;
-        core.check_device(device)?;
-        core.driver.memory_provider(device)
     }
 }
 

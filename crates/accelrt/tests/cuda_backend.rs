@@ -28,26 +28,44 @@ fn without_a_gpu_every_call_answers_with_the_reason() {
     assert_eq!(cuda.device_count(), 0);
     assert!(!cuda.has_primary_context(0));
     assert!(!cuda.is_pinned_ptr(0x1000));
-    let unavailable = |e: Error| {
+    // Every call names itself and gives the reason (hooks_host.rs checks every hook).
+    let unavailable = |call: &str, e: Error| {
         assert!(
-            matches!(&e, Error::BackendUnavailable { backend: DeviceType::Cuda, reason: r } if *r == reason),
-            "{e}"
+            matches!(&e, Error::NeedsBackend { call: c, needs: DeviceType::Cuda, reason: r } if *c == call && *r == reason),
+            "{call}: {e}"
         );
     };
-    unavailable(cuda.init().unwrap_err());
-    unavailable(cuda.current_device().unwrap_err());
-    unavailable(cuda.set_device(0).unwrap_err());
-    unavailable(cuda.device_properties(0).unwrap_err());
-    unavailable(cuda.default_stream(0).unwrap_err());
-    unavailable(cuda.new_stream(0, StreamPriority::High).unwrap_err());
-    unavailable(cuda.event_acquire(0, true).unwrap_err());
-    unavailable(cuda.allocator(0).unwrap_err());
-    unavailable(cuda.pinned_allocator().unwrap_err());
-    unavailable(cuda.memory_provider(0).err().expect("an error"));
-    unavailable(cuda.graph_create(0).unwrap_err());
-    unavailable(cuda.device_synchronize(0).unwrap_err());
+    unavailable("init", cuda.init().unwrap_err());
+    unavailable("current_device", cuda.current_device().unwrap_err());
+    unavailable("set_device", cuda.set_device(0).unwrap_err());
+    unavailable("device_properties", cuda.device_properties(0).unwrap_err());
+    unavailable("default_stream", cuda.default_stream(0).unwrap_err());
+    unavailable(
+        "new_stream",
+        cuda.new_stream(0, StreamPriority::High).unwrap_err(),
+    );
+    unavailable("event_acquire", cuda.event_acquire(0, true).unwrap_err());
+    unavailable("allocator", cuda.allocator(0).unwrap_err());
+    unavailable("pinned_allocator", cuda.pinned_allocator().unwrap_err());
+    unavailable(
+        "memory_provider",
+        cuda.memory_provider(0).err().expect("an error"),
+    );
+    unavailable("graph_create", cuda.graph_create(0).unwrap_err());
+    unavailable(
+        "device_synchronize",
+        cuda.device_synchronize(0).unwrap_err(),
+    );
+    unavailable(
+        "profiler_start_trace",
+        cuda.profiler_start_trace(accelrt::profiler::ProfilerMode::ALL, false)
+            .unwrap_err(),
+    );
     // SAFETY: the backend is unavailable, so the handle is never used.
-    unavailable(unsafe { cuda.wrap_external_stream(0, 0x1234) }.unwrap_err());
+    unavailable(
+        "wrap_external_stream",
+        unsafe { cuda.wrap_external_stream(0, 0x1234) }.unwrap_err(),
+    );
     assert!(cuda.show_config().contains("unavailable"));
     // Probing again gives the same answer (and still no panic).
     assert_eq!(CudaDriver::probe().err(), Some(reason));

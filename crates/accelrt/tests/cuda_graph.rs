@@ -26,7 +26,8 @@ fn captured_increments_run_once_per_replay() {
         .unwrap();
     rt.stream_synchronize(s).unwrap();
 
-    let g = rt.graph_create(0).unwrap();
+    // keep_graph: the capture is instantiated by graph_instantiate below, not at its end.
+    let g = rt.graph_create_with(0, true).unwrap();
     rt.graph_capture_begin(g, s, MempoolId::NONE).unwrap();
     for _ in 0..KERNELS {
         // SAFETY: as above; the launch is captured, and replays run while `buf` is live.
@@ -49,7 +50,9 @@ fn captured_increments_run_once_per_replay() {
     assert!(read_u32(rt, 0, buf, WORDS).iter().all(|&w| w == 7));
     assert_eq!(ran.load(Ordering::SeqCst), 0);
 
+    assert_eq!(rt.graph_is_instantiated(g), Ok(false));
     rt.graph_instantiate(g).unwrap();
+    assert_eq!(rt.graph_is_instantiated(g), Ok(true));
     for _ in 0..REPLAYS {
         rt.graph_replay(g).unwrap();
     }

@@ -497,3 +497,115 @@ fn a_callback_may_synchronize_and_query_the_event_that_fired_it() {
     rt.stream_synchronize(s).unwrap();
     rt.event_release(id).unwrap();
 }
+
+#[test]
+fn completion_times_are_on_accelrts_clock_and_agree_with_elapsed_time() {
+    let rt = runtime(1);
+    let s = rt.new_stream(0, StreamPriority::Normal).unwrap();
+    let (start, end) = (
+        rt.event_acquire(0, true).unwrap(),
+        rt.event_acquire(0, true).unwrap(),
+    );
+    let before = accelrt::event::clock_ms();
+    rt.event_record(start, s).unwrap();
+    rt.launch_host(
+        s,
+        Arc::new(|| std::thread::sleep(Duration::from_millis(20))),
+    )
+    .unwrap();
+    rt.event_record(end, s).unwrap();
+    rt.event_synchronize(end).unwrap();
+    let after = accelrt::event::clock_ms();
+    let (t0, t1) = (
+        rt.event_completion_time(start).unwrap(),
+        rt.event_completion_time(end).unwrap(),
+    );
+    assert!(
+        before <= t0 && t0 <= t1 && t1 <= after,
+        "{before} <= {t0} <= {t1} <= {after}"
+    );
+    assert!(
+        t1 - t0 >= 15.0,
+        "a 20 ms sleep lies between them: {}",
+        t1 - t0
+    );
+    let elapsed = rt.event_elapsed_time(start, end).unwrap();
+    assert!((t1 - t0 - elapsed).abs() < 1e-3, "{t1} - {t0} vs {elapsed}");
+    // The RAII handle answers too.
+    let ev = rt.event(0, true).unwrap();
+    ev.record(s).unwrap();
+    ev.synchronize().unwrap();
+    assert!(ev.completion_time_ms().unwrap() >= t1);
+    for id in [start, end] {
+        rt.event_release(id).unwrap();
+    }
+}
+
+#[test]
+fn completion_time_misuse_is_explained() {
+    let rt = runtime(1);
+    let s = rt.new_stream(0, StreamPriority::Normal).unwrap();
+    let plain = rt.event_acquire(0, false).unwrap();
+    let unrecorded = rt.event_acquire(0, true).unwrap();
+    let pending = rt.event_acquire(0, true).unwrap();
+    rt.event_record(plain, s).unwrap();
+    let gate = Gate::new();
+    rt.launch_host(s, gate.task()).unwrap();
+    rt.event_record(pending, s).unwrap();
+    // (event, fragment of the message)
+    let cases = [
+        (plain, "was not created with enable_timing=true"),
+        (unrecorded, "was never recorded"),
+        (pending, "has not completed yet"),
+    ];
+    for (id, fragment) in cases {
+        let err = rt.event_completion_time(id).unwrap_err();
+        assert!(matches!(err, Error::Event(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains(fragment) && text.contains(&id.to_string()),
+            "{id}: {text}"
+        );
+    }
+    gate.open();
+    rt.event_synchronize(pending).unwrap();
+    assert!(rt.event_completion_time(pending).is_ok());
+    assert!(matches!(
+        rt.event_completion_time(EventId(999_999)),
+        Err(Error::UnknownEvent { id: 999_999 })
+    ));
+}
+
+#[test]
+fn empty_cache_gives_free_events_back_and_keeps_those_in_use() {
+    let rt = runtime(2);
+    let pool = rt.event_pool().unwrap();
+    let held = rt.event_acquire(1, true).unwrap();
+    let ids: Vec<EventId> = (0..6)
+        .map(|i| rt.event_acquire(i % 2, i % 3 == 0).unwrap())
+        .collect();
+    for id in &ids {
+        rt.event_release(*id).unwrap();
+    }
+    let free = |d, t| pool.free_count(d, t);
+    let cached = free(0, false) + free(0, true) + free(1, false) + free(1, true);
+    assert_eq!(cached, 6);
+    let created = pool.created_count();
+    assert_eq!(rt.event_pool_empty_cache(), Ok(6));
+    assert_eq!(
+        free(0, false) + free(0, true) + free(1, false) + free(1, true),
+        0
+    );
+    assert_eq!(pool.destroyed_count(), 6);
+    // The event in use still works, and returns to the pool as usual.
+    let s = rt.default_stream(1).unwrap();
+    rt.event_record(held, s).unwrap();
+    rt.event_synchronize(held).unwrap();
+    rt.event_release(held).unwrap();
+    assert_eq!(free(1, true), 1);
+    // Emptied lists refill by creating events again.
+    let again = rt.event_acquire(0, false).unwrap();
+    assert_eq!(pool.created_count(), created + 1);
+    rt.event_release(again).unwrap();
+    assert_eq!(rt.event_pool_empty_cache(), Ok(2));
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use accelrt::backend::host::{HostDriver, HOST_DEVICES_ENV};
 use accelrt::backend::UnavailableBackend;
 use accelrt::hooks::Backend;
+use accelrt::profiler::ProfilerMode;
 use accelrt::runtime::{DeviceGuard, Runtime};
 use accelrt::{Device, DeviceType, Error, EventId, GraphId, MempoolId, Stream, StreamPriority};
 use common::runtime;
@@ -15,22 +16,32 @@ use common::runtime;
 type Call = fn(&dyn Backend) -> Result<(), Error>;
 
 #[test]
-fn registry_has_every_device_type_in_order() {
+fn registry_lists_the_builtin_backends_first() {
     let kinds: Vec<DeviceType> = accelrt::registry::backends()
         .iter()
         .map(|b| b.device_type())
         .collect();
-    assert_eq!(kinds, DeviceType::ALL.to_vec());
+    assert_eq!(kinds[..2], DeviceType::ALL);
+    assert!(
+        kinds[2..].iter().all(|k| !k.is_builtin()),
+        "registered backends follow: {kinds:?}"
+    );
     let host = accelrt::backend(DeviceType::Host);
     assert!(host.is_available());
+    assert!(host.is_built());
     assert!(host.device_count() >= 1);
     assert_eq!(host.unavailable_reason(), None);
     host.init().unwrap();
     // The registry hands out one static per kind.
     assert!(std::ptr::addr_eq(host, accelrt::backend(DeviceType::Host)));
+    assert_eq!(
+        accelrt::backend(DeviceType::Cuda).is_built(),
+        cfg!(feature = "cuda")
+    );
 }
 
-/// Every hook of the backend, called with plausible arguments (device 0, stream 0, event 1).
+/// Every hook that can fail, called with plausible arguments (device 0, stream 0, event 1,
+/// graph 1), under the name an unavailable backend's error gives it.
 const EVERY_CALL: &[(&str, Call)] = &[
     ("init", |b| b.init()),
     ("current_device", |b| b.current_device().map(drop)),
@@ -43,8 +54,13 @@ const EVERY_CALL: &[(&str, Call)] = &[
     ("device_properties", |b| b.device_properties(0).map(drop)),
     ("device_capability", |b| b.device_capability(0).map(drop)),
     ("runtime_version", |b| b.runtime_version().map(drop)),
+    ("runtime_version_at_least", |b| {
+        b.runtime_version_at_least(0, 1).map(drop)
+    }),
+    ("device_from_ptr", |b| b.device_from_ptr(0x1000).map(drop)),
     ("default_stream", |b| b.default_stream(0).map(drop)),
     ("current_stream", |b| b.current_stream(0).map(drop)),
+    ("current_raw_stream", |b| b.current_raw_stream(0).map(drop)),
     ("set_current_stream", |b| {
         b.set_current_stream(stream_of(b, 0, 0))
     }),
@@ -56,6 +72,10 @@ const EVERY_CALL: &[(&str, Call)] = &[
     }),
     ("stream_native_handle", |b| {
         b.stream_native_handle(stream_of(b, 0, 0)).map(drop)
+    }),
+    ("wrap_external_stream", |b| {
+        // SAFETY: only called on unavailable backends, which never use the handle.
+        unsafe { b.wrap_external_stream(0, 0x1234) }.map(drop)
     }),
     ("stream_commit", |b| b.stream_commit(stream_of(b, 0, 0))),
     ("stream_synchronize", |b| {
@@ -83,27 +103,97 @@ const EVERY_CALL: &[(&str, Call)] = &[
     ("event_elapsed_time", |b| {
         b.event_elapsed_time(EventId(1), EventId(2)).map(drop)
     }),
+    ("event_completion_time", |b| {
+        b.event_completion_time(EventId(1)).map(drop)
+    }),
     ("event_notify", |b| {
         b.event_notify(EventId(1), Box::new(|| {}))
     }),
+    ("event_pool_empty_cache", |b| {
+        b.event_pool_empty_cache().map(drop)
+    }),
     ("pinned_allocator", |b| b.pinned_allocator().map(drop)),
     ("default_generator", |b| b.default_generator(0).map(drop)),
+    ("new_generator", |b| b.new_generator(0).map(drop)),
     ("graph_create", |b| b.graph_create(0).map(drop)),
+    ("graph_create_with", |b| {
+        b.graph_create_with(0, true).map(drop)
+    }),
     ("graph_capture_begin", |b| {
         b.graph_capture_begin(GraphId(1), stream_of(b, 0, 0), MempoolId::NONE)
     }),
     ("graph_capture_end", |b| b.graph_capture_end(GraphId(1))),
     ("graph_instantiate", |b| b.graph_instantiate(GraphId(1))),
+    ("graph_is_instantiated", |b| {
+        b.graph_is_instantiated(GraphId(1)).map(drop)
+    }),
     ("graph_replay", |b| b.graph_replay(GraphId(1))),
     ("graph_reset", |b| b.graph_reset(GraphId(1))),
     ("graph_destroy", |b| b.graph_destroy(GraphId(1))),
     ("graph_pool", |b| b.graph_pool(GraphId(1)).map(drop)),
+    ("graph_pool_handle", |b| b.graph_pool_handle(0).map(drop)),
     ("allocator", |b| b.allocator(0).map(drop)),
+    ("memory_provider", |b| b.memory_provider(0).map(drop)),
     ("empty_cache", |b| b.empty_cache(0)),
     ("memory_stats", |b| b.memory_stats(0).map(drop)),
     ("reset_peak_memory_stats", |b| b.reset_peak_memory_stats(0)),
     ("set_memory_fraction", |b| b.set_memory_fraction(0, 0.5)),
+    ("current_allocated_memory", |b| {
+        b.current_allocated_memory(0).map(drop)
+    }),
+    ("driver_allocated_memory", |b| {
+        b.driver_allocated_memory(0).map(drop)
+    }),
+    ("recommended_max_memory", |b| {
+        b.recommended_max_memory(0).map(drop)
+    }),
+    ("alloc_scalar_with_value", |b| {
+        b.alloc_scalar_with_value(stream_of(b, 0, 0), &[1])
+            .map(drop)
+    }),
+    ("profiler_start_trace", |b| {
+        b.profiler_start_trace(ProfilerMode::ALL, false)
+    }),
+    ("profiler_stop_trace", |b| b.profiler_stop_trace().map(drop)),
 ];
+
+/// The calls that cannot fail, and what an unavailable backend answers.
+fn assert_infallible_calls_say_unavailable(b: &dyn Backend) {
+    assert!(!b.is_available());
+    assert_eq!(b.device_count(), 0);
+    assert!(!b.has_primary_context(0));
+    assert!(!b.is_pinned_ptr(0x1000));
+    let reason = b
+        .unavailable_reason()
+        .expect("an unavailable backend says why");
+    assert!(b.show_config().contains(&reason), "{}", b.show_config());
+}
+
+/// Every fallible call of an unavailable backend: `NeedsBackend` naming the call, in
+/// PyTorch's words ("Cannot execute init() without MPS backend.").
+fn assert_every_call_names_itself(b: &dyn Backend) {
+    let reason = b
+        .unavailable_reason()
+        .expect("an unavailable backend says why");
+    let kind = b.device_type();
+    for (name, call) in EVERY_CALL {
+        let err = call(b).expect_err(name);
+        assert_eq!(
+            err,
+            Error::NeedsBackend {
+                call: name,
+                needs: kind,
+                reason: reason.clone()
+            },
+            "{name}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("cannot execute {name}() without the {kind} backend: {reason}"),
+            "{name}"
+        );
+    }
+}
 
 fn stream_of(b: &dyn Backend, device: u32, index: u32) -> Stream {
     Stream {
@@ -126,62 +216,31 @@ fn cuda_is_registered_but_unavailable_with_the_reason_on_every_call() {
     let reason = cuda
         .unavailable_reason()
         .expect("an unavailable backend says why");
-    let reason = reason.as_str();
     if !cfg!(feature = "cuda") {
         assert_eq!(
             reason,
             "accelrt was built without the cuda backend (feature `cuda`)"
         );
     }
-    assert_eq!(cuda.device_count(), 0);
-    assert!(!cuda.has_primary_context(0));
-    assert!(!cuda.is_pinned_ptr(0x1000));
-    assert!(cuda.show_config().contains(reason));
-    for (name, call) in EVERY_CALL {
-        let err = call(cuda).expect_err(name);
-        assert_eq!(
-            err,
-            Error::BackendUnavailable {
-                backend: DeviceType::Cuda,
-                reason: reason.into()
-            },
-            "{name}"
-        );
-        assert_eq!(
-            err.to_string(),
-            format!("the cuda backend is unavailable: {reason}"),
-            "{name}"
-        );
-    }
+    assert_infallible_calls_say_unavailable(cuda);
+    assert_every_call_names_itself(cuda);
 }
 
 #[test]
-fn a_runtime_whose_probe_fails_is_unavailable_and_says_why() {
+fn a_runtime_whose_probe_fails_is_unavailable_and_every_call_says_so() {
     let rt: Runtime<HostDriver> = Runtime::with_probe(|| Err("no host today".to_string()));
-    assert!(!rt.is_available());
-    assert_eq!(rt.device_count(), 0);
     assert_eq!(rt.unavailable_reason().as_deref(), Some("no host today"));
-    assert!(rt.show_config().contains("unavailable: no host today"));
-    for (name, call) in EVERY_CALL {
-        let err = call(&rt).expect_err(name);
-        assert!(
-            matches!(
-                err,
-                Error::BackendUnavailable {
-                    backend: DeviceType::Host,
-                    ..
-                }
-            ),
-            "{name}: {err}"
-        );
-    }
+    assert!(rt.is_built(), "built in, just unusable");
+    assert_infallible_calls_say_unavailable(&rt);
+    assert_every_call_names_itself(&rt);
+    // The stand-in used for backends not compiled in answers the same way.
     let stand_in = UnavailableBackend::new(DeviceType::Host, "why not");
+    assert_infallible_calls_say_unavailable(&stand_in);
+    assert_every_call_names_itself(&stand_in);
+    assert!(!UnavailableBackend::not_compiled(DeviceType::Cuda).is_built());
     assert_eq!(
-        stand_in.init(),
-        Err(Error::BackendUnavailable {
-            backend: DeviceType::Host,
-            reason: "why not".into()
-        })
+        stand_in.init().unwrap_err().to_string(),
+        "cannot execute init() without the host backend: why not"
     );
 }
 
@@ -214,22 +273,43 @@ fn current_device_is_per_thread_and_per_runtime() {
 }
 
 #[test]
-fn maybe_exchange_ignores_invalid_devices() {
+fn maybe_exchange_refuses_invalid_devices_and_creates_no_device_state() {
     let rt = runtime(2);
-    // (device asked, returned, current afterwards), applied in order.
-    let cases = [(1, 0, 1), (7, 1, 1), (0, 1, 0), (u32::MAX, 0, 0)];
+    // (device asked, returned, current afterwards), applied in order; `None`: refused.
+    let cases = [
+        (1, Some(0), 1),
+        (7, None, 1),
+        (0, Some(1), 0),
+        (u32::MAX, None, 0),
+        (1, Some(0), 1),
+    ];
     for (ask, returned, after) in cases {
-        assert_eq!(
-            rt.maybe_exchange_device(ask),
-            Ok(returned),
-            "maybe_exchange_device({ask})"
-        );
+        match returned {
+            Some(previous) => assert_eq!(
+                rt.maybe_exchange_device(ask),
+                Ok(previous),
+                "maybe_exchange_device({ask})"
+            ),
+            None => assert_eq!(
+                rt.maybe_exchange_device(ask),
+                Err(Error::InvalidDevice {
+                    backend: DeviceType::Host,
+                    index: ask,
+                    count: 2
+                }),
+                "maybe_exchange_device({ask})"
+            ),
+        }
         assert_eq!(
             rt.current_device(),
             Ok(after),
             "after maybe_exchange_device({ask})"
         );
     }
+    assert!(
+        !rt.has_primary_context(0) && !rt.has_primary_context(1),
+        "switching devices set none up"
+    );
 }
 
 #[test]
@@ -254,7 +334,25 @@ fn invalid_device_indices_are_clear_errors_and_change_nothing() {
         ("event_acquire", |b, d| b.event_acquire(d, true).map(drop)),
         ("default_generator", |b, d| b.default_generator(d).map(drop)),
         ("graph_create", |b, d| b.graph_create(d).map(drop)),
+        ("graph_pool_handle", |b, d| b.graph_pool_handle(d).map(drop)),
+        ("new_generator", |b, d| b.new_generator(d).map(drop)),
+        ("current_raw_stream", |b, d| {
+            b.current_raw_stream(d).map(drop)
+        }),
+        ("maybe_exchange_device", |b, d| {
+            b.maybe_exchange_device(d).map(drop)
+        }),
         ("allocator", |b, d| b.allocator(d).map(drop)),
+        ("memory_provider", |b, d| b.memory_provider(d).map(drop)),
+        ("current_allocated_memory", |b, d| {
+            b.current_allocated_memory(d).map(drop)
+        }),
+        ("driver_allocated_memory", |b, d| {
+            b.driver_allocated_memory(d).map(drop)
+        }),
+        ("recommended_max_memory", |b, d| {
+            b.recommended_max_memory(d).map(drop)
+        }),
     ];
     for bad in [2, 3, u32::MAX] {
         for (name, call) in calls {
@@ -320,6 +418,7 @@ fn host_device_properties_describe_the_machine() {
         assert!(p.total_memory > 0);
         assert!(p.recommended_max_memory > 0 && p.recommended_max_memory <= p.total_memory);
         assert_eq!(p.multiprocessor_count, cores);
+        assert_eq!(p.max_threads_per_group, 1, "a host task runs on one thread");
         assert_eq!(p.capability, (0, 0));
         assert!(p.host_visible_memory);
         assert_eq!(rt.device_capability(d), Ok((0, 0)));
@@ -416,4 +515,84 @@ fn pinned_pointers_are_recognised() {
     );
     pinned.free(ptr).unwrap();
     rt.allocator(0).unwrap().raw_free(device_ptr).unwrap();
+}
+
+#[test]
+fn generators_new_ones_are_independent_of_the_default() {
+    let rt = runtime(2);
+    let default = rt.default_generator(1).unwrap();
+    let a = rt.new_generator(1).unwrap();
+    let b = rt.new_generator(1).unwrap();
+    assert!(!Arc::ptr_eq(&a, &b) && !Arc::ptr_eq(&a, &default));
+    assert_eq!(
+        a.seed(),
+        default.seed(),
+        "new generators start from the default seed"
+    );
+    // Drawing from one moves none of the others.
+    let default_offset = default.offset();
+    a.set_seed(11);
+    b.set_seed(11);
+    let draws: Vec<u32> = (0..4).map(|_| a.next_u32()).collect();
+    assert_eq!(default.offset(), default_offset);
+    assert_eq!(b.offset(), 0);
+    assert_eq!(
+        (0..4).map(|_| b.next_u32()).collect::<Vec<_>>(),
+        draws,
+        "same seed, same numbers"
+    );
+}
+
+#[test]
+fn memory_figures_and_pointer_devices() {
+    let rt = runtime(2);
+    let s = rt.default_stream(1).unwrap();
+    let a = rt.allocator(1).unwrap();
+    let before = rt.current_allocated_memory(1).unwrap();
+    let ptr = a.raw_alloc(1 << 20, s).unwrap();
+    assert_eq!(rt.current_allocated_memory(1), Ok(before + (1 << 20)));
+    assert_eq!(rt.current_allocated_memory(1), Ok(a.allocated_bytes()));
+    // The host's driver figures are its memory provider's.
+    let provider = rt.memory_provider(1).unwrap();
+    assert_eq!(
+        rt.driver_allocated_memory(1),
+        Ok(provider.driver_allocated())
+    );
+    assert!(provider.driver_allocated() >= 1 << 20);
+    assert_eq!(rt.recommended_max_memory(1), Ok(provider.recommended_max()));
+    assert_eq!(
+        rt.device_properties(1).unwrap().recommended_max_memory,
+        provider.recommended_max()
+    );
+    // Pointers: the device whose allocator holds them (live or cached), else an error.
+    let host1 = Device {
+        kind: DeviceType::Host,
+        index: 1,
+    };
+    assert_eq!(rt.device_from_ptr(ptr), Ok(host1));
+    assert_eq!(
+        rt.device_from_ptr(ptr + 4096),
+        Ok(host1),
+        "inside the block"
+    );
+    a.raw_free(ptr).unwrap();
+    assert_eq!(
+        rt.device_from_ptr(ptr),
+        Ok(host1),
+        "cached memory is still the device's"
+    );
+    let on_the_stack = 0u64;
+    let err = rt
+        .device_from_ptr(&on_the_stack as *const u64 as usize)
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidPointer { .. }), "{err}");
+    assert!(err.to_string().contains("device_from_ptr"), "{err}");
+    // The current stream's native handle.
+    let pooled = rt.stream_from_pool(1, StreamPriority::Normal).unwrap();
+    rt.set_current_stream(pooled).unwrap();
+    assert_eq!(rt.current_raw_stream(1), rt.stream_native_handle(pooled));
+    assert_eq!(
+        rt.current_raw_stream(0),
+        rt.stream_native_handle(rt.default_stream(0).unwrap())
+    );
 }

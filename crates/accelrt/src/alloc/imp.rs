@@ -395,7 +395,7 @@ impl CachingAllocator {
                 self.note_alloc(&mut st, block, pool.stream.index);
             }
             drop(st);
-            if self.has_callbacks.load(Relaxed) {
+            if self.callbacks_on() {
                 self.fire(ptr, block_size, AllocatorEvent::Recycled);
             }
             if self.config.debug_checks {
@@ -458,7 +458,7 @@ impl CachingAllocator {
         if self.shape_count.load(Relaxed) != 0 {
             self.forget_shape(ptr);
         }
-        if self.has_callbacks.load(Relaxed) {
+        if self.callbacks_on() {
             self.fire(ptr, size, AllocatorEvent::Freed);
         }
         if self.config.debug_checks {
@@ -1151,9 +1151,21 @@ impl CachingAllocator {
         Ok(())
     }
 
-    /// Give back cached whole segments without waiting for anything.
+    /// Finish the frees whose streams have passed (MPS's `freeInactiveBuffers`): blocks
+    /// freed while other streams still used them (`record_stream`, `record_events`) go back
+    /// to the cache once those streams' events have completed. Waits for nothing and gives
+    /// nothing back to the device (that is [`CachingAllocator::empty_cache`]).
     pub fn free_inactive_buffers(&self) -> Result<()> {
-        self.release_cached(false)
+        if self.has_deferred.load(Relaxed) {
+            return Err(self.take_deferred());
+        }
+        for pool in self.initialized_pools() {
+            let mut st = pool.state.lock();
+            if !st.pending.is_empty() {
+                self.process_pending(&mut st, pool.stream.index);
+            }
+        }
+        Ok(())
     }
 
     // ---- buffer metadata -------------------------------------------------------------------
@@ -1170,10 +1182,13 @@ impl CachingAllocator {
         self.with_live_block(ptr, "block_size", |st, b, _| st.blocks[b as usize].size)
     }
 
-    /// A unique id for the allocation at `ptr` (never 0, never reused).
+    /// A unique id for the allocation at `ptr` among this allocator's allocations (never 0,
+    /// never reused): the pool's allocation count times the number of pool slots, plus the
+    /// pool's slot (stream pools, then private pools), so ids of different pools never meet.
     pub fn buffer_id(&self, ptr: usize) -> Result<u64> {
+        const POOL_SLOTS: u64 = (MAX_STREAM_POOLS + MAX_PRIVATE_POOLS) as u64;
         self.with_live_block(ptr, "buffer_id", |st, b, pool| {
-            st.blocks[b as usize].id << 12 | pool.stream.index as u64
+            st.blocks[b as usize].id * POOL_SLOTS + u64::from(pool.stream.index)
         })
     }
 
@@ -1213,23 +1228,29 @@ impl CachingAllocator {
                 .is_ok()
     }
 
-    /// The host address of a shared buffer.
+    /// The host address of a shared buffer. Refused where device memory is not
+    /// host-visible (CUDA: memory from `cuMemAlloc` / `cuMemCreate` has no host address; use
+    /// the backend's pinned allocator for buffers both sides address).
     pub fn shared_host_ptr(&self, ptr: usize) -> Result<*mut u8> {
         if !self.provider.host_visible() {
             return Err(Error::unsupported(
                 self.device.kind,
-                "host access to device memory",
+                "shared_host_ptr() (device memory here is not host-visible: use the \
+                 backend's pinned_allocator() for memory both the host and the device address)",
             ));
         }
         self.with_live_block(ptr, "shared_host_ptr", |_, _, _| ptr as *mut u8)
     }
 
-    /// Allocate a buffer holding `value` (MPS's scalar buffers), for host-visible memory.
+    /// Allocate a buffer holding `value` (MPS's scalar buffers), written by the host at
+    /// once: for host-visible memory only. On any backend, including CUDA, use
+    /// [`crate::Backend::alloc_scalar_with_value`], which writes in stream order.
     pub fn alloc_scalar_with_value(&self, value: &[u8], stream: Stream) -> Result<usize> {
         if !self.provider.host_visible() {
             return Err(Error::unsupported(
                 self.device.kind,
-                "alloc_scalar_buffer_with_value on memory the host cannot write",
+                "CachingAllocator::alloc_scalar_with_value() (the host cannot write device \
+                 memory here: use Backend::alloc_scalar_with_value, which writes in stream order)",
             ));
         }
         if value.is_empty() {
@@ -1307,6 +1328,30 @@ impl CachingAllocator {
     pub fn memory_fraction(&self) -> Option<f64> {
         let f = f64::from_bits(self.limits.fraction.load(Relaxed));
         (f > 0.0).then_some(f)
+    }
+    /// The low watermark in bytes (MPS's `getLowWatermarkLimit`): above it, cached memory
+    /// is released before the allocator grows. `None` when no low watermark is set.
+    pub fn low_watermark_limit(&self) -> Option<u64> {
+        let low = self.low_watermark_ratio();
+        (low > 0.0).then(|| (self.provider.recommended_max() as f64 * low) as u64)
+    }
+    /// The high watermark in bytes (MPS's `getHighWatermarkLimit`): reserved memory never
+    /// exceeds it. `None` when no high watermark is set.
+    pub fn high_watermark_limit(&self) -> Option<u64> {
+        let high = self.high_watermark_ratio();
+        (high > 0.0).then(|| (self.provider.recommended_max() as f64 * high) as u64)
+    }
+    /// Bytes left before the low watermark, negative once reserved memory is above it (MPS's
+    /// signed `getLowWatermarkValue`). `None` when no low watermark is set.
+    pub fn low_watermark_value(&self) -> Option<i64> {
+        self.low_watermark_limit().map(|limit| {
+            let reserved = self.reserved_bytes();
+            if limit >= reserved {
+                i64::try_from(limit - reserved).unwrap_or(i64::MAX)
+            } else {
+                i64::try_from(reserved - limit).map_or(i64::MIN, |over| -over)
+            }
+        })
     }
     /// Bytes that can still be reserved before the low watermark (0 when above it; `None`
     /// when no low watermark is set).
@@ -1532,21 +1577,28 @@ impl CachingAllocator {
         self.oom_observers.write().push(observer);
     }
 
+    /// Whether any callback would fire: this allocator's, or a global one
+    /// ([`crate::registry::add_allocator_callback`]). Two relaxed loads.
+    #[inline]
+    fn callbacks_on(&self) -> bool {
+        self.has_callbacks.load(Relaxed) || crate::registry::has_allocator_callbacks()
+    }
+
     #[cold]
     #[inline(never)]
     fn fire(&self, ptr: usize, size: u64, event: AllocatorEvent) {
-        if !self.has_callbacks.load(Relaxed) {
-            return;
+        if self.has_callbacks.load(Relaxed) {
+            let cbs: Vec<AllocatorCallback> = self
+                .callbacks
+                .read()
+                .iter()
+                .map(|(_, c)| c.clone())
+                .collect();
+            for cb in cbs {
+                cb(ptr, size, event);
+            }
         }
-        let cbs: Vec<AllocatorCallback> = self
-            .callbacks
-            .read()
-            .iter()
-            .map(|(_, c)| c.clone())
-            .collect();
-        for cb in cbs {
-            cb(ptr, size, event);
-        }
+        crate::registry::fire_allocator_callbacks(self.device, ptr, size, event);
     }
 
     #[cold]

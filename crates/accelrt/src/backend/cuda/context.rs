@@ -69,6 +69,13 @@ pub(crate) struct Context {
     /// A private stream on which `event_notify` waits for events (created on first use).
     pub(crate) notify_stream: OnceLock<RawStream>,
     notify_init: Mutex<()>,
+    /// A private, otherwise idle stream for reading the device's clock against the host's
+    /// (event completion times; created on first use).
+    clock_stream: OnceLock<RawStream>,
+    clock_init: Mutex<()>,
+    /// Bytes of the device that were free when this context was retained (the recommended
+    /// working set, MPS's `recommendedMaxWorkingSetSize`).
+    pub(crate) free_at_open: u64,
 }
 
 // SAFETY: a CUcontext is an opaque driver handle; the driver API is thread-safe and a
@@ -101,13 +108,17 @@ impl Context {
             kernels_init: Mutex::new(()),
             notify_stream: OnceLock::new(),
             notify_init: Mutex::new(()),
+            clock_stream: OnceLock::new(),
+            clock_init: Mutex::new(()),
+            free_at_open: 0,
         };
         // If this fails, dropping `ctx` releases the reference taken above.
-        let priorities = {
+        let (priorities, (free, _total)) = {
             let _current = ctx.bind()?;
-            sys::ctx_stream_priority_range()?
+            (sys::ctx_stream_priority_range()?, sys::mem_get_info()?)
         };
         ctx.priorities = priorities;
+        ctx.free_at_open = free as u64;
         Ok(ctx)
     }
 
@@ -158,6 +169,24 @@ impl Context {
     }
 }
 
+impl Context {
+    /// The private clock stream, created on first use.
+    pub(crate) fn clock_stream(&self) -> Result<&RawStream> {
+        if let Some(s) = self.clock_stream.get() {
+            return Ok(s);
+        }
+        let _init = self.clock_init.lock();
+        if let Some(s) = self.clock_stream.get() {
+            return Ok(s);
+        }
+        let stream = {
+            let _current = self.bind()?;
+            RawStream::create(self.priorities.1)?
+        };
+        Ok(self.clock_stream.get_or_init(|| stream))
+    }
+}
+
 impl Drop for Context {
     fn drop(&mut self) {
         // Everything that lives in the context goes before the context itself.
@@ -165,6 +194,9 @@ impl Drop for Context {
             drop(kernels);
         }
         if let Some(stream) = self.notify_stream.take() {
+            drop(stream);
+        }
+        if let Some(stream) = self.clock_stream.take() {
             drop(stream);
         }
         // SAFETY: balances the retain in `Context::retain`; nothing of ours uses the context

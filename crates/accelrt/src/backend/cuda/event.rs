@@ -85,6 +85,35 @@ impl CudaEvent {
         }
     }
 
+    /// When this completed timing event completed, in ns on accelrt's clock. CUDA events
+    /// carry no absolute time, only differences: a fresh timing event is recorded on the
+    /// context's idle clock stream and waited for, the host clock is read as it completes,
+    /// and the difference between the two events is taken from that reading. (The error is
+    /// the few microseconds between the device completing the clock event and the host
+    /// returning from the wait, plus `cuEventElapsedTime`'s resolution, ~0.5 us.)
+    pub(crate) fn completion_ns(&self) -> Result<u64> {
+        if !self.query()? {
+            return Err(Error::Event(
+                "has not completed yet: synchronize it (or its stream) before asking for its \
+                 completion time"
+                    .into(),
+            ));
+        }
+        check_not_in_host_task("read an event's completion time")?;
+        let now = CudaEvent::create(Arc::clone(&self.ctx), true)?;
+        let stream = self.ctx.clock_stream()?;
+        // SAFETY: both handles are live (the clock stream lives as long as the context, which
+        // `now` keeps alive).
+        unsafe { sys::event_record(now.raw, stream.raw) }?;
+        // SAFETY: `now` is live while borrowed.
+        unsafe { sys::event_synchronize(now.raw) }?;
+        let host_now = crate::event::clock_ns();
+        // SAFETY: both events are live; both completed (checked above, and just waited for).
+        let ms = unsafe { sys::event_elapsed_ms(self.raw, now.raw) }?;
+        let before_now = (f64::from(ms.max(0.0)) * 1e6) as u64;
+        Ok(host_now.saturating_sub(before_now))
+    }
+
     pub(crate) fn notify(&self, callback: EventCallback) -> Result<()> {
         self.ctx.deferred.take()?;
         let sender = dispatcher()?;

@@ -39,7 +39,7 @@ use stream::check_not_in_host_task;
 
 use crate::alloc::MemoryProvider;
 use crate::device::{DeviceProperties, DeviceType};
-use crate::driver::Driver;
+use crate::driver::{Driver, MemoryUsage};
 use crate::error::{Error, Result};
 use crate::hooks::{EventCallback, HostTask};
 use crate::stream::StreamPriority;
@@ -86,7 +86,10 @@ fn open() -> std::result::Result<(u32, (u32, u32)), String> {
                 .into(),
         );
     }
-    let missing = sys::missing_symbols(sys::SYMBOLS);
+    let missing: Vec<&str> = [sys::SYMBOLS, sys::HOOKS_SYMBOLS]
+        .into_iter()
+        .flat_map(sys::missing_symbols)
+        .collect();
     if !missing.is_empty() {
         return Err(format!(
             "the CUDA driver library lacks {} (it is older than CUDA {}.{}): update the NVIDIA \
@@ -157,6 +160,28 @@ impl CudaDriver {
         }
         let memory = Arc::new(CudaMemory::new(ctx)?);
         Ok(slot.memory.get_or_init(|| memory))
+    }
+
+    /// The device's properties from the driver (no context needed), cached.
+    fn read_properties(&self, device: u32) -> Result<DeviceProperties> {
+        let slot = self.slot(device)?;
+        let dev = sys::device_get(device as i32)?;
+        let attr = |a| sys::device_attribute(dev, a).map(|v| v.max(0) as u32);
+        let total = sys::device_total_mem(dev)? as u64;
+        let props = DeviceProperties {
+            name: sys::device_name(dev)?,
+            total_memory: total,
+            recommended_max_memory: total,
+            multiprocessor_count: attr(sys::Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            max_threads_per_group: attr(sys::Attr::CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X)?,
+            capability: (
+                attr(sys::Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attr(sys::Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            ),
+            l2_cache_bytes: u64::from(attr(sys::Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?),
+            host_visible_memory: false,
+        };
+        Ok(slot.properties.get_or_init(|| props).clone())
     }
 
     /// The driver API version as (major, minor), e.g. (13, 0).
@@ -366,25 +391,40 @@ impl Driver for CudaDriver {
 
     fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
         let slot = self.slot(device)?;
-        if let Some(p) = slot.properties.get() {
-            return Ok(p.clone());
-        }
-        let dev = sys::device_get(device as i32)?;
-        let attr = |a| sys::device_attribute(dev, a).map(|v| v.max(0) as u32);
-        let total = sys::device_total_mem(dev)? as u64;
-        let props = DeviceProperties {
-            name: sys::device_name(dev)?,
-            total_memory: total,
-            recommended_max_memory: total,
-            multiprocessor_count: attr(sys::Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
-            capability: (
-                attr(sys::Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-                attr(sys::Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
-            ),
-            l2_cache_bytes: u64::from(attr(sys::Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?),
-            host_visible_memory: false,
+        let mut props = match slot.properties.get() {
+            Some(p) => p.clone(),
+            None => self.read_properties(device)?,
         };
-        Ok(slot.properties.get_or_init(|| props).clone())
+        // Once accelrt has opened the device, the recommended working set is what was free
+        // then (total memory before: asking would create a context).
+        if let Some(ctx) = slot.context.get() {
+            props.recommended_max_memory = ctx.free_at_open;
+        }
+        Ok(props)
+    }
+
+    fn has_primary_context(&self, device: u32) -> Option<bool> {
+        let dev = sys::device_get(device as i32).ok()?;
+        sys::primary_ctx_is_active(dev).ok()
+    }
+
+    fn device_of_ptr(&self, ptr: usize) -> Option<u32> {
+        // Only once a context exists: looking a pointer up must not create one.
+        let ctx = self.devices.iter().find_map(|d| d.context.get())?;
+        let _current = ctx.bind().ok()?;
+        sys::pointer_device_ordinal(ptr).map(|o| o as u32)
+    }
+
+    fn memory_usage(&self, device: u32) -> Result<MemoryUsage> {
+        let ctx = self.context(device)?;
+        let (free, total) = {
+            let _current = ctx.bind()?;
+            sys::mem_get_info()?
+        };
+        Ok(MemoryUsage {
+            used: (total - free) as u64,
+            recommended_max: ctx.free_at_open,
+        })
     }
 
     fn runtime_version(&self) -> (u32, u32) {
@@ -484,6 +524,10 @@ impl Driver for CudaDriver {
         event.notify(callback)
     }
 
+    fn event_completion_ns(&self, event: &CudaEvent) -> Result<u64> {
+        event.completion_ns()
+    }
+
     fn capture_begin(&self, stream: &CudaStream) -> Result<()> {
         stream.begin_capture()
     }
@@ -494,6 +538,41 @@ impl Driver for CudaDriver {
 
     fn graph_launch(&self, graph: &CudaGraph, stream: &CudaStream) -> Result<()> {
         graph.launch(stream)
+    }
+
+    fn graph_instantiate(&self, graph: &CudaGraph) -> Result<()> {
+        graph.instantiate()
+    }
+
+    fn graph_discard_template(&self, graph: &CudaGraph) {
+        graph.discard_template();
+    }
+
+    fn capture_join(
+        &self,
+        stream: &CudaStream,
+        _origin: &CudaStream,
+        event: &CudaEvent,
+    ) -> Result<()> {
+        // Waiting for an event recorded in a capture makes the stream part of that capture.
+        stream.wait_event(event)
+    }
+
+    fn capture_leave(&self, stream: &CudaStream, graph: Option<&CudaGraph>) -> Result<()> {
+        // Host tasks captured on the joined stream run at every replay of the graph: the
+        // graph keeps their boxes from now on (without a graph, nothing will run them, and
+        // the stream keeps them, as it does for captures that failed).
+        if let Some(graph) = graph {
+            graph.adopt_tasks(stream.take_captured_tasks());
+        }
+        Ok(())
+    }
+
+    unsafe fn write_async(&self, stream: &CudaStream, dst: usize, src: &[u8]) -> Result<()> {
+        stream.ctx.deferred.take()?;
+        // SAFETY: forwarded from this function's contract; the stream handle is live or null
+        // (then `call` makes its context current).
+        stream.call(|s| unsafe { sys::memcpy_htod_async(dst as sys::CUdeviceptr, src, s) })
     }
 
     fn memory_provider(&self, device: u32) -> Result<Arc<dyn MemoryProvider>> {

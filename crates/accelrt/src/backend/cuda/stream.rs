@@ -307,6 +307,14 @@ impl CudaStream {
         Ok(unsafe { sys::stream_begin_capture(self.raw) }?)
     }
 
+    /// The boxes of host tasks captured on this stream so far (a stream that joined another
+    /// stream's capture hands them to that capture's graph).
+    #[allow(clippy::vec_box)] // boxed: the driver holds their addresses
+    pub(crate) fn take_captured_tasks(&self) -> Vec<Box<TaskBox>> {
+        let _capture = self.capture_lock.lock();
+        std::mem::take(&mut *self.captured.lock())
+    }
+
     pub(crate) fn end_capture(&self) -> Result<CudaGraph> {
         let _capture = self.capture_lock.lock();
         // SAFETY: `self.raw` is live; the driver reports a stream that is not capturing.
@@ -320,7 +328,7 @@ impl CudaStream {
                     .into(),
             ));
         }
-        CudaGraph::instantiate(Arc::clone(&self.ctx), graph, tasks)
+        Ok(CudaGraph::captured(Arc::clone(&self.ctx), graph, tasks))
     }
 }
 

@@ -907,3 +907,83 @@ pub(crate) const SYMBOLS: &[&str] = &[
     "cuLaunchKernel",
     "cuGetErrorString",
 ];
+
+// ---- hooks: primary-context state, pointer devices, stream-ordered writes, graph size ----
+// (appended for the hooks work; every symbol here is also in HOOKS_SYMBOLS below)
+
+/// Whether the primary context of `dev` is active (retained by anyone in the process: a
+/// context PyTorch created counts). Creates nothing.
+pub(crate) fn primary_ctx_is_active(dev: CUdevice) -> CuResult<bool> {
+    let (mut flags, mut active): (c_uint, c_int) = (0, 0);
+    // SAFETY: writes one unsigned and one int into locals; a bad device is an error.
+    check(
+        unsafe { sys::cuDevicePrimaryCtxGetState(dev, &mut flags, &mut active) },
+        "cuDevicePrimaryCtxGetState",
+    )?;
+    Ok(active != 0)
+}
+
+/// The ordinal of the device whose memory `ptr` is, or `None` when the driver does not know
+/// it as device memory (host memory, pinned memory, an unknown address).
+pub(crate) fn pointer_device_ordinal(ptr: usize) -> Option<i32> {
+    let mut kind: c_uint = 0;
+    // SAFETY: the driver only looks the address up in its tables (never dereferencing it)
+    // and writes one unsigned int into a local; an unknown address is an error.
+    let rc = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut kind as *mut c_uint).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            ptr as CUdeviceptr,
+        )
+    };
+    if rc != CUresult::CUDA_SUCCESS || kind != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as c_uint {
+        return None;
+    }
+    let mut ordinal: c_int = -1;
+    // SAFETY: as above; writes one int into a local.
+    let rc = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ordinal as *mut c_int).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            ptr as CUdeviceptr,
+        )
+    };
+    (rc == CUresult::CUDA_SUCCESS && ordinal >= 0).then_some(ordinal)
+}
+
+/// Copy host bytes to device memory in stream order on `s`. From pageable host memory the
+/// driver stages the bytes before returning, so `src` may be dropped afterwards.
+///
+/// # Safety
+/// `dst .. dst + src.len()` must be device memory the caller owns until the copy has run;
+/// `s` live or null.
+pub(crate) unsafe fn memcpy_htod_async(dst: CUdeviceptr, src: &[u8], s: CUstream) -> CuResult<()> {
+    // SAFETY: `src` is a valid host slice for the call (staged by the driver before it
+    // returns); the caller guarantees the destination range and the stream.
+    check(
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), s) },
+        "cuMemcpyHtoDAsync",
+    )
+}
+
+/// Number of nodes of a captured graph.
+///
+/// # Safety
+/// `g` must be a live graph.
+pub(crate) unsafe fn graph_node_count(g: CUgraph) -> CuResult<usize> {
+    let mut count = 0usize;
+    // SAFETY: the caller guarantees `g`; with a null node array the driver only writes the
+    // count into our local.
+    check(
+        unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut count) },
+        "cuGraphGetNodes",
+    )?;
+    Ok(count)
+}
+
+/// The driver symbols the wrappers above call (checked at probe time with [`SYMBOLS`]).
+pub(crate) const HOOKS_SYMBOLS: &[&str] = &[
+    "cuDevicePrimaryCtxGetState",
+    "cuMemcpyHtoDAsync_v2",
+    "cuGraphGetNodes",
+];

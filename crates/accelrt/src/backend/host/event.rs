@@ -77,6 +77,17 @@ impl HostEvent {
         Ok(())
     }
 
+    /// Mark a point of a graph capture: nothing on the device to reach (the runtime never
+    /// queries such an event; a wait for it has nothing to wait for).
+    pub(super) fn record_captured(&self) {
+        *self.position.lock() = None;
+    }
+
+    /// When the completed timing event completed, in ns on accelrt's clock.
+    pub(super) fn completion_ns(&self) -> Result<u64> {
+        self.stamp("").map(|t| t - 1)
+    }
+
     /// The recorded position (`None`: never recorded).
     #[inline]
     pub(super) fn position(&self) -> Option<Position> {
@@ -112,30 +123,31 @@ impl HostEvent {
         }
     }
 
-    /// The completion stamp of a completed timing event.
+    /// The completion stamp of a completed timing event (`which`: "start " or "end " in
+    /// messages, or nothing).
     fn stamp(&self, which: &str) -> Result<u64> {
         let pos = self.position().ok_or_else(|| {
             Error::Event(format!(
-                "the {which} event was never recorded: record it on a stream first"
+                "the {which}event was never recorded: record it on a stream first"
             ))
         })?;
         let mark = pos.mark.as_ref().ok_or_else(|| {
             Error::Event(format!(
-                "the {which} event was not recorded with timing: events were not created with enable_timing=true"
+                "the {which}event was not recorded with timing: events were not created with enable_timing=true"
             ))
         })?;
         match (pos.reached(), mark.get()) {
             (true, Some(t)) => Ok(t),
             _ => Err(Error::Event(format!(
-                "the {which} event has not completed yet: synchronize it (or its stream) before asking for elapsed time"
+                "the {which}event has not completed yet: synchronize it (or its stream) before asking for its time"
             ))),
         }
     }
 
     /// Milliseconds from `start` to `end`, both completed timing events.
     pub(super) fn elapsed_ms(start: &HostEvent, end: &HostEvent) -> Result<f64> {
-        let t0 = start.stamp("start")?;
-        let t1 = end.stamp("end")?;
+        let t0 = start.stamp("start ")?;
+        let t1 = end.stamp("end ")?;
         if t1 < t0 {
             return Err(Error::Event(format!(
                 "the end event was not recorded after the start event: it completed {:.3} ms earlier",

@@ -155,6 +155,7 @@ impl Driver for HostDriver {
             total_memory: mem.memory_info().1,
             recommended_max_memory: mem.recommended_max(),
             multiprocessor_count: cores,
+            max_threads_per_group: 1,
             capability: (0, 0),
             l2_cache_bytes: l2_cache_bytes(),
             host_visible_memory: true,
@@ -224,6 +225,11 @@ impl Driver for HostDriver {
         event.record(&stream.shared)
     }
 
+    fn event_record_captured(&self, event: &HostEvent, _stream: &HostStream) -> Result<()> {
+        event.record_captured();
+        Ok(())
+    }
+
     #[inline]
     fn event_query(&self, event: &HostEvent) -> Result<bool> {
         Ok(event.query())
@@ -242,6 +248,10 @@ impl Driver for HostDriver {
         Ok(())
     }
 
+    fn event_completion_ns(&self, event: &HostEvent) -> Result<u64> {
+        event.completion_ns()
+    }
+
     fn capture_begin(&self, stream: &HostStream) -> Result<()> {
         stream.shared.begin_capture()
     }
@@ -254,6 +264,30 @@ impl Driver for HostDriver {
 
     fn graph_launch(&self, graph: &HostGraph, stream: &HostStream) -> Result<()> {
         stream.shared.launch_all(&graph.tasks)
+    }
+
+    fn capture_join(
+        &self,
+        stream: &HostStream,
+        origin: &HostStream,
+        _event: &HostEvent,
+    ) -> Result<()> {
+        stream.shared.join_capture(&origin.shared)
+    }
+
+    fn capture_leave(&self, stream: &HostStream, _graph: Option<&HostGraph>) -> Result<()> {
+        stream.shared.leave_capture();
+        Ok(())
+    }
+
+    unsafe fn write_async(&self, stream: &HostStream, dst: usize, src: &[u8]) -> Result<()> {
+        let bytes: Arc<[u8]> = src.into();
+        stream.shared.launch(Arc::new(move || {
+            // SAFETY: the caller of write_async owns `dst .. dst + len` of host memory until
+            // this task has run (the runtime never writes on a capturing stream, so the task
+            // runs once, in stream order); `bytes` is our own copy of the source.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst as *mut u8, bytes.len()) }
+        }))
     }
 
     fn memory_provider(&self, device: u32) -> Result<Arc<dyn MemoryProvider>> {

@@ -10,8 +10,7 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -23,10 +22,10 @@ thread_local! {
     static CURRENT_WORKER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Nanoseconds since a process-wide epoch, plus one (so 0 can mean "not stamped").
+/// Nanoseconds on accelrt's clock ([`crate::event::clock_ns`]), plus one (so 0 can mean
+/// "not stamped").
 pub(super) fn now_stamp() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+    crate::event::clock_ns() + 1
 }
 
 /// A time stamp written by the worker when it reaches a timing event's marker.
@@ -54,11 +53,15 @@ enum Item {
     Wait(Arc<StreamShared>, u64),
 }
 
+/// The tasks of one graph capture, shared by the streams that take part in it (the one
+/// that began it and those that joined it by waiting for one of its events).
+type CaptureBuffer = Arc<Mutex<Vec<HostTask>>>;
+
 #[derive(Default)]
 struct Queue {
     items: VecDeque<Item>,
     /// `Some` while a graph capture records launches instead of queueing them.
-    capture: Option<Vec<HostTask>>,
+    capture: Option<CaptureBuffer>,
     worker_started: bool,
     shutdown: bool,
 }
@@ -144,8 +147,8 @@ impl StreamShared {
     /// Launch a task, or record it while capturing.
     pub(super) fn launch(self: &Arc<Self>, task: HostTask) -> Result<()> {
         let mut q = self.queue.lock();
-        if let Some(captured) = q.capture.as_mut() {
-            captured.push(task);
+        if let Some(captured) = &q.capture {
+            captured.lock().push(task);
             return Ok(());
         }
         self.push_locked(&mut q, std::iter::once(Item::Task(task)))
@@ -158,12 +161,9 @@ impl StreamShared {
             return Ok(());
         }
         let mut q = self.queue.lock();
-        if q.capture.is_some() {
+        if let Some(captured) = &q.capture {
             // Replaying inside a capture records the graph's tasks into the new one.
-            q.capture
-                .as_mut()
-                .expect("checked")
-                .extend(tasks.iter().cloned());
+            captured.lock().extend(tasks.iter().cloned());
             return Ok(());
         }
         self.push_locked(&mut q, tasks.iter().cloned().map(Item::Task))
@@ -213,16 +213,42 @@ impl StreamShared {
         if q.capture.is_some() {
             return Err(Error::Graph(format!("{} is already capturing", self.label)));
         }
-        q.capture = Some(Vec::new());
+        q.capture = Some(CaptureBuffer::default());
         Ok(())
     }
 
+    /// From now on, record this stream's launches into `origin`'s capture (a fork of the
+    /// capture onto this stream). Captured work replays serialized in launch order, which
+    /// keeps every cross-stream dependency of the capture.
+    pub(super) fn join_capture(&self, origin: &StreamShared) -> Result<()> {
+        let buffer = origin.queue.lock().capture.clone().ok_or_else(|| {
+            Error::Graph(format!(
+                "{} is not capturing: {} cannot join its capture",
+                origin.label, self.label
+            ))
+        })?;
+        let mut q = self.queue.lock();
+        if q.capture.is_some() {
+            return Err(Error::Graph(format!("{} is already capturing", self.label)));
+        }
+        q.capture = Some(buffer);
+        Ok(())
+    }
+
+    /// Stop recording into a joined capture (its origin stream ended it).
+    pub(super) fn leave_capture(&self) {
+        self.queue.lock().capture = None;
+    }
+
     pub(super) fn end_capture(&self) -> Result<Vec<HostTask>> {
-        self.queue
+        let buffer = self
+            .queue
             .lock()
             .capture
             .take()
-            .ok_or_else(|| Error::Graph(format!("{} is not capturing", self.label)))
+            .ok_or_else(|| Error::Graph(format!("{} is not capturing", self.label)))?;
+        let tasks = std::mem::take(&mut *buffer.lock());
+        Ok(tasks)
     }
 
     /// Errors kept since the last call (panicked tasks and callbacks), as one error.
