@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use accelrt::alloc::{MemoryProvider, PageHandle, ProviderError, VirtualMemory};
+use accelrt::alloc::{ChunkHandle, MemoryProvider, ProviderError, VirtualMemory};
 
 use crate::faults::{Fault, Faults};
 
@@ -75,8 +75,8 @@ impl MemoryProvider for FaultMemory {
 }
 
 impl VirtualMemory for FaultMemory {
-    fn page_size(&self) -> usize {
-        self.vm().page_size()
+    fn granularity(&self) -> usize {
+        self.vm().granularity()
     }
 
     fn reserve(&self, size: usize) -> Result<usize, ProviderError> {
@@ -89,30 +89,25 @@ impl VirtualMemory for FaultMemory {
         unsafe { self.vm().unreserve(base, size) }
     }
 
-    fn create_page(&self, size: usize) -> Result<PageHandle, ProviderError> {
+    fn create(&self, size: usize) -> Result<ChunkHandle, ProviderError> {
         if self.faults.take(Fault::Allocation) {
             return Err(ProviderError::OutOfMemory);
         }
-        self.vm().create_page(size)
+        self.vm().create(size)
     }
 
-    unsafe fn destroy_page(&self, page: PageHandle, size: usize) {
+    unsafe fn release(&self, chunk: ChunkHandle, size: usize) {
         // SAFETY: forwarded from this method's contract.
-        unsafe { self.vm().destroy_page(page, size) }
+        unsafe { self.vm().release(chunk, size) }
     }
 
-    unsafe fn map(
-        &self,
-        addr: usize,
-        pages: &[PageHandle],
-        page_size: usize,
-    ) -> Result<(), ProviderError> {
+    unsafe fn map(&self, addr: usize, chunks: &[(ChunkHandle, usize)]) -> Result<(), ProviderError> {
         // SAFETY: forwarded from this method's contract.
-        unsafe { self.vm().map(addr, pages, page_size) }
+        unsafe { self.vm().map(addr, chunks) }
     }
 
-    unsafe fn unmap(&self, addr: usize, count: usize, page_size: usize) {
+    unsafe fn unmap(&self, addr: usize, len: usize) {
         // SAFETY: forwarded from this method's contract.
-        unsafe { self.vm().unmap(addr, count, page_size) }
+        unsafe { self.vm().unmap(addr, len) }
     }
 }

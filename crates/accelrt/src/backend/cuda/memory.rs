@@ -132,6 +132,12 @@ impl MemoryProvider for CudaMemory {
         }
     }
 
+    fn recommended_max(&self) -> u64 {
+        // The working set the device could hold when accelrt opened it (the hooks report the
+        // same figure), so watermark ratios leave room for other users of the device.
+        self.ctx.free_at_open
+    }
+
     fn host_visible(&self) -> bool {
         false
     }
