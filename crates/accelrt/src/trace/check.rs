@@ -9,14 +9,14 @@
 //! - schedules completion markers: a marker whose time is ahead of the CPU clock waits until
 //!   the clock gets there.
 //!
-//! Its memory follows the live allocations, plus the last [`FREED_WINDOW`] frees (for
-//! double-free messages and for markers) and the markers still waiting.
+//! Its memory follows the live allocations, plus the last [`FREED_WINDOW`] to twice as many
+//! frees (for double-free messages and for markers) and the markers still waiting.
 //!
 //! [`Trace`]: super::Trace
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
 
 use super::read::{check_alloc_values, check_stream, RawEvent};
 use super::{TraceOp, FREED_WINDOW};
@@ -74,17 +74,17 @@ struct Slot {
     uses: Vec<u32>,
 }
 
-/// A free the planner still remembers.
+/// A free the planner still remembers (kept small: there are many).
 struct Freed {
     line: u64,
+    /// Its event number: also tells this free from a later free of the same id.
     ordinal: u64,
     time: u64,
+    /// Line of its marker, once seen (0: none yet).
+    marked: u64,
     stream: u32,
-    uses: Vec<u32>,
-    /// Line of its marker, once seen.
-    marked: Option<u64>,
-    /// Position in the window, to tell this free from a later free of the same id.
-    seq: u64,
+    /// Other streams named by `u` lines (rare).
+    uses: Option<Box<Vec<u32>>>,
 }
 
 /// A marker waiting for the CPU clock to reach its time.
@@ -113,17 +113,71 @@ impl Ord for Pending {
     }
 }
 
+/// Hashing of trace ids: one folded multiplication with a key drawn per map (from the
+/// standard library's random state), so a hostile file cannot aim ids at one bucket, at a
+/// fraction of SipHash's cost.
+#[derive(Clone)]
+pub(crate) struct IdHash {
+    key: u64,
+}
+
+impl IdHash {
+    fn new() -> IdHash {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x5eed);
+        IdHash { key: h.finish() }
+    }
+}
+
+impl std::hash::BuildHasher for IdHash {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher {
+            key: self.key,
+            hash: 0,
+        }
+    }
+}
+
+pub(crate) struct IdHasher {
+    key: u64,
+    hash: u64,
+}
+
+impl std::hash::Hasher for IdHasher {
+    #[inline]
+    fn write_u64(&mut self, x: u64) {
+        let m = u128::from(x ^ self.key ^ self.hash) * 0x9e37_79b9_7f4a_7c15_u128;
+        self.hash = (m as u64) ^ ((m >> 64) as u64);
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
 /// See the module documentation.
 pub(crate) struct Planner {
     timed: bool,
     /// Live id → slot.
-    ids: HashMap<u64, u32>,
+    ids: HashMap<u64, u32, IdHash>,
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
-    /// The latest frees, oldest first: (id, seq).
-    window: VecDeque<(u64, u64)>,
-    freed: HashMap<u64, Freed>,
-    /// Whether a free has left the window (messages then say so).
+    /// The latest frees by id, in two generations: new frees go to `freed`; when it holds
+    /// [`FREED_WINDOW`] frees, the older generation is dropped whole and `freed` becomes it.
+    /// An id's latest free is the one in `freed`, else in `freed_old`. Entries are not
+    /// removed when an id is allocated again: a live id is always looked up first.
+    freed: HashMap<u64, Freed, IdHash>,
+    freed_old: HashMap<u64, Freed, IdHash>,
+    /// Whether a generation of frees has been dropped (messages then say so).
     forgot: bool,
     seq: u64,
     pending: BinaryHeap<Reverse<Pending>>,
@@ -140,11 +194,11 @@ impl Planner {
     pub fn new(timed: bool) -> Planner {
         Planner {
             timed,
-            ids: HashMap::new(),
+            ids: HashMap::with_hasher(IdHash::new()),
             slots: Vec::new(),
             free_slots: Vec::new(),
-            window: VecDeque::new(),
-            freed: HashMap::new(),
+            freed: HashMap::with_hasher(IdHash::new()),
+            freed_old: HashMap::with_hasher(IdHash::new()),
             forgot: false,
             seq: 0,
             pending: BinaryHeap::new(),
@@ -213,18 +267,23 @@ impl Planner {
                         "size {size} does not fit in this machine's address space"
                     ));
                 }
-                if let Some(&slot) = self.ids.get(&id) {
-                    return Err(format!(
-                        "duplicate live id {id}: it was allocated at line {} and not freed \
-                         since; ids must be unique among live allocations",
-                        self.slots[slot as usize].line
-                    ));
-                }
                 let slot = match self.free_slots.last() {
                     Some(&s) => s,
                     None => u32::try_from(self.slots.len())
                         .map_err(|_| "more than 2^32 live allocations".to_string())?,
                 };
+                match self.ids.entry(id) {
+                    Entry::Occupied(o) => {
+                        return Err(format!(
+                            "duplicate live id {id}: it was allocated at line {} and not freed \
+                             since; ids must be unique among live allocations",
+                            self.slots[*o.get() as usize].line
+                        ))
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(slot);
+                    }
+                }
                 self.advance(time, event.line, out);
                 self.free_slots.pop();
                 let record = Slot {
@@ -238,9 +297,6 @@ impl Planner {
                 } else {
                     self.slots[slot as usize] = record;
                 }
-                self.ids.insert(id, slot);
-                // A new life of the id: its old free can no longer be marked or named.
-                self.freed.remove(&id);
                 out.push(Step::Alloc {
                     slot,
                     size,
@@ -252,8 +308,8 @@ impl Planner {
                 });
             }
             TraceOp::Free { id } => {
-                let Some(&slot) = self.ids.get(&id) else {
-                    return Err(match self.freed.get(&id) {
+                let Some(slot) = self.ids.remove(&id) else {
+                    return Err(match self.freed_get(id) {
                         Some(f) => format!(
                             "free of id {id}, which was already freed at line {} (double free)",
                             f.line
@@ -265,7 +321,6 @@ impl Planner {
                     });
                 };
                 self.advance(time, event.line, out);
-                self.ids.remove(&id);
                 self.free_slots.push(slot);
                 let s = &mut self.slots[slot as usize];
                 let uses = std::mem::take(&mut s.uses);
@@ -289,7 +344,7 @@ impl Planner {
                 }
                 check_stream(stream)?;
                 let Some(&slot) = self.ids.get(&id) else {
-                    return Err(match self.freed.get(&id) {
+                    return Err(match self.freed_get(id) {
                         Some(f) => format!(
                             "'u' (record_stream) of id {id}, which is not live: it was freed at \
                              line {}; a 'u' line names a live allocation",
@@ -348,31 +403,28 @@ impl Planner {
         self.clock_line = line;
     }
 
+    /// The latest free of `id`, if still remembered.
+    fn freed_get(&self, id: u64) -> Option<&Freed> {
+        self.freed.get(&id).or_else(|| self.freed_old.get(&id))
+    }
+
     fn remember_free(&mut self, id: u64, stream: u32, uses: Vec<u32>, line: u64) {
-        self.seq += 1;
-        self.window.push_back((id, self.seq));
+        if self.freed.len() >= FREED_WINDOW {
+            std::mem::swap(&mut self.freed, &mut self.freed_old);
+            self.forgot |= !self.freed.is_empty();
+            self.freed.clear();
+        }
         self.freed.insert(
             id,
             Freed {
                 line,
                 ordinal: self.clock.ordinal,
                 time: self.clock.time,
+                marked: 0,
                 stream,
-                uses,
-                marked: None,
-                seq: self.seq,
+                uses: (!uses.is_empty()).then(|| Box::new(uses)),
             },
         );
-        if self.window.len() > FREED_WINDOW {
-            if let Some((old, seq)) = self.window.pop_front() {
-                if let Entry::Occupied(e) = self.freed.entry(old) {
-                    if e.get().seq == seq {
-                        e.remove();
-                        self.forgot = true;
-                    }
-                }
-            }
-        }
     }
 
     fn marker(&mut self, id: u64, time: u64, line: u64, out: &mut Vec<Step>) -> Result<(), String> {
@@ -389,12 +441,17 @@ impl Planner {
             ));
         }
         let forgotten = self.forgotten_note();
-        let Some(f) = self.freed.get_mut(&id) else {
+        let f = match self.freed.get_mut(&id) {
+            Some(f) => Some(f),
+            None => self.freed_old.get_mut(&id),
+        };
+        let Some(f) = f else {
             return Err(format!(
                 "completion marker for id {id}, which no earlier line frees{forgotten}"
             ));
         };
-        if let Some(at) = f.marked {
+        if f.marked != 0 {
+            let at = f.marked;
             return Err(format!(
                 "second completion marker for id {id} (the first is at line {at}): a free has \
                  at most one marker"
@@ -414,9 +471,9 @@ impl Planner {
                  so their times are close to the lines around them"
             ));
         }
-        f.marked = Some(line);
+        f.marked = line.max(1);
         self.markers += 1;
-        let uses = std::mem::take(&mut f.uses);
+        let uses = f.uses.take().map_or_else(Vec::new, |b| *b);
         if time <= self.clock.time {
             push_passed(out, f.ordinal, f.stream, &uses);
         } else {
@@ -609,7 +666,7 @@ mod tests {
     fn memory_follows_the_live_set_and_the_window() {
         let mut p = Planner::new(true);
         let mut out = Vec::new();
-        let n = FREED_WINDOW as u64 * 2;
+        let n = FREED_WINDOW as u64 * 3;
         for id in 0..n {
             out.clear();
             p.plan(&ev(a(id, 0), id, 2 * id + 1), None, &mut out)
@@ -618,13 +675,21 @@ mod tests {
         }
         assert_eq!(p.slot_count(), 1, "one allocation live at a time");
         assert_eq!(p.ids.len(), 0);
-        assert_eq!(p.freed.len(), FREED_WINDOW);
-        assert_eq!(p.window.len(), FREED_WINDOW);
+        let remembered = p.freed.len() + p.freed_old.len();
+        assert!(
+            (FREED_WINDOW..=2 * FREED_WINDOW).contains(&remembered),
+            "{remembered}"
+        );
         // The oldest frees are forgotten, and messages say so.
         let e = p.plan(&ev(f(0), n, 0), None, &mut out).unwrap_err();
-        assert!(e.contains("more than 262144 frees earlier"), "{e}");
-        // A recent one is still known.
-        let e = p.plan(&ev(f(n - 1), n, 0), None, &mut out).unwrap_err();
-        assert!(e.contains("already freed"), "{e}");
+        assert!(
+            e.contains(&format!("more than {FREED_WINDOW} frees earlier")),
+            "{e}"
+        );
+        // The last FREED_WINDOW are still known.
+        for id in [n - 1, n - FREED_WINDOW as u64] {
+            let e = p.plan(&ev(f(id), n, 0), None, &mut out).unwrap_err();
+            assert!(e.contains("already freed"), "{id}: {e}");
+        }
     }
 }

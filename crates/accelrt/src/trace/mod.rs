@@ -77,10 +77,11 @@ pub const MAX_HEADER_BYTES: u64 = 1 << 60;
 /// Most `#!` header lines a v2 trace may have.
 pub const MAX_HEADER_KEYS: usize = 256;
 
-/// How many of the latest frees the reader remembers: a completion marker must follow its
-/// free within this many frees, and a double free further back than this is reported as a
-/// free of an unknown id. Keeps the reader's memory bounded by the live set plus this window.
-pub const FREED_WINDOW: usize = 1 << 18;
+/// How many of the latest frees the reader remembers at least (at most twice as many): a
+/// completion marker must follow its free within this many frees, and a double free further
+/// back than this may be reported as a free of an unknown id. Keeps the reader's memory
+/// bounded by the live set plus this window.
+pub const FREED_WINDOW: usize = 1 << 16;
 
 /// The first line of a v2 trace.
 pub const V2_MAGIC: &str = "#accelrt-trace v2";
