@@ -27,8 +27,8 @@ pub struct ReplayArgs {
     pub alloc_conf: Vec<String>,
     /// When queued GPU work completes in the replay: `auto` (markers when the trace marks
     /// every free, else the default lag), `markers`, `lag:2000us` (the GPU runs 2000 us behind
-    /// the CPU on timed traces), `lag:256ev` (256 events behind, for traces without times),
-    /// both (`lag:2000us,256ev`), or `instant` (every fence completes at once, as replays did
+    /// the CPU on timed traces), `lag:64ev` (64 events behind, for traces without times),
+    /// both (`lag:2000us,64ev`), or `instant` (every fence completes at once, as replays did
     /// before the device model).
     #[arg(long = "device-model", value_name = "MODEL", default_value = "auto")]
     pub device_model: DeviceModel,

@@ -528,7 +528,7 @@ fn the_model_used_is_reported() {
     };
     // (trace, asked, reported model, source)
     let cases = [
-        (&v1, DeviceModel::Auto, "lag:256ev", ModelSource::Default),
+        (&v1, DeviceModel::Auto, "lag:64ev", ModelSource::Default),
         (&v2, DeviceModel::Auto, "lag:2000us", ModelSource::Default),
         (&marked, DeviceModel::Auto, "markers", ModelSource::Trace),
         (&v1, lag, "lag:9ev", ModelSource::Asked),

@@ -51,7 +51,7 @@ pub const DEFAULT_LAG_US: u64 = 2000;
 
 /// Default lag of the device behind the CPU for traces without times, in trace events.
 /// Provisional: to be calibrated against real runs.
-pub const DEFAULT_LAG_EVENTS: u64 = 256;
+pub const DEFAULT_LAG_EVENTS: u64 = 64;
 
 /// Which device model a replay asks for (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

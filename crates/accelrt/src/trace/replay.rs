@@ -101,7 +101,7 @@ pub struct ReplayReport {
     pub trace: String,
     /// The configuration as a `key:value` string ([`AllocatorConfig::to_conf_string`]).
     pub config: String,
-    /// The device model the replay ran under (`markers`, `lag:2000us`, `lag:256ev`,
+    /// The device model the replay ran under (`markers`, `lag:2000us`, `lag:64ev`,
     /// `instant`).
     pub device_model: ResolvedModel,
     /// Why that model.
