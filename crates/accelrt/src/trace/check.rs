@@ -84,7 +84,7 @@ struct Freed {
     marked: u64,
     stream: u32,
     /// Other streams named by `u` lines (rare).
-    uses: Option<Box<Vec<u32>>>,
+    uses: Option<Box<[u32]>>,
 }
 
 /// A marker waiting for the CPU clock to reach its time.
@@ -422,7 +422,7 @@ impl Planner {
                 time: self.clock.time,
                 marked: 0,
                 stream,
-                uses: (!uses.is_empty()).then(|| Box::new(uses)),
+                uses: (!uses.is_empty()).then(|| uses.into_boxed_slice()),
             },
         );
     }
@@ -473,7 +473,7 @@ impl Planner {
         }
         f.marked = line.max(1);
         self.markers += 1;
-        let uses = f.uses.take().map_or_else(Vec::new, |b| *b);
+        let uses = f.uses.take().map_or_else(Vec::new, Vec::from);
         if time <= self.clock.time {
             push_passed(out, f.ordinal, f.stream, &uses);
         } else {
