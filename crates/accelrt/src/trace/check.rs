@@ -18,7 +18,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
 
-use super::read::{check_alloc_values, check_stream, RawEvent};
+use super::read::{check_alloc_values, check_stream, TraceEvent};
 use super::{TraceOp, FREED_WINDOW};
 use crate::alloc::Frames;
 
@@ -227,7 +227,7 @@ impl Planner {
     /// changes nothing.
     pub fn plan(
         &mut self,
-        event: &RawEvent,
+        event: &TraceEvent,
         frames: Option<&Frames>,
         out: &mut Vec<Step>,
     ) -> Result<(), String> {
@@ -238,7 +238,7 @@ impl Planner {
 
     fn plan_event(
         &mut self,
-        event: &RawEvent,
+        event: &TraceEvent,
         frames: Option<&Frames>,
         out: &mut Vec<Step>,
     ) -> Result<(), String> {
@@ -500,8 +500,8 @@ fn push_passed(out: &mut Vec<Step>, ordinal: u64, stream: u32, uses: &[u32]) {
 mod tests {
     use super::*;
 
-    fn ev(op: TraceOp, time: u64, line: u64) -> RawEvent {
-        RawEvent {
+    fn ev(op: TraceOp, time: u64, line: u64) -> TraceEvent {
+        TraceEvent {
             op,
             time: Some(time),
             line,

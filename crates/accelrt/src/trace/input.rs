@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::read::{RawEvent, GZIP_MAGIC};
+use super::read::{TraceEvent, GZIP_MAGIC};
 use super::replay::{
     failed_before_start, replay_source, Progress, ReplayOptions, ReplayOutcome, Source,
 };
@@ -279,7 +279,7 @@ impl<'t> MemorySource<'t> {
     }
 
     /// The next event and its frames.
-    pub fn next_event(&mut self) -> Result<Option<(RawEvent, Option<Frames>)>> {
+    pub fn next_event(&mut self) -> Result<Option<(TraceEvent, Option<Frames>)>> {
         let t = self.trace;
         let i = self.next;
         let Some(&op) = t.ops.get(i) else {
@@ -301,7 +301,7 @@ impl<'t> MemorySource<'t> {
             });
         }
         self.next += 1;
-        let event = RawEvent {
+        let event = TraceEvent {
             op,
             time: timed.then(|| t.times[i]),
             line: t.line_of(i),
@@ -318,7 +318,7 @@ impl Source for MemorySource<'_> {
     fn header(&self) -> &Header {
         &self.trace.header
     }
-    fn next_event(&mut self) -> Result<Option<(RawEvent, Option<Frames>)>> {
+    fn next_event(&mut self) -> Result<Option<(TraceEvent, Option<Frames>)>> {
         MemorySource::next_event(self)
     }
     fn input_bytes(&self) -> u64 {

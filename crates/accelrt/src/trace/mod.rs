@@ -53,7 +53,7 @@ use crate::error::{Error, Result};
 
 pub use device_model::{DeviceModel, ModelSource, ResolvedModel, SimulatedDevice};
 pub use input::{open, InputKind, ReplayInput};
-pub use read::TraceReader;
+pub use read::{TraceEvent, TraceReader};
 pub use replay::{
     replay, replay_into, replay_reader, Progress, ReplayOptions, ReplayOutcome, ReplayReport,
     ReplayTarget,
@@ -408,20 +408,13 @@ pub fn load(path: impl AsRef<Path>) -> Result<Trace> {
 /// Parse a trace held in memory (plain text or gzip). `name` names it in the trace and in
 /// error messages.
 pub fn parse_bytes(name: &str, bytes: &[u8]) -> Result<Trace> {
-    parse_reader(name, name, bytes.to_vec().as_slice())
+    parse_reader(name, name, bytes)
 }
 
 /// Parse a whole trace from any reader (plain text or gzip). `name` becomes [`Trace::name`];
 /// `file` is what error messages call the input.
 pub fn parse_reader(name: &str, file: &str, reader: impl Read) -> Result<Trace> {
-    // The reader owns its input; a borrowed one is read into a pipe-free buffer first only
-    // when it is not 'static, so read through a boxed adapter.
-    let mut bytes = Vec::new();
-    let mut reader = reader;
-    reader
-        .read_to_end(&mut bytes)
-        .map_err(|e| read::io_error(file, 1, &e, false))?;
-    let mut r = TraceReader::new(file, std::io::Cursor::new(bytes))?;
+    let mut r = TraceReader::new(file, reader)?;
     let header = r.header().clone();
     let torch = r.torch().cloned();
     let timed = r.is_timed();

@@ -19,7 +19,8 @@ pub(crate) const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// One event as read, with where it was read and (v2) its time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RawEvent {
+pub struct TraceEvent {
+    /// The event.
     pub op: TraceOp,
     /// The CPU time in microseconds (v2), `None` in an untimed trace.
     pub time: Option<u64>,
@@ -54,7 +55,7 @@ pub struct TraceReader<'a> {
     header: Header,
     torch: Option<TorchPeaks>,
     /// The first event, read while looking for the end of the header.
-    first: Option<RawEvent>,
+    first: Option<TraceEvent>,
     events: u64,
 }
 
@@ -357,7 +358,7 @@ impl<'a> TraceReader<'a> {
         &mut self,
         bytes: &[u8],
         seen: &mut Vec<(String, u64)>,
-    ) -> Result<Option<RawEvent>> {
+    ) -> Result<Option<TraceEvent>> {
         let text = line_text(bytes).map_err(|m| self.error(m))?;
         if self.line == 1 {
             if text == V2_MAGIC {
@@ -422,8 +423,10 @@ impl<'a> TraceReader<'a> {
         apply_header_key(&mut self.header, key, value).map_err(|m| self.error(m))
     }
 
-    /// The next event, or `None` at the end of the input.
-    pub(crate) fn next_event(&mut self) -> Result<Option<RawEvent>> {
+    /// The next event, or `None` at the end of the input. Each line is checked on its own
+    /// here; what needs the trace's history (ids live, markers after their frees, times
+    /// forward) is checked by [`super::parse_reader`] and by the replay.
+    pub fn next_event(&mut self) -> Result<Option<TraceEvent>> {
         if let Some(first) = self.first.take() {
             self.events += 1;
             return Ok(Some(first));
@@ -441,7 +444,7 @@ impl<'a> TraceReader<'a> {
     }
 
     /// One line after the first event: an event, a comment or a blank line.
-    fn body_line(&mut self, bytes: &[u8]) -> Result<Option<RawEvent>> {
+    fn body_line(&mut self, bytes: &[u8]) -> Result<Option<TraceEvent>> {
         let text = line_text(bytes).map_err(|m| self.error(m))?;
         if text.is_empty() {
             return Ok(None);
@@ -459,7 +462,7 @@ impl<'a> TraceReader<'a> {
     }
 
     /// Parse one event line.
-    fn event(&mut self, text: &str) -> std::result::Result<RawEvent, String> {
+    fn event(&mut self, text: &str) -> std::result::Result<TraceEvent, String> {
         let w = words(text);
         let v2 = self.header.version >= 2;
         let need = |fields: usize, form: &str| -> std::result::Result<(), String> {
@@ -538,7 +541,7 @@ impl<'a> TraceReader<'a> {
                 ))
             }
         };
-        Ok(RawEvent {
+        Ok(TraceEvent {
             op,
             time,
             line: self.line,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::check::{Planner, Step};
 use super::device_model::{DeviceModel, ModelCalls, ModelSource, ResolvedModel, SimulatedDevice};
-use super::read::RawEvent;
+use super::read::TraceEvent;
 use super::{Header, Trace, TraceReader};
 use crate::alloc::{
     set_thread_context, AllocatorConfig, CachingAllocator, Frames, HistoryConfig, MemoryProvider,
@@ -202,7 +202,7 @@ pub(crate) trait Source {
     /// The header (version, recorded run).
     fn header(&self) -> &Header;
     /// The next event and the stack frames of its allocation; `None` at the end.
-    fn next_event(&mut self) -> Result<Option<(RawEvent, Option<Frames>)>>;
+    fn next_event(&mut self) -> Result<Option<(TraceEvent, Option<Frames>)>>;
     /// Bytes of input read so far.
     fn input_bytes(&self) -> u64;
 }
@@ -214,7 +214,7 @@ impl Source for TraceReader<'_> {
     fn header(&self) -> &Header {
         TraceReader::header(self)
     }
-    fn next_event(&mut self) -> Result<Option<(RawEvent, Option<Frames>)>> {
+    fn next_event(&mut self) -> Result<Option<(TraceEvent, Option<Frames>)>> {
         Ok(TraceReader::next_event(self)?.map(|e| (e, None)))
     }
     fn input_bytes(&self) -> u64 {
