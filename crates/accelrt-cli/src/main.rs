@@ -1,4 +1,4 @@
-//! `accelrt`: device info, allocator trace replay and benchmarks.
+//! `accelrt`: device info, allocator trace replay and conversion, and benchmarks.
 
 mod bench;
 mod bench_events;
@@ -6,6 +6,7 @@ mod info;
 mod outputs;
 mod replay;
 mod snapshot_cmd;
+mod trace_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Draw or convert a memory snapshot (PyTorch pickle or accelrt JSON).
     Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Write memory snapshots out as v2 allocator traces.
+    Trace(trace_cmd::TraceArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::Replay(a) => replay::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Snapshot(a) => snapshot_cmd::run(a),
+        Command::Trace(a) => trace_cmd::run(a),
     };
     match result {
         Ok(code) => code,

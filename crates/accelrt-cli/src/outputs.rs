@@ -1,88 +1,17 @@
-//! What `accelrt replay` reads besides v1 traces (PyTorch snapshots, accelrt JSON
-//! snapshots) and what it writes besides the table (`--snapshot`, `--html`, `--profile`),
-//! plus its progress bar.
+//! What `accelrt replay` writes besides the table (`--snapshot`, `--html`, `--profile`, all
+//! from the snapshot of the replay itself, with history on), and its progress bar.
 
 use std::collections::HashSet;
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use accelrt::alloc::{format_size, Frames};
+use accelrt::alloc::format_size;
 use accelrt::profiler::{self, ProfilerTrace};
-use accelrt::snapshot::{self, FileKind, HtmlOptions};
-use accelrt::trace::{self, ReplayOptions, Trace};
+use accelrt::snapshot::{self, HtmlOptions, Snapshot};
+use accelrt::trace::{ReplayInput, ReplayOptions, ReplayOutcome};
 use accelrt::{DeviceType, Error};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-
-/// One replayable input: a trace file, or one device of a snapshot.
-pub struct Input {
-    /// The events.
-    pub trace: Trace,
-    /// Stack frames per event (snapshots that recorded them).
-    pub frames: Option<Vec<Option<Frames>>>,
-    /// What the file was, for headings: `trace`, `PyTorch snapshot`, `accelrt snapshot`.
-    pub kind: &'static str,
-}
-
-/// The name of a snapshot file without its extensions: `dir/mlp_train.snapshot.pickle` →
-/// `mlp_train`.
-fn snapshot_name(path: &Path) -> String {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    for suffix in [".gz", ".pickle", ".pkl", ".json", ".snapshot"] {
-        if let Some(stripped) = name.strip_suffix(suffix) {
-            if !stripped.is_empty() {
-                name = stripped.to_string();
-            }
-        }
-    }
-    if name.is_empty() {
-        "snapshot".into()
-    } else {
-        name
-    }
-}
-
-/// Read `path` as a v1 trace, a PyTorch snapshot pickle or an accelrt JSON snapshot
-/// (told apart by their first bytes; see [`snapshot::sniff`]).
-pub fn load_inputs(path: &Path) -> Result<Vec<Input>, Error> {
-    let shown = path.display().to_string();
-    let mut prefix = [0u8; 64];
-    let read = std::fs::File::open(path).and_then(|mut f| f.read(&mut prefix));
-    let Ok(n) = read else {
-        // The trace reader says what is wrong (missing file, a directory...) in its words.
-        return trace::load(path).map(|trace| {
-            vec![Input {
-                trace,
-                frames: None,
-                kind: "trace",
-            }]
-        });
-    };
-    let kind = match snapshot::sniff(&prefix[..n]) {
-        FileKind::Trace => {
-            return Ok(vec![Input {
-                trace: trace::load(path)?,
-                frames: None,
-                kind: "trace",
-            }])
-        }
-        FileKind::Pickle => "PyTorch snapshot",
-        FileKind::Json => "accelrt snapshot",
-    };
-    let snap = snapshot::load(path)?;
-    Ok(snap
-        .traces(&snapshot_name(path), &shown)?
-        .into_iter()
-        .map(|t| Input {
-            trace: t.trace,
-            frames: Some(t.frames),
-            kind,
-        })
-        .collect())
-}
 
 /// Where `--snapshot`, `--html` and `--profile` go.
 pub struct Outputs {
@@ -199,46 +128,46 @@ impl Outputs {
         path
     }
 
-    /// Replay `input` again with memory history on and write the requested files.
+    /// Write the requested files from the snapshot of `outcome`'s replay of `input`.
     pub fn write(
         &mut self,
-        input: &Input,
+        input: &ReplayInput,
+        snapshot: &Snapshot,
         config_label: &str,
         opts: &ReplayOptions,
-        backend: DeviceType,
-        progress: &Progress,
+        outcome: &ReplayOutcome,
     ) -> Result<Written, Error> {
-        let recorded =
-            snapshot::replay_recorded(&input.trace, input.frames.as_deref(), opts, &mut |done| {
-                progress.set_inner(done)
-            })?;
-        progress.finish_inner(input.trace.ops.len() as u64);
         let mut written = Written::default();
-        let trace = &input.trace;
         if let Some(base) = self.snapshot.clone() {
-            let path = self.path_for(&base, &trace.name, config_label);
-            recorded.snapshot.save(&path)?;
+            let path = self.path_for(&base, &input.name, config_label);
+            snapshot.save(&path)?;
             written.snapshot = Some(path);
         }
         if let Some(base) = self.html.clone() {
-            let path = self.path_for(&base, &trace.name, config_label);
+            let path = self.path_for(&base, &input.name, config_label);
             let mut subtitle = vec![
-                format!("{} {}", input.kind, trace.source),
-                format!("replayed through accelrt's allocator, config: {config_label}"),
+                format!("{} {}", input.kind.name(), input.source),
+                format!(
+                    "replayed through accelrt's allocator, config: {config_label}, device model: \
+                     {}",
+                    outcome.report.device_model
+                ),
             ];
-            if let Some(c) = opts.capacity {
-                subtitle.push(format!("simulated device of {}", format_size(c)));
+            match &opts.target {
+                Some(t) => subtitle.push(format!("on {} (real device memory)", t.device)),
+                None => {
+                    if let Some(c) = opts.capacity {
+                        subtitle.push(format!("simulated device of {}", format_size(c)));
+                    }
+                }
             }
-            if backend != DeviceType::Host {
-                subtitle.push("history recorded on the simulated host device".into());
-            }
-            if let Some(e) = &recorded.error {
+            if let Some(e) = &outcome.error {
                 subtitle.push(format!("stopped early: {e}"));
             }
             let html = snapshot::render_html(
-                &recorded.snapshot,
+                snapshot,
                 &HtmlOptions {
-                    title: trace.name.clone(),
+                    title: input.name.clone(),
                     subtitle,
                     ..HtmlOptions::default()
                 },
@@ -247,20 +176,23 @@ impl Outputs {
             written.html = Some(path);
         }
         if let Some(base) = self.profile.clone() {
-            let path = self.path_for(&base, &trace.name, config_label);
-            let history = recorded
-                .snapshot
+            let path = self.path_for(&base, &input.name, config_label);
+            let device = opts.target.as_ref().map_or(0, |t| t.device.index);
+            let history = snapshot
                 .device_traces
-                .first()
+                .get(device as usize)
                 .cloned()
                 .unwrap_or_default();
             let start = history.first().map_or(0, |e| e.time_us);
             let end = history.last().map_or(start, |e| e.time_us);
             let t = ProfilerTrace {
-                device_type: DeviceType::Host,
+                device_type: opts
+                    .target
+                    .as_ref()
+                    .map_or(DeviceType::Host, |t| t.device.kind),
                 start_unix_us: start,
-                duration_us: (end - start) as f64,
-                events: profiler::history_events(0, &history, start),
+                duration_us: end.saturating_sub(start) as f64,
+                events: profiler::history_events(device, &history, start),
                 dropped: 0,
             };
             t.write_chrome_trace(&path)?;
@@ -277,55 +209,62 @@ fn write_file(path: &Path, bytes: &[u8], what: &str) -> Result<(), Error> {
     })
 }
 
-/// The progress bar: events replayed over the replays of one input. Hidden under `--json`
-/// or when stderr is not a terminal.
+/// The progress bar over the replays of one input (one per configuration): by bytes of the
+/// file for streamed traces, by events for inputs in memory. Hidden under `--json` or when
+/// stderr is not a terminal.
 pub struct Progress {
     bar: ProgressBar,
-    base: std::cell::Cell<u64>,
+    /// Units of one replay (bytes or events; 0 when unknown).
+    per_replay: u64,
+    by_bytes: bool,
+    replay: std::cell::Cell<u64>,
 }
 
 impl Progress {
-    /// A bar for `total` events of work labelled `label`.
-    pub fn new(quiet: bool, total: u64, label: &str) -> Progress {
+    /// A bar for `replays` replays of `input`.
+    pub fn new(quiet: bool, input: &ReplayInput, replays: usize) -> Progress {
+        let (per_replay, by_bytes) = match (input.input_len(), input.event_count()) {
+            (Some(bytes), _) => (bytes, true),
+            (None, Some(events)) => (events, false),
+            (None, None) => (0, false),
+        };
         let bar = if quiet || !std::io::stderr().is_terminal() {
             ProgressBar::hidden()
         } else {
+            let total = per_replay.max(1) * replays as u64;
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {msg} [{bar:30}] {human_pos}/{human_len} events ({elapsed})",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {percent}% ({elapsed})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
             );
-            bar.set_message(label.to_string());
             bar.enable_steady_tick(Duration::from_millis(120));
             bar
         };
         Progress {
             bar,
-            base: std::cell::Cell::new(0),
+            per_replay,
+            by_bytes,
+            replay: std::cell::Cell::new(0),
         }
     }
 
-    /// One replay of `events` events finished.
-    pub fn advance(&self, events: u64) {
-        self.base.set(self.base.get() + events);
-        self.bar.set_position(self.base.get());
-    }
-
-    /// Within a replay, `done` events are finished.
-    fn set_inner(&self, done: u64) {
-        self.bar.set_position(self.base.get() + done);
-    }
-
-    fn finish_inner(&self, events: u64) {
-        self.advance(events);
-    }
-
-    /// Set the label (e.g. the configuration being replayed).
-    pub fn set_label(&self, label: &str) {
+    /// Replay `k` (0-based) starts, labelled `label`.
+    pub fn start(&self, k: usize, label: &str) {
+        self.replay.set(k as u64);
         self.bar.set_message(label.to_string());
+        self.bar.set_position(k as u64 * self.per_replay);
+    }
+
+    /// Within the current replay, this far.
+    pub fn update(&self, p: &accelrt::trace::Progress) {
+        let done = if self.by_bytes {
+            p.input_bytes
+        } else {
+            p.events
+        };
+        self.bar
+            .set_position(self.replay.get() * self.per_replay + done.min(self.per_replay));
     }
 
     /// Run `f` (which prints) with the bar hidden.
@@ -404,17 +343,5 @@ mod tests {
             o.path_for(Path::new("a.html"), "t", "c"),
             PathBuf::from("a-2.html")
         );
-    }
-
-    #[test]
-    fn snapshot_names() {
-        for (path, want) in [
-            ("traces/mlp_train.snapshot.pickle", "mlp_train"),
-            ("x.pkl", "x"),
-            ("y.json", "y"),
-            (".pickle", ".pickle"),
-        ] {
-            assert_eq!(snapshot_name(Path::new(path)), want);
-        }
     }
 }

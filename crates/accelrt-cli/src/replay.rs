@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use accelrt::alloc::{format_size, AllocatorConfig, MemoryProvider};
-use accelrt::trace::{self, ReplayOptions, ReplayOutcome, Trace};
+use accelrt::trace::{self, DeviceModel, ReplayInput, ReplayOptions, ReplayOutcome, ReplayTarget};
 use accelrt::{Device, DeviceType, Error};
 
 use crate::outputs;
@@ -14,9 +14,10 @@ use crate::outputs;
 /// Arguments of `accelrt replay`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplayArgs {
-    /// Trace files, plain text or gzip (see traces/FORMAT.md), e.g. traces/resnet50_train.trace.gz,
-    /// or memory snapshots: a PyTorch `torch.cuda.memory._dump_snapshot()` pickle (each
-    /// device's `alloc`/`free_requested` entries are replayed) or accelrt's JSON snapshot.
+    /// Trace files, v1 or v2, plain text or gzip (see traces/FORMAT.md), e.g.
+    /// traces/resnet50_train.trace.gz, or memory snapshots: a PyTorch
+    /// `torch.cuda.memory._dump_snapshot()` pickle (each device's `alloc`/`free_requested`
+    /// entries are replayed) or accelrt's JSON snapshot. Told apart by content.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
     /// Allocator configuration, in ACCELRT_ALLOC_CONF syntax (e.g. 'expandable_segments:true');
@@ -24,6 +25,13 @@ pub struct ReplayArgs {
     /// ACCELRT_ALLOC_CONF variable is not read here, so runs are reproducible).
     #[arg(long = "alloc-conf", value_name = "STR")]
     pub alloc_conf: Vec<String>,
+    /// When queued GPU work completes in the replay: `auto` (markers when the trace marks
+    /// every free, else the default lag), `markers`, `lag:2000us` (the GPU runs 2000 us behind
+    /// the CPU on timed traces), `lag:64ev` (64 events behind, for traces without times),
+    /// both (`lag:2000us,64ev`), or `instant` (every fence completes at once, as replays did
+    /// before the device model).
+    #[arg(long = "device-model", value_name = "MODEL", default_value = "auto")]
+    pub device_model: DeviceModel,
     /// One JSON object per trace and configuration, one a line.
     #[arg(long)]
     pub json: bool,
@@ -35,8 +43,8 @@ pub struct ReplayArgs {
     /// the default) or `cuda` (device 0's real memory, through cuMemAlloc).
     #[arg(long, value_name = "host|cuda", default_value = "host")]
     pub backend: DeviceType,
-    /// Replay again with memory history on and write the snapshot at the end of the replay,
-    /// with its full history: a PyTorch pickle (loadable by pickle.load and
+    /// Record the replay's memory history and write the snapshot at its end, with the
+    /// history: a PyTorch pickle (loadable by pickle.load and
     /// https://pytorch.org/memory_viz), or accelrt's JSON when OUT ends in `.json`. With
     /// several traces or configurations, the trace and configuration are added to the name.
     #[arg(long, value_name = "OUT.pickle")]
@@ -77,6 +85,10 @@ struct NamedConfig {
     config: AllocatorConfig,
 }
 
+/// The widest configuration label the table shows; longer ones are cut with an ellipsis
+/// (the JSON output keeps them whole).
+const MAX_LABEL: usize = 48;
+
 /// Run `accelrt replay`. Exits non-zero when any trace could not be read or replayed to the
 /// end, after printing every result it has; each failure is on stderr, naming file and line.
 pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
@@ -88,7 +100,8 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
             args.backend
         )));
     }
-    let target = backend_provider(args.backend)?;
+    let target =
+        backend_provider(args.backend)?.map(|(device, provider)| ReplayTarget { device, provider });
     if cfg!(debug_assertions) && !args.json {
         eprintln!(
             "note: this is a debug build; ns/call is only meaningful with `cargo run --release`"
@@ -104,7 +117,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
     );
     let mut shown = 0;
     for path in &args.files {
-        let inputs = match outputs::load_inputs(path) {
+        let inputs = match trace::open(path) {
             Ok(inputs) => inputs,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -116,50 +129,34 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
             outputs.set_several_inputs();
         }
         for input in &inputs {
-            let trace = &input.trace;
-            let passes = configs.len() as u64 * if outputs.any() { 2 } else { 1 };
-            let progress =
-                outputs::Progress::new(args.json, passes * trace.ops.len() as u64, &trace.name);
-            if !args.json {
-                if shown > 0 {
-                    println!();
-                }
-                shown += 1;
-                if let Some((device, _)) = &target {
-                    println!("backend: {device} (real device memory)");
-                }
-                print_trace_heading(trace);
-            }
+            let progress = outputs::Progress::new(args.json, input, configs.len());
             let mut rows = Vec::with_capacity(configs.len());
             let mut files = Vec::new();
-            for named in &configs {
-                progress.set_label(&format!("{} [{}]", trace.name, named.label));
+            for (k, named) in configs.iter().enumerate() {
+                progress.start(k, &format!("{} [{}]", input.name, cut(&named.label)));
                 let opts = ReplayOptions {
                     config: named.config.clone(),
                     capacity: args.capacity,
+                    device_model: args.device_model,
+                    history: outputs.any(),
+                    target: target.clone(),
+                    ..ReplayOptions::default()
                 };
-                let outcome = match &target {
-                    None => trace::replay(trace, &opts),
-                    Some((device, provider)) => {
-                        trace::replay_on(trace, &opts.config, Arc::clone(provider), *device)
-                    }
-                };
-                progress.advance(trace.ops.len() as u64);
+                let outcome = input.replay(&opts, &mut |p| progress.update(p));
                 let mut written = outputs::Written::default();
-                if outputs.any() {
-                    match outputs.write(input, &named.label, &opts, args.backend, &progress) {
+                if let Some(snapshot) = &outcome.snapshot {
+                    match outputs.write(input, snapshot, &named.label, &opts, &outcome) {
                         Ok(w) => written = w,
                         Err(e) => {
                             failed = true;
-                            progress.suspend(|| eprintln!("error: [{}] {e}", named.label));
+                            progress.suspend(|| eprintln!("error: [{}] {e}", cut(&named.label)));
                         }
                     }
                 }
                 if args.json {
-                    let mut line = json_line(trace, named, &outcome, args.capacity);
+                    let mut line = json_line(input, named, &outcome, args.capacity);
                     if let Some(map) = line.as_object_mut() {
                         map.insert("backend".into(), args.backend.name().into());
-                        map.insert("input".into(), input.kind.into());
                         for (key, file) in [
                             ("snapshot_file", &written.snapshot),
                             ("html_file", &written.html),
@@ -187,13 +184,21 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
                     } else {
                         String::new()
                     };
-                    progress.suspend(|| eprintln!("error: [{}] {e}{hint}", named.label));
+                    progress.suspend(|| eprintln!("error: [{}] {e}{hint}", cut(&named.label)));
                 }
-                rows.push((named.label.as_str(), outcome));
+                rows.push((named, outcome));
             }
             progress.clear();
             if !args.json {
-                print_table(trace, &rows);
+                if shown > 0 {
+                    println!();
+                }
+                shown += 1;
+                if let Some(t) = &target {
+                    println!("backend: {} (real device memory)", t.device);
+                }
+                print_heading(input, &rows);
+                print_table(input, &rows);
                 files.iter().for_each(outputs::Written::announce);
             }
         }
@@ -216,9 +221,17 @@ fn parse_configs(confs: &[String]) -> Result<Vec<NamedConfig>, Error> {
         .iter()
         .map(|conf| {
             let conf = conf.trim();
+            if !conf.is_empty() && conf.chars().all(|c| c == ',' || c.is_whitespace()) {
+                return Err(Error::Config(format!(
+                    "--alloc-conf '{}' has only separators and no option: write key:value \
+                     pairs (e.g. expandable_segments:false), or '' for the default",
+                    cut(conf)
+                )));
+            }
             let config = AllocatorConfig::parse(conf).map_err(|e| {
                 Error::Config(format!(
-                    "--alloc-conf '{conf}': {}",
+                    "--alloc-conf '{}': {}",
+                    cut(conf),
                     strip_config_prefix(&e)
                 ))
             })?;
@@ -239,17 +252,60 @@ fn strip_config_prefix(e: &Error) -> String {
     }
 }
 
-fn print_trace_heading(trace: &Trace) {
-    let streams = trace.stream_count();
+/// `text` cut to [`MAX_LABEL`] characters, with an ellipsis when cut.
+fn cut(text: &str) -> String {
+    if text.chars().count() <= MAX_LABEL {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(MAX_LABEL - 1).collect();
+    out.push('…');
+    out
+}
+
+/// The trace's line above the table: what it holds (as the replay read it), what it was
+/// recorded from, and which device model the predictions come from.
+fn print_heading(input: &ReplayInput, rows: &[(&NamedConfig, ReplayOutcome)]) {
+    // The replay that read the most describes the trace.
+    let Some(r) = rows.iter().map(|(_, o)| &o.report).max_by_key(|r| r.ops) else {
+        return;
+    };
+    let partial = if r.completed { "" } else { " before the stop" };
     println!(
-        "{}  ({}: {} events, {} allocations on {} stream{}, peak live {})",
-        trace.name,
-        trace.source,
-        group(trace.ops.len() as u64),
-        group(trace.alloc_count() as u64),
-        streams,
-        if streams == 1 { "" } else { "s" },
-        format_size(trace::peak_live_bytes(trace)),
+        "{}  ({}: {} events{partial}, {} allocations on {} stream{}, peak live {})",
+        input.name,
+        input.source,
+        group(r.ops),
+        group(r.allocations),
+        r.streams,
+        if r.streams == 1 { "" } else { "s" },
+        format_size(r.peak_allocated_bytes),
+    );
+    let h = &input.header;
+    if h.version >= 2 {
+        let mut recorded = Vec::new();
+        if let Some(w) = &h.workload {
+            recorded.push(cut(w));
+        }
+        if let Some(a) = &h.allocator {
+            recorded.push(format!("allocator {}", cut(a)));
+        }
+        if let Some(c) = &h.conf {
+            recorded.push(format!("conf {}", cut(c)));
+        }
+        if let Some(d) = &h.recorded_on {
+            recorded.push(format!("on {}", cut(d)));
+        }
+        if let Some(w) = &h.recorded_with {
+            recorded.push(format!("with {}", cut(w)));
+        }
+        if !recorded.is_empty() {
+            println!("  recorded: {}", recorded.join(", "));
+        }
+    }
+    println!(
+        "  predictions: device model = {} ({})",
+        r.device_model,
+        r.device_model_source.describe(r.device_model)
     );
 }
 
@@ -257,17 +313,45 @@ fn ratio_text(r: Option<f64>) -> String {
     r.map_or_else(|| "-".to_string(), |r| format!("{r:.3}x"))
 }
 
-fn print_table(trace: &Trace, rows: &[(&str, ReplayOutcome)]) {
-    let torch_label = trace.torch.as_ref().map(|t| {
+fn bytes_text(b: Option<u64>) -> String {
+    b.map_or_else(|| "-".to_string(), format_size)
+}
+
+/// (predicted - real) / real for peak reserved, when the configuration is the recorded one.
+fn prediction_error(
+    input: &ReplayInput,
+    named: &NamedConfig,
+    outcome: &ReplayOutcome,
+) -> Option<f64> {
+    let real = input.header.real_peak_reserved?;
+    (real > 0 && outcome.report.completed && input.header.is_recorded_config(&named.config))
+        .then(|| (outcome.report.peak_reserved_bytes as f64 - real as f64) / real as f64)
+}
+
+fn print_table(input: &ReplayInput, rows: &[(&NamedConfig, ReplayOutcome)]) {
+    let torch_label = input.torch.as_ref().map(|t| {
         format!(
             "PyTorch ({}, recorded)",
-            t.conf.as_deref().unwrap_or("unknown conf")
+            cut(t.conf.as_deref().unwrap_or("unknown conf"))
         )
     });
-    let width = rows
+    let h = &input.header;
+    let real = (h.real_peak_reserved.is_some() || h.real_peak_allocated.is_some()).then(|| {
+        format!(
+            "real run ({})",
+            cut(h
+                .allocator
+                .as_deref()
+                .or(h.conf.as_deref())
+                .unwrap_or("recorded"))
+        )
+    });
+    let labels: Vec<String> = rows.iter().map(|(n, _)| cut(&n.label)).collect();
+    let width = labels
         .iter()
-        .map(|(label, _)| label.chars().count())
-        .chain(torch_label.iter().map(|l| l.chars().count()))
+        .chain(&torch_label)
+        .chain(&real)
+        .map(|l| l.chars().count())
         .chain(std::iter::once("config".len()))
         .max()
         .unwrap_or(6);
@@ -282,12 +366,12 @@ fn print_table(trace: &Trace, rows: &[(&str, ReplayOutcome)]) {
         "OOMs",
         "ns/call"
     );
-    for (label, outcome) in rows {
+    for (label, (_, outcome)) in labels.iter().zip(rows) {
         let r = &outcome.report;
-        let events = if r.completed() {
+        let events = if r.completed {
             group(r.ops)
         } else {
-            format!("{}/{}", group(r.ops), group(r.total_ops))
+            format!("{} (stop)", group(r.ops))
         };
         println!(
             "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>4}  {:>8.1}",
@@ -301,38 +385,85 @@ fn print_table(trace: &Trace, rows: &[(&str, ReplayOutcome)]) {
             r.ns_per_call,
         );
     }
-    if let (Some(t), Some(label)) = (&trace.torch, torch_label) {
-        println!(
-            "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>4}  {:>8}",
-            label,
-            "-",
-            t.peak_allocated
-                .map_or_else(|| "-".to_string(), format_size),
-            t.peak_reserved.map_or_else(|| "-".to_string(), format_size),
-            ratio_text(t.ratio()),
-            "-",
-            "-",
-            "-",
-        );
+    let recorded_rows = [
+        (
+            torch_label,
+            input
+                .torch
+                .as_ref()
+                .map(|t| (t.peak_allocated, t.peak_reserved, t.ratio())),
+        ),
+        (
+            real,
+            Some((h.real_peak_allocated, h.real_peak_reserved, h.real_ratio())),
+        ),
+    ];
+    for (label, figures) in recorded_rows {
+        if let (Some(label), Some((allocated, reserved, ratio))) = (label, figures) {
+            println!(
+                "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>4}  {:>8}",
+                label,
+                "-",
+                bytes_text(allocated),
+                bytes_text(reserved),
+                ratio_text(ratio),
+                "-",
+                "-",
+                "-",
+            );
+        }
+    }
+    for (label, (named, outcome)) in labels.iter().zip(rows) {
+        if let Some(e) = prediction_error(input, named, outcome) {
+            println!(
+                "  prediction error, peak reserved ({label} is the recorded configuration): {:+.2}%",
+                e * 100.0
+            );
+        }
+    }
+    if h.real_peak_reserved.is_some() && !rows.iter().any(|(n, _)| h.is_recorded_config(&n.config))
+    {
+        match &h.conf {
+            Some(c) if h.recorded_config().is_some() => println!(
+                "  (no replayed configuration is the recorded one; add --alloc-conf '{}' to \
+                 compare with the real run)",
+                cut(c)
+            ),
+            Some(c) => println!(
+                "  (the recorded conf '{}' is not a configuration this accelrt reads: no \
+                 prediction error)",
+                cut(c)
+            ),
+            None => println!("  (the trace does not say which configuration it ran under)"),
+        }
     }
 }
 
 fn json_line(
-    trace: &Trace,
+    input: &ReplayInput,
     named: &NamedConfig,
     outcome: &ReplayOutcome,
     capacity: Option<u64>,
 ) -> serde_json::Value {
     let r = &outcome.report;
-    let torch = trace.torch.as_ref();
+    let torch = input.torch.as_ref();
+    let h = &input.header;
     serde_json::json!({
         "trace": r.trace,
-        "file": trace.source,
+        "file": input.source,
+        "input": input.kind.name(),
+        "format_version": h.version,
         "config": named.label,
         "config_canonical": r.config,
+        "device_model": r.device_model,
+        "device_model_source": r.device_model_source,
         "ops": r.ops,
         "total_ops": r.total_ops,
-        "completed": r.completed(),
+        "completed": r.completed,
+        "allocations": r.allocations,
+        "streams": r.streams,
+        "record_streams": r.record_streams,
+        "markers": r.markers,
         "peak_allocated_bytes": r.peak_allocated_bytes,
         "peak_reserved_bytes": r.peak_reserved_bytes,
         "ratio": r.ratio(),
@@ -340,11 +471,21 @@ fn json_line(
         "ooms": r.ooms,
         "ns_per_call": r.ns_per_call,
         "seconds": r.seconds,
+        "history": r.history,
         "capacity_bytes": capacity,
+        "device_calls": r.device_calls,
+        "driver_calls": r.driver_calls,
         "torch_peak_allocated_bytes": torch.and_then(|t| t.peak_allocated),
         "torch_peak_reserved_bytes": torch.and_then(|t| t.peak_reserved),
         "torch_ratio": torch.and_then(|t| t.ratio()),
         "torch_conf": torch.and_then(|t| t.conf.clone()),
+        "recorded_allocator": h.allocator,
+        "recorded_conf": h.conf,
+        "recorded_conf_matches": h.is_recorded_config(&named.config),
+        "real_peak_reserved_bytes": h.real_peak_reserved,
+        "real_peak_allocated_bytes": h.real_peak_allocated,
+        "real_ratio": h.real_ratio(),
+        "prediction_error": prediction_error(input, named, outcome),
         "error": outcome.error.as_ref().map(|e| e.to_string()),
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
     })

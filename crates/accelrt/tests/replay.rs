@@ -1,12 +1,16 @@
 //! Replaying traces through the caching allocator: the shipped traces complete with
-//! consistent figures, an undersized device stops with an OOM naming the line, and the
-//! allocator stays consistent either way.
+//! consistent figures, an undersized device stops with an OOM naming the line, the
+//! allocator stays consistent either way, and the device model decides when memory used on
+//! other streams can be reused.
 
 use std::sync::Arc;
 
 use accelrt::alloc::{AllocatorConfig, CachingAllocator, MemoryProvider};
 use accelrt::backend::host::HostMemory;
-use accelrt::trace::{self, ReplayOptions, Trace, TraceOp};
+use accelrt::snapshot::Timeline;
+use accelrt::trace::{
+    self, DeviceModel, ModelSource, ReplayInput, ReplayOptions, ResolvedModel, Trace, TraceOp,
+};
 use accelrt::{Device, DeviceType, Error, Stream};
 
 const GIB: u64 = 1 << 30;
@@ -39,6 +43,7 @@ fn live_at_end(t: &Trace) -> u64 {
             TraceOp::Free { id } => {
                 live.remove(&id);
             }
+            TraceOp::RecordStream { .. } | TraceOp::Complete { .. } => {}
         }
     }
     live.values().sum()
@@ -138,6 +143,7 @@ fn replay_builds_its_own_device() {
             ..AllocatorConfig::default()
         },
         capacity: Some(16 * GIB),
+        ..ReplayOptions::default()
     };
     let report = trace::replay(&t, &opts).into_result().unwrap();
     assert_eq!(report.peak_allocated_bytes, 3_192_592_912);
@@ -258,13 +264,16 @@ fn undersized_device_stops_with_an_oom_naming_the_line() {
     alloc.empty_cache().unwrap();
     alloc.check_invariants().unwrap();
 
-    // The same through `replay` with a capacity.
+    // The same through `replay` with a capacity (instant: the allocator above has no
+    // device model either).
     let opts = ReplayOptions {
         config: AllocatorConfig {
             debug_checks: false,
             ..AllocatorConfig::default()
         },
         capacity: Some(capacity),
+        device_model: DeviceModel::Instant,
+        ..ReplayOptions::default()
     };
     let again = trace::replay(&t, &opts);
     assert!(again.is_out_of_memory());
@@ -332,59 +341,240 @@ fn zero_byte_allocations_replay() {
 }
 
 #[test]
-fn a_hand_built_invalid_trace_is_refused_before_replay() {
-    // Built without `Trace::from_ops`, so never validated.
-    let t = Trace {
-        name: "bad".into(),
-        ops: vec![
-            TraceOp::Alloc {
+fn a_hand_built_invalid_trace_stops_at_the_bad_event() {
+    // Built without `Trace::from_ops`, so never validated: the replay checks as it goes and
+    // stops at the bad event, after replaying the ones before it.
+    let cases = [
+        (
+            vec![
+                TraceOp::Alloc {
+                    id: 1,
+                    size: 10,
+                    stream: 0,
+                },
+                TraceOp::Free { id: 2 },
+            ],
+            vec![5, 9],
+            (9, 1, "free of unknown id 2"),
+        ),
+        (
+            vec![TraceOp::Alloc {
                 id: 1,
                 size: 10,
-                stream: 0,
-            },
-            TraceOp::Free { id: 2 },
-        ],
-        torch: None,
-        lines: vec![5, 9],
-        source: "bad.trace".into(),
-    };
-    let alloc = allocator(GIB, AllocatorConfig::default());
-    let outcome = trace::replay_into(&t, &alloc);
-    assert_eq!(outcome.report.ops, 0, "nothing is replayed");
-    match outcome.error {
-        Some(Error::Parse {
-            file,
-            line,
-            message,
-        }) => {
-            assert_eq!((file.as_str(), line), ("bad.trace", 9));
-            assert!(message.contains("free of unknown id 2"), "{message}");
+                stream: 5000,
+            }],
+            vec![],
+            (1, 0, "stream 5000 is over 4095"),
+        ),
+    ];
+    for (ops, lines, (want_line, want_ops, want)) in cases {
+        let t = Trace {
+            name: "bad".into(),
+            ops,
+            torch: None,
+            lines,
+            source: "bad.trace".into(),
+            header: trace::Header::default(),
+            times: Vec::new(),
+        };
+        let alloc = allocator(GIB, AllocatorConfig::default());
+        let outcome = trace::replay_into(&t, &alloc);
+        assert_eq!(outcome.report.ops, want_ops, "{want}");
+        assert!(!outcome.report.completed);
+        match &outcome.error {
+            Some(Error::Parse {
+                file,
+                line,
+                message,
+            }) => {
+                assert_eq!((file.as_str(), *line), ("bad.trace", want_line));
+                assert!(message.contains(want), "{message}");
+            }
+            other => panic!("{other:?}"),
         }
-        other => panic!("{other:?}"),
+        assert!(
+            outcome.cause.is_none(),
+            "an input error, not the allocator's"
+        );
+        alloc.check_invariants().unwrap();
     }
-    assert_eq!(alloc.stats().counters.num_device_alloc, 0);
+}
 
-    // A stream the allocator does not serve stops the replay at that line.
-    let t = Trace {
-        name: "wide".into(),
-        ops: vec![TraceOp::Alloc {
-            id: 1,
-            size: 10,
-            stream: 5000,
-        }],
-        torch: None,
-        lines: vec![],
-        source: "wide.trace".into(),
-    };
-    let outcome = trace::replay_into(&t, &alloc);
-    match outcome.error {
-        Some(Error::Parse { line, .. }) => assert_eq!(line, 1),
-        other => panic!("{other:?}"),
+const BIG: u64 = 64 * MIB;
+
+/// A block used on a second stream (`u`), freed, then wanted again on its own stream:
+/// whether the second allocation can take it depends on whether the device has passed the
+/// second stream's use, i.e. on the device model. Plain segments, as PyTorch's allocator:
+/// reuse keeps one segment, no reuse takes a second.
+fn cross_stream(marker: Option<u64>, second_at: u64) -> Trace {
+    let mut text = format!("#accelrt-trace v2\na 1 {BIG} 0 0\nu 1 1 10\nf 1 20\n");
+    if let Some(t) = marker {
+        text.push_str(&format!("c 1 {t}\n"));
     }
-    assert!(
-        matches!(outcome.cause, Some(Error::InvalidStream { .. })),
-        "{:?}",
-        outcome.cause
-    );
-    alloc.check_invariants().unwrap();
+    text.push_str(&format!("a 2 {BIG} 0 {second_at}\n"));
+    trace::parse_bytes("cross", text.as_bytes()).unwrap()
+}
+
+#[test]
+fn the_device_model_decides_when_a_cross_stream_free_is_reusable() {
+    let plain = AllocatorConfig::parse("expandable_segments:false,release_at_peak:false").unwrap();
+    let lag = |us| DeviceModel::Lag {
+        us: Some(us),
+        events: None,
+    };
+    // (model, marker time, time of the second allocation, capacity, segments of BIG reserved)
+    let cases = [
+        // No device model: the use on stream 1 is not waited for.
+        (DeviceModel::Instant, None, 30, None, 1),
+        // Markers: only a marker that came due by the second allocation frees the block.
+        (DeviceModel::Markers, None, 30, None, 2),
+        (DeviceModel::Markers, Some(25), 30, None, 1),
+        (DeviceModel::Markers, Some(30), 30, None, 1),
+        (DeviceModel::Markers, Some(40), 30, None, 2),
+        // The default model of a timed trace without markers=all is the lag.
+        (DeviceModel::Auto, None, 20 + 2_000, None, 1),
+        (DeviceModel::Auto, None, 20 + 1_999, None, 2),
+        // Lag: the free's event completes L microseconds after the free.
+        (lag(5), None, 30, None, 1),
+        (lag(50), None, 30, None, 2),
+        (lag(50), Some(21), 30, None, 1),
+        // At the device's limit the allocator waits for the pending free (the CPU
+        // synchronizes) and reuses the block instead of failing.
+        (DeviceModel::Markers, None, 30, Some(BIG + BIG / 2), 1),
+    ];
+    for (model, marker, second_at, capacity, segments) in cases {
+        let t = cross_stream(marker, second_at);
+        let opts = ReplayOptions {
+            config: plain.clone(),
+            device_model: model,
+            capacity,
+            ..ReplayOptions::default()
+        };
+        let what = format!("{model} marker {marker:?} second at {second_at} capacity {capacity:?}");
+        let r = trace::replay(&t, &opts)
+            .into_result()
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(r.peak_reserved_bytes, segments * BIG, "{what}: {r:?}");
+        assert_eq!(r.ooms, 0, "{what}");
+        assert_eq!(
+            (r.record_streams, r.markers),
+            (1, u64::from(marker.is_some())),
+            "{what}"
+        );
+        if model != DeviceModel::Instant {
+            let calls = r.device_calls.unwrap();
+            assert_eq!(
+                calls.records, 1,
+                "{what}: one event on stream 1 at the free"
+            );
+            assert_eq!(
+                calls.synchronizes >= 1,
+                capacity.is_some(),
+                "{what}: the CPU waits only at the limit: {calls:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn instant_is_the_replay_without_a_device() {
+    // `instant` gives the allocator no event source: the same figures as replaying on an
+    // allocator built without one.
+    for name in ["resnet50_train.trace.gz", "gpt2_train.trace.gz"] {
+        let t = shipped(name);
+        for conf in ["", "expandable_segments:false", "release_at_peak:false"] {
+            let config = AllocatorConfig::parse(conf).unwrap();
+            let opts = ReplayOptions {
+                config: config.clone(),
+                capacity: Some(64 * GIB),
+                device_model: DeviceModel::Instant,
+                ..ReplayOptions::default()
+            };
+            let a = trace::replay(&t, &opts).into_result().unwrap();
+            let b = trace::replay_into(&t, &allocator(64 * GIB, config))
+                .into_result()
+                .unwrap();
+            assert_eq!(a.device_model, ResolvedModel::Instant);
+            assert!(a.device_calls.is_none());
+            assert_eq!(
+                (
+                    a.peak_reserved_bytes,
+                    a.peak_allocated_bytes,
+                    a.device_allocs
+                ),
+                (
+                    b.peak_reserved_bytes,
+                    b.peak_allocated_bytes,
+                    b.device_allocs
+                ),
+                "{name} [{conf}]"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_model_used_is_reported() {
+    let v1 = trace::parse_bytes("v1", b"a 0 10 0\nf 0\n").unwrap();
+    let v2 = trace::parse_bytes("v2", b"#accelrt-trace v2\na 0 10 0 0\nf 0 5\n").unwrap();
+    let marked = trace::parse_bytes(
+        "marked",
+        b"#accelrt-trace v2\n#! markers=all\na 0 10 0 0\nf 0 5\nc 0 9\n",
+    )
+    .unwrap();
+    let lag = DeviceModel::Lag {
+        us: Some(700),
+        events: Some(9),
+    };
+    // (trace, asked, reported model, source)
+    let cases = [
+        (&v1, DeviceModel::Auto, "lag:64ev", ModelSource::Default),
+        (&v2, DeviceModel::Auto, "lag:2000us", ModelSource::Default),
+        (&marked, DeviceModel::Auto, "markers", ModelSource::Trace),
+        (&v1, lag, "lag:9ev", ModelSource::Asked),
+        (&v2, lag, "lag:700us", ModelSource::Asked),
+        (&marked, DeviceModel::Instant, "instant", ModelSource::Asked),
+    ];
+    for (t, asked, model, source) in cases {
+        let opts = ReplayOptions {
+            device_model: asked,
+            ..ReplayOptions::default()
+        };
+        let r = trace::replay(t, &opts).into_result().unwrap();
+        assert_eq!(
+            (r.device_model.to_string().as_str(), r.device_model_source),
+            (model, source),
+            "{} asked {asked}",
+            t.name
+        );
+        assert_eq!(r.total_ops, Some(t.ops.len() as u64));
+    }
+}
+
+#[test]
+fn history_comes_from_the_same_replay() {
+    let t = shipped("resnet50_train.trace.gz");
+    let input = ReplayInput::from_trace(t.clone(), None);
+    for history in [false, true] {
+        let opts = ReplayOptions {
+            history,
+            ..ReplayOptions::default()
+        };
+        let outcome = input.replay(&opts, &mut |_| {});
+        let r = &outcome.report;
+        assert!(r.completed && r.history == history, "{r:?}");
+        match (&outcome.snapshot, history) {
+            (None, false) => {}
+            (Some(snap), true) => {
+                let tl = Timeline::build(snap, 0);
+                assert_eq!(tl.peak_allocated.allocated, r.peak_allocated_bytes);
+                assert_eq!(tl.peak_reserved.reserved, r.peak_reserved_bytes);
+                assert_eq!(
+                    snap.allocator_settings["device_model"],
+                    r.device_model.to_string()
+                );
+            }
+            (s, h) => panic!("history {h}: snapshot {}", s.is_some()),
+        }
+    }
 }

@@ -10,7 +10,9 @@
 //! - [`Snapshot::to_pickle`] / [`Snapshot::to_json`]: loadable by Python's `pickle.load`,
 //!   by PyTorch's memory visualiser (<https://pytorch.org/memory_viz>) and by [`load`].
 //! - [`Snapshot::traces`]: the `alloc` / `free_requested` entries of each device as a
-//!   [`Trace`] to replay through accelrt's allocator, with the frames of each allocation.
+//!   [`Trace`] to replay through accelrt's allocator, with the frames of each allocation,
+//!   the entries' times and completion markers (a v2 trace; `accelrt trace convert` writes
+//!   it out).
 //! - [`replay_recorded`]: replay a trace with memory history on and return the snapshot at
 //!   the **end** of the replay with the **full** history (PyTorch's meaning of a snapshot:
 //!   its segments are the state after the last history entry, so PyTorch's visualiser can
@@ -34,9 +36,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::alloc::{BlockStatus, Frames, MemorySnapshot, SegmentInfo, TraceAction, TraceEntry};
 use crate::error::{Error, Result};
-use crate::trace::{TorchPeaks, Trace, TraceOp, MAX_SIZE, MAX_STREAM};
+use crate::trace::{Header, Markers, TorchPeaks, Trace, TraceOp, MAX_SIZE, MAX_STREAM};
 
 pub use html::{render_html, HtmlOptions};
+pub(crate) use record::settings_json;
 pub use record::{replay_recorded, RecordedReplay};
 pub use timeline::{PeakState, Timeline, TimelinePoint};
 
@@ -69,10 +72,14 @@ pub struct Snapshot {
 pub struct SnapshotTrace {
     /// The device index in the snapshot.
     pub device: u32,
-    /// The `alloc` / `free_requested` entries as trace events. `trace.lines[i]` is the
-    /// 1-based position of event `i`'s entry in `device_traces[device]`; `trace.torch` holds
+    /// The `alloc` / `free_requested` entries as trace events, and a completion marker for
+    /// each `free_completed` that came later than its request (cross-stream frees).
+    /// `trace.lines[i]` is the 1-based position of event `i`'s entry in
+    /// `device_traces[device]`; `trace.times` the entries' `time_us` relative to the first
+    /// entry (a v2 trace; a v1 trace when the entries carry no times); `trace.torch` holds
     /// what the recorded run reached (peak live requested bytes, peak reserved bytes from the
-    /// segment entries, `PYTORCH_CUDA_ALLOC_CONF`).
+    /// segment entries, `PYTORCH_CUDA_ALLOC_CONF`); `trace.header` the allocator and its
+    /// accelrt equivalent ([`Snapshot::recorded_header`]).
     pub trace: Trace,
     /// The stack frames of each event (`Some` for allocations that recorded them).
     pub frames: Vec<Option<Frames>>,
@@ -356,6 +363,12 @@ impl Snapshot {
                 source,
             )?;
             let reserved = self.recorded_peak_reserved(d as u32);
+            if t.trace.is_timed() {
+                t.trace.header = Header {
+                    version: 2,
+                    ..self.recorded_header()
+                };
+            }
             t.trace.torch = Some(TorchPeaks {
                 peak_allocated: Some(crate::trace::peak_live_bytes(&t.trace)),
                 peak_reserved: reserved,
@@ -427,14 +440,45 @@ fn device_trace(
         at: format!("device_traces[{device}][{i}]"),
         message,
     };
-    // Live address -> (trace id, entry index); freed address -> entry index of the free.
+    // Times relative to the first entry; a history without times (older PyTorch) is untimed.
+    let start = entries.first().map_or(0, |e| e.time_us);
+    let timed = entries.iter().any(|e| e.time_us != start);
+    let rel = |i: usize, e: &TraceEntry| -> Result<u64> {
+        e.time_us.checked_sub(start).ok_or_else(|| {
+            err(
+                i,
+                format!(
+                    "time_us {} is earlier than the first entry's {start}: entries are in the \
+                     order they happened",
+                    e.time_us
+                ),
+            )
+        })
+    };
+    // Live address -> (trace id, entry index); freed address -> its free, until completed.
     let mut live: HashMap<u64, (u64, usize)> = HashMap::new();
-    let mut freed: HashMap<u64, usize> = HashMap::new();
+    let mut freed: HashMap<u64, Request> = HashMap::new();
     let mut ops = Vec::new();
     let mut lines = Vec::new();
+    let mut times = Vec::new();
     let mut frames = Vec::new();
     let mut next_id = 0u64;
+    let mut last_time = (0u64, 0usize);
     for (i, e) in entries.iter().enumerate() {
+        let time = if timed { rel(i, e)? } else { 0 };
+        let call = matches!(e.action, TraceAction::Alloc | TraceAction::FreeRequested);
+        if call && time < last_time.0 {
+            return Err(err(
+                i,
+                format!(
+                    "time_us goes backwards: {} after {} at entry {}; the allocator's calls are \
+                     recorded in the order they happened",
+                    e.time_us,
+                    last_time.0 + start,
+                    last_time.1
+                ),
+            ));
+        }
         match e.action {
             TraceAction::Alloc => {
                 if e.size > MAX_SIZE {
@@ -479,10 +523,10 @@ fn device_trace(
                     return Err(err(
                         i,
                         match freed.get(&e.addr) {
-                            Some(at) => format!(
-                                "free_requested of {:#x}, which entry {at} already freed \
+                            Some(r) => format!(
+                                "free_requested of {:#x}, which entry {} already freed \
                                  (double free)",
-                                e.addr
+                                e.addr, r.entry
                             ),
                             None => format!(
                                 "free_requested of {:#x}, which no earlier alloc entry \
@@ -496,13 +540,56 @@ fn device_trace(
                         },
                     ));
                 };
-                freed.insert(e.addr, i);
+                freed.insert(
+                    e.addr,
+                    Request {
+                        id,
+                        entry: i,
+                        time,
+                        completed: false,
+                    },
+                );
                 ops.push(TraceOp::Free { id });
+                frames.push(None);
+            }
+            TraceAction::FreeCompleted if timed => {
+                // PyTorch (and accelrt) write free_completed as the entry right after
+                // free_requested for a block no other stream used (its time may be a few
+                // microseconds later: it is read again); only one that comes after other
+                // entries (events on other streams had to complete first) says anything
+                // about the device.
+                let Some(r) = freed.get_mut(&e.addr) else {
+                    continue;
+                };
+                if r.completed {
+                    continue;
+                }
+                r.completed = true;
+                if i == r.entry + 1 {
+                    continue;
+                }
+                if time < r.time {
+                    return Err(err(
+                        i,
+                        format!(
+                            "free_completed at time_us {} is earlier than its free_requested \
+                             (entry {})",
+                            e.time_us, r.entry
+                        ),
+                    ));
+                }
+                ops.push(TraceOp::Complete { id: r.id });
                 frames.push(None);
             }
             _ => continue,
         }
+        if call {
+            last_time = (time, i);
+        }
         lines.push(i as u64 + 1);
+        if timed {
+            times.push(time);
+        }
     }
     Ok(SnapshotTrace {
         device: device as u32,
@@ -512,9 +599,117 @@ fn device_trace(
             torch: None,
             lines,
             source: trace_source.to_string(),
+            header: if timed {
+                Header::v2()
+            } else {
+                Header::default()
+            },
+            times,
         },
         frames,
     })
+}
+
+/// A `free_requested` whose `free_completed` may still come.
+struct Request {
+    id: u64,
+    entry: usize,
+    time: u64,
+    completed: bool,
+}
+
+/// The accelrt configuration equivalent to a PyTorch `PYTORCH_CUDA_ALLOC_CONF` and the
+/// allocator's name (`pytorch-native`, `pytorch-expandable`), or `None` for the configuration
+/// when the string has options accelrt has no equivalent for (e.g. `backend:cudaMallocAsync`).
+///
+/// PyTorch's native allocator is accelrt's `expandable_segments:false,release_at_peak:false`,
+/// its expandable segments `expandable_segments:true,release_at_peak:false`; the options both
+/// share (`max_split_size_mb`, `roundup_power2_divisions`, `garbage_collection_threshold`,
+/// `max_non_split_rounding_mb`) carry over, pinned-memory options do not matter.
+pub fn pytorch_conf_equivalent(conf: &str) -> (String, Option<String>) {
+    let mut expandable = false;
+    let mut shared = Vec::new();
+    let mut known = true;
+    let mut allocator = None;
+    let mut depth = 0i32;
+    let mut items = Vec::new();
+    let mut item = String::new();
+    for c in conf.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(std::mem::take(&mut item));
+                continue;
+            }
+            _ => {}
+        }
+        item.push(c);
+    }
+    items.push(item);
+    for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        let (key, value) = item.split_once(':').unwrap_or((item, ""));
+        let (key, value) = (key.trim(), value.trim());
+        match key {
+            "expandable_segments" => {
+                expandable = matches!(value.to_ascii_lowercase().as_str(), "true" | "1")
+            }
+            "max_split_size_mb"
+            | "roundup_power2_divisions"
+            | "garbage_collection_threshold"
+            | "max_non_split_rounding_mb" => shared.push(format!("{key}:{value}")),
+            "backend" if value == "native" => {}
+            "backend" => {
+                allocator = Some(format!("pytorch-{value}"));
+                known = false;
+            }
+            k if k.starts_with("pinned_") || k == "release_lock_on_cudamalloc" => {}
+            _ => known = false,
+        }
+    }
+    let allocator = allocator.unwrap_or_else(|| {
+        if expandable {
+            "pytorch-expandable".into()
+        } else {
+            "pytorch-native".into()
+        }
+    });
+    let mut accelrt = vec![
+        format!("expandable_segments:{expandable}"),
+        "release_at_peak:false".to_string(),
+    ];
+    accelrt.extend(shared);
+    let accelrt = accelrt.join(",");
+    let ok = known && crate::alloc::AllocatorConfig::parse(&accelrt).is_ok();
+    (allocator, ok.then_some(accelrt))
+}
+
+impl Snapshot {
+    /// What the snapshot says about the run it was taken of, as a trace header: the allocator
+    /// (`accelrt` for accelrt's snapshots, else PyTorch's, from `PYTORCH_CUDA_ALLOC_CONF`),
+    /// its accelrt configuration ([`pytorch_conf_equivalent`]), and `markers=cross_stream`
+    /// (only later `free_completed` entries become markers). Real peaks are not derived: a
+    /// snapshot's segment entries are not the run's `max_memory_reserved()`.
+    pub fn recorded_header(&self) -> Header {
+        let settings = &self.allocator_settings;
+        let conf = settings
+            .get("PYTORCH_CUDA_ALLOC_CONF")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let (allocator, conf) =
+            if settings.get("allocator").and_then(|v| v.as_str()) == Some("accelrt") {
+                ("accelrt".to_string(), Some(conf.to_string()))
+            } else {
+                pytorch_conf_equivalent(conf)
+            };
+        Header {
+            version: 2,
+            allocator: Some(allocator),
+            conf,
+            markers: Markers::CrossStream,
+            ..Header::default()
+        }
+    }
 }
 
 /// PyTorch's name of a block state.

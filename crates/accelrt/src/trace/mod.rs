@@ -1,8 +1,9 @@
-//! Allocator traces: the v1 text format of `traces/FORMAT.md`, and their replay.
+//! Allocator traces: the text formats of `traces/FORMAT.md` (v1 and v2), read as a stream,
+//! and one replay engine for them and for memory snapshots.
 //!
 //! A trace is the sequence of allocate and free calls a real program made to its device
 //! allocator. One event a line, optionally gzip-compressed (detected by the gzip magic bytes,
-//! not by the file name):
+//! not by the file name). Version 1:
 //!
 //! ```text
 //! # comment lines start with '#'
@@ -10,10 +11,22 @@
 //! f ID                  free the allocation named ID
 //! ```
 //!
-//! The reader treats its input as hostile: every malformed line is an
-//! [`Error::Parse`] naming the file, the 1-based line and the problem, never a panic. Id
-//! liveness (no duplicate live id, no free of an unknown or already-freed id) is checked while
-//! parsing, so a parsed [`Trace`] always replays without bookkeeping errors.
+//! Version 2 starts with the line `#accelrt-trace v2`, has `#! key=value` header lines
+//! (the recorded run: its device, allocator, configuration and real peaks), and gives every
+//! event the CPU time of the call in microseconds, plus record-stream (`u ID STREAM T`) and
+//! completion-marker (`c ID T`) events.
+//!
+//! The reader treats its input as hostile: every malformed line is an [`Error::Parse`]
+//! naming the file, the 1-based line and the problem, never a panic. Id liveness (no
+//! duplicate live id, no free of an unknown or already-freed id), markers and times are
+//! checked as events are read, with memory that follows the live allocations, not the
+//! length of the file.
+//!
+//! - [`load`] / [`parse_bytes`] / [`parse_reader`]: a whole [`Trace`] in memory.
+//! - [`open`]: a file of any kind `accelrt replay` takes (trace, PyTorch snapshot pickle,
+//!   accelrt JSON snapshot, plain or gzip), as [`ReplayInput`]s that replay by streaming.
+//! - [`replay()`], [`replay_reader`], [`ReplayInput::replay`]: the replay engine
+//!   ([`replay`](mod@replay)), with a simulated device ([`device_model`]).
 //!
 //! ```
 //! let text = "# torch peak_allocated=1536 peak_reserved=2097152 conf=native\n\
@@ -24,16 +37,27 @@
 //! assert_eq!(trace.torch.as_ref().unwrap().peak_reserved, Some(2 << 20));
 //! ```
 
+pub mod device_model;
 pub mod replay;
 
-use std::collections::hash_map::Entry;
+mod check;
+mod input;
+mod read;
+mod write;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 
-pub use replay::{replay, replay_into, replay_on, ReplayOptions, ReplayOutcome, ReplayReport};
+pub use device_model::{DeviceModel, ModelSource, ResolvedModel, SimulatedDevice};
+pub use input::{open, InputKind, ReplayInput};
+pub use read::{TraceEvent, TraceReader};
+pub use replay::{
+    replay, replay_into, replay_reader, Progress, ReplayOptions, ReplayOutcome, ReplayReport,
+    ReplayTarget,
+};
 
 /// The largest size one trace event may request: 2^48 bytes (256 TiB).
 pub const MAX_SIZE: u64 = 1 << 48;
@@ -41,11 +65,26 @@ pub const MAX_SIZE: u64 = 1 << 48;
 /// The largest stream number a trace may use.
 pub const MAX_STREAM: u32 = 4095;
 
-/// The longest line the reader accepts, comments included (a valid event line is < 64 bytes).
+/// The longest line the reader accepts, comments included (a valid event line is < 100 bytes).
 pub const MAX_LINE_LEN: usize = 64 * 1024;
 
-/// The gzip magic bytes.
-const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// The largest time a v2 event may carry: 2^48 microseconds (about 8.9 years).
+pub const MAX_TIME_US: u64 = 1 << 48;
+
+/// The largest peak a v2 header may state: 2^60 bytes.
+pub const MAX_HEADER_BYTES: u64 = 1 << 60;
+
+/// Most `#!` header lines a v2 trace may have.
+pub const MAX_HEADER_KEYS: usize = 256;
+
+/// How many of the latest frees the reader remembers at least (at most twice as many): a
+/// completion marker must follow its free within this many frees, and a double free further
+/// back than this may be reported as a free of an unknown id. Keeps the reader's memory
+/// bounded by the live set plus this window.
+pub const FREED_WINDOW: usize = 1 << 16;
+
+/// The first line of a v2 trace.
+pub const V2_MAGIC: &str = "#accelrt-trace v2";
 
 /// One allocator call of a trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,9 +103,23 @@ pub enum TraceOp {
         /// Name of a live allocation.
         id: u64,
     },
+    /// `u ID STREAM` (v2): the live allocation `id` is used on trace stream `stream` too
+    /// (PyTorch's `record_stream`).
+    RecordStream {
+        /// Name of a live allocation.
+        id: u64,
+        /// Trace stream number (at most [`MAX_STREAM`]).
+        stream: u32,
+    },
+    /// `c ID` (v2): by this event's time, every piece of work queued before the free of
+    /// `id` (on its stream and every stream a `u` named) had completed on the device.
+    Complete {
+        /// Name of a freed allocation.
+        id: u64,
+    },
 }
 
-/// What PyTorch's own allocator reached on the run the trace was recorded from, from the
+/// What PyTorch's own allocator reached on the run a v1 trace was recorded from, from the
 /// header comment `torch peak_allocated=N peak_reserved=N conf=...`. Each field is present
 /// only when the header carries it in a readable form.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -82,57 +135,207 @@ pub struct TorchPeaks {
 impl TorchPeaks {
     /// PyTorch's peak reserved / peak allocated, when both are known and allocated is non-zero.
     pub fn ratio(&self) -> Option<f64> {
-        match (self.peak_reserved, self.peak_allocated) {
-            (Some(r), Some(a)) if a > 0 => Some(r as f64 / a as f64),
-            _ => None,
+        ratio(self.peak_reserved, self.peak_allocated)
+    }
+}
+
+fn ratio(reserved: Option<u64>, allocated: Option<u64>) -> Option<f64> {
+    match (reserved, allocated) {
+        (Some(r), Some(a)) if a > 0 => Some(r as f64 / a as f64),
+        _ => None,
+    }
+}
+
+/// Which frees of a v2 trace carry completion markers (header key `markers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Markers {
+    /// The header does not say.
+    #[default]
+    Unstated,
+    /// `markers=all`: the recorder wrote a marker for every free whose completion it
+    /// observed (accelrt's recorder). The default device model then follows the markers.
+    All,
+    /// `markers=cross_stream`: only frees whose completion came later than the request, as
+    /// PyTorch's snapshots record them (`free_completed`).
+    CrossStream,
+    /// `markers=none`.
+    None,
+}
+
+impl Markers {
+    /// The header value (`all`, `cross_stream`, `none`); `None` when unstated.
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Markers::Unstated => None,
+            Markers::All => Some("all"),
+            Markers::CrossStream => Some("cross_stream"),
+            Markers::None => Some("none"),
         }
     }
 }
 
-/// A parsed, validated allocator trace.
+/// A trace's header: the format version and, for v2, the recorded run (`#! key=value`
+/// lines). Known keys are parsed into fields; unknown ones are kept in [`Header::other`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// 1 or 2.
+    pub version: u32,
+    /// `workload`: what ran.
+    pub workload: Option<String>,
+    /// `recorded_on`: the device's name.
+    pub recorded_on: Option<String>,
+    /// `recorded_with`: e.g. `PyTorch 2.11.0+cu130`.
+    pub recorded_with: Option<String>,
+    /// `allocator`: `accelrt`, `pytorch-native`, `pytorch-expandable`, ...
+    pub allocator: Option<String>,
+    /// `conf`: the accelrt configuration the recorded allocator corresponds to.
+    pub conf: Option<String>,
+    /// `real_peak_reserved`: the recorded run's `max_memory_reserved()`, bytes.
+    pub real_peak_reserved: Option<u64>,
+    /// `real_peak_allocated`: the recorded run's `max_memory_allocated()`, bytes.
+    pub real_peak_allocated: Option<u64>,
+    /// `markers`: which frees carry completion markers.
+    pub markers: Markers,
+    /// Every other `#! key=value`, in file order.
+    pub other: Vec<(String, String)>,
+}
+
+impl Default for Header {
+    fn default() -> Self {
+        Header {
+            version: 1,
+            workload: None,
+            recorded_on: None,
+            recorded_with: None,
+            allocator: None,
+            conf: None,
+            real_peak_reserved: None,
+            real_peak_allocated: None,
+            markers: Markers::Unstated,
+            other: Vec::new(),
+        }
+    }
+}
+
+impl Header {
+    /// A v2 header with nothing recorded yet.
+    pub fn v2() -> Header {
+        Header {
+            version: 2,
+            ..Header::default()
+        }
+    }
+
+    /// The real run's peak reserved / peak allocated, when both are known.
+    pub fn real_ratio(&self) -> Option<f64> {
+        ratio(self.real_peak_reserved, self.real_peak_allocated)
+    }
+
+    /// The recorded configuration, parsed; `None` without a `conf` key or when this accelrt
+    /// cannot read it (then no configuration matches it).
+    pub fn recorded_config(&self) -> Option<crate::alloc::AllocatorConfig> {
+        let conf = self.conf.as_deref()?;
+        crate::alloc::AllocatorConfig::parse(conf).ok()
+    }
+
+    /// Whether `config` is the recorded configuration (compared as parsed configurations;
+    /// `debug_checks`, which changes no decision, is ignored).
+    pub fn is_recorded_config(&self, config: &crate::alloc::AllocatorConfig) -> bool {
+        let Some(recorded) = self.recorded_config() else {
+            return false;
+        };
+        let plain = |c: &crate::alloc::AllocatorConfig| crate::alloc::AllocatorConfig {
+            debug_checks: false,
+            ..c.clone()
+        };
+        plain(&recorded) == plain(config)
+    }
+}
+
+/// A parsed, validated allocator trace held in memory. Files are better replayed by
+/// streaming ([`open`], [`replay_reader`]); this form is for traces made in code, snapshots,
+/// and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trace {
     /// Short name: the file name without `.gz` and `.trace`, or the name given to [`parse_bytes`].
     pub name: String,
     /// The events in order.
     pub ops: Vec<TraceOp>,
-    /// PyTorch's figures from the header comment, when present.
+    /// PyTorch's figures from a v1 header comment, when present.
     pub torch: Option<TorchPeaks>,
     /// The 1-based source line of each event (same length as `ops`), for messages.
     pub lines: Vec<u64>,
     /// Where the trace came from (the path as given), for messages.
     pub source: String,
+    /// The header (version 1 for untimed traces).
+    pub header: Header,
+    /// The CPU time of each event in microseconds (same length as `ops`), or empty for an
+    /// untimed (v1) trace.
+    pub times: Vec<u64>,
 }
 
 impl Trace {
-    /// Build a trace from events made in code, validating them as the reader does
-    /// (event `i` is reported as line `i + 1`).
+    /// Build an untimed (v1) trace from events made in code, validating them as the reader
+    /// does (event `i` is reported as line `i + 1`). `RecordStream` and `Complete` events
+    /// need times: use [`Trace::from_timed_ops`].
     pub fn from_ops(name: &str, ops: Vec<TraceOp>, torch: Option<TorchPeaks>) -> Result<Trace> {
-        let mut checker = Liveness::default();
-        for (i, op) in ops.iter().enumerate() {
-            let line = i as u64 + 1;
-            let problem = match *op {
-                TraceOp::Alloc { id, size, stream } => check_alloc_values(size, stream)
-                    .err()
-                    .or_else(|| checker.alloc(id, line).err()),
-                TraceOp::Free { id } => checker.free(id, line).err(),
-            };
-            if let Some(message) = problem {
-                return Err(Error::Parse {
-                    file: name.to_string(),
-                    line,
-                    message,
-                });
-            }
-        }
         let lines = (1..=ops.len() as u64).collect();
-        Ok(Trace {
+        let trace = Trace {
             name: name.to_string(),
             ops,
             torch,
             lines,
             source: name.to_string(),
-        })
+            header: Header::default(),
+            times: Vec::new(),
+        };
+        trace.validate()?;
+        Ok(trace)
+    }
+
+    /// Build a timed (v2) trace from `(event, time in microseconds)` pairs made in code,
+    /// validating them as the reader does.
+    pub fn from_timed_ops(name: &str, ops: Vec<(TraceOp, u64)>, header: Header) -> Result<Trace> {
+        let lines = (1..=ops.len() as u64).collect();
+        let (ops, times) = ops.into_iter().unzip();
+        let trace = Trace {
+            name: name.to_string(),
+            ops,
+            torch: None,
+            lines,
+            source: name.to_string(),
+            header: Header {
+                version: 2,
+                ..header
+            },
+            times,
+        };
+        trace.validate()?;
+        Ok(trace)
+    }
+
+    /// Whether the events carry times (a v2 trace).
+    pub fn is_timed(&self) -> bool {
+        self.header.version >= 2
+    }
+
+    /// Check the events as the reader checks a file: values in range, ids live where they
+    /// must be, times never going backwards, markers after their frees.
+    pub fn validate(&self) -> Result<()> {
+        let mut source = input::MemorySource::new(self, None);
+        let mut planner = check::Planner::new(self.is_timed());
+        let mut steps = Vec::new();
+        while let Some((event, _)) = source.next_event()? {
+            steps.clear();
+            planner
+                .plan(&event, None, &mut steps)
+                .map_err(|message| Error::Parse {
+                    file: self.source.clone(),
+                    line: event.line,
+                    message,
+                })?;
+        }
+        Ok(())
     }
 
     /// The source line of event `index` (its position + 1 when the line is not recorded).
@@ -155,58 +358,12 @@ impl Trace {
             .iter()
             .filter_map(|op| match op {
                 TraceOp::Alloc { stream, .. } => Some(*stream),
-                TraceOp::Free { .. } => None,
+                _ => None,
             })
             .collect();
         seen.sort_unstable();
         seen.dedup();
         seen.len()
-    }
-
-    /// Write the trace in the v1 text format (header comments, then one event a line).
-    /// [`parse_bytes`] reads the result back to an equal trace (up to `lines` and `source`).
-    pub fn write_to(&self, mut w: impl Write) -> std::io::Result<()> {
-        // Names come from file names and may hold anything: keep the comment on one line.
-        writeln!(w, "# allocator trace v1: '{}'", self.name.escape_debug())?;
-        if let Some(t) = &self.torch {
-            let mut header = String::from("# torch");
-            if let Some(a) = t.peak_allocated {
-                header.push_str(&format!(" peak_allocated={a}"));
-            }
-            if let Some(r) = t.peak_reserved {
-                header.push_str(&format!(" peak_reserved={r}"));
-            }
-            if let Some(c) = &t.conf {
-                // One whitespace-free word, as the reader expects.
-                let word: String = c
-                    .chars()
-                    .map(|ch| {
-                        if ch.is_whitespace() || ch.is_control() {
-                            '_'
-                        } else {
-                            ch
-                        }
-                    })
-                    .collect();
-                header.push_str(&format!(" conf={word}"));
-            }
-            writeln!(w, "{header}")?;
-        }
-        for op in &self.ops {
-            match *op {
-                TraceOp::Alloc { id, size, stream } => writeln!(w, "a {id} {size} {stream}")?,
-                TraceOp::Free { id } => writeln!(w, "f {id}")?,
-            }
-        }
-        Ok(())
-    }
-
-    /// The trace in the v1 text format, as [`Trace::write_to`] writes it.
-    pub fn to_text(&self) -> String {
-        let mut out = Vec::new();
-        self.write_to(&mut out)
-            .expect("writing to a Vec cannot fail");
-        String::from_utf8(out).expect("the trace writer writes only UTF-8 strings")
     }
 }
 
@@ -230,29 +387,19 @@ pub fn peak_live_bytes(trace: &Trace) -> u64 {
                     current -= size;
                 }
             }
+            TraceOp::RecordStream { .. } | TraceOp::Complete { .. } => {}
         }
     }
     peak
 }
 
-/// Read a trace file, plain text or gzip. The trace's name is the file name without `.gz`
-/// and `.trace` (or `.txt`).
+/// Read a whole trace file, plain text or gzip, into memory. The trace's name is the file
+/// name without `.gz` and `.trace` (or `.txt`). To replay a file, [`open`] streams it
+/// instead.
 pub fn load(path: impl AsRef<Path>) -> Result<Trace> {
     let path = path.as_ref();
     let shown = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| Error::Io {
-        path: shown.clone(),
-        message: format!("cannot open the trace file: {e}"),
-    })?;
-    if let Ok(meta) = file.metadata() {
-        if meta.is_dir() {
-            return Err(Error::Io {
-                path: shown,
-                message: "is a directory: pass a trace file (e.g. traces/resnet50_train.trace.gz)"
-                    .into(),
-            });
-        }
-    }
+    let file = input::open_file(path, "trace")?;
     let mut trace = parse_reader(&name_from_path(path), &shown, file)?;
     trace.source = shown;
     Ok(trace)
@@ -264,31 +411,55 @@ pub fn parse_bytes(name: &str, bytes: &[u8]) -> Result<Trace> {
     parse_reader(name, name, bytes)
 }
 
-/// Parse a trace from any reader (plain text or gzip). `name` becomes [`Trace::name`];
+/// Parse a whole trace from any reader (plain text or gzip). `name` becomes [`Trace::name`];
 /// `file` is what error messages call the input.
 pub fn parse_reader(name: &str, file: &str, reader: impl Read) -> Result<Trace> {
-    let mut reader = reader;
-    let (magic, n) = read_magic(&mut reader).map_err(|e| io_error(file, 1, &e, false))?;
-    let gzip = n == GZIP_MAGIC.len() && magic == GZIP_MAGIC;
-    // Put the peeked bytes back in front of the rest.
-    let input = BufReader::with_capacity(64 * 1024, (&magic[..n]).chain(reader));
-    let mut parser = Parser::new(name, file, gzip);
-    if gzip {
-        let decoder = flate2::bufread::MultiGzDecoder::new(input);
-        parser.run(BufReader::with_capacity(64 * 1024, decoder))?;
-    } else {
-        parser.run(input)?;
+    let mut r = TraceReader::new(file, reader)?;
+    let header = r.header().clone();
+    let torch = r.torch().cloned();
+    let timed = r.is_timed();
+    let mut planner = check::Planner::new(timed);
+    let (mut ops, mut lines, mut times) = (Vec::new(), Vec::new(), Vec::new());
+    let mut steps = Vec::new();
+    while let Some(event) = r.next_event()? {
+        steps.clear();
+        planner
+            .plan(&event, None, &mut steps)
+            .map_err(|message| Error::Parse {
+                file: file.to_string(),
+                line: event.line,
+                message,
+            })?;
+        ops.push(event.op);
+        lines.push(event.line);
+        if let Some(t) = event.time {
+            times.push(t);
+        }
     }
-    parser.finish()
+    Ok(Trace {
+        name: name.to_string(),
+        ops,
+        torch,
+        lines,
+        source: file.to_string(),
+        header,
+        times,
+    })
 }
 
 /// The trace name of a path: `dir/resnet50_train.trace.gz` → `resnet50_train`.
-fn name_from_path(path: &Path) -> String {
+pub(crate) fn name_from_path(path: &Path) -> String {
+    strip_name(path, &[".gz", ".txt", ".trace"], "trace")
+}
+
+/// The file name of `path` without the given suffixes (each stripped once, in order, as
+/// long as something is left), or `fallback`.
+pub(crate) fn strip_name(path: &Path, suffixes: &[&str], fallback: &str) -> String {
     let mut name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    for suffix in [".gz", ".txt", ".trace"] {
+    for suffix in suffixes {
         if let Some(stripped) = name.strip_suffix(suffix) {
             if !stripped.is_empty() {
                 name = stripped.to_string();
@@ -296,100 +467,14 @@ fn name_from_path(path: &Path) -> String {
         }
     }
     if name.is_empty() {
-        "trace".to_string()
+        fallback.to_string()
     } else {
         name
     }
 }
 
-/// Read up to the first two bytes (fewer only at end of input).
-fn read_magic(r: &mut impl Read) -> std::io::Result<([u8; 2], usize)> {
-    let mut magic = [0u8; 2];
-    let mut n = 0;
-    while n < magic.len() {
-        match r.read(&mut magic[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok((magic, n))
-}
-
-fn io_error(file: &str, line: u64, e: &std::io::Error, gzip: bool) -> Error {
-    let message = if gzip {
-        match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => format!(
-                "the gzip data is truncated ({e}): the file was cut short; copy or record it again"
-            ),
-            _ => format!("the gzip data is corrupt ({e}): the file is damaged or not a gzip-compressed trace"),
-        }
-    } else {
-        format!("read error: {e}")
-    };
-    Error::Parse {
-        file: file.to_string(),
-        line,
-        message,
-    }
-}
-
-/// Which allocation ids are live, and where each live or freed id was last seen.
-#[derive(Default)]
-struct Liveness {
-    /// Live id → line of its allocation.
-    live: HashMap<u64, u64>,
-    /// Freed id → line of its free (until the id is allocated again).
-    freed: HashMap<u64, u64>,
-}
-
-impl Liveness {
-    fn alloc(&mut self, id: u64, line: u64) -> std::result::Result<(), String> {
-        match self.live.entry(id) {
-            Entry::Occupied(e) => Err(format!(
-                "duplicate live id {id}: it was allocated at line {} and not freed since; \
-                 ids must be unique among live allocations",
-                e.get()
-            )),
-            Entry::Vacant(v) => {
-                v.insert(line);
-                self.freed.remove(&id);
-                Ok(())
-            }
-        }
-    }
-
-    fn free(&mut self, id: u64, line: u64) -> std::result::Result<(), String> {
-        if self.live.remove(&id).is_some() {
-            self.freed.insert(id, line);
-            return Ok(());
-        }
-        Err(match self.freed.get(&id) {
-            Some(at) => {
-                format!("free of id {id}, which was already freed at line {at} (double free)")
-            }
-            None => format!("free of unknown id {id}: no earlier line allocates it"),
-        })
-    }
-}
-
-fn check_alloc_values(size: u64, stream: u32) -> std::result::Result<(), String> {
-    if size > MAX_SIZE {
-        return Err(format!(
-            "size exceeds 256 TiB: {size} bytes requested, and a trace may request at most 2^48 bytes"
-        ));
-    }
-    if stream > MAX_STREAM {
-        return Err(format!(
-            "stream {stream} is over {MAX_STREAM}, the largest stream number a trace may use"
-        ));
-    }
-    Ok(())
-}
-
 /// Show an untrusted token in a message: escaped and cut short.
-fn shown(token: &str) -> String {
+pub(crate) fn shown(token: &str) -> String {
     let mut out: String = token
         .chars()
         .take(24)
@@ -401,321 +486,53 @@ fn shown(token: &str) -> String {
     out
 }
 
-/// Parse a non-negative decimal integer field.
-fn parse_u64_field(what: &str, token: &str) -> std::result::Result<u64, String> {
-    if token.is_empty() {
-        return Err(format!("{what} is empty; expected a non-negative integer"));
-    }
-    if let Some(rest) = token.strip_prefix('-') {
-        if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!(
-                "{what} {} is negative; expected a non-negative integer",
-                shown(token)
-            ));
-        }
-    }
-    if !token.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "{what} '{}' is not a non-negative integer",
-            shown(token)
-        ));
-    }
-    token
-        .parse::<u64>()
-        .map_err(|_| format!("{what} {} does not fit in 64 bits", shown(token)))
-}
-
-/// Streaming line parser with its state.
-struct Parser {
-    name: String,
-    file: String,
-    gzip: bool,
-    line: u64,
-    ops: Vec<TraceOp>,
-    lines: Vec<u64>,
-    torch: Option<TorchPeaks>,
-    liveness: Liveness,
-}
-
-enum LineRead {
-    Eof,
-    Line,
-    TooLong,
-}
-
-/// Read one line (without its `\n`) into `buf`, refusing lines over [`MAX_LINE_LEN`].
-fn read_line_limited<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<LineRead> {
-    buf.clear();
-    loop {
-        let available = match r.fill_buf() {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if available.is_empty() {
-            return Ok(if buf.is_empty() {
-                LineRead::Eof
-            } else {
-                LineRead::Line
-            });
-        }
-        let (take, done) = match available.iter().position(|&b| b == b'\n') {
-            Some(i) => (i, true),
-            None => (available.len(), false),
-        };
-        if buf.len() + take > MAX_LINE_LEN {
-            return Ok(LineRead::TooLong);
-        }
-        buf.extend_from_slice(&available[..take]);
-        r.consume(if done { take + 1 } else { take });
-        if done {
-            return Ok(LineRead::Line);
-        }
-    }
-}
-
-impl Parser {
-    fn new(name: &str, file: &str, gzip: bool) -> Self {
-        Parser {
-            name: name.to_string(),
-            file: file.to_string(),
-            gzip,
-            line: 0,
-            ops: Vec::new(),
-            lines: Vec::new(),
-            torch: None,
-            liveness: Liveness::default(),
-        }
-    }
-
-    fn error(&self, message: String) -> Error {
-        Error::Parse {
-            file: self.file.clone(),
-            line: self.line.max(1),
-            message,
-        }
-    }
-
-    fn run<R: BufRead>(&mut self, mut input: R) -> Result<()> {
-        let mut buf = Vec::with_capacity(128);
-        loop {
-            let read = read_line_limited(&mut input, &mut buf)
-                .map_err(|e| io_error(&self.file, self.line + 1, &e, self.gzip))?;
-            match read {
-                LineRead::Eof => return Ok(()),
-                LineRead::TooLong => {
-                    self.line += 1;
-                    return Err(self.error(format!(
-                        "line is longer than {MAX_LINE_LEN} bytes: this is not a trace file \
-                         (event lines look like 'a ID BYTES STREAM' or 'f ID')"
-                    )));
-                }
-                LineRead::Line => {
-                    self.line += 1;
-                    self.line_bytes(&buf)?;
-                }
-            }
-        }
-    }
-
-    fn line_bytes(&mut self, bytes: &[u8]) -> Result<()> {
-        let text = match std::str::from_utf8(bytes) {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(self.error(format!(
-                    "line is not text (invalid UTF-8 at byte {}): binary data, not a trace file",
-                    e.valid_up_to() + 1
-                )))
-            }
-        };
-        if let Some(pos) = text.bytes().position(|b| b == 0) {
-            return Err(self.error(format!(
-                "line contains a NUL byte at byte {}: binary data, not a trace file",
-                pos + 1
-            )));
-        }
-        let text = text.trim();
-        if text.is_empty() {
-            return Ok(());
-        }
-        if let Some(comment) = text.strip_prefix('#') {
-            if self.torch.is_none() {
-                self.torch = parse_torch_header(comment);
-            }
-            return Ok(());
-        }
-        let op = self.event(text).map_err(|m| self.error(m))?;
-        self.ops.push(op);
-        self.lines.push(self.line);
-        Ok(())
-    }
-
-    fn event(&mut self, text: &str) -> std::result::Result<TraceOp, String> {
-        let mut fields = text.split_ascii_whitespace();
-        let letter = fields.next().unwrap_or_default();
-        let rest: Vec<&str> = fields.collect();
-        match letter {
-            "a" => {
-                if rest.len() != 3 {
-                    return Err(format!(
-                        "an allocation needs 3 fields after 'a' (ID BYTES STREAM), found {}: '{}'",
-                        rest.len(),
-                        shown(text)
-                    ));
-                }
-                let id = parse_u64_field("id", rest[0])?;
-                let size = parse_u64_field("size", rest[1])?;
-                let stream = parse_u64_field("stream", rest[2])?;
-                let stream = u32::try_from(stream).unwrap_or(u32::MAX);
-                if stream > MAX_STREAM {
-                    return Err(format!(
-                        "stream {} is over {MAX_STREAM}, the largest stream number a trace may use",
-                        shown(rest[2])
-                    ));
-                }
-                check_alloc_values(size, stream)?;
-                self.liveness.alloc(id, self.line)?;
-                Ok(TraceOp::Alloc { id, size, stream })
-            }
-            "f" => {
-                if rest.len() != 1 {
-                    return Err(format!(
-                        "a free needs 1 field after 'f' (ID), found {}: '{}'",
-                        rest.len(),
-                        shown(text)
-                    ));
-                }
-                let id = parse_u64_field("id", rest[0])?;
-                self.liveness.free(id, self.line)?;
-                Ok(TraceOp::Free { id })
-            }
-            other => Err(format!(
-                "unknown event '{}': expected 'a ID BYTES STREAM' (allocate), 'f ID' (free) or a '#' comment",
-                shown(other)
-            )),
-        }
-    }
-
-    fn finish(self) -> Result<Trace> {
-        if self.ops.is_empty() {
-            let message = if self.line == 0 {
-                "the file is empty: expected event lines 'a ID BYTES STREAM' or 'f ID'".to_string()
-            } else {
-                format!(
-                    "no events in {} line(s) of comments and blank lines: expected event lines \
-                     'a ID BYTES STREAM' or 'f ID'",
-                    self.line
-                )
-            };
-            return Err(self.error(message));
-        }
-        Ok(Trace {
-            name: self.name,
-            ops: self.ops,
-            torch: self.torch,
-            lines: self.lines,
-            source: self.file,
-        })
-    }
-}
-
-/// Read `torch peak_allocated=N peak_reserved=N conf=...` out of a comment. The words after
-/// `torch` are `key=value` pairs; unreadable values leave their field empty.
-fn parse_torch_header(comment: &str) -> Option<TorchPeaks> {
-    let words: Vec<&str> = comment.split_ascii_whitespace().collect();
-    let start = words
-        .windows(2)
-        .position(|w| w[0] == "torch" && w[1].contains('='))?;
-    let mut peaks = TorchPeaks::default();
-    for word in &words[start + 1..] {
-        let Some((key, value)) = word.split_once('=') else {
-            break;
-        };
-        match key {
-            "peak_allocated" => peaks.peak_allocated = value.parse().ok(),
-            "peak_reserved" => peaks.peak_reserved = value.parse().ok(),
-            "conf" if !value.is_empty() => peaks.conf = Some(value.to_string()),
-            _ => {}
-        }
-    }
-    if peaks == TorchPeaks::default() {
-        None
-    } else {
-        Some(peaks)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn header_fields_are_optional() {
-        let p = parse_torch_header(
-            " lines: 'a ID' = allocate. torch peak_allocated=10 peak_reserved=20 conf=native",
-        )
-        .unwrap();
-        assert_eq!(p.peak_allocated, Some(10));
-        assert_eq!(p.peak_reserved, Some(20));
-        assert_eq!(p.conf.as_deref(), Some("native"));
-        assert_eq!(p.ratio(), Some(2.0));
-        let p = parse_torch_header(" torch peak_reserved=x conf=expandable_segments:True").unwrap();
-        assert_eq!(p.peak_reserved, None);
-        assert_eq!(p.conf.as_deref(), Some("expandable_segments:True"));
-        assert!(parse_torch_header(" recorded with torch 2.11").is_none());
-        assert!(parse_torch_header("").is_none());
-    }
-
-    #[test]
     fn names_come_from_paths() {
-        assert_eq!(
-            name_from_path(Path::new("traces/resnet50_train.trace.gz")),
-            "resnet50_train"
-        );
-        assert_eq!(name_from_path(Path::new("x.trace")), "x");
-        assert_eq!(name_from_path(Path::new(".gz")), ".gz");
-        assert_eq!(name_from_path(Path::new("/")), "trace");
-    }
-
-    #[test]
-    fn number_fields() {
-        assert_eq!(parse_u64_field("id", "007"), Ok(7));
-        assert!(parse_u64_field("id", "-3")
-            .unwrap_err()
-            .contains("negative"));
-        assert!(parse_u64_field("id", "+3")
-            .unwrap_err()
-            .contains("not a non-negative integer"));
-        assert!(parse_u64_field("id", "1e3")
-            .unwrap_err()
-            .contains("not a non-negative integer"));
-        assert!(parse_u64_field("id", "18446744073709551616")
-            .unwrap_err()
-            .contains("64 bits"));
-        assert_eq!(parse_u64_field("id", "18446744073709551615"), Ok(u64::MAX));
-    }
-
-    #[test]
-    fn one_byte_reader_parses_plain_and_gzip() {
-        // A reader that hands out one byte at a time must still be read correctly.
-        struct OneByte<'a>(&'a [u8]);
-        impl Read for OneByte<'_> {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                if self.0.is_empty() || buf.is_empty() {
-                    return Ok(0);
-                }
-                buf[0] = self.0[0];
-                self.0 = &self.0[1..];
-                Ok(1)
-            }
+        for (path, want) in [
+            ("traces/resnet50_train.trace.gz", "resnet50_train"),
+            ("x.trace", "x"),
+            (".gz", ".gz"),
+            ("/", "trace"),
+        ] {
+            assert_eq!(name_from_path(Path::new(path)), want, "{path}");
         }
-        let text = b"a 1 2 0\nf 1\n";
-        let t = parse_reader("t", "t", OneByte(text)).unwrap();
-        assert_eq!(t.ops.len(), 2);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(text).unwrap();
-        let gz = gz.finish().unwrap();
-        let t2 = parse_reader("t", "t", OneByte(&gz)).unwrap();
-        assert_eq!(t2, t);
+    }
+
+    #[test]
+    fn recorded_configs_compare_parsed() {
+        use crate::alloc::AllocatorConfig;
+        // (header conf, replayed conf, equal)
+        let cases = [
+            (
+                Some("expandable_segments:false,release_at_peak:false"),
+                "release_at_peak:false,expandable_segments:false",
+                true,
+            ),
+            (
+                Some("expandable_segments:true"),
+                "expandable_segments:true,debug_checks:true",
+                true,
+            ),
+            (Some(""), "", true),
+            (
+                Some("expandable_segments:true"),
+                "max_split_size_mb:64",
+                false,
+            ),
+            (Some("bogus:1"), "", false),
+            (None, "", false),
+        ];
+        for (conf, replayed, equal) in cases {
+            let h = Header {
+                conf: conf.map(str::to_string),
+                ..Header::v2()
+            };
+            let c = AllocatorConfig::parse(replayed).unwrap();
+            assert_eq!(h.is_recorded_config(&c), equal, "{conf:?} vs {replayed}");
+        }
     }
 }
