@@ -1650,7 +1650,10 @@ impl Drop for CachingAllocator {
             }
             let (pending, fence) = {
                 let mut st = pool.state.lock();
-                (std::mem::take(&mut st.pending), st.fence.take())
+                (
+                    std::mem::take(&mut st.pending),
+                    std::mem::take(&mut st.fences),
+                )
             };
             if let Some(events) = &self.events {
                 pending

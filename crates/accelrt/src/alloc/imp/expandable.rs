@@ -32,7 +32,7 @@ use parking_lot::MutexGuard;
 use super::{AllocatorEvent, CachingAllocator, SegmentFailure, StreamPool};
 use crate::alloc::chunks::{ChunkTable, Home};
 use crate::alloc::history::TraceAction;
-use crate::alloc::pool::{PoolState, Run, LENT, NIL, NO_CHUNK};
+use crate::alloc::pool::{PoolState, Run, LENT, MAX_FENCES, NIL, NO_CHUNK};
 use crate::alloc::provider::{ChunkHandle, ProviderError, VirtualMemory};
 use crate::alloc::size::pool_kind;
 use crate::error::{Error, Result};
@@ -425,7 +425,7 @@ impl CachingAllocator {
                 // (since, the fence to wait for on the device)
                 let (since, wait) = if synced || self.events.is_none() {
                     (u64::MAX, None)
-                } else if let Some((tick, ticket)) = st.fence {
+                } else if let Some(&(tick, ticket)) = st.fences.back() {
                     (tick, Some(ticket))
                 } else {
                     (st.safe_tick, None)
@@ -656,22 +656,24 @@ impl CachingAllocator {
     fn completed_fence(&self, pool: &StreamPool, record: bool) -> Option<u64> {
         let events = self.events.as_ref()?;
         let mut st = pool.state.lock();
-        if let Some((tick, ticket)) = st.fence {
+        while let Some(&(tick, ticket)) = st.fences.front() {
             self.driver.event_query.fetch_add(1, Relaxed);
             match events.query(ticket) {
                 Ok(true) => {
                     events.release(ticket);
                     st.safe_tick = st.safe_tick.max(tick);
-                    st.fence = None;
+                    st.fences.pop_front();
                 }
-                Ok(false) => {}
+                Ok(false) => break,
                 Err(_) => return None, // a broken stream: leave its memory alone
             }
         }
-        if record && st.fence.is_none() && st.tick > st.safe_tick {
+        let newest = st.fences.back().map_or(st.safe_tick, |&(t, _)| t);
+        if record && st.tick > newest && st.fences.len() < MAX_FENCES {
             self.driver.event_record.fetch_add(1, Relaxed);
             if let Ok(ticket) = events.record(pool.stream) {
-                st.fence = Some((st.tick, ticket));
+                let tick = st.tick;
+                st.fences.push_back((tick, ticket));
             }
         }
         (st.safe_tick > 0).then_some(st.safe_tick)
