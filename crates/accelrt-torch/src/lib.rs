@@ -8,7 +8,8 @@
 //! accepts (init, empty cache, memory fraction, record_stream, and the private-pool trio that
 //! graph capture and `torch.cuda.MemPool` use), and what a pluggable allocator normally loses:
 //! PyTorch's `memory_stats()` keys, snapshots in PyTorch's pickle layout, memory history, and
-//! out-of-memory figures. `python/accelrt_torch.py` wires all of it into PyTorch.
+//! out-of-memory figures. The `accelrt_torch` package in `python/` (its C++ shim implements
+//! PyTorch's whole `CUDAAllocator` over this ABI, see [`full`]) wires all of it into PyTorch.
 //!
 //! The C declarations, with the contract of each function, are in
 //! `crates/accelrt-torch/include/accelrt_torch.h`. No call unwinds or crashes on bad input:
