@@ -135,7 +135,8 @@ def features() -> None:
         return f"observer called {len(seen)}x; message: {msg[:120]}"
 
     def history():
-        torch.cuda.memory._record_memory_history(max_entries=10000)
+        # Python stacks only: symbolizing C++ frames can take long the first time.
+        torch.cuda.memory._record_memory_history(max_entries=10000, stacks="python")
         try:
             keep = torch.randn(12345, device=dev)
             gone = torch.randn(777, device=dev)

@@ -305,8 +305,9 @@ void tracker_trampoline(void* /*ctx*/, int action, int device, uint64_t addr,
 
 // ---- IPC ---------------------------------------------------------------------------------------
 
-// Handles this allocator writes: "ACRT" + kind, then the fields below. A 64-byte handle is a
-// bare cudaIpcMemHandle_t (what PyTorch's own allocator sends for plain memory).
+// Handles this allocator writes: "ACRT" + kind, then the fields below. Handles from PyTorch's
+// own allocator for plain memory (a cudaIpcMemHandle_t, bare or after two format bytes) open
+// too.
 constexpr char kIpcMagic[4] = {'A', 'C', 'R', 'T'};
 constexpr char kIpcPlain = 'P';
 constexpr char kIpcPages = 'V';
@@ -989,9 +990,12 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
   }
 
   std::shared_ptr<void> open_handle(const std::string& handle) {
-    if (handle.size() == CUDA_IPC_HANDLE_SIZE) {  // PyTorch's own allocator sent it
+    // PyTorch's own allocator sent it: a bare handle (older versions), or a version byte,
+    // 'c' (a cudaMalloc segment) and the handle.
+    if (handle.size() == CUDA_IPC_HANDLE_SIZE ||
+        (handle.size() == 2 + CUDA_IPC_HANDLE_SIZE && handle[1] == 'c')) {
       cudaIpcMemHandle_t h;
-      std::memcpy(&h, handle.data(), sizeof(h));
+      std::memcpy(&h, handle.data() + (handle.size() - CUDA_IPC_HANDLE_SIZE), sizeof(h));
       return open_plain(h, c10::cuda::current_device());
     }
     TORCH_CHECK(handle.size() > sizeof(kIpcMagic) &&

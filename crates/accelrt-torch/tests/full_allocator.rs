@@ -472,3 +472,28 @@ fn the_recorder_writes_a_v2_trace_with_completion_markers() {
     assert!(last().contains("cannot create"), "{}", last());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_shim_resolves_only_functions_the_header_declares() {
+    let shim = std::fs::read_to_string(
+        common_dir().join("../../python/accelrt_torch/accelrt_torch_shim.cpp"),
+    )
+    .expect("the shim's source is readable");
+    let header = std::fs::read_to_string(common_dir().join("include/accelrt_torch.h")).unwrap();
+    let resolved: Vec<&str> = shim
+        .split("resolve(handle, \"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    assert!(resolved.len() >= 30, "{resolved:?}");
+    for name in resolved {
+        assert!(
+            header.contains(&format!("{name}(")),
+            "the shim resolves {name}, which accelrt_torch.h does not declare"
+        );
+    }
+}
+
+fn common_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
