@@ -1,26 +1,40 @@
 #!/usr/bin/env python3
-"""accelrt_torch.py and libaccelrt_torch.so through ctypes, without PyTorch or a GPU.
+"""The accelrt_torch package and libaccelrt_torch.so through ctypes, without PyTorch or a GPU.
 
 Run by `cargo test -p accelrt-torch` (tests/python.rs) with ACCELRT_TORCH_LIB set to the
-library it built and ACCELRT_TORCH_BACKEND=host; or by hand:
+library it built and ACCELRT_TORCH_BACKEND=host; by CI against the installed package
+(`pip install ./python` in a fresh virtual environment, ACCELRT_TEST_INSTALLED=1: the package
+and its bundled library are imported from site-packages, and the .pth opt-in is checked); or
+by hand:
 
     ACCELRT_TORCH_BACKEND=host ACCELRT_TORCH_LIB=target/debug/libaccelrt_torch.so \
         python3 python/tests/test_accelrt_torch.py
 
-Exits non-zero on the first failure.
+Tests that need PyTorch print SKIP with the reason when it is not importable. Exits non-zero
+on the first failure; the last line is "N passed, N failed, N skipped".
 """
 
 import ctypes
+import gzip
+import json
 import os
 import pickle
+import subprocess
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
 sys.dont_write_bytecode = True
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+INSTALLED = os.environ.get("ACCELRT_TEST_INSTALLED") == "1"
+SOURCE = Path(__file__).resolve().parent.parent
+if not INSTALLED:
+    sys.path.insert(0, str(SOURCE))
 import accelrt_torch as at  # noqa: E402
+
+
+class Skip(Exception):
+    """The test cannot run here (the reason is the message)."""
 
 MiB = 1 << 20
 TORCH_KEYS = [
@@ -120,41 +134,145 @@ def test_bad_calls_raise_or_return_null_with_the_reason():
         raise AssertionError("max_entries 0 was accepted")
     lib().accelrt_torch_free(0x10, 16, 0, None)
     assert at.last_error().startswith("cannot free 0x10"), at.last_error()
+
+
+def test_find_library_says_how_to_get_one():
     try:
         at.find_library("/nonexistent/libaccelrt_torch.so")
     except FileNotFoundError as e:
-        assert "cargo build --release -p accelrt-torch" in str(e), e
+        assert "pip install ./python" in str(e), e
     else:
         raise AssertionError("a missing library was found")
 
 
-def test_shim_features_follow_the_installed_headers():
+def test_the_installed_package_carries_its_library():
+    if not INSTALLED:
+        raise Skip("runs against the pip-installed package (ACCELRT_TEST_INSTALLED=1)")
+    pkg = Path(at.__file__).resolve().parent
+    assert pkg != SOURCE / "accelrt_torch", f"imported the source tree, not the install: {pkg}"
+    env = {k: v for k, v in os.environ.items() if k != "ACCELRT_TORCH_LIB"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import accelrt_torch as a; print(a.find_library())"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert out == str(pkg / at.LIBRARY_NAME), (out, pkg)
+
+
+def run_module(*args, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    if not INSTALLED:
+        e["PYTHONPATH"] = os.pathsep.join([str(SOURCE), e.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "accelrt_torch", *args], env=e, capture_output=True, text=True
+    )
+
+
+def test_python_m_accelrt_torch_reports_what_it_found():
+    r = run_module("--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads(r.stdout)
+    assert info["library"] == at.find_library(), info
+    assert info["version"] == lib().accelrt_torch_version().decode()
+    assert info["backend"] == "host" and info["devices"] >= 1, info
+    assert "expandable_segments" in info["config"], info
+    assert "torch" in info and "ACCELRT_ALLOC_CONF" in info
+    r = run_module()
+    assert r.returncode == 0 and "library" in r.stdout and "config" in r.stdout, r.stdout
+
+
+def test_the_opt_in_reads_the_environment():
+    from accelrt_torch import _autoload as al
+
+    assert al.decision({}) == (False, False, None)
+    assert al.decision({"ACCELRT_TORCH": "0"}) == (False, False, None)
+    assert al.decision({"ACCELRT_TORCH": " On "}) == (True, False, None)
+    assert al.decision({"ACCELRT_TORCH": "strict"}) == (True, True, None)
+    assert al.decision({"ACCELRT_TRACE": "t.gz"}) == (True, False, "t.gz")
+    try:
+        al.decision({"ACCELRT_TORCH": "maybe"})
+    except ValueError as e:
+        assert "ACCELRT_TORCH='maybe'" in str(e), e
+    else:
+        raise AssertionError("ACCELRT_TORCH=maybe was accepted")
+
+
+HOOK_SCRIPT = r"""
+import sys, accelrt_torch, accelrt_torch._autoload as al
+calls = []
+accelrt_torch.enable = lambda: calls.append("enable")
+accelrt_torch.record_trace = lambda p: calls.append("trace " + p)
+print("installed", al.install())
+print("before", calls, "torch" in sys.modules)
+import torch
+print("after", calls, torch.MARK)
+"""
+
+
+def test_the_hook_enables_right_after_import_torch():
     with tempfile.TemporaryDirectory() as d:
-        root = Path(d)
-        assert at._feature_flags([d]) == [], "no headers: no optional override"
-        (root / "torch/csrc/cuda").mkdir(parents=True)
-        (root / "c10/cuda").mkdir(parents=True)
-        (root / "c10/core").mkdir(parents=True)
-        (root / "torch/csrc/cuda/CUDAPluggableAllocator.h").write_text(
-            "double getMemoryFraction(c10::DeviceIndex device) override;"
+        (Path(d) / "torch").mkdir()
+        (Path(d) / "torch" / "__init__.py").write_text("MARK = 'fake torch'\n")
+        paths = [d] + ([] if INSTALLED else [str(SOURCE)])
+        base = {k: v for k, v in os.environ.items() if k not in ("ACCELRT_TORCH", "ACCELRT_TRACE")}
+        base["PYTHONPATH"] = os.pathsep.join(paths)
+
+        def run(extra):
+            return subprocess.run(
+                [sys.executable, "-c", HOOK_SCRIPT], env={**base, **extra},
+                capture_output=True, text=True,
+            )
+
+        r = run({"ACCELRT_TORCH": "1", "ACCELRT_TRACE": "run.trace"})
+        assert r.returncode == 0, r.stderr
+        assert "installed True" in r.stdout and "before [] False" in r.stdout, r.stdout
+        assert "after ['enable', 'trace run.trace'] fake torch" in r.stdout, r.stdout
+        r = run({})
+        assert "installed False" in r.stdout and "after [] fake torch" in r.stdout, r.stdout
+
+
+def test_the_pth_file_installs_the_hook_only_when_asked():
+    if not INSTALLED:
+        raise Skip("the .pth file exists only in an installed package (ACCELRT_TEST_INSTALLED=1)")
+    check = "import sys; print(any(type(f).__name__ == '_TorchHook' for f in sys.meta_path))"
+    base = {k: v for k, v in os.environ.items() if k not in ("ACCELRT_TORCH", "ACCELRT_TRACE")}
+    for extra, want in [({}, "False"), ({"ACCELRT_TORCH": "1"}, "True"), ({"ACCELRT_TORCH": "0"}, "False")]:
+        out = subprocess.run(
+            [sys.executable, "-c", check], env={**base, **extra}, capture_output=True, text=True
         )
-        (root / "c10/cuda/CUDACachingAllocator.h").write_text(
-            "virtual int getPoolUseCount(\n c10::DeviceIndex device,\n MempoolId_t id) {}\n"
-            "virtual void createOrIncrefPool(\n c10::DeviceIndex d,\n MempoolId_t id,\n"
-            " std::shared_ptr<CUDAAllocator> allocator = nullptr) {}\n"
-            "virtual void setUseOnOOM(c10::DeviceIndex d, MempoolId_t id, bool use_on_oom) {}\n"
-        )
-        (root / "c10/core/CachingDeviceAllocator.h").write_text(
-            "int64_t num_sync_all_streams = 0; int64_t num_device_alloc = 0;"
-        )
-        flags = at._feature_flags([d])
-        assert flags == [
-            "-DACCELRT_HAS_GET_MEMORY_FRACTION",
-            "-DACCELRT_HAS_CREATE_OR_INCREF_POOL",
-            "-DACCELRT_HAS_GET_POOL_USE_COUNT",
-            "-DACCELRT_HAS_SET_USE_ON_OOM",
-            "-DACCELRT_HAS_NUM_SYNC_ALL_STREAMS",
-        ], flags  # no num_device_free: no ACCELRT_HAS_NUM_DEVICE_ALLOC
+        assert out.stdout.strip() == want, (extra, out.stdout, out.stderr)
+
+
+def test_record_trace_writes_a_v2_trace():
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "py.trace.gz"
+        with at.record_trace(path, workload="python test"):
+            ps = [alloc(1 << 16) for _ in range(3)]
+            for p in ps:
+                free(p)
+        text = gzip.decompress(path.read_bytes()).decode()
+        lines = text.splitlines()
+        assert lines[0] == "#accelrt-trace v2", lines[:3]
+        assert "#! workload=python test" in lines and "#! allocator=accelrt" in lines
+        events = [l for l in lines if not l.startswith("#")]
+        assert [l.split()[0] for l in events].count("a") == 3, events
+        assert [l.split()[0] for l in events].count("c") == 3, events
+        try:
+            at.stop_trace()
+        except at.AccelrtError as e:
+            assert "no trace is being recorded" in str(e), e
+        else:
+            raise AssertionError("stop_trace without a recording did not raise")
+
+
+def test_enable_needs_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise Skip(f"PyTorch is not importable ({e}); enable() is tested on the GPU machine")
+    # With PyTorch but no GPU here, enabling must fail with the backend's reason, not crash.
+    if os.environ.get("ACCELRT_TORCH_BACKEND") == "host":
+        raise Skip("enable() needs the CUDA backend; these tests run on the host backend")
 
 
 def main():
@@ -162,16 +280,23 @@ def main():
         print("set ACCELRT_TORCH_BACKEND=host: these tests need no GPU and use the host backend")
         return 2
     tests = [v for k, v in sorted(globals().items()) if k.startswith("test_")]
+    passed = failed = skipped = 0
     for t in tests:
         try:
             t()
+        except Skip as s:
+            skipped += 1
+            print(f"SKIP {t.__name__}: {s}")
+            continue
         except Exception:
+            failed += 1
             print(f"FAIL {t.__name__}")
             traceback.print_exc()
-            return 1
+            continue
+        passed += 1
         print(f"ok   {t.__name__}")
-    print(f"{len(tests)} passed")
-    return 0
+    print(f"{passed} passed, {failed} failed, {skipped} skipped")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

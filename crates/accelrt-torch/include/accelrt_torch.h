@@ -93,6 +93,121 @@ unsigned char *accelrt_torch_snapshot_pickle(int device, size_t *len);
  * every device, including devices used later. */
 int accelrt_torch_record_history(int device, int enabled, size_t max_entries);
 
+/* ---- the full allocator interface (c10::cuda::CUDACachingAllocator::CUDAAllocator) ------- */
+
+/* A live block of a private pool. */
+typedef struct {
+  uint64_t ptr;
+  uint64_t size;      /* the block's (rounded) size */
+  uint64_t requested; /* bytes the caller asked for */
+} accelrt_torch_block;
+
+/* The allocated blocks of private pool (id0, id1), by address: up to `cap` into `out`
+ * (NULL with cap 0 to count); returns how many there are (call again with a larger array
+ * when that exceeds cap), or -1 (no such pool). */
+ssize_t accelrt_torch_pool_live_blocks(int device, uint64_t id0, uint64_t id1,
+                                       accelrt_torch_block *out, size_t cap);
+/* Make [ptr, ptr + size) of private pool (id0, id1) an allocated block again (putting a pool
+ * back to a checkpoint, setCheckpointPoolState). 0 when the block is allocated afterwards;
+ * -1 when it cannot be: re-creating a freed block needs CachingAllocator::claim_block, which
+ * accelrt's allocator does not have yet (the message says so). */
+int accelrt_torch_pool_claim_block(int device, uint64_t id0, uint64_t id1, uint64_t ptr,
+                                   uint64_t size, uint64_t requested);
+/* emptyCache(mempool_id): give back cached memory of the device that holds pool (id0, id1)
+ * (whole free segments of every pool of the device, that pool's included). */
+int accelrt_torch_empty_pool_cache(int device, uint64_t id0, uint64_t id1);
+/* Where `ptr` lives: device, segment base and size, whether the segment is expandable
+ * (VMM), and the live block holding it (address and size; the segment when no live block
+ * does). Out pointers may be NULL. 0, or -1 when accelrt does not hold `ptr`. */
+int accelrt_torch_segment_of(const void *ptr, int *device, uint64_t *base, uint64_t *size,
+                             int *expandable, uint64_t *block, uint64_t *block_size);
+
+/* History with context ids: while history with context is on, the calling thread's next
+ * allocations carry `id` (0: none), returned in structured snapshots, so a caller keeps its
+ * own stack objects and finds them again. */
+void accelrt_torch_set_context_id(uint64_t id);
+/* Start (enabled != 0; at most max_entries events; context ids when context != 0) or stop
+ * history on `device` (-1: every device, now and later); clear != 0 forgets what was
+ * recorded. */
+int accelrt_torch_record_history_ex(int device, int enabled, size_t max_entries, int context,
+                                    int clear);
+
+/* A structured snapshot (PyTorch's SnapshotInfo). Blocks of segment i are
+ * blocks[first_block .. first_block + block_count). */
+typedef struct {
+  uint64_t address, total_size, allocated_size, active_size, requested_size;
+  uint64_t stream; /* native handle of the owning stream (0: default stream or private pool) */
+  uint64_t pool_id0, pool_id1;
+  int32_t device, is_large, is_expandable;
+  uint32_t first_block, block_count;
+} accelrt_torch_segment;
+typedef struct {
+  uint64_t address, size, requested_size;
+  int32_t state; /* 0 inactive, 1 active_allocated, 2 active_pending_free */
+  int32_t reserved;
+  uint64_t context; /* context id at allocation (0: none) */
+} accelrt_torch_snapshot_block;
+typedef struct {
+  int32_t action; /* PyTorch's TraceEntry::Action: 0 alloc, 1 free_requested, 2 free_completed,
+                     3 segment_alloc, 4 segment_free, 5 segment_map, 6 segment_unmap,
+                     7 snapshot, 8 oom */
+  int32_t device;
+  uint64_t addr, size;
+  uint64_t stream;  /* native handle */
+  uint64_t time_us; /* microseconds since the Unix epoch */
+  uint64_t context;
+} accelrt_torch_trace_entry;
+typedef struct {
+  accelrt_torch_segment *segments;
+  size_t segment_count;
+  accelrt_torch_snapshot_block *blocks;
+  size_t block_count;
+  accelrt_torch_trace_entry *traces;
+  size_t trace_count;
+} accelrt_torch_snapshot;
+/* Fill `out` for `device` (-1: every device in use); only pool (id0, id1)'s segments unless
+ * it is (0, 0); history entries when include_traces != 0. Free with
+ * accelrt_torch_snapshot_free. */
+int accelrt_torch_snapshot_raw(int device, uint64_t id0, uint64_t id1, int include_traces,
+                               accelrt_torch_snapshot *out);
+void accelrt_torch_snapshot_free(accelrt_torch_snapshot *snap);
+
+/* Segment events (attachAllocatorTraceTracker, NCCL registration): tracker(ctx, action,
+ * device, addr, size) with action 3 segment_alloc, 4 segment_free (plain segments), 5
+ * segment_map (pages mapped into an expandable segment). Called from any thread, with no
+ * allocator lock held; it must not unwind; ctx must live for the rest of the process. */
+typedef void (*accelrt_torch_tracker_fn)(void *ctx, int action, int device, uint64_t addr,
+                                         uint64_t size);
+int accelrt_torch_add_segment_tracker(accelrt_torch_tracker_fn tracker, void *ctx);
+/* The allocator configuration of `device` (accelrt's key:value syntax); free the buffer. */
+char *accelrt_torch_config_string(int device);
+
+/* ---- IPC of expandable (VMM) memory --------------------------------------------------------- */
+
+/* Export the pages under [ptr, ptr + len) as POSIX file descriptors (owned by the caller):
+ * up to `cap` into fds; *page_size and *offset (where ptr lies in the first page) are set.
+ * Returns the page count, or -1. Plain segments are refused (share them with
+ * cudaIpcGetMemHandle on the segment base). Needs CachingAllocator::export_pages. */
+ssize_t accelrt_torch_ipc_export_pages(const void *ptr, size_t len, int *fds, size_t cap,
+                                       size_t *page_size, size_t *offset);
+/* Map `count` pages another process exported (descriptors valid in this process, owned by
+ * the library from the call on) on `device`; the address goes to *ptr. Needs
+ * CachingAllocator::import_pages. */
+int accelrt_torch_ipc_import_pages(int device, const int *fds, size_t count, size_t page_size,
+                                   void **ptr);
+/* Unmap what accelrt_torch_ipc_import_pages mapped. */
+int accelrt_torch_ipc_close_pages(void *ptr);
+
+/* ---- trace recorder (format v2, traces/FORMAT.md) ---------------------------------------------- */
+
+/* Record every alloc / free / record_stream made through this library, with CPU times and
+ * completion markers from accelrt's pooled events, to `path` (gzip when it ends in .gz);
+ * `workload` names it (NULL: the file name). The file is written at stop (or process exit). */
+int accelrt_torch_record_trace_start(const char *path, const char *workload);
+int accelrt_torch_record_trace_stop(void);
+/* 1 while recording, else 0. */
+int accelrt_torch_record_trace_active(void);
+
 /* ---- errors and buffers ---------------------------------------------------------------------- */
 
 /* The calling thread's last error message ("" when none). */

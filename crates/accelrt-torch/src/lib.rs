@@ -8,7 +8,8 @@
 //! accepts (init, empty cache, memory fraction, record_stream, and the private-pool trio that
 //! graph capture and `torch.cuda.MemPool` use), and what a pluggable allocator normally loses:
 //! PyTorch's `memory_stats()` keys, snapshots in PyTorch's pickle layout, memory history, and
-//! out-of-memory figures. `python/accelrt_torch.py` wires all of it into PyTorch.
+//! out-of-memory figures. The `accelrt_torch` package in `python/` (its C++ shim implements
+//! PyTorch's whole `CUDAAllocator` over this ABI, see [`full`]) wires all of it into PyTorch.
 //!
 //! The C declarations, with the contract of each function, are in
 //! `crates/accelrt-torch/include/accelrt_torch.h`. No call unwinds or crashes on bad input:
@@ -20,6 +21,9 @@
 
 mod capture;
 mod errors;
+pub mod full;
+pub mod ipc;
+pub mod record;
 mod state;
 
 use std::ffi::{c_char, c_int, c_void};
@@ -48,14 +52,14 @@ pub type DropFn = Option<unsafe extern "C" fn(ctx: *mut c_void)>;
 /// Serialises the check-then-act steps of the pool functions (create or add a use, begin).
 static POOLS: Mutex<()> = Mutex::new(());
 
-fn status(name: &str, body: impl FnOnce() -> Result<(), Failure>) -> c_int {
+pub(crate) fn status(name: &str, body: impl FnOnce() -> Result<(), Failure>) -> c_int {
     guard(name, -1, Report::Status, || body().map(|()| 0))
 }
 
 /// Run `f` in relaxed capture mode when a route to a private pool is in force (a graph may
 /// be capturing; see `capture.rs`).
 #[inline]
-fn maybe_relaxed<R>(st: &State, f: impl FnOnce() -> R) -> R {
+pub(crate) fn maybe_relaxed<R>(st: &State, f: impl FnOnce() -> R) -> R {
     if st.routes_active() {
         let _relaxed = RelaxedCapture::enter();
         f()
@@ -64,7 +68,7 @@ fn maybe_relaxed<R>(st: &State, f: impl FnOnce() -> R) -> R {
     }
 }
 
-fn device_name(st: &State, device: c_int) -> String {
+pub(crate) fn device_name(st: &State, device: c_int) -> String {
     format!("{}:{device}", st.kind)
 }
 
@@ -108,11 +112,23 @@ unsafe fn alloc(size: isize, device: c_int, stream: *mut c_void) -> Result<usize
     let allocator = st
         .allocator(device)
         .map_err(|f| cannot_alloc(size, device, Some(st), f))?;
+    let handle = stream;
     // SAFETY: forwarded from this function's contract (`device` was checked above).
     let stream = unsafe { st.stream(device as u32, stream as usize) }
         .map_err(|f| cannot_alloc(size, device, Some(st), f))?;
-    maybe_relaxed(st, || allocator.raw_alloc(size as usize, stream))
-        .map_err(|e| alloc_error(st, size, device, e))
+    let ptr = maybe_relaxed(st, || allocator.raw_alloc(size as usize, stream))
+        .map_err(|e| alloc_error(st, size, device, e))?;
+    if record::active() {
+        record::on_alloc(
+            st,
+            ptr,
+            size as usize,
+            device as u32,
+            handle as usize,
+            stream,
+        );
+    }
+    Ok(ptr)
 }
 
 #[cold]
@@ -170,7 +186,12 @@ fn free(ptr: *mut c_void, size: isize, device: c_int) -> Result<(), Failure> {
     })?;
     let first = match st.allocator(device) {
         Ok(a) => match maybe_relaxed(st, || a.raw_free(addr)) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                if record::active() {
+                    record::on_free(st, addr);
+                }
+                return Ok(());
+            }
             Err(e) => e.to_string(),
         },
         Err(f) => f.message,
@@ -180,7 +201,11 @@ fn free(ptr: *mut c_void, size: isize, device: c_int) -> Result<(), Failure> {
         .existing_allocators()
         .find(|&(d, a)| d as c_int != device && a.contains(addr))
     {
-        return maybe_relaxed(st, || a.raw_free(addr)).map_err(|e| e.to_string().into());
+        maybe_relaxed(st, || a.raw_free(addr)).map_err(|e| e.to_string())?;
+        if record::active() {
+            record::on_free(st, addr);
+        }
+        return Ok(());
     }
     Err(format!(
         "cannot free {addr:#x} ({size} bytes on {} by PyTorch's record): {first}",
@@ -278,7 +303,11 @@ pub unsafe extern "C" fn accelrt_torch_record_stream(
             })?;
         // SAFETY: forwarded from this function's contract.
         let s = unsafe { st.stream(d, stream as usize) }?;
-        maybe_relaxed(st, || a.record_stream(addr, s)).map_err(|e| e.to_string().into())
+        maybe_relaxed(st, || a.record_stream(addr, s)).map_err(|e| e.to_string())?;
+        if record::active() {
+            record::on_record_stream(st, addr, d, stream as usize, s);
+        }
+        Ok(())
     })
 }
 
@@ -316,7 +345,7 @@ impl Drop for ForeignFilter {
     }
 }
 
-fn pool_id(id0: u64, id1: u64) -> Result<MempoolId, Failure> {
+pub(crate) fn pool_id(id0: u64, id1: u64) -> Result<MempoolId, Failure> {
     let id = MempoolId(id0, id1);
     if id.is_none() {
         return Err(
@@ -494,7 +523,7 @@ pub fn stats_values(s: &MemoryStats) -> [i64; STATS_LEN] {
 
 /// Copy `bytes` (and a NUL when `nul`) into a `malloc`ed buffer for
 /// [`accelrt_torch_free_buffer`].
-fn malloc_copy(bytes: &[u8], nul: bool) -> Result<*mut u8, Failure> {
+pub(crate) fn malloc_copy(bytes: &[u8], nul: bool) -> Result<*mut u8, Failure> {
     let n = bytes.len() + usize::from(nul);
     // SAFETY: plain malloc of at least one byte; the result is checked for NULL below.
     let p = unsafe { libc::malloc(n.max(1)) }.cast::<u8>();

@@ -141,7 +141,9 @@ impl State {
         if let Some(h) = *history {
             allocator.record_memory_history(Some(h));
         }
-        Ok(self.allocators[d as usize].get_or_init(|| allocator))
+        let allocator = self.allocators[d as usize].get_or_init(|| allocator);
+        crate::full::hook_allocator(d, allocator);
+        Ok(allocator)
     }
 
     /// The device's allocator if it has been created (statistics of an unused device are

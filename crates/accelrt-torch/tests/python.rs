@@ -1,4 +1,4 @@
-//! python/accelrt_torch.py against the library cargo built, through ctypes, on the host
+//! The accelrt_torch package (python/) against the library cargo built, through ctypes, on the host
 //! backend (python/tests/test_accelrt_torch.py; PyTorch and a GPU are not needed). Skipped,
 //! with the reason printed, where python3 is not installed.
 

@@ -3,34 +3,39 @@
     import torch, accelrt_torch
     accelrt_torch.enable()            # before any CUDA memory is used
     ...train...
-    print(accelrt_torch.max_memory_reserved())
+    print(torch.cuda.max_memory_reserved())      # answered by accelrt
     accelrt_torch.dump_snapshot("snap.pickle")   # https://pytorch.org/memory_viz
 
-``enable()`` loads ``libaccelrt_torch.so`` (built with ``cargo build --release -p
-accelrt-torch``), compiles a small C++ shim against the installed PyTorch (with
-``torch.utils.cpp_extension``; needs a C++ compiler and the CUDA headers, cached after the
-first build) and installs accelrt's caching allocator with every hook PyTorch's pluggable
-allocator accepts: init, empty_cache, the memory fraction, ``record_stream``, and the private
-pools that ``torch.cuda.graph`` and ``torch.cuda.MemPool`` use. Through the shim,
-``torch.cuda.memory_stats()``, ``max_memory_reserved()``, ``reset_peak_memory_stats()``,
-out-of-memory observers and cuDNN's workspace sizing answer from accelrt, and a failed
-allocation raises ``torch.OutOfMemoryError`` with accelrt's report. Without a compiler,
-``enable()`` falls back to ``torch.cuda.memory.CUDAPluggableAllocator`` with the two required
-functions and warns about what is lost. The functions of this module (``memory_stats()``,
-``memory_snapshot()``, ...) work either way.
+Or, for an unmodified script: ``ACCELRT_TORCH=1 python train.py`` (the ``.pth`` hook that
+``pip install ./python`` puts in site-packages enables accelrt as soon as the script imports
+torch), and ``ACCELRT_TRACE=run.trace.gz`` records an allocator trace of the run.
 
-The allocator reads ``ACCELRT_ALLOC_CONF`` (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax; unset:
-accelrt's defaults, expandable segments with ``release_at_peak``). The library alone (``load_library``, the statistics and snapshot functions) does not need
-PyTorch; ``ACCELRT_TORCH_BACKEND=host`` runs it on accelrt's host backend, for tests.
+``enable()`` loads ``libaccelrt_torch.so`` (bundled in the installed package; or
+``$ACCELRT_TORCH_LIB``; or the repository's ``target/release``), compiles a small C++ shim
+against the installed PyTorch (with ``torch.utils.cpp_extension``; needs a C++ compiler and the
+CUDA headers, cached after the first build) and installs accelrt's caching allocator as
+PyTorch's CUDA allocator the way PyTorch installs its own: a complete
+``c10::cuda::CUDACachingAllocator::CUDAAllocator``. Statistics, ``torch.cuda.graph``,
+``torch.compile(mode="reduce-overhead")`` (cudagraph trees), ``MemPool``, ``record_stream``,
+memory history and snapshots (with stack frames), out-of-memory errors and observers, trace
+trackers, peer copies and IPC (``torch.multiprocessing``) go through accelrt. Without a
+compiler, ``enable()`` falls back to ``torch.cuda.memory.CUDAPluggableAllocator`` with the two
+required functions and warns about what is lost. The functions of this module
+(``memory_stats()``, ``memory_snapshot()``, ``record_trace()``, ...) work either way.
+
+The allocator reads ``ACCELRT_ALLOC_CONF`` (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax;
+unset: accelrt's defaults, expandable segments with ``release_at_peak``). The library alone
+(``load_library``, the statistics, snapshot and trace functions) does not need PyTorch;
+``ACCELRT_TORCH_BACKEND=host`` runs it on accelrt's host backend, for tests.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
 import pickle
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,7 @@ __all__ = [
     "enable",
     "is_enabled",
     "status",
+    "info",
     "find_library",
     "load_library",
     "memory_stats",
@@ -51,6 +57,8 @@ __all__ = [
     "memory_snapshot",
     "dump_snapshot",
     "record_memory_history",
+    "record_trace",
+    "stop_trace",
     "last_error",
     "AccelrtError",
 ]
@@ -62,13 +70,20 @@ __all__ = [
 TORCH_ALLOC_CONF = ""
 LIBRARY_NAME = "libaccelrt_torch.so"
 LIBRARY_ENV = "ACCELRT_TORCH_LIB"
+#: Opt-in for unmodified scripts (read by the .pth hook): 1/true/yes/on.
+ENABLE_ENV = "ACCELRT_TORCH"
+#: Record an allocator trace (format v2) of the run to this path (.gz: compressed).
+TRACE_ENV = "ACCELRT_TRACE"
 STATS_LEN = 113
+#: Name of the compiled shim (changes with the interface it implements).
+SHIM_NAME = "accelrt_torch_shim_v2"
 _HERE = Path(__file__).resolve().parent
 _SHIM_SOURCE = _HERE / "accelrt_torch_shim.cpp"
 
 _lib: ctypes.CDLL | None = None
 _lib_path: str | None = None
-_mode: str | None = None  # "shim", "shim-basic" or "plain" once enabled
+_mode: str | None = None  # "full" or "plain" once enabled
+_shim_build: str | None = None
 _missing: list[str] = []
 
 
@@ -79,25 +94,27 @@ class AccelrtError(RuntimeError):
 # ---- the library ------------------------------------------------------------------------
 
 
+def _library_candidates() -> list[Path]:
+    env = os.environ.get(LIBRARY_ENV)
+    repo = _HERE.parent.parent  # python/accelrt_torch -> the repository, in a checkout
+    return [Path(p) for p in [env] if p] + [
+        _HERE / LIBRARY_NAME,  # bundled by pip install
+        repo / "target" / "release" / LIBRARY_NAME,
+        repo / "target" / "debug" / LIBRARY_NAME,
+    ]
+
+
 def find_library(path: str | os.PathLike | None = None) -> str:
-    """The path of libaccelrt_torch.so: `path`, else $ACCELRT_TORCH_LIB, else next to this
-    file, else the repository's target/release or target/debug."""
-    if path is not None:
-        candidates = [Path(path)]
-    else:
-        candidates = [
-            Path(p) for p in [os.environ.get(LIBRARY_ENV)] if p
-        ] + [
-            _HERE / LIBRARY_NAME,
-            _HERE.parent / "target" / "release" / LIBRARY_NAME,
-            _HERE.parent / "target" / "debug" / LIBRARY_NAME,
-        ]
+    """The path of libaccelrt_torch.so: `path`, else $ACCELRT_TORCH_LIB, else the one
+    installed with this package, else the repository's target/release or target/debug."""
+    candidates = [Path(path)] if path is not None else _library_candidates()
     for c in candidates:
         if c.is_file():
             return str(c.resolve())
     looked = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(
-        f"{LIBRARY_NAME} not found (looked at: {looked}): build it with "
+        f"{LIBRARY_NAME} not found (looked at: {looked}): install the package with "
+        "`pip install ./python` (it builds the library), or build it with "
         "`cargo build --release -p accelrt-torch`, or pass its path to enable(path=...) "
         f"or set {LIBRARY_ENV}"
     )
@@ -106,6 +123,7 @@ def find_library(path: str | os.PathLike | None = None) -> str:
 def _declare(lib: ctypes.CDLL) -> None:
     c_int, c_int64, c_uint64 = ctypes.c_int, ctypes.c_int64, ctypes.c_uint64
     c_size, c_ssize, c_void_p = ctypes.c_size_t, ctypes.c_ssize_t, ctypes.c_void_p
+    c_char_p = ctypes.c_char_p
     sig = {
         "accelrt_torch_alloc": (c_void_p, [c_ssize, c_int, c_void_p]),
         "accelrt_torch_free": (None, [c_void_p, c_ssize, c_int, c_void_p]),
@@ -129,11 +147,21 @@ def _declare(lib: ctypes.CDLL) -> None:
         "accelrt_torch_cache_info": (c_int, [c_int, ctypes.POINTER(c_size)]),
         "accelrt_torch_snapshot_pickle": (c_void_p, [c_int, ctypes.POINTER(c_size)]),
         "accelrt_torch_record_history": (c_int, [c_int, c_int, c_size]),
-        "accelrt_torch_last_error": (ctypes.c_char_p, []),
+        "accelrt_torch_pool_live_blocks": (c_ssize, [c_int, c_uint64, c_uint64, c_void_p, c_size]),
+        "accelrt_torch_segment_of": (
+            c_int,
+            [c_void_p, ctypes.POINTER(c_int), ctypes.POINTER(c_uint64), ctypes.POINTER(c_uint64),
+             ctypes.POINTER(c_int), ctypes.POINTER(c_uint64), ctypes.POINTER(c_uint64)],
+        ),
+        "accelrt_torch_config_string": (c_void_p, [c_int]),
+        "accelrt_torch_record_trace_start": (c_int, [c_char_p, c_char_p]),
+        "accelrt_torch_record_trace_stop": (c_int, []),
+        "accelrt_torch_record_trace_active": (c_int, []),
+        "accelrt_torch_last_error": (c_char_p, []),
         "accelrt_torch_last_oom": (c_int, [ctypes.POINTER(c_int64)]),
         "accelrt_torch_set_log_alloc_failures": (None, [c_int]),
         "accelrt_torch_free_buffer": (None, [c_void_p]),
-        "accelrt_torch_version": (ctypes.c_char_p, []),
+        "accelrt_torch_version": (c_char_p, []),
         "accelrt_torch_device_count": (c_int, []),
     }
     for name, (restype, argtypes) in sig.items():
@@ -153,7 +181,13 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         return _lib
     found = find_library(path)
     lib = ctypes.CDLL(found)
-    _declare(lib)
+    try:
+        _declare(lib)
+    except AttributeError as e:
+        raise AccelrtError(
+            f"{found} is older than this module ({e}): rebuild it (pip install ./python, or "
+            "cargo build --release -p accelrt-torch)"
+        ) from None
     _lib, _lib_path = lib, found
     return lib
 
@@ -183,55 +217,22 @@ def _take_buffer(ptr: int | None, size: int | None = None) -> bytes:
 # ---- enabling it in PyTorch -----------------------------------------------------------------
 
 
-def _read(path: Path) -> str:
+def _extensions_dir() -> Path:
+    """Where torch.utils.cpp_extension builds (and caches) the shim."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if base:
+        return Path(base) / SHIM_NAME
     try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(SHIM_NAME, verbose=False))
+    except Exception:  # no torch, or a PyTorch without the private helper
+        return Path.home() / ".cache" / "torch_extensions" / SHIM_NAME
 
 
-def _feature_flags(include_dirs: list[str]) -> list[str]:
-    """-D flags for the shim's optional overrides, from the installed PyTorch headers."""
-
-    def header(rel: str) -> str:
-        return "".join(_read(Path(d) / rel) for d in include_dirs)
-
-    pluggable = header("torch/csrc/cuda/CUDAPluggableAllocator.h")
-    caching = header("c10/cuda/CUDACachingAllocator.h")
-    stats = header("c10/core/CachingDeviceAllocator.h") + caching
-    flags = []
-    if re.search(r"\bgetMemoryFraction\s*\(\s*c10::DeviceIndex", pluggable):
-        flags.append("-DACCELRT_HAS_GET_MEMORY_FRACTION")
-    if re.search(
-        r"virtual\s+void\s+createOrIncrefPool\s*\([^)]*MempoolId_t[^)]*"
-        r"std::shared_ptr<CUDAAllocator>",
-        caching,
-    ):
-        flags.append("-DACCELRT_HAS_CREATE_OR_INCREF_POOL")
-    if re.search(r"virtual\s+int\s+getPoolUseCount\s*\(\s*c10::DeviceIndex[^,]*,\s*MempoolId_t", caching):
-        flags.append("-DACCELRT_HAS_GET_POOL_USE_COUNT")
-    if re.search(
-        r"virtual\s+void\s+setUseOnOOM\s*\(\s*c10::DeviceIndex[^,]*,\s*MempoolId_t[^,]*,\s*bool",
-        caching,
-    ):
-        flags.append("-DACCELRT_HAS_SET_USE_ON_OOM")
-    if re.search(r"virtual\s+void\s+setNoSplit\s*\(\s*c10::DeviceIndex[^,]*,\s*MempoolId_t", caching):
-        flags.append("-DACCELRT_HAS_SET_NO_SPLIT")
-    if re.search(r"int64_t\s+num_sync_all_streams\b", stats):
-        flags.append("-DACCELRT_HAS_NUM_SYNC_ALL_STREAMS")
-    if re.search(r"int64_t\s+num_device_alloc\b", stats) and re.search(
-        r"int64_t\s+num_device_free\b", stats
-    ):
-        flags.append("-DACCELRT_HAS_NUM_DEVICE_ALLOC")
-    return flags
-
-
-def _build_shim(full: bool, verbose: bool) -> str:
+def _build_shim(verbose: bool) -> str:
     from torch.utils import cpp_extension
 
-    flags = ["-O2"]
-    if full:
-        flags += ["-DACCELRT_FULL"] + _feature_flags(cpp_extension.include_paths())
     # The shim has no device code, but without an architecture list cpp_extension asks each
     # device for its capability, which initialises CUDA, after which PyTorch refuses to swap
     # its allocator. Any list will do.
@@ -240,9 +241,9 @@ def _build_shim(full: bool, verbose: bool) -> str:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     try:
         return cpp_extension.load(
-            name="accelrt_torch_shim" if full else "accelrt_torch_shim_basic",
+            name=SHIM_NAME,
             sources=[str(_SHIM_SOURCE)],
-            extra_cflags=flags,
+            extra_cflags=["-O2"],
             with_cuda=True,
             is_python_module=False,
             verbose=verbose,
@@ -254,48 +255,28 @@ def _build_shim(full: bool, verbose: bool) -> str:
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved
 
 
-def _install_shim(verbose: bool) -> str:
-    """Build and install the shim; returns the mode ("shim" or "shim-basic")."""
-    errors = []
-    for full in (True, False):
-        try:
-            path = _build_shim(full, verbose)
-        except Exception as e:  # a compiler error, no CUDA headers, ...
-            errors.append(f"{'full' if full else 'basic'} shim: {type(e).__name__}: {e}")
-            continue
-        import torch
+def _install_shim(verbose: bool) -> None:
+    """Build and install the shim (raises what went wrong)."""
+    global _shim_build
+    import torch
 
-        if torch.cuda.is_initialized():
-            raise AccelrtError(
-                "CUDA was initialised while the shim was built, so PyTorch's allocator can no "
-                "longer be swapped: set TORCH_CUDA_ARCH_LIST (e.g. 9.0) and call enable() again "
-                "in a new process"
-            )
-        shim = ctypes.CDLL(path)
-        shim.accelrt_shim_install.restype = ctypes.c_int
-        shim.accelrt_shim_install.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
-        err = ctypes.create_string_buffer(4096)
-        if shim.accelrt_shim_install(_lib_path.encode(), err, len(err)) != 0:
-            raise AccelrtError(
-                f"installing accelrt as PyTorch's allocator failed: {err.value.decode()}"
-            )
-        if not full:
-            _missing.extend(
-                [
-                    "torch.cuda.memory_stats()/max_memory_reserved()/reset_peak_memory_stats()"
-                    " (use accelrt_torch's functions)",
-                    "out-of-memory observers",
-                    "cuDNN cacheInfo (cudnn benchmark mode raises)",
-                    "torch.cuda.MemPool",
-                ]
-            )
-            warnings.warn(
-                "accelrt_torch: the full shim did not build, the basic one did (every hook, "
-                f"PyTorch's own statistics functions not): {errors[0][:2000]}",
-                stacklevel=3,
-            )
-        return "shim" if full else "shim-basic"
-    raise RuntimeError("; ".join(errors))
+    path = _build_shim(verbose)
+    if torch.cuda.is_initialized():
+        raise AccelrtError(
+            "CUDA was initialised while the shim was built, so PyTorch's allocator can no "
+            "longer be swapped: set TORCH_CUDA_ARCH_LIST (e.g. 9.0) and call enable() again "
+            "in a new process"
+        )
+    shim = ctypes.CDLL(path)
+    shim.accelrt_shim_install.restype = ctypes.c_int
+    shim.accelrt_shim_install.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+    shim.accelrt_shim_build.restype = ctypes.c_char_p
+    err = ctypes.create_string_buffer(4096)
+    if shim.accelrt_shim_install(_lib_path.encode(), err, len(err)) != 0:
+        raise AccelrtError(
+            f"installing accelrt as PyTorch's allocator failed: {err.value.decode()}"
+        )
+    _shim_build = f"{shim.accelrt_shim_build().decode()} ({path})"
 
 
 def enable(
@@ -331,7 +312,7 @@ def enable(
             "accelrt_torch.enable() must run before PyTorch initialises CUDA, and "
             "torch.cuda.is_initialized() is already True (a CUDA tensor, torch.cuda.init() or "
             "a CUDA memory query ran first): call enable() right after `import torch`, "
-            "before any CUDA work"
+            "before any CUDA work (or run the script with ACCELRT_TORCH=1)"
         )
     lib = load_library(path)
     if lib.accelrt_torch_device_count() < 0:
@@ -340,10 +321,11 @@ def enable(
     mode = None
     if shim:
         try:
-            mode = _install_shim(verbose)
+            _install_shim(verbose)
+            mode = "full"
         except AccelrtError:
             raise
-        except Exception as e:
+        except Exception as e:  # a compiler error, no CUDA headers, ...
             warnings.warn(
                 f"accelrt_torch: the C++ shim could not be built ({str(e)[:2000]}); falling "
                 "back to alloc/free only",
@@ -356,12 +338,13 @@ def enable(
         torch.cuda.memory.change_current_allocator(allocator)
         _missing.extend(
             [
-                "torch.cuda.graph and torch.cuda.MemPool (private pools)",
+                "torch.cuda.graph, torch.compile(mode='reduce-overhead') and torch.cuda.MemPool",
                 "torch.cuda.set_per_process_memory_fraction",
                 "Tensor.record_stream",
                 "torch.cuda.empty_cache (use accelrt_torch.empty_cache)",
                 "torch.cuda.memory_stats() and friends (use accelrt_torch's functions)",
                 "torch.OutOfMemoryError on a failed allocation",
+                "sharing CUDA tensors between processes",
             ]
         )
         mode = "plain"
@@ -375,9 +358,9 @@ def is_enabled() -> bool:
 
 
 def status() -> dict:
-    """How accelrt is wired: ``mode`` ("shim": every hook and PyTorch's statistics
-    functions; "shim-basic": every hook; "plain": alloc/free only; None: not enabled),
-    ``library``, ``version`` and ``missing`` (what does not work in this mode)."""
+    """How accelrt is wired: ``mode`` ("full": the C++ shim, PyTorch's whole allocator
+    interface; "plain": alloc/free only; None: not enabled), ``library``, ``version``,
+    ``shim`` (the shim's build) and ``missing`` (what does not work in this mode)."""
     version = None
     if _lib is not None:
         version = _lib.accelrt_torch_version().decode()
@@ -385,9 +368,98 @@ def status() -> dict:
         "mode": _mode,
         "library": _lib_path,
         "version": version,
+        "shim": _shim_build,
         "alloc_conf": os.environ.get("ACCELRT_ALLOC_CONF") if _mode is not None else None,
         "missing": list(_missing),
     }
+
+
+def info() -> dict:
+    """What this installation finds, without initialising CUDA: the library (path, version,
+    devices or why none), the allocator configuration, PyTorch (version, CUDA, whether a
+    compiler for the shim is there, whether the shim is built), and the opt-in variables."""
+    out: dict[str, Any] = {"package": str(_HERE)}
+    try:
+        lib = load_library()
+        out["library"] = _lib_path
+        out["version"] = lib.accelrt_torch_version().decode()
+        n = lib.accelrt_torch_device_count()
+        out["backend"] = os.environ.get("ACCELRT_TORCH_BACKEND") or "cuda"
+        out["devices"] = n if n >= 0 else f"unavailable: {last_error()}"
+        if n > 0:
+            ptr = lib.accelrt_torch_config_string(0)
+            out["config"] = _take_buffer(ptr).decode() if ptr else f"error: {last_error()}"
+    except (FileNotFoundError, OSError, AccelrtError) as e:
+        out["library"] = f"not found: {e}"
+    out["ACCELRT_ALLOC_CONF"] = os.environ.get("ACCELRT_ALLOC_CONF", "")
+    out[ENABLE_ENV] = os.environ.get(ENABLE_ENV, "")
+    out[TRACE_ENV] = os.environ.get(TRACE_ENV, "")
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["torch_cuda"] = torch.version.cuda
+        from torch.utils import cpp_extension
+
+        out["cuda_home"] = cpp_extension.CUDA_HOME
+        build = _extensions_dir()
+        built = sorted(build.glob(f"{SHIM_NAME}*.so")) if build.is_dir() else []
+        out["shim"] = (
+            f"built: {built[0]}" if built
+            else f"not built yet (enable() compiles {_SHIM_SOURCE.name} into {build})"
+        )
+    except ImportError as e:
+        out["torch"] = f"not importable: {e}"
+    out["enabled"] = status()["mode"]
+    return out
+
+
+# ---- trace recording --------------------------------------------------------------------------
+
+
+class TraceRecording:
+    """A recording started by ``record_trace``; ``stop()`` (or leaving a ``with`` block)
+    writes the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def stop(self) -> str:
+        stop_trace()
+        return self.path
+
+    def __enter__(self) -> "TraceRecording":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if _library().accelrt_torch_record_trace_active():
+            self.stop()
+
+
+def record_trace(path: str | os.PathLike, workload: str | None = None) -> TraceRecording:
+    """Record every allocation, free and ``record_stream`` accelrt serves from now on to
+    `path` as an allocator trace in format v2 (``traces/FORMAT.md``: CPU times, completion
+    markers from accelrt's events, the run's real peaks in the header); gzip when the path
+    ends in ``.gz``. The file is written by ``stop_trace()`` (or at process exit)."""
+    path = os.fspath(path)
+    name = (workload or Path(path).name).encode()
+    _check(_library().accelrt_torch_record_trace_start(path.encode(), name), "record_trace")
+    atexit.register(_stop_trace_at_exit)
+    return TraceRecording(path)
+
+
+def stop_trace() -> None:
+    """Finish the recording started by ``record_trace``: synchronize, write the remaining
+    completion markers and the file."""
+    _check(_library().accelrt_torch_record_trace_stop(), "stop_trace")
+
+
+def _stop_trace_at_exit() -> None:
+    if _lib is not None and _lib.accelrt_torch_record_trace_active():
+        try:
+            stop_trace()
+        except AccelrtError as e:
+            warnings.warn(f"accelrt_torch: finishing the trace at exit: {e}", stacklevel=1)
 
 
 # ---- statistics, snapshots -------------------------------------------------------------------

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# PyTorch on accelrt, everything GPU-side in one call (about 8 minutes): installs the
+# accelrt_torch wheel in a virtual environment that sees the machine's PyTorch, compiles the
+# C++ shim, then checks the full allocator (features), torch.compile(mode="reduce-overhead")
+# against PyTorch's allocator, IPC between two processes, the trace recorder, and PyTorch's
+# own allocator tests (if .torch-tests/ was carried). Builds nothing with cargo. Every part
+# has a time limit and a log in $OUT; a failing part does not stop the others; the summary
+# table is printed last.
+#
+# Here, before:   scripts/gpu-build.sh (optional, for gpu-check.sh), scripts/build-wheel.sh,
+#                 scripts/get-torch-tests.sh (where PyTorch's repository is reachable)
+# There:          run(command: "bash scripts/torch-suite.sh", carry: [".gpu-bin", ".torch-tests"])
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO=$PWD
+OUT=${OUT:-/tmp/accelrt-torch-suite}
+BUDGET=${SUITE_SECONDS:-470}
+mkdir -p "$OUT"
+START=$SECONDS
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/accelrt-torch-extensions}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+unset ACCELRT_TORCH ACCELRT_TRACE ACCELRT_ALLOC_CONF ACCELRT_TORCH_LIB
+
+left() { echo $(( BUDGET - (SECONDS - START) )); }
+note() { printf '==> %s (%ds)\n' "$*" $((SECONDS - START)); }
+# part NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.log
+part() {
+    local name=$1 limit=$2
+    shift 2
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    [ $rc -eq 0 ] || echo "part $name exited $rc (124: over its ${limit}s limit); see $OUT/$name.log" | tee -a "$OUT/$name.log"
+    return 0
+}
+
+note "machine"
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1
+    ls -la .gpu-bin/accelrt_torch-*.whl 2>&1
+    cat .torch-tests/SOURCE.txt 2>&1
+} | tee "$OUT/machine.txt"
+
+note "install the wheel in $OUT/venv"
+python3 -m venv --system-site-packages "$OUT/venv" > "$OUT/install.log" 2>&1
+PY="$OUT/venv/bin/python"
+if ls .gpu-bin/accelrt_torch-*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install --no-deps --no-index --force-reinstall .gpu-bin/accelrt_torch-*.whl >> "$OUT/install.log" 2>&1 \
+        || echo "pip install failed: see $OUT/install.log" | tee -a "$OUT/install.log"
+else
+    echo "no .gpu-bin/accelrt_torch-*.whl: build it with scripts/build-wheel.sh and carry .gpu-bin" | tee -a "$OUT/install.log"
+fi
+# Run from outside the repository so that `import accelrt_torch` is the installed package.
+cd "$OUT"
+
+note "python -m accelrt_torch --build-shim"
+part info 300 "$PY" -m accelrt_torch --build-shim
+cat "$OUT/info.log"
+
+C="$REPO/scripts/torch_checks.py"
+note "features (accelrt, native), torch.compile reduce-overhead (native, accelrt), in parallel"
+ACCELRT_TORCH=strict part features-accelrt 120 "$PY" "$C" features --out "$OUT/features-accelrt.checks.jsonl" &
+part features-native 120 "$PY" "$C" features --out "$OUT/features-native.checks.jsonl" &
+part compile-native 200 "$PY" "$C" compile --out "$OUT/compile-native.checks.jsonl" --result "$OUT/compile-native.json" &
+ACCELRT_TORCH=strict part compile-accelrt 200 "$PY" "$C" compile --out "$OUT/compile-accelrt.checks.jsonl" --result "$OUT/compile-accelrt.json" &
+wait
+part compare 30 "$PY" "$C" compare "$OUT/compile-native.json" "$OUT/compile-accelrt.json" --out "$OUT/compile-compare.checks.jsonl"
+
+note "IPC: accelrt plain segments, accelrt expandable (default), native"
+ACCELRT_TORCH=strict ACCELRT_ALLOC_CONF=expandable_segments:false part ipc-accelrt-plain 60 "$PY" "$C" ipc --out "$OUT/ipc-accelrt-plain.checks.jsonl"
+ACCELRT_TORCH=strict part ipc-accelrt-default 60 "$PY" "$C" ipc --out "$OUT/ipc-accelrt-default.checks.jsonl"
+part ipc-native 60 "$PY" "$C" ipc --out "$OUT/ipc-native.checks.jsonl"
+
+note "trace recorder"
+ACCELRT_TORCH=strict part trace 90 "$PY" "$C" trace --out "$OUT/trace.checks.jsonl" --result "$OUT/mlp.trace.gz"
+
+note "PyTorch's own allocator tests"
+remaining=$(left)
+per=$(( (remaining - 20) / 4 ))
+[ $per -lt 30 ] && per=30
+part torch-tests $(( per * 4 + 30 )) "$PY" "$REPO/scripts/torch-tests/run.py" --tests "$REPO/.torch-tests" \
+    --out "$OUT/torch-tests" --budget "$per"
+cp "$OUT/torch-tests/torch-tests.md" "$OUT/torch-tests/torch-tests.json" "$OUT/" 2>/dev/null
+tail -3 "$OUT/torch-tests.log"
+
+note "summary"
+"$PY" "$C" summary "$OUT" | tee "$OUT/summary.txt"
