@@ -6,9 +6,8 @@
 //! `SnapshotInfo`), history with a per-allocation context id (PyTorch's stack frames), and the
 //! segment events NCCL registration listens to (`attachAllocatorTraceTracker`).
 //!
-//! Everything here goes through `CachingAllocator`'s public API. The one thing that API cannot
-//! do yet is claiming a given free address range of a private pool as an allocated block
-//! ([`claim_block`]): see its documentation for the method the allocator needs.
+//! Everything here goes through `CachingAllocator`'s public API (putting a freed block back
+//! is `CachingAllocator::claim_block`).
 
 use std::ffi::{c_int, c_void};
 use std::ptr::null_mut;
@@ -162,21 +161,8 @@ pub fn pool_live_blocks(a: &CachingAllocator, id: MempoolId) -> Vec<BlockRecord>
 
 /// Make the free range `[block.ptr, block.ptr + block.size)` of private pool `id` an
 /// allocated block again, as `raw_alloc` would have handed it out (PyTorch's
-/// `setCheckpointPoolState` re-creates the blocks a checkpoint had live, at their addresses).
-///
-/// accelrt's `CachingAllocator` has no public method for this yet. What it needs (the
-/// lead's allocator; this function calls it once it exists):
-///
-/// ```text
-/// /// Claim the free range [ptr, ptr + size) of private pool `id` as one allocated block of
-/// /// `requested` bytes, as if `raw_alloc` had returned `ptr`: the range must lie in one
-/// /// segment of the pool, be wholly free (Free or Recent blocks; recent slots are flushed
-/// /// first) and start and end on block boundaries or inside free blocks, which are split
-/// /// around it. Statistics, history (an `alloc` entry), the live map and the page map are
-/// /// updated as for an allocation. Errors: unknown pool, range outside the pool, any byte
-/// /// of it allocated or pending.
-/// pub fn claim_block(&self, id: MempoolId, ptr: usize, size: u64, requested: u64) -> Result<()>;
-/// ```
+/// `setCheckpointPoolState` re-creates the blocks a checkpoint had live, at their addresses),
+/// through `CachingAllocator::claim_block`. A block still allocated is left as it is.
 pub fn claim_block(a: &CachingAllocator, id: MempoolId, block: BlockRecord) -> Result<(), Failure> {
     let live = pool_live_blocks(a, id);
     if live
@@ -185,19 +171,8 @@ pub fn claim_block(a: &CachingAllocator, id: MempoolId, block: BlockRecord) -> R
     {
         return Ok(()); // still allocated: nothing to re-create
     }
-    Err(format!(
-        "cannot re-create the block {:#x} ({} bytes) of private pool ({}, {}) on {}: putting a \
-         CUDA graph pool back to a checkpoint needs CachingAllocator::claim_block, which this \
-         build of accelrt's allocator does not have yet (torch.compile mode=\"reduce-overhead\" \
-         re-records in the middle of a path here; eager mode, torch.cuda.graph and paths that \
-         start a new generation are not affected)",
-        block.ptr,
-        block.size,
-        id.0,
-        id.1,
-        a.device()
-    )
-    .into())
+    a.claim_block(id, block.ptr as usize, block.size, block.requested)
+        .map_err(|e| Failure::from(e.to_string()))
 }
 
 /// Copy up to `cap` records into `out` and return how many there are (possibly more than

@@ -96,17 +96,28 @@ fn a_private_pool_reports_its_live_blocks_and_keeps_checkpointed_ones() {
         "{}",
         last()
     );
-    // A freed one needs CachingAllocator::claim_block: refused with the reason.
+    // A freed one is put back at its address, live again.
     free(a);
+    assert_eq!(live_blocks(id).len(), 1);
     assert_eq!(
         full::accelrt_torch_pool_claim_block(0, id.0, id.1, small.ptr, small.size, small.requested),
-        -1
-    );
-    assert!(
-        last().contains("CachingAllocator::claim_block"),
+        0,
         "{}",
         last()
     );
+    assert_eq!(live_blocks(id).len(), 2, "the checkpoint's blocks are live again");
+    // A range that is not free in the pool is refused with the reason.
+    assert_eq!(
+        full::accelrt_torch_pool_claim_block(0, id.0, id.1, small.ptr, small.size, small.requested),
+        0,
+        "still allocated: nothing to do"
+    );
+    assert_eq!(
+        full::accelrt_torch_pool_claim_block(0, id.0, id.1, small.ptr + 512, 512, 1),
+        -1
+    );
+    assert!(last().contains("not free"), "{}", last());
+    free(a);
     assert_eq!(live_blocks(id).len(), 1);
 
     // SAFETY: NULL with cap 0.

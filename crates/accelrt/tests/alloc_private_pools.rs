@@ -105,6 +105,69 @@ fn releasing_the_last_use_gives_memory_back_even_if_blocks_outlive_it() {
     a.check_invariants().unwrap();
 }
 
+/// A captured graph replays into blocks it freed during capture: `empty_cache` must leave a
+/// private pool's memory alone while the pool is in use (PyTorch frees only pools nothing
+/// uses), and give it back once the pool is released.
+#[test]
+fn empty_cache_keeps_a_private_pool_in_use() {
+    let a = allocator();
+    let pool = a.new_pool_id();
+    a.begin_allocate_to_pool(pool, StreamFilter::All).unwrap();
+    let x = a.raw_alloc(30 * MIB, s(0)).unwrap();
+    a.end_allocate_to_pool(pool).unwrap();
+    a.raw_free(x).unwrap(); // freed during capture: its memory is the graph's
+    let before = a.reserved_bytes();
+    a.empty_cache().unwrap();
+    assert_eq!(a.reserved_bytes(), before, "the pool is in use: its memory stays");
+    a.begin_allocate_to_pool(pool, StreamFilter::All).unwrap();
+    assert_eq!(a.raw_alloc(30 * MIB, s(0)).unwrap(), x, "a replay finds it");
+    a.end_allocate_to_pool(pool).unwrap();
+    a.raw_free(x).unwrap();
+    a.release_pool(pool).unwrap();
+    a.empty_cache().unwrap();
+    assert_eq!(a.reserved_bytes(), 0, "released: everything goes back");
+    a.check_invariants().unwrap();
+}
+
+/// CUDA graph trees put a pool back to a checkpoint: blocks freed since are claimed again at
+/// their old addresses; anything but a free range of the pool is refused and changes nothing.
+#[test]
+fn claim_block_puts_a_freed_block_back() {
+    let a = allocator();
+    let pool = a.new_pool_id();
+    a.begin_allocate_to_pool(pool, StreamFilter::All).unwrap();
+    let x = a.raw_alloc(3 * MIB, s(0)).unwrap();
+    let y = a.raw_alloc(5 * MIB, s(0)).unwrap();
+    a.end_allocate_to_pool(pool).unwrap();
+    let x_size = a.block_size(x).unwrap();
+    a.raw_free(x).unwrap();
+    let allocated = a.allocated_bytes();
+    a.claim_block(pool, x, x_size, 3 * MIB as u64).unwrap();
+    assert_eq!(a.allocated_bytes(), allocated + x_size);
+    assert_eq!(a.requested_size(x).unwrap(), 3 * MIB as u64);
+    a.check_invariants().unwrap();
+    let y_size = a.block_size(y).unwrap();
+    for (ptr, size, requested, why) in [
+        (y, y_size, 1, "not free"),
+        (x, x_size, 1, "not free"),
+        (x + 512, 1024, 1, "not free"),
+        (0x10, 1024, 1, "512"),
+        (x, 1000, 1, "512"),
+        (x, x_size, x_size + 1, "requested"),
+    ] {
+        let err = a.claim_block(pool, ptr, size, requested).unwrap_err().to_string();
+        assert!(err.contains(why), "claim {ptr:#x} {size}: {err}");
+    }
+    let other = a.new_pool_id();
+    assert!(a.claim_block(other, x, x_size, 1).is_err(), "an unknown pool");
+    a.check_invariants().unwrap();
+    // The claimed block frees like any other.
+    a.raw_free(x).unwrap();
+    a.raw_free(y).unwrap();
+    a.release_pool(pool).unwrap();
+    assert_eq!(a.reserved_bytes(), 0);
+}
+
 #[test]
 fn misuse_is_refused() {
     let a = allocator();

@@ -179,6 +179,43 @@ impl CachingAllocator {
         Ok(())
     }
 
+    /// Make the free range `[ptr, ptr + size)` of private pool `id` one allocated block again,
+    /// as if `raw_alloc` had returned `ptr` for `requested` bytes: statistics, history and the
+    /// live map as for an allocation. PyTorch's CUDA graph trees put a pool back to a
+    /// checkpoint this way (`setCheckpointPoolState`). The range must lie in one free block of
+    /// the pool; anything else is an error naming why, and changes nothing.
+    pub fn claim_block(&self, id: MempoolId, ptr: usize, size: u64, requested: u64) -> Result<()> {
+        let why = |m: &str| {
+            Error::InvalidArgument(format!(
+                "cannot claim {ptr:#x} ({size} bytes) in private pool {id:?} on {}: {m}",
+                self.device
+            ))
+        };
+        if size == 0 || size % crate::alloc::MIN_BLOCK != 0 || ptr % crate::alloc::MIN_BLOCK as usize != 0 {
+            return Err(why("blocks are whole multiples of 512 bytes at 512-byte boundaries"));
+        }
+        if requested > size {
+            return Err(why("more bytes requested than the block holds"));
+        }
+        let index = {
+            let p = self.private.lock();
+            MAX_STREAM_POOLS + p.ids.get(&id).ok_or_else(|| Self::unknown_pool(id))?.slot
+        };
+        let pool = self.pools[index]
+            .get()
+            .expect("a registered private pool exists");
+        let mut st = pool.state.lock();
+        let block = st.claim(ptr, size, requested).map_err(|m| why(&m))?;
+        if self.history.enabled() {
+            self.note_alloc(&mut st, block, pool.stream.index);
+        }
+        drop(st);
+        if self.config.debug_checks {
+            self.debug_check("claim_block");
+        }
+        Ok(())
+    }
+
     /// Uses of private pool `id`, or `None` if there is no such pool.
     pub fn pool_use_count(&self, id: MempoolId) -> Option<u32> {
         self.private.lock().ids.get(&id).map(|e| e.use_count)

@@ -640,8 +640,47 @@ impl PoolState {
         idx
     }
 
-    /// Whole free segments, as (last_used, segment position).
+    /// Make the free bytes `[addr, addr + size)` one allocated block for `requested` bytes:
+    /// the free block holding them is split around them. `Err` says why not (no segment
+    /// there, not free, not whole).
+    pub fn claim(&mut self, addr: usize, size: u64, requested: u64) -> Result<u32, String> {
+        self.flush_recent();
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| s.base <= addr && addr < s.base + s.size as usize)
+            .ok_or_else(|| "no segment of the pool holds that address".to_string())?;
+        let end = addr
+            .checked_add(size as usize)
+            .filter(|&e| e <= seg.base + seg.size as usize)
+            .ok_or_else(|| "the range runs past the end of its segment".to_string())?;
+        let mut cur = seg.head;
+        while cur != NIL {
+            let b = &self.blocks[cur as usize];
+            if b.addr <= addr && addr < b.addr + b.size as usize {
+                break;
+            }
+            cur = b.next;
+        }
+        let b = &self.blocks[cur as usize];
+        if b.state != BlockState::Free {
+            return Err(format!("those bytes are {:?}, not free", b.state).to_lowercase());
+        }
+        if end > b.addr + b.size as usize {
+            return Err("the range spans more than one free block".into());
+        }
+        let (idx, _) = self.isolate(cur, addr, end);
+        self.mark_allocated(idx, requested);
+        Ok(idx)
+    }
+
+    /// Whole free segments, as (last_used, segment position). None for a private pool still
+    /// in use: a captured graph replays into blocks it freed during capture, so their memory
+    /// must stay until the pool is released (PyTorch frees only pools nothing uses).
     pub fn releasable(&self) -> Vec<(u64, usize)> {
+        if !self.pool_id.is_none() && !self.released {
+            return Vec::new();
+        }
         self.segments
             .iter()
             .enumerate()

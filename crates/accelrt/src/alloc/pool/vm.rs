@@ -494,8 +494,9 @@ impl PoolState {
 
     /// Cut `[lo, hi)` out of free block `idx` (which holds it): the pieces before and after
     /// go back to the free index; returns the middle piece (off every list) and the piece
-    /// after it, if any.
-    fn isolate(&mut self, idx: u32, lo: usize, hi: usize) -> (u32, Option<u32>) {
+    /// after it, if any. In expandable segments the pieces after `lo` are marked not known to
+    /// be mapped (the caller changes what backs them).
+    pub(super) fn isolate(&mut self, idx: u32, lo: usize, hi: usize) -> (u32, Option<u32>) {
         self.remove_free(idx);
         let (addr, size) = {
             let b = &self.blocks[idx as usize];
@@ -508,13 +509,18 @@ impl PoolState {
         } else {
             idx
         };
+        let vm = self.blocks[middle as usize].vm;
         let after = (hi < addr + size).then(|| {
             let after = self.split_off(middle, (hi - lo) as u64);
-            self.blocks[after as usize].mapped_len = 0;
+            if vm {
+                self.blocks[after as usize].mapped_len = 0;
+            }
             self.add_free(after);
             after
         });
-        self.blocks[middle as usize].mapped_len = 0;
+        if vm {
+            self.blocks[middle as usize].mapped_len = 0;
+        }
         (middle, after)
     }
 

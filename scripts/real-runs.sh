@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Real runs on the GPU machine (issue 10's harness): PyTorch native, PyTorch
+# expandable_segments:True and accelrt on the same work, one process per run, interleaved,
+# at least 3 repetitions; and the recordings `accelrt replay` checks its predictions against.
+#
+# Build here first (the GPU machine has no Rust toolchain):
+#     bash scripts/gpu-build.sh && bash scripts/build-torch-lib.sh
+# then through the device tool, with `carry: [".gpu-bin"]`:
+#     bash scripts/real-runs.sh matrix [REPS] [SECONDS]    # the table, printed last
+#     bash scripts/real-runs.sh record [SECONDS]           # v2 traces -> $OUT/recorded.tar
+# Logs and results go to $OUT (matrix.jsonl, recorded.jsonl).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-/tmp/accelrt-real-runs}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/python:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
+export ACCELRT_TORCH_LIB="$PWD/.gpu-bin/libaccelrt_torch.so"
+export ACCELRT_BIN="$PWD/.gpu-bin/accelrt"
+export TORCH_EXTENSIONS_DIR=/tmp/accelrt-torch-ext
+export PYTHONUNBUFFERED=1
+[ -f "$ACCELRT_TORCH_LIB" ] || { echo "no $ACCELRT_TORCH_LIB: run scripts/build-torch-lib.sh and carry .gpu-bin" >&2; exit 2; }
+
+# The C++ shim is compiled once per machine (about a minute), then loaded by every run.
+if ! timeout 240 python3 -m accelrt_torch --build-shim > "$OUT/shim.log" 2>&1; then
+    echo "building the shim failed:"; tail -30 "$OUT/shim.log"; exit 1
+fi
+grep -iE "shim|torch|cuda" "$OUT/shim.log" | head -5
+
+case "${1:-matrix}" in
+matrix)
+    reps=${2:-3}
+    timeout "${3:-480}" python3 scripts/real_runs.py matrix "$OUT" --reps "$reps" > "$OUT/matrix.log" 2>&1
+    python3 scripts/real_runs.py table "$OUT"
+    ;;
+record)
+    timeout "${2:-480}" python3 scripts/real_runs.py record "$OUT/traces" --parallel 3 > "$OUT/record.log" 2>&1
+    tail -5 "$OUT/record.log"
+    cp "$OUT/traces/recorded.jsonl" "$OUT/" 2>/dev/null
+    tar -C "$OUT/traces" -cf "$OUT/recorded.tar" $(cd "$OUT/traces" && ls *.trace.gz 2>/dev/null)
+    ls -la "$OUT/traces" | tail -40
+    ;;
+*)
+    echo "usage: real-runs.sh matrix [REPS] [SECONDS] | record [SECONDS]" >&2; exit 2 ;;
+esac

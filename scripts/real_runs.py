@@ -1,0 +1,342 @@
+"""Real runs on the GPU machine: the same PyTorch work under PyTorch's native allocator,
+PyTorch's expandable_segments:True and accelrt, one process per run, interleaved.
+
+usage:
+  real_runs.py one WORKLOAD CONFIG [--steps N] [--record PATH]   one run; prints one JSON line
+  real_runs.py matrix OUTDIR [--reps 3] [--workloads a,b]           the timing/memory matrix
+  real_runs.py record OUTDIR [--parallel 3] [--workloads a,b]       recordings for `accelrt replay`
+  real_runs.py table OUTDIR                                         the summary table again
+
+CONFIG: native | expandable | accelrt. A run reports peak reserved and peak allocated
+(`torch.cuda.max_memory_*`, answered by accelrt when it is the allocator), the first step's
+time and the sum of the steady-state steps (every step after the first two), each step ended
+by a device synchronize (as `loss.item()` does in a training loop), and for accelrt its driver
+calls. `record` writes v2 traces: accelrt's own recorder (`accelrt_torch.record_trace`, with
+completion markers) and, for PyTorch's allocators, a memory-history snapshot converted by
+`accelrt trace convert` with the run's real peaks in the header.
+
+Environment: ACCELRT_TORCH_LIB (libaccelrt_torch.so), ACCELRT_BIN (the accelrt CLI, for
+`record`), PYTHONPATH with this repository's python/ folder.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CONFIGS = ["native", "expandable", "accelrt"]
+# The issue-10 matrix: the three traced workloads and two dynamic-shape trainings.
+MATRIX = ["gpt2_train", "resnet50_train", "gpt2_infer_varlen", "llama_varlen_train", "vit_varbatch_train"]
+# Recorded for the replay's validation: the matrix plus dynamic inference and two streams.
+RECORDED = MATRIX + ["gpt2_generate", "resnet50_varres", "bert_varlen", "twostream_train"]
+
+
+# ---- workloads: each yields once per step ------------------------------------------------
+
+
+def steps_of(work, n, rng):
+    import torch
+
+    dev = "cuda"
+    if work == "gpt2_train":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for _ in range(n):
+            x = torch.randint(0, 50257, (8, 1024), device=dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            yield
+    elif work == "resnet50_train":
+        import torchvision
+
+        model = torchvision.models.resnet50().to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(n):
+            x = torch.randn(64, 3, 224, 224, device=dev)
+            y = torch.randint(0, 1000, (64,), device=dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            yield
+    elif work == "gpt2_infer_varlen":
+        from transformers import GPT2Config, GPT2Model
+
+        model = GPT2Model(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).to(dev).eval().half()
+        with torch.no_grad():
+            for _ in range(n):
+                b, s = rng.choice([1, 2, 4, 8, 16]), rng.randint(8, 1024)
+                model(input_ids=torch.randint(0, 50257, (b, s), device=dev))
+                yield
+    elif work == "llama_varlen_train":
+        # A Llama-style decoder (~110M parameters) trained on sequence lengths drawn from
+        # 128..1024: activations change size every step.
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
+                          num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024)
+        model = LlamaForCausalLM(cfg).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for _ in range(n):
+            s = rng.choice([128, 256, 384, 512, 640, 768, 896, 1024])
+            x = torch.randint(0, 32000, (8, s), device=dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            yield
+    elif work == "vit_varbatch_train":
+        # ViT-B/16 with AMP, batch size drawn from 16..48 every step.
+        import torchvision
+
+        model = torchvision.models.vit_b_16().to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for _ in range(n):
+            b = rng.choice([16, 24, 32, 40, 48])
+            x = torch.randn(b, 3, 224, 224, device=dev)
+            y = torch.randint(0, 1000, (b,), device=dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            yield
+    elif work == "twostream_train":
+        # Inputs made on a side stream and consumed on the main one (`record_stream`), as data
+        # loaders that prefetch to the GPU do; an MLP trained on batches of varying size.
+        main = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        model = torch.nn.Sequential(
+            torch.nn.Linear(2048, 8192), torch.nn.GELU(), torch.nn.Linear(8192, 8192), torch.nn.GELU(),
+            torch.nn.Linear(8192, 1000)).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for _ in range(n):
+            b = rng.choice([512, 1024, 2048, 4096])
+            with torch.cuda.stream(side):
+                x = torch.randn(b, 2048, device=dev)
+                y = torch.randint(0, 1000, (b,), device=dev)
+            main.wait_stream(side)
+            x.record_stream(main)
+            y.record_stream(main)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del x, y
+            yield
+    elif work in ("gpt2_generate", "resnet50_varres", "bert_varlen"):
+        sys.path.insert(0, str(HERE))
+        from record_trace import run
+
+        run(work, rng)
+        yield
+    else:
+        raise SystemExit(f"unknown workload {work!r}: one of {RECORDED}")
+
+
+DEFAULT_STEPS = {"gpt2_infer_varlen": 80, "gpt2_generate": 1, "resnet50_varres": 1, "bert_varlen": 1}
+
+
+# ---- one run ------------------------------------------------------------------------------
+
+
+def one(work, config, steps, record):
+    if config == "expandable":
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    else:
+        os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    import torch
+
+    at = None
+    if config == "accelrt":
+        import accelrt_torch as at
+
+        at.enable()
+        if record:
+            at.record_trace(record, workload=work)
+    elif record:
+        torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks=None, max_entries=20_000_000)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    times = []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in steps_of(work, steps, rng):
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        times.append((t1 - t0) * 1e3)
+        t0 = t1
+    out = {
+        "workload": work,
+        "config": config,
+        "steps": len(times),
+        "first_step_ms": times[0],
+        "steady_sum_ms": sum(times[2:]) if len(times) > 2 else None,
+        "peak_reserved": torch.cuda.max_memory_reserved(),
+        "peak_allocated": torch.cuda.max_memory_allocated(),
+    }
+    if at is not None:
+        stats = at.memory_stats()
+        out["driver_calls"] = {k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("driver_calls.")}
+        if record:
+            at.stop_trace()
+    else:
+        stats = torch.cuda.memory_stats()
+        out["num_device_alloc"] = stats.get("num_device_alloc")
+        if record:
+            snap = record + ".snapshot.pickle"
+            torch.cuda.memory._dump_snapshot(snap)
+            out["snapshot"] = snap
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ---- the matrix -----------------------------------------------------------------------------
+
+
+def launch(work, config, steps, record=None, timeout=600):
+    cmd = [sys.executable, str(Path(__file__)), "one", work, config, "--steps", str(steps)]
+    if record:
+        cmd += ["--record", record]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"workload": work, "config": config, "error": (p.stderr or p.stdout)[-2000:]}
+
+
+def matrix(outdir, reps, works, steps):
+    outdir.mkdir(parents=True, exist_ok=True)
+    log = open(outdir / "matrix.jsonl", "a")
+    for rep in range(reps):
+        for i, work in enumerate(works):
+            # Rotate the order of the configurations from one repetition to the next.
+            order = CONFIGS[(rep + i) % 3:] + CONFIGS[:(rep + i) % 3]
+            for config in order:
+                r = launch(work, config, steps or DEFAULT_STEPS.get(work, 12))
+                r["rep"] = rep
+                log.write(json.dumps(r) + "\n")
+                log.flush()
+                print(json.dumps(r)[:300], flush=True)
+    log.close()
+    table(outdir)
+
+
+def spread(xs, fmt):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{fmt(statistics.median(xs))} ({fmt(min(xs))}-{fmt(max(xs))})"
+
+
+def table(outdir):
+    rows = [json.loads(l) for l in open(outdir / "matrix.jsonl")]
+    works = []
+    for r in rows:
+        if r["workload"] not in works:
+            works.append(r["workload"])
+    gib = lambda b: f"{b / 2**30:.3f}"
+    print("\nworkload | config | runs | peak reserved GiB median (min-max) | reserved/allocated | "
+          "first step ms | steady-state sum ms | driver calls")
+    for w in works:
+        for c in CONFIGS:
+            rs = [r for r in rows if r["workload"] == w and r["config"] == c and "error" not in r]
+            errs = [r for r in rows if r["workload"] == w and r["config"] == c and "error" in r]
+            if not rs:
+                print(f"{w} | {c} | 0 | FAILED: {errs[0]['error'][-200:] if errs else '-'}")
+                continue
+            ratio = [r["peak_reserved"] / r["peak_allocated"] for r in rs]
+            calls = [r.get("driver_calls", {}).get("total") for r in rs]
+            print(f"{w} | {c} | {len(rs)} | {spread([r['peak_reserved'] for r in rs], gib)} | "
+                  f"{spread(ratio, lambda x: f'{x:.4f}')} | {spread([r['first_step_ms'] for r in rs], lambda x: f'{x:.0f}')} | "
+                  f"{spread([r['steady_sum_ms'] for r in rs], lambda x: f'{x:.0f}')} | {spread(calls, lambda x: f'{x:.0f}')}")
+
+
+# ---- recordings -----------------------------------------------------------------------------
+
+
+def record(outdir, works, parallel):
+    from concurrent.futures import ThreadPoolExecutor
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    accelrt = os.environ.get("ACCELRT_BIN", str(HERE.parent / ".gpu-bin" / "accelrt"))
+    conf = {"native": "expandable_segments:false,release_at_peak:false",
+            "expandable": "expandable_segments:true,release_at_peak:false"}
+    jobs = [(w, c) for w in works for c in CONFIGS]
+
+    def job(wc):
+        w, c = wc
+        steps = DEFAULT_STEPS.get(w, 6)
+        if c == "accelrt":
+            path = str(outdir / f"{w}.accelrt.trace.gz")
+            r = launch(w, c, steps, record=path)
+            r["trace"] = path
+            return r
+        base = str(outdir / f"{w}.pytorch-{c}")
+        r = launch(w, c, steps, record=base)
+        if "error" in r:
+            return r
+        out = base + ".trace.gz"
+        cmd = [accelrt, "trace", "convert", r["snapshot"], out, "--workload", w,
+               "--allocator", f"pytorch-{c}", "--conf", conf[c],
+               "--real-peak-reserved", str(r["peak_reserved"]), "--real-peak-allocated", str(r["peak_allocated"])]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            r["error"] = "convert: " + p.stderr[-1000:]
+        else:
+            r["trace"] = out
+            os.remove(r["snapshot"])
+        return r
+
+    with ThreadPoolExecutor(parallel) as ex, open(outdir / "recorded.jsonl", "a") as log:
+        for r in ex.map(job, jobs):
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+            print(json.dumps(r)[:300], flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("one")
+    o.add_argument("workload")
+    o.add_argument("config", choices=CONFIGS)
+    o.add_argument("--steps", type=int, default=12)
+    o.add_argument("--record")
+    m = sub.add_parser("matrix")
+    m.add_argument("outdir", type=Path)
+    m.add_argument("--reps", type=int, default=3)
+    m.add_argument("--steps", type=int)
+    m.add_argument("--workloads", default=",".join(MATRIX))
+    r = sub.add_parser("record")
+    r.add_argument("outdir", type=Path)
+    r.add_argument("--parallel", type=int, default=3)
+    r.add_argument("--workloads", default=",".join(RECORDED))
+    t = sub.add_parser("table")
+    t.add_argument("outdir", type=Path)
+    a = p.parse_args()
+    if a.cmd == "one":
+        one(a.workload, a.config, a.steps, a.record)
+    elif a.cmd == "matrix":
+        matrix(a.outdir, a.reps, a.workloads.split(","), a.steps)
+    elif a.cmd == "record":
+        record(a.outdir, a.workloads.split(","), a.parallel)
+    else:
+        table(a.outdir)
+
+
+if __name__ == "__main__":
+    main()
