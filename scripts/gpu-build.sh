@@ -12,7 +12,7 @@ export CARGO_PROFILE_RELEASE_DEBUG=0
 export CARGO_PROFILE_RELEASE_STRIP=true
 
 cargo build --release -p accelrt-cli
-tests=$(cargo test --release --no-run -p accelrt --message-format=json \
+tests=$(cargo test --release --no-run -p accelrt --test 'cuda_*' --message-format=json \
     | python3 -c '
 import json, sys
 for line in sys.stdin:

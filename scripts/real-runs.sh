@@ -7,7 +7,7 @@
 #     bash scripts/gpu-build.sh && bash scripts/build-torch-lib.sh
 # then through the device tool, with `carry: [".gpu-bin"]`:
 #     bash scripts/real-runs.sh matrix [REPS] [SECONDS]    # the table, printed last
-#     bash scripts/real-runs.sh record [SECONDS]           # v2 traces -> $OUT/recorded.tar
+#     bash scripts/real-runs.sh record [SECONDS]           # v2 traces -> $OUT/recorded-*.tar
 # Logs and results go to $OUT (matrix.jsonl, recorded.jsonl).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,7 +36,9 @@ record)
     timeout "${2:-480}" python3 scripts/real_runs.py record "$OUT/traces" --parallel 3 > "$OUT/record.log" 2>&1
     tail -5 "$OUT/record.log"
     cp "$OUT/traces/recorded.jsonl" "$OUT/" 2>/dev/null
-    tar -C "$OUT/traces" -cf "$OUT/recorded.tar" $(cd "$OUT/traces" && ls *.trace.gz 2>/dev/null)
+    for c in accelrt pytorch-native pytorch-expandable; do
+        (cd "$OUT/traces" && tar -cf "$OUT/recorded-$c.tar" $(ls *."$c".trace.gz 2>/dev/null))
+    done
     ls -la "$OUT/traces" | tail -40
     ;;
 *)

@@ -37,7 +37,7 @@ MATRIX = ["gpt2_train", "resnet50_train", "gpt2_infer_varlen", "llama_varlen_tra
 RECORDED = MATRIX + ["gpt2_generate", "resnet50_varres", "bert_varlen", "twostream_train"]
 
 
-# ---- workloads: each yields once per step ------------------------------------------------
+# ---- workloads: each yields once set up, then once per step ------------------------------
 
 
 def steps_of(work, n, rng):
@@ -49,6 +49,7 @@ def steps_of(work, n, rng):
 
         model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        yield  # set up: the steps start here
         for _ in range(n):
             x = torch.randint(0, 50257, (8, 1024), device=dev)
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -62,6 +63,7 @@ def steps_of(work, n, rng):
 
         model = torchvision.models.resnet50().to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        yield  # set up: the steps start here
         for _ in range(n):
             x = torch.randn(64, 3, 224, 224, device=dev)
             y = torch.randint(0, 1000, (64,), device=dev)
@@ -75,6 +77,7 @@ def steps_of(work, n, rng):
         from transformers import GPT2Config, GPT2Model
 
         model = GPT2Model(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).to(dev).eval().half()
+        yield  # set up: the steps start here
         with torch.no_grad():
             for _ in range(n):
                 b, s = rng.choice([1, 2, 4, 8, 16]), rng.randint(8, 1024)
@@ -89,6 +92,7 @@ def steps_of(work, n, rng):
                           num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024)
         model = LlamaForCausalLM(cfg).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        yield  # set up: the steps start here
         for _ in range(n):
             s = rng.choice([128, 256, 384, 512, 640, 768, 896, 1024])
             x = torch.randint(0, 32000, (8, s), device=dev)
@@ -104,6 +108,7 @@ def steps_of(work, n, rng):
 
         model = torchvision.models.vit_b_16().to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        yield  # set up: the steps start here
         for _ in range(n):
             b = rng.choice([16, 24, 32, 40, 48])
             x = torch.randn(b, 3, 224, 224, device=dev)
@@ -123,6 +128,7 @@ def steps_of(work, n, rng):
             torch.nn.Linear(2048, 8192), torch.nn.GELU(), torch.nn.Linear(8192, 8192), torch.nn.GELU(),
             torch.nn.Linear(8192, 1000)).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        yield  # set up: the steps start here
         for _ in range(n):
             b = rng.choice([512, 1024, 2048, 4096])
             with torch.cuda.stream(side):
@@ -142,6 +148,7 @@ def steps_of(work, n, rng):
         sys.path.insert(0, str(HERE))
         from record_trace import run
 
+        yield  # set up inside run(): one step
         run(work, rng)
         yield
     else:
@@ -173,9 +180,11 @@ def one(work, config, steps, record):
     torch.manual_seed(0)
     rng = random.Random(0)
     times = []
+    steps = steps_of(work, steps, rng)
+    next(steps)  # imports, the model, the optimizer: not timed
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in steps_of(work, steps, rng):
+    for _ in steps:
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         times.append((t1 - t0) * 1e3)

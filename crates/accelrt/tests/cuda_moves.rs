@@ -30,7 +30,11 @@ fn moved_memory_keeps_queued_work_in_stream_order() {
     let alloc = rt.allocator(0).unwrap();
     assert!(alloc.is_expandable(), "the GPU supports virtual memory: expandable segments are on");
     let a = rt.new_stream(0, StreamPriority::Normal).unwrap();
-    let trials = 10_000;
+    // 10,000 by default; fewer under compute-sanitizer, which slows every kernel down.
+    let trials: usize = std::env::var("ACCELRT_MOVES_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
     let counters = alloc.raw_alloc(trials * 8, a).unwrap();
     // SAFETY: `counters` is ours, `trials` 8-byte words, used on stream A only.
     rt.with_stream(a, |d, s| unsafe { d.memset_u32(s, counters, trials * 2, 0) })

@@ -573,9 +573,9 @@ impl CachingAllocator {
         if let Some(ptr) = self.try_cached(pool, rounded, size) {
             return Ok(ptr);
         }
-        self.collect_garbage(segment_size(rounded));
+        self.collect_garbage(segment_size(rounded), pool);
         if self.config.release_at_peak {
-            self.release_before_new_peak(segment_size(rounded));
+            self.release_before_new_peak(segment_size(rounded), pool);
         }
         let mut attempt = self.reserve_for(rounded);
         if matches!(
@@ -743,6 +743,42 @@ impl CachingAllocator {
         }
     }
 
+    /// The pool tick up to which memory freed in `pool` is no longer used by queued work, as
+    /// proven by completed fences (events on the pool's own stream), `None` until one has
+    /// completed (`u64::MAX` without an event source: there is no queued work). With
+    /// `cover: Some(tick)`, records a new fence unless one in flight already covers `tick`:
+    /// only for the pool being allocated on (its stream is alive; another pool's may be an
+    /// external stream its owner destroyed). Never waits.
+    pub(super) fn fence(&self, pool: &StreamPool, cover: Option<u64>) -> Option<u64> {
+        let Some(events) = self.events.as_ref() else {
+            return Some(u64::MAX);
+        };
+        let mut st = pool.state.lock();
+        while let Some(&(tick, ticket)) = st.fences.front() {
+            self.driver.event_query.fetch_add(1, Relaxed);
+            match events.query(ticket) {
+                Ok(true) => {
+                    events.release(ticket);
+                    st.safe_tick = st.safe_tick.max(tick);
+                    st.fences.pop_front();
+                }
+                Ok(false) => break,
+                Err(_) => return None, // a broken stream: leave its memory alone
+            }
+        }
+        let newest = st.fences.back().map_or(st.safe_tick, |&(t, _)| t);
+        if let Some(tick) = cover {
+            if tick > newest && st.fences.len() < super::pool::MAX_FENCES {
+                self.driver.event_record.fetch_add(1, Relaxed);
+                if let Ok(ticket) = events.record(pool.stream) {
+                    let now = st.tick;
+                    st.fences.push_back((now, ticket));
+                }
+            }
+        }
+        (st.safe_tick > 0).then_some(st.safe_tick)
+    }
+
     /// Whether expandable segments are in use (asked for, and the device supports them).
     pub fn is_expandable(&self) -> bool {
         self.vm_page != 0
@@ -902,60 +938,66 @@ impl CachingAllocator {
 
     /// Under a soft limit (low watermark, or garbage_collection_threshold), release whole
     /// cached segments, least recently used first, until `incoming` more bytes fit.
-    fn collect_garbage(&self, incoming: u64) {
+    fn collect_garbage(&self, incoming: u64, requester: &StreamPool) {
         if let Some(soft) = self.soft_limit() {
-            self.release_oldest_until(soft, incoming);
+            self.release_oldest_until(soft, incoming, Some(requester));
         }
     }
 
     /// Growing by `incoming` would set a new peak of reserved memory: first give back whole
     /// cached segments (they cannot serve this request, or it would have found them), least
     /// recently used first, until the old peak holds or none is left.
-    fn release_before_new_peak(&self, incoming: u64) {
-        self.release_oldest_until(self.reserved_peak.load(Relaxed), incoming);
+    fn release_before_new_peak(&self, incoming: u64, requester: &StreamPool) {
+        self.release_oldest_until(self.reserved_peak.load(Relaxed), incoming, Some(requester));
     }
 
     /// Give back whole cached segments of every pool, least recently used first, until
-    /// `reserved + incoming <= target` or none is left.
-    fn release_oldest_until(&self, target: u64, incoming: u64) {
+    /// `reserved + incoming <= target` or none is left. Never waits: a segment goes only once
+    /// a completed fence on its pool's stream shows the work that used it done (a device free
+    /// would wait for the device, and unmapping host memory would not wait at all). Where
+    /// `requester`'s own segments were too recent, a fence is recorded to cover them next time.
+    fn release_oldest_until(&self, target: u64, incoming: u64, requester: Option<&StreamPool>) {
         let fits = || self.reserved.load(Relaxed) + incoming <= target;
         if fits() {
             return;
         }
         let mut candidates: Vec<(u64, usize, usize)> = Vec::new(); // (age, pool, base)
-        let mut ticks: Vec<(usize, u64, bool)> = Vec::new(); // (pool, tick when seen, synced)
+        let mut safe: Vec<(usize, u64)> = Vec::new(); // (pool, safe tick)
         for (pi, pool) in self.pools_with_index() {
-            let mut st = pool.state.lock();
-            st.flush_recent();
             let before = candidates.len();
-            candidates.extend(
-                st.releasable()
-                    .into_iter()
-                    .map(|(age, i)| (age, pi, st.segments[i].base)),
-            );
+            {
+                let mut st = pool.state.lock();
+                st.flush_recent();
+                candidates.extend(
+                    st.releasable()
+                        .into_iter()
+                        .map(|(age, i)| (age, pi, st.segments[i].base)),
+                );
+            }
             if candidates.len() > before {
-                ticks.push((pi, st.tick, false));
+                safe.push((pi, self.fence(pool, None).unwrap_or(0)));
             }
         }
         candidates.sort_unstable();
-        for (_, pi, base) in candidates {
+        let mut too_recent = false;
+        for (age, pi, base) in candidates {
             if fits() {
                 break;
             }
-            let pool = self.pool_at(pi as u32);
-            let Some(entry) = ticks.iter_mut().find(|t| t.0 == pi) else {
+            let since = safe.iter().find(|s| s.0 == pi).map_or(0, |s| s.1);
+            if age > since {
+                too_recent |= requester.is_some_and(|r| std::ptr::eq(r, self.pool_at(pi as u32)));
                 continue;
-            };
-            if !entry.2 {
-                if self.sync_stream(pool).is_err() {
-                    continue;
-                }
-                entry.2 = true;
             }
-            let seg = pool.state.lock().remove_segment(base, entry.1);
+            let pool = self.pool_at(pi as u32);
+            let seg = pool.state.lock().remove_segment(base, since);
             if let Some(seg) = seg {
                 self.give_back(seg, pool.stream.index);
             }
+        }
+        if let (true, Some(r)) = (too_recent && !fits(), requester) {
+            let tick = r.state.lock().tick;
+            self.fence(r, Some(tick));
         }
     }
 

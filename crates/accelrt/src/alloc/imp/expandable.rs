@@ -32,7 +32,7 @@ use parking_lot::MutexGuard;
 use super::{AllocatorEvent, CachingAllocator, SegmentFailure, StreamPool};
 use crate::alloc::chunks::{ChunkTable, Home};
 use crate::alloc::history::TraceAction;
-use crate::alloc::pool::{PoolState, Run, LENT, MAX_FENCES, NIL, NO_CHUNK};
+use crate::alloc::pool::{PoolState, Run, LENT, NIL, NO_CHUNK};
 use crate::alloc::provider::{ChunkHandle, ProviderError, VirtualMemory};
 use crate::alloc::size::pool_kind;
 use crate::error::{Error, Result};
@@ -411,8 +411,14 @@ impl CachingAllocator {
             let mut st = pool.state.lock();
             let (taken, left) = st.lend_idle(&mut vm.chunks, u64::MAX, remaining, room);
             self.note_lent(&st, pool.stream.index, &taken);
+            let cover = (!taken.is_empty()).then_some(st.tick);
             got.extend(taken);
             remaining = left;
+            drop(st);
+            if let Some(tick) = cover {
+                // The old ranges are unmapped once a fence after their last use completes.
+                self.fence(pool, Some(tick));
+            }
         }
         // Other pools: only memory freed before a fence recorded on their own stream (never
         // record on another pool's stream: it may be an external stream its owner destroyed).
@@ -478,16 +484,12 @@ impl CachingAllocator {
                 .filter(|&(i, p)| i as u32 != pool_idx && !p.private),
         );
         let mut freed = false;
-        for (qi, q) in order {
+        for (_, q) in order {
             if left == 0 {
                 break;
             }
-            let since = match &self.events {
-                None => u64::MAX,
-                Some(_) => match self.completed_fence(q, qi as u32 == pool_idx) {
-                    Some(t) => t,
-                    None => continue,
-                },
+            let Some(since) = self.fence(q, None) else {
+                continue;
             };
             let taken = q.state.lock().take_idle_pages(&vm.chunks, since, left);
             if taken.is_empty() {
@@ -514,6 +516,11 @@ impl CachingAllocator {
         }
         if freed {
             self.counters.num_page_steals.fetch_add(1, Relaxed);
+        }
+        if left > 0 {
+            // Idle memory too recent to give back: have a fence cover it for next time.
+            let tick = pool.state.lock().tick;
+            self.fence(pool, Some(tick));
         }
     }
 
@@ -650,35 +657,6 @@ impl CachingAllocator {
         self.counters.num_device_free.fetch_add(1, Relaxed);
     }
 
-    /// The pool tick up to which freed blocks are no longer used by queued work, as proven by
-    /// a completed fence; with `record`, records the next fence on the pool's stream (only for
-    /// the pool being allocated on: its stream is alive). `None` until a fence has completed.
-    fn completed_fence(&self, pool: &StreamPool, record: bool) -> Option<u64> {
-        let events = self.events.as_ref()?;
-        let mut st = pool.state.lock();
-        while let Some(&(tick, ticket)) = st.fences.front() {
-            self.driver.event_query.fetch_add(1, Relaxed);
-            match events.query(ticket) {
-                Ok(true) => {
-                    events.release(ticket);
-                    st.safe_tick = st.safe_tick.max(tick);
-                    st.fences.pop_front();
-                }
-                Ok(false) => break,
-                Err(_) => return None, // a broken stream: leave its memory alone
-            }
-        }
-        let newest = st.fences.back().map_or(st.safe_tick, |&(t, _)| t);
-        if record && st.tick > newest && st.fences.len() < MAX_FENCES {
-            self.driver.event_record.fetch_add(1, Relaxed);
-            if let Ok(ticket) = events.record(pool.stream) {
-                let tick = st.tick;
-                st.fences.push_back((tick, ticket));
-            }
-        }
-        (st.safe_tick > 0).then_some(st.safe_tick)
-    }
-
     /// Unmap lent ranges whose work has passed: every pool's, by its completed fences (a new
     /// fence is recorded only for `requester`, whose stream is alive). Never waits.
     fn reclaim_lent(&self, vm: &mut VmState, requester: Option<u32>) {
@@ -687,15 +665,13 @@ impl CachingAllocator {
             if pool.private {
                 continue;
             }
-            let has_lent = !pool.state.lock().lent.is_empty();
-            if !has_lent && !is_requester {
+            let newest_lent = pool.state.lock().lent.iter().map(|l| l.tick).max();
+            let Some(newest_lent) = newest_lent else {
                 continue;
-            }
-            let safe = match &self.events {
-                None => Some(u64::MAX),
-                Some(_) => self.completed_fence(pool, is_requester),
             };
-            let Some(safe) = safe.filter(|_| has_lent) else {
+            // A new fence only on the requester's stream (alive), and only if no fence in
+            // flight covers the lent ranges yet.
+            let Some(safe) = self.fence(pool, is_requester.then_some(newest_lent)) else {
                 continue;
             };
             let (ranges, chunk_ids) = pool.state.lock().reclaim_lent(safe);
