@@ -176,7 +176,7 @@ def one(work, config, steps, record):
         if record:
             at.record_trace(record, workload=work)
     elif record:
-        torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks=None, max_entries=20_000_000)
+        torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", max_entries=20_000_000)
     torch.manual_seed(0)
     rng = random.Random(0)
     times = []

@@ -799,6 +799,9 @@ impl<D: Driver> Runtime<D> {
     pub fn with_probe(
         probe: impl FnOnce() -> std::result::Result<D, String> + Send + 'static,
     ) -> Self {
+        // Completion times are on accelrt's clock, which starts at its first reading: start it
+        // now, before any event of this runtime can complete.
+        let _ = crate::event::clock_ns();
         Runtime {
             id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
             probe: Mutex::new(Some(Box::new(probe))),

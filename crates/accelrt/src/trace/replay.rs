@@ -157,10 +157,14 @@ impl ReplayReport {
 /// The allocator's driver-call counters, read through its statistics' serialized form so a
 /// `driver_calls` field in [`MemoryStats`] shows up here as soon as the allocator has one.
 fn driver_calls(stats: &MemoryStats) -> Option<serde_json::Value> {
-    serde_json::to_value(stats)
-        .ok()?
-        .get("driver_calls")
-        .cloned()
+    let mut calls = serde_json::to_value(stats).ok()?.get("driver_calls")?.clone();
+    let total: u64 = calls
+        .as_object()?
+        .values()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    calls.as_object_mut()?.insert("total".into(), total.into());
+    Some(calls)
 }
 
 /// The result of a replay: the report, and why it stopped early, if it did.

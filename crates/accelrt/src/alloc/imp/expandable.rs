@@ -37,10 +37,14 @@ use crate::alloc::provider::{ChunkHandle, ProviderError, VirtualMemory};
 use crate::alloc::size::pool_kind;
 use crate::error::{Error, Result};
 
-/// The largest chunk created: one `cuMemCreate` of 128 MiB costs about two of 2 MiB (40 us
-/// against 15 us), and mapping it with access about 64 us against 38 us per 2 MiB page; past
-/// this size the saving per byte is small while a chunk can only move whole.
-pub(crate) const MAX_CHUNK_BYTES: u64 = 128 << 20;
+/// The largest chunk created. A chunk's driver calls cost about the same whatever its size
+/// (`cuMemCreate` 15 us for 2 MiB, 40 us for 128 MiB; map and access 38 us for 2 MiB, 64 us
+/// for 128 MiB), so larger chunks mean fewer calls; but a chunk moves only whole, so memory
+/// freed around live blocks stays stranded in large ones. Replaying nine workloads recorded
+/// on the H200 with their real GPU timing (`BENCHMARKS.md`), the mean peak reserved / peak
+/// allocated was 1.054 with 128 MiB chunks, 1.042 with 64 MiB and 1.039 with 32 MiB, at
+/// 30-40% more creations and maps for each halving: 64 MiB.
+pub(crate) const MAX_CHUNK_BYTES: u64 = 64 << 20;
 
 /// The adaptive chunk cap never falls below reserved memory divided by this: smaller chunks
 /// would cost more driver time than the memory they save (replays of `traces/`, see
