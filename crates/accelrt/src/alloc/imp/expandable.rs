@@ -17,9 +17,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use parking_lot::MutexGuard;
 
-use super::{AllocatorEvent, CachingAllocator, SegmentFailure, StreamPool};
+use super::{hold_in_flight, AllocatorEvent, CachingAllocator, SegmentFailure, StreamPool};
 use crate::alloc::history::TraceAction;
-use crate::alloc::pool::{PoolState, NIL, NO_PAGE};
+use crate::alloc::pool::{BlockState, PoolState, NIL, NO_PAGE};
 use crate::alloc::provider::{PageHandle, ProviderError, VirtualMemory};
 use crate::alloc::size::pool_kind;
 use crate::error::{Error, Result};
@@ -79,7 +79,11 @@ impl CachingAllocator {
                 let mut st = pool.state.lock();
                 self.process_pending(&mut st, pool.stream.index);
                 st.flush_recent();
-                st.take_cached(rounded, size, &self.pool_config)
+                let block = st.take_cached(rounded, size, &self.pool_config);
+                if block != NIL {
+                    hold_in_flight(&mut st, block);
+                }
+                block
             };
             let block = if block != NIL {
                 block
@@ -136,6 +140,9 @@ impl CachingAllocator {
 
     fn publish_mapped(&self, pool: &StreamPool, block: u32) -> usize {
         let mut st = pool.state.lock();
+        // The caller's from here on (see `hold_in_flight`).
+        let addr = st.blocks[block as usize].addr;
+        st.live.insert(addr, block);
         if self.history.enabled() {
             self.note_alloc(&mut st, block, pool.stream.index);
         }
@@ -150,8 +157,8 @@ impl CachingAllocator {
     /// Give back a block that could not be mapped (it was carved, but never handed out).
     fn unwind_unmapped(&self, pool: &StreamPool, block: u32) {
         let mut st = pool.state.lock();
-        let addr = st.blocks[block as usize].addr;
-        st.live.remove(&addr);
+        // In flight (see `hold_in_flight`): no free can have reached it.
+        debug_assert_eq!(st.blocks[block as usize].state, BlockState::Allocated);
         st.account_free(block);
         st.release_to_cache(block);
     }
@@ -198,6 +205,7 @@ impl CachingAllocator {
             block, NIL,
             "a fresh range of {span} bytes holds a block of {rounded}"
         );
+        hold_in_flight(&mut st, block);
         Ok(block)
     }
 
