@@ -192,7 +192,12 @@ impl CachingAllocator {
             .reserve(span as usize)
             .map_err(|e| Error::Driver {
                 call: "reserving address space",
-                message: format!("{e:?}"),
+                message: format!(
+                    "{} for an expandable segment: {}",
+                    crate::alloc::format_size(span),
+                    e.to_string()
+                        .trim_start_matches("reserving address space: ")
+                ),
             })?;
         self.pages.insert(base, span as usize, pool_idx);
         self.segment_index.write().insert(base, span);
