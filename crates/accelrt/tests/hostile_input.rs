@@ -60,3 +60,188 @@ fn a_released_pool_cannot_be_released_retained_or_begun_again() {
     assert_eq!(a.pool_use_count(pool), None, "gone with its last block");
     a.check_invariants().unwrap();
 }
+
+/// Host memory whose address-space reservations fail, as under `ulimit -v`.
+struct NoAddressSpace(HostMemory);
+
+impl accelrt::alloc::MemoryProvider for NoAddressSpace {
+    fn allocate(&self, size: usize) -> Result<usize, accelrt::alloc::ProviderError> {
+        self.0.allocate(size)
+    }
+    unsafe fn free(&self, ptr: usize, size: usize) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { self.0.free(ptr, size) }
+    }
+    fn memory_info(&self) -> (u64, u64) {
+        self.0.memory_info()
+    }
+    fn host_visible(&self) -> bool {
+        true
+    }
+    fn driver_allocated(&self) -> u64 {
+        self.0.driver_allocated()
+    }
+    fn virtual_memory(&self) -> Option<&dyn accelrt::alloc::VirtualMemory> {
+        Some(self)
+    }
+}
+
+impl accelrt::alloc::VirtualMemory for NoAddressSpace {
+    fn page_size(&self) -> usize {
+        2 << 20
+    }
+    fn reserve(&self, _size: usize) -> Result<usize, accelrt::alloc::ProviderError> {
+        Err(accelrt::alloc::ProviderError::Failed(
+            "reserving address space: Cannot allocate memory (os error 12)".into(),
+        ))
+    }
+    unsafe fn unreserve(&self, _base: usize, _size: usize) {}
+    fn create_page(
+        &self,
+        _size: usize,
+    ) -> Result<accelrt::alloc::PageHandle, accelrt::alloc::ProviderError> {
+        Err(accelrt::alloc::ProviderError::OutOfMemory)
+    }
+    unsafe fn destroy_page(&self, _page: accelrt::alloc::PageHandle, _size: usize) {}
+    unsafe fn map(
+        &self,
+        _addr: usize,
+        _pages: &[accelrt::alloc::PageHandle],
+        _page_size: usize,
+    ) -> Result<(), accelrt::alloc::ProviderError> {
+        Err(accelrt::alloc::ProviderError::OutOfMemory)
+    }
+    unsafe fn unmap(&self, _addr: usize, _count: usize, _page_size: usize) {}
+}
+
+/// Item 7: a failed reservation showed the provider's debug form,
+/// `Failed("reserving address space: Cannot allocate memory (os error 12)")`.
+#[test]
+fn a_failed_address_reservation_reads_as_words() {
+    let provider = Arc::new(NoAddressSpace(HostMemory::new(1 << 30)));
+    let a = CachingAllocator::new(DEV, provider, None, AllocatorConfig::default()).unwrap();
+    assert!(a.is_expandable());
+    let e = a
+        .raw_alloc(
+            4096,
+            Stream {
+                device: DEV,
+                index: 0,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains("Failed("), "no debug formatting: {e}");
+    assert_eq!(
+        e.matches("reserving address space").count(),
+        1,
+        "said once: {e}"
+    );
+    assert!(
+        e.contains("Cannot allocate memory (os error 12)") && e.contains("GiB"),
+        "the reason and the size: {e}"
+    );
+}
+
+/// The 117-byte snapshot: `{'segments': [], 'device_traces': [[{'action':
+/// 'segment_map', 'addr': 2**64-4096, 'size': 8192, 'stream': 0}]]}`.
+fn wrapping_snapshot_pickle(action: &str, addr: u64, size: u64) -> Vec<u8> {
+    let mut w = accelrt::snapshot::pickle::PickleWriter::new();
+    w.dict_begin();
+    w.str("segments");
+    w.list_begin();
+    w.list_end();
+    w.str("device_traces");
+    w.list_begin();
+    w.list_begin();
+    w.dict_begin();
+    for (k, v) in [("addr", addr), ("size", size), ("stream", 0)] {
+        w.str(k);
+        w.int(v.into());
+    }
+    w.str("action");
+    w.str(action);
+    w.dict_end();
+    w.list_end();
+    w.list_end();
+    w.dict_end();
+    w.finish()
+}
+
+fn wrapping_snapshot_json(action: &str, addr: u64, size: u64) -> Vec<u8> {
+    serde_json::json!({
+        "format": accelrt::snapshot::JSON_FORMAT,
+        "version": 1,
+        "segments": [],
+        "device_traces": [[{"action": action, "addr": addr, "size": size, "stream": 0,
+                            "time_us": 0, "frames": null}]],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Item 1: a range whose end wraps past 2^64 made `snapshot render` panic in
+/// `Timeline::state_at` ("range start is greater than range end in BTreeMap"), and
+/// `snapshot convert` accepted it. Both readers refuse it, naming the entry.
+#[test]
+fn snapshot_ranges_past_two_to_the_64_are_refused_by_both_readers() {
+    let top = u64::MAX - 4095; // 2^64 - 4096
+                               // (action, addr, size)
+    let cases = [
+        ("segment_map", top, 8192),
+        ("segment_alloc", top, 8192),
+        ("alloc", u64::MAX, 1),
+        ("free_requested", top, 4097),
+        ("segment_unmap", top, 1 << 40),
+    ];
+    for (action, addr, size) in cases {
+        let inputs = [
+            ("snap.pickle", wrapping_snapshot_pickle(action, addr, size)),
+            ("snap.json", wrapping_snapshot_json(action, addr, size)),
+        ];
+        for (file, bytes) in inputs {
+            let e = accelrt::snapshot::parse_bytes(file, &bytes)
+                .expect_err("a wrapping range is refused")
+                .to_string();
+            assert!(
+                e.contains(file) && e.contains("device_traces[0][0]") && e.contains("2^64"),
+                "{action} in {file}: the message names the file, the entry and the fault: {e}"
+            );
+        }
+    }
+    // Ending just below 2^64 is fine.
+    let fits = wrapping_snapshot_pickle("segment_map", top - 4096, 4096);
+    accelrt::snapshot::parse_bytes("fits.pickle", &fits).unwrap();
+}
+
+/// Item 1, for snapshots built in code (no reader to refuse them): rendering never panics.
+#[test]
+fn a_snapshot_built_in_code_with_wrapping_ranges_still_renders() {
+    use accelrt::alloc::{TraceAction, TraceEntry};
+    use accelrt::snapshot::{render_html, HtmlOptions, Snapshot};
+    let top = u64::MAX - 4095;
+    let entry = |action, addr, size| TraceEntry {
+        action,
+        addr,
+        size,
+        stream: 0,
+        time_us: 0,
+        frames: None,
+    };
+    let snapshot = Snapshot {
+        segments: Vec::new(),
+        device_traces: vec![vec![
+            entry(TraceAction::SegmentMap, top, 8192),
+            entry(TraceAction::SegmentAlloc, top - (1 << 20), u64::MAX),
+            entry(TraceAction::Alloc, top, u64::MAX),
+            entry(TraceAction::Alloc, top - 8192, u64::MAX),
+            entry(TraceAction::SegmentUnmap, top + 2048, u64::MAX),
+            entry(TraceAction::FreeRequested, top, 0),
+        ]],
+        allocator_settings: serde_json::Value::Null,
+        external_annotations: Vec::new(),
+        stream_handles: Vec::new(),
+    };
+    let html = render_html(&snapshot, &HtmlOptions::default()).unwrap();
+    assert!(html.contains("<html"), "a page");
+}

@@ -301,9 +301,26 @@ impl Snapshot {
                     ));
                 }
             }
+            for (j, &(a, size)) in s.unmapped.iter().enumerate() {
+                if a.checked_add(size).is_none() {
+                    return Err(err(
+                        format!("segments[{i}].unmapped[{j}]"),
+                        wraps("unmapped range", a, size),
+                    ));
+                }
+            }
         }
         for (d, entries) in self.device_traces.iter().enumerate() {
             for (i, e) in entries.iter().enumerate() {
+                // An oom entry's `addr` is the device's free memory, a snapshot entry's
+                // nothing: neither is a range.
+                let range = !matches!(e.action, TraceAction::Oom | TraceAction::Snapshot);
+                if range && e.addr.checked_add(e.size).is_none() {
+                    return Err(err(
+                        format!("device_traces[{d}][{i}]"),
+                        wraps(e.action.name(), e.addr, e.size),
+                    ));
+                }
                 if e.action != TraceAction::Oom && e.size > MAX_SIZE {
                     return Err(err(
                         format!("device_traces[{d}][{i}].size"),
@@ -412,6 +429,14 @@ impl Snapshot {
         let initial = (final_total - current).max(0);
         Some((initial + peak) as u64)
     }
+}
+
+/// The message for a range `[addr, addr + size)` past 2^64.
+fn wraps(what: &str, addr: u64, size: u64) -> String {
+    format!(
+        "{what} of {size} bytes at {addr:#x} ends at or past 2^64 (address + size wraps \
+         around the address space): the file is corrupt or was edited"
+    )
 }
 
 /// Turn one device's history into a trace.
