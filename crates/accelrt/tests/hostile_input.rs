@@ -245,3 +245,27 @@ fn a_snapshot_built_in_code_with_wrapping_ranges_still_renders() {
     let html = render_html(&snapshot, &HtmlOptions::default()).unwrap();
     assert!(html.contains("<html"), "a page");
 }
+
+/// Item 6: configuration strings are capped (100,000 commas were accepted as an empty
+/// configuration); the longest real one fits easily.
+#[test]
+fn configuration_strings_are_capped() {
+    use accelrt::alloc::MAX_CONF_LEN;
+    let commas = ",".repeat(100_000);
+    let e = AllocatorConfig::parse(&commas).unwrap_err().to_string();
+    assert!(
+        e.contains("100000 bytes") && e.contains(&MAX_CONF_LEN.to_string()),
+        "names the length and the limit: {e}"
+    );
+    let every_option = "expandable_segments:false,max_split_size_mb:128,\
+        max_non_split_rounding_mb:20,roundup_power2_divisions:[256:1,512:2,1024:4,>:8],\
+        garbage_collection_threshold:0.6,per_process_memory_fraction:0.9,\
+        release_at_peak:true,debug_checks:false";
+    AllocatorConfig::parse(every_option).unwrap();
+    let padded = format!(
+        "{every_option}{}",
+        " ".repeat(MAX_CONF_LEN - every_option.len())
+    );
+    AllocatorConfig::parse(&padded).unwrap();
+    assert!(AllocatorConfig::parse(&format!("{padded} ")).is_err());
+}

@@ -14,7 +14,7 @@ mod size;
 mod stats;
 mod tlsf;
 
-pub use config::{AllocatorConfig, ALLOC_CONF_ENV, ROUNDUP_INTERVALS};
+pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
 pub use history::{
     set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,
     MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,
