@@ -44,8 +44,9 @@ fn a_second_release_of_a_draining_pool_is_refused_and_the_count_stays_zero() {
         "released, still draining"
     );
 
-    // (call, what it must answer)
-    let again: [(&str, fn() -> i32); 3] = [
+    /// A C call of no arguments, named.
+    type Call = (&'static str, fn() -> i32);
+    let again: [Call; 3] = [
         ("release_pool", || accelrt_torch_release_pool(0, 1, 0)),
         ("create_or_incref_pool", || {
             accelrt_torch_create_or_incref_pool(0, 1, 0)

@@ -172,8 +172,8 @@ fn graph_capture_replay_and_release_with_a_private_pool() {
         rt.graph_replay(graph).unwrap();
     }
     rt.stream_synchronize(stream).unwrap();
-    // SAFETY: as above; the stream has finished.
     assert_eq!(
+        // SAFETY: as above; the stream has finished.
         unsafe { (*(buf as *const AtomicU64)).load(Ordering::Relaxed) },
         3
     );

@@ -215,9 +215,9 @@ impl VirtualMemory for CudaMemory {
         let access = self.access.read().clone();
         // One call for the whole range (the driver's cost is per call, not per page).
         // SAFETY: the whole range was mapped above, by us.
-        if let Err(e) =
-            unsafe { sys::mem_set_access(addr as sys::CUdeviceptr, pages.len() * ps, &access) }
-        {
+        let set =
+            unsafe { sys::mem_set_access(addr as sys::CUdeviceptr, pages.len() * ps, &access) };
+        if let Err(e) = set {
             // SAFETY: all pages were mapped just now, by us, and are unused yet.
             unsafe { self.unmap(addr, pages.len(), ps) };
             return Err(provider_error(e));
