@@ -6,6 +6,8 @@ mod check;
 mod config;
 mod history;
 mod imp;
+#[cfg(all(test, accelrt_loom))]
+mod models;
 mod pagemap;
 mod pinned;
 mod pool;
