@@ -302,8 +302,8 @@ impl<'a> Reader<'a> {
         self.fault(
             PickleFault::Limit,
             format!(
-                "{what}, the limit of {value} a snapshot may have: raise it with {env}=N if the \
-                 file is genuine"
+                "{what} (the limit is {value}: raise it with {env}=N if the file is a genuine \
+                 snapshot)"
             ),
         )
     }
