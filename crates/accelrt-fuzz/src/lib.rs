@@ -331,15 +331,38 @@ pub fn rss() -> u64 {
     pages * 4096
 }
 
-/// The outcome with digits blanked and cut short, so that inputs differing only in numbers
-/// count as one outcome.
+/// The outcome with quoted text and numbers blanked and cut short, so that inputs that differ
+/// only in the values they carry count as one outcome (one path through the code). Quoted
+/// input may hold quotes itself: everything from the first quote to the last one goes.
 fn signature(outcome: &str) -> String {
-    outcome
-        .chars()
-        .map(|c| if c.is_ascii_digit() { '#' } else { c })
-        .take(80)
-        .collect()
+    let quotes: &[char] = &['\'', '"', '`'];
+    let unquoted = match (outcome.find(quotes), outcome.rfind(quotes)) {
+        (Some(a), Some(b)) if b > a => format!("{}_{}", &outcome[..a], &outcome[b + 1..]),
+        _ => outcome.to_string(),
+    };
+    let mut out = String::new();
+    for c in unquoted.chars() {
+        if c.is_ascii_digit() {
+            if !out.ends_with('#') {
+                out.push('#');
+            }
+        } else {
+            out.push(c);
+        }
+        if out.len() >= 64 {
+            break;
+        }
+    }
+    out
 }
+
+/// Print each new outcome (`ACCELRT_FUZZ_SHOW=1`), to see what the feedback tells apart.
+static SHOW: AtomicBool = AtomicBool::new(false);
+
+/// Most distinct outcomes remembered (beyond it, none counts as new).
+const MAX_OUTCOMES: usize = 100_000;
+/// Most inputs kept in the corpus (beyond it, a new one replaces a random one).
+const MAX_CORPUS: usize = 4096;
 
 thread_local! {
     static IN_CASE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -418,6 +441,10 @@ pub fn fuzz(
 ) -> Report {
     install_panic_hook();
     QUIET.store(true, Ordering::Relaxed);
+    SHOW.store(
+        std::env::var_os("ACCELRT_FUZZ_SHOW").is_some(),
+        Ordering::Relaxed,
+    );
     let started = Instant::now();
     let watch = Arc::new(Watch {
         input: Mutex::new(Vec::new()),
@@ -492,8 +519,18 @@ pub fn fuzz(
         cases += 1;
         match result {
             Ok(sig) => {
-                if seen.insert(signature(&sig)) && corpus.len() < 4096 {
-                    corpus.push(input);
+                let sig = signature(&sig);
+                if SHOW.load(Ordering::Relaxed) && !seen.contains(&sig) {
+                    eprintln!("new outcome: {sig}");
+                }
+                if seen.len() < MAX_OUTCOMES && seen.insert(sig) {
+                    if corpus.len() < MAX_CORPUS {
+                        corpus.push(input);
+                    } else {
+                        // Keep the seeds; replace one of the others.
+                        let i = seeds + rng.below(corpus.len() - seeds);
+                        corpus[i] = input;
+                    }
                 }
             }
             Err((kind, message)) => {

@@ -99,7 +99,7 @@ fn parse_and_replay(bytes: &[u8]) -> Outcome {
             if !text.contains("fuzz.trace") {
                 return Err(format!("a trace error does not name the file: {text}"));
             }
-            return Ok(format!("parse error: {}", first_chars(&text, 60)));
+            return Ok(format!("parse error: {text}"));
         }
     };
     if trace.ops.len() > 2000 {
@@ -116,8 +116,14 @@ fn parse_and_replay(bytes: &[u8]) -> Outcome {
     };
     let outcome = trace::replay(&trace, &opts);
     Ok(match outcome.error {
-        None => "replayed".into(),
-        Some(e) => format!("replay error: {}", first_chars(&e.to_string(), 50)),
+        // Shape of what replayed: the feedback for growing varied traces.
+        None => format!(
+            "replayed 2^{} ops, {} stream(s), torch line {}, {conf}",
+            usize::BITS - trace.ops.len().leading_zeros(),
+            trace.stream_count().min(9),
+            trace.torch.is_some()
+        ),
+        Some(e) => format!("replay error: {e}"),
     })
 }
 
@@ -248,13 +254,13 @@ fn check_snapshot(bytes: &[u8]) -> Outcome {
             if text.contains("Failed(") || text.contains("Some(") {
                 return Err(format!("debug formatting in a message: {text}"));
             }
-            return Ok(format!("read error: {}", first_chars(&text, 70)));
+            return Ok(format!("read error: {text}"));
         }
     };
     let entries: usize = snap.device_traces.iter().map(Vec::len).sum();
     let traces = match snap.traces("fuzz", "fuzz.snapshot") {
         Ok(t) => format!("{} trace(s)", t.len()),
-        Err(e) => format!("no traces: {}", first_chars(&e.to_string(), 40)),
+        Err(e) => format!("no traces: {e}"),
     };
     if entries <= 20_000 {
         for device in snap.devices().into_iter().take(2) {
@@ -278,7 +284,12 @@ fn check_snapshot(bytes: &[u8]) -> Outcome {
     let json = snap.to_json();
     Snapshot::from_json("written.json", json.as_bytes())
         .map_err(|e| format!("accelrt's own JSON does not read back: {e}"))?;
-    Ok(format!("read: {traces}"))
+    Ok(format!(
+        "read: {traces}, {} device(s), {} segment(s), 2^{} entries",
+        snap.device_traces.len().min(9),
+        snap.segments.len().min(9),
+        usize::BITS - entries.leading_zeros()
+    ))
 }
 
 /// Snapshot pickles: `accelrt replay|snapshot render|snapshot convert` on a pickle.
@@ -404,7 +415,7 @@ fn check_config(bytes: &[u8]) -> Outcome {
             if m.contains("Some(") || m.contains("Failed(") {
                 return Err(format!("debug formatting in a message: {m}"));
             }
-            return Ok(format!("refused: {}", first_chars(&m, 60)));
+            return Ok(format!("refused: {m}"));
         }
     };
     let again = AllocatorConfig::parse(&config.to_conf_string()).map_err(|e| {
@@ -422,7 +433,7 @@ fn check_config(bytes: &[u8]) -> Outcome {
     }
     let a = match CachingAllocator::new(DEV, Arc::new(HostMemory::new(64 << 20)), None, config) {
         Ok(a) => a,
-        Err(e) => return Ok(format!("no allocator: {}", first_chars(&e.to_string(), 50))),
+        Err(e) => return Ok(format!("no allocator: {e}")),
     };
     let stream = Stream {
         device: DEV,
@@ -451,7 +462,7 @@ fn check_config(bytes: &[u8]) -> Outcome {
         .map_err(|e| format!("empty_cache failed: {e}"))?;
     a.check_invariants()
         .map_err(|e| format!("invariant broken: {e}"))?;
-    Ok("ran".into())
+    Ok(format!("ran {}", a.config().to_conf_string()))
 }
 
 /// `ACCELRT_ALLOC_CONF` / `--alloc-conf` strings.
