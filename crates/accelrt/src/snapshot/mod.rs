@@ -40,6 +40,9 @@ pub use html::{render_html, HtmlOptions};
 pub use record::{replay_recorded, RecordedReplay};
 pub use timeline::{PeakState, Timeline, TimelinePoint};
 
+/// Most devices a snapshot may describe (indices `0..MAX_DEVICES`), in either format.
+pub const MAX_DEVICES: usize = 4096;
+
 /// The value of the `format` key of accelrt's JSON snapshots.
 pub const JSON_FORMAT: &str = "accelrt-memory-snapshot";
 
@@ -275,7 +278,28 @@ impl Snapshot {
             at,
             message,
         };
+        // The same bounds for both readers, so that what one accepts the other reads back.
+        if self.device_traces.len() > MAX_DEVICES {
+            return Err(err(
+                "device_traces".into(),
+                format!(
+                    "{} devices is more than the {MAX_DEVICES} a snapshot may describe",
+                    self.device_traces.len()
+                ),
+            ));
+        }
         for (i, s) in self.segments.iter().enumerate() {
+            if s.device as usize >= MAX_DEVICES {
+                return Err(err(
+                    format!("segments[{i}].device"),
+                    format!(
+                        "device {} is not one of the {MAX_DEVICES} a snapshot may describe \
+                         (0 to {})",
+                        s.device,
+                        MAX_DEVICES - 1
+                    ),
+                ));
+            }
             if s.total_size > MAX_SIZE || s.address.checked_add(s.total_size).is_none() {
                 return Err(err(
                     format!("segments[{i}]"),

@@ -18,8 +18,7 @@ use crate::trace::MAX_STREAM;
 /// Most frames kept per stack (deeper stacks are cut; PyTorch's are ~100 deep at most).
 const MAX_FRAMES: usize = 1024;
 
-/// Most devices a snapshot may describe.
-const MAX_DEVICES: usize = 4096;
+use super::MAX_DEVICES;
 
 struct Reader<'a> {
     p: &'a Pickle,
@@ -288,7 +287,11 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| {
                 self.err(
                     format!("{at}.device"),
-                    format!("device {device} is over {MAX_DEVICES}"),
+                    format!(
+                        "device {device} is not one of the {MAX_DEVICES} a snapshot may \
+                         describe (0 to {})",
+                        MAX_DEVICES - 1
+                    ),
                 )
             })?;
         let address = self.u64_key(s, "address", at, None)?;
