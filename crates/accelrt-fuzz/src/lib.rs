@@ -506,7 +506,12 @@ pub fn fuzz(
         let input = if (cases as usize) < seeds {
             corpus[cases as usize].clone()
         } else {
-            let base = &corpus[rng.below(corpus.len())];
+            // A quarter of the time from a seed: a corpus grown large must not bury them.
+            let base = if rng.one_in(4) {
+                &corpus[rng.below(seeds)]
+            } else {
+                &corpus[rng.below(corpus.len())]
+            };
             let other = &corpus[rng.below(corpus.len())];
             mutate(&mut rng, base, other, target)
         };
