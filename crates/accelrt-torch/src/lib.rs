@@ -149,6 +149,11 @@ fn alloc_error(st: &State, size: isize, device: c_int, e: Error) -> Failure {
             }),
             message: e.to_string(),
         },
+        // The allocator's own refusals already say what was asked and where ("cannot
+        // allocate N bytes on host:0: ..."): passed on as they are, not prefixed again.
+        Error::InvalidArgument(m) if m.starts_with(&format!("cannot allocate {size} bytes")) => {
+            m.clone().into()
+        }
         _ => cannot_alloc(size, device, Some(st), e.to_string().into()),
     }
 }

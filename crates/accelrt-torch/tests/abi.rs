@@ -107,7 +107,7 @@ fn the_built_library_refuses_a_bad_allocation_through_its_exports() {
 
 #[test]
 fn arguments_are_checked_before_anything_else() {
-    // SAFETY (all calls below): invalid arguments are refused before any pointer is used.
+    // SAFETY: (all calls below) invalid arguments are refused before any pointer is used.
     unsafe {
         assert!(accelrt_torch_alloc(-1, 0, null_mut()).is_null());
         assert!(last().contains("negative"), "{}", last());
@@ -199,7 +199,7 @@ fn without_cuda_every_call_says_why() {
         reason.contains("the cuda backend is unavailable"),
         "device_count: {reason}"
     );
-    // SAFETY (all calls below): with the backend unavailable no pointer or stream is used.
+    // SAFETY: (all calls below) with the backend unavailable no pointer or stream is used.
     unsafe {
         assert!(accelrt_torch_alloc(1024, 0, null_mut()).is_null());
         let msg = last();

@@ -65,8 +65,8 @@ fn live_blocks(id: (u64, u64)) -> Vec<BlockRecord> {
 fn a_private_pool_reports_its_live_blocks_and_keeps_checkpointed_ones() {
     let _g = setup();
     let id = (9001, 1);
-    // SAFETY: no filter: every stream of the device is routed.
     assert_eq!(
+        // SAFETY: no filter: every stream of the device is routed.
         unsafe { accelrt_torch_begin_allocate_to_pool(0, id.0, id.1, None, null_mut(), None) },
         0,
         "{}",
@@ -105,7 +105,11 @@ fn a_private_pool_reports_its_live_blocks_and_keeps_checkpointed_ones() {
         "{}",
         last()
     );
-    assert_eq!(live_blocks(id).len(), 2, "the checkpoint's blocks are live again");
+    assert_eq!(
+        live_blocks(id).len(),
+        2,
+        "the checkpoint's blocks are live again"
+    );
     // A range that is not free in the pool is refused with the reason.
     assert_eq!(
         full::accelrt_torch_pool_claim_block(0, id.0, id.1, small.ptr, small.size, small.requested),
@@ -193,8 +197,8 @@ fn structured_snapshots_carry_blocks_history_streams_and_context_ids() {
     free(q);
 
     let mut snap = RawSnapshot::default();
-    // SAFETY: `snap` is a live local, freed below.
     assert_eq!(
+        // SAFETY: `snap` is a live local, freed below.
         unsafe { full::accelrt_torch_snapshot_raw(0, 0, 0, 1, &mut snap) },
         0,
         "{}",
@@ -313,8 +317,8 @@ fn vmm_ipc_refuses_with_what_to_do() {
         "{e}"
     );
     let mut out = null_mut();
-    // SAFETY: no descriptors (count 0); `out` is a live local.
     assert_eq!(
+        // SAFETY: no descriptors (count 0); `out` is a live local.
         unsafe { ipc::accelrt_torch_ipc_import_pages(0, null_mut(), 0, 2 << 20, &mut out) },
         -1
     );
@@ -390,15 +394,15 @@ fn the_recorder_writes_a_v2_trace_with_completion_markers() {
         let path = dir.join(name);
         let c = CString::new(path.to_str().unwrap()).unwrap();
         let w = CString::new("unit test").unwrap();
-        // SAFETY: NUL-terminated strings.
         assert_eq!(
+            // SAFETY: NUL-terminated strings.
             unsafe { record::accelrt_torch_record_trace_start(c.as_ptr(), w.as_ptr()) },
             0,
             "{}",
             last()
         );
-        // SAFETY: as above.
         assert_eq!(
+            // SAFETY: as above.
             unsafe { record::accelrt_torch_record_trace_start(c.as_ptr(), w.as_ptr()) },
             -1
         );
@@ -408,8 +412,8 @@ fn the_recorder_writes_a_v2_trace_with_completion_markers() {
         let side = side_stream();
         let a = alloc(1000, null_mut());
         let b = alloc(2 << 20, side);
-        // SAFETY: `a` is live; `side` a live host stream.
         assert_eq!(
+            // SAFETY: `a` is live; `side` a live host stream.
             unsafe { accelrt_torch_record_stream(a as *mut c_void, side) },
             0,
             "{}",
@@ -475,8 +479,8 @@ fn the_recorder_writes_a_v2_trace_with_completion_markers() {
     }
     // An unwritable path is refused at start.
     let bad = CString::new("/nonexistent/dir/x.trace").unwrap();
-    // SAFETY: NUL-terminated; NULL workload.
     assert_eq!(
+        // SAFETY: NUL-terminated; NULL workload.
         unsafe { record::accelrt_torch_record_trace_start(bad.as_ptr(), std::ptr::null()) },
         -1
     );

@@ -303,16 +303,16 @@ fn record_stream_cache_info_empty_cache_and_peaks() {
     let _g = setup();
     let side = side_stream();
     let p = alloc(2 << 20, null_mut());
-    // SAFETY: `side` is a live host stream's handle.
     assert_eq!(
+        // SAFETY: `side` is a live host stream's handle.
         unsafe { accelrt_torch_record_stream(p as *mut c_void, side) },
         0,
         "{}",
         last()
     );
     free(p); // waits for `side` before the block is reused
-             // SAFETY: refused: no allocator holds the address.
     assert_eq!(
+        // SAFETY: refused: no allocator holds the address.
         unsafe { accelrt_torch_record_stream(0x10 as *mut c_void, side) },
         -1
     );
@@ -323,8 +323,8 @@ fn record_stream_cache_info_empty_cache_and_peaks() {
     );
 
     let mut largest = 0usize;
-    // SAFETY: `largest` is a live local.
     assert_eq!(
+        // SAFETY: `largest` is a live local.
         unsafe { accelrt_torch_cache_info(0, &mut largest) },
         0,
         "{}",

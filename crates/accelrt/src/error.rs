@@ -106,6 +106,16 @@ pub enum Error {
     Io { path: String, message: String },
 }
 
+/// A provider's refusal as words, for messages (never its debug form).
+impl std::fmt::Display for crate::alloc::ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            crate::alloc::ProviderError::OutOfMemory => f.write_str("out of memory"),
+            crate::alloc::ProviderError::Failed(message) => f.write_str(message),
+        }
+    }
+}
+
 /// Everything a user needs to understand an out-of-memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OomReport {

@@ -118,7 +118,11 @@ fn empty_cache_keeps_a_private_pool_in_use() {
     a.raw_free(x).unwrap(); // freed during capture: its memory is the graph's
     let before = a.reserved_bytes();
     a.empty_cache().unwrap();
-    assert_eq!(a.reserved_bytes(), before, "the pool is in use: its memory stays");
+    assert_eq!(
+        a.reserved_bytes(),
+        before,
+        "the pool is in use: its memory stays"
+    );
     a.begin_allocate_to_pool(pool, StreamFilter::All).unwrap();
     assert_eq!(a.raw_alloc(30 * MIB, s(0)).unwrap(), x, "a replay finds it");
     a.end_allocate_to_pool(pool).unwrap();
@@ -155,11 +159,17 @@ fn claim_block_puts_a_freed_block_back() {
         (x, 1000, 1, "512"),
         (x, x_size, x_size + 1, "requested"),
     ] {
-        let err = a.claim_block(pool, ptr, size, requested).unwrap_err().to_string();
+        let err = a
+            .claim_block(pool, ptr, size, requested)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(why), "claim {ptr:#x} {size}: {err}");
     }
     let other = a.new_pool_id();
-    assert!(a.claim_block(other, x, x_size, 1).is_err(), "an unknown pool");
+    assert!(
+        a.claim_block(other, x, x_size, 1).is_err(),
+        "an unknown pool"
+    );
     a.check_invariants().unwrap();
     // The claimed block frees like any other.
     a.raw_free(x).unwrap();
@@ -235,8 +245,8 @@ fn graph_capture_replay_and_release_with_a_private_pool() {
         rt.graph_replay(graph).unwrap();
     }
     rt.stream_synchronize(stream).unwrap();
-    // SAFETY: as above; the stream has finished.
     assert_eq!(
+        // SAFETY: as above; the stream has finished.
         unsafe { (*(buf as *const AtomicU64)).load(Ordering::Relaxed) },
         3
     );

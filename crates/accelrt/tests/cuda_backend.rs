@@ -159,8 +159,8 @@ fn streams_priorities_handles_and_wrapping() {
     // SAFETY: `foreign` is a live stream of device 0's primary context and outlives every use
     // of the wrapped handle in this test.
     let wrapped = unsafe { rt.wrap_external_stream(0, handle) }.unwrap();
-    // SAFETY: as above.
     assert_eq!(
+        // SAFETY: as above.
         unsafe { rt.wrap_external_stream(0, handle) }.unwrap(),
         wrapped
     );

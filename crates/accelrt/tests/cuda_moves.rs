@@ -28,7 +28,10 @@ fn moved_memory_keeps_queued_work_in_stream_order() {
         return;
     };
     let alloc = rt.allocator(0).unwrap();
-    assert!(alloc.is_expandable(), "the GPU supports virtual memory: expandable segments are on");
+    assert!(
+        alloc.is_expandable(),
+        "the GPU supports virtual memory: expandable segments are on"
+    );
     let a = rt.new_stream(0, StreamPriority::Normal).unwrap();
     // 10,000 by default; fewer under compute-sanitizer, which slows every kernel down.
     let trials: usize = std::env::var("ACCELRT_MOVES_TRIALS")
@@ -37,8 +40,10 @@ fn moved_memory_keeps_queued_work_in_stream_order() {
         .unwrap_or(10_000);
     let counters = alloc.raw_alloc(trials * 8, a).unwrap();
     // SAFETY: `counters` is ours, `trials` 8-byte words, used on stream A only.
-    rt.with_stream(a, |d, s| unsafe { d.memset_u32(s, counters, trials * 2, 0) })
-        .unwrap();
+    rt.with_stream(a, |d, s| unsafe {
+        d.memset_u32(s, counters, trials * 2, 0)
+    })
+    .unwrap();
     let moves_before = alloc.stats().counters.num_page_steals;
     for t in 0..trials {
         // Growth past this point must reuse idle memory (moves) rather than create it.
@@ -78,7 +83,10 @@ fn moved_memory_keeps_queued_work_in_stream_order() {
          driver calls {:?}",
         alloc.stats().driver_calls
     );
-    assert_eq!(corrupted, 0, "a new block saw bytes of work queued before it");
+    assert_eq!(
+        corrupted, 0,
+        "a new block saw bytes of work queued before it"
+    );
     assert!(
         moves as usize >= trials / 2,
         "memory moved in most trials ({moves} of {trials}): the test exercises moves"

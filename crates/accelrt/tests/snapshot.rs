@@ -366,7 +366,7 @@ fn damaged_files_are_errors_never_panics() {
             "pickle of a class".into(),
             b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x8c\x04eval\x93."
                 .to_vec(),
-            "STACK_GLOBAL is not supported",
+            "STACK_GLOBAL refused",
         ),
         (
             "bad JSON".into(),

@@ -79,6 +79,9 @@ impl Default for AllocatorConfig {
     }
 }
 
+/// Longest configuration string accepted, in bytes.
+pub const MAX_CONF_LEN: usize = 4096;
+
 impl AllocatorConfig {
     /// The default configuration with `ACCELRT_ALLOC_CONF` applied, if set.
     pub fn from_env() -> Result<Self> {
@@ -99,8 +102,16 @@ impl AllocatorConfig {
         Ok(c)
     }
 
-    /// Apply `key:value,...` on top of this configuration.
+    /// Apply `key:value,...` on top of this configuration. A string longer than
+    /// [`MAX_CONF_LEN`] bytes is refused (every option at once fits in a few hundred).
     pub fn apply(&mut self, conf: &str) -> Result<()> {
+        if conf.len() > MAX_CONF_LEN {
+            return Err(Error::Config(format!(
+                "the configuration is {} bytes long, over the {MAX_CONF_LEN} a configuration \
+                 may have (every option at once fits in a few hundred): is it the right text?",
+                conf.len()
+            )));
+        }
         for item in split_top_level(conf)? {
             let item = item.trim();
             if item.is_empty() {

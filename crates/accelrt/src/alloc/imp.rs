@@ -258,6 +258,23 @@ impl DriverCounters {
     }
 }
 
+/// Take a block just carved (under the pool lock) out of the live map, for an allocation
+/// that goes on with the lock released (mapping its pages): it is not the caller's until
+/// `publish_mapped` puts it back, under the lock the address is returned from.
+///
+/// The live map holds exactly the blocks callers own, so a free (or any lookup by address) of
+/// an in-flight block is refused like a double free. It can only be a stale one (a double
+/// free, or a use after free, of a pointer whose address is being handed out again); accepted,
+/// it sent the block back to the cache while the allocation went on with it, so the block was
+/// handed out twice, and released twice, onto a free list it was already on (a cycle), when
+/// mapping then failed (issue 13 item 4).
+#[inline]
+pub(super) fn hold_in_flight(st: &mut PoolState, block: u32) {
+    let addr = st.blocks[block as usize].addr;
+    let held = st.live.remove(&addr);
+    debug_assert_eq!(held, Some(block), "a block just carved is live");
+}
+
 fn f64_bits(v: Option<f64>) -> u64 {
     v.unwrap_or(0.0).to_bits()
 }
@@ -388,6 +405,7 @@ impl CachingAllocator {
             let ptr = st.blocks[block as usize].addr;
             let block_size = st.blocks[block as usize].size;
             if !st.blocks[block as usize].is_mapped() && !st.refresh_mapped(block) {
+                hold_in_flight(&mut st, block);
                 drop(st);
                 return self.finish_unmapped(pool_idx, pool, block, rounded, size);
             }

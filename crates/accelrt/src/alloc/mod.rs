@@ -7,6 +7,8 @@ mod chunks;
 mod config;
 mod history;
 mod imp;
+#[cfg(all(test, accelrt_loom))]
+mod models;
 mod pagemap;
 mod pinned;
 mod pool;
@@ -15,7 +17,7 @@ mod size;
 mod stats;
 mod tlsf;
 
-pub use config::{AllocatorConfig, ALLOC_CONF_ENV, ROUNDUP_INTERVALS};
+pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
 pub use history::{
     set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,
     MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,

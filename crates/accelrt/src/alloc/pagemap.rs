@@ -10,16 +10,61 @@
 //! Addresses at or above 2^48 (5-level page tables) fall back to a locked ordered map.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use sync::{AtomicPtr, AtomicU64, Mutex, Ordering, RwLock};
+
+/// The synchronization the map uses: std atomics and parking_lot locks, or loom's under
+/// `--cfg accelrt_loom` (the models at the end of this file), with parking_lot's API.
+#[cfg(not(accelrt_loom))]
+mod sync {
+    pub use parking_lot::{Mutex, RwLock};
+    pub use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+}
+
+#[cfg(accelrt_loom)]
+mod sync {
+    pub use loom::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+    pub struct Mutex<T>(loom::sync::Mutex<T>);
+    impl<T> Mutex<T> {
+        pub fn new(v: T) -> Self {
+            Mutex(loom::sync::Mutex::new(v))
+        }
+        pub fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+            self.0.lock().expect("no panic while locked")
+        }
+    }
+
+    pub struct RwLock<T>(loom::sync::RwLock<T>);
+    impl<T> RwLock<T> {
+        pub fn new(v: T) -> Self {
+            RwLock(loom::sync::RwLock::new(v))
+        }
+        pub fn read(&self) -> loom::sync::RwLockReadGuard<'_, T> {
+            self.0.read().expect("no panic while locked")
+        }
+        pub fn write(&self) -> loom::sync::RwLockWriteGuard<'_, T> {
+            self.0.write().expect("no panic while locked")
+        }
+    }
+}
 
 const CHUNK_SHIFT: u32 = 21;
+/// Address bits the radix covers (5-level page tables put addresses above: a locked map).
+/// The loom models shrink it to 32 MiB (4 leaves of 4 chunks) so every interleaving can be
+/// explored; the code is the same.
+#[cfg(not(accelrt_loom))]
+const ADDRESS_BITS: u32 = 48;
+#[cfg(not(accelrt_loom))]
 const LEAF_BITS: u32 = 14;
-const ROOT_BITS: u32 = 48 - CHUNK_SHIFT - LEAF_BITS;
+#[cfg(accelrt_loom)]
+const ADDRESS_BITS: u32 = 25;
+#[cfg(accelrt_loom)]
+const LEAF_BITS: u32 = 2;
+const ROOT_BITS: u32 = ADDRESS_BITS - CHUNK_SHIFT - LEAF_BITS;
 const LEAF_LEN: usize = 1 << LEAF_BITS;
 const ROOT_LEN: usize = 1 << ROOT_BITS;
-const RADIX_LIMIT: usize = 1 << 48;
+const RADIX_LIMIT: usize = 1 << ADDRESS_BITS;
 /// Offsets inside a chunk are kept in 512-byte units (12 bits).
 const UNIT_SHIFT: u32 = 9;
 
@@ -179,7 +224,7 @@ impl Drop for PageMap {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(accelrt_loom)))]
 mod tests {
     use super::*;
     const MIB: usize = 1 << 20;
@@ -219,5 +264,100 @@ mod tests {
         assert_eq!(m.lookup((1 << 50) + MIB), Some(7));
         m.remove(1 << 50, 4 * MIB);
         assert_eq!(m.lookup((1 << 50) + MIB), None);
+    }
+}
+
+/// Every interleaving of readers and writers, under loom: `RUSTFLAGS="--cfg accelrt_loom"
+/// cargo test -p accelrt --lib loom` (`.ci/run` runs it). The map is the real code above,
+/// with a 32 MiB radix.
+#[cfg(all(test, accelrt_loom))]
+mod loom_models {
+    use super::*;
+    use loom::sync::Arc;
+    const MIB: usize = 1 << 20;
+
+    /// A reader racing the writer that creates a leaf sees nothing or the new owner: the
+    /// leaf's entries are initialised before the pointer to it is published.
+    #[test]
+    fn loom_a_reader_never_sees_a_leaf_before_it_is_initialised() {
+        loom::model(|| {
+            let m = Arc::new(PageMap::new());
+            let writer = {
+                let m = m.clone();
+                loom::thread::spawn(move || m.insert(8 * MIB, 4 * MIB, 1))
+            };
+            let reader = {
+                let m = m.clone();
+                loom::thread::spawn(move || {
+                    let seen = m.lookup(8 * MIB + 512);
+                    assert!(matches!(seen, None | Some(1)), "{seen:?}");
+                })
+            };
+            writer.join().unwrap();
+            reader.join().unwrap();
+            assert_eq!(m.lookup(8 * MIB + 512), Some(1));
+        });
+    }
+
+    /// Two segments share a chunk (the tail of X, the head of Y). While Y comes and goes, a
+    /// lookup of X's tail always finds X, and one of Y's head finds Y or nothing.
+    #[test]
+    fn loom_a_neighbour_coming_and_going_never_hides_a_segment() {
+        loom::model(|| {
+            let x = 2 * MIB + 512 * 3; // ends mid-chunk, at 4 MiB + 1536
+            let m = Arc::new(PageMap::new());
+            m.insert(x, 2 * MIB, 1);
+            let y = x + 2 * MIB;
+            let writer = {
+                let m = m.clone();
+                loom::thread::spawn(move || {
+                    m.insert(y, 4 * MIB, 2);
+                    m.remove(y, 4 * MIB);
+                })
+            };
+            let reader = {
+                let m = m.clone();
+                loom::thread::spawn(move || {
+                    for _ in 0..2 {
+                        assert_eq!(m.lookup(x + 2 * MIB - 512), Some(1), "X's tail");
+                        let head = m.lookup(y);
+                        assert!(matches!(head, None | Some(2)), "Y's head: {head:?}");
+                    }
+                })
+            };
+            writer.join().unwrap();
+            reader.join().unwrap();
+            assert_eq!(m.lookup(y), None);
+            assert_eq!(m.lookup(x), Some(1));
+        });
+    }
+
+    /// An address given back by one pool and taken by another: a racing lookup sees the old
+    /// owner, nothing, or the new owner (then `raw_free` checks that pool's live map).
+    #[test]
+    fn loom_an_address_changing_owner_is_seen_as_old_none_or_new() {
+        loom::model(|| {
+            let m = Arc::new(PageMap::new());
+            m.insert(16 * MIB, 2 * MIB, 1);
+            let writer = {
+                let m = m.clone();
+                loom::thread::spawn(move || {
+                    m.remove(16 * MIB, 2 * MIB);
+                    m.insert(16 * MIB, 2 * MIB, 2);
+                })
+            };
+            let reader = {
+                let m = m.clone();
+                loom::thread::spawn(move || {
+                    let a = m.lookup(16 * MIB + MIB);
+                    let b = m.lookup(16 * MIB + MIB);
+                    assert!(matches!(a, None | Some(1) | Some(2)), "{a:?}");
+                    // Once the new owner is seen, the old one never comes back.
+                    assert!(!(a == Some(2) && b == Some(1)), "{a:?} then {b:?}");
+                })
+            };
+            writer.join().unwrap();
+            reader.join().unwrap();
+        });
     }
 }

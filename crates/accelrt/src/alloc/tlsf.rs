@@ -61,6 +61,12 @@ impl Tlsf {
         let (fl, sl) = class_of(blocks[idx as usize].size);
         let class = flat(fl, sl);
         let head = self.heads[class];
+        debug_assert!(
+            head != idx
+                && blocks[idx as usize].free_prev == NIL
+                && blocks[idx as usize].free_next == NIL,
+            "block {idx} is already on a free list: inserting it again would make a cycle"
+        );
         {
             let b = &mut blocks[idx as usize];
             b.free_prev = NIL;
@@ -199,7 +205,13 @@ impl Tlsf {
 
     /// Every free block of at least `min_size` bytes, in increasing class order (walks only
     /// the classes that can hold one, found through the bitmaps).
+    ///
+    /// # Panics
+    /// When the lists hold more entries than there are blocks: a cycle, which means a block
+    /// was put on a free list twice and would be handed out twice. The walk is bounded so
+    /// that this is a panic naming the fault, not an endless loop filling `out`.
     pub fn at_least(&self, blocks: &[Block], min_size: u64, out: &mut Vec<u32>) {
+        let mut budget = blocks.len();
         let (fl0, sl0) = class_of(min_size.max(512));
         let mut fl_map = self.fl_bitmap & (!0u64).checked_shl(fl0 as u32).unwrap_or(0);
         while fl_map != 0 {
@@ -214,6 +226,12 @@ impl Tlsf {
                 sl_map &= sl_map - 1;
                 let mut cur = self.heads[flat(fl, sl)];
                 while cur != NIL {
+                    assert!(
+                        budget > 0,
+                        "free lists of {} blocks contain a cycle (a block freed twice)",
+                        blocks.len()
+                    );
+                    budget -= 1;
                     let b = &blocks[cur as usize];
                     if b.size >= min_size {
                         out.push(cur);
@@ -289,6 +307,59 @@ impl Tlsf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alloc::stats::PoolKind;
+
+    fn free_block(addr: usize, size: u64) -> Block {
+        Block {
+            addr,
+            size,
+            requested: 0,
+            prev: NIL,
+            next: NIL,
+            free_prev: NIL,
+            free_next: NIL,
+            class: 0,
+            state: crate::alloc::pool::BlockState::Free,
+            kind: PoolKind::Large,
+            last_used: 0,
+            id: 0,
+            has_extras: false,
+            mapped_len: size,
+            vm: false,
+        }
+    }
+
+    /// A block on a free list twice makes a cycle: the checker's walk reports it, and the
+    /// idle-page scan (`at_least`, reached from `empty_cache`) stops with a panic naming it
+    /// instead of filling memory forever (issue 13 item 4).
+    #[test]
+    fn a_cycle_on_a_free_list_is_reported_not_walked_forever() {
+        let mut blocks = vec![free_block(0, 4096), free_block(4096, 4096)];
+        let mut t = Tlsf::default();
+        t.insert(&mut blocks, 0);
+        t.insert(&mut blocks, 1); // the list is 1 -> 0
+        let mut out = Vec::new();
+        t.at_least(&blocks, 512, &mut out);
+        assert_eq!(out, [1, 0]);
+        assert_eq!(t.all(&blocks), Ok(vec![1, 0]));
+
+        blocks[0].free_next = 1; // 1 -> 0 -> 1 -> ...
+        let err = t.all(&blocks).unwrap_err();
+        assert!(
+            err.contains("cycle") || err.contains("free_prev"),
+            "the checker names the fault: {err}"
+        );
+        let walked = std::panic::catch_unwind(|| {
+            let mut out = Vec::new();
+            t.at_least(&blocks, 512, &mut out);
+            out.len()
+        });
+        let message = *walked
+            .expect_err("a cycle is a panic, not an endless walk")
+            .downcast::<String>()
+            .unwrap();
+        assert!(message.contains("cycle"), "{message}");
+    }
 
     #[test]
     fn classes_are_monotonic_and_bounded() {

@@ -238,7 +238,10 @@ fn build_data(snapshot: &Snapshot, device: u32, opts: &HtmlOptions) -> serde_jso
         for &b in &starts[j] {
             active.insert(b);
         }
-        let big: u64 = active.iter().map(|&b| bands[b].2).sum();
+        // Saturating: sizes come from the file (a snapshot built in code is not validated).
+        let big: u64 = active
+            .iter()
+            .fold(0u64, |sum, &b| sum.saturating_add(bands[b].2));
         let base = col_alloc[j].saturating_sub(big);
         small.push(base);
         let mut offset = base;
@@ -247,7 +250,7 @@ fn build_data(snapshot: &Snapshot, device: u32, opts: &HtmlOptions) -> serde_jso
                 bands[b].7.push((j, offset));
                 last[b] = Some(offset);
             }
-            offset += bands[b].2;
+            offset = offset.saturating_add(bands[b].2);
         }
     }
 
@@ -289,12 +292,12 @@ fn build_data(snapshot: &Snapshot, device: u32, opts: &HtmlOptions) -> serde_jso
                             json!([off, size, 0, band])
                         }
                         RangeState::Cached => {
-                            cached_total += size;
+                            cached_total = cached_total.saturating_add(size);
                             largest_cached = largest_cached.max(size);
                             json!([off, size, 1, -1])
                         }
                         RangeState::Unmapped => {
-                            unmapped_total += size;
+                            unmapped_total = unmapped_total.saturating_add(size);
                             json!([off, size, 2, -1])
                         }
                     }
@@ -334,7 +337,11 @@ fn build_data(snapshot: &Snapshot, device: u32, opts: &HtmlOptions) -> serde_jso
         "map": {
             "event": peak_event,
             "allocated": state.at.allocated,
-            "reserved": state.segments.iter().map(|s| s.size).sum::<u64>() - unmapped_total,
+            "reserved": state
+                .segments
+                .iter()
+                .fold(0u64, |sum, s| sum.saturating_add(s.size))
+                .saturating_sub(unmapped_total),
             "cached": cached_total,
             "largest_cached": largest_cached,
             "unmapped": unmapped_total,

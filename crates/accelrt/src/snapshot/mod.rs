@@ -43,6 +43,9 @@ pub(crate) use record::settings_json;
 pub use record::{replay_recorded, RecordedReplay};
 pub use timeline::{PeakState, Timeline, TimelinePoint};
 
+/// Most devices a snapshot may describe (indices `0..MAX_DEVICES`), in either format.
+pub const MAX_DEVICES: usize = 4096;
+
 /// The value of the `format` key of accelrt's JSON snapshots.
 pub const JSON_FORMAT: &str = "accelrt-memory-snapshot";
 
@@ -282,7 +285,28 @@ impl Snapshot {
             at,
             message,
         };
+        // The same bounds for both readers, so that what one accepts the other reads back.
+        if self.device_traces.len() > MAX_DEVICES {
+            return Err(err(
+                "device_traces".into(),
+                format!(
+                    "{} devices is more than the {MAX_DEVICES} a snapshot may describe",
+                    self.device_traces.len()
+                ),
+            ));
+        }
         for (i, s) in self.segments.iter().enumerate() {
+            if s.device as usize >= MAX_DEVICES {
+                return Err(err(
+                    format!("segments[{i}].device"),
+                    format!(
+                        "device {} is not one of the {MAX_DEVICES} a snapshot may describe \
+                         (0 to {})",
+                        s.device,
+                        MAX_DEVICES - 1
+                    ),
+                ));
+            }
             if s.total_size > MAX_SIZE || s.address.checked_add(s.total_size).is_none() {
                 return Err(err(
                     format!("segments[{i}]"),
@@ -308,9 +332,26 @@ impl Snapshot {
                     ));
                 }
             }
+            for (j, &(a, size)) in s.unmapped.iter().enumerate() {
+                if a.checked_add(size).is_none() {
+                    return Err(err(
+                        format!("segments[{i}].unmapped[{j}]"),
+                        wraps("unmapped range", a, size),
+                    ));
+                }
+            }
         }
         for (d, entries) in self.device_traces.iter().enumerate() {
             for (i, e) in entries.iter().enumerate() {
+                // An oom entry's `addr` is the device's free memory, a snapshot entry's
+                // nothing: neither is a range.
+                let range = !matches!(e.action, TraceAction::Oom | TraceAction::Snapshot);
+                if range && e.addr.checked_add(e.size).is_none() {
+                    return Err(err(
+                        format!("device_traces[{d}][{i}]"),
+                        wraps(e.action.name(), e.addr, e.size),
+                    ));
+                }
                 if e.action != TraceAction::Oom && e.size > MAX_SIZE {
                     return Err(err(
                         format!("device_traces[{d}][{i}].size"),
@@ -425,6 +466,14 @@ impl Snapshot {
         let initial = (final_total - current).max(0);
         Some((initial + peak) as u64)
     }
+}
+
+/// The message for a range `[addr, addr + size)` past 2^64.
+fn wraps(what: &str, addr: u64, size: u64) -> String {
+    format!(
+        "{what} of {size} bytes at {addr:#x} ends at or past 2^64 (address + size wraps \
+         around the address space): the file is corrupt or was edited"
+    )
 }
 
 /// Turn one device's history into a trace.

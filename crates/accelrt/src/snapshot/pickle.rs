@@ -96,6 +96,87 @@ pub struct PickleError {
     pub offset: usize,
     /// What was wrong, and what was expected.
     pub message: String,
+    /// Which kind of fault it is (callers word their advice by it).
+    pub fault: PickleFault,
+}
+
+/// The kinds of [`PickleError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickleFault {
+    /// Not a well-formed pickle: truncated, corrupt, or not a pickle at all.
+    Malformed,
+    /// A well-formed opcode refused on purpose: it would import a Python callable, call one,
+    /// or build an object (`GLOBAL`, `REDUCE`, `NEWOBJ`, ...), which a memory snapshot never
+    /// needs and which `pickle.load` would run code for.
+    Refused,
+    /// A well-formed opcode outside the subset snapshots use (bytes, sets, protocol 0/1 text
+    /// opcodes).
+    Unsupported,
+    /// A resource limit of [`PickleLimits`] was reached; the message names it and how to
+    /// raise it.
+    Limit,
+}
+
+/// Caps on what reading one pickle may build, so that memory follows these limits and not
+/// the input: a small file of nested empty lists would otherwise cost about 90 bytes of
+/// memory per input byte. The defaults hold any real memory snapshot with room to spare; each
+/// can be raised with its environment variable (read by [`PickleLimits::from_env`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PickleLimits {
+    /// Values created (each push: scalars, strings, containers, memo references) plus memo
+    /// entries; each costs up to about 70 bytes. Default 10,000,000 (under 700 MiB).
+    pub max_objects: u64,
+    /// Containers nested inside each other, and MARKs open at once. Default 512 (real
+    /// snapshots nest about 6 deep).
+    pub max_depth: u32,
+    /// Bytes of one string. Default 1 MiB (real snapshots hold names and paths).
+    pub max_string_bytes: u64,
+}
+
+/// Environment variable raising [`PickleLimits::max_objects`].
+pub const MAX_OBJECTS_ENV: &str = "ACCELRT_PICKLE_MAX_OBJECTS";
+/// Environment variable raising [`PickleLimits::max_depth`].
+pub const MAX_DEPTH_ENV: &str = "ACCELRT_PICKLE_MAX_DEPTH";
+/// Environment variable raising [`PickleLimits::max_string_bytes`].
+pub const MAX_STRING_ENV: &str = "ACCELRT_PICKLE_MAX_STRING_BYTES";
+
+impl Default for PickleLimits {
+    fn default() -> Self {
+        PickleLimits {
+            max_objects: 10_000_000,
+            max_depth: 512,
+            max_string_bytes: 1 << 20,
+        }
+    }
+}
+
+impl PickleLimits {
+    /// The defaults, with any of [`MAX_OBJECTS_ENV`], [`MAX_DEPTH_ENV`] and
+    /// [`MAX_STRING_ENV`] that is set taking their place. A value that is not a positive
+    /// integer is an error naming the variable.
+    pub fn from_env() -> Result<PickleLimits, String> {
+        fn read(name: &str, default: u64) -> Result<u64, String> {
+            match std::env::var(name) {
+                Err(std::env::VarError::NotPresent) => Ok(default),
+                Err(std::env::VarError::NotUnicode(v)) => {
+                    Err(format!("{name}={v:?} is not a positive integer"))
+                }
+                Ok(v) => match v.trim().replace('_', "").parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(format!(
+                        "{name}={v:?} is not a positive integer (the default is {default})"
+                    )),
+                },
+            }
+        }
+        let d = PickleLimits::default();
+        Ok(PickleLimits {
+            max_objects: read(MAX_OBJECTS_ENV, d.max_objects)?,
+            max_depth: u32::try_from(read(MAX_DEPTH_ENV, d.max_depth.into())?)
+                .map_err(|_| format!("{MAX_DEPTH_ENV} is over {}", u32::MAX))?,
+            max_string_bytes: read(MAX_STRING_ENV, d.max_string_bytes)?,
+        })
+    }
 }
 
 impl std::fmt::Display for PickleError {
@@ -148,32 +229,42 @@ mod op {
     pub const FRAME: u8 = 0x95;
 }
 
-/// The name of an opcode the reader does not accept, for messages.
-fn unsupported_name(code: u8) -> Option<&'static str> {
-    Some(match code {
-        b'c' => "GLOBAL",
-        0x93 => "STACK_GLOBAL",
-        b'R' => "REDUCE",
-        b'b' => "BUILD",
-        0x81 => "NEWOBJ",
-        0x92 => "NEWOBJ_EX",
-        b'i' => "INST",
-        b'o' => "OBJ",
-        b'P' => "PERSID",
-        b'Q' => "BINPERSID",
-        0x82..=0x84 => "EXT1/EXT2/EXT4",
-        b'B' | b'C' | 0x8e => "BINBYTES",
-        0x96 => "BYTEARRAY8",
-        0x97 | 0x98 => "NEXT_BUFFER/READONLY_BUFFER",
-        0x8f => "EMPTY_SET",
-        0x90 => "ADDITEMS",
-        0x91 => "FROZENSET",
-        0x8b => "LONG4",
-        b'I' | b'L' | b'F' | b'S' | b'T' | b'U' | b'V' | b'g' | b'p' => {
-            "a protocol-0/1 text opcode"
-        }
-        _ => return None,
-    })
+/// The name of an opcode the reader does not accept, for messages, and whether it is refused
+/// (it would import, call or build a Python object) or merely outside the subset.
+fn unsupported_name(code: u8) -> Option<(&'static str, PickleFault)> {
+    let refused = match code {
+        b'c' => Some("GLOBAL"),
+        0x93 => Some("STACK_GLOBAL"),
+        b'R' => Some("REDUCE"),
+        b'b' => Some("BUILD"),
+        0x81 => Some("NEWOBJ"),
+        0x92 => Some("NEWOBJ_EX"),
+        b'i' => Some("INST"),
+        b'o' => Some("OBJ"),
+        b'P' => Some("PERSID"),
+        b'Q' => Some("BINPERSID"),
+        0x82..=0x84 => Some("EXT1/EXT2/EXT4"),
+        _ => None,
+    };
+    if let Some(name) = refused {
+        return Some((name, PickleFault::Refused));
+    }
+    Some((
+        match code {
+            b'B' | b'C' | 0x8e => "BINBYTES",
+            0x96 => "BYTEARRAY8",
+            0x97 | 0x98 => "NEXT_BUFFER/READONLY_BUFFER",
+            0x8f => "EMPTY_SET",
+            0x90 => "ADDITEMS",
+            0x91 => "FROZENSET",
+            0x8b => "LONG4",
+            b'I' | b'L' | b'F' | b'S' | b'T' | b'U' | b'V' | b'g' | b'p' => {
+                "a protocol-0/1 text opcode"
+            }
+            _ => return None,
+        },
+        PickleFault::Unsupported,
+    ))
 }
 
 struct Reader<'a> {
@@ -187,14 +278,85 @@ struct Reader<'a> {
     memo: HashMap<u32, Value>,
     strings: Vec<Box<str>>,
     nodes: Vec<Node>,
+    /// Nesting depth of each node, as built (1: holds no container).
+    depths: Vec<u32>,
+    limits: PickleLimits,
+    /// Values pushed plus memo entries made, against `limits.max_objects`.
+    objects: u64,
 }
 
 impl<'a> Reader<'a> {
     fn err(&self, message: impl Into<String>) -> PickleError {
+        self.fault(PickleFault::Malformed, message)
+    }
+
+    fn fault(&self, fault: PickleFault, message: impl Into<String>) -> PickleError {
         PickleError {
             offset: self.at,
             message: format!("opcode 0x{:02x}: {}", self.code, message.into()),
+            fault,
         }
+    }
+
+    fn limit(&self, what: String, value: u64, env: &str) -> PickleError {
+        self.fault(
+            PickleFault::Limit,
+            format!(
+                "{what} (the limit is {value}: raise it with {env}=N if the file is a genuine \
+                 snapshot)"
+            ),
+        )
+    }
+
+    /// Count one more value (or memo entry) against the object limit.
+    #[inline]
+    fn count(&mut self) -> Result<(), PickleError> {
+        self.objects += 1;
+        if self.objects > self.limits.max_objects {
+            return Err(self.limit(
+                format!("more than {} objects", self.limits.max_objects),
+                self.limits.max_objects,
+                MAX_OBJECTS_ENV,
+            ));
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn push(&mut self, v: Value) -> Result<(), PickleError> {
+        self.count()?;
+        self.stack.push(v);
+        Ok(())
+    }
+
+    fn depth_of(&self, v: Value) -> u32 {
+        v.container_id()
+            .and_then(|i| self.depths.get(i as usize))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The deepest of `items` (0 when none is a container).
+    fn inner_depth(&self, items: impl IntoIterator<Item = Value>) -> u32 {
+        items
+            .into_iter()
+            .map(|v| self.depth_of(v))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Record that container `id` now holds items `inner` deep: it is at least one deeper.
+    fn deepen(&mut self, id: u32, inner: u32) -> Result<(), PickleError> {
+        let depth = inner.saturating_add(1).max(self.depths[id as usize]);
+        if depth > self.limits.max_depth {
+            return Err(self.limit(
+                format!("containers nested more than {} deep", self.limits.max_depth),
+                self.limits.max_depth.into(),
+                MAX_DEPTH_ENV,
+            ));
+        }
+        self.depths[id as usize] = depth;
+        Ok(())
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], PickleError> {
@@ -204,6 +366,7 @@ impl<'a> Reader<'a> {
             .filter(|&e| e <= self.data.len())
             .ok_or_else(|| PickleError {
                 offset: self.at,
+                fault: PickleFault::Malformed,
                 message: format!(
                     "opcode 0x{:02x}: the data ends inside its {what} ({n} byte(s) needed, {} left): \
                      the file is truncated",
@@ -265,9 +428,32 @@ impl<'a> Reader<'a> {
     fn push_node(&mut self, node: Node, kind: fn(u32) -> Value) -> Result<(), PickleError> {
         let id =
             u32::try_from(self.nodes.len()).map_err(|_| self.err("more than 2^32 containers"))?;
+        self.count()?;
+        let inner = match &node {
+            Node::Seq(items) => self.inner_depth(items.iter().copied()),
+            Node::Dict(pairs) => self.inner_depth(pairs.iter().map(|&(_, v)| v)),
+        };
         self.nodes.push(node);
+        self.depths.push(1);
+        self.deepen(id, inner)?;
         self.stack.push(kind(id));
         Ok(())
+    }
+
+    /// The length of a string about to be read, checked against the string limit.
+    fn string_len(&self, n: u64) -> Result<usize, PickleError> {
+        // Past the end of the data is truncation (reported by `take`), not a long string.
+        if n > self.limits.max_string_bytes && n <= (self.data.len() - self.pos) as u64 {
+            return Err(self.limit(
+                format!(
+                    "a string of {n} bytes is longer than {} bytes",
+                    self.limits.max_string_bytes
+                ),
+                self.limits.max_string_bytes,
+                MAX_STRING_ENV,
+            ));
+        }
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     fn push_str(&mut self, bytes: &[u8]) -> Result<(), PickleError> {
@@ -275,6 +461,7 @@ impl<'a> Reader<'a> {
             .map_err(|e| self.err(format!("the string is not valid UTF-8 ({e})")))?;
         let id =
             u32::try_from(self.strings.len()).map_err(|_| self.err("more than 2^32 strings"))?;
+        self.count()?;
         self.strings.push(s.into());
         self.stack.push(Value::Str(id));
         Ok(())
@@ -300,13 +487,14 @@ impl<'a> Reader<'a> {
                 "memo entry {key} was never stored (no PUT/MEMOIZE for it)"
             ))
         })?;
-        self.stack.push(v);
-        Ok(())
+        self.push(v)
     }
 
     fn memo_put(&mut self, key: u32) -> Result<(), PickleError> {
         let v = self.top()?;
-        self.memo.insert(key, v);
+        if self.memo.insert(key, v).is_none() {
+            self.count()?;
+        }
         Ok(())
     }
 
@@ -316,6 +504,7 @@ impl<'a> Reader<'a> {
             let Some(&code) = self.data.get(self.pos) else {
                 return Err(PickleError {
                     offset: self.pos,
+                    fault: PickleFault::Malformed,
                     message: if self.pos == 0 {
                         "the file is empty: expected a pickle (starting with the PROTO opcode 0x80)"
                             .into()
@@ -355,7 +544,16 @@ impl<'a> Reader<'a> {
                     }
                     return Ok(v);
                 }
-                op::MARK => self.marks.push(self.stack.len()),
+                op::MARK => {
+                    if self.marks.len() >= self.limits.max_depth as usize {
+                        return Err(self.limit(
+                            format!("more than {} MARKs open at once", self.limits.max_depth),
+                            self.limits.max_depth.into(),
+                            MAX_DEPTH_ENV,
+                        ));
+                    }
+                    self.marks.push(self.stack.len());
+                }
                 op::POP => {
                     self.pop()?;
                 }
@@ -364,22 +562,22 @@ impl<'a> Reader<'a> {
                 }
                 op::DUP => {
                     let v = self.top()?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
-                op::NONE => self.stack.push(Value::None),
-                op::NEWTRUE => self.stack.push(Value::Bool(true)),
-                op::NEWFALSE => self.stack.push(Value::Bool(false)),
+                op::NONE => self.push(Value::None)?,
+                op::NEWTRUE => self.push(Value::Bool(true))?,
+                op::NEWFALSE => self.push(Value::Bool(false))?,
                 op::BININT => {
                     let v = self.u32("4-byte integer")? as i32;
-                    self.stack.push(Value::Int(v.into()));
+                    self.push(Value::Int(v.into()))?;
                 }
                 op::BININT1 => {
                     let v = self.u8("1-byte integer")?;
-                    self.stack.push(Value::Int(v.into()));
+                    self.push(Value::Int(v.into()))?;
                 }
                 op::BININT2 => {
                     let v = self.u16("2-byte integer")?;
-                    self.stack.push(Value::Int(v.into()));
+                    self.push(Value::Int(v.into()))?;
                 }
                 op::LONG1 => {
                     let n = self.u8("LONG1 length")? as usize;
@@ -397,27 +595,29 @@ impl<'a> Reader<'a> {
                     if n > 0 && n < MAX_LONG_BYTES && bytes[n - 1] & 0x80 != 0 {
                         value -= 1i128 << (8 * n);
                     }
-                    self.stack.push(Value::Int(value));
+                    self.push(Value::Int(value))?;
                 }
                 op::BINFLOAT => {
                     let b = self.take(8, "float")?;
                     let mut a = [0u8; 8];
                     a.copy_from_slice(b);
-                    self.stack.push(Value::Float(f64::from_be_bytes(a)));
+                    self.push(Value::Float(f64::from_be_bytes(a)))?;
                 }
                 op::SHORT_BINUNICODE => {
-                    let n = self.u8("string length")? as usize;
+                    let n = self.u8("string length")?;
+                    let n = self.string_len(n.into())?;
                     let s = self.take(n, "string")?;
                     self.push_str(s)?;
                 }
                 op::BINUNICODE => {
-                    let n = self.u32("string length")? as usize;
+                    let n = self.u32("string length")?;
+                    let n = self.string_len(n.into())?;
                     let s = self.take(n, "string")?;
                     self.push_str(s)?;
                 }
                 op::BINUNICODE8 => {
                     let n = self.u64("string length")?;
-                    let n = usize::try_from(n).unwrap_or(usize::MAX);
+                    let n = self.string_len(n)?;
                     let s = self.take(n, "string")?;
                     self.push_str(s)?;
                 }
@@ -449,6 +649,7 @@ impl<'a> Reader<'a> {
                 op::APPEND => {
                     let v = self.pop()?;
                     let id = self.container_below(self.stack.len().checked_sub(1), "list")?;
+                    self.deepen(id, self.depth_of(v))?;
                     if let Node::Seq(items) = &mut self.nodes[id as usize] {
                         items.push(v);
                     }
@@ -456,6 +657,7 @@ impl<'a> Reader<'a> {
                 op::APPENDS => {
                     let items = self.pop_mark()?;
                     let id = self.container_below(self.stack.len().checked_sub(1), "list")?;
+                    self.deepen(id, self.inner_depth(items.iter().copied()))?;
                     if let Node::Seq(list) = &mut self.nodes[id as usize] {
                         list.extend(items);
                     }
@@ -465,6 +667,7 @@ impl<'a> Reader<'a> {
                     let k = self.pop()?;
                     let id = self.container_below(self.stack.len().checked_sub(1), "dict")?;
                     let pair = self.pairs(vec![k, v])?;
+                    self.deepen(id, self.depth_of(v))?;
                     if let Node::Dict(d) = &mut self.nodes[id as usize] {
                         d.extend(pair);
                     }
@@ -473,6 +676,7 @@ impl<'a> Reader<'a> {
                     let items = self.pop_mark()?;
                     let id = self.container_below(self.stack.len().checked_sub(1), "dict")?;
                     let pairs = self.pairs(items)?;
+                    self.deepen(id, self.inner_depth(pairs.iter().map(|&(_, v)| v)))?;
                     if let Node::Dict(d) = &mut self.nodes[id as usize] {
                         d.extend(pairs);
                     }
@@ -500,15 +704,29 @@ impl<'a> Reader<'a> {
                 }
                 other => {
                     return Err(match unsupported_name(other) {
-                        Some(name) if name.starts_with("a protocol-0/1") => self.err(format!(
-                            "{name} is not supported: snapshots are written with protocol 2 \
-                             or later"
-                        )),
-                        Some(name) => self.err(format!(
-                            "{name} is not supported: memory snapshots hold only dicts, lists, \
-                             tuples, strings, numbers, booleans and None (this file holds \
-                             other Python objects)"
-                        )),
+                        Some((name, PickleFault::Refused)) => self.fault(
+                            PickleFault::Refused,
+                            format!(
+                                "{name} refused: it imports, calls or builds a Python object, \
+                                 which loading the file in Python would run code for; memory \
+                                 snapshots hold only dicts, lists, tuples, strings, numbers, \
+                                 booleans and None"
+                            ),
+                        ),
+                        Some((name, _)) if name.starts_with("a protocol-0/1") => self.fault(
+                            PickleFault::Unsupported,
+                            format!(
+                                "{name} is not supported: snapshots are written with protocol \
+                                 2 or later"
+                            ),
+                        ),
+                        Some((name, _)) => self.fault(
+                            PickleFault::Unsupported,
+                            format!(
+                                "{name} is not supported: memory snapshots hold only dicts, \
+                                 lists, tuples, strings, numbers, booleans and None"
+                            ),
+                        ),
                         None => self.err(
                             "unknown opcode: this is not a pickle, or it is corrupt".to_string(),
                         ),
@@ -539,9 +757,19 @@ impl<'a> Reader<'a> {
 }
 
 impl Pickle {
-    /// Parse a pickle held in memory. Bytes after the `STOP` opcode are ignored, as Python's
-    /// `pickle.loads` does.
+    /// Parse a pickle held in memory, within the limits [`PickleLimits::from_env`] gives.
+    /// Bytes after the `STOP` opcode are ignored, as Python's `pickle.loads` does.
     pub fn parse(data: &[u8]) -> Result<Pickle, PickleError> {
+        let limits = PickleLimits::from_env().map_err(|message| PickleError {
+            offset: 0,
+            message,
+            fault: PickleFault::Limit,
+        })?;
+        Self::parse_with(data, limits)
+    }
+
+    /// Parse a pickle held in memory within `limits`.
+    pub fn parse_with(data: &[u8], limits: PickleLimits) -> Result<Pickle, PickleError> {
         let mut r = Reader {
             data,
             pos: 0,
@@ -552,6 +780,9 @@ impl Pickle {
             memo: HashMap::new(),
             strings: Vec::new(),
             nodes: Vec::new(),
+            depths: Vec::new(),
+            limits,
+            objects: 0,
         };
         let root = r.run()?;
         Ok(Pickle {
@@ -982,7 +1213,7 @@ mod tests {
             (b"\x80\x04N(Ne.", "expects a list"),
             (b"\x80\x04h\x07.", "memo entry 7"),
             (b"\x80\x04\x8c\x02\xff\xfe.", "UTF-8"),
-            (b"\x80\x04cos\nsystem\n.", "GLOBAL is not supported"),
+            (b"\x80\x04cos\nsystem\n.", "GLOBAL refused"),
             (b"\x80\x04\x8a\x20", "too large"),
             (b"\x80\x04\xfe", "unknown opcode"),
             (b"\x80\x04}]]s.", "cannot be a dict key"),
@@ -1000,7 +1231,8 @@ mod tests {
 
     #[test]
     fn deep_and_cyclic_documents_are_harmless() {
-        // A list that contains itself (legal pickle), and 200,000 nested tuples.
+        // A list that contains itself (legal pickle), and 200,000 nested tuples (within a
+        // raised depth limit).
         let p = Pickle::parse(b"\x80\x04]\x94h\x00a.").unwrap();
         let items = p.as_seq(p.root()).unwrap();
         assert_eq!(items, &[p.root()]);
@@ -1008,9 +1240,118 @@ mod tests {
         let mut deep = b"\x80\x04N".to_vec();
         deep.extend(std::iter::repeat_n(op::TUPLE1, 200_000));
         deep.push(op::STOP);
-        let p = Pickle::parse(&deep).unwrap();
+        let limits = PickleLimits {
+            max_depth: 300_000,
+            ..PickleLimits::default()
+        };
+        let p = Pickle::parse_with(&deep, limits).unwrap();
         assert!(p.as_seq(p.root()).is_some());
         drop(p);
+    }
+
+    fn nested(open: &[u8], close: &[u8], n: usize) -> Vec<u8> {
+        let mut v = b"\x80\x04".to_vec();
+        for _ in 0..n {
+            v.extend(open);
+        }
+        v.push(op::NONE);
+        for _ in 0..n {
+            v.extend(close);
+        }
+        v.push(op::STOP);
+        v
+    }
+
+    /// Issue 13 item 6: memory follows the limits, not the input. Each limit is an error
+    /// naming it and the variable that raises it; just under a limit reads fine.
+    #[test]
+    fn every_resource_is_capped_with_a_named_limit() {
+        let small = PickleLimits {
+            max_objects: 1000,
+            max_depth: 8,
+            max_string_bytes: 16,
+        };
+        let many_items = {
+            let mut v = b"\x80\x04](".to_vec();
+            v.extend(std::iter::repeat_n(op::NONE, 2000));
+            v.extend([op::APPENDS, op::STOP]);
+            v
+        };
+        let many_memos = {
+            let mut v = b"\x80\x04N".to_vec();
+            v.extend(std::iter::repeat_n(op::MEMOIZE, 2000));
+            v.push(op::STOP);
+            v
+        };
+        let long_string = {
+            let mut v = b"\x80\x04\x8c\x11".to_vec();
+            v.extend([b'x'; 17]);
+            v.push(op::STOP);
+            v
+        };
+        // (input, fragment naming the limit, environment variable)
+        let over: [(Vec<u8>, &str, &str); 6] = [
+            (many_items, "more than 1000 objects", MAX_OBJECTS_ENV),
+            (many_memos, "more than 1000 objects", MAX_OBJECTS_ENV),
+            (
+                nested(&[op::MARK], &[op::TUPLE], 9),
+                "MARKs open",
+                MAX_DEPTH_ENV,
+            ),
+            // EMPTY_LIST MARK ... APPENDS: how PyTorch's files nest
+            (
+                nested(&[op::EMPTY_LIST, op::MARK], &[op::APPENDS], 9),
+                "MARKs open",
+                MAX_DEPTH_ENV,
+            ),
+            (
+                nested(&[], &[op::TUPLE1], 9),
+                "nested more than 8 deep",
+                MAX_DEPTH_ENV,
+            ),
+            (long_string, "a string of 17 bytes", MAX_STRING_ENV),
+        ];
+        for (input, want, env) in over {
+            let e = Pickle::parse_with(&input, small).unwrap_err();
+            assert_eq!(e.fault, PickleFault::Limit, "{e}");
+            let text = e.to_string();
+            assert!(text.contains(want), "'{want}' in: {text}");
+            assert!(text.contains(env), "names {env}: {text}");
+        }
+        // Just under each limit.
+        assert!(Pickle::parse_with(&nested(&[], &[op::TUPLE1], 8), small).is_ok());
+        assert!(Pickle::parse_with(&nested(&[op::MARK], &[op::TUPLE], 7), small).is_ok());
+        let mut s16 = b"\x80\x04\x8c\x10".to_vec();
+        s16.extend([b'x'; 16]);
+        s16.push(op::STOP);
+        assert!(Pickle::parse_with(&s16, small).is_ok());
+    }
+
+    /// Issue 13 item 7: a refused opcode says it was refused, and why; a corrupt file says
+    /// it is corrupt.
+    #[test]
+    fn refusals_are_told_apart_from_corruption() {
+        // (input, fault)
+        let cases: [(&[u8], PickleFault); 8] = [
+            (b"\x80\x04cos\nsystem\n(S'id'\ntR.", PickleFault::Refused),
+            (
+                b"\x80\x04\x8c\x02os\x8c\x06system\x93.",
+                PickleFault::Refused,
+            ),
+            (b"\x80\x04(cos\nsystem\nS'id'\ni.", PickleFault::Refused),
+            (b"\x80\x04N\x81.", PickleFault::Refused),
+            (b"\x80\x04C\x01x.", PickleFault::Unsupported),
+            (b"\x80\x04\x8f.", PickleFault::Unsupported),
+            (b"\x80\x04\xfe", PickleFault::Malformed),
+            (b"\x80\x04]", PickleFault::Malformed),
+        ];
+        for (input, fault) in cases {
+            let e = Pickle::parse(input).unwrap_err();
+            assert_eq!(e.fault, fault, "{input:?}: {e}");
+            if fault == PickleFault::Refused {
+                assert!(e.message.contains("refused"), "{e}");
+            }
+        }
     }
 
     #[test]

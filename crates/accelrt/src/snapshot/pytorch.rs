@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::pickle::{Pickle, PickleWriter, Value};
+use super::pickle::{Pickle, PickleFault, PickleWriter, Value};
 use super::{block_status_from_name, Snapshot};
 use crate::alloc::{BlockInfo, Frame, Frames, PoolKind, SegmentInfo, TraceAction, TraceEntry};
 use crate::error::{Error, Result};
@@ -18,8 +18,7 @@ use crate::trace::MAX_STREAM;
 /// Most frames kept per stack (deeper stacks are cut; PyTorch's are ~100 deep at most).
 const MAX_FRAMES: usize = 1024;
 
-/// Most devices a snapshot may describe.
-const MAX_DEVICES: usize = 4096;
+use super::MAX_DEVICES;
 
 struct Reader<'a> {
     p: &'a Pickle,
@@ -288,7 +287,11 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| {
                 self.err(
                     format!("{at}.device"),
-                    format!("device {device} is over {MAX_DEVICES}"),
+                    format!(
+                        "device {device} is not one of the {MAX_DEVICES} a snapshot may \
+                         describe (0 to {})",
+                        MAX_DEVICES - 1
+                    ),
                 )
             })?;
         let address = self.u64_key(s, "address", at, None)?;
@@ -380,10 +383,22 @@ pub(super) fn import(file: &str, bytes: &[u8]) -> Result<Snapshot> {
     let p = Pickle::parse(bytes).map_err(|e| Error::Snapshot {
         file: file.to_string(),
         at: format!("byte {}", e.offset),
-        message: format!(
-            "{} (not a readable pickle: the file is truncated or corrupt)",
-            e.message
-        ),
+        message: match e.fault {
+            PickleFault::Malformed => format!(
+                "{} (not a readable pickle: the file is truncated or corrupt)",
+                e.message
+            ),
+            PickleFault::Refused => format!(
+                "{} (not a memory snapshot; accelrt never runs code from a file)",
+                e.message
+            ),
+            PickleFault::Unsupported => format!(
+                "{} (accelrt reads the pickle subset torch.cuda.memory._dump_snapshot() \
+                 writes)",
+                e.message
+            ),
+            PickleFault::Limit => e.message,
+        },
     })?;
     let mut r = Reader {
         p: &p,

@@ -127,7 +127,7 @@ impl State {
         let mut removed = 0;
         for (a, (s, stream)) in overlapping {
             self.mapped.remove(&a);
-            let e = a + s;
+            let e = a.saturating_add(s);
             if a < addr {
                 self.mapped.insert(a, (addr - a, stream));
             }
@@ -231,24 +231,29 @@ impl Timeline {
             .iter()
             .map(|(&a, &(s, stream))| SegmentState {
                 address: a,
-                size: s,
+                size: s.min(u64::MAX - a),
                 stream,
                 expandable: false,
-                ranges: vec![(a, s, RangeState::Cached)],
+                ranges: vec![(a, s.min(u64::MAX - a), RangeState::Cached)],
             })
             .collect();
         // Expandable: group ever-mapped pieces that touch into one segment each.
         let mut groups: Vec<(u64, u64, u32)> = Vec::new();
         for (&a, &(s, stream)) in &st.ever_mapped {
+            // Ranges are clipped to end at 2^64 (readers refuse wrapping ones; a snapshot
+            // built in code may still hold them).
+            let s = s.min(u64::MAX - a);
             match groups.last_mut() {
-                Some(g) if g.0 + g.1 >= a => g.1 = g.1.max(a + s - g.0),
+                Some(g) if g.0.saturating_add(g.1) >= a => g.1 = g.1.max(a + s - g.0),
                 _ => groups.push((a, s, stream)),
             }
         }
         for (a, s, stream) in groups {
             let mut ranges: Vec<(u64, u64, RangeState)> = Vec::new();
             let mut cursor = a;
-            for (&m, &(ms, _)) in st.mapped.range(a..a + s) {
+            let end = a + s;
+            for (&m, &(ms, _)) in st.mapped.range(a..end) {
+                let ms = ms.min(end - m);
                 if m > cursor {
                     ranges.push((cursor, m - cursor, RangeState::Unmapped));
                 }
@@ -259,10 +264,10 @@ impl Timeline {
                     }
                     _ => ranges.push((m, ms, RangeState::Cached)),
                 }
-                cursor = m + ms;
+                cursor = cursor.max(m + ms);
             }
-            if cursor < a + s {
-                ranges.push((cursor, a + s - cursor, RangeState::Unmapped));
+            if cursor < end {
+                ranges.push((cursor, end - cursor, RangeState::Unmapped));
             }
             segments.push(SegmentState {
                 address: a,
@@ -276,7 +281,7 @@ impl Timeline {
         // Cut the cached ranges around live allocations.
         let mut next = 0;
         for seg in &mut segments {
-            let end = seg.address + seg.size;
+            let end = seg.address.saturating_add(seg.size);
             while next < by_addr.len() && by_addr[next].0 < seg.address {
                 next += 1;
             }
@@ -294,7 +299,7 @@ impl Timeline {
                     out.push((ra, rs, state));
                     continue;
                 }
-                let rend = ra + rs;
+                let rend = ra.saturating_add(rs);
                 let mut cursor = ra;
                 // Allocations overlapping this range, clipped to it.
                 for &(a, s, i) in inside
@@ -302,7 +307,7 @@ impl Timeline {
                     .filter(|x| x.0 < rend && x.0.saturating_add(x.1.max(1)) > ra)
                 {
                     let a = a.max(cursor);
-                    let e = (a + s.max(1)).min(rend);
+                    let e = a.saturating_add(s.max(1)).min(rend);
                     if a > cursor {
                         out.push((cursor, a - cursor, RangeState::Cached));
                     }
@@ -406,7 +411,7 @@ fn initial(snapshot: &Snapshot, device: u32) -> (State, Vec<Lifetime>) {
                 let mut holes = seg.unmapped.clone();
                 holes.sort_unstable();
                 let mut cursor = seg.address;
-                let end = seg.address + seg.total_size;
+                let end = seg.address.saturating_add(seg.total_size);
                 for (a, s) in holes.into_iter().chain([(end, 0)]) {
                     let a = a.clamp(cursor, end);
                     if a > cursor {
@@ -437,10 +442,13 @@ fn initial(snapshot: &Snapshot, device: u32) -> (State, Vec<Lifetime>) {
     }
     for (i, l) in lifetimes.iter().enumerate() {
         st.live.insert(l.addr, i);
-        st.allocated += l.size;
+        st.allocated = st.allocated.saturating_add(l.size);
     }
-    st.reserved = st.segments.values().map(|v| v.0).sum::<u64>()
-        + st.mapped.values().map(|v| v.0).sum::<u64>();
+    st.reserved = st
+        .segments
+        .values()
+        .chain(st.mapped.values())
+        .fold(0u64, |sum, v| sum.saturating_add(v.0));
     (st, lifetimes)
 }
 
@@ -457,7 +465,7 @@ fn apply(
     match e.action {
         TraceAction::Alloc => {
             if let Some(old) = st.live.remove(&e.addr) {
-                st.allocated -= lifetimes[old].size;
+                st.allocated = st.allocated.saturating_sub(lifetimes[old].size);
                 lifetimes[old].end.get_or_insert(i);
             }
             lifetimes.push(Lifetime {
@@ -469,36 +477,36 @@ fn apply(
                 frames: e.frames.clone(),
             });
             st.live.insert(e.addr, lifetimes.len() - 1);
-            st.allocated += e.size;
+            st.allocated = st.allocated.saturating_add(e.size);
         }
         TraceAction::FreeRequested => {
             if let Some(index) = st.live.remove(&e.addr) {
-                st.allocated -= lifetimes[index].size;
+                st.allocated = st.allocated.saturating_sub(lifetimes[index].size);
                 lifetimes[index].end = Some(i);
             }
         }
         TraceAction::SegmentAlloc => {
             *segment_allocs += 1;
             if st.segments.insert(e.addr, (e.size, e.stream)).is_none() {
-                st.reserved += e.size;
+                st.reserved = st.reserved.saturating_add(e.size);
             }
         }
         TraceAction::SegmentFree => {
             if let Some((size, _)) = st.segments.remove(&e.addr) {
-                st.reserved -= size;
+                st.reserved = st.reserved.saturating_sub(size);
             }
         }
         TraceAction::SegmentMap => {
             *segment_allocs += 1;
             let already = st.unmap(e.addr, e.size);
-            st.reserved -= already;
+            st.reserved = st.reserved.saturating_sub(already);
             st.mapped.insert(e.addr, (e.size, e.stream));
             st.ever_mapped.insert(e.addr, (e.size, e.stream));
-            st.reserved += e.size;
+            st.reserved = st.reserved.saturating_add(e.size);
         }
         TraceAction::SegmentUnmap => {
             let removed = st.unmap(e.addr, e.size);
-            st.reserved -= removed;
+            st.reserved = st.reserved.saturating_sub(removed);
         }
         TraceAction::Oom => *ooms += 1,
         _ => {}

@@ -157,7 +157,10 @@ impl ReplayReport {
 /// The allocator's driver-call counters, read through its statistics' serialized form so a
 /// `driver_calls` field in [`MemoryStats`] shows up here as soon as the allocator has one.
 fn driver_calls(stats: &MemoryStats) -> Option<serde_json::Value> {
-    let mut calls = serde_json::to_value(stats).ok()?.get("driver_calls")?.clone();
+    let mut calls = serde_json::to_value(stats)
+        .ok()?
+        .get("driver_calls")?
+        .clone();
     let total: u64 = calls
         .as_object()?
         .values()

@@ -97,8 +97,9 @@ fn report_crashes() {
         unsafe { libc::write(2, buf.as_ptr().cast(), n + 1) };
     }
     fn write_location(label: &[u8], addr: usize) {
-        // SAFETY: dladdr only reads the loader's tables; `info` is a local out-parameter.
+        // SAFETY: Dl_info is plain data (pointers and integers): all zeros is a valid value.
         let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        // SAFETY: dladdr only reads the loader's tables; `info` is a local out-parameter.
         if unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } != 0
             && !info.dli_fname.is_null()
         {

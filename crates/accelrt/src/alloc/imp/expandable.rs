@@ -29,10 +29,10 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use parking_lot::MutexGuard;
 
-use super::{AllocatorEvent, CachingAllocator, SegmentFailure, StreamPool};
+use super::{hold_in_flight, AllocatorEvent, CachingAllocator, SegmentFailure, StreamPool};
 use crate::alloc::chunks::{ChunkTable, Home};
 use crate::alloc::history::TraceAction;
-use crate::alloc::pool::{PoolState, Run, LENT, NIL, NO_CHUNK};
+use crate::alloc::pool::{BlockState, PoolState, Run, LENT, NIL, NO_CHUNK};
 use crate::alloc::provider::{ChunkHandle, ProviderError, VirtualMemory};
 use crate::alloc::size::pool_kind;
 use crate::error::{Error, Result};
@@ -109,7 +109,11 @@ impl CachingAllocator {
             let block = {
                 let mut st = pool.state.lock();
                 self.process_pending(&mut st, pool.stream.index);
-                st.take_backed(rounded, size, &self.pool_config)
+                let block = st.take_backed(rounded, size, &self.pool_config);
+                if block != NIL {
+                    hold_in_flight(&mut st, block);
+                }
+                block
             };
             let block = if block != NIL {
                 block
@@ -173,6 +177,9 @@ impl CachingAllocator {
 
     fn publish_mapped(&self, pool: &StreamPool, block: u32) -> usize {
         let mut st = pool.state.lock();
+        // The caller's from here on (see `hold_in_flight`).
+        let addr = st.blocks[block as usize].addr;
+        st.live.insert(addr, block);
         if self.history.enabled() {
             self.note_alloc(&mut st, block, pool.stream.index);
         }
@@ -187,8 +194,8 @@ impl CachingAllocator {
     /// Give back a block that could not be mapped (it was carved, but never handed out).
     fn unwind_unmapped(&self, pool: &StreamPool, block: u32) {
         let mut st = pool.state.lock();
-        let addr = st.blocks[block as usize].addr;
-        st.live.remove(&addr);
+        // In flight (see `hold_in_flight`): no free can have reached it.
+        debug_assert_eq!(st.blocks[block as usize].state, BlockState::Allocated);
         st.account_free(block);
         st.release_to_cache(block);
     }
@@ -217,6 +224,7 @@ impl CachingAllocator {
         let mut span = round_up_checked(twice.saturating_add(twice / 64), page)
             .unwrap_or(MAX_RANGE)
             .clamp(needed, MAX_RANGE.max(needed));
+        let first_try = span;
         let base = loop {
             let attempt = usize::try_from(span)
                 .map_err(|_| ProviderError::OutOfMemory)
@@ -235,13 +243,14 @@ impl CachingAllocator {
                     return Err(Error::Driver {
                         call: "reserving address space",
                         message: format!(
-                            "{} of address space for a block of {} on {}: {} (is the process's \
-                             virtual memory limited, e.g. `ulimit -v`? expandable_segments:false \
-                             needs no reservation)",
+                            "no range of {} down to {} for a block of {} on {}: {} (is the \
+                             process's virtual memory limited, e.g. `ulimit -v`? \
+                             expandable_segments:false needs no reservation)",
+                            crate::alloc::format_size(first_try),
                             crate::alloc::format_size(span),
                             crate::alloc::format_size(rounded),
                             self.device,
-                            e.describe()
+                            e.describe().trim_start_matches("reserving address space: ")
                         ),
                     })
                 }
@@ -261,6 +270,7 @@ impl CachingAllocator {
                 "a fresh address range of {span} bytes did not hold a block of {rounded} bytes"
             )));
         }
+        hold_in_flight(&mut st, block);
         Ok(block)
     }
 

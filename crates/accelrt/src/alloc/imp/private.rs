@@ -96,6 +96,7 @@ impl CachingAllocator {
         }
         let mut p = self.private.lock();
         let slot = match p.ids.get(&id) {
+            Some(e) if e.use_count == 0 => return Err(Self::released_pool(id)),
             Some(e) => e.slot,
             None => {
                 let slot = match p.free_slots.pop() {
@@ -153,7 +154,17 @@ impl CachingAllocator {
     pub fn retain_pool(&self, id: MempoolId) -> Result<()> {
         let mut p = self.private.lock();
         let e = p.ids.get_mut(&id).ok_or_else(|| Self::unknown_pool(id))?;
-        e.use_count += 1;
+        if e.use_count == 0 {
+            return Err(Self::released_pool(id));
+        }
+        e.use_count = e.use_count.checked_add(1).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "private pool ({}, {}) already has {} uses: release some first",
+                id.0,
+                id.1,
+                u32::MAX
+            ))
+        })?;
         Ok(())
     }
 
@@ -163,6 +174,11 @@ impl CachingAllocator {
         let index = {
             let mut p = self.private.lock();
             let e = p.ids.get_mut(&id).ok_or_else(|| Self::unknown_pool(id))?;
+            // A released pool still draining (blocks outlived its last use) has no use left
+            // to drop: a second release is an error, not an underflow (issue 13 item 5).
+            if e.use_count == 0 {
+                return Err(Self::released_pool(id));
+            }
             e.use_count -= 1;
             if e.use_count > 0 {
                 return Ok(());
@@ -191,8 +207,13 @@ impl CachingAllocator {
                 self.device
             ))
         };
-        if size == 0 || size % crate::alloc::MIN_BLOCK != 0 || ptr % crate::alloc::MIN_BLOCK as usize != 0 {
-            return Err(why("blocks are whole multiples of 512 bytes at 512-byte boundaries"));
+        if size == 0
+            || size % crate::alloc::MIN_BLOCK != 0
+            || ptr % crate::alloc::MIN_BLOCK as usize != 0
+        {
+            return Err(why(
+                "blocks are whole multiples of 512 bytes at 512-byte boundaries",
+            ));
         }
         if requested > size {
             return Err(why("more bytes requested than the block holds"));
@@ -221,9 +242,19 @@ impl CachingAllocator {
         self.private.lock().ids.get(&id).map(|e| e.use_count)
     }
 
+    fn released_pool(id: MempoolId) -> Error {
+        Error::InvalidArgument(format!(
+            "private pool ({}, {}) was already released (its use count is 0; its memory goes \
+             back as its remaining blocks are freed): release a pool once per use, and use a \
+             new pool id for new work",
+            id.0, id.1
+        ))
+    }
+
     fn unknown_pool(id: MempoolId) -> Error {
         Error::InvalidArgument(format!(
-            "no private pool {id:?}: it was never begun or was released"
+            "no private pool ({}, {}): it was never begun or was released",
+            id.0, id.1
         ))
     }
 

@@ -224,8 +224,8 @@ impl VirtualMemory for CudaMemory {
         let access = self.access.read().clone();
         // One call for the whole range.
         // SAFETY: the whole range was mapped above, by us.
-        if let Err(e) = unsafe { sys::mem_set_access(addr as sys::CUdeviceptr, at - addr, &access) }
-        {
+        let set = unsafe { sys::mem_set_access(addr as sys::CUdeviceptr, at - addr, &access) };
+        if let Err(e) = set {
             // SAFETY: all chunks were mapped just now, by us, and are unused yet.
             unsafe { self.unmap(addr, at - addr) };
             return Err(provider_error(e));

@@ -172,8 +172,8 @@ pub(crate) fn init() -> CuResult<()> {
 
 pub(crate) fn driver_version() -> CuResult<i32> {
     let mut v: c_int = 0;
-    // SAFETY: writes one int into a local.
     check(
+        // SAFETY: writes one int into a local.
         unsafe { sys::cuDriverGetVersion(&mut v) },
         "cuDriverGetVersion",
     )?;
@@ -196,8 +196,8 @@ pub(crate) fn device_get(ordinal: i32) -> CuResult<CUdevice> {
 
 pub(crate) fn device_name(dev: CUdevice) -> CuResult<String> {
     let mut buf = [0 as c_char; 256];
-    // SAFETY: the driver writes at most `len` bytes, NUL-terminated, into our buffer.
     check(
+        // SAFETY: the driver writes at most `len` bytes, NUL-terminated, into our buffer.
         unsafe { sys::cuDeviceGetName(buf.as_mut_ptr(), buf.len() as c_int, dev) },
         "cuDeviceGetName",
     )?;
@@ -212,8 +212,8 @@ pub(crate) fn device_name(dev: CUdevice) -> CuResult<String> {
 
 pub(crate) fn device_total_mem(dev: CUdevice) -> CuResult<usize> {
     let mut bytes = 0usize;
-    // SAFETY: writes one size into a local.
     check(
+        // SAFETY: writes one size into a local.
         unsafe { sys::cuDeviceTotalMem_v2(&mut bytes, dev) },
         "cuDeviceTotalMem",
     )?;
@@ -222,8 +222,8 @@ pub(crate) fn device_total_mem(dev: CUdevice) -> CuResult<usize> {
 
 pub(crate) fn device_attribute(dev: CUdevice, attr: sys::CUdevice_attribute) -> CuResult<i32> {
     let mut v: c_int = 0;
-    // SAFETY: writes one int into a local.
     check(
+        // SAFETY: writes one int into a local.
         unsafe { sys::cuDeviceGetAttribute(&mut v, attr, dev) },
         "cuDeviceGetAttribute",
     )?;
@@ -234,8 +234,8 @@ pub(crate) use sys::CUdevice_attribute as Attr;
 
 pub(crate) fn can_access_peer(dev: CUdevice, peer: CUdevice) -> CuResult<bool> {
     let mut v: c_int = 0;
-    // SAFETY: writes one int into a local.
     check(
+        // SAFETY: writes one int into a local.
         unsafe { sys::cuDeviceCanAccessPeer(&mut v, dev, peer) },
         "cuDeviceCanAccessPeer",
     )?;
@@ -246,9 +246,9 @@ pub(crate) fn can_access_peer(dev: CUdevice, peer: CUdevice) -> CuResult<bool> {
 
 pub(crate) fn primary_ctx_retain(dev: CUdevice) -> CuResult<CUcontext> {
     let mut ctx: CUcontext = std::ptr::null_mut();
-    // SAFETY: writes one context handle into a local; takes a reference the caller releases
-    // with primary_ctx_release.
     check(
+        // SAFETY: writes one context handle into a local; takes a reference the caller releases
+        // with primary_ctx_release.
         unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
         "cuDevicePrimaryCtxRetain",
     )?;
@@ -289,8 +289,8 @@ pub(crate) fn ctx_synchronize() -> CuResult<()> {
 /// (least, greatest) stream priority of the current context (e.g. (0, -5)).
 pub(crate) fn ctx_stream_priority_range() -> CuResult<(i32, i32)> {
     let (mut least, mut greatest): (c_int, c_int) = (0, 0);
-    // SAFETY: writes two ints into locals.
     check(
+        // SAFETY: writes two ints into locals.
         unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) },
         "cuCtxGetStreamPriorityRange",
     )?;
@@ -313,8 +313,8 @@ pub(crate) unsafe fn ctx_enable_peer_access(peer: CUcontext) -> CuResult<()> {
 /// A non-blocking stream of the current context.
 pub(crate) fn stream_create(priority: i32) -> CuResult<CUstream> {
     let mut s: CUstream = std::ptr::null_mut();
-    // SAFETY: writes one handle into a local; the caller owns the new stream.
     check(
+        // SAFETY: writes one handle into a local; the caller owns the new stream.
         unsafe {
             sys::cuStreamCreateWithPriority(
                 &mut s,
@@ -367,8 +367,8 @@ pub(crate) unsafe fn stream_wait_event(s: CUstream, e: CUevent) -> CuResult<()> 
 /// `s` must be a live stream handle.
 pub(crate) unsafe fn stream_get_ctx(s: CUstream) -> CuResult<CUcontext> {
     let mut ctx: CUcontext = std::ptr::null_mut();
-    // SAFETY: the caller guarantees `s` is live; writes one handle into a local.
     check(
+        // SAFETY: the caller guarantees `s` is live; writes one handle into a local.
         unsafe { sys::cuStreamGetCtx(s, &mut ctx) },
         "cuStreamGetCtx",
     )?;
@@ -381,8 +381,8 @@ pub(crate) unsafe fn stream_get_ctx(s: CUstream) -> CuResult<CUcontext> {
 /// As [`stream_synchronize`].
 pub(crate) unsafe fn stream_is_capturing(s: CUstream) -> CuResult<bool> {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-    // SAFETY: the caller guarantees `s`; writes one status into a local.
     check(
+        // SAFETY: the caller guarantees `s`; writes one status into a local.
         unsafe { sys::cuStreamIsCapturing(s, &mut status) },
         "cuStreamIsCapturing",
     )?;
@@ -411,8 +411,8 @@ pub(crate) unsafe fn stream_begin_capture(s: CUstream) -> CuResult<()> {
 /// `s` must be a live stream that is capturing.
 pub(crate) unsafe fn stream_end_capture(s: CUstream) -> CuResult<CUgraph> {
     let mut g: CUgraph = std::ptr::null_mut();
-    // SAFETY: the caller guarantees `s`; writes one graph handle (owned by the caller).
     check(
+        // SAFETY: the caller guarantees `s`; writes one graph handle (owned by the caller).
         unsafe { sys::cuStreamEndCapture(s, &mut g) },
         "cuStreamEndCapture",
     )?;
@@ -445,8 +445,8 @@ pub(crate) fn event_create(timing: bool) -> CuResult<CUevent> {
         sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
     };
     let mut e: CUevent = std::ptr::null_mut();
-    // SAFETY: writes one handle into a local; the caller owns the new event.
     check(
+        // SAFETY: writes one handle into a local; the caller owns the new event.
         unsafe { sys::cuEventCreate(&mut e, flags as c_uint) },
         "cuEventCreate",
     )?;
@@ -482,8 +482,8 @@ pub(crate) unsafe fn event_synchronize(e: CUevent) -> CuResult<()> {
 /// Both must be live events.
 pub(crate) unsafe fn event_elapsed_ms(start: CUevent, end: CUevent) -> CuResult<f32> {
     let mut ms = 0f32;
-    // SAFETY: the caller guarantees both handles; writes one float into a local.
     check(
+        // SAFETY: the caller guarantees both handles; writes one float into a local.
         unsafe { sys::cuEventElapsedTime_v2(&mut ms, start, end) },
         "cuEventElapsedTime",
     )?;
@@ -503,8 +503,8 @@ pub(crate) unsafe fn event_destroy(e: CUevent) -> CuResult<()> {
 /// `g` must be a live graph.
 pub(crate) unsafe fn graph_instantiate(g: CUgraph) -> CuResult<CUgraphExec> {
     let mut exec: CUgraphExec = std::ptr::null_mut();
-    // SAFETY: the caller guarantees `g`; writes one handle (owned by the caller).
     check(
+        // SAFETY: the caller guarantees `g`; writes one handle (owned by the caller).
         unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, g, 0) },
         "cuGraphInstantiate",
     )?;
@@ -555,8 +555,8 @@ pub(crate) unsafe fn mem_free(p: CUdeviceptr) -> CuResult<()> {
 /// (free, total) bytes of the current context's device.
 pub(crate) fn mem_get_info() -> CuResult<(usize, usize)> {
     let (mut free, mut total) = (0usize, 0usize);
-    // SAFETY: writes two sizes into locals.
     check(
+        // SAFETY: writes two sizes into locals.
         unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) },
         "cuMemGetInfo",
     )?;
@@ -628,8 +628,8 @@ fn pinned_device_prop(ordinal: c_int) -> sys::CUmemAllocationProp {
 pub(crate) fn mem_granularity(ordinal: c_int) -> CuResult<usize> {
     let prop = pinned_device_prop(ordinal);
     let mut g = 0usize;
-    // SAFETY: `prop` is a valid, initialised struct; writes one size into a local.
     check(
+        // SAFETY: `prop` is a valid, initialised struct; writes one size into a local.
         unsafe {
             sys::cuMemGetAllocationGranularity(
                 &mut g,
@@ -645,8 +645,8 @@ pub(crate) fn mem_granularity(ordinal: c_int) -> CuResult<usize> {
 /// Reserve `size` bytes of device address space aligned to `align`.
 pub(crate) fn mem_address_reserve(size: usize, align: usize) -> CuResult<CUdeviceptr> {
     let mut p: CUdeviceptr = 0;
-    // SAFETY: writes one address into a local; the caller owns the reservation.
     check(
+        // SAFETY: writes one address into a local; the caller owns the reservation.
         unsafe { sys::cuMemAddressReserve(&mut p, size, align, 0, 0) },
         "cuMemAddressReserve",
     )?;
@@ -668,8 +668,8 @@ pub(crate) unsafe fn mem_address_free(p: CUdeviceptr, size: usize) -> CuResult<(
 pub(crate) fn mem_create(size: usize, ordinal: c_int) -> CuResult<CUmemGenericAllocationHandle> {
     let prop = pinned_device_prop(ordinal);
     let mut h: CUmemGenericAllocationHandle = 0;
-    // SAFETY: `prop` is valid; writes one handle into a local (owned by the caller).
     check(
+        // SAFETY: `prop` is valid; writes one handle into a local (owned by the caller).
         unsafe { sys::cuMemCreate(&mut h, size, &prop, 0) },
         "cuMemCreate",
     )?;
@@ -732,8 +732,8 @@ pub(crate) unsafe fn mem_unmap(p: CUdeviceptr, size: usize) -> CuResult<()> {
 /// `size` bytes of page-locked host memory, usable from every context (`PORTABLE`).
 pub(crate) fn mem_host_alloc(size: usize) -> CuResult<*mut c_void> {
     let mut p: *mut c_void = std::ptr::null_mut();
-    // SAFETY: writes one pointer into a local; the caller owns the allocation.
     check(
+        // SAFETY: writes one pointer into a local; the caller owns the allocation.
         unsafe { sys::cuMemHostAlloc(&mut p, size, sys::CU_MEMHOSTALLOC_PORTABLE) },
         "cuMemHostAlloc",
     )?;
@@ -797,8 +797,8 @@ pub(crate) fn module_load_ptx(ptx: &CStr) -> std::result::Result<CUmodule, (CuEr
 /// `m` must be a live module.
 pub(crate) unsafe fn module_get_function(m: CUmodule, name: &CStr) -> CuResult<CUfunction> {
     let mut f: CUfunction = std::ptr::null_mut();
-    // SAFETY: the caller guarantees `m`; `name` is NUL-terminated; writes one handle.
     check(
+        // SAFETY: the caller guarantees `m`; `name` is NUL-terminated; writes one handle.
         unsafe { sys::cuModuleGetFunction(&mut f, m, name.as_ptr()) },
         "cuModuleGetFunction",
     )?;
@@ -915,8 +915,8 @@ pub(crate) const SYMBOLS: &[&str] = &[
 /// context PyTorch created counts). Creates nothing.
 pub(crate) fn primary_ctx_is_active(dev: CUdevice) -> CuResult<bool> {
     let (mut flags, mut active): (c_uint, c_int) = (0, 0);
-    // SAFETY: writes one unsigned and one int into locals; a bad device is an error.
     check(
+        // SAFETY: writes one unsigned and one int into locals; a bad device is an error.
         unsafe { sys::cuDevicePrimaryCtxGetState(dev, &mut flags, &mut active) },
         "cuDevicePrimaryCtxGetState",
     )?;
@@ -972,9 +972,9 @@ pub(crate) unsafe fn memcpy_htod_async(dst: CUdeviceptr, src: &[u8], s: CUstream
 /// `g` must be a live graph.
 pub(crate) unsafe fn graph_node_count(g: CUgraph) -> CuResult<usize> {
     let mut count = 0usize;
-    // SAFETY: the caller guarantees `g`; with a null node array the driver only writes the
-    // count into our local.
     check(
+        // SAFETY: the caller guarantees `g`; with a null node array the driver only writes
+        // the count into our local.
         unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut count) },
         "cuGraphGetNodes",
     )?;
