@@ -43,15 +43,15 @@ note "machine"
     cat .torch-tests/SOURCE.txt 2>&1
 } | tee "$OUT/machine.txt"
 
-note "install the wheel in $OUT/venv"
-python3 -m venv --system-site-packages "$OUT/venv" > "$OUT/install.log" 2>&1
-PY="$OUT/venv/bin/python"
+note "install the wheel into $OUT/site (the machine's python3 is itself a virtual environment)"
+PY=python3
 if ls .gpu-bin/accelrt_torch-*.whl > /dev/null 2>&1; then
-    "$PY" -m pip install --no-deps --no-index --force-reinstall .gpu-bin/accelrt_torch-*.whl >> "$OUT/install.log" 2>&1 \
+    "$PY" -m pip install --no-deps --no-index --force-reinstall --target "$OUT/site" .gpu-bin/accelrt_torch-*.whl > "$OUT/install.log" 2>&1 \
         || echo "pip install failed: see $OUT/install.log" | tee -a "$OUT/install.log"
 else
     echo "no .gpu-bin/accelrt_torch-*.whl: build it with scripts/build-wheel.sh and carry .gpu-bin" | tee -a "$OUT/install.log"
 fi
+export PYTHONPATH="$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
 # Run from outside the repository so that `import accelrt_torch` is the installed package.
 cd "$OUT"
 

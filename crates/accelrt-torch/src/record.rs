@@ -350,7 +350,7 @@ fn header(st: &State, r: &Recorder) -> String {
     format!(
         "#accelrt-trace v2\n#! workload={}\n#! recorded_on={}\n#! recorded_with=accelrt-torch {}\n\
          #! allocator=accelrt\n#! conf={}\n#! real_peak_reserved={reserved}\n\
-         #! real_peak_allocated={allocated}\n#! time_unit=us\n",
+         #! real_peak_allocated={allocated}\n#! time_unit=us\n#! markers=all\n",
         r.workload,
         sanitize(&on.join(", ")),
         env!("CARGO_PKG_VERSION"),

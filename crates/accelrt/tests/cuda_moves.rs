@@ -46,17 +46,20 @@ fn moved_memory_keeps_queued_work_in_stream_order() {
     .unwrap();
     let moves_before = alloc.stats().counters.num_page_steals;
     for t in 0..trials {
-        // Windows of 32 trials with growing sizes: each trial's block is larger than any
-        // free one, so its memory must come from the previous trial's (now idle) chunks,
-        // which move under it while that trial's late writer is still queued on their old
-        // addresses. Between windows everything goes back to the device.
+        // X sits between two live blocks, so the larger Y cannot extend X's free range in place
+        // (the allocator's first choice, which moves nothing): Y's memory must come from X's
+        // idle chunks, which move under Y while X's late writer is still queued on their old
+        // addresses. Sizes grow within windows of 32 trials, so no older free range fits Y;
+        // between windows everything goes back to the device.
         if t % 32 == 0 {
             rt.stream_synchronize(a).unwrap();
             alloc.empty_cache().unwrap();
         }
         alloc.reset_peak_stats();
         let x_bytes = (8 + (t % 32) * 2) << 20;
+        let before = alloc.raw_alloc(x_bytes, a).unwrap();
         let x = alloc.raw_alloc(x_bytes, a).unwrap();
+        let after = alloc.raw_alloc(x_bytes, a).unwrap();
         // SAFETY: X is live until the free below; the writer runs on A, before anything A
         // runs after it, so it never overlaps a later user of X's memory.
         rt.with_stream(a, |d, s| unsafe {
@@ -69,7 +72,7 @@ fn moved_memory_keeps_queued_work_in_stream_order() {
             let p = alloc.raw_alloc(4096, a).unwrap();
             alloc.raw_free(p).unwrap();
         }
-        let y_bytes = x_bytes + (1 << 20);
+        let y_bytes = x_bytes + (2 << 20);
         let y = alloc.raw_alloc(y_bytes, a).unwrap();
         let words = y_bytes / 4;
         // SAFETY: Y is ours, used on A until freed below; the counter word is ours.
@@ -79,6 +82,8 @@ fn moved_memory_keeps_queued_work_in_stream_order() {
         })
         .unwrap();
         alloc.raw_free(y).unwrap();
+        alloc.raw_free(before).unwrap();
+        alloc.raw_free(after).unwrap();
     }
     rt.stream_synchronize(a).unwrap();
     let counts = read_u64(rt, 0, counters, trials);
