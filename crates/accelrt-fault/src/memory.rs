@@ -101,7 +101,11 @@ impl VirtualMemory for FaultMemory {
         unsafe { self.vm().release(chunk, size) }
     }
 
-    unsafe fn map(&self, addr: usize, chunks: &[(ChunkHandle, usize)]) -> Result<(), ProviderError> {
+    unsafe fn map(
+        &self,
+        addr: usize,
+        chunks: &[(ChunkHandle, usize)],
+    ) -> Result<(), ProviderError> {
         // SAFETY: forwarded from this method's contract.
         unsafe { self.vm().map(addr, chunks) }
     }
