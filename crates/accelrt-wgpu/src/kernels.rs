@@ -189,22 +189,29 @@ pub(crate) fn map_read(dev: &DeviceShared, buffer: &wgpu::Buffer) -> Result<Vec<
         let _ = tx.send(r);
     });
     let mapped = loop {
-        // The buffer's writes have finished, so the mapping completes at the next poll; the
-        // wait only guards against a driver that is slow to report it.
-        dev.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: Some(Duration::from_millis(100)),
-            })
-            .or_else(|e| match e {
-                wgpu::PollError::Timeout => Ok(wgpu::PollStatus::Poll),
-                e => Err(e),
-            })
-            .map_err(|e| wgpu_error("wgpu::Device::poll (map a buffer for reading)", e))?;
+        // The buffer's writes have finished, so the mapping completes at the next poll; a
+        // short wait only guards against a driver that is slow to report it (a wait for "the
+        // latest submission" could otherwise sit behind other streams' long kernels).
+        dev.poll()?;
         if let Ok(r) = rx.try_recv() {
             break r;
         }
         dev.check_lost("wgpu::Buffer::map_async")?;
+        match dev.device.poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: Some(Duration::from_millis(1)),
+        }) {
+            Ok(_) | Err(wgpu::PollError::Timeout) => {}
+            Err(e) => {
+                return Err(wgpu_error(
+                    "wgpu::Device::poll (map a buffer for reading)",
+                    e,
+                ))
+            }
+        }
+        if let Ok(r) = rx.try_recv() {
+            break r;
+        }
     };
     mapped.map_err(|e| wgpu_error("wgpu::Buffer::map_async", e))?;
     let bytes = buffer

@@ -2,7 +2,8 @@
 //!
 //! wgpu has no device pointers, so addresses are accelrt's own: every device reserves a
 //! range of the process's address space (inaccessible, never backed: `mmap(PROT_NONE)` /
-//! `VirtualAlloc(MEM_RESERVE)`), and a segment is given a 2 MiB-aligned piece of it. No host
+//! `VirtualAlloc(MEM_RESERVE)`), and a segment is given a 2 MiB-aligned piece of it, placed
+//! top-down as Linux places mappings (so trace replays take the host backend's decisions). No host
 //! object can ever live at such an address, so pointers of different devices and host
 //! pointers never collide, and the allocator's page map sees ordinary user-space addresses.
 //! [`WgpuMemory::resolve`] maps an address back to its buffer and offset for copies and
@@ -132,42 +133,35 @@ mod os {
     }
 }
 
-/// Free ranges of the reservation (offset -> length), joined when given back, taken next
-/// fit: from where the last segment was placed on, so a freed segment's address does not
-/// come back at once (tools that key by address, and allocator callbacks, then never see two
-/// segments at one address within a short time; CUDA's address allocator behaves alike).
+/// Free ranges of the reservation (offset -> length, offsets counted down from its top),
+/// first fit, joined when given back: segments are placed top-down, as Linux places
+/// mappings, so the allocator (which breaks ties between equally old segments by address)
+/// takes the same decisions as over the host backend's `mmap`ed segments.
 #[derive(Debug, Default)]
 struct Space {
     free: BTreeMap<usize, usize>,
     end: usize,
-    cursor: usize,
 }
 
 impl Space {
     fn take(&mut self, len: usize, limit: usize) -> Option<usize> {
-        let fits = |(&o, &l): (&usize, &usize)| (l >= len).then_some((o, l));
-        let fit = self.free.range(self.cursor..).find_map(fits).or_else(|| {
-            if limit - self.end >= len {
-                None // the untouched end comes before wrapping around
-            } else {
-                self.free.range(..self.cursor).find_map(fits)
-            }
-        });
-        let off = if let Some((off, l)) = fit {
+        let fit = self
+            .free
+            .iter()
+            .find(|(_, &l)| l >= len)
+            .map(|(&o, &l)| (o, l));
+        if let Some((off, l)) = fit {
             self.free.remove(&off);
             if l > len {
                 self.free.insert(off + len, l - len);
             }
-            off
-        } else {
-            if limit - self.end < len {
-                return None;
-            }
-            self.end += len;
-            self.end - len
-        };
-        self.cursor = off + len;
-        Some(off)
+            return Some(off);
+        }
+        if limit - self.end < len {
+            return None;
+        }
+        self.end += len;
+        Some(self.end - len)
     }
 
     fn give(&mut self, mut off: usize, mut len: usize) {
@@ -329,7 +323,8 @@ impl MemoryProvider for WgpuMemory {
                 return Err(e);
             }
         };
-        let ptr = self.reservation.base + offset;
+        // Offsets count down from the top of the range, as Linux places mappings.
+        let ptr = self.reservation.base + self.reservation.size - offset - span;
         self.segments.write().insert(
             ptr,
             Segment {
@@ -353,9 +348,10 @@ impl MemoryProvider for WgpuMemory {
         drop(segment.buffer);
         let _ = self.device.device.poll(wgpu::PollType::Poll);
         self.held.fetch_sub(size as u64, Ordering::Relaxed);
+        let span = size.next_multiple_of(ADDRESS_GRANULARITY);
         self.space.lock().give(
-            ptr - self.reservation.base,
-            size.next_multiple_of(ADDRESS_GRANULARITY),
+            self.reservation.base + self.reservation.size - ptr - span,
+            span,
         );
     }
 
@@ -388,7 +384,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn address_space_is_taken_next_fit_and_joined() {
+    fn address_space_is_reused_first_fit_and_joined() {
         let mut s = Space::default();
         let g = ADDRESS_GRANULARITY;
         let limit = 8 * g;
@@ -397,23 +393,11 @@ mod tests {
         let c = s.take(g, limit).unwrap();
         assert_eq!((a, b, c), (0, 2 * g, 3 * g));
         s.give(b, g);
-        assert_eq!(
-            s.take(g, limit),
-            Some(4 * g),
-            "a freed address does not come back at once"
-        );
-        assert_eq!(s.take(3 * g, limit), Some(5 * g), "up to the end");
-        assert_eq!(
-            s.take(g, limit),
-            Some(b),
-            "then freed ranges, from the start"
-        );
+        assert_eq!(s.take(g, limit), Some(b), "the hole is reused");
         s.give(a, 2 * g);
         s.give(b, g);
         assert_eq!(s.free.get(&0), Some(&(3 * g)), "neighbours join");
-        for (off, len) in [(c, g), (4 * g, g), (5 * g, 3 * g)] {
-            s.give(off, len);
-        }
+        s.give(c, g);
         assert_eq!((s.end, s.free.len()), (0, 0), "all given back");
         assert_eq!(s.take(9 * g, limit), None, "past the reservation");
     }
