@@ -53,11 +53,14 @@ impl WgpuGraph {
     }
 }
 
+/// A device's memory provider, or why its address range could not be reserved.
+type OpenedMemory = std::result::Result<Arc<WgpuMemory>, String>;
+
 /// The wgpu [`Driver`]: every adapter wgpu finds is a device, best first (discrete GPUs,
 /// integrated, virtual, then CPU adapters such as lavapipe).
 pub struct WgpuDriver {
     devices: Vec<Arc<DeviceShared>>,
-    memory: Box<[OnceLock<std::result::Result<Arc<WgpuMemory>, String>>]>,
+    memory: Box<[OnceLock<OpenedMemory>]>,
     pinned: OnceLock<Arc<HostMemory>>,
 }
 
