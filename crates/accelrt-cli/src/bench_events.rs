@@ -125,7 +125,81 @@ fn measure_backend(iters: u64, kind: DeviceType) -> Result<Value, Error> {
     if kind == accelrt_fault::KIND {
         return measure(accelrt_fault::register()?, iters);
     }
+    #[cfg(feature = "wgpu")]
+    if kind == accelrt_wgpu::KIND {
+        return measure_wgpu(iters);
+    }
     measure_hooks(accelrt::backend(kind), iters)
+}
+
+/// The wgpu backend: the common timings, then the comparison on the same adapter: an
+/// event cycle (acquire + record + query + release) against a raw submission and poll
+/// (`Queue::submit` of nothing + `Device::poll`), both alone and each after one submission
+/// of the same GPU work (a 4-byte fill), so the event waits for real work.
+#[cfg(feature = "wgpu")]
+fn measure_wgpu(iters: u64) -> Result<Value, Error> {
+    let runtime = accelrt_wgpu::register()?;
+    let mut out = measure(runtime, iters)?;
+    let backend: &dyn Backend = runtime;
+    let stream = backend.new_stream(0, StreamPriority::Normal)?;
+    let allocator = backend.allocator(0)?;
+    let scratch = allocator.raw_alloc(4096, stream)?;
+    // Submissions cost tens of microseconds on lavapipe: fewer iterations keep this short.
+    let n = (iters / 20).max(BATCH);
+    let result = runtime.with_stream(stream, |driver, raw| {
+        let (device, queue) = driver.wgpu(0)?;
+        let poll = || {
+            device
+                .poll(accelrt_wgpu::wgpu::PollType::Poll)
+                .map(drop)
+                .map_err(|e| Error::Driver {
+                    call: "wgpu::Device::poll",
+                    message: e.to_string(),
+                })
+        };
+        let raw_submit_poll = median_ns(n, || {
+            queue.submit(std::iter::empty());
+            poll()
+        })?;
+        let cycle = median_ns(n, || {
+            let ev = runtime.event(0, false)?;
+            ev.record(stream)?;
+            black_box(ev.query()?);
+            Ok(())
+        })?;
+        let (buffer, offset) = driver.memory(0)?.resolve(scratch, 4)?;
+        let raw_work = median_ns(n, || {
+            let mut e = device.create_command_encoder(&Default::default());
+            e.clear_buffer(&buffer, offset, Some(4));
+            queue.submit(Some(e.finish()));
+            poll()
+        })?;
+        let cycle_work = median_ns(n, || {
+            driver.fill(raw, scratch, 4, 0)?;
+            let ev = runtime.event(0, false)?;
+            ev.record(stream)?;
+            black_box(ev.query()?);
+            Ok(())
+        })?;
+        Ok((raw_submit_poll, cycle, raw_work, cycle_work))
+    });
+    backend.stream_synchronize(stream)?;
+    allocator.raw_free(scratch)?;
+    let (raw_submit_poll, cycle, raw_work, cycle_work) = result?;
+    let map = out.as_object_mut().expect("measure returns an object");
+    map.insert("wgpu_raw_submit_poll_ns".into(), json!(raw_submit_poll));
+    map.insert("wgpu_event_cycle_ns".into(), json!(cycle));
+    map.insert(
+        "wgpu_event_cycle_vs_submit_poll".into(),
+        json!(cycle / raw_submit_poll.max(1e-9)),
+    );
+    map.insert("wgpu_raw_fill_submit_poll_ns".into(), json!(raw_work));
+    map.insert("wgpu_fill_event_cycle_ns".into(), json!(cycle_work));
+    map.insert(
+        "wgpu_fill_event_cycle_vs_fill_submit_poll".into(),
+        json!(cycle_work / raw_work.max(1e-9)),
+    );
+    Ok(out)
 }
 
 /// The keys [`run_event_benches`] reports.

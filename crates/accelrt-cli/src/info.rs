@@ -22,6 +22,10 @@ pub fn register_backends() {
     if let Err(e) = accelrt_fault::register() {
         eprintln!("warning: the fault backend could not be registered: {e}");
     }
+    #[cfg(feature = "wgpu")]
+    if let Err(e) = accelrt_wgpu::register() {
+        eprintln!("warning: the wgpu backend could not be registered: {e}");
+    }
 }
 
 /// One device as JSON: its index and properties, or the error that hid them.

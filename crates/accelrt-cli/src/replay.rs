@@ -26,9 +26,9 @@ pub struct ReplayArgs {
     #[arg(long = "alloc-conf", value_name = "STR")]
     pub alloc_conf: Vec<String>,
     /// When queued GPU work completes in the replay: `auto` (markers when the trace marks
-    /// every free, else the default lag), `markers`, `lag:2000us` (the GPU runs 2000 us behind
-    /// the CPU on timed traces), `lag:64ev` (64 events behind, for traces without times),
-    /// both (`lag:2000us,64ev`), or `instant` (every fence completes at once, as replays did
+    /// every free, else the default lag), `markers`, `lag:500us` (the GPU runs 500 us behind
+    /// the CPU; the default for timed traces), `lag:16ev` (16 events behind; the default
+    /// for traces without times), both (`lag:500us,16ev`), or `instant` (every fence completes at once, as replays did
     /// before the device model).
     #[arg(long = "device-model", value_name = "MODEL", default_value = "auto")]
     pub device_model: DeviceModel,

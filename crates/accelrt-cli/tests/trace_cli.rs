@@ -71,7 +71,7 @@ fn predictions_sit_next_to_the_real_run() {
         assert_eq!(v["real_peak_allocated_bytes"], 50_331_648u64);
         assert_eq!(v["recorded_allocator"], "pytorch-native");
         assert_eq!(
-            v["device_model"], "lag:2000us",
+            v["device_model"], "lag:500us",
             "timed, no markers=all: the default lag"
         );
         assert_eq!(v["device_model_source"], "default");
@@ -108,7 +108,7 @@ fn predictions_sit_next_to_the_real_run() {
     assert!(out.status.success(), "{}", stderr(&out));
     let table = stdout(&out);
     for want in [
-        "predictions: device model = lag:2000us (default for timed traces without markers)",
+        "predictions: device model = lag:500us (default for timed traces without markers)",
         "recorded: toy, allocator pytorch-native, conf expandable_segments:false,release_at_peak:false, on NVIDIA H200, with PyTorch 2.11.0+cu130",
         "real run (pytorch-native)",
         "70.00 MiB",
@@ -133,12 +133,12 @@ fn the_device_model_is_chosen_and_reported() {
     let v1 = shipped("resnet50_train.trace.gz");
     // (file, --device-model, reported model, source)
     let cases = [
-        (v2, None, "lag:2000us", "default"),
+        (v2, None, "lag:500us", "default"),
         (v2, Some("markers"), "markers", "asked"),
         (v2, Some("lag:3ms"), "lag:3000us", "asked"),
         (v2, Some("instant"), "instant", "asked"),
-        (v1.as_str(), None, "lag:64ev", "default"),
-        (v1.as_str(), Some("lag:3ms"), "lag:64ev", "default"),
+        (v1.as_str(), None, "lag:16ev", "default"),
+        (v1.as_str(), Some("lag:3ms"), "lag:16ev", "default"),
         (v1.as_str(), Some("lag:3ms,10ev"), "lag:10ev", "asked"),
     ];
     for (file, model, want, source) in cases {

@@ -10,6 +10,7 @@ use accelrt::backend::host::HostMemory;
 use accelrt::snapshot::Timeline;
 use accelrt::trace::{
     self, DeviceModel, ModelSource, ReplayInput, ReplayOptions, ResolvedModel, Trace, TraceOp,
+    DEFAULT_LAG_EVENTS, DEFAULT_LAG_US,
 };
 use accelrt::{Device, DeviceType, Error, Stream};
 
@@ -432,8 +433,8 @@ fn the_device_model_decides_when_a_cross_stream_free_is_reusable() {
         (DeviceModel::Markers, Some(30), 30, None, 1),
         (DeviceModel::Markers, Some(40), 30, None, 2),
         // The default model of a timed trace without markers=all is the lag.
-        (DeviceModel::Auto, None, 20 + 2_000, None, 1),
-        (DeviceModel::Auto, None, 20 + 1_999, None, 2),
+        (DeviceModel::Auto, None, 20 + DEFAULT_LAG_US, None, 1),
+        (DeviceModel::Auto, None, 20 + DEFAULT_LAG_US - 1, None, 2),
         // Lag: the free's event completes L microseconds after the free.
         (lag(5), None, 30, None, 1),
         (lag(50), None, 30, None, 2),
@@ -527,9 +528,21 @@ fn the_model_used_is_reported() {
         events: Some(9),
     };
     // (trace, asked, reported model, source)
+    let default_events = format!("lag:{DEFAULT_LAG_EVENTS}ev");
+    let default_us = format!("lag:{DEFAULT_LAG_US}us");
     let cases = [
-        (&v1, DeviceModel::Auto, "lag:64ev", ModelSource::Default),
-        (&v2, DeviceModel::Auto, "lag:2000us", ModelSource::Default),
+        (
+            &v1,
+            DeviceModel::Auto,
+            default_events.as_str(),
+            ModelSource::Default,
+        ),
+        (
+            &v2,
+            DeviceModel::Auto,
+            default_us.as_str(),
+            ModelSource::Default,
+        ),
         (&marked, DeviceModel::Auto, "markers", ModelSource::Trace),
         (&v1, lag, "lag:9ev", ModelSource::Asked),
         (&v2, lag, "lag:700us", ModelSource::Asked),

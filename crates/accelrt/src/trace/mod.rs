@@ -51,7 +51,9 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
-pub use device_model::{DeviceModel, ModelSource, ResolvedModel, SimulatedDevice};
+pub use device_model::{
+    DeviceModel, ModelSource, ResolvedModel, SimulatedDevice, DEFAULT_LAG_EVENTS, DEFAULT_LAG_US,
+};
 pub use input::{open, InputKind, ReplayInput};
 pub use read::{TraceEvent, TraceReader};
 pub use replay::{
