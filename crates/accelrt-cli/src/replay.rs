@@ -22,7 +22,8 @@ pub struct ReplayArgs {
     pub files: Vec<PathBuf>,
     /// Allocator configuration, in ACCELRT_ALLOC_CONF syntax (e.g. 'expandable_segments:true');
     /// repeat to compare several. None, or '', is the default configuration (the
-    /// ACCELRT_ALLOC_CONF variable is not read here, so runs are reproducible).
+    /// ACCELRT_ALLOC_CONF variable is not read here, so runs are reproducible). `recorded` is
+    /// each trace's own (its `#! conf=` header): the replay then predicts the recorded run.
     #[arg(long = "alloc-conf", value_name = "STR")]
     pub alloc_conf: Vec<String>,
     /// When queued GPU work completes in the replay: `auto` (markers when the trace marks
@@ -80,9 +81,48 @@ pub(crate) fn backend_provider(backend: DeviceType) -> Result<Option<DeviceMemor
 }
 
 /// A configuration to replay under, with the label the user gave it.
+#[derive(Clone)]
 struct NamedConfig {
     label: String,
     config: AllocatorConfig,
+}
+
+/// What one `--alloc-conf` asks for: a configuration, or `recorded` (each trace's own).
+enum ConfigChoice {
+    Given(NamedConfig),
+    Recorded,
+}
+
+/// The label `--alloc-conf recorded` asks for.
+const RECORDED: &str = "recorded";
+
+/// The configurations to replay `input` under: `recorded` becomes the trace header's `conf`.
+fn resolve(choices: &[ConfigChoice], input: &ReplayInput) -> Result<Vec<NamedConfig>, String> {
+    choices
+        .iter()
+        .map(|c| match c {
+            ConfigChoice::Given(named) => Ok(named.clone()),
+            ConfigChoice::Recorded => {
+                let h = &input.header;
+                let conf = h.conf.as_deref().ok_or_else(|| {
+                    "--alloc-conf recorded: the trace does not say which configuration it was \
+                     recorded with (no '#! conf=' header line); name one, e.g. --alloc-conf ''"
+                        .to_string()
+                })?;
+                let config = h.recorded_config().ok_or_else(|| {
+                    format!(
+                        "--alloc-conf recorded: the trace's '#! conf={}' is not a configuration \
+                         accelrt reads; name one instead",
+                        cut(conf)
+                    )
+                })?;
+                Ok(NamedConfig {
+                    label: format!("{RECORDED} ({conf})"),
+                    config,
+                })
+            }
+        })
+        .collect()
 }
 
 /// The widest configuration label the table shows; longer ones are cut with an ellipsis
@@ -92,7 +132,7 @@ const MAX_LABEL: usize = 48;
 /// Run `accelrt replay`. Exits non-zero when any trace could not be read or replayed to the
 /// end, after printing every result it has; each failure is on stderr, naming file and line.
 pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
-    let configs = parse_configs(&args.alloc_conf)?;
+    let choices = parse_configs(&args.alloc_conf)?;
     if args.capacity.is_some() && args.backend != DeviceType::Host {
         return Err(Error::InvalidArgument(format!(
             "--capacity sizes the simulated host device; with --backend {} the device's memory \
@@ -113,7 +153,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
         args.html.clone(),
         args.profile.clone(),
         args.files.len() > 1,
-        configs.len() > 1,
+        choices.len() > 1,
     );
     let mut shown = 0;
     for path in &args.files {
@@ -129,6 +169,14 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
             outputs.set_several_inputs();
         }
         for input in &inputs {
+            let configs = match resolve(&choices, input) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", input.name);
+                    failed = true;
+                    continue;
+                }
+            };
             let progress = outputs::Progress::new(args.json, input, configs.len());
             let mut rows = Vec::with_capacity(configs.len());
             let mut files = Vec::new();
@@ -210,17 +258,20 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
     })
 }
 
-fn parse_configs(confs: &[String]) -> Result<Vec<NamedConfig>, Error> {
+fn parse_configs(confs: &[String]) -> Result<Vec<ConfigChoice>, Error> {
     if confs.is_empty() {
-        return Ok(vec![NamedConfig {
+        return Ok(vec![ConfigChoice::Given(NamedConfig {
             label: "default".into(),
             config: AllocatorConfig::default(),
-        }]);
+        })]);
     }
     confs
         .iter()
         .map(|conf| {
             let conf = conf.trim();
+            if conf == RECORDED {
+                return Ok(ConfigChoice::Recorded);
+            }
             if !conf.is_empty() && conf.chars().all(|c| c == ',' || c.is_whitespace()) {
                 return Err(Error::Config(format!(
                     "--alloc-conf '{}' has only separators and no option: write key:value \
@@ -240,7 +291,7 @@ fn parse_configs(confs: &[String]) -> Result<Vec<NamedConfig>, Error> {
             } else {
                 conf.to_string()
             };
-            Ok(NamedConfig { label, config })
+            Ok(ConfigChoice::Given(NamedConfig { label, config }))
         })
         .collect()
 }

@@ -342,3 +342,54 @@ fn snapshots_convert_to_v2_traces_that_replay_the_same() {
         assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
     }
 }
+
+/// The replay's fidelity, checked on the real runs shipped in `traces/recorded/` (H200,
+/// PyTorch 2.11; BENCHMARKS.md "Replay fidelity"): each recording replayed under the
+/// configuration it ran with predicts its real peak reserved within 1%. A change to the
+/// allocator's decisions makes accelrt's own recordings stale (they recorded the old
+/// allocator): re-record them (`scripts/real-runs.sh record`) rather than widen the bound.
+#[test]
+fn recorded_real_runs_are_predicted_within_one_percent() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../traces/recorded");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".trace.gz"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 15, "5 workloads x 3 allocators: {files:?}");
+    let mut args = vec!["replay", "--json", "--alloc-conf", "recorded"];
+    args.extend(files.iter().map(String::as_str));
+    let out = accelrt(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = json_lines(&stdout(&out));
+    assert_eq!(lines.len(), files.len());
+    for v in &lines {
+        assert_eq!(v["recorded_conf_matches"], true, "{v}");
+        let want_model = if v["recorded_allocator"] == "accelrt" {
+            "markers"
+        } else {
+            "lag:500us"
+        };
+        assert_eq!(v["device_model"], want_model, "{}", v["trace"]);
+        let err = v["prediction_error"].as_f64().unwrap();
+        assert!(
+            err.abs() <= 0.01,
+            "{}: prediction error {:+.2}%",
+            v["trace"],
+            err * 100.0
+        );
+    }
+}
+
+#[test]
+fn recorded_needs_a_conf_header() {
+    let v1 = shipped("resnet50_train.trace.gz");
+    let out = accelrt(&["replay", &v1, "--alloc-conf", "recorded"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not say which configuration it was recorded with"),
+        "{}",
+        stderr(&out)
+    );
+}
