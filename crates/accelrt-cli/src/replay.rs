@@ -89,7 +89,7 @@ struct NamedConfig {
 
 /// What one `--alloc-conf` asks for: a configuration, or `recorded` (each trace's own).
 enum ConfigChoice {
-    Given(NamedConfig),
+    Given(Box<NamedConfig>),
     Recorded,
 }
 
@@ -101,7 +101,7 @@ fn resolve(choices: &[ConfigChoice], input: &ReplayInput) -> Result<Vec<NamedCon
     choices
         .iter()
         .map(|c| match c {
-            ConfigChoice::Given(named) => Ok(named.clone()),
+            ConfigChoice::Given(named) => Ok(NamedConfig::clone(named)),
             ConfigChoice::Recorded => {
                 let h = &input.header;
                 let conf = h.conf.as_deref().ok_or_else(|| {
@@ -260,10 +260,10 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
 
 fn parse_configs(confs: &[String]) -> Result<Vec<ConfigChoice>, Error> {
     if confs.is_empty() {
-        return Ok(vec![ConfigChoice::Given(NamedConfig {
+        return Ok(vec![ConfigChoice::Given(Box::new(NamedConfig {
             label: "default".into(),
             config: AllocatorConfig::default(),
-        })]);
+        }))]);
     }
     confs
         .iter()
@@ -291,7 +291,7 @@ fn parse_configs(confs: &[String]) -> Result<Vec<ConfigChoice>, Error> {
             } else {
                 conf.to_string()
             };
-            Ok(ConfigChoice::Given(NamedConfig { label, config }))
+            Ok(ConfigChoice::Given(Box::new(NamedConfig { label, config })))
         })
         .collect()
 }
@@ -688,12 +688,22 @@ mod tests {
         assert_eq!(group(1_234_567), "1,234,567");
     }
 
+    fn given(choices: Vec<ConfigChoice>) -> Vec<NamedConfig> {
+        choices
+            .into_iter()
+            .map(|c| match c {
+                ConfigChoice::Given(n) => *n,
+                ConfigChoice::Recorded => panic!("not a given configuration"),
+            })
+            .collect()
+    }
+
     #[test]
     fn configs() {
-        let c = parse_configs(&[]).unwrap();
+        let c = given(parse_configs(&[]).unwrap());
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].label, "default");
-        let c = parse_configs(&["".into(), " expandable_segments:true ".into()]).unwrap();
+        let c = given(parse_configs(&["".into(), " expandable_segments:true ".into()]).unwrap());
         assert_eq!(c[0].label, "default");
         assert_eq!(c[0].config, AllocatorConfig::default());
         assert_eq!(c[1].label, "expandable_segments:true");
