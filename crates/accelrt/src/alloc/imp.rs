@@ -10,10 +10,10 @@
 //! - every live pointer maps to an `Allocated` block at that address, and back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use super::history::{
     BlockInfo, BlockStatus, History, HistoryConfig, MemorySnapshot, SegmentInfo, TraceAction,
@@ -31,6 +31,9 @@ use crate::device::Device;
 
 mod expandable;
 mod private;
+mod rare;
+
+use rare::RareFlags;
 
 use crate::error::{Error, OomReport, Result};
 use crate::stream::Stream;
@@ -171,8 +174,9 @@ pub struct CachingAllocator {
     pub(crate) pools: Box<[OnceLock<Box<StreamPool>>]>,
     /// Private pools and the routes to them.
     private: Mutex<private::PrivatePools>,
-    /// Number of routes to private pools: the fast path looks at routes only when non-zero.
-    routes_active: AtomicUsize,
+    /// What the fast paths leave to their cold exit: routes to private pools, a deferred
+    /// error, history, callbacks, shapes, `debug_checks`.
+    rare: RareFlags,
     /// One past the highest pool index created: slow paths scan `pools[..pools_in_use]`.
     pools_in_use: AtomicUsize,
     /// Address -> owning pool, lock-free for readers.
@@ -183,14 +187,11 @@ pub struct CachingAllocator {
     segments_peak: AtomicU64,
     counters: Counters,
     callbacks: RwLock<Vec<(CallbackId, AllocatorCallback)>>,
-    has_callbacks: AtomicBool,
     next_callback: AtomicU64,
     oom_observers: RwLock<Vec<OomObserver>>,
     shapes: Mutex<HashMap<usize, Vec<i64>>>,
-    shape_count: AtomicUsize,
     pub(crate) segment_index: RwLock<BTreeMap<usize, u64>>,
     deferred: Mutex<Option<Error>>,
-    has_deferred: AtomicBool,
     history: History,
     /// Page size of expandable segments; 0 when they are off.
     pub(crate) vm_page: u64,
@@ -316,6 +317,11 @@ impl CachingAllocator {
             ..config.clone()
         };
         Ok(CachingAllocator {
+            rare: RareFlags::new(if config.debug_checks {
+                RareFlags::DEBUG
+            } else {
+                0
+            }),
             pool_config,
             device,
             provider,
@@ -330,7 +336,6 @@ impl CachingAllocator {
                 .map(|_| OnceLock::new())
                 .collect(),
             private: Mutex::new(private::PrivatePools::default()),
-            routes_active: AtomicUsize::new(0),
             pools_in_use: AtomicUsize::new(0),
             pages: PageMap::new(),
             reserved: AtomicU64::new(0),
@@ -339,14 +344,11 @@ impl CachingAllocator {
             segments_peak: AtomicU64::new(0),
             counters: Counters::default(),
             callbacks: RwLock::new(Vec::new()),
-            has_callbacks: AtomicBool::new(false),
             next_callback: AtomicU64::new(1),
             oom_observers: RwLock::new(Vec::new()),
             shapes: Mutex::new(HashMap::new()),
-            shape_count: AtomicUsize::new(0),
             segment_index: RwLock::new(BTreeMap::new()),
             deferred: Mutex::new(None),
-            has_deferred: AtomicBool::new(false),
             history: History::new(),
             vm_page,
             vm_state: Mutex::new(expandable::VmState::new(vm_page)),
@@ -379,21 +381,87 @@ impl CachingAllocator {
 
     /// Allocate `size` bytes for use on `stream` and return the address. A zero-sized request
     /// returns 0, which [`CachingAllocator::raw_free`] accepts.
+    ///
+    /// The fast path: one test for everything rare (a size of 0 or too large, a deferred
+    /// error, routes, history, callbacks, `debug_checks`, a stream without a pool yet), the
+    /// stream's lock, a cached block already backed by memory. Anything else leaves through
+    /// one of two cold exits.
     #[inline]
     pub fn raw_alloc(&self, size: usize, stream: Stream) -> Result<usize> {
         let size = size as u64;
+        if size.wrapping_sub(1) < MAX_REQUEST && self.quiet() {
+            if let Some((pool_idx, pool)) = self.existing_pool(stream) {
+                let rounded = round_size(size, &self.config);
+                let mut st = pool.state.lock();
+                if st.pending.is_empty() {
+                    let block = st.take_cached(rounded, size, &self.pool_config);
+                    if block != NIL && st.blocks[block as usize].is_mapped() {
+                        return Ok(st.blocks[block as usize].addr);
+                    }
+                    return self.alloc_missed(pool_idx, pool, st, block, rounded, size);
+                }
+            }
+        }
+        self.alloc_general(size, stream)
+    }
+
+    /// Whether no rare condition holds (this allocator's, or a process-wide callback).
+    #[inline(always)]
+    fn quiet(&self) -> bool {
+        self.rare.none() && !crate::registry::has_allocator_callbacks()
+    }
+
+    /// The pool of a stream of this device that already has one.
+    #[inline(always)]
+    fn existing_pool(&self, stream: Stream) -> Option<(u32, &StreamPool)> {
+        let i = stream.index as usize;
+        if stream.device != self.device || i >= MAX_STREAM_POOLS {
+            return None;
+        }
+        self.pools[i].get().map(|p| (i as u32, &**p))
+    }
+
+    /// The fast path found no backed block in the cache (`block` is `NIL`, or taken but not
+    /// wholly mapped).
+    #[cold]
+    #[inline(never)]
+    fn alloc_missed(
+        &self,
+        pool_idx: u32,
+        pool: &StreamPool,
+        mut st: MutexGuard<'_, PoolState>,
+        block: u32,
+        rounded: u64,
+        size: u64,
+    ) -> Result<usize> {
+        if block == NIL {
+            drop(st);
+            return self.alloc_slow(pool_idx, pool, rounded, size);
+        }
+        if st.refresh_mapped(block) {
+            return Ok(st.blocks[block as usize].addr);
+        }
+        hold_in_flight(&mut st, block);
+        drop(st);
+        self.finish_unmapped(pool_idx, pool, block, rounded, size)
+    }
+
+    /// `raw_alloc` with every rare condition handled.
+    #[cold]
+    #[inline(never)]
+    fn alloc_general(&self, size: u64, stream: Stream) -> Result<usize> {
         if size == 0 {
             return Ok(0);
         }
         if size > MAX_REQUEST {
             return Err(self.too_large(size));
         }
-        if self.has_deferred.load(Relaxed) {
+        if self.rare.has(RareFlags::DEFERRED) {
             return Err(self.take_deferred());
         }
-        let (pool_idx, pool) = match self.routes_active.load(Relaxed) {
-            0 => self.pool(stream)?,
-            _ => self.pool_for_capture(stream)?,
+        let (pool_idx, pool) = match self.rare.has(RareFlags::ROUTES) {
+            false => self.pool(stream)?,
+            true => self.pool_for_capture(stream)?,
         };
         let rounded = round_size(size, &self.config);
         let mut st = pool.state.lock();
@@ -428,28 +496,62 @@ impl CachingAllocator {
     /// Free an address from [`CachingAllocator::raw_alloc`]. Freeing 0 does nothing.
     /// An address this allocator did not hand out (or already freed) is an error and
     /// changes nothing.
+    ///
+    /// The fast path: the owning pool from the page map, its lock, the block out of the live
+    /// map and into the cache. Rare conditions (looked at under the lock, so a shape attached
+    /// before this free is seen) leave through one cold exit; errors through another.
     #[inline]
     pub fn raw_free(&self, ptr: usize) -> Result<()> {
-        if ptr == 0 {
-            return Ok(());
-        }
         let Some(pool) = self
             .pages
             .lookup(ptr)
             .and_then(|i| self.pools[i as usize].get())
         else {
-            return Err(Error::InvalidPointer {
-                ptr,
-                context: "free: not from this allocator",
-            });
+            return self.free_unknown(ptr);
         };
         let mut st = pool.state.lock();
         let Some(block) = st.live.remove(&ptr) else {
-            return Err(Error::InvalidPointer {
-                ptr,
-                context: "free: double free, or not from this allocator",
-            });
+            return Err(Self::double_free(ptr));
         };
+        if self.quiet() && !pool.private && !st.blocks[block as usize].has_extras {
+            st.account_free(block);
+            st.release_to_cache(block);
+            return Ok(());
+        }
+        self.free_rest(pool, st, ptr, block)
+    }
+
+    /// A free of an address no pool owns: 0 (nothing to do), or not from this allocator.
+    #[cold]
+    #[inline(never)]
+    fn free_unknown(&self, ptr: usize) -> Result<()> {
+        if ptr == 0 {
+            return Ok(());
+        }
+        Err(Error::InvalidPointer {
+            ptr,
+            context: "free: not from this allocator",
+        })
+    }
+
+    #[cold]
+    fn double_free(ptr: usize) -> Error {
+        Error::InvalidPointer {
+            ptr,
+            context: "free: double free, or not from this allocator",
+        }
+    }
+
+    /// `raw_free` with every rare condition handled, after `block` left the live map.
+    #[cold]
+    #[inline(never)]
+    fn free_rest(
+        &self,
+        pool: &StreamPool,
+        mut st: MutexGuard<'_, PoolState>,
+        ptr: usize,
+        block: u32,
+    ) -> Result<()> {
         if self.history.enabled() {
             self.note_free(&mut st, block, pool.stream.index);
         }
@@ -473,7 +575,7 @@ impl CachingAllocator {
         if drain {
             self.drain_released_pool(pool);
         }
-        if self.shape_count.load(Relaxed) != 0 {
+        if self.rare.has(RareFlags::SHAPES) {
             self.forget_shape(ptr);
         }
         if self.callbacks_on() {
@@ -1201,7 +1303,7 @@ impl CachingAllocator {
     /// Give every cached whole segment back to the device, after waiting for pending
     /// cross-stream frees. Split segments with live blocks stay.
     pub fn empty_cache(&self) -> Result<()> {
-        if self.has_deferred.load(Relaxed) {
+        if self.rare.has(RareFlags::DEFERRED) {
             return Err(self.take_deferred());
         }
         self.release_cached(true)?;
@@ -1216,7 +1318,7 @@ impl CachingAllocator {
     /// to the cache once those streams' events have completed. Waits for nothing and gives
     /// nothing back to the device (that is [`CachingAllocator::empty_cache`]).
     pub fn free_inactive_buffers(&self) -> Result<()> {
-        if self.has_deferred.load(Relaxed) {
+        if self.rare.has(RareFlags::DEFERRED) {
             return Err(self.take_deferred());
         }
         for pool in self.initialized_pools() {
@@ -1255,9 +1357,9 @@ impl CachingAllocator {
     /// Attach a tensor shape to a live buffer (kept until it is freed).
     pub fn set_buffer_shape(&self, ptr: usize, shape: &[i64]) -> Result<()> {
         self.with_live_block(ptr, "set_buffer_shape", |_, _, _| {
-            if self.shapes.lock().insert(ptr, shape.to_vec()).is_none() {
-                self.shape_count.fetch_add(1, Relaxed);
-            }
+            let mut shapes = self.shapes.lock();
+            shapes.insert(ptr, shape.to_vec());
+            self.rare.set(RareFlags::SHAPES, true);
         })
     }
 
@@ -1270,8 +1372,9 @@ impl CachingAllocator {
 
     #[cold]
     fn forget_shape(&self, ptr: usize) {
-        if self.shapes.lock().remove(&ptr).is_some() {
-            self.shape_count.fetch_sub(1, Relaxed);
+        let mut shapes = self.shapes.lock();
+        if shapes.remove(&ptr).is_some() && shapes.is_empty() {
+            self.rare.set(RareFlags::SHAPES, false);
         }
     }
 
@@ -1512,6 +1615,7 @@ impl CachingAllocator {
     /// (PyTorch's `_record_memory_history`). Stopping keeps what was recorded.
     pub fn record_memory_history(&self, config: Option<HistoryConfig>) {
         self.history.configure(config);
+        self.rare.set(RareFlags::HISTORY, self.history.enabled());
     }
 
     /// How history is being recorded (`None` when it is off).
@@ -1619,7 +1723,7 @@ impl CachingAllocator {
         let id = CallbackId(self.next_callback.fetch_add(1, Relaxed));
         let mut cbs = self.callbacks.write();
         cbs.push((id, callback));
-        self.has_callbacks.store(true, Relaxed);
+        self.rare.set(RareFlags::CALLBACKS, true);
         id
     }
 
@@ -1628,7 +1732,7 @@ impl CachingAllocator {
         let mut cbs = self.callbacks.write();
         let before = cbs.len();
         cbs.retain(|(i, _)| *i != id);
-        self.has_callbacks.store(!cbs.is_empty(), Relaxed);
+        self.rare.set(RareFlags::CALLBACKS, !cbs.is_empty());
         cbs.len() != before
     }
 
@@ -1641,13 +1745,13 @@ impl CachingAllocator {
     /// ([`crate::registry::add_allocator_callback`]). Two relaxed loads.
     #[inline]
     fn callbacks_on(&self) -> bool {
-        self.has_callbacks.load(Relaxed) || crate::registry::has_allocator_callbacks()
+        self.rare.has(RareFlags::CALLBACKS) || crate::registry::has_allocator_callbacks()
     }
 
     #[cold]
     #[inline(never)]
     fn fire(&self, ptr: usize, size: u64, event: AllocatorEvent) {
-        if self.has_callbacks.load(Relaxed) {
+        if self.rare.has(RareFlags::CALLBACKS) {
             let cbs: Vec<AllocatorCallback> = self
                 .callbacks
                 .read()
@@ -1664,12 +1768,12 @@ impl CachingAllocator {
     #[cold]
     fn defer_error(&self, e: Error) {
         *self.deferred.lock() = Some(e);
-        self.has_deferred.store(true, Relaxed);
+        self.rare.set(RareFlags::DEFERRED, true);
     }
 
     #[cold]
     fn take_deferred(&self) -> Error {
-        self.has_deferred.store(false, Relaxed);
+        self.rare.set(RareFlags::DEFERRED, false);
         self.deferred
             .lock()
             .take()

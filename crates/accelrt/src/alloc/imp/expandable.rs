@@ -285,7 +285,10 @@ impl CachingAllocator {
         self.reclaim_lent(&mut vm, Some(pool_idx));
         let mut synced = false;
         loop {
-            let run = pool.state.lock().first_unmapped_run(block);
+            let run = pool
+                .state
+                .lock()
+                .first_unmapped_run(block, self.max_chunk_pages());
             let Some(run) = run else {
                 let mut st = pool.state.lock();
                 let b = &mut st.blocks[block as usize];

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::RareFlags;
 use super::{CachingAllocator, StreamPool, MAX_STREAM_POOLS};
 use crate::alloc::pool::PoolState;
 use crate::error::{Error, Result};
@@ -135,7 +136,7 @@ impl CachingAllocator {
         }
         self.pools_in_use.fetch_max(index + 1, Relaxed);
         p.routes.push((id, index, filter));
-        self.routes_active.store(p.routes.len(), Relaxed);
+        self.rare.set(RareFlags::ROUTES, !p.routes.is_empty());
         Ok(())
     }
 
@@ -146,7 +147,7 @@ impl CachingAllocator {
             return Err(Self::unknown_pool(id));
         }
         p.routes.retain(|(r, _, _)| *r != id);
-        self.routes_active.store(p.routes.len(), Relaxed);
+        self.rare.set(RareFlags::ROUTES, !p.routes.is_empty());
         Ok(())
     }
 
@@ -184,7 +185,7 @@ impl CachingAllocator {
                 return Ok(());
             }
             p.routes.retain(|(r, _, _)| *r != id);
-            self.routes_active.store(p.routes.len(), Relaxed);
+            self.rare.set(RareFlags::ROUTES, !p.routes.is_empty());
             MAX_STREAM_POOLS + p.ids[&id].slot
         };
         let pool = self.pools[index]

@@ -241,7 +241,11 @@ impl PoolState {
 
     /// The first run of slots under block `idx` that holds no chunk, or `None` when the block
     /// is fully mapped. A block carved from free space never covers a lent slot.
-    pub fn first_unmapped_run(&self, idx: u32) -> Option<Run> {
+    ///
+    /// The room after the block is counted up to `max_room` slots: no chunk is larger than
+    /// the largest a chunk may be, so more room changes no placement, and the free block
+    /// after the last one is the rest of the reserved range (millions of slots).
+    pub fn first_unmapped_run(&self, idx: u32, max_room: usize) -> Option<Run> {
         let b = &self.blocks[idx as usize];
         let (seg, table) = self.vm_table_at(b.addr)?;
         let p = table.page_size as usize;
@@ -258,6 +262,7 @@ impl PoolState {
             let n = &self.blocks[b.next as usize];
             if n.state == BlockState::Free {
                 let limit = (n.addr + n.size as usize - seg.base) / p;
+                let limit = limit.min(last + max_room);
                 while last + room < limit && table.get(last + room) == NO_CHUNK {
                     room += 1;
                 }
