@@ -504,6 +504,22 @@ fn stats_of(device: c_int) -> Result<MemoryStats, Failure> {
 
 /// The values of [`accelrt_torch_stats_array`], in the header's order.
 pub fn stats_values(s: &MemoryStats) -> [i64; STATS_LEN] {
+    let mut out = [0i64; STATS_LEN];
+    let mut n = 0;
+    for v in stats_in_order(s) {
+        if let Some(o) = out.get_mut(n) {
+            *o = i64::try_from(v).unwrap_or(i64::MAX);
+        }
+        n += 1;
+    }
+    // The layout and STATS_LEN (and the header, Python and C++ copies of it, checked by the
+    // test `stats_len_is_the_same_everywhere`) change together.
+    debug_assert_eq!(n, STATS_LEN, "STATS_LEN is out of date");
+    out
+}
+
+/// Every statistic in the header's order.
+fn stats_in_order(s: &MemoryStats) -> impl Iterator<Item = u64> {
     let pools = [s.all().named(), s.small_pool.named(), s.large_pool.named()];
     let c = s.counters;
     let counters = [
@@ -513,17 +529,13 @@ pub fn stats_values(s: &MemoryStats) -> [i64; STATS_LEN] {
         c.num_device_alloc,
         c.num_device_free,
     ];
-    let stats = (0..pools[0].len()).flat_map(|i| {
-        pools.iter().flat_map(move |p| {
+    let stats = (0..pools[0].len()).flat_map(move |i| {
+        pools.clone().into_iter().flat_map(move |p| {
             let s = p[i].1;
             [s.current, s.peak, s.allocated, s.freed]
         })
     });
-    let mut out = [0i64; STATS_LEN];
-    for (o, v) in out.iter_mut().zip(stats.chain(counters)) {
-        *o = i64::try_from(v).unwrap_or(i64::MAX);
-    }
-    out
+    stats.chain(counters)
 }
 
 /// Copy `bytes` (and a NUL when `nul`) into a `malloc`ed buffer for

@@ -235,3 +235,39 @@ fn without_cuda_every_call_says_why() {
         assert!(last().contains("unavailable"), "{}", last());
     }
 }
+
+/// `STATS_LEN` is written in four languages: the C header, the Python package and the C++
+/// shim must say what the library writes, or a layout change would be truncated silently.
+#[test]
+fn stats_len_is_the_same_everywhere() {
+    let written = accelrt_torch::stats_values(&Default::default()).len();
+    assert_eq!(written, accelrt_torch::STATS_LEN);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // (file, the text just before the number)
+    let copies = [
+        (
+            "include/accelrt_torch.h",
+            "#define ACCELRT_TORCH_STATS_LEN ",
+        ),
+        ("../../python/accelrt_torch/__init__.py", "\nSTATS_LEN = "),
+        (
+            "../../python/accelrt_torch/accelrt_torch_shim.cpp",
+            "constexpr size_t kStatsLen = ",
+        ),
+    ];
+    for (file, before) in copies {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let at = text
+            .find(before)
+            .unwrap_or_else(|| panic!("{file}: no '{}'", before.trim()));
+        let digits: String = text[at + before.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        assert_eq!(
+            digits.parse::<usize>().ok(),
+            Some(accelrt_torch::STATS_LEN),
+            "{file} says STATS_LEN is {digits:?}"
+        );
+    }
+}
