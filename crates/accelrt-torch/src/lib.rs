@@ -530,7 +530,7 @@ fn stats_in_order(s: &MemoryStats) -> impl Iterator<Item = u64> {
         c.num_device_free,
     ];
     let stats = (0..pools[0].len()).flat_map(move |i| {
-        pools.clone().into_iter().flat_map(move |p| {
+        pools.into_iter().flat_map(move |p| {
             let s = p[i].1;
             [s.current, s.peak, s.allocated, s.freed]
         })
