@@ -335,6 +335,25 @@ impl<D: Driver> Driver for FaultDriver<D> {
         // SAFETY: forwarded from this method's contract.
         unsafe { self.inner.write_async(stream, dst, src) }
     }
+
+    fn can_access_peer(&self, device: u32, peer: u32) -> Result<bool> {
+        self.inner.can_access_peer(device, peer)
+    }
+
+    fn enable_peer_access(&self, device: u32, peer: u32) -> Result<()> {
+        self.inner.enable_peer_access(device, peer)
+    }
+
+    unsafe fn copy_async(
+        &self,
+        stream: &D::Stream,
+        dst: usize,
+        src: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        // SAFETY: forwarded from this method's contract.
+        unsafe { self.inner.copy_async(stream, dst, src, bytes) }
+    }
 }
 
 /// Sleep until `until` on accelrt's clock (ns; 0 or a past time: return at once).

@@ -207,6 +207,39 @@ pub trait Driver: Send + Sync + Sized + 'static {
             "writing host bytes to device memory",
         ))
     }
+
+    // ---- several devices -------------------------------------------------------------------
+    /// Whether work on `device` can address memory of `peer` directly (both valid, distinct).
+    /// The default: no device reaches another.
+    fn can_access_peer(&self, _device: u32, _peer: u32) -> Result<bool> {
+        Ok(false)
+    }
+    /// Let work on `device` address `peer`'s memory (both valid, distinct, and
+    /// `can_access_peer` said yes); enabling twice is not an error.
+    fn enable_peer_access(&self, _device: u32, _peer: u32) -> Result<()> {
+        Err(Error::unsupported(
+            Self::KIND,
+            "peer access between devices",
+        ))
+    }
+    /// Copy `bytes` from `src` to `dst`, in stream order on `stream`; either range may be
+    /// memory of another device of this driver (a peer copy, which needs no peer access).
+    ///
+    /// # Safety
+    /// Both ranges must be device memory of this driver that stays allocated, and that no
+    /// other work writes, until the copy has run.
+    unsafe fn copy_async(
+        &self,
+        _stream: &Self::Stream,
+        _dst: usize,
+        _src: usize,
+        _bytes: usize,
+    ) -> Result<()> {
+        Err(Error::unsupported(
+            Self::KIND,
+            "copies between device buffers",
+        ))
+    }
     /// Whether `ptr` is page-locked host memory the driver knows of (allocated by anyone);
     /// the runtime also answers true for its own pinned allocator's memory.
     fn is_pinned_ptr(&self, _ptr: usize) -> bool {

@@ -186,6 +186,31 @@ pub trait Backend: Send + Sync {
     /// afterwards sees it. Free it with the allocator's `raw_free`.
     fn alloc_scalar_with_value(&self, stream: Stream, value: &[u8]) -> Result<usize>;
 
+    // ---- several devices (PyTorch's canDeviceAccessPeer, enablePeerAccess, memcpyAsync) ----
+    /// Whether work on `device` can address memory of `peer` directly. A device reaches
+    /// itself.
+    fn can_device_access_peer(&self, device: u32, peer: u32) -> Result<bool>;
+    /// Let work on `device` address `peer`'s memory, including memory `peer`'s allocator maps
+    /// later. Enabling twice is fine; devices that cannot reach each other get an error that
+    /// says so.
+    fn enable_peer_access(&self, device: u32, peer: u32) -> Result<()>;
+    /// Whether [`Backend::enable_peer_access`] has been called for `device` and `peer`.
+    fn is_peer_access_enabled(&self, device: u32, peer: u32) -> Result<bool>;
+    /// Copy `bytes` from `src` (memory of `src_device`) to `dst` (memory of `dst_device`) in
+    /// stream order on `stream`, whose device may be either (PyTorch's `memcpyAsync` with
+    /// `p2p_enabled` or not; no peer access is needed). Both ranges must lie inside live
+    /// allocations of those devices' allocators (interior ranges are fine); anything else is
+    /// refused before the copy is queued.
+    fn memcpy_async(
+        &self,
+        dst: usize,
+        dst_device: u32,
+        src: usize,
+        src_device: u32,
+        bytes: usize,
+        stream: Stream,
+    ) -> Result<()>;
+
     // ---- profiler (PyTorch MPS's profilerStartTrace / profilerStopTrace) --------------------
     /// Start recording a timeline of what `mode` selects (event records, waits and
     /// synchronizations; host tasks as executed; allocations, frees and segment allocations

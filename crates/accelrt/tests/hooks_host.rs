@@ -151,6 +151,16 @@ const EVERY_CALL: &[(&str, Call)] = &[
         b.alloc_scalar_with_value(stream_of(b, 0, 0), &[1])
             .map(drop)
     }),
+    ("can_device_access_peer", |b| {
+        b.can_device_access_peer(0, 0).map(drop)
+    }),
+    ("enable_peer_access", |b| b.enable_peer_access(0, 0)),
+    ("is_peer_access_enabled", |b| {
+        b.is_peer_access_enabled(0, 0).map(drop)
+    }),
+    ("memcpy_async", |b| {
+        b.memcpy_async(0x1000, 0, 0x2000, 0, 16, stream_of(b, 0, 0))
+    }),
     ("profiler_start_trace", |b| {
         b.profiler_start_trace(ProfilerMode::ALL, false)
     }),

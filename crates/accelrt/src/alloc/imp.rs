@@ -1428,6 +1428,64 @@ impl CachingAllocator {
         Ok(ptr)
     }
 
+    /// Check that `ptr .. ptr + len` lies inside one live allocation (an interior range is
+    /// fine, as a tensor view's is): what a copy between device buffers may touch. An error
+    /// names `what` and says which part of the check failed.
+    pub fn check_live_range(&self, ptr: usize, len: usize, what: &'static str) -> Result<()> {
+        let end = ptr.checked_add(len).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{what}: {ptr:#x} + {len} bytes runs past the end of the address space"
+            ))
+        })?;
+        let pool = self
+            .pages
+            .lookup(ptr)
+            .and_then(|i| self.pools[i as usize].get())
+            .ok_or(Error::InvalidPointer {
+                ptr,
+                context: "not inside memory of this allocator",
+            })?;
+        let st = pool.state.lock();
+        let Some(seg) = st
+            .segments
+            .iter()
+            .find(|s| s.base <= ptr && ptr < s.base + s.size as usize)
+        else {
+            return Err(Error::InvalidPointer {
+                ptr,
+                context: "not inside memory of this allocator",
+            });
+        };
+        let mut b = seg.head;
+        while b != NIL {
+            let block = &st.blocks[b as usize];
+            if block.addr <= ptr && ptr < block.addr + block.size as usize {
+                if block.state != BlockState::Allocated || !st.live.contains_key(&block.addr) {
+                    return Err(Error::InvalidPointer {
+                        ptr,
+                        context: "inside a freed block (a use after free?)",
+                    });
+                }
+                let block_end = block.addr + block.size as usize;
+                if end > block_end {
+                    return Err(Error::InvalidArgument(format!(
+                        "{what}: {ptr:#x} + {len} bytes runs {} bytes past the end of its \
+                         allocation ({:#x}, {} bytes)",
+                        end - block_end,
+                        block.addr,
+                        block.size
+                    )));
+                }
+                return Ok(());
+            }
+            b = block.next;
+        }
+        Err(Error::InvalidPointer {
+            ptr,
+            context: "not inside memory of this allocator",
+        })
+    }
+
     /// Whether `ptr` lies inside memory this allocator holds (live or cached).
     pub fn contains(&self, ptr: usize) -> bool {
         let index = self.segment_index.read();

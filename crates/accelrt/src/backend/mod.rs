@@ -279,4 +279,24 @@ impl Backend for UnavailableBackend {
     fn profiler_stop_trace(&self) -> Result<ProfilerTrace> {
         self.fail("profiler_stop_trace")
     }
+    fn can_device_access_peer(&self, _device: u32, _peer: u32) -> Result<bool> {
+        self.fail("can_device_access_peer")
+    }
+    fn enable_peer_access(&self, _device: u32, _peer: u32) -> Result<()> {
+        self.fail("enable_peer_access")
+    }
+    fn is_peer_access_enabled(&self, _device: u32, _peer: u32) -> Result<bool> {
+        self.fail("is_peer_access_enabled")
+    }
+    fn memcpy_async(
+        &self,
+        _dst: usize,
+        _dst_device: u32,
+        _src: usize,
+        _src_device: u32,
+        _bytes: usize,
+        _stream: Stream,
+    ) -> Result<()> {
+        self.fail("memcpy_async")
+    }
 }

@@ -579,6 +579,29 @@ impl Driver for CudaDriver {
         Ok(Arc::clone(self.device_memory(device)?) as Arc<dyn MemoryProvider>)
     }
 
+    fn can_access_peer(&self, device: u32, peer: u32) -> Result<bool> {
+        CudaDriver::can_access_peer(self, device, peer)
+    }
+
+    fn enable_peer_access(&self, device: u32, peer: u32) -> Result<()> {
+        CudaDriver::enable_peer_access(self, device, peer)
+    }
+
+    unsafe fn copy_async(
+        &self,
+        stream: &CudaStream,
+        dst: usize,
+        src: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        stream.ctx.deferred.take()?;
+        // SAFETY: forwarded from this function's contract; the stream handle is live or null
+        // (then `call` makes its context current).
+        stream.call(|s| unsafe {
+            sys::memcpy_async(dst as sys::CUdeviceptr, src as sys::CUdeviceptr, bytes, s)
+        })
+    }
+
     fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
         if let Some(p) = self.pinned.get() {
             return Ok(Arc::clone(p) as Arc<dyn MemoryProvider>);

@@ -966,6 +966,26 @@ pub(crate) unsafe fn memcpy_htod_async(dst: CUdeviceptr, src: &[u8], s: CUstream
     )
 }
 
+/// Copy `bytes` between device addresses in stream order (unified addressing: the two may be
+/// on different devices, with or without peer access).
+///
+/// # Safety
+/// Both ranges must be device memory the caller keeps allocated until the copy has run;
+/// `s` live or null.
+pub(crate) unsafe fn memcpy_async(
+    dst: CUdeviceptr,
+    src: CUdeviceptr,
+    bytes: usize,
+    s: CUstream,
+) -> CuResult<()> {
+    // SAFETY: the caller guarantees both ranges and the stream; the driver reads and writes
+    // only those.
+    check(
+        unsafe { sys::cuMemcpyAsync(dst, src, bytes, s) },
+        "cuMemcpyAsync",
+    )
+}
+
 /// Number of nodes of a captured graph.
 ///
 /// # Safety
@@ -986,4 +1006,5 @@ pub(crate) const HOOKS_SYMBOLS: &[&str] = &[
     "cuDevicePrimaryCtxGetState",
     "cuMemcpyHtoDAsync_v2",
     "cuGraphGetNodes",
+    "cuMemcpyAsync",
 ];

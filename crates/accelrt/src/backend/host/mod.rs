@@ -294,6 +294,29 @@ impl Driver for HostDriver {
         Ok(self.memory(device).clone())
     }
 
+    /// Host devices share the process's address space: each reaches every other.
+    fn can_access_peer(&self, _device: u32, _peer: u32) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn enable_peer_access(&self, _device: u32, _peer: u32) -> Result<()> {
+        Ok(())
+    }
+
+    unsafe fn copy_async(
+        &self,
+        stream: &HostStream,
+        dst: usize,
+        src: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        stream.shared.launch(Arc::new(move || {
+            // SAFETY: the caller of copy_async keeps both ranges allocated, and unwritten by
+            // other work, until this task has run in stream order; `copy` allows overlap.
+            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) }
+        }))
+    }
+
     fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
         Ok(self
             .pinned
