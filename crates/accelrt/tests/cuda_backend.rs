@@ -362,6 +362,48 @@ fn peer_access_between_devices() {
 }
 
 #[test]
+fn memcpy_async_copies_in_stream_order_and_checks_its_ranges() {
+    let _shared = device_errors_shared();
+    let Some(rt) = gpu("memcpy_async_copies_in_stream_order_and_checks_its_ranges") else {
+        return;
+    };
+    // Device 0 to device 0 (and 0 to 1 when there are two): the same driver call either way.
+    let other = u32::from(rt.device_count() > 1);
+    let s = rt.new_stream(0, StreamPriority::Normal).unwrap();
+    let (a0, a1) = (rt.allocator(0).unwrap(), rt.allocator(other).unwrap());
+    let src = a0.raw_alloc(1 << 20, s).unwrap();
+    let s_other = rt.default_stream(other).unwrap();
+    let dst = a1.raw_alloc(1 << 20, s_other).unwrap();
+    // SAFETY: our own device buffer of 1 MiB on its own device's stream.
+    rt.with_stream(s_other, |d, raw| unsafe {
+        d.fill_u32(raw, dst, 1 << 18, 0)
+    })
+    .unwrap();
+    rt.stream_synchronize(s_other).unwrap();
+    // SAFETY: as above.
+    rt.with_stream(s, |d, raw| unsafe {
+        d.fill_u32(raw, src, 1 << 18, 0xC0FFEE)
+    })
+    .unwrap();
+    // Queued after the fills on the same stream: it sees them.
+    rt.memcpy_async(dst + 4096, other, src, 0, 8192, s).unwrap();
+    rt.stream_synchronize(s).unwrap();
+    let words = read_u32(rt, other, dst, 4096);
+    assert!(words[..1024].iter().all(|&w| w == 0), "before the range");
+    assert!(
+        words[1024..3072].iter().all(|&w| w == 0xC0FFEE),
+        "the range"
+    );
+    assert!(words[3072..].iter().all(|&w| w == 0), "after the range");
+    let err = rt
+        .memcpy_async(dst, other, src, 0, (2 << 20) + 1, s)
+        .unwrap_err();
+    assert!(err.to_string().contains("past the end"), "{err}");
+    a0.raw_free(src).unwrap();
+    a1.raw_free(dst).unwrap();
+}
+
+#[test]
 fn one_allocator_per_device_and_memory_info() {
     let _shared = device_errors_shared();
     let Some(rt) = gpu("one_allocator_per_device_and_memory_info") else {
