@@ -3,7 +3,7 @@
 # moves test under compute-sanitizer, and `accelrt bench --backend cuda` of this build
 # interleaved with a baseline build (before/after in one run) next to PyTorch's allocator
 # timed the same way. Build here first:
-#     bash scripts/gpu-build-lite.sh [BASELINE_ACCELRT_BINARY]
+#     bash scripts/gpu-build.sh --no-wgpu [--base BASELINE_ACCELRT_BINARY]
 # then through the device tool, with `carry: [".gpu-bin"]`:  bash scripts/gpu-verify.sh
 # Logs go to $OUT; the summary table is printed last.
 set -uo pipefail
