@@ -30,7 +30,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::ptr::null_mut;
 use std::sync::Arc;
 
-use accelrt::alloc::{AllocatorConfig, HistoryConfig, MemoryStats, StreamFilter};
+use accelrt::alloc::{HistoryConfig, MemoryStats, StreamFilter};
 use accelrt::snapshot::Snapshot;
 use accelrt::{Device, Error, MempoolId, Stream};
 use parking_lot::Mutex;
@@ -664,18 +664,6 @@ pub unsafe extern "C" fn accelrt_torch_cache_info(device: c_int, largest: *mut u
     })
 }
 
-/// The allocator settings as PyTorch's snapshots carry them (`allocator_settings`).
-fn settings_json(c: &AllocatorConfig) -> serde_json::Value {
-    serde_json::json!({
-        "allocator": "accelrt",
-        "PYTORCH_CUDA_ALLOC_CONF": c.to_conf_string(),
-        "max_split_size": c.max_split_size.map_or(-1, |m| i64::try_from(m).unwrap_or(i64::MAX)),
-        "garbage_collection_threshold": c.garbage_collection_threshold.unwrap_or(0.0),
-        "expandable_segments": c.expandable_segments,
-        "release_at_peak": c.release_at_peak,
-    })
-}
-
 /// The snapshot of `device` (-1: every device accelrt has allocated on).
 pub fn snapshot(device: c_int) -> Result<Snapshot, Failure> {
     let st = state()?;
@@ -689,7 +677,7 @@ pub fn snapshot(device: c_int) -> Result<Snapshot, Failure> {
     for &d in &devices {
         if let Some(a) = st.existing_allocator(d) {
             snaps.push(a.memory_snapshot());
-            settings = settings_json(a.config());
+            settings = accelrt::snapshot::settings_json(a.config());
         }
     }
     let mut snap = Snapshot::from_memory_snapshots(&snaps, settings);

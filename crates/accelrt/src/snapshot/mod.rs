@@ -39,8 +39,7 @@ use crate::error::{Error, Result};
 use crate::trace::{Header, Markers, TorchPeaks, Trace, TraceOp, MAX_SIZE, MAX_STREAM};
 
 pub use html::{render_html, HtmlOptions};
-pub(crate) use record::settings_json;
-pub use record::{replay_recorded, RecordedReplay};
+pub use record::{replay_recorded, settings_json, RecordedReplay};
 pub use timeline::{PeakState, Timeline, TimelinePoint};
 
 /// Most devices a snapshot may describe (indices `0..MAX_DEVICES`), in either format.

@@ -19,13 +19,15 @@ pub struct RecordedReplay {
     pub error: Option<Error>,
 }
 
-/// The allocator settings of a replay, in PyTorch's `allocator_settings` shape (plus the
-/// allocator's name).
-pub(crate) fn settings_json(config: &AllocatorConfig) -> serde_json::Value {
+/// An allocator configuration in the shape of PyTorch snapshots' `allocator_settings` (plus
+/// the allocator's name): what accelrt's snapshots carry, from a replay or a live allocator.
+pub fn settings_json(config: &AllocatorConfig) -> serde_json::Value {
     serde_json::json!({
         "allocator": "accelrt",
         "PYTORCH_CUDA_ALLOC_CONF": config.to_conf_string(),
-        "max_split_size": config.max_split_size.map_or(-1, |m| m as i64),
+        "max_split_size": config
+            .max_split_size
+            .map_or(-1, |m| i64::try_from(m).unwrap_or(i64::MAX)),
         "garbage_collection_threshold": config.garbage_collection_threshold.unwrap_or(0.0),
         "expandable_segments": config.expandable_segments,
         "release_at_peak": config.release_at_peak,
