@@ -240,6 +240,8 @@ struct RandomResult {
     peak_allocated: u64,
     peak_requested: u64,
     device_allocs: u64,
+    /// Driver calls the timed loop made, per kind (`DriverCalls::named`), and their total.
+    driver_calls: Vec<(&'static str, u64)>,
     /// The out-of-memory that stopped the workload: the device is smaller than its peak
     /// (e.g. a registered backend over this machine's memory); the figures are then NaN.
     error: Option<String>,
@@ -257,6 +259,7 @@ impl RandomResult {
             peak_allocated: 0,
             peak_requested: 0,
             device_allocs: 0,
+            driver_calls: Vec::new(),
             error: Some(error.to_string()),
         }
     }
@@ -282,8 +285,23 @@ impl RandomResult {
             "ratio": self.ratio(),
             "ratio_vs_requested": self.peak_reserved as f64 / self.peak_requested.max(1) as f64,
             "device_allocs": self.device_allocs,
+            "driver_calls": self.driver_calls_json(),
             "error": self.error,
         })
+    }
+
+    fn driver_calls_total(&self) -> u64 {
+        self.driver_calls.iter().map(|(_, n)| n).sum()
+    }
+
+    fn driver_calls_json(&self) -> Value {
+        let mut m: serde_json::Map<String, Value> = self
+            .driver_calls
+            .iter()
+            .map(|&(k, n)| (k.to_string(), n.into()))
+            .collect();
+        m.insert("total".into(), self.driver_calls_total().into());
+        Value::Object(m)
     }
 }
 
@@ -326,6 +344,7 @@ fn random_workload(
     for &s in &sizes {
         ptrs.push(alloc.raw_alloc(s as usize, stream)?);
     }
+    let calls_before = alloc.stats().driver_calls;
     let start = Instant::now();
     for &(k, s) in &steps {
         let slot = &mut ptrs[k as usize];
@@ -334,6 +353,13 @@ fn random_workload(
     }
     let elapsed = start.elapsed();
     let stats = alloc.stats();
+    let driver_calls = stats
+        .driver_calls
+        .named()
+        .iter()
+        .zip(calls_before.named())
+        .map(|(&(k, after), (_, before))| (k, after.saturating_sub(before)))
+        .collect();
     for p in ptrs {
         alloc.raw_free(p)?;
     }
@@ -347,6 +373,7 @@ fn random_workload(
         peak_allocated: stats.all().allocated_bytes.peak,
         peak_requested,
         device_allocs: stats.counters.num_device_alloc,
+        driver_calls,
         error: None,
     })
 }
@@ -642,7 +669,7 @@ fn print_human(out: &Map<String, Value>, event_keys: &[String], randoms: &[&Rand
     println!();
     println!("random allocations (RMM-style: free a random live allocation, allocate another)");
     println!(
-        "  {:>5}  {:>14}  {:>9}  {:>8}  {:>14}  {:>14}  {:>8}  {:>13}",
+        "  {:>5}  {:>14}  {:>9}  {:>8}  {:>14}  {:>14}  {:>8}  {:>13}  {:>12}",
         "live",
         "sizes",
         "ops",
@@ -650,11 +677,12 @@ fn print_human(out: &Map<String, Value>, event_keys: &[String], randoms: &[&Rand
         "peak reserved",
         "peak allocated",
         "ratio",
-        "device allocs"
+        "device allocs",
+        "driver calls"
     );
     for r in randoms {
         println!(
-            "  {:>5}  {:>14}  {:>9}  {:>8.1}  {:>14}  {:>14}  {:>7.3}x  {:>13}",
+            "  {:>5}  {:>14}  {:>9}  {:>8.1}  {:>14}  {:>14}  {:>7.3}x  {:>13}  {:>12}",
             r.live,
             format!("1 B..{}", format_size(r.max_size)),
             group(r.ops),
@@ -663,6 +691,7 @@ fn print_human(out: &Map<String, Value>, event_keys: &[String], randoms: &[&Rand
             format_size(r.peak_allocated),
             r.ratio(),
             group(r.device_allocs),
+            group(r.driver_calls_total()),
         );
         if let Some(e) = &r.error {
             println!("         did not fit the device: {e}");
