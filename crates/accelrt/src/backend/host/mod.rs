@@ -7,15 +7,14 @@
 
 mod event;
 mod graph;
-mod memory;
 mod stream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+pub use crate::alloc::HostMemory;
 pub use event::HostEvent;
 pub use graph::HostGraph;
-pub use memory::HostMemory;
 pub use stream::HostStream;
 
 use crate::alloc::MemoryProvider;

@@ -1,0 +1,76 @@
+//! The caching device allocator.
+//!
+//! See `ARCHITECTURE.md` ("alloc") for the design; `imp.rs` holds the implementation.
+//! Also here: the plain device, stream and graph id types the allocator names, and
+//! [`HostMemory`], the host memory provider (the host backend's device memory, and the
+//! simulated device replays run on). No backend, no runtime: `accelrt` builds those on top.
+
+pub mod callbacks;
+mod check;
+mod chunks;
+mod config;
+pub mod device;
+pub mod error;
+pub mod graph;
+mod history;
+pub mod host;
+mod imp;
+#[cfg(all(test, accelrt_loom))]
+mod models;
+mod pagemap;
+mod pinned;
+mod pool;
+mod provider;
+mod size;
+mod stats;
+pub mod stream;
+mod tlsf;
+
+pub use device::{BackendName, Device, DeviceProperties, DeviceType};
+pub use error::{Error, OomReport, Result};
+pub use graph::{GraphId, MempoolId};
+pub use host::HostMemory;
+pub use stream::{Stream, StreamPriority};
+
+pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
+pub use history::{
+    set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,
+    MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,
+};
+pub use imp::{
+    AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, OomInfo, OomObserver,
+    StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
+};
+pub use pinned::{PinnedAllocator, PinnedStats};
+pub use provider::{ChunkHandle, MemoryProvider, ProviderError, StreamEvents, VirtualMemory};
+pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
+pub use stats::{DriverCalls, EventCounters, MemoryStats, PoolKind, PoolStats, Stat};
+
+/// Human-readable size: `512 B`, `1.50 KiB`, `20.00 MiB`, `1.00 GiB`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn format_size_reads_well() {
+        use super::format_size as f;
+        assert_eq!(f(0), "0 B");
+        assert_eq!(f(512), "512 B");
+        assert_eq!(f(1536), "1.50 KiB");
+        assert_eq!(f(20 << 20), "20.00 MiB");
+        assert_eq!(f(1 << 30), "1.00 GiB");
+        assert_eq!(f(u64::MAX), "16384.00 PiB");
+    }
+}
