@@ -106,16 +106,6 @@ pub enum Error {
     Io { path: String, message: String },
 }
 
-/// A provider's refusal as words, for messages (never its debug form).
-impl std::fmt::Display for crate::ProviderError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            crate::ProviderError::OutOfMemory => f.write_str("out of memory"),
-            crate::ProviderError::Failed(message) => f.write_str(message),
-        }
-    }
-}
-
 /// Everything a user needs to understand an out-of-memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OomReport {
@@ -135,7 +125,7 @@ pub struct OomReport {
 
 impl std::fmt::Display for OomReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::format_size as fs;
+        use crate::bytes::format_size as fs;
         write!(
             f,
             "out of memory on {}: tried to allocate {}; the device has {} total, {} free; \

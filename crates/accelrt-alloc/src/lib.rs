@@ -5,12 +5,14 @@
 //! [`HostMemory`], the host memory provider (the host backend's device memory, and the
 //! simulated device replays run on). No backend, no runtime: `accelrt` builds those on top.
 
+mod bytes;
 pub mod callbacks;
 mod check;
 mod chunks;
 mod config;
 pub mod device;
 pub mod error;
+mod free_node;
 pub mod graph;
 mod history;
 pub mod host;
@@ -32,6 +34,7 @@ pub use graph::{GraphId, MempoolId};
 pub use host::HostMemory;
 pub use stream::{Stream, StreamPriority};
 
+pub use bytes::format_size;
 pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
 pub use history::{
     set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,
@@ -45,32 +48,3 @@ pub use pinned::{PinnedAllocator, PinnedStats};
 pub use provider::{ChunkHandle, MemoryProvider, ProviderError, StreamEvents, VirtualMemory};
 pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
 pub use stats::{DriverCalls, EventCounters, MemoryStats, PoolKind, PoolStats, Stat};
-
-/// Human-readable size: `512 B`, `1.50 KiB`, `20.00 MiB`, `1.00 GiB`.
-pub fn format_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.2} {}", UNITS[unit])
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn format_size_reads_well() {
-        use super::format_size as f;
-        assert_eq!(f(0), "0 B");
-        assert_eq!(f(512), "512 B");
-        assert_eq!(f(1536), "1.50 KiB");
-        assert_eq!(f(20 << 20), "20.00 MiB");
-        assert_eq!(f(1 << 30), "1.00 GiB");
-        assert_eq!(f(u64::MAX), "16384.00 PiB");
-    }
-}

@@ -15,6 +15,16 @@ pub enum ProviderError {
     Failed(String),
 }
 
+/// A provider's refusal as words, for messages (never its debug form).
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProviderError::OutOfMemory => f.write_str("out of memory"),
+            ProviderError::Failed(message) => f.write_str(message),
+        }
+    }
+}
+
 /// Raw device memory: a backend hands out and takes back whole segments.
 pub trait MemoryProvider: Send + Sync {
     /// Allocate a segment of exactly `size` bytes (a multiple of 512), aligned to at least 512.

@@ -3,13 +3,28 @@
 //! Sizes are counted in 512-byte units `u`. Units below `SL_COUNT` each have their own class
 //! (exact fit); above, each power of two is divided into `SL_COUNT` classes, so a class spans
 //! at most 1/32 of its size. A class holds a doubly linked list threaded through the blocks
-//! (`free_prev` / `free_next` in [`super::pool::Block`]); two bitmaps say which classes are
-//! non-empty.
+//! (`free_prev` / `free_next`, kept in the records themselves: [`FreeNode`], which the pool's
+//! blocks implement); two bitmaps say which classes are non-empty.
 //!
 //! Search returns the best fit (smallest block, then lowest address, as PyTorch's ordered
 //! sets do) from the request's own class or the first non-empty larger class.
 
-use super::pool::{Block, NIL};
+/// "No block": the end of a list, an empty class. The pool uses the same value
+/// (`pool::NIL`; checked where its blocks implement [`FreeNode`]).
+pub const NIL: u32 = u32::MAX;
+
+/// A record the index threads its lists through: the block's address and size (read), its
+/// list links and class (kept by the index). Records are named by their index in a slice.
+pub trait FreeNode {
+    fn addr(&self) -> usize;
+    fn size(&self) -> u64;
+    fn free_prev(&self) -> u32;
+    fn free_next(&self) -> u32;
+    fn class(&self) -> u16;
+    fn set_free_prev(&mut self, prev: u32);
+    fn set_free_next(&mut self, next: u32);
+    fn set_class(&mut self, class: u16);
+}
 
 const SL_BITS: u32 = 5;
 const SL_COUNT: usize = 1 << SL_BITS;
@@ -57,24 +72,24 @@ impl Default for Tlsf {
 
 impl Tlsf {
     #[inline]
-    pub fn insert(&mut self, blocks: &mut [Block], idx: u32) {
-        let (fl, sl) = class_of(blocks[idx as usize].size);
+    pub fn insert<B: FreeNode>(&mut self, blocks: &mut [B], idx: u32) {
+        let (fl, sl) = class_of(blocks[idx as usize].size());
         let class = flat(fl, sl);
         let head = self.heads[class];
         debug_assert!(
             head != idx
-                && blocks[idx as usize].free_prev == NIL
-                && blocks[idx as usize].free_next == NIL,
+                && blocks[idx as usize].free_prev() == NIL
+                && blocks[idx as usize].free_next() == NIL,
             "block {idx} is already on a free list: inserting it again would make a cycle"
         );
         {
             let b = &mut blocks[idx as usize];
-            b.free_prev = NIL;
-            b.free_next = head;
-            b.class = class as u16;
+            b.set_free_prev(NIL);
+            b.set_free_next(head);
+            b.set_class(class as u16);
         }
         if head != NIL {
-            blocks[head as usize].free_prev = idx;
+            blocks[head as usize].set_free_prev(idx);
         }
         self.heads[class] = idx;
         self.fl_bitmap |= 1 << fl;
@@ -82,16 +97,16 @@ impl Tlsf {
     }
 
     #[inline]
-    pub fn remove(&mut self, blocks: &mut [Block], idx: u32) {
+    pub fn remove<B: FreeNode>(&mut self, blocks: &mut [B], idx: u32) {
         let (prev, next, class) = {
             let b = &blocks[idx as usize];
-            (b.free_prev, b.free_next, b.class as usize)
+            (b.free_prev(), b.free_next(), b.class() as usize)
         };
         if next != NIL {
-            blocks[next as usize].free_prev = prev;
+            blocks[next as usize].set_free_prev(prev);
         }
         if prev != NIL {
-            blocks[prev as usize].free_next = next;
+            blocks[prev as usize].set_free_next(next);
         } else {
             let class = class & (CLASSES - 1);
             debug_assert_eq!(self.heads[class], idx, "free-list head out of sync");
@@ -105,8 +120,8 @@ impl Tlsf {
             }
         }
         let b = &mut blocks[idx as usize];
-        b.free_prev = NIL;
-        b.free_next = NIL;
+        b.set_free_prev(NIL);
+        b.set_free_next(NIL);
     }
 
     /// The class index a free block of `size` bytes goes in.
@@ -120,33 +135,33 @@ impl Tlsf {
     /// `old`'s class). O(1), no bitmap change: splitting a few MiB off a large free block, or
     /// merging a block into one, usually leaves it in the same class.
     #[inline]
-    pub fn replace(&mut self, blocks: &mut [Block], old: u32, new: u32) {
+    pub fn replace<B: FreeNode>(&mut self, blocks: &mut [B], old: u32, new: u32) {
         let (prev, next, class) = {
             let o = &blocks[old as usize];
-            (o.free_prev, o.free_next, o.class)
+            (o.free_prev(), o.free_next(), o.class())
         };
         debug_assert_eq!(
-            Self::class_index(blocks[new as usize].size),
+            Self::class_index(blocks[new as usize].size()),
             class,
             "replace across classes"
         );
         {
             let n = &mut blocks[new as usize];
-            n.free_prev = prev;
-            n.free_next = next;
-            n.class = class;
+            n.set_free_prev(prev);
+            n.set_free_next(next);
+            n.set_class(class);
         }
         if prev != NIL {
-            blocks[prev as usize].free_next = new;
+            blocks[prev as usize].set_free_next(new);
         } else {
             self.heads[class as usize & (CLASSES - 1)] = new;
         }
         if next != NIL {
-            blocks[next as usize].free_prev = new;
+            blocks[next as usize].set_free_prev(new);
         }
         let o = &mut blocks[old as usize];
-        o.free_prev = NIL;
-        o.free_next = NIL;
+        o.set_free_prev(NIL);
+        o.set_free_next(NIL);
     }
 
     /// The best-fitting free block of at least `size` bytes that `fits` accepts (smallest,
@@ -155,7 +170,7 @@ impl Tlsf {
     /// Classes are ordered by size, so the best fit is in the request's own class or, failing
     /// that, in the first non-empty larger class: only those one or two lists are scanned.
     #[inline]
-    pub fn find(&self, blocks: &[Block], size: u64, fits: impl Fn(&Block) -> bool) -> u32 {
+    pub fn find<B: FreeNode>(&self, blocks: &[B], size: u64, fits: impl Fn(&B) -> bool) -> u32 {
         let (fl, sl) = class_of(size);
         let best = Self::best_in(blocks, self.heads[flat(fl, sl)], size, &fits);
         if best != NIL {
@@ -186,18 +201,18 @@ impl Tlsf {
     }
 
     #[inline]
-    fn best_in(blocks: &[Block], head: u32, size: u64, fits: &impl Fn(&Block) -> bool) -> u32 {
+    fn best_in<B: FreeNode>(blocks: &[B], head: u32, size: u64, fits: &impl Fn(&B) -> bool) -> u32 {
         let mut best = NIL;
         let mut best_key = (u64::MAX, usize::MAX);
         let mut cur = head;
         let mut seen = 0;
         while cur != NIL && seen < SCAN_LIMIT {
             let b = &blocks[cur as usize];
-            if b.size >= size && (b.size, b.addr) < best_key && fits(b) {
+            if b.size() >= size && (b.size(), b.addr()) < best_key && fits(b) {
                 best = cur;
-                best_key = (b.size, b.addr);
+                best_key = (b.size(), b.addr());
             }
-            cur = b.free_next;
+            cur = b.free_next();
             seen += 1;
         }
         best
@@ -210,7 +225,7 @@ impl Tlsf {
     /// When the lists hold more entries than there are blocks: a cycle, which means a block
     /// was put on a free list twice and would be handed out twice. The walk is bounded so
     /// that this is a panic naming the fault, not an endless loop filling `out`.
-    pub fn at_least(&self, blocks: &[Block], min_size: u64, out: &mut Vec<u32>) {
+    pub fn at_least<B: FreeNode>(&self, blocks: &[B], min_size: u64, out: &mut Vec<u32>) {
         let mut budget = blocks.len();
         let (fl0, sl0) = class_of(min_size.max(512));
         let mut fl_map = self.fl_bitmap & (!0u64).checked_shl(fl0 as u32).unwrap_or(0);
@@ -233,25 +248,25 @@ impl Tlsf {
                     );
                     budget -= 1;
                     let b = &blocks[cur as usize];
-                    if b.size >= min_size {
+                    if b.size() >= min_size {
                         out.push(cur);
                     }
-                    cur = b.free_next;
+                    cur = b.free_next();
                 }
             }
         }
     }
 
     /// Whether `idx` is reachable from its class head (for the invariant checker).
-    pub fn contains(&self, blocks: &[Block], idx: u32) -> bool {
-        let (fl, sl) = class_of(blocks[idx as usize].size);
+    pub fn contains<B: FreeNode>(&self, blocks: &[B], idx: u32) -> bool {
+        let (fl, sl) = class_of(blocks[idx as usize].size());
         let mut cur = self.heads[flat(fl, sl)];
         let mut steps = 0usize;
         while cur != NIL {
             if cur == idx {
                 return true;
             }
-            cur = blocks[cur as usize].free_next;
+            cur = blocks[cur as usize].free_next();
             steps += 1;
             if steps > blocks.len() {
                 return false; // a cycle: reported by the checker as missing
@@ -261,7 +276,7 @@ impl Tlsf {
     }
 
     /// Every block on every list, with a cycle guard (for the invariant checker).
-    pub fn all(&self, blocks: &[Block]) -> Result<Vec<u32>, String> {
+    pub fn all<B: FreeNode>(&self, blocks: &[B]) -> Result<Vec<u32>, String> {
         let mut out = Vec::new();
         for fl in 0..FL_COUNT {
             for sl in 0..SL_COUNT {
@@ -276,16 +291,16 @@ impl Tlsf {
                 let mut prev = NIL;
                 while cur != NIL {
                     let b = &blocks[cur as usize];
-                    if class_of(b.size) != (fl, sl) || b.class as usize != flat(fl, sl) {
+                    if class_of(b.size()) != (fl, sl) || b.class() as usize != flat(fl, sl) {
                         return Err(format!(
                             "block {cur} of size {} sits in class ({fl},{sl})",
-                            b.size
+                            b.size()
                         ));
                     }
-                    if b.free_prev != prev {
+                    if b.free_prev() != prev {
                         return Err(format!(
                             "block {cur}: free_prev {} but reached from {prev}",
-                            b.free_prev
+                            b.free_prev()
                         ));
                     }
                     out.push(cur);
@@ -293,7 +308,7 @@ impl Tlsf {
                         return Err("free lists contain a cycle".into());
                     }
                     prev = cur;
-                    cur = b.free_next;
+                    cur = b.free_next();
                 }
             }
             if (self.fl_bitmap & (1 << fl) != 0) != (self.sl_bitmap[fl] != 0) {
@@ -307,25 +322,52 @@ impl Tlsf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::PoolKind;
 
-    fn free_block(addr: usize, size: u64) -> Block {
-        Block {
+    /// A free block as the index sees it (the pool's `Block` has more fields, none of which
+    /// the index reads).
+    #[derive(Debug, Clone)]
+    struct Node {
+        addr: usize,
+        size: u64,
+        free_prev: u32,
+        free_next: u32,
+        class: u16,
+    }
+
+    impl FreeNode for Node {
+        fn addr(&self) -> usize {
+            self.addr
+        }
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn free_prev(&self) -> u32 {
+            self.free_prev
+        }
+        fn free_next(&self) -> u32 {
+            self.free_next
+        }
+        fn class(&self) -> u16 {
+            self.class
+        }
+        fn set_free_prev(&mut self, prev: u32) {
+            self.free_prev = prev;
+        }
+        fn set_free_next(&mut self, next: u32) {
+            self.free_next = next;
+        }
+        fn set_class(&mut self, class: u16) {
+            self.class = class;
+        }
+    }
+
+    fn free_block(addr: usize, size: u64) -> Node {
+        Node {
             addr,
             size,
-            requested: 0,
-            prev: NIL,
-            next: NIL,
             free_prev: NIL,
             free_next: NIL,
             class: 0,
-            state: crate::pool::BlockState::Free,
-            kind: PoolKind::Large,
-            last_used: 0,
-            id: 0,
-            has_extras: false,
-            mapped_len: size,
-            vm: false,
         }
     }
 
