@@ -20,8 +20,8 @@ pub use stream::HostStream;
 use crate::alloc::MemoryProvider;
 use crate::device::{DeviceProperties, DeviceType};
 use crate::driver::Driver;
+use crate::driver::{EventCallback, HostTask};
 use crate::error::{Error, Result};
-use crate::hooks::{EventCallback, HostTask};
 use crate::stream::StreamPriority;
 
 /// Environment variable with the number of host devices.
