@@ -88,6 +88,19 @@ pub enum Error {
         message: String,
     },
 
+    /// A replay stopped by the allocator (an out-of-memory, a refused call) at an event of
+    /// its input: the input file, the event's line, and what failed, naming the allocator's
+    /// error (`cause`, also the error's source). Not an input error: those are
+    /// [`Error::Parse`].
+    #[error("{file}:{line}: {message}")]
+    Replay {
+        file: String,
+        line: u64,
+        message: String,
+        #[source]
+        cause: Box<Error>,
+    },
+
     /// A malformed or inconsistent memory snapshot (a PyTorch pickle or accelrt's JSON):
     /// `at` says where (`byte 1234`, `device_traces[0][17].size`, `segments[3]`).
     #[error("{file}: {at}: {message}")]
@@ -101,9 +114,51 @@ pub enum Error {
     #[error("{call} failed: {message}")]
     Driver { call: &'static str, message: String },
 
-    /// I/O while reading or writing a file.
+    /// I/O while reading or writing a file: the path, what was being done (with the
+    /// operating system's words), and the `io::Error` itself as the source.
     #[error("{path}: {message}")]
-    Io { path: String, message: String },
+    Io {
+        path: String,
+        message: String,
+        #[source]
+        source: IoSource,
+    },
+}
+
+/// The `io::Error` behind an [`Error::Io`]: shared, so errors stay `Clone`; two are equal
+/// when their kind and text are.
+#[derive(Debug, Clone)]
+pub struct IoSource(pub std::sync::Arc<std::io::Error>);
+
+impl IoSource {
+    /// The error as the operating system reported it.
+    pub fn get(&self) -> &std::io::Error {
+        &self.0
+    }
+}
+
+impl From<std::io::Error> for IoSource {
+    fn from(e: std::io::Error) -> Self {
+        IoSource(std::sync::Arc::new(e))
+    }
+}
+
+impl PartialEq for IoSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl std::fmt::Display for IoSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for IoSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// Everything a user needs to understand an out-of-memory.
@@ -146,6 +201,15 @@ impl Error {
     /// Shorthand for [`Error::Unsupported`].
     pub fn unsupported(backend: DeviceType, what: &'static str) -> Self {
         Error::Unsupported { backend, what }
+    }
+    /// An [`Error::Io`] on `path`: `message` says what was being done (and usually quotes
+    /// `source`), `source` is kept.
+    pub fn io(path: impl Into<String>, message: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            message: message.into(),
+            source: source.into(),
+        }
     }
     /// True for [`Error::OutOfMemory`].
     pub fn is_out_of_memory(&self) -> bool {

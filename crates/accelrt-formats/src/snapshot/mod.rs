@@ -115,10 +115,8 @@ pub fn sniff(prefix: &[u8]) -> FileKind {
 pub fn load(path: impl AsRef<Path>) -> Result<Snapshot> {
     let path = path.as_ref();
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| Error::Io {
-        path: shown.clone(),
-        message: format!("cannot read the snapshot: {e}"),
-    })?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(shown.clone(), format!("cannot read the snapshot: {e}"), e))?;
     parse_bytes(&shown, &bytes)
 }
 
@@ -260,9 +258,12 @@ impl Snapshot {
         } else {
             self.to_pickle()
         };
-        std::fs::write(path, bytes).map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            message: format!("cannot write the snapshot: {e}"),
+        std::fs::write(path, bytes).map_err(|e| {
+            Error::io(
+                path.display().to_string(),
+                format!("cannot write the snapshot: {e}"),
+                e,
+            )
         })
     }
 

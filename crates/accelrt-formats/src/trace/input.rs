@@ -150,16 +150,19 @@ impl ReplayInput {
 /// directory.
 pub(crate) fn open_file(path: &Path, what: &str) -> Result<std::fs::File> {
     let shown = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| Error::Io {
-        path: shown.clone(),
-        message: format!("cannot open the {what} file: {e}"),
+    let file = std::fs::File::open(path).map_err(|e| {
+        Error::io(
+            shown.clone(),
+            format!("cannot open the {what} file: {e}"),
+            e,
+        )
     })?;
     if file.metadata().is_ok_and(|m| m.is_dir()) {
-        return Err(Error::Io {
-            path: shown,
-            message: "is a directory: pass a trace file (e.g. traces/resnet50_train.trace.gz)"
-                .into(),
-        });
+        return Err(Error::io(
+            shown,
+            "is a directory: pass a trace file (e.g. traces/resnet50_train.trace.gz)",
+            std::io::Error::from(std::io::ErrorKind::IsADirectory),
+        ));
     }
     Ok(file)
 }
@@ -225,9 +228,12 @@ pub fn open(path: impl AsRef<Path>) -> Result<Vec<ReplayInput>> {
         flate2::read::MultiGzDecoder::new(f)
             .take(MAX_GZIP_SNAPSHOT_BYTES + 1)
             .read_to_end(&mut out)
-            .map_err(|e| Error::Io {
-                path: shown.clone(),
-                message: format!("cannot decompress the snapshot: {e}"),
+            .map_err(|e| {
+                Error::io(
+                    shown.clone(),
+                    format!("cannot decompress the snapshot: {e}"),
+                    e,
+                )
             })?;
         if out.len() as u64 > MAX_GZIP_SNAPSHOT_BYTES {
             return Err(Error::Snapshot {
@@ -242,10 +248,8 @@ pub fn open(path: impl AsRef<Path>) -> Result<Vec<ReplayInput>> {
         }
         out
     } else {
-        std::fs::read(path).map_err(|e| Error::Io {
-            path: shown.clone(),
-            message: format!("cannot read the snapshot: {e}"),
-        })?
+        std::fs::read(path)
+            .map_err(|e| Error::io(shown.clone(), format!("cannot read the snapshot: {e}"), e))?
     };
     let snap = snapshot::parse_bytes(&shown, &bytes)?;
     drop(bytes);

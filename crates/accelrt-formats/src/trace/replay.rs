@@ -175,9 +175,10 @@ fn driver_calls(stats: &MemoryStats) -> Option<serde_json::Value> {
 pub struct ReplayOutcome {
     /// What was measured up to the stop (or the end).
     pub report: ReplayReport,
-    /// Why the replay stopped before the end: an [`Error::Parse`] naming the trace file and
-    /// the line of the event that failed or could not be read (or, when the allocator or the
-    /// input could not even be set up, that error as is).
+    /// Why the replay stopped before the end, naming the trace file and the line of the
+    /// event: an [`Error::Replay`] when the allocator failed there, an [`Error::Parse`] when
+    /// the event could not be read or checked (or, when the allocator or the input could not
+    /// even be set up, that error as is).
     pub error: Option<Error>,
     /// The allocator's own error behind `error` (e.g. [`Error::OutOfMemory`]); `None` for an
     /// input error.
@@ -550,10 +551,11 @@ impl<'a> Engine<'a> {
             Step::Passed { .. } => unreachable!("a marker makes no allocator call"),
         };
         self.events = at.events - 1;
-        let error = Error::Parse {
+        let error = Error::Replay {
             file: file.to_string(),
             line,
             message: format!("replay stopped at event {} ({what}): {cause}", at.events),
+            cause: Box::new(cause.clone()),
         };
         (error, Some(cause))
     }

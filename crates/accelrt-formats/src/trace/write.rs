@@ -123,9 +123,12 @@ impl Trace {
     /// Write the trace to `path`, gzip-compressed when the name ends in `.gz`.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let io = |e: std::io::Error| Error::Io {
-            path: path.display().to_string(),
-            message: format!("cannot write the trace: {e}"),
+        let io = |e: std::io::Error| {
+            Error::io(
+                path.display().to_string(),
+                format!("cannot write the trace: {e}"),
+                e,
+            )
         };
         let file = std::fs::File::create(path).map_err(io)?;
         let mut out = std::io::BufWriter::new(file);
