@@ -10,8 +10,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use accelrt::alloc::{format_size, AllocatorConfig, CachingAllocator, MemoryProvider};
-use accelrt::backend::host::HostMemory;
+use accelrt::alloc::{format_size, AllocatorConfig, CachingAllocator, HostMemory, MemoryProvider};
 use accelrt::{Device, DeviceType, Error, Stream};
 use serde_json::{json, Map, Value};
 

@@ -203,9 +203,12 @@ impl Outputs {
 }
 
 fn write_file(path: &Path, bytes: &[u8], what: &str) -> Result<(), Error> {
-    std::fs::write(path, bytes).map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        message: format!("cannot write the {what}: {e}"),
+    std::fs::write(path, bytes).map_err(|e| {
+        Error::io(
+            path.display().to_string(),
+            format!("cannot write the {what}: {e}"),
+            e,
+        )
     })
 }
 

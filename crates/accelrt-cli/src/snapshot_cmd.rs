@@ -64,9 +64,12 @@ pub fn run(args: SnapshotArgs) -> Result<ExitCode, Error> {
                     ..HtmlOptions::default()
                 },
             )?;
-            std::fs::write(&output, html).map_err(|e| Error::Io {
-                path: output.display().to_string(),
-                message: format!("cannot write the HTML page: {e}"),
+            std::fs::write(&output, html).map_err(|e| {
+                Error::io(
+                    output.display().to_string(),
+                    format!("cannot write the HTML page: {e}"),
+                    e,
+                )
             })?;
             eprintln!("wrote {} ({})", output.display(), file_size(&output));
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use accelrt::alloc::MemoryProvider;
 use accelrt::driver::{Driver, MemoryUsage};
-use accelrt::hooks::{EventCallback, HostTask};
+use accelrt::driver::{EventCallback, HostTask};
 use accelrt::{DeviceProperties, DeviceType, Result, StreamPriority};
 
 use crate::faults::{Fault, Faults};

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use accelrt::alloc::MemoryProvider;
 use accelrt::backend::host::HostMemory;
 use accelrt::driver::{Driver, MemoryUsage};
-use accelrt::hooks::{EventCallback, HostTask};
+use accelrt::driver::{EventCallback, HostTask};
 use accelrt::{DeviceProperties, DeviceType, Error, Result, StreamPriority};
 
 use crate::adapter::{self, MemoryFigures};

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use accelrt::hooks::EventCallback;
+use accelrt::driver::EventCallback;
 use accelrt::{Error, Result};
 use parking_lot::{Condvar, Mutex};
 

@@ -23,7 +23,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use accelrt::hooks::HostTask;
+use accelrt::driver::HostTask;
 use accelrt::{Error, Result};
 use parking_lot::{Condvar, Mutex};
 

@@ -13,8 +13,13 @@ use std::sync::Arc;
 use crate::alloc::MemoryProvider;
 use crate::device::{DeviceProperties, DeviceType};
 use crate::error::{Error, Result};
-use crate::hooks::{EventCallback, HostTask};
 use crate::stream::StreamPriority;
+
+/// A host task launched on a stream. `Fn` (not `FnOnce`) so a captured graph can replay it.
+pub type HostTask = Arc<dyn Fn() + Send + Sync + 'static>;
+
+/// A callback run on a backend thread once an event completes.
+pub type EventCallback = Box<dyn FnOnce() + Send + 'static>;
 
 /// What [`Driver::memory_usage`] reports, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,11 +16,7 @@ use crate::generator::Generator;
 use crate::graph::{GraphId, MempoolId};
 use crate::stream::{Stream, StreamPriority};
 
-/// A host task launched on a stream. `Fn` (not `FnOnce`) so a captured graph can replay it.
-pub type HostTask = Arc<dyn Fn() + Send + Sync + 'static>;
-
-/// A callback run on a backend thread once an event completes.
-pub type EventCallback = Box<dyn FnOnce() + Send + 'static>;
+pub use crate::driver::{EventCallback, HostTask};
 
 /// The hooks a device backend provides. Every method answers with a value or an
 /// [`crate::Error`]; none panics on bad input. On a backend that cannot be used here, every

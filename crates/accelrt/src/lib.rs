@@ -7,21 +7,19 @@
 //! [`registry::register`]).
 //! `ARCHITECTURE.md` at the repository root has the map.
 
-pub mod alloc;
 pub mod backend;
-pub mod device;
 pub mod driver;
-pub mod error;
 pub mod event;
 pub mod generator;
-pub mod graph;
 pub mod hooks;
 pub mod profiler;
 pub mod registry;
 pub mod runtime;
-pub mod snapshot;
-pub mod stream;
-pub mod trace;
+
+/// The caching allocator: the `accelrt-alloc` crate.
+pub use accelrt_alloc as alloc;
+pub use accelrt_alloc::{device, error, graph, stream};
+pub use accelrt_formats::{snapshot, trace};
 
 pub use device::{BackendName, Device, DeviceProperties, DeviceType};
 pub use error::{Error, OomReport, Result};

@@ -162,9 +162,12 @@ impl ProfilerTrace {
     /// Write [`ProfilerTrace::to_chrome_json`] to `path`.
     pub fn write_chrome_trace(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let path = path.as_ref();
-        std::fs::write(path, self.to_chrome_json().to_string()).map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            message: format!("cannot write the profiler trace: {e}"),
+        std::fs::write(path, self.to_chrome_json().to_string()).map_err(|e| {
+            Error::io(
+                path.display().to_string(),
+                format!("cannot write the profiler trace: {e}"),
+                e,
+            )
         })
     }
 }

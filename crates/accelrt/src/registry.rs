@@ -16,15 +16,13 @@
 //! allocator's own ([`crate::alloc::CachingAllocator::add_callback`]): PyTorch's
 //! `MPSAllocatorCallbacksRegistry`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::alloc::{AllocatorEvent, CallbackId};
 use crate::backend::host::HostDriver;
 use crate::backend::UnavailableBackend;
-use crate::device::{BackendName, Device, DeviceType};
+use crate::device::{BackendName, DeviceType};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::hooks::Backend;
@@ -89,12 +87,6 @@ static REGISTERED: RwLock<Vec<&'static dyn Backend>> = RwLock::new(Vec::new());
 /// Stand-ins handed out by [`backend`] for names nobody registered (one per name).
 static MISSING: Mutex<Vec<&'static UnavailableBackend>> = Mutex::new(Vec::new());
 
-/// Names met in input (snapshots) that no backend registered, kept for the process's life.
-static INTERNED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-
-/// Most distinct unregistered names [`intern_name`] keeps (hostile input cannot grow it).
-const MAX_INTERNED: usize = 256;
-
 /// Add `backend` to the registry under its device type's name, for the life of the process.
 ///
 /// Its [`Backend::device_type`] must be a [`DeviceType::Custom`]; registering the same
@@ -122,6 +114,7 @@ pub fn register(backend: &'static dyn Backend) -> Result<()> {
         )));
     }
     registered.push(backend);
+    crate::device::note_registered(name);
     Ok(())
 }
 
@@ -205,123 +198,21 @@ pub fn backends() -> Vec<&'static dyn Backend> {
 
 /// The names [`backend_by_name`] accepts (aliases aside), in [`backends`] order.
 pub fn names() -> Vec<&'static str> {
-    DeviceType::ALL
-        .iter()
-        .map(|k| k.name())
-        .chain(REGISTERED.read().iter().map(|b| b.device_type().name()))
-        .collect()
+    crate::device::names()
 }
 
 /// The backend called `name`: `host` (or `cpu`), `cuda` (or `gpu`), case-insensitively, or
 /// a registered backend's exact name. This is the lookup the CLI's `--backend NAME` uses.
 /// An unknown name is an error that lists the names known.
 pub fn backend_by_name(name: &str) -> Result<&'static dyn Backend> {
-    if let Some(kind) = DeviceType::builtin(name) {
-        return Ok(backend(kind));
-    }
-    let found = REGISTERED
-        .read()
-        .iter()
-        .copied()
-        .find(|b| b.device_type().name() == name);
-    found.ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "unknown device type '{name}': expected one of {} (cpu and gpu are aliases of \
-             host and cuda; other backends are known once their crate has registered them)",
-            names().join(", ")
-        ))
-    })
-}
-
-/// A [`BackendName`] for `name` from input (a snapshot's device type): a registered
-/// backend's, or one kept for the process (at most [`MAX_INTERNED`] distinct names).
-pub(crate) fn intern_name(name: &str) -> Result<BackendName> {
-    if let Some(why) = BackendName::check(name) {
-        return Err(Error::InvalidArgument(format!(
-            "'{name}' is not a device type: {why}"
-        )));
-    }
-    if let Some(b) = REGISTERED
-        .read()
-        .iter()
-        .find(|b| b.device_type().name() == name)
-    {
-        if let DeviceType::Custom(n) = b.device_type() {
-            return Ok(n);
-        }
-    }
-    let mut interned = INTERNED.lock();
-    if let Some(&n) = interned.iter().find(|n| **n == name) {
-        return Ok(BackendName::new(n));
-    }
-    if interned.len() >= MAX_INTERNED {
-        return Err(Error::InvalidArgument(format!(
-            "'{name}' is not a registered backend, and {MAX_INTERNED} other unregistered \
-             names were already read: refusing to keep more"
-        )));
-    }
-    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
-    interned.push(leaked);
-    Ok(BackendName::new(leaked))
+    name.parse::<DeviceType>().map(backend)
 }
 
 // ---- global allocator callbacks ---------------------------------------------------------------
 
-/// A callback for every allocator: (device, ptr, size, event), with the same meaning and
-/// timing as an allocator's own [`crate::alloc::AllocatorCallback`].
-pub type GlobalAllocatorCallback = Arc<dyn Fn(Device, usize, u64, AllocatorEvent) + Send + Sync>;
-
-static CALLBACKS: RwLock<Vec<(CallbackId, GlobalAllocatorCallback)>> = RwLock::new(Vec::new());
-static HAS_CALLBACKS: AtomicBool = AtomicBool::new(false);
-static NEXT_CALLBACK: AtomicU64 = AtomicU64::new(1);
-
-/// Register a callback that every caching allocator of the process calls, existing and
-/// future ones, after its own callbacks (PyTorch's `REGISTER_MPS_ALLOCATOR_CALLBACK`).
-/// Callbacks run on the thread that made the allocator call, with no allocator lock held.
-pub fn add_allocator_callback(callback: GlobalAllocatorCallback) -> CallbackId {
-    let id = CallbackId(NEXT_CALLBACK.fetch_add(1, Ordering::Relaxed));
-    let mut callbacks = CALLBACKS.write();
-    callbacks.push((id, callback));
-    HAS_CALLBACKS.store(true, Ordering::Relaxed);
-    id
-}
-
-/// Remove a global callback; false if it was not registered.
-pub fn remove_allocator_callback(id: CallbackId) -> bool {
-    let mut callbacks = CALLBACKS.write();
-    let before = callbacks.len();
-    callbacks.retain(|(i, _)| *i != id);
-    HAS_CALLBACKS.store(!callbacks.is_empty(), Ordering::Relaxed);
-    callbacks.len() != before
-}
-
-/// Whether any global callback is registered (one relaxed load, for allocators' fast paths).
-#[inline]
-pub(crate) fn has_allocator_callbacks() -> bool {
-    HAS_CALLBACKS.load(Ordering::Relaxed)
-}
-
-/// Call every global callback (outside the registry's lock, so a callback may register or
-/// remove callbacks).
-#[cold]
-pub(crate) fn fire_allocator_callbacks(
-    device: Device,
-    ptr: usize,
-    size: u64,
-    event: AllocatorEvent,
-) {
-    if !has_allocator_callbacks() {
-        return;
-    }
-    let callbacks: Vec<GlobalAllocatorCallback> = CALLBACKS
-        .read()
-        .iter()
-        .map(|(_, c)| Arc::clone(c))
-        .collect();
-    for callback in callbacks {
-        callback(device, ptr, size, event);
-    }
-}
+pub use crate::alloc::callbacks::{
+    add_allocator_callback, remove_allocator_callback, GlobalAllocatorCallback,
+};
 
 #[cfg(test)]
 mod tests {
@@ -334,27 +225,5 @@ mod tests {
         for kind in DeviceType::ALL {
             assert_eq!(backend(kind).device_type(), kind);
         }
-    }
-
-    #[test]
-    fn interned_names_are_checked_shared_and_bounded() {
-        let a = intern_name("from-a-snapshot").unwrap();
-        let b = intern_name("from-a-snapshot").unwrap();
-        assert!(std::ptr::eq(a.as_str(), b.as_str()), "one copy per name");
-        for bad in ["", "Upper", "9lives", "has space", "cuda", "cpu"] {
-            assert!(intern_name(bad).is_err(), "{bad:?}");
-        }
-        // Fill what is left of the bound, then one more is refused.
-        let mut i = 0;
-        while INTERNED.lock().len() < MAX_INTERNED {
-            intern_name(&format!("filler-{i}")).unwrap();
-            i += 1;
-        }
-        let err = intern_name("one-too-many").unwrap_err().to_string();
-        assert!(err.contains("refusing to keep more"), "{err}");
-        assert!(
-            intern_name("from-a-snapshot").is_ok(),
-            "known names still resolve"
-        );
     }
 }

@@ -223,12 +223,15 @@ fn undersized_device_stops_with_an_oom_naming_the_line() {
     let TraceOp::Alloc { id, size, stream } = t.ops[failed] else {
         panic!("stopped at a free: {:?}", t.ops[failed]);
     };
+    // The allocator's failure, located: not a parse error (the input was fine).
     match outcome.error.as_ref().unwrap() {
-        Error::Parse {
+        Error::Replay {
             file,
             line,
             message,
+            cause,
         } => {
+            assert!(cause.is_out_of_memory(), "{cause:?}");
             assert_eq!(file, &t.source);
             assert_eq!(*line, t.line_of(failed));
             assert_eq!(

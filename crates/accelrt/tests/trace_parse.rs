@@ -411,8 +411,18 @@ fn files_are_detected_by_content_not_extension() {
     let missing = trace::load(dir.join("missing.trace")).unwrap_err();
     assert!(matches!(missing, Error::Io { .. }), "{missing:?}");
     assert!(missing.to_string().contains("cannot open the trace file"));
-    let is_dir = trace::load(&dir).unwrap_err().to_string();
-    assert!(is_dir.contains("is a directory"), "{is_dir}");
+    // The operating system's error is kept as the source, not only as words.
+    let source = std::error::Error::source(&missing).expect("an I/O error has its source");
+    let io = source
+        .downcast_ref::<accelrt::error::IoSource>()
+        .expect("the source is the io::Error");
+    assert_eq!(io.get().kind(), std::io::ErrorKind::NotFound, "{io:?}");
+    let is_dir = trace::load(&dir).unwrap_err();
+    assert!(is_dir.to_string().contains("is a directory"), "{is_dir}");
+    assert!(
+        matches!(&is_dir, Error::Io { source, .. } if source.get().kind() == std::io::ErrorKind::IsADirectory),
+        "{is_dir:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use parking_lot::Mutex;
 
 use super::kernels::Kernels;
-use super::stream::RawStream;
+use super::raw_stream::RawStream;
 use super::sys::{self, CUcontext, CUdevice};
 use crate::error::{Error, Result};
 

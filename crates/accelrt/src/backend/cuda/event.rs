@@ -7,10 +7,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use super::context::Context;
-use super::stream::{check_not_in_host_task, panic_text, CudaStream};
+use super::stream::CudaStream;
 use super::sys::{self, CUevent};
+use super::task::{check_not_in_host_task, panic_text};
+use crate::driver::EventCallback;
 use crate::error::{Error, Result};
-use crate::hooks::EventCallback;
 
 /// An event of a [`crate::backend::cuda::CudaDriver`].
 pub struct CudaEvent {
@@ -58,6 +59,14 @@ impl CudaEvent {
     }
 
     #[inline]
+    /// Make `stream` wait for this event (`cuStreamWaitEvent`; PyTorch's
+    /// `Event.wait(stream)`).
+    pub(crate) fn wait(&self, stream: &CudaStream) -> Result<()> {
+        stream.ctx.deferred.take()?;
+        // SAFETY: both handles are live (the event is borrowed for the call).
+        stream.call(|s| unsafe { sys::stream_wait_event(s, self.raw) })
+    }
+
     pub(crate) fn query(&self) -> Result<bool> {
         self.ctx.deferred.take()?;
         // SAFETY: the event is live while borrowed.

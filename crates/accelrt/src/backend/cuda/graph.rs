@@ -6,8 +6,9 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 
 use super::context::Context;
-use super::stream::{CudaStream, TaskBox};
+use super::stream::CudaStream;
 use super::sys::{self, CUgraph, CUgraphExec};
+use super::task::TaskBox;
 use crate::error::{Error, Result};
 
 /// A captured graph of a [`crate::backend::cuda::CudaDriver`]: the captured form (the
@@ -43,6 +44,20 @@ impl std::fmt::Debug for CudaGraph {
 }
 
 impl CudaGraph {
+    /// End the capture on `stream` and take its graph, with the host tasks captured there.
+    pub(crate) fn end_capture(stream: &CudaStream) -> Result<CudaGraph> {
+        let (graph, tasks) = stream.end_capture_raw();
+        let graph = graph?;
+        if graph.is_null() {
+            return Err(Error::Graph(
+                "the capture produced no graph (it was invalidated by an operation that cannot \
+                 be captured)"
+                    .into(),
+            ));
+        }
+        Ok(CudaGraph::captured(Arc::clone(&stream.ctx), graph, tasks))
+    }
+
     /// A graph a capture just returned (owned by the caller until this returns), not yet
     /// instantiated.
     #[allow(clippy::vec_box)] // boxed: the driver holds the tasks' addresses

@@ -4,8 +4,7 @@
 use std::ffi::{c_void, CStr};
 use std::time::Duration;
 
-use super::stream::CudaStream;
-use super::sys::{self, CUfunction, CUmodule};
+use super::sys::{self, CUfunction, CUmodule, CUstream, CuResult};
 use crate::error::{Error, Result};
 
 /// The module text, NUL-terminated for the driver.
@@ -86,31 +85,31 @@ impl Kernels {
     }
 
     /// # Safety
-    /// As [`sys::launch_kernel`]: `params` must match `f`'s parameters.
+    /// As [`sys::launch_kernel`]: `params` must match `f`'s parameters, and `stream` is a
+    /// live stream of the context that owns this module (or null with that context current).
     unsafe fn launch(
         &self,
         f: CUfunction,
         grid: u32,
         block: u32,
-        stream: &CudaStream,
+        stream: CUstream,
         params: &mut [*mut c_void],
-    ) -> Result<()> {
-        stream.ctx.deferred.take()?;
-        // SAFETY: forwarded from the caller; the stream's handle is live or null (then its
-        // context, which owns this module, is made current by `call`).
-        stream.call(|s| unsafe { sys::launch_kernel(f, grid, block, s, params) })
+    ) -> CuResult<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { sys::launch_kernel(f, grid, block, stream, params) }
     }
 
     /// # Safety
-    /// `ptr .. ptr + 4 * count` must be device memory of the stream's device that the caller
-    /// owns until the kernel has run.
+    /// `stream` is a live stream of the context that owns this module (or null with that
+    /// context current); `ptr .. ptr + 4 * count` must be device memory of the stream's
+    /// device that the caller owns until the kernel has run.
     pub(crate) unsafe fn fill_u32(
         &self,
-        stream: &CudaStream,
+        stream: CUstream,
         ptr: usize,
         count: usize,
         value: u32,
-    ) -> Result<()> {
+    ) -> CuResult<()> {
         if count == 0 {
             return Ok(());
         }
@@ -128,11 +127,11 @@ impl Kernels {
     /// As [`Kernels::fill_u32`].
     pub(crate) unsafe fn add_u32(
         &self,
-        stream: &CudaStream,
+        stream: CUstream,
         ptr: usize,
         count: usize,
         delta: u32,
-    ) -> Result<()> {
+    ) -> CuResult<()> {
         if count == 0 {
             return Ok(());
         }
@@ -147,7 +146,10 @@ impl Kernels {
     }
 
     /// Occupy the stream for `duration` (one thread busy-waiting on the GPU's global timer).
-    pub(crate) fn spin(&self, stream: &CudaStream, duration: Duration) -> Result<()> {
+    ///
+    /// # Safety
+    /// `stream` as in [`Kernels::fill_u32`].
+    pub(crate) unsafe fn spin(&self, stream: CUstream, duration: Duration) -> CuResult<()> {
         let mut ns = duration.as_nanos().min(u64::MAX as u128) as u64;
         let mut params = [(&mut ns as *mut u64).cast::<c_void>()];
         // SAFETY: params match spin_ns(u64); the kernel touches no memory.
@@ -159,12 +161,12 @@ impl Kernels {
     /// `delay` before writing).
     pub(crate) unsafe fn spin_then_fill(
         &self,
-        stream: &CudaStream,
+        stream: CUstream,
         ptr: usize,
         count: usize,
         value: u32,
         delay: Duration,
-    ) -> Result<()> {
+    ) -> CuResult<()> {
         let (mut p, mut n, mut v) = (ptr as u64, count as u64, value);
         let mut ns = delay.as_nanos().min(u64::MAX as u128) as u64;
         let mut params = [
@@ -186,16 +188,16 @@ impl Kernels {
     }
 
     /// # Safety
-    /// `ptr .. ptr + 4 * count` readable device memory and `counter` an 8-byte-aligned
-    /// device word the caller owns, until the kernel has run.
+    /// `stream` as in [`Kernels::fill_u32`]; `ptr .. ptr + 4 * count` readable device memory
+    /// and `counter` an 8-byte-aligned device word the caller owns, until the kernel has run.
     pub(crate) unsafe fn count_mismatches(
         &self,
-        stream: &CudaStream,
+        stream: CUstream,
         ptr: usize,
         count: usize,
         expected: u32,
         counter: usize,
-    ) -> Result<()> {
+    ) -> CuResult<()> {
         if count == 0 {
             return Ok(());
         }

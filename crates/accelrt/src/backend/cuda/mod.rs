@@ -21,8 +21,10 @@ mod event;
 mod graph;
 mod kernels;
 mod memory;
+mod raw_stream;
 mod stream;
 mod sys;
+mod task;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -35,13 +37,13 @@ pub use memory::{CudaMemory, PinnedMemory};
 pub use stream::CudaStream;
 
 use context::Context;
-use stream::check_not_in_host_task;
+use task::check_not_in_host_task;
 
 use crate::alloc::MemoryProvider;
 use crate::device::{DeviceProperties, DeviceType};
 use crate::driver::{Driver, MemoryUsage};
+use crate::driver::{EventCallback, HostTask};
 use crate::error::{Error, Result};
-use crate::hooks::{EventCallback, HostTask};
 use crate::stream::StreamPriority;
 
 /// The oldest driver API version this backend runs on (CUDA 12.8: `cuEventElapsedTime_v2`).
@@ -236,8 +238,11 @@ impl CudaDriver {
         count: usize,
         value: u32,
     ) -> Result<()> {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { stream.ctx.kernels()?.fill_u32(stream, ptr, count, value) }
+        let kernels = stream.ctx.kernels()?;
+        stream.ctx.deferred.take()?;
+        // SAFETY: forwarded from this function's contract; `call` passes the stream's live
+        // handle (or null, with its context, which owns the module, made current).
+        stream.call(|s| unsafe { kernels.fill_u32(s, ptr, count, value) })
     }
 
     /// Add `delta` to `count` 32-bit words from `ptr` (wrapping), in stream order.
@@ -251,13 +256,18 @@ impl CudaDriver {
         count: usize,
         delta: u32,
     ) -> Result<()> {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { stream.ctx.kernels()?.add_u32(stream, ptr, count, delta) }
+        let kernels = stream.ctx.kernels()?;
+        stream.ctx.deferred.take()?;
+        // SAFETY: forwarded from this function's contract; the handle as in `fill_u32`.
+        stream.call(|s| unsafe { kernels.add_u32(s, ptr, count, delta) })
     }
 
     /// Keep the stream busy for `duration` (a kernel busy-waiting on the GPU's global timer).
     pub fn spin(&self, stream: &CudaStream, duration: Duration) -> Result<()> {
-        stream.ctx.kernels()?.spin(stream, duration)
+        let kernels = stream.ctx.kernels()?;
+        stream.ctx.deferred.take()?;
+        // SAFETY: the handle as in `fill_u32`; the kernel touches no memory.
+        stream.call(|s| unsafe { kernels.spin(s, duration) })
     }
 
     /// Wait `delay` on the device, then set `count` words from `ptr` to `value`.
@@ -272,13 +282,10 @@ impl CudaDriver {
         value: u32,
         delay: Duration,
     ) -> Result<()> {
-        // SAFETY: forwarded from this function's contract.
-        unsafe {
-            stream
-                .ctx
-                .kernels()?
-                .spin_then_fill(stream, ptr, count, value, delay)
-        }
+        let kernels = stream.ctx.kernels()?;
+        stream.ctx.deferred.take()?;
+        // SAFETY: forwarded from this function's contract; the handle as in `fill_u32`.
+        stream.call(|s| unsafe { kernels.spin_then_fill(s, ptr, count, value, delay) })
     }
 
     /// Add to the 64-bit device word at `counter` the number of the `count` words from `ptr`
@@ -295,13 +302,10 @@ impl CudaDriver {
         expected: u32,
         counter: usize,
     ) -> Result<()> {
-        // SAFETY: forwarded from this function's contract.
-        unsafe {
-            stream
-                .ctx
-                .kernels()?
-                .count_mismatches(stream, ptr, count, expected, counter)
-        }
+        let kernels = stream.ctx.kernels()?;
+        stream.ctx.deferred.take()?;
+        // SAFETY: forwarded from this function's contract; the handle as in `fill_u32`.
+        stream.call(|s| unsafe { kernels.count_mismatches(s, ptr, count, expected, counter) })
     }
 
     /// Set `count` 32-bit words from `ptr` to `value` with `cuMemsetD32Async`, in stream order.
@@ -368,7 +372,7 @@ impl Driver for CudaDriver {
         let (count, version) = std::panic::catch_unwind(open).unwrap_or_else(|p| {
             Err(format!(
                 "loading the CUDA driver failed: {}",
-                stream::panic_text(&*p)
+                task::panic_text(&*p)
             ))
         })?;
         Ok(CudaDriver {
@@ -474,7 +478,7 @@ impl Driver for CudaDriver {
     }
 
     fn stream_wait_event(&self, stream: &CudaStream, event: &CudaEvent) -> Result<()> {
-        stream.wait_event(event)
+        event.wait(stream)
     }
 
     fn launch_host(&self, stream: &CudaStream, task: HostTask) -> Result<()> {
@@ -533,7 +537,7 @@ impl Driver for CudaDriver {
     }
 
     fn capture_end(&self, stream: &CudaStream) -> Result<CudaGraph> {
-        stream.end_capture()
+        CudaGraph::end_capture(stream)
     }
 
     fn graph_launch(&self, graph: &CudaGraph, stream: &CudaStream) -> Result<()> {
@@ -555,7 +559,7 @@ impl Driver for CudaDriver {
         event: &CudaEvent,
     ) -> Result<()> {
         // Waiting for an event recorded in a capture makes the stream part of that capture.
-        stream.wait_event(event)
+        event.wait(stream)
     }
 
     fn capture_leave(&self, stream: &CudaStream, graph: Option<&CudaGraph>) -> Result<()> {

@@ -3,113 +3,16 @@
 //! (PyTorch's) that the backend uses without owning. Host tasks run through
 //! `cuLaunchHostFunc`.
 
-use std::cell::Cell;
 use std::ffi::c_void;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use super::context::{Context, Deferred};
-use super::event::CudaEvent;
-use super::graph::CudaGraph;
-use super::sys::{self, CUstream, CuResult};
+use super::sys::{self, CUgraph, CUstream, CuResult};
+use super::task::{check_not_in_host_task, run_task_kept, run_task_once, TaskBox};
+use crate::driver::HostTask;
 use crate::error::{Error, Result};
-use crate::hooks::HostTask;
-
-thread_local! {
-    /// True on the driver's callback thread while one of our host tasks runs.
-    static IN_HOST_TASK: Cell<bool> = const { Cell::new(false) };
-}
-
-/// `Err` when called from inside a host task: waiting there would wait for the task itself
-/// (CUDA forbids CUDA calls in host functions; this turns the deadlock into an error).
-pub(crate) fn check_not_in_host_task(what: &str) -> Result<()> {
-    if IN_HOST_TASK.with(Cell::get) {
-        return Err(Error::InvalidArgument(format!(
-            "cannot {what} from inside a host task launched with launch_host: it runs on the \
-             CUDA driver's callback thread, which must not call CUDA (CUDA's rule) and would \
-             wait for itself; do the waiting after the task, or use event_notify, whose \
-             callbacks run on an ordinary thread"
-        )));
-    }
-    Ok(())
-}
-
-/// Text of a caught panic.
-pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with a non-text payload".to_string())
-}
-
-/// An owned, non-blocking stream handle (destroyed on drop). Used for the backend's private
-/// streams.
-pub(crate) struct RawStream {
-    pub(crate) raw: CUstream,
-}
-
-// SAFETY: a CUstream is an opaque driver handle usable from any thread (the driver API is
-// thread-safe); we never dereference it.
-unsafe impl Send for RawStream {}
-// SAFETY: as above; the handle is never mutated.
-unsafe impl Sync for RawStream {}
-
-impl RawStream {
-    /// A new non-blocking stream in the current context.
-    pub(crate) fn create(priority: i32) -> Result<RawStream> {
-        Ok(RawStream {
-            raw: sys::stream_create(priority)?,
-        })
-    }
-}
-
-impl Drop for RawStream {
-    fn drop(&mut self) {
-        // SAFETY: we created the stream and own it; nothing uses it after its owner drops.
-        if let Err(e) = unsafe { sys::stream_destroy(self.raw) } {
-            eprintln!(
-                "accelrt: destroying a private CUDA stream: {}",
-                e.into_error()
-            );
-        }
-    }
-}
-
-/// What a host-function launch hands the driver: the task and where its panic goes.
-pub(crate) struct TaskBox {
-    task: HostTask,
-    errors: Arc<Deferred>,
-}
-
-fn run_task(b: &TaskBox) {
-    IN_HOST_TASK.with(|f| f.set(true));
-    let result = catch_unwind(AssertUnwindSafe(|| (b.task)()));
-    IN_HOST_TASK.with(|f| f.set(false));
-    if let Err(p) = result {
-        b.errors
-            .keep(format!("a host task panicked: {}", panic_text(&*p)));
-    }
-}
-
-/// Host function for a launch that runs once: owns its box.
-unsafe extern "C" fn run_task_once(data: *mut c_void) {
-    // SAFETY: `data` is `Box::into_raw` of a TaskBox from `launch_host`, handed to exactly
-    // one uncaptured launch, so this is its only use and we may take it back.
-    let b = unsafe { Box::from_raw(data.cast::<TaskBox>()) };
-    run_task(&b);
-}
-
-/// Host function for a launch captured into a graph: runs at every replay, borrows its box
-/// (kept alive by the stream, then by the graph).
-unsafe extern "C" fn run_task_kept(data: *mut c_void) {
-    // SAFETY: `data` points into a Box<TaskBox> owned by the stream or the graph made from
-    // its capture, which outlives every launch of that graph (CudaGraph's drop synchronizes
-    // the context before freeing its boxes).
-    let b = unsafe { &*data.cast::<TaskBox>() };
-    run_task(b);
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ownership {
@@ -257,12 +160,6 @@ impl CudaStream {
         self.call(|s| unsafe { sys::stream_query(s) })
     }
 
-    pub(crate) fn wait_event(&self, event: &CudaEvent) -> Result<()> {
-        self.ctx.deferred.take()?;
-        // SAFETY: both handles are live (the event is borrowed for the call).
-        self.call(|s| unsafe { sys::stream_wait_event(s, event.raw) })
-    }
-
     pub(crate) fn launch_host(&self, task: HostTask) -> Result<()> {
         self.ctx.deferred.take()?;
         let _capture = self.capture_lock.lock();
@@ -315,20 +212,15 @@ impl CudaStream {
         std::mem::take(&mut *self.captured.lock())
     }
 
-    pub(crate) fn end_capture(&self) -> Result<CudaGraph> {
+    /// End the capture on this stream: the driver's graph (null when the capture was
+    /// invalidated) and the boxes of the host tasks captured on it, which the graph must keep
+    /// (`CudaGraph::end_capture` makes the graph).
+    #[allow(clippy::vec_box)] // boxed: the driver holds their addresses
+    pub(crate) fn end_capture_raw(&self) -> (CuResult<CUgraph>, Vec<Box<TaskBox>>) {
         let _capture = self.capture_lock.lock();
         // SAFETY: `self.raw` is live; the driver reports a stream that is not capturing.
         let graph = unsafe { sys::stream_end_capture(self.raw) };
-        let tasks = std::mem::take(&mut *self.captured.lock());
-        let graph = graph?;
-        if graph.is_null() {
-            return Err(Error::Graph(
-                "the capture produced no graph (it was invalidated by an operation that cannot \
-                 be captured)"
-                    .into(),
-            ));
-        }
-        Ok(CudaGraph::captured(Arc::clone(&self.ctx), graph, tasks))
+        (graph, std::mem::take(&mut *self.captured.lock()))
     }
 }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::stream::{Mark, StreamShared};
+use crate::driver::EventCallback;
 use crate::error::{Error, Result};
-use crate::hooks::EventCallback;
 
 /// Where an event was last recorded.
 #[derive(Clone)]

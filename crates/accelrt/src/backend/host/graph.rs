@@ -1,6 +1,6 @@
 //! Host graphs: the tasks launched on a stream while it was capturing, replayable.
 
-use crate::hooks::HostTask;
+use crate::driver::HostTask;
 
 /// Work captured from a host stream. Replay queues the same tasks again, in order.
 pub struct HostGraph {

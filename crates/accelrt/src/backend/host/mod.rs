@@ -7,22 +7,21 @@
 
 mod event;
 mod graph;
-mod memory;
 mod stream;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+pub use crate::alloc::HostMemory;
 pub use event::HostEvent;
 pub use graph::HostGraph;
-pub use memory::HostMemory;
 pub use stream::HostStream;
 
 use crate::alloc::MemoryProvider;
 use crate::device::{DeviceProperties, DeviceType};
 use crate::driver::Driver;
+use crate::driver::{EventCallback, HostTask};
 use crate::error::{Error, Result};
-use crate::hooks::{EventCallback, HostTask};
 use crate::stream::StreamPriority;
 
 /// Environment variable with the number of host devices.

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::driver::{EventCallback, HostTask};
 use crate::error::{Error, Result};
-use crate::hooks::{EventCallback, HostTask};
 
 thread_local! {
     /// The id of the stream whose worker runs on this thread (0: none; ids start at 1).

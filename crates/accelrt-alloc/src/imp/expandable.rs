@@ -1,0 +1,917 @@
+//! Expandable segments: blocks carved from reserved virtual ranges, backed by physical
+//! *chunks* mapped on demand. Chunks, not segments, are the unit of memory.
+//!
+//! When a block needs memory (its slots hold no chunk), each unmapped run is filled from:
+//! 1. spare chunks (created, mapped nowhere);
+//! 2. new chunks, while reserved memory stays under the growth threshold (the previous peak
+//!    with `release_at_peak`, and the low watermark): pages stay where they are used, so a
+//!    workload that repeats itself settles and makes no driver call;
+//! 3. **moves**: idle chunks (lying wholly inside free blocks) of the requesting pool are
+//!    mapped at the new place at once, without waiting for anything: work queued on the pool's
+//!    stream is ordered after the old work by the stream itself. The old range stays mapped as
+//!    a *lent* block until a fence on the stream shows the work that used it done, and is then
+//!    unmapped lazily (`reclaim_lent`, on later slow paths). Idle chunks of *other* pools move
+//!    only behind a fence already recorded on their stream, and the requesting stream is made
+//!    to wait for that fence on the device (`StreamEvents::wait`), never the host;
+//! 4. new chunks up to the hard limit;
+//! 5. at the limit: one device-wide synchronize, after which every idle chunk may move.
+//!
+//! New chunks are sized to demand: a run gets one chunk (up to the current cap, at most
+//! [`MAX_CHUNK_BYTES`]), and a page it shares with a neighbouring block gets its own one-page
+//! chunk, so that a freed block's chunk is wholly idle and can move. The cap halves when a new
+//! peak happens while free memory is stranded in partly used chunks. The costs behind these
+//! numbers are in `provider.rs` and `ARCHITECTURE.md`.
+//!
+//! All chunk and page-table changes happen under the `vm` mutex (before any pool lock); the
+//! fast path never takes it (a block whose pages are all mapped has `mapped_len >= size`).
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use parking_lot::MutexGuard;
+
+use super::{hold_in_flight, AllocatorEvent, CachingAllocator, SegmentFailure, StreamPool};
+use crate::chunks::{ChunkTable, Home};
+use crate::error::{Error, Result};
+use crate::history::TraceAction;
+use crate::pool::{BlockState, PoolState, Run, LENT, NIL, NO_CHUNK};
+use crate::provider::{ChunkHandle, ProviderError, VirtualMemory};
+use crate::size::pool_kind;
+
+/// The largest chunk created. A chunk's driver calls cost about the same whatever its size
+/// (`cuMemCreate` 15 us for 2 MiB, 40 us for 128 MiB; map and access 38 us for 2 MiB, 64 us
+/// for 128 MiB), so larger chunks mean fewer calls; but a chunk moves only whole, so memory
+/// freed around live blocks stays stranded in large ones. Replaying nine workloads recorded
+/// on the H200 with their real GPU timing (`BENCHMARKS.md`), the mean peak reserved / peak
+/// allocated was 1.054 with 128 MiB chunks, 1.042 with 64 MiB and 1.039 with 32 MiB, at
+/// 30-40% more creations and maps for each halving: 64 MiB.
+pub(crate) const MAX_CHUNK_BYTES: u64 = 64 << 20;
+
+/// The adaptive chunk cap never falls below reserved memory divided by this: smaller chunks
+/// would cost more driver time than the memory they save (replays of `traces/`, see
+/// `ARCHITECTURE.md`).
+const STRANDING_FLOOR_DIV: u64 = 32;
+
+/// Move budget: one move (remapping chunks, or releasing idle ones at the peak) per this many
+/// allocations, on average...
+const ALLOCS_PER_MOVE: u64 = 16;
+/// ...plus this many up front. Training and inference traces move around their peaks; a
+/// workload that sits at its peak and churns (RMM's random benchmark) runs out, and new
+/// chunks are created instead, until reserved memory settles where churn needs no remapping.
+const INITIAL_MOVES: u64 = 32;
+
+/// The state behind the allocator's `vm` mutex.
+#[derive(Debug)]
+pub(crate) struct VmState {
+    pub chunks: ChunkTable,
+    /// The largest chunk created now, in pages: starts at [`MAX_CHUNK_BYTES`] and halves each
+    /// time memory stranded in partly used chunks forces a new peak.
+    pub chunk_cap: usize,
+}
+
+impl VmState {
+    pub(crate) fn new(page: u64) -> Self {
+        VmState {
+            chunks: ChunkTable::default(),
+            chunk_cap: (MAX_CHUNK_BYTES / page.max(1)).max(1) as usize,
+        }
+    }
+}
+
+/// Chunks to map one after another: (chunk index, pages).
+type Placement = Vec<(u32, usize)>;
+
+impl CachingAllocator {
+    fn vm(&self) -> &dyn VirtualMemory {
+        self.provider
+            .virtual_memory()
+            .expect("expandable mode is only on for providers with virtual memory")
+    }
+
+    fn page_bytes(&self) -> u64 {
+        self.vm_page
+    }
+
+    fn max_chunk_pages(&self) -> usize {
+        (MAX_CHUNK_BYTES / self.vm_page).max(1) as usize
+    }
+
+    /// The slow path of an allocation in expandable mode.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn alloc_slow_vm(
+        &self,
+        pool_idx: u32,
+        pool: &StreamPool,
+        rounded: u64,
+        size: u64,
+    ) -> Result<usize> {
+        for attempt in 0..2 {
+            let block = {
+                let mut st = pool.state.lock();
+                self.process_pending(&mut st, pool.stream.index);
+                let block = st.take_backed(rounded, size, &self.pool_config);
+                if block != NIL {
+                    hold_in_flight(&mut st, block);
+                }
+                block
+            };
+            let block = if block != NIL {
+                block
+            } else {
+                self.grow_address_space(pool_idx, pool, rounded, size)?
+            };
+            match self.map_block(pool_idx, pool, block) {
+                Ok(()) => return Ok(self.publish_mapped(pool, block)),
+                Err(failure) => {
+                    self.unwind_unmapped(pool, block);
+                    match failure {
+                        SegmentFailure::Driver(message) => {
+                            return Err(Error::Driver {
+                                call: "mapping device memory",
+                                message,
+                            })
+                        }
+                        _ if attempt == 0 => {
+                            self.fire(0, size, AllocatorEvent::AllocationFailed);
+                            self.counters.num_alloc_retries.fetch_add(1, Relaxed);
+                            self.release_cached(true)?;
+                        }
+                        SegmentFailure::Limit(limit) => return Err(self.out_of_memory(size, limit)),
+                        SegmentFailure::DeviceFull => {
+                            return Err(self.out_of_memory(size, "device memory".into()))
+                        }
+                    }
+                }
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    /// A cached block came out of the fast path not fully mapped: map it, or fall back to the
+    /// slow path (which retries with callbacks and cache release before failing).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn finish_unmapped(
+        &self,
+        pool_idx: u32,
+        pool: &StreamPool,
+        block: u32,
+        rounded: u64,
+        size: u64,
+    ) -> Result<usize> {
+        match self.map_block(pool_idx, pool, block) {
+            Ok(()) => Ok(self.publish_mapped(pool, block)),
+            Err(SegmentFailure::Driver(message)) => {
+                self.unwind_unmapped(pool, block);
+                Err(Error::Driver {
+                    call: "mapping device memory",
+                    message,
+                })
+            }
+            Err(_) => {
+                self.unwind_unmapped(pool, block);
+                self.alloc_slow_vm(pool_idx, pool, rounded, size)
+            }
+        }
+    }
+
+    fn publish_mapped(&self, pool: &StreamPool, block: u32) -> usize {
+        let mut st = pool.state.lock();
+        // The caller's from here on (see `hold_in_flight`).
+        let addr = st.blocks[block as usize].addr;
+        st.live.insert(addr, block);
+        if self.history.enabled() {
+            self.note_alloc(&mut st, block, pool.stream.index);
+        }
+        let ptr = st.blocks[block as usize].addr;
+        drop(st);
+        if self.config.debug_checks {
+            self.debug_check("alloc (expandable)");
+        }
+        ptr
+    }
+
+    /// Give back a block that could not be mapped (it was carved, but never handed out).
+    fn unwind_unmapped(&self, pool: &StreamPool, block: u32) {
+        let mut st = pool.state.lock();
+        // In flight (see `hold_in_flight`): no free can have reached it.
+        debug_assert_eq!(st.blocks[block as usize].state, BlockState::Allocated);
+        st.account_free(block);
+        st.release_to_cache(block);
+    }
+
+    /// Reserve a new virtual range for `pool` and carve a block of `rounded` bytes from it.
+    fn grow_address_space(
+        &self,
+        pool_idx: u32,
+        pool: &StreamPool,
+        rounded: u64,
+        size: u64,
+    ) -> Result<u32> {
+        let (_, total) = self.provider.memory_info();
+        if rounded > total {
+            self.fire(0, size, AllocatorEvent::AllocationFailed);
+            return Err(self.out_of_memory(size, "device memory".into()));
+        }
+        let page = self.page_bytes();
+        let needed = round_up_checked(rounded.saturating_add(page), page).unwrap_or(u64::MAX);
+        // Address space is cheap: twice the device, so one range serves the pool's lifetime;
+        // plus 1/64 of that so the size sits mid-class in the free index, not on a class
+        // boundary (a power of two): the large free remainder then keeps its class as blocks
+        // come and go, and moves on its free list in O(1) (`Tlsf::replace`). Never more than
+        // a 64-bit process can map (2^46 bytes), and less if the system refuses that much.
+        let twice = total.saturating_mul(2);
+        let mut span = round_up_checked(twice.saturating_add(twice / 64), page)
+            .unwrap_or(MAX_RANGE)
+            .clamp(needed, MAX_RANGE.max(needed));
+        let first_try = span;
+        let base = loop {
+            let attempt = usize::try_from(span)
+                .map_err(|_| ProviderError::OutOfMemory)
+                .and_then(|s| self.vm().reserve(s));
+            match attempt {
+                Ok(base) => {
+                    self.driver.reserve.fetch_add(1, Relaxed);
+                    break base;
+                }
+                Err(_) if span / 2 >= needed => {
+                    span = round_up_checked(span / 2, page)
+                        .unwrap_or(needed)
+                        .max(needed);
+                }
+                Err(e) => {
+                    return Err(Error::Driver {
+                        call: "reserving address space",
+                        message: format!(
+                            "no range of {} down to {} for a block of {} on {}: {} (is the \
+                             process's virtual memory limited, e.g. `ulimit -v`? \
+                             expandable_segments:false needs no reservation)",
+                            crate::format_size(first_try),
+                            crate::format_size(span),
+                            crate::format_size(rounded),
+                            self.device,
+                            e.describe().trim_start_matches("reserving address space: ")
+                        ),
+                    })
+                }
+            }
+        };
+        self.pages.insert(base, span as usize, pool_idx);
+        self.segment_index.write().insert(base, span);
+        let segs = self.segments.fetch_add(1, Relaxed) + 1;
+        self.segments_peak.fetch_max(segs, Relaxed);
+        let mut st = pool.state.lock();
+        st.add_vm_segment(base, span, pool_kind(rounded), page);
+        let block = st.take_backed(rounded, size, &self.pool_config);
+        if block == NIL {
+            // Cannot happen (the range is larger than the block), but a wrong size must not
+            // take the process down.
+            return Err(Error::InvalidArgument(format!(
+                "a fresh address range of {span} bytes did not hold a block of {rounded} bytes"
+            )));
+        }
+        hold_in_flight(&mut st, block);
+        Ok(block)
+    }
+
+    /// Make every page under `block` (carved, not yet handed out) mapped.
+    fn map_block(
+        &self,
+        pool_idx: u32,
+        pool: &StreamPool,
+        block: u32,
+    ) -> std::result::Result<(), SegmentFailure> {
+        let mut vm = self.vm_state.lock();
+        self.reclaim_lent(&mut vm, Some(pool_idx));
+        let mut synced = false;
+        loop {
+            let run = pool
+                .state
+                .lock()
+                .first_unmapped_run(block, self.max_chunk_pages());
+            let Some(run) = run else {
+                let mut st = pool.state.lock();
+                let b = &mut st.blocks[block as usize];
+                b.mapped_len = b.size;
+                return Ok(());
+            };
+            match self.fill_run(&mut vm, pool_idx, pool, run, synced) {
+                Ok(placement) => {
+                    let placement = arrange(placement, run);
+                    self.map_at(&mut vm, pool_idx, pool, run, &placement)?
+                }
+                Err(e @ (SegmentFailure::Limit(_) | SegmentFailure::DeviceFull))
+                    if !synced && self.events.is_some() =>
+                {
+                    // At the limit: wait for the device once, then every idle chunk may move.
+                    if MutexGuard::unlocked(&mut vm, || self.fence_all_pools()).is_err() {
+                        return Err(e); // a broken stream: leave its memory alone
+                    }
+                    self.reclaim_lent(&mut vm, None);
+                    synced = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Chunks to fill `run` (see the module docs for the order).
+    fn fill_run(
+        &self,
+        vm: &mut VmState,
+        pool_idx: u32,
+        pool: &StreamPool,
+        run: Run,
+        synced: bool,
+    ) -> std::result::Result<Placement, SegmentFailure> {
+        let page = self.page_bytes();
+        let cap = vm.chunk_cap.min(self.max_chunk_pages()).max(1);
+        let mut out: Placement = Vec::new();
+        let mut remaining = run.len;
+        let room = run.room;
+        let result = (|| {
+            // 1. Spare chunks: exactly the size left, else the largest that fits, else one
+            //    reaching into the room after the run.
+            while remaining > 0 {
+                let id = vm
+                    .chunks
+                    .take_spare(remaining as u32, true)
+                    .or_else(|| vm.chunks.take_spare(remaining as u32, false))
+                    .or_else(|| vm.chunks.take_spare((remaining + room) as u32, false));
+                let Some(id) = id else { break };
+                let pages = vm.chunks.get(id).pages as usize;
+                out.push((id, pages));
+                remaining = remaining.saturating_sub(pages);
+            }
+            // 2. New chunks below the growth threshold: no new peak.
+            let threshold = self.growth_threshold();
+            while remaining > 0 {
+                let want = new_chunk_pages(remaining, cap);
+                let fits =
+                    threshold.is_none_or(|t| self.reserved.load(Relaxed) + want as u64 * page <= t);
+                if !fits {
+                    break;
+                }
+                out.push((self.create_chunk(vm, want)?, want));
+                remaining -= want;
+            }
+            if remaining > 0 && (synced || self.may_move()) {
+                // 3. Moves: idle chunks of this pool (no wait), then of other pools behind
+                //    their fences (a device-side wait).
+                for (id, pages) in self.move_idle(vm, pool_idx, pool, remaining, room, synced) {
+                    out.push((id, pages));
+                    remaining = remaining.saturating_sub(pages);
+                }
+                // 4. Still short at the peak: give back idle chunks whose work has passed (a
+                //    completed fence) and create what the run needs instead of growing, as
+                //    `release_at_peak` gives back whole segments.
+                if let (true, Some(t)) = (remaining > 0, threshold) {
+                    let need = self.reserved.load(Relaxed) + remaining as u64 * page;
+                    if need > t {
+                        self.release_idle_bytes(vm, pool_idx, pool, need - t);
+                    }
+                    while remaining > 0 {
+                        let want = new_chunk_pages(remaining, cap);
+                        if self.reserved.load(Relaxed) + want as u64 * page > t {
+                            break;
+                        }
+                        out.push((self.create_chunk(vm, want)?, want));
+                        remaining -= want;
+                    }
+                }
+            }
+            if remaining > 0 && threshold.is_some() {
+                // A new peak while free memory lies stranded in partly used chunks (a chunk
+                // moves only whole): chunks are too coarse for this workload; halve them, down
+                // to 1/32 of what is reserved.
+                let stranded = pool.state.lock().stranded_bytes(&vm.chunks);
+                let floor = (self.reserved.load(Relaxed) / STRANDING_FLOOR_DIV / page).max(1);
+                if stranded >= remaining as u64 * page && vm.chunk_cap as u64 > floor {
+                    vm.chunk_cap = (vm.chunk_cap / 2).max(floor as usize);
+                }
+            }
+            // 5. New chunks up to the hard limit.
+            while remaining > 0 {
+                let want = new_chunk_pages(remaining, cap);
+                out.push((self.create_chunk(vm, want)?, want));
+                remaining -= want;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                for (id, _) in out {
+                    vm.chunks.push_spare(id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Move idle chunks to fill `want` slots (plus `room`): from the requesting pool first,
+    /// then from the others. Returns what was taken, lent at its old place.
+    fn move_idle(
+        &self,
+        vm: &mut VmState,
+        pool_idx: u32,
+        pool: &StreamPool,
+        want: usize,
+        room: usize,
+        synced: bool,
+    ) -> Placement {
+        let mut got: Placement = Vec::new();
+        let mut remaining = want;
+        // The requesting pool: free blocks are used by nothing but work queued on its own
+        // stream, and later work on that stream runs after it.
+        {
+            let mut st = pool.state.lock();
+            let (taken, left) = st.lend_idle(&mut vm.chunks, u64::MAX, remaining, room);
+            self.note_lent(&st, pool.stream.index, &taken);
+            let cover = (!taken.is_empty()).then_some(st.tick);
+            got.extend(taken);
+            remaining = left;
+            drop(st);
+            if let Some(tick) = cover {
+                // The old ranges are unmapped once a fence after their last use completes.
+                self.fence(pool, Some(tick));
+            }
+        }
+        // Other pools: only memory freed before a fence recorded on their own stream (never
+        // record on another pool's stream: it may be an external stream its owner destroyed).
+        if remaining > 0 {
+            for (qi, q) in self.pools_with_index() {
+                if qi as u32 == pool_idx || q.private || remaining == 0 {
+                    continue;
+                }
+                let mut st = q.state.lock();
+                // (since, the fence to wait for on the device)
+                let (since, wait) = if synced || self.events.is_none() {
+                    (u64::MAX, None)
+                } else if let Some(&(tick, ticket)) = st.fences.back() {
+                    (tick, Some(ticket))
+                } else {
+                    (st.safe_tick, None)
+                };
+                let (since, wait) = if st.safe_tick >= since {
+                    (st.safe_tick, None) // already passed: no wait
+                } else {
+                    (since, wait)
+                };
+                if since == 0 {
+                    continue;
+                }
+                let (taken, left) = st.lend_idle(&mut vm.chunks, since, remaining, room);
+                if taken.is_empty() {
+                    continue;
+                }
+                if let Some(ticket) = wait {
+                    // Order the requesting stream after that fence, on the device (the ticket
+                    // stays alive: the pool's lock is held). Were the wait refused, the chunks
+                    // stay spare until their old range is unmapped.
+                    let events = self.events.as_ref().expect("a fence needs events");
+                    self.driver.event_wait.fetch_add(1, Relaxed);
+                    if events.wait(pool.stream, ticket).is_err() {
+                        taken.iter().for_each(|&(id, _)| vm.chunks.push_spare(id));
+                        continue;
+                    }
+                }
+                self.note_lent(&st, q.stream.index, &taken);
+                got.extend(taken);
+                remaining = left;
+            }
+        }
+        if !got.is_empty() {
+            self.counters.num_page_steals.fetch_add(1, Relaxed);
+            let pages: usize = got.iter().map(|&(_, p)| p).sum();
+            self.counters
+                .num_pages_remapped
+                .fetch_add(pages as u64, Relaxed);
+        }
+        got
+    }
+
+    /// Release idle chunks (of the requesting pool first) whose work has passed, holding at
+    /// least `bytes`. Never waits: only memory behind a completed fence goes.
+    fn release_idle_bytes(&self, vm: &mut VmState, pool_idx: u32, pool: &StreamPool, bytes: u64) {
+        let page = self.page_bytes();
+        let mut left = bytes.div_ceil(page) as usize;
+        let order = std::iter::once((pool_idx as usize, pool)).chain(
+            self.pools_with_index()
+                .filter(|&(i, p)| i as u32 != pool_idx && !p.private),
+        );
+        let mut freed = false;
+        for (_, q) in order {
+            if left == 0 {
+                break;
+            }
+            let Some(since) = self.fence(q, None) else {
+                continue;
+            };
+            let taken = q.state.lock().take_idle_pages(&vm.chunks, since, left);
+            if taken.is_empty() {
+                continue;
+            }
+            let mut ranges: Vec<(usize, usize)> = taken.iter().map(|&(a, n, _)| (a, n)).collect();
+            ranges.sort_unstable();
+            self.unmap_ranges(&ranges);
+            if self.history.enabled() {
+                for &(addr, len) in &ranges {
+                    self.history.record(
+                        TraceAction::SegmentUnmap,
+                        addr as u64,
+                        len as u64,
+                        q.stream.index,
+                    );
+                }
+            }
+            for (_, len, id) in taken {
+                left = left.saturating_sub(len / page as usize);
+                self.release_chunk(vm, id);
+            }
+            freed = true;
+        }
+        if freed {
+            self.counters.num_page_steals.fetch_add(1, Relaxed);
+        }
+        if left > 0 {
+            // Idle memory too recent to give back: have a fence cover it for next time.
+            let tick = pool.state.lock().tick;
+            self.fence(pool, Some(tick));
+        }
+    }
+
+    /// History for chunks that just left their place: their memory is no longer reserved
+    /// there (it is counted where it is mapped next).
+    fn note_lent(&self, st: &PoolState, stream: u32, taken: &[(u32, usize)]) {
+        if !self.history.enabled() || taken.is_empty() {
+            return;
+        }
+        let page = self.page_bytes();
+        for l in &st.lent[st.lent.len() - taken.len()..] {
+            let addr = (l.seg_base as u64) + l.slot as u64 * page;
+            self.history.record(
+                TraceAction::SegmentUnmap,
+                addr,
+                l.pages as u64 * page,
+                stream,
+            );
+        }
+    }
+
+    /// Map `placement` from the start of `run` and record it in the pool's page table.
+    fn map_at(
+        &self,
+        vm: &mut VmState,
+        pool_idx: u32,
+        pool: &StreamPool,
+        run: Run,
+        placement: &Placement,
+    ) -> std::result::Result<(), SegmentFailure> {
+        let page = self.page_bytes() as usize;
+        let handles: Vec<(ChunkHandle, usize)> = placement
+            .iter()
+            .map(|&(id, pages)| (vm.chunks.get(id).handle, pages * page))
+            .collect();
+        let addr = run.seg_base + run.first * page;
+        // SAFETY: the slots from `run.first` hold no chunk (read under the pool lock with
+        // `vm` held since, and only `vm` holders map), they are page-aligned inside a range
+        // this provider reserved, and the placement covers at most the run plus its room,
+        // which is unmapped free space; every chunk is live (created, spare or just moved).
+        let mapped = unsafe { self.vm().map(addr, &handles) };
+        self.driver.map.fetch_add(handles.len() as u64, Relaxed);
+        self.driver.set_access.fetch_add(1, Relaxed);
+        if let Err(e) = mapped {
+            for &(id, _) in placement {
+                vm.chunks.push_spare(id);
+            }
+            return Err(match e {
+                ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
+                ProviderError::Failed(m) => SegmentFailure::Driver(m),
+            });
+        }
+        let mut slot = run.first;
+        for &(id, pages) in placement {
+            vm.chunks.get_mut(id).home = Home::Mapped {
+                pool: pool_idx,
+                seg_base: run.seg_base,
+                slot: slot as u32,
+            };
+            slot += pages;
+        }
+        pool.state
+            .lock()
+            .install(run.seg_base, run.first, placement);
+        let bytes = (slot - run.first) * page;
+        if self.history.enabled() {
+            self.history.record(
+                TraceAction::SegmentMap,
+                addr as u64,
+                bytes as u64,
+                pool.stream.index,
+            );
+        }
+        self.fire(addr, bytes as u64, AllocatorEvent::Allocated);
+        Ok(())
+    }
+
+    /// Whether the move budget (see [`ALLOCS_PER_MOVE`]) allows one more move.
+    fn may_move(&self) -> bool {
+        let allocs: u64 = self
+            .pools_with_index()
+            .map(|(_, p)| p.state.lock().next_id)
+            .sum();
+        self.counters.num_page_steals.load(Relaxed) < allocs / ALLOCS_PER_MOVE + INITIAL_MOVES
+    }
+
+    /// Chunks created below this many reserved bytes need no search for idle ones.
+    fn growth_threshold(&self) -> Option<u64> {
+        let peak = self
+            .config
+            .release_at_peak
+            .then(|| self.reserved_peak.load(Relaxed));
+        match (peak, self.soft_limit()) {
+            (Some(p), Some(s)) => Some(p.min(s)),
+            (p, s) => p.or(s),
+        }
+    }
+
+    fn create_chunk(
+        &self,
+        vm: &mut VmState,
+        pages: usize,
+    ) -> std::result::Result<u32, SegmentFailure> {
+        let bytes = pages as u64 * self.page_bytes();
+        let new_total = self.claim_reserved(bytes)?;
+        let created = self.vm().create(bytes as usize);
+        self.driver.create.fetch_add(1, Relaxed);
+        match created {
+            Ok(h) => {
+                self.reserved_peak.fetch_max(new_total, Relaxed);
+                self.counters.num_device_alloc.fetch_add(1, Relaxed);
+                Ok(vm.chunks.add(h, pages as u32))
+            }
+            Err(e) => {
+                self.reserved.fetch_sub(bytes, Relaxed);
+                Err(match e {
+                    ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
+                    ProviderError::Failed(m) => SegmentFailure::Driver(m),
+                })
+            }
+        }
+    }
+
+    /// Release chunk `id` (mapped nowhere, no old mapping left).
+    fn release_chunk(&self, vm: &mut VmState, id: u32) {
+        let c = vm.chunks.remove(id);
+        debug_assert_eq!(c.lent, 0, "chunk {id} released with an old mapping");
+        let bytes = c.pages as u64 * self.page_bytes();
+        // SAFETY: the chunk is ours, mapped nowhere (its home was unmapped or it was spare)
+        // and has no old mapping left (`lent == 0`).
+        unsafe { self.vm().release(c.handle, bytes as usize) };
+        self.driver.release.fetch_add(1, Relaxed);
+        self.reserved.fetch_sub(bytes, Relaxed);
+        self.counters.num_device_free.fetch_add(1, Relaxed);
+    }
+
+    /// Unmap lent ranges whose work has passed: every pool's, by its completed fences (a new
+    /// fence is recorded only for `requester`, whose stream is alive). Never waits.
+    fn reclaim_lent(&self, vm: &mut VmState, requester: Option<u32>) {
+        for (pi, pool) in self.pools_with_index() {
+            let is_requester = requester == Some(pi as u32);
+            if pool.private {
+                continue;
+            }
+            let newest_lent = pool.state.lock().lent.iter().map(|l| l.tick).max();
+            let Some(newest_lent) = newest_lent else {
+                continue;
+            };
+            // A new fence only on the requester's stream (alive), and only if no fence in
+            // flight covers the lent ranges yet.
+            let Some(safe) = self.fence(pool, is_requester.then_some(newest_lent)) else {
+                continue;
+            };
+            let (ranges, chunk_ids) = pool.state.lock().reclaim_lent(safe);
+            self.unmap_ranges(&ranges);
+            for id in chunk_ids {
+                vm.chunks.get_mut(id).lent -= 1;
+            }
+        }
+    }
+
+    fn unmap_ranges(&self, ranges: &[(usize, usize)]) {
+        for &(addr, len) in ranges {
+            // SAFETY: each range is a run of whole chunk mappings that were lent or idle, no
+            // longer in any page table as a home, and the work that used it has completed (a
+            // completed fence, or a device-wide synchronize); `vm` is held, so nothing maps
+            // there meanwhile.
+            unsafe { self.vm().unmap(addr, len) };
+            self.driver.unmap.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Wait until the device has finished everything queued so far, and let every pool know
+    /// (its safe tick becomes its tick from before the wait).
+    pub(super) fn fence_all_pools(&self) -> Result<()> {
+        let Some(events) = &self.events else {
+            return Ok(());
+        };
+        let ticks: Vec<(usize, u64)> = self
+            .pools_with_index()
+            .map(|(i, p)| (i, p.state.lock().tick))
+            .collect();
+        self.driver.synchronize.fetch_add(1, Relaxed);
+        events.synchronize_device(self.device.index)?;
+        for (i, tick) in ticks {
+            let pool = self.pool_at(i as u32);
+            let mut st = pool.state.lock();
+            st.safe_tick = st.safe_tick.max(tick);
+        }
+        Ok(())
+    }
+
+    /// Give every idle chunk of `pool` back to the device, and whole free ranges too. The
+    /// caller has waited for the device (`fence_all_pools`).
+    pub(super) fn release_idle_pages(&self, pool: &StreamPool, pool_idx: u32) {
+        let mut vm = self.vm_state.lock();
+        self.reclaim_lent(&mut vm, Some(pool_idx));
+        let taken = pool.state.lock().take_idle_for_release(&vm.chunks);
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        for &(addr, len, _) in &taken {
+            match ranges.last_mut() {
+                Some((a, n)) if *a + *n == addr => *n += len,
+                _ => ranges.push((addr, len)),
+            }
+        }
+        ranges.sort_unstable();
+        self.unmap_ranges(&ranges);
+        if self.history.enabled() {
+            for &(addr, len) in &ranges {
+                self.history.record(
+                    TraceAction::SegmentUnmap,
+                    addr as u64,
+                    len as u64,
+                    pool.stream.index,
+                );
+            }
+        }
+        for (_, _, id) in taken {
+            if vm.chunks.get(id).lent == 0 {
+                self.release_chunk(&mut vm, id);
+            } else {
+                vm.chunks.push_spare(id);
+            }
+        }
+        let empty: Vec<usize> = {
+            let st = pool.state.lock();
+            st.segments
+                .iter()
+                .filter(|s| {
+                    s.vm.as_ref()
+                        .is_some_and(|t| t.mapped == 0 && t.lent_slots == 0)
+                })
+                .map(|s| s.base)
+                .collect()
+        };
+        drop(vm);
+        for base in empty {
+            let seg = pool.state.lock().remove_segment(base, u64::MAX);
+            if let Some(seg) = seg {
+                self.give_back(seg, pool.stream.index);
+            }
+        }
+    }
+
+    /// Release every spare chunk without an old mapping left.
+    pub(super) fn release_spare_pages(&self) {
+        let mut vm = self.vm_state.lock();
+        for id in vm.chunks.take_all_spare() {
+            if vm.chunks.get(id).lent == 0 {
+                self.release_chunk(&mut vm, id);
+            } else {
+                vm.chunks.push_spare(id);
+            }
+        }
+    }
+
+    /// The unmapped and lent ranges of an expandable segment, for snapshots (lent ranges hold
+    /// no memory of their own).
+    pub(super) fn unmapped_ranges(st: &PoolState, seg_pos: usize) -> Vec<(u64, u64)> {
+        let seg = &st.segments[seg_pos];
+        let Some(table) = &seg.vm else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let p = table.page_size;
+        for slot in 0..table.len() {
+            let s = table.get(slot);
+            if s != NO_CHUNK && s != LENT {
+                continue;
+            }
+            let addr = seg.base as u64 + slot as u64 * p;
+            match out.last_mut() {
+                Some((a, n)) if *a + *n == addr => *n += p,
+                _ => out.push((addr, p)),
+            }
+        }
+        out
+    }
+
+    /// Unmap every range and release every chunk, as the allocator is dropped (its streams
+    /// were synchronized). Address ranges are given back by the caller.
+    pub(super) fn drop_vm(&self, segments: &[crate::pool::Segment]) {
+        let mut vm = self.vm_state.lock();
+        let page = self.page_bytes() as usize;
+        for seg in segments {
+            let Some(table) = &seg.vm else { continue };
+            let mut ranges: Vec<(usize, usize)> = Vec::new();
+            for slot in 0..table.len() {
+                if table.get(slot) == NO_CHUNK {
+                    continue;
+                }
+                let addr = seg.base + slot * page;
+                match ranges.last_mut() {
+                    Some((a, n)) if *a + *n == addr => *n += page,
+                    _ => ranges.push((addr, page)),
+                }
+            }
+            // SAFETY: the allocator is being dropped: no block of it can be used any more (a
+            // `Buffer` borrows the allocator), and its streams were synchronized; each range
+            // is covered by whole mappings (homes and lent ranges).
+            ranges
+                .iter()
+                .for_each(|&(a, n)| unsafe { self.vm().unmap(a, n) });
+        }
+        let ids: Vec<u32> = vm.chunks.live().map(|(id, _)| id).collect();
+        for id in ids {
+            vm.chunks.get_mut(id).lent = 0;
+            self.release_chunk(&mut vm, id);
+        }
+        for seg in segments.iter().filter(|s| s.vm.is_some()) {
+            // SAFETY: every mapping of the range was unmapped above; it came from `reserve`.
+            unsafe { self.vm().unreserve(seg.base, seg.size as usize) };
+        }
+    }
+}
+
+/// Order chunks for placement along `run`: a chunk reaching past the run goes last; the
+/// smallest chunks go on slots shared with neighbours (so a block's interior chunk holds none
+/// of a neighbour's bytes and becomes wholly idle when the block is freed); large ones in the
+/// middle.
+fn arrange(mut placement: Placement, run: Run) -> Placement {
+    let total: usize = placement.iter().map(|&(_, p)| p).sum();
+    let overhang = (total > run.len)
+        .then(|| {
+            let i = placement
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, &(_, p))| p)
+                .map(|(i, _)| i)?;
+            Some(placement.swap_remove(i))
+        })
+        .flatten();
+    placement.sort_unstable_by_key(|&(_, p)| std::cmp::Reverse(p));
+    let mut out = Vec::with_capacity(placement.len() + 1);
+    if run.head_shared {
+        if let Some(small) = placement.pop() {
+            out.push(small);
+        }
+    }
+    let tail = (run.tail_shared && overhang.is_none())
+        .then(|| placement.pop())
+        .flatten();
+    out.extend(placement);
+    out.extend(tail);
+    out.extend(overhang);
+    out
+}
+
+/// Ranges are never reserved larger than this (2^46 bytes, 64 TiB: a quarter of what a
+/// 64-bit process can address on x86-64).
+const MAX_RANGE: u64 = 1 << 46;
+
+fn round_up_checked(n: u64, to: u64) -> Option<u64> {
+    n.checked_add(to - 1).map(|v| v / to * to)
+}
+
+/// Pages of a new chunk for a run with `remaining` pages to fill: the run's size up to `cap`,
+/// less one page left for a chunk of its own, which `arrange` puts where the run shares a page
+/// with a neighbouring block (measured on `traces/`: better than splitting only at shared
+/// pages, which later splits and merges move).
+fn new_chunk_pages(remaining: usize, cap: usize) -> usize {
+    if remaining >= 2 && remaining <= cap {
+        remaining - 1
+    } else {
+        remaining.min(cap)
+    }
+}
+
+impl ProviderError {
+    /// The error for a message: what went wrong, without debug formatting.
+    pub fn describe(&self) -> String {
+        match self {
+            ProviderError::OutOfMemory => "out of memory".into(),
+            ProviderError::Failed(m) => m.clone(),
+        }
+    }
+}

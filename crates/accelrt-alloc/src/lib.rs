@@ -1,0 +1,50 @@
+//! The caching device allocator.
+//!
+//! See `ARCHITECTURE.md` ("alloc") for the design; `imp.rs` holds the implementation.
+//! Also here: the plain device, stream and graph id types the allocator names, and
+//! [`HostMemory`], the host memory provider (the host backend's device memory, and the
+//! simulated device replays run on). No backend, no runtime: `accelrt` builds those on top.
+
+mod bytes;
+pub mod callbacks;
+mod check;
+mod chunks;
+mod config;
+pub mod device;
+pub mod error;
+mod free_node;
+pub mod graph;
+mod history;
+pub mod host;
+mod imp;
+#[cfg(all(test, accelrt_loom))]
+mod models;
+mod pagemap;
+mod pinned;
+mod pool;
+mod provider;
+mod size;
+mod stats;
+pub mod stream;
+mod tlsf;
+
+pub use device::{BackendName, Device, DeviceProperties, DeviceType};
+pub use error::{Error, OomReport, Result};
+pub use graph::{GraphId, MempoolId};
+pub use host::HostMemory;
+pub use stream::{Stream, StreamPriority};
+
+pub use bytes::format_size;
+pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
+pub use history::{
+    set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,
+    MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,
+};
+pub use imp::{
+    AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, OomInfo, OomObserver,
+    StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
+};
+pub use pinned::{PinnedAllocator, PinnedStats};
+pub use provider::{ChunkHandle, MemoryProvider, ProviderError, StreamEvents, VirtualMemory};
+pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
+pub use stats::{DriverCalls, EventCounters, MemoryStats, PoolKind, PoolStats, Stat};

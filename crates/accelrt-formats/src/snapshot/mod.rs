@@ -1,0 +1,773 @@
+//! Memory snapshots: PyTorch's `torch.cuda.memory._dump_snapshot()` pickles and accelrt's
+//! own, read and written in PyTorch's layout (and as JSON), imported as replayable traces,
+//! recorded from a replay, and drawn as one self-contained HTML page.
+//!
+//! - [`Snapshot`]: segments with their blocks at the moment the snapshot was taken, and the
+//!   allocator's history per device (`device_traces`), with stack frames when recorded.
+//! - [`load`] / [`parse_bytes`]: a PyTorch pickle (detected by its first byte, `0x80`) or
+//!   accelrt's JSON (`{`). Hostile input is an [`Error::Snapshot`] naming the file and where
+//!   (`byte 812`, `device_traces[0][17].size`), never a panic.
+//! - [`Snapshot::to_pickle`] / [`Snapshot::to_json`]: loadable by Python's `pickle.load`,
+//!   by PyTorch's memory visualiser (<https://pytorch.org/memory_viz>) and by [`load`].
+//! - [`Snapshot::traces`]: the `alloc` / `free_requested` entries of each device as a
+//!   [`Trace`] to replay through accelrt's allocator, with the frames of each allocation,
+//!   the entries' times and completion markers (a v2 trace; `accelrt trace convert` writes
+//!   it out).
+//! - [`replay_recorded`]: replay a trace with memory history on and return the snapshot at
+//!   the **end** of the replay with the **full** history (PyTorch's meaning of a snapshot:
+//!   its segments are the state after the last history entry, so PyTorch's visualiser can
+//!   walk the history backwards from them).
+//! - [`render_html`]: memory over time (allocated vs reserved, large allocations stacked,
+//!   peaks marked) and the segment map at the moment of peak allocated memory, reconstructed
+//!   from the history.
+
+pub mod pickle;
+
+mod html;
+mod pytorch;
+mod record;
+mod timeline;
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::trace::{Header, Markers, TorchPeaks, Trace, TraceOp, MAX_SIZE, MAX_STREAM};
+use accelrt_alloc::error::{Error, Result};
+use accelrt_alloc::{BlockStatus, Frames, MemorySnapshot, SegmentInfo, TraceAction, TraceEntry};
+
+pub use html::{render_html, HtmlOptions};
+pub use record::{replay_recorded, settings_json, RecordedReplay};
+pub use timeline::{PeakState, Timeline, TimelinePoint};
+
+/// Most devices a snapshot may describe (indices `0..MAX_DEVICES`), in either format.
+pub const MAX_DEVICES: usize = 4096;
+
+/// The value of the `format` key of accelrt's JSON snapshots.
+pub const JSON_FORMAT: &str = "accelrt-memory-snapshot";
+
+/// A memory snapshot of one or more devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Every segment of every device, with its blocks, at the moment the snapshot was taken.
+    pub segments: Vec<SegmentInfo>,
+    /// The allocator's history per device index (`device_traces[d]`), oldest first.
+    /// Streams are small indices per device (see `stream_handles`).
+    pub device_traces: Vec<Vec<TraceEntry>>,
+    /// The allocator's settings (PyTorch's `allocator_settings`); `null` when unknown.
+    #[serde(default)]
+    pub allocator_settings: serde_json::Value,
+    /// PyTorch's `external_annotations` (e.g. optimizer step begin/end), kept as is.
+    #[serde(default)]
+    pub external_annotations: Vec<serde_json::Value>,
+    /// For a snapshot imported from PyTorch: per device, the raw stream handle (a CUstream
+    /// address) of each stream index (`stream_handles[d][i]`; index 0 is handle 0). Export
+    /// writes these handles back. Empty for snapshots accelrt recorded.
+    #[serde(default)]
+    pub stream_handles: Vec<Vec<u64>>,
+}
+
+/// One device's allocations of a snapshot, as a replayable trace.
+#[derive(Debug, Clone)]
+pub struct SnapshotTrace {
+    /// The device index in the snapshot.
+    pub device: u32,
+    /// The `alloc` / `free_requested` entries as trace events, and a completion marker for
+    /// each `free_completed` that came later than its request (cross-stream frees).
+    /// `trace.lines[i]` is the 1-based position of event `i`'s entry in
+    /// `device_traces[device]`; `trace.times` the entries' `time_us` relative to the first
+    /// entry (a v2 trace; a v1 trace when the entries carry no times); `trace.torch` holds
+    /// what the recorded run reached (peak live requested bytes, peak reserved bytes from the
+    /// segment entries, `PYTORCH_CUDA_ALLOC_CONF`); `trace.header` the allocator and its
+    /// accelrt equivalent ([`Snapshot::recorded_header`]).
+    pub trace: Trace,
+    /// The stack frames of each event (`Some` for allocations that recorded them).
+    pub frames: Vec<Option<Frames>>,
+}
+
+/// What kind of file a byte prefix starts: used by `accelrt replay` to accept traces and
+/// snapshots alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A pickle (first byte `0x80`, the `PROTO` opcode).
+    Pickle,
+    /// accelrt's JSON snapshot (first non-blank byte `{`).
+    Json,
+    /// Anything else: a v1 trace (plain or gzip).
+    Trace,
+}
+
+/// Classify a file by its first bytes.
+pub fn sniff(prefix: &[u8]) -> FileKind {
+    match prefix.first() {
+        Some(0x80) => FileKind::Pickle,
+        _ => match prefix.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => FileKind::Json,
+            _ => FileKind::Trace,
+        },
+    }
+}
+
+/// Read a snapshot file: a PyTorch pickle or accelrt's JSON.
+pub fn load(path: impl AsRef<Path>) -> Result<Snapshot> {
+    let path = path.as_ref();
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(shown.clone(), format!("cannot read the snapshot: {e}"), e))?;
+    parse_bytes(&shown, &bytes)
+}
+
+/// Parse a snapshot held in memory (`file` names it in errors).
+pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Snapshot> {
+    match sniff(bytes) {
+        FileKind::Pickle => Snapshot::from_pickle(file, bytes),
+        FileKind::Json => Snapshot::from_json(file, bytes),
+        FileKind::Trace => Err(Error::Snapshot {
+            file: file.to_string(),
+            at: "byte 0".into(),
+            message: format!(
+                "not a memory snapshot: a PyTorch snapshot is a pickle (its first byte is 0x80) \
+                 and accelrt's JSON snapshot starts with '{{'; this file starts with {}. \
+                 Write one with torch.cuda.memory._dump_snapshot(\"snap.pickle\") or \
+                 `accelrt replay TRACE --snapshot OUT.pickle`",
+                describe_prefix(bytes)
+            ),
+        }),
+    }
+}
+
+fn describe_prefix(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return "nothing (the file is empty)".into();
+    }
+    let shown: String = bytes
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("the bytes {shown}")
+}
+
+#[derive(Serialize)]
+struct JsonOut<'a> {
+    format: &'static str,
+    version: u32,
+    #[serde(flatten)]
+    snapshot: &'a Snapshot,
+}
+
+#[derive(Deserialize)]
+struct JsonIn {
+    format: String,
+    version: u32,
+    #[serde(flatten)]
+    snapshot: Snapshot,
+}
+
+impl Snapshot {
+    /// A snapshot of allocator snapshots (one per device; any order). Their histories become
+    /// `device_traces[device index]`.
+    pub fn from_memory_snapshots(
+        snapshots: &[MemorySnapshot],
+        allocator_settings: serde_json::Value,
+    ) -> Snapshot {
+        let devices = snapshots
+            .iter()
+            .map(|s| s.device.index as usize + 1)
+            .max()
+            .unwrap_or(1);
+        let mut device_traces = vec![Vec::new(); devices];
+        let mut segments = Vec::new();
+        for s in snapshots {
+            device_traces[s.device.index as usize].extend(s.history.iter().cloned());
+            segments.extend(s.segments.iter().cloned());
+        }
+        segments.sort_by_key(|s| (s.device, s.address));
+        Snapshot {
+            segments,
+            device_traces,
+            allocator_settings,
+            external_annotations: Vec::new(),
+            stream_handles: Vec::new(),
+        }
+    }
+
+    /// Parse a PyTorch snapshot pickle (`file` names it in errors).
+    pub fn from_pickle(file: &str, bytes: &[u8]) -> Result<Snapshot> {
+        pytorch::import(file, bytes)
+    }
+
+    /// The snapshot as a PyTorch pickle (protocol 4): `segments`, `device_traces`,
+    /// `allocator_settings`, `external_annotations`, with PyTorch's keys.
+    pub fn to_pickle(&self) -> Vec<u8> {
+        pytorch::export(self)
+    }
+
+    /// Parse accelrt's JSON snapshot (`file` names it in errors).
+    pub fn from_json(file: &str, bytes: &[u8]) -> Result<Snapshot> {
+        let err = |at: String, message: String| Error::Snapshot {
+            file: file.to_string(),
+            at,
+            message,
+        };
+        let parsed: JsonIn = serde_json::from_slice(bytes).map_err(|e| {
+            err(
+                format!("line {} column {}", e.line(), e.column()),
+                format!(
+                    "not a valid accelrt JSON snapshot ({e}); write one with `accelrt replay \
+                     TRACE --snapshot OUT.json`"
+                ),
+            )
+        })?;
+        if parsed.format != JSON_FORMAT || parsed.version != 1 {
+            return Err(err(
+                "format".into(),
+                format!(
+                    "format '{}' version {} is not '{JSON_FORMAT}' version 1",
+                    parsed.format, parsed.version
+                ),
+            ));
+        }
+        let snapshot = parsed.snapshot;
+        snapshot.validate(file)?;
+        Ok(snapshot)
+    }
+
+    /// The snapshot as accelrt's JSON (`format`, `version`, then the fields of [`Snapshot`]).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&JsonOut {
+            format: JSON_FORMAT,
+            version: 1,
+            snapshot: self,
+        })
+        .expect("a snapshot always serializes")
+    }
+
+    /// Write the snapshot: JSON when `path` ends in `.json`, else a PyTorch pickle.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let json = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let bytes = if json {
+            self.to_json().into_bytes()
+        } else {
+            self.to_pickle()
+        };
+        std::fs::write(path, bytes).map_err(|e| {
+            Error::io(
+                path.display().to_string(),
+                format!("cannot write the snapshot: {e}"),
+                e,
+            )
+        })
+    }
+
+    /// Devices that have history entries or segments, in index order.
+    pub fn devices(&self) -> Vec<u32> {
+        let mut d: Vec<u32> = (0..self.device_traces.len() as u32)
+            .filter(|&i| !self.device_traces[i as usize].is_empty())
+            .chain(self.segments.iter().map(|s| s.device))
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
+    /// Checks that hold for any snapshot accelrt accepts (sizes within bounds, blocks inside
+    /// their segments).
+    fn validate(&self, file: &str) -> Result<()> {
+        let err = |at: String, message: String| Error::Snapshot {
+            file: file.to_string(),
+            at,
+            message,
+        };
+        // The same bounds for both readers, so that what one accepts the other reads back.
+        if self.device_traces.len() > MAX_DEVICES {
+            return Err(err(
+                "device_traces".into(),
+                format!(
+                    "{} devices is more than the {MAX_DEVICES} a snapshot may describe",
+                    self.device_traces.len()
+                ),
+            ));
+        }
+        for (i, s) in self.segments.iter().enumerate() {
+            if s.device as usize >= MAX_DEVICES {
+                return Err(err(
+                    format!("segments[{i}].device"),
+                    format!(
+                        "device {} is not one of the {MAX_DEVICES} a snapshot may describe \
+                         (0 to {})",
+                        s.device,
+                        MAX_DEVICES - 1
+                    ),
+                ));
+            }
+            if s.total_size > MAX_SIZE || s.address.checked_add(s.total_size).is_none() {
+                return Err(err(
+                    format!("segments[{i}]"),
+                    format!(
+                        "segment of {} bytes at {:#x} is larger than 2^48 bytes or wraps \
+                         around the address space",
+                        s.total_size, s.address
+                    ),
+                ));
+            }
+            for (j, b) in s.blocks.iter().enumerate() {
+                let inside = b.address >= s.address
+                    && b.address
+                        .checked_add(b.size)
+                        .is_some_and(|end| end <= s.address + s.total_size);
+                if !inside {
+                    return Err(err(
+                        format!("segments[{i}].blocks[{j}]"),
+                        format!(
+                            "block [{:#x}, +{}) lies outside its segment [{:#x}, +{})",
+                            b.address, b.size, s.address, s.total_size
+                        ),
+                    ));
+                }
+            }
+            for (j, &(a, size)) in s.unmapped.iter().enumerate() {
+                if a.checked_add(size).is_none() {
+                    return Err(err(
+                        format!("segments[{i}].unmapped[{j}]"),
+                        wraps("unmapped range", a, size),
+                    ));
+                }
+            }
+        }
+        for (d, entries) in self.device_traces.iter().enumerate() {
+            for (i, e) in entries.iter().enumerate() {
+                // An oom entry's `addr` is the device's free memory, a snapshot entry's
+                // nothing: neither is a range.
+                let range = !matches!(e.action, TraceAction::Oom | TraceAction::Snapshot);
+                if range && e.addr.checked_add(e.size).is_none() {
+                    return Err(err(
+                        format!("device_traces[{d}][{i}]"),
+                        wraps(e.action.name(), e.addr, e.size),
+                    ));
+                }
+                if e.action != TraceAction::Oom && e.size > MAX_SIZE {
+                    return Err(err(
+                        format!("device_traces[{d}][{i}].size"),
+                        format!(
+                            "{} of {} bytes is over 2^48 bytes (256 TiB), the largest size \
+                             accelrt accepts",
+                            e.action.name(),
+                            e.size
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each device's `alloc` / `free_requested` entries as a replayable [`Trace`] named
+    /// `name` (`name:dev1` for devices other than the only one). `source` (the file) names
+    /// the trace in replay errors. Devices without allocations are skipped.
+    ///
+    /// Errors ([`Error::Snapshot`], naming the entry): a free of an address no earlier entry
+    /// allocated (the history did not start at the beginning of the run), a double free, an
+    /// allocation at an address that is still live, more than 4096 streams on a device, no
+    /// allocation at all.
+    pub fn traces(&self, name: &str, source: &str) -> Result<Vec<SnapshotTrace>> {
+        let conf = self
+            .allocator_settings
+            .get("PYTORCH_CUDA_ALLOC_CONF")
+            .and_then(|v| v.as_str())
+            .map(|c| if c.is_empty() { "native" } else { c }.to_string());
+        let mut out = Vec::new();
+        let devices: Vec<usize> = (0..self.device_traces.len())
+            .filter(|&d| {
+                self.device_traces[d]
+                    .iter()
+                    .any(|e| e.action == TraceAction::Alloc)
+            })
+            .collect();
+        for &d in &devices {
+            let trace_name = if devices.len() == 1 && d == 0 {
+                name.to_string()
+            } else {
+                format!("{name}:dev{d}")
+            };
+            let mut t = device_trace(
+                &self.device_traces[d],
+                d,
+                &trace_name,
+                &format!("{source}[device {d}]"),
+                source,
+            )?;
+            let reserved = self.recorded_peak_reserved(d as u32);
+            if t.trace.is_timed() {
+                t.trace.header = Header {
+                    version: 2,
+                    ..self.recorded_header()
+                };
+            }
+            t.trace.torch = Some(TorchPeaks {
+                peak_allocated: Some(crate::trace::peak_live_bytes(&t.trace)),
+                peak_reserved: reserved,
+                conf: conf.clone(),
+            });
+            out.push(t);
+        }
+        if out.is_empty() {
+            return Err(Error::Snapshot {
+                file: source.to_string(),
+                at: "device_traces".into(),
+                message: format!(
+                    "no 'alloc' entry on any of {} device(s): nothing to replay. Record the \
+                     history before the workload runs: \
+                     torch.cuda.memory._record_memory_history(max_entries=100000)",
+                    self.device_traces.len()
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Peak reserved bytes of device `d` over its history: the segments held when the
+    /// history starts (the final segments minus the net change the history records) plus
+    /// the largest rise the segment entries show. `None` without segment entries.
+    pub fn recorded_peak_reserved(&self, device: u32) -> Option<u64> {
+        let entries = self.device_traces.get(device as usize)?;
+        let mut current: i128 = 0;
+        let mut peak: i128 = 0;
+        let mut seen = false;
+        for e in entries {
+            match e.action {
+                TraceAction::SegmentAlloc | TraceAction::SegmentMap => {
+                    current += e.size as i128;
+                    peak = peak.max(current);
+                    seen = true;
+                }
+                TraceAction::SegmentFree | TraceAction::SegmentUnmap => {
+                    current -= e.size as i128;
+                    seen = true;
+                }
+                _ => {}
+            }
+        }
+        if !seen {
+            return None;
+        }
+        let final_total: i128 = self
+            .segments
+            .iter()
+            .filter(|s| s.device == device)
+            .map(|s| s.total_size as i128)
+            .sum();
+        let initial = (final_total - current).max(0);
+        Some((initial + peak) as u64)
+    }
+}
+
+/// The message for a range `[addr, addr + size)` past 2^64.
+fn wraps(what: &str, addr: u64, size: u64) -> String {
+    format!(
+        "{what} of {size} bytes at {addr:#x} ends at or past 2^64 (address + size wraps \
+         around the address space): the file is corrupt or was edited"
+    )
+}
+
+/// Turn one device's history into a trace.
+fn device_trace(
+    entries: &[TraceEntry],
+    device: usize,
+    name: &str,
+    trace_source: &str,
+    file: &str,
+) -> Result<SnapshotTrace> {
+    let err = |i: usize, message: String| Error::Snapshot {
+        file: file.to_string(),
+        at: format!("device_traces[{device}][{i}]"),
+        message,
+    };
+    // Times relative to the first entry; a history without times (older PyTorch) is untimed.
+    let start = entries.first().map_or(0, |e| e.time_us);
+    let timed = entries.iter().any(|e| e.time_us != start);
+    let rel = |i: usize, e: &TraceEntry| -> Result<u64> {
+        e.time_us.checked_sub(start).ok_or_else(|| {
+            err(
+                i,
+                format!(
+                    "time_us {} is earlier than the first entry's {start}: entries are in the \
+                     order they happened",
+                    e.time_us
+                ),
+            )
+        })
+    };
+    // Live address -> (trace id, entry index); freed address -> its free, until completed.
+    let mut live: HashMap<u64, (u64, usize)> = HashMap::new();
+    let mut freed: HashMap<u64, Request> = HashMap::new();
+    let mut ops = Vec::new();
+    let mut lines = Vec::new();
+    let mut times = Vec::new();
+    let mut frames = Vec::new();
+    let mut next_id = 0u64;
+    let mut last_time = (0u64, 0usize);
+    for (i, e) in entries.iter().enumerate() {
+        let time = if timed { rel(i, e)? } else { 0 };
+        let call = matches!(e.action, TraceAction::Alloc | TraceAction::FreeRequested);
+        if call && time < last_time.0 {
+            return Err(err(
+                i,
+                format!(
+                    "time_us goes backwards: {} after {} at entry {}; the allocator's calls are \
+                     recorded in the order they happened",
+                    e.time_us,
+                    last_time.0 + start,
+                    last_time.1
+                ),
+            ));
+        }
+        match e.action {
+            TraceAction::Alloc => {
+                if e.size > MAX_SIZE {
+                    return Err(err(
+                        i,
+                        format!("alloc of {} bytes is over 2^48 bytes (256 TiB)", e.size),
+                    ));
+                }
+                if e.stream > MAX_STREAM {
+                    return Err(err(
+                        i,
+                        format!("stream index {} is over {MAX_STREAM}", e.stream),
+                    ));
+                }
+                match live.entry(e.addr) {
+                    Entry::Occupied(o) => {
+                        return Err(err(
+                            i,
+                            format!(
+                                "alloc at {:#x}, which is still live: entry {} allocated it \
+                                 and no free_requested since frees it",
+                                e.addr,
+                                o.get().1
+                            ),
+                        ))
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert((next_id, i));
+                    }
+                }
+                freed.remove(&e.addr);
+                ops.push(TraceOp::Alloc {
+                    id: next_id,
+                    size: e.size,
+                    stream: e.stream,
+                });
+                frames.push(e.frames.clone());
+                next_id += 1;
+            }
+            TraceAction::FreeRequested => {
+                let Some((id, _)) = live.remove(&e.addr) else {
+                    return Err(err(
+                        i,
+                        match freed.get(&e.addr) {
+                            Some(r) => format!(
+                                "free_requested of {:#x}, which entry {} already freed \
+                                 (double free)",
+                                e.addr, r.entry
+                            ),
+                            None => format!(
+                                "free_requested of {:#x}, which no earlier alloc entry \
+                                 allocated: the history does not start at the beginning of \
+                                 the run (recording started late, or max_entries dropped the \
+                                 oldest entries). Record before the workload starts, with \
+                                 torch.cuda.memory._record_memory_history(max_entries=N) large \
+                                 enough for the whole run",
+                                e.addr
+                            ),
+                        },
+                    ));
+                };
+                freed.insert(
+                    e.addr,
+                    Request {
+                        id,
+                        entry: i,
+                        time,
+                        completed: false,
+                    },
+                );
+                ops.push(TraceOp::Free { id });
+                frames.push(None);
+            }
+            TraceAction::FreeCompleted if timed => {
+                // PyTorch (and accelrt) write free_completed as the entry right after
+                // free_requested for a block no other stream used (its time may be a few
+                // microseconds later: it is read again); only one that comes after other
+                // entries (events on other streams had to complete first) says anything
+                // about the device.
+                let Some(r) = freed.get_mut(&e.addr) else {
+                    continue;
+                };
+                if r.completed {
+                    continue;
+                }
+                r.completed = true;
+                if i == r.entry + 1 {
+                    continue;
+                }
+                if time < r.time {
+                    return Err(err(
+                        i,
+                        format!(
+                            "free_completed at time_us {} is earlier than its free_requested \
+                             (entry {})",
+                            e.time_us, r.entry
+                        ),
+                    ));
+                }
+                ops.push(TraceOp::Complete { id: r.id });
+                frames.push(None);
+            }
+            _ => continue,
+        }
+        if call {
+            last_time = (time, i);
+        }
+        lines.push(i as u64 + 1);
+        if timed {
+            times.push(time);
+        }
+    }
+    Ok(SnapshotTrace {
+        device: device as u32,
+        trace: Trace {
+            name: name.to_string(),
+            ops,
+            torch: None,
+            lines,
+            source: trace_source.to_string(),
+            header: if timed {
+                Header::v2()
+            } else {
+                Header::default()
+            },
+            times,
+        },
+        frames,
+    })
+}
+
+/// A `free_requested` whose `free_completed` may still come.
+struct Request {
+    id: u64,
+    entry: usize,
+    time: u64,
+    completed: bool,
+}
+
+/// The accelrt configuration equivalent to a PyTorch `PYTORCH_CUDA_ALLOC_CONF` and the
+/// allocator's name (`pytorch-native`, `pytorch-expandable`), or `None` for the configuration
+/// when the string has options accelrt has no equivalent for (e.g. `backend:cudaMallocAsync`).
+///
+/// PyTorch's native allocator is accelrt's `expandable_segments:false,release_at_peak:false`,
+/// its expandable segments `expandable_segments:true,release_at_peak:false`; the options both
+/// share (`max_split_size_mb`, `roundup_power2_divisions`, `garbage_collection_threshold`,
+/// `max_non_split_rounding_mb`) carry over, pinned-memory options do not matter.
+pub fn pytorch_conf_equivalent(conf: &str) -> (String, Option<String>) {
+    let mut expandable = false;
+    let mut shared = Vec::new();
+    let mut known = true;
+    let mut allocator = None;
+    let mut depth = 0i32;
+    let mut items = Vec::new();
+    let mut item = String::new();
+    for c in conf.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(std::mem::take(&mut item));
+                continue;
+            }
+            _ => {}
+        }
+        item.push(c);
+    }
+    items.push(item);
+    for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        let (key, value) = item.split_once(':').unwrap_or((item, ""));
+        let (key, value) = (key.trim(), value.trim());
+        match key {
+            "expandable_segments" => {
+                expandable = matches!(value.to_ascii_lowercase().as_str(), "true" | "1")
+            }
+            "max_split_size_mb"
+            | "roundup_power2_divisions"
+            | "garbage_collection_threshold"
+            | "max_non_split_rounding_mb" => shared.push(format!("{key}:{value}")),
+            "backend" if value == "native" => {}
+            "backend" => {
+                allocator = Some(format!("pytorch-{value}"));
+                known = false;
+            }
+            k if k.starts_with("pinned_") || k == "release_lock_on_cudamalloc" => {}
+            _ => known = false,
+        }
+    }
+    let allocator = allocator.unwrap_or_else(|| {
+        if expandable {
+            "pytorch-expandable".into()
+        } else {
+            "pytorch-native".into()
+        }
+    });
+    let mut accelrt = vec![
+        format!("expandable_segments:{expandable}"),
+        "release_at_peak:false".to_string(),
+    ];
+    accelrt.extend(shared);
+    let accelrt = accelrt.join(",");
+    let ok = known && accelrt_alloc::AllocatorConfig::parse(&accelrt).is_ok();
+    (allocator, ok.then_some(accelrt))
+}
+
+impl Snapshot {
+    /// What the snapshot says about the run it was taken of, as a trace header: the allocator
+    /// (`accelrt` for accelrt's snapshots, else PyTorch's, from `PYTORCH_CUDA_ALLOC_CONF`),
+    /// its accelrt configuration ([`pytorch_conf_equivalent`]), and `markers=cross_stream`
+    /// (only later `free_completed` entries become markers). Real peaks are not derived: a
+    /// snapshot's segment entries are not the run's `max_memory_reserved()`.
+    pub fn recorded_header(&self) -> Header {
+        let settings = &self.allocator_settings;
+        let conf = settings
+            .get("PYTORCH_CUDA_ALLOC_CONF")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let (allocator, conf) =
+            if settings.get("allocator").and_then(|v| v.as_str()) == Some("accelrt") {
+                ("accelrt".to_string(), Some(conf.to_string()))
+            } else {
+                pytorch_conf_equivalent(conf)
+            };
+        Header {
+            version: 2,
+            allocator: Some(allocator),
+            conf,
+            markers: Markers::CrossStream,
+            ..Header::default()
+        }
+    }
+}
+
+/// PyTorch's name of a block state.
+pub(crate) fn block_status_from_name(name: &str) -> Option<BlockStatus> {
+    [
+        BlockStatus::ActiveAllocated,
+        BlockStatus::ActivePendingFree,
+        BlockStatus::Inactive,
+    ]
+    .into_iter()
+    .find(|s| s.name() == name)
+}
