@@ -110,9 +110,15 @@ pub enum Error {
         message: String,
     },
 
-    /// An operating-system or driver call failed.
+    /// An operating-system or driver call failed: which call, the driver's numeric result
+    /// code when the failure came from a driver that has them (CUDA's `CUresult`, as cudarc
+    /// keeps it; the message names it too), and what it said.
     #[error("{call} failed: {message}")]
-    Driver { call: &'static str, message: String },
+    Driver {
+        call: &'static str,
+        code: Option<i32>,
+        message: String,
+    },
 
     /// I/O while reading or writing a file: the path, what was being done (with the
     /// operating system's words), and the `io::Error` itself as the source.

@@ -156,9 +156,66 @@ struct Counters {
 
 /// Why a new segment could not be had.
 enum SegmentFailure {
-    Limit(String),
+    Limit(HardLimit),
     DeviceFull,
-    Driver(String),
+    /// A driver call failed: its words and result code.
+    Driver(String, Option<i32>),
+}
+
+/// The limit an allocation hit: the device itself, or one of the configured caps.
+#[derive(Debug, Clone, Copy)]
+enum HardLimit {
+    Device,
+    /// `per_process_memory_fraction` of the device's total.
+    Fraction {
+        fraction: f64,
+        bytes: u64,
+    },
+    /// `high_watermark_ratio` times the recommended maximum.
+    HighWatermark {
+        ratio: f64,
+        recommended: u64,
+        bytes: u64,
+    },
+}
+
+impl HardLimit {
+    /// What to try when this limit is hit (`None`: it depends on the memory's state).
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            HardLimit::Device => None,
+            HardLimit::Fraction { .. } => {
+                Some("Raise per_process_memory_fraction, or free memory before this allocation.")
+            }
+            HardLimit::HighWatermark { .. } => Some(
+                "Raise high_watermark_ratio (0 disables the limit), or free memory before this allocation.",
+            ),
+        }
+    }
+}
+
+/// The limit as the OOM report names it.
+impl std::fmt::Display for HardLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            HardLimit::Device => f.write_str("device memory"),
+            HardLimit::Fraction { fraction, bytes } => write!(
+                f,
+                "per_process_memory_fraction {fraction} ({})",
+                format_size(bytes)
+            ),
+            HardLimit::HighWatermark {
+                ratio,
+                recommended,
+                bytes,
+            } => write!(
+                f,
+                "high_watermark_ratio {ratio} x recommended max {} ({})",
+                format_size(recommended),
+                format_size(bytes)
+            ),
+        }
+    }
 }
 
 /// The caching allocator of one device. See the module docs and `ARCHITECTURE.md`.
@@ -731,14 +788,13 @@ impl CachingAllocator {
                 }
                 Ok(base)
             }
-            Err(SegmentFailure::Driver(message)) => Err(Error::Driver {
+            Err(SegmentFailure::Driver(message, code)) => Err(Error::Driver {
                 call: "segment allocation",
+                code,
                 message,
             }),
             Err(SegmentFailure::Limit(limit)) => Err(self.out_of_memory(size, limit)),
-            Err(SegmentFailure::DeviceFull) => {
-                Err(self.out_of_memory(size, "device memory".into()))
-            }
+            Err(SegmentFailure::DeviceFull) => Err(self.out_of_memory(size, HardLimit::Device)),
         }
     }
 
@@ -748,7 +804,7 @@ impl CachingAllocator {
         let preferred = segment_size(rounded);
         match self.reserve_segment(preferred) {
             Ok(base) => Ok((base, preferred)),
-            Err(SegmentFailure::Driver(m)) => Err(SegmentFailure::Driver(m)),
+            Err(e @ SegmentFailure::Driver(..)) => Err(e),
             Err(e) => {
                 let minimal = round_up(rounded, MIN_SEGMENT);
                 if minimal < preferred {
@@ -781,31 +837,26 @@ impl CachingAllocator {
     }
 
     /// The hard limit on reserved bytes and its description.
-    fn hard_limit(&self) -> Option<(u64, String)> {
+    fn hard_limit(&self) -> Option<(u64, HardLimit)> {
         let (_, total) = self.provider.memory_info();
-        let mut limit: Option<(u64, String)> = None;
+        let mut limit: Option<(u64, HardLimit)> = None;
         let fraction = f64::from_bits(self.limits.fraction.load(Relaxed));
         if fraction > 0.0 {
             let bytes = (total as f64 * fraction) as u64;
-            limit = Some((
-                bytes,
-                format!(
-                    "per_process_memory_fraction {fraction} ({})",
-                    format_size(bytes)
-                ),
-            ));
+            limit = Some((bytes, HardLimit::Fraction { fraction, bytes }));
         }
         let high = f64::from_bits(self.limits.high_watermark.load(Relaxed));
         if high > 0.0 {
-            let bytes = (self.provider.recommended_max() as f64 * high) as u64;
+            let recommended = self.provider.recommended_max();
+            let bytes = (recommended as f64 * high) as u64;
             if limit.as_ref().is_none_or(|(l, _)| bytes < *l) {
                 limit = Some((
                     bytes,
-                    format!(
-                        "high_watermark_ratio {high} x recommended max {} ({})",
-                        format_size(self.provider.recommended_max()),
-                        format_size(bytes)
-                    ),
+                    HardLimit::HighWatermark {
+                        ratio: high,
+                        recommended,
+                        bytes,
+                    },
                 ));
             }
         }
@@ -834,7 +885,7 @@ impl CachingAllocator {
             let next = cur.saturating_add(bytes);
             if let Some((max, ref what)) = limit {
                 if next > max {
-                    return Err(SegmentFailure::Limit(what.clone()));
+                    return Err(SegmentFailure::Limit(*what));
                 }
             }
             match self
@@ -921,7 +972,10 @@ impl CachingAllocator {
                 self.reserved.fetch_sub(seg_size, Relaxed);
                 Err(match e {
                     ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
-                    ProviderError::Failed(m) => SegmentFailure::Driver(m),
+                    e => {
+                        let (message, code) = e.into_parts();
+                        SegmentFailure::Driver(message, code)
+                    }
                 })
             }
         }
@@ -1122,7 +1176,7 @@ impl CachingAllocator {
     }
 
     #[cold]
-    fn out_of_memory(&self, requested: u64, limit: String) -> Error {
+    fn out_of_memory(&self, requested: u64, limit: HardLimit) -> Error {
         self.counters.num_ooms.fetch_add(1, Relaxed);
         let (free, total) = self.provider.memory_info();
         if self.history.enabled() {
@@ -1141,10 +1195,8 @@ impl CachingAllocator {
         let allocated = self.allocated_bytes();
         let reserved = self.reserved.load(Relaxed);
         let unallocated = reserved.saturating_sub(allocated);
-        let hint = if limit.starts_with("per_process_memory_fraction") {
-            "Raise per_process_memory_fraction, or free memory before this allocation.".to_string()
-        } else if limit.starts_with("high_watermark_ratio") {
-            "Raise high_watermark_ratio (0 disables the limit), or free memory before this allocation.".to_string()
+        let hint = if let Some(hint) = limit.hint() {
+            hint.to_string()
         } else if unallocated > requested / 2 && unallocated > (32 << 20) {
             "Much of the reserved memory is cached but unallocated: fragmentation. Try expandable_segments:true, \
              or max_split_size_mb to keep large blocks whole."
@@ -1160,7 +1212,7 @@ impl CachingAllocator {
             device_free: free,
             allocated,
             reserved_unallocated: unallocated,
-            limit,
+            limit: limit.to_string(),
             hint,
         }))
     }

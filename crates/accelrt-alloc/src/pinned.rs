@@ -217,10 +217,14 @@ impl PinnedAllocator {
                 self.reserved_bytes.increase(size);
                 Ok(ptr)
             }
-            Err(ProviderError::Failed(message)) => Err(Error::Driver {
-                call: "pinned host allocation",
-                message,
-            }),
+            Err(e @ (ProviderError::Failed(_) | ProviderError::Driver { .. })) => {
+                let (message, code) = e.into_parts();
+                Err(Error::Driver {
+                    call: "pinned host allocation",
+                    code,
+                    message,
+                })
+            }
             Err(ProviderError::OutOfMemory) => {
                 let (free, total) = self.provider.memory_info();
                 let st = self.stats();

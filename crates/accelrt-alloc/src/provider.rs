@@ -11,8 +11,22 @@ use crate::stream::Stream;
 pub enum ProviderError {
     /// The device has no room; the allocator may release its cache and retry.
     OutOfMemory,
-    /// Anything else (driver failure): not retried.
+    /// Anything else: not retried.
     Failed(String),
+    /// A driver call failed with this result code (CUDA's `CUresult`): not retried. The
+    /// message names the call and the code; the allocator's error keeps the code.
+    Driver { code: i32, message: String },
+}
+
+impl ProviderError {
+    /// The words and, for a driver failure, its result code.
+    pub fn into_parts(self) -> (String, Option<i32>) {
+        match self {
+            ProviderError::OutOfMemory => ("out of memory".into(), None),
+            ProviderError::Failed(message) => (message, None),
+            ProviderError::Driver { code, message } => (message, Some(code)),
+        }
+    }
 }
 
 /// A provider's refusal as words, for messages (never its debug form).
@@ -20,7 +34,9 @@ impl std::fmt::Display for ProviderError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ProviderError::OutOfMemory => f.write_str("out of memory"),
-            ProviderError::Failed(message) => f.write_str(message),
+            ProviderError::Failed(message) | ProviderError::Driver { message, .. } => {
+                f.write_str(message)
+            }
         }
     }
 }

@@ -154,6 +154,7 @@ fn measure_wgpu(iters: u64) -> Result<Value, Error> {
                 .map(drop)
                 .map_err(|e| Error::Driver {
                     call: "wgpu::Device::poll",
+                    code: None,
                     message: e.to_string(),
                 })
         };

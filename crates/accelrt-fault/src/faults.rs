@@ -225,6 +225,7 @@ impl Faults {
     fn injected_error(&self, fault: Fault) -> Error {
         Error::Driver {
             call: fault.name(),
+            code: None,
             message: format!(
                 "fault injected by accelrt-fault ({} {} so far, {} more pending)",
                 self.injected(fault),
@@ -257,6 +258,7 @@ impl Faults {
         match taken {
             Some(messages) if !messages.is_empty() => Err(Error::Driver {
                 call: "stream (injected asynchronous error)",
+                code: None,
                 message: format!(
                     "{} error(s) on stream {stream_handle:#x} since the last synchronize: {}",
                     messages.len(),

@@ -88,7 +88,7 @@ fn each_injected_fault_fails_one_call_and_names_it() {
         faults.fail_next(*fault, 1);
         let err = call(&b, s, t, ev).expect_err(fault.name());
         match &err {
-            Error::Driver { call, message } => {
+            Error::Driver { call, message, .. } => {
                 assert_eq!(*call, fault.name());
                 assert!(message.contains("injected by accelrt-fault"), "{message}");
             }

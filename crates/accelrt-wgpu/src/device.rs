@@ -93,6 +93,7 @@ impl std::fmt::Debug for DeviceShared {
 pub(crate) fn wgpu_error(call: &'static str, message: impl std::fmt::Display) -> Error {
     Error::Driver {
         call,
+        code: None,
         message: message.to_string(),
     }
 }

@@ -14,7 +14,7 @@ use accelrt::alloc::{
 };
 use accelrt::backend::host::{HostDriver, HostMemory};
 use accelrt::runtime::Runtime;
-use accelrt::{Backend, Device, DeviceType, Stream, StreamPriority};
+use accelrt::{Backend, Device, DeviceType, Error, Stream, StreamPriority};
 use proptest::prelude::*;
 
 const MIB: usize = 1 << 20;
@@ -265,9 +265,11 @@ impl VirtualMemory for Flaky {
     }
     fn create(&self, size: usize) -> Result<ChunkHandle, ProviderError> {
         if self.fail_create.load(Ordering::Relaxed) {
-            return Err(ProviderError::Failed(
-                "cuMemCreate: injected failure".into(),
-            ));
+            // CUDA_ERROR_INVALID_VALUE: a result code the allocator's error must keep.
+            return Err(ProviderError::Driver {
+                code: 1,
+                message: "cuMemCreate: injected failure".into(),
+            });
         }
         self.inner.virtual_memory().unwrap().create(size)
     }
@@ -281,7 +283,11 @@ impl VirtualMemory for Flaky {
         chunks: &[(ChunkHandle, usize)],
     ) -> Result<(), ProviderError> {
         if self.fail_map.load(Ordering::Relaxed) {
-            return Err(ProviderError::Failed("cuMemMap: injected failure".into()));
+            // CUDA_ERROR_ILLEGAL_ADDRESS.
+            return Err(ProviderError::Driver {
+                code: 700,
+                message: "cuMemMap: injected failure".into(),
+            });
         }
         // SAFETY: forwarded from the caller's promise.
         unsafe { self.inner.virtual_memory().unwrap().map(addr, chunks) }
@@ -323,12 +329,26 @@ fn a_failed_driver_call_mid_move_leaves_the_allocator_consistent() {
         msg.contains("mapping device memory") && msg.contains("cuMemMap"),
         "{msg}"
     );
+    assert!(
+        matches!(
+            err,
+            Error::Driver {
+                code: Some(700),
+                ..
+            }
+        ),
+        "the driver's code is kept: {err:?}"
+    );
     a.check_invariants().unwrap();
     // Creating fails too: still consistent, and the error names the call.
     flaky.fail_map.store(false, Ordering::Relaxed);
     flaky.fail_create.store(true, Ordering::Relaxed);
     let err = a.raw_alloc(300 * MIB, s).unwrap_err();
     assert!(err.to_string().contains("cuMemCreate"), "{err}");
+    assert!(
+        matches!(err, Error::Driver { code: Some(1), .. }),
+        "{err:?}"
+    );
     a.check_invariants().unwrap();
     // Healthy again: everything works and everything goes back.
     flaky.fail_create.store(false, Ordering::Relaxed);

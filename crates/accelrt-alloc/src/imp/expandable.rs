@@ -29,7 +29,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use parking_lot::MutexGuard;
 
-use super::{hold_in_flight, AllocatorEvent, CachingAllocator, SegmentFailure, StreamPool};
+use super::{
+    hold_in_flight, AllocatorEvent, CachingAllocator, HardLimit, SegmentFailure, StreamPool,
+};
 use crate::chunks::{ChunkTable, Home};
 use crate::error::{Error, Result};
 use crate::history::TraceAction;
@@ -125,9 +127,10 @@ impl CachingAllocator {
                 Err(failure) => {
                     self.unwind_unmapped(pool, block);
                     match failure {
-                        SegmentFailure::Driver(message) => {
+                        SegmentFailure::Driver(message, code) => {
                             return Err(Error::Driver {
                                 call: "mapping device memory",
+                                code,
                                 message,
                             })
                         }
@@ -138,7 +141,7 @@ impl CachingAllocator {
                         }
                         SegmentFailure::Limit(limit) => return Err(self.out_of_memory(size, limit)),
                         SegmentFailure::DeviceFull => {
-                            return Err(self.out_of_memory(size, "device memory".into()))
+                            return Err(self.out_of_memory(size, HardLimit::Device))
                         }
                     }
                 }
@@ -161,10 +164,11 @@ impl CachingAllocator {
     ) -> Result<usize> {
         match self.map_block(pool_idx, pool, block) {
             Ok(()) => Ok(self.publish_mapped(pool, block)),
-            Err(SegmentFailure::Driver(message)) => {
+            Err(SegmentFailure::Driver(message, code)) => {
                 self.unwind_unmapped(pool, block);
                 Err(Error::Driver {
                     call: "mapping device memory",
+                    code,
                     message,
                 })
             }
@@ -211,7 +215,7 @@ impl CachingAllocator {
         let (_, total) = self.provider.memory_info();
         if rounded > total {
             self.fire(0, size, AllocatorEvent::AllocationFailed);
-            return Err(self.out_of_memory(size, "device memory".into()));
+            return Err(self.out_of_memory(size, HardLimit::Device));
         }
         let page = self.page_bytes();
         let needed = round_up_checked(rounded.saturating_add(page), page).unwrap_or(u64::MAX);
@@ -242,6 +246,7 @@ impl CachingAllocator {
                 Err(e) => {
                     return Err(Error::Driver {
                         call: "reserving address space",
+                        code: None,
                         message: format!(
                             "no range of {} down to {} for a block of {} on {}: {} (is the \
                              process's virtual memory limited, e.g. `ulimit -v`? \
@@ -587,7 +592,10 @@ impl CachingAllocator {
             }
             return Err(match e {
                 ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
-                ProviderError::Failed(m) => SegmentFailure::Driver(m),
+                e => {
+                    let (message, code) = e.into_parts();
+                    SegmentFailure::Driver(message, code)
+                }
             });
         }
         let mut slot = run.first;
@@ -655,7 +663,10 @@ impl CachingAllocator {
                 self.reserved.fetch_sub(bytes, Relaxed);
                 Err(match e {
                     ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
-                    ProviderError::Failed(m) => SegmentFailure::Driver(m),
+                    e => {
+                        let (message, code) = e.into_parts();
+                        SegmentFailure::Driver(message, code)
+                    }
                 })
             }
         }
@@ -911,7 +922,7 @@ impl ProviderError {
     pub fn describe(&self) -> String {
         match self {
             ProviderError::OutOfMemory => "out of memory".into(),
-            ProviderError::Failed(m) => m.clone(),
+            ProviderError::Failed(m) | ProviderError::Driver { message: m, .. } => m.clone(),
         }
     }
 }

@@ -44,6 +44,7 @@ impl Deferred {
         }
         Err(Error::Driver {
             call: "an earlier release or callback",
+            code: None,
             message: format!(
                 "{} error(s) kept since the last call (they happened where no error could be \
                  returned: a Drop or a callback): {}",

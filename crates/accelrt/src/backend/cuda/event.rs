@@ -220,6 +220,7 @@ fn dispatcher() -> Result<&'static Mutex<mpsc::Sender<Dispatched>>> {
         })
         .map_err(|e| Error::Driver {
             call: "std::thread::spawn",
+            code: None,
             message: format!("starting the CUDA event-callback thread: {e}"),
         })?;
     Ok(SENDER.get_or_init(|| Mutex::new(tx)))

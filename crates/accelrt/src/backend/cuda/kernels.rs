@@ -36,10 +36,12 @@ impl Kernels {
     pub(crate) fn load(ordinal: u32) -> Result<Kernels> {
         let text = CStr::from_bytes_with_nul(PTX.as_bytes()).map_err(|e| Error::Driver {
             call: "cuModuleLoadDataEx",
+            code: None,
             message: format!("kernels.ptx is not valid C text: {e}"),
         })?;
         let module = sys::module_load_ptx(text).map_err(|(e, log)| Error::Driver {
             call: e.call,
+            code: None,
             message: format!(
                 "loading accelrt's PTX kernels on cuda:{ordinal}: {}{}",
                 e.into_error(),

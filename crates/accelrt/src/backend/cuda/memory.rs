@@ -18,7 +18,10 @@ fn provider_error(e: CuError) -> ProviderError {
     if e.is_out_of_memory() {
         ProviderError::OutOfMemory
     } else {
-        ProviderError::Failed(e.into_error().to_string())
+        ProviderError::Driver {
+            code: e.code as i32,
+            message: e.into_error().to_string(),
+        }
     }
 }
 

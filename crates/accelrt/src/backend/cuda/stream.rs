@@ -141,8 +141,9 @@ impl CudaStream {
     /// The host-task panics kept since the last synchronize.
     pub(crate) fn take_errors(&self) -> Result<()> {
         self.errors.take().map_err(|e| match e {
-            Error::Driver { message, .. } => Error::Driver {
+            Error::Driver { message, code, .. } => Error::Driver {
                 call: "host task",
+                code,
                 message: format!(
                     "on cuda:{} stream {:#x}: {message}",
                     self.ctx.ordinal,

@@ -107,6 +107,7 @@ impl CuError {
     pub(crate) fn into_error(self) -> Error {
         Error::Driver {
             call: self.call,
+            code: Some(self.code as i32),
             message: format!("{}: {}{}", self.name(), self.description(), self.hint()),
         }
     }

@@ -204,6 +204,7 @@ impl StreamShared {
             .map(drop)
             .map_err(|e| Error::Driver {
                 call: "std::thread::spawn (host stream worker)",
+                code: None,
                 message: format!("{}: {e}", self.label),
             })
     }
@@ -263,6 +264,7 @@ impl StreamShared {
         }
         Err(Error::Driver {
             call: "host task",
+            code: None,
             message: format!(
                 "{} error(s) on {} since the last synchronize: {}",
                 errors.len(),
