@@ -248,7 +248,8 @@ pub struct CachingAllocator {
     oom_observers: RwLock<Vec<OomObserver>>,
     shapes: Mutex<HashMap<usize, Vec<i64>>>,
     pub(crate) segment_index: RwLock<BTreeMap<usize, u64>>,
-    deferred: Mutex<Option<Error>>,
+    /// Errors of frees that `Buffer`'s `Drop` could not return.
+    deferred: crate::deferred::Deferred,
     history: History,
     /// Page size of expandable segments; 0 when they are off.
     pub(crate) vm_page: u64,
@@ -405,7 +406,7 @@ impl CachingAllocator {
             oom_observers: RwLock::new(Vec::new()),
             shapes: Mutex::new(HashMap::new()),
             segment_index: RwLock::new(BTreeMap::new()),
-            deferred: Mutex::new(None),
+            deferred: crate::deferred::Deferred::default(),
             history: History::new(),
             vm_page,
             vm_state: Mutex::new(expandable::VmState::new(vm_page)),
@@ -1875,19 +1876,34 @@ impl CachingAllocator {
         crate::callbacks::fire_allocator_callbacks(self.device, ptr, size, event);
     }
 
+    /// Keep the error of a free that a `Drop` could not return, for the next call.
     #[cold]
     fn defer_error(&self, e: Error) {
-        *self.deferred.lock() = Some(e);
+        self.deferred.keep(e);
         self.rare.set(RareFlags::DEFERRED, true);
     }
 
+    /// The kept errors as one: the error itself when there was one, else every one's words.
     #[cold]
     fn take_deferred(&self) -> Error {
         self.rare.set(RareFlags::DEFERRED, false);
-        self.deferred
-            .lock()
-            .take()
-            .unwrap_or_else(|| Error::InvalidArgument("deferred error already taken".into()))
+        let taken = self.deferred.take(|mut t| {
+            if t.count() == 1 {
+                return t.errors.remove(0);
+            }
+            Error::Driver {
+                call: "freeing dropped buffers",
+                code: t.code(),
+                message: format!(
+                    "{} frees failed where no error could be returned (Buffer drops): {}",
+                    t.count(),
+                    t.joined()
+                ),
+            }
+        });
+        taken.err().unwrap_or_else(|| {
+            Error::InvalidArgument("the kept error was taken by another call".into())
+        })
     }
 
     #[cold]

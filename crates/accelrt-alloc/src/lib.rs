@@ -10,6 +10,7 @@ pub mod callbacks;
 mod check;
 mod chunks;
 mod config;
+pub mod deferred;
 pub mod device;
 pub mod error;
 mod free_node;
@@ -36,6 +37,7 @@ pub use stream::{Stream, StreamPriority};
 
 pub use bytes::format_size;
 pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
+pub use deferred::Deferred;
 pub use history::{
     set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,
     MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,

@@ -1,7 +1,6 @@
 //! Per-device state: the retained primary context, the scoped current-context guard, and the
 //! errors kept from `Drop` (reported by the next call, cudarc's rule).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
@@ -9,49 +8,71 @@ use parking_lot::Mutex;
 use super::kernels::Kernels;
 use super::raw_stream::RawStream;
 use super::sys::{self, CUcontext, CUdevice};
+use crate::alloc::Deferred;
 use crate::error::{Error, Result};
 
 /// Errors that could not be returned where they happened (in `Drop`, in a callback); the
-/// next call on the same device returns them.
+/// next call on the same device returns them. Kept by the allocator's [`Deferred`] (one type
+/// for every place that defers errors), bounded.
 #[derive(Debug, Default)]
-pub(crate) struct Deferred {
-    pending: AtomicBool,
-    errors: Mutex<Vec<String>>,
-}
+pub(crate) struct DeviceErrors(Deferred);
 
-impl Deferred {
-    /// Keep `error` for the next call.
-    pub(crate) fn keep(&self, error: impl std::fmt::Display) {
-        self.errors.lock().push(error.to_string());
-        self.pending.store(true, Ordering::Release);
+impl DeviceErrors {
+    /// Keep `error` (an [`Error`], which keeps its driver code, or words) for the next call.
+    pub(crate) fn keep(&self, error: impl Into<KeptError>) {
+        self.0.keep(error.into().0);
     }
 
     /// `Err` with every kept error (once), else `Ok`. One atomic load when nothing is kept.
     #[inline]
     pub(crate) fn take(&self) -> Result<()> {
-        if !self.pending.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        self.take_slow()
-    }
-
-    #[cold]
-    fn take_slow(&self) -> Result<()> {
-        let errors = std::mem::take(&mut *self.errors.lock());
-        self.pending.store(false, Ordering::Release);
-        if errors.is_empty() {
-            return Ok(());
-        }
-        Err(Error::Driver {
+        self.0.take(|t| Error::Driver {
             call: "an earlier release or callback",
-            code: None,
+            code: t.code(),
             message: format!(
                 "{} error(s) kept since the last call (they happened where no error could be \
                  returned: a Drop or a callback): {}",
-                errors.len(),
-                errors.join("; ")
+                t.count(),
+                t.joined_messages()
             ),
         })
+    }
+}
+
+/// An error to keep: an [`Error`] as it is, words as a driver error without a code.
+pub(crate) struct KeptError(Error);
+
+impl From<Error> for KeptError {
+    fn from(e: Error) -> Self {
+        KeptError(match e {
+            // Keep the call's name with the words: the report names its own call.
+            Error::Driver {
+                call,
+                code,
+                message,
+            } => Error::Driver {
+                call,
+                code,
+                message: format!("{call} failed: {message}"),
+            },
+            other => other,
+        })
+    }
+}
+
+impl From<&str> for KeptError {
+    fn from(words: &str) -> Self {
+        KeptError(Error::Driver {
+            call: "an earlier release or callback",
+            code: None,
+            message: words.to_string(),
+        })
+    }
+}
+
+impl From<String> for KeptError {
+    fn from(words: String) -> Self {
+        KeptError::from(words.as_str())
     }
 }
 
@@ -63,7 +84,7 @@ pub(crate) struct Context {
     pub(crate) raw: CUcontext,
     /// (least, greatest) stream priority.
     pub(crate) priorities: (i32, i32),
-    pub(crate) deferred: Deferred,
+    pub(crate) deferred: DeviceErrors,
     /// The PTX kernels, loaded on first use.
     pub(crate) kernels: OnceLock<Kernels>,
     kernels_init: Mutex<()>,
@@ -104,7 +125,7 @@ impl Context {
             dev,
             raw,
             priorities: (0, 0),
-            deferred: Deferred::default(),
+            deferred: DeviceErrors::default(),
             kernels: OnceLock::new(),
             kernels_init: Mutex::new(()),
             notify_stream: OnceLock::new(),
@@ -236,7 +257,7 @@ mod tests {
 
     #[test]
     fn deferred_errors_are_reported_once() {
-        let d = Deferred::default();
+        let d = DeviceErrors::default();
         assert!(d.take().is_ok());
         d.keep("cuEventDestroy failed: CUDA_ERROR_INVALID_HANDLE");
         d.keep("cuStreamDestroy failed: CUDA_ERROR_INVALID_HANDLE");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::context::{Context, Deferred};
+use super::context::{Context, DeviceErrors};
 use super::sys::{self, CUgraph, CUstream, CuResult};
 use super::task::{check_not_in_host_task, run_task_kept, run_task_once, TaskBox};
 use crate::driver::HostTask;
@@ -30,7 +30,7 @@ pub struct CudaStream {
     pub(crate) ctx: Arc<Context>,
     ownership: Ownership,
     /// Panics of host tasks, reported by the next synchronize.
-    errors: Arc<Deferred>,
+    errors: Arc<DeviceErrors>,
     /// Boxes of host tasks launched while the stream was capturing; moved into the graph at
     /// `end_capture` (boxed: the driver holds their addresses, which must not move).
     #[allow(clippy::vec_box)]
@@ -62,7 +62,7 @@ impl CudaStream {
             raw,
             ctx,
             ownership,
-            errors: Arc::new(Deferred::default()),
+            errors: Arc::new(DeviceErrors::default()),
             captured: Mutex::new(Vec::new()),
             capture_lock: Mutex::new(()),
         }

@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use super::context::Deferred;
+use super::context::DeviceErrors;
 use crate::driver::HostTask;
 use crate::error::{Error, Result};
 
@@ -41,7 +41,7 @@ pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 /// What a host-function launch hands the driver: the task and where its panic goes.
 pub(crate) struct TaskBox {
     pub(crate) task: HostTask,
-    pub(crate) errors: Arc<Deferred>,
+    pub(crate) errors: Arc<DeviceErrors>,
 }
 
 fn run_task(b: &TaskBox) {

@@ -9,11 +9,12 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::alloc::Deferred;
 use crate::driver::{EventCallback, HostTask};
 use crate::error::{Error, Result};
 
@@ -84,8 +85,8 @@ pub(super) struct StreamShared {
     work_cv: Condvar,
     done: Mutex<Done>,
     done_cv: Condvar,
-    has_errors: AtomicBool,
-    errors: Mutex<Vec<String>>,
+    /// Panics of tasks and callbacks, for the next synchronize or query.
+    errors: Deferred,
 }
 
 impl StreamShared {
@@ -254,22 +255,14 @@ impl StreamShared {
 
     /// Errors kept since the last call (panicked tasks and callbacks), as one error.
     pub(super) fn take_errors(&self) -> Result<()> {
-        if !self.has_errors.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let errors = std::mem::take(&mut *self.errors.lock());
-        self.has_errors.store(false, Ordering::Release);
-        if errors.is_empty() {
-            return Ok(());
-        }
-        Err(Error::Driver {
+        self.errors.take(|t| Error::Driver {
             call: "host task",
             code: None,
             message: format!(
                 "{} error(s) on {} since the last synchronize: {}",
-                errors.len(),
+                t.count(),
                 self.label,
-                errors.join("; ")
+                t.joined_messages()
             ),
         })
     }
@@ -281,8 +274,11 @@ impl StreamShared {
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "non-string panic payload".to_string());
-        self.errors.lock().push(format!("{what} panicked: {msg}"));
-        self.has_errors.store(true, Ordering::Release);
+        self.errors.keep(Error::Driver {
+            call: "host task",
+            code: None,
+            message: format!("{what} panicked: {msg}"),
+        });
     }
 
     /// An error when the calling thread is this stream's worker: waiting on the stream
@@ -387,8 +383,7 @@ impl HostStream {
                 work_cv: Condvar::new(),
                 done: Mutex::new(Done::default()),
                 done_cv: Condvar::new(),
-                has_errors: AtomicBool::new(false),
-                errors: Mutex::new(Vec::new()),
+                errors: Deferred::default(),
             }),
         }
     }
