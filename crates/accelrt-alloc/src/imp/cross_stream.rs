@@ -1,0 +1,170 @@
+//! Cross-stream use (`record_stream`, pending frees, fences) and cache control.
+
+use super::*;
+
+impl CachingAllocator {
+    // ---- cross-stream use ------------------------------------------------------------------
+
+    /// Free a block that other streams used or that has recorded events: it goes back to the
+    /// cache only once events recorded now on those streams have completed.
+    #[cold]
+    pub(super) fn free_with_extras(&self, st: &mut PoolState, block: u32) -> Result<()> {
+        let extras = st.extras.remove(&block).unwrap_or_default();
+        let mut recorded = Vec::with_capacity(extras.stream_uses.len());
+        if let Some(events) = &self.events {
+            for s in &extras.stream_uses {
+                self.driver.event_record.fetch_add(1, Relaxed);
+                match events.record(*s) {
+                    Ok(t) => recorded.push(t),
+                    Err(e) => {
+                        // Leave the block allocated, with its extras, exactly as it was.
+                        recorded.into_iter().for_each(|t| events.release(t));
+                        st.extras.insert(block, extras);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let mut tickets = extras.events;
+        tickets.extend(recorded);
+        st.blocks[block as usize].has_extras = false;
+        st.account_free(block);
+        if tickets.is_empty() {
+            st.release_to_cache(block);
+        } else {
+            st.blocks[block as usize].state = BlockState::Pending;
+            st.pending.push(PendingFree { block, tickets });
+        }
+        Ok(())
+    }
+
+    /// Run `f` on the live block at `ptr` under its pool's lock.
+    pub(super) fn with_live_block<R>(
+        &self,
+        ptr: usize,
+        what: &'static str,
+        f: impl FnOnce(&mut PoolState, u32, &StreamPool) -> R,
+    ) -> Result<R> {
+        let pool = self
+            .pages
+            .lookup(ptr)
+            .and_then(|i| self.pools[i as usize].get());
+        let Some(pool) = pool else {
+            return Err(Error::InvalidPointer { ptr, context: what });
+        };
+        let mut st = pool.state.lock();
+        let Some(&block) = st.live.get(&ptr) else {
+            return Err(Error::InvalidPointer { ptr, context: what });
+        };
+        Ok(f(&mut st, block, pool))
+    }
+
+    pub(super) fn require_events(&self, what: &'static str) -> Result<&Arc<dyn StreamEvents>> {
+        self.events
+            .as_ref()
+            .ok_or(Error::unsupported(self.device.kind, what))
+    }
+
+    /// Mark `ptr` as used by `stream` too: when freed, it is not reused until the work
+    /// queued on `stream` up to the free has completed.
+    pub fn record_stream(&self, ptr: usize, stream: Stream) -> Result<()> {
+        self.require_events("record_stream on an allocator without an event source")?;
+        if stream.device != self.device {
+            return Err(self.bad_stream(stream));
+        }
+        self.with_live_block(ptr, "record_stream", |st, block, pool| {
+            if pool.stream != stream {
+                let uses = &mut st.extras.entry(block).or_default().stream_uses;
+                if !uses.contains(&stream) {
+                    uses.push(stream);
+                }
+                st.blocks[block as usize].has_extras = true;
+            }
+        })
+    }
+
+    /// Record an event on `stream` for each buffer (MPS `recordEvents`): the buffers are in
+    /// use there until [`CachingAllocator::wait_for_events`], and a free waits for them.
+    pub fn record_events(&self, ptrs: &[usize], stream: Stream) -> Result<()> {
+        let events =
+            self.require_events("record_events on an allocator without an event source")?;
+        if stream.device != self.device {
+            return Err(self.bad_stream(stream));
+        }
+        for &ptr in ptrs {
+            self.with_live_block(ptr, "record_events", |_, _, _| ())?;
+        }
+        for &ptr in ptrs {
+            self.driver.event_record.fetch_add(1, Relaxed);
+            let ticket = events.record(stream)?;
+            let attached = self.with_live_block(ptr, "record_events", |st, block, _| {
+                st.extras.entry(block).or_default().events.push(ticket);
+                st.blocks[block as usize].has_extras = true;
+            });
+            if attached.is_err() {
+                events.release(ticket); // freed meanwhile by another thread
+            }
+            attached?;
+        }
+        Ok(())
+    }
+
+    /// Block until the events recorded for these buffers have completed (MPS
+    /// `waitForEvents`), then give back cached segments whose waits are over.
+    pub fn wait_for_events(&self, ptrs: &[usize]) -> Result<()> {
+        let events =
+            self.require_events("wait_for_events on an allocator without an event source")?;
+        for &ptr in ptrs {
+            let tickets = self.with_live_block(ptr, "wait_for_events", |st, block, _| {
+                let Some(x) = st.extras.get_mut(&block) else {
+                    return Vec::new();
+                };
+                let tickets = std::mem::take(&mut x.events);
+                if x.stream_uses.is_empty() {
+                    st.extras.remove(&block);
+                    st.blocks[block as usize].has_extras = false;
+                }
+                tickets
+            })?;
+            for t in tickets {
+                self.driver.synchronize.fetch_add(1, Relaxed);
+                let r = events.synchronize(t);
+                events.release(t);
+                r?;
+            }
+        }
+        self.free_inactive_buffers()
+    }
+
+    // ---- cache control ---------------------------------------------------------------------
+
+    /// Give every cached whole segment back to the device, after waiting for pending
+    /// cross-stream frees. Split segments with live blocks stay.
+    pub fn empty_cache(&self) -> Result<()> {
+        if self.rare.has(RareFlags::DEFERRED) {
+            return Err(self.take_deferred());
+        }
+        self.release_cached(true)?;
+        if self.config.debug_checks {
+            self.debug_check("empty_cache");
+        }
+        Ok(())
+    }
+
+    /// Finish the frees whose streams have passed (MPS's `freeInactiveBuffers`): blocks
+    /// freed while other streams still used them (`record_stream`, `record_events`) go back
+    /// to the cache once those streams' events have completed. Waits for nothing and gives
+    /// nothing back to the device (that is [`CachingAllocator::empty_cache`]).
+    pub fn free_inactive_buffers(&self) -> Result<()> {
+        if self.rare.has(RareFlags::DEFERRED) {
+            return Err(self.take_deferred());
+        }
+        for pool in self.initialized_pools() {
+            let mut st = pool.state.lock();
+            if !st.pending.is_empty() {
+                self.process_pending(&mut st, pool.stream.index);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,344 @@
+//! Figures (statistics and driver calls), history and snapshots, callbacks, observers and
+//! deferred errors.
+
+use super::*;
+
+impl CachingAllocator {
+    // ---- figures ---------------------------------------------------------------------------
+
+    /// Bytes held from the device (MPS `getTotalAllocatedMemory`).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reserved.load(Relaxed)
+    }
+    /// Bytes of live blocks (MPS `getCurrentAllocatedMemory`).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.initialized_pools()
+            .map(|p| {
+                let st = p.state.lock();
+                st.stats[0].allocated_bytes.current + st.stats[1].allocated_bytes.current
+            })
+            .sum()
+    }
+    /// Bytes the device reports as allocated through the provider.
+    pub fn driver_allocated(&self) -> u64 {
+        self.provider.driver_allocated()
+    }
+    /// The device's recommended working-set size.
+    pub fn recommended_max(&self) -> u64 {
+        self.provider.recommended_max()
+    }
+
+    /// Current statistics (see [`MemoryStats`] for what the aggregate peaks mean).
+    pub fn stats(&self) -> MemoryStats {
+        let mut s = MemoryStats::default();
+        for pool in self.initialized_pools() {
+            let st = pool.state.lock();
+            s.small_pool = s.small_pool.merged(st.stats[0]);
+            s.large_pool = s.large_pool.merged(st.stats[1]);
+            s.combined = s.combined.merged(st.combined_stats());
+        }
+        let c = &self.counters;
+        s.counters = EventCounters {
+            num_alloc_retries: c.num_alloc_retries.load(Relaxed),
+            num_ooms: c.num_ooms.load(Relaxed),
+            num_sync_all_streams: c.num_sync_all_streams.load(Relaxed),
+            num_device_alloc: c.num_device_alloc.load(Relaxed),
+            num_device_free: c.num_device_free.load(Relaxed),
+            num_page_steals: c.num_page_steals.load(Relaxed),
+            num_pages_remapped: c.num_pages_remapped.load(Relaxed),
+        };
+        s.driver_calls = self.driver.snapshot();
+        s.reserved_bytes_peak = self.reserved_peak.load(Relaxed);
+        s.segment_peak = self.segments_peak.load(Relaxed);
+        s
+    }
+
+    /// Set every peak to its current value.
+    pub fn reset_peak_stats(&self) {
+        for pool in self.initialized_pools() {
+            pool.state.lock().reset_peak_stats();
+        }
+        self.reserved_peak
+            .store(self.reserved.load(Relaxed), Relaxed);
+        self.segments_peak
+            .store(self.segments.load(Relaxed), Relaxed);
+    }
+
+    /// Zero the allocated/freed totals and the event counters.
+    pub fn reset_accumulated_stats(&self) {
+        for pool in self.initialized_pools() {
+            let mut st = pool.state.lock();
+            st.stats.iter_mut().for_each(|s| s.reset_accumulated());
+        }
+        let c = &self.counters;
+        for a in [
+            &c.num_alloc_retries,
+            &c.num_ooms,
+            &c.num_sync_all_streams,
+            &c.num_device_alloc,
+            &c.num_device_free,
+            &c.num_page_steals,
+            &c.num_pages_remapped,
+        ] {
+            a.store(0, Relaxed);
+        }
+        for a in self.driver.all() {
+            a.store(0, Relaxed);
+        }
+    }
+
+    // ---- history and snapshots -------------------------------------------------------------
+
+    /// Start (`Some`) or stop (`None`) recording allocator events into a ring buffer
+    /// (PyTorch's `_record_memory_history`). Stopping keeps what was recorded.
+    pub fn record_memory_history(&self, config: Option<HistoryConfig>) {
+        self.history.configure(config);
+        self.rare.set(RareFlags::HISTORY, self.history.enabled());
+    }
+
+    /// How history is being recorded (`None` when it is off).
+    pub fn memory_history_config(&self) -> Option<HistoryConfig> {
+        self.history.config()
+    }
+
+    /// The recorded events, oldest first.
+    pub fn memory_history(&self) -> Vec<TraceEntry> {
+        self.history.entries()
+    }
+
+    /// Forget the recorded events.
+    pub fn clear_memory_history(&self) {
+        self.history.clear();
+    }
+
+    #[cold]
+    pub(super) fn note_alloc(&self, st: &mut PoolState, block: u32, stream: u32) {
+        let b = &st.blocks[block as usize];
+        let (addr, requested) = (b.addr as u64, b.requested);
+        self.history
+            .record(TraceAction::Alloc, addr, requested, stream);
+        if let Some(frames) = self.history.context() {
+            st.frames.insert(block, frames);
+        }
+    }
+
+    #[cold]
+    pub(super) fn note_free(&self, st: &mut PoolState, block: u32, stream: u32) {
+        let b = &st.blocks[block as usize];
+        let (addr, requested, pending) = (b.addr as u64, b.requested, b.has_extras);
+        self.history
+            .record(TraceAction::FreeRequested, addr, requested, stream);
+        if !pending {
+            self.history
+                .record(TraceAction::FreeCompleted, addr, requested, stream);
+        }
+        st.frames.remove(&block);
+    }
+
+    /// Every segment with its blocks, and the recorded history (PyTorch's `_snapshot`).
+    /// Segments are ordered by address.
+    pub fn memory_snapshot(&self) -> MemorySnapshot {
+        if self.history.enabled() {
+            self.history.record(TraceAction::Snapshot, 0, 0, u32::MAX);
+        }
+        let mut segments = Vec::new();
+        for pool in self.initialized_pools() {
+            let st = pool.state.lock();
+            for (pos, seg) in st.segments.iter().enumerate() {
+                let mut info = SegmentInfo {
+                    device: self.device.index,
+                    address: seg.base as u64,
+                    total_size: seg.size,
+                    stream: pool.stream.index,
+                    segment_type: seg.kind,
+                    segment_pool_id: (st.pool_id.0, st.pool_id.1),
+                    is_expandable: seg.vm.is_some(),
+                    unmapped: Self::unmapped_ranges(&st, pos),
+                    allocated_size: 0,
+                    active_size: 0,
+                    requested_size: 0,
+                    blocks: Vec::new(),
+                };
+                let mut cur = seg.head;
+                while cur != NIL {
+                    let b = &st.blocks[cur as usize];
+                    let state = match b.state {
+                        BlockState::Allocated => BlockStatus::ActiveAllocated,
+                        BlockState::Pending => BlockStatus::ActivePendingFree,
+                        _ => BlockStatus::Inactive,
+                    };
+                    if state == BlockStatus::ActiveAllocated {
+                        info.allocated_size += b.size;
+                        info.requested_size += b.requested;
+                    }
+                    if state != BlockStatus::Inactive {
+                        info.active_size += b.size;
+                    }
+                    info.blocks.push(BlockInfo {
+                        address: b.addr as u64,
+                        size: b.size,
+                        requested_size: b.requested,
+                        state,
+                        frames: st.frames.get(&cur).cloned(),
+                    });
+                    cur = b.next;
+                }
+                segments.push(info);
+            }
+        }
+        segments.sort_by_key(|s| s.address);
+        MemorySnapshot {
+            device: self.device,
+            segments,
+            history: self.history.entries(),
+        }
+    }
+
+    // ---- callbacks, observers, deferred errors ---------------------------------------------
+
+    /// Register a callback for allocator events (see [`AllocatorEvent`] for when each fires).
+    pub fn add_callback(&self, callback: AllocatorCallback) -> CallbackId {
+        let id = CallbackId(self.next_callback.fetch_add(1, Relaxed));
+        let mut cbs = self.callbacks.write();
+        cbs.push((id, callback));
+        self.rare.set(RareFlags::CALLBACKS, true);
+        id
+    }
+
+    /// Remove a callback; false if it was not registered.
+    pub fn remove_callback(&self, id: CallbackId) -> bool {
+        let mut cbs = self.callbacks.write();
+        let before = cbs.len();
+        cbs.retain(|(i, _)| *i != id);
+        self.rare.set(RareFlags::CALLBACKS, !cbs.is_empty());
+        cbs.len() != before
+    }
+
+    /// Register an observer told of every out-of-memory before the error is returned.
+    pub fn attach_oom_observer(&self, observer: OomObserver) {
+        self.oom_observers.write().push(observer);
+    }
+
+    /// Whether any callback would fire: this allocator's, or a global one
+    /// ([`crate::callbacks::add_allocator_callback`]). Two relaxed loads.
+    #[inline]
+    pub(super) fn callbacks_on(&self) -> bool {
+        self.rare.has(RareFlags::CALLBACKS) || crate::callbacks::has_allocator_callbacks()
+    }
+
+    #[cold]
+    #[inline(never)]
+    pub(super) fn fire(&self, ptr: usize, size: u64, event: AllocatorEvent) {
+        if self.rare.has(RareFlags::CALLBACKS) {
+            let cbs: Vec<AllocatorCallback> = self
+                .callbacks
+                .read()
+                .iter()
+                .map(|(_, c)| c.clone())
+                .collect();
+            for cb in cbs {
+                cb(ptr, size, event);
+            }
+        }
+        crate::callbacks::fire_allocator_callbacks(self.device, ptr, size, event);
+    }
+
+    /// Keep the error of a free that a `Drop` could not return, for the next call.
+    #[cold]
+    pub(super) fn defer_error(&self, e: Error) {
+        self.deferred.keep(e);
+        self.rare.set(RareFlags::DEFERRED, true);
+    }
+
+    /// The kept errors as one: the error itself when there was one, else every one's words.
+    #[cold]
+    pub(super) fn take_deferred(&self) -> Error {
+        self.rare.set(RareFlags::DEFERRED, false);
+        let taken = self.deferred.take(|mut t| {
+            if t.count() == 1 {
+                return t.errors.remove(0);
+            }
+            Error::Driver {
+                call: "freeing dropped buffers",
+                code: t.code(),
+                message: format!(
+                    "{} frees failed where no error could be returned (Buffer drops): {}",
+                    t.count(),
+                    t.joined()
+                ),
+            }
+        });
+        taken.err().unwrap_or_else(|| {
+            Error::InvalidArgument("the kept error was taken by another call".into())
+        })
+    }
+
+    #[cold]
+    pub(super) fn debug_check(&self, after: &str) {
+        if let Err(e) = self.check_invariants() {
+            panic!("accelrt allocator invariant broken after {after}: {e}");
+        }
+    }
+
+    pub(crate) fn pool_states(&self) -> impl Iterator<Item = (u32, &StreamPool)> {
+        self.pools_with_index().map(|(i, p)| (i as u32, p))
+    }
+}
+
+/// Driver calls made by the allocator (see [`DriverCalls`]).
+#[derive(Default)]
+pub(crate) struct DriverCounters {
+    pub segment_alloc: AtomicU64,
+    pub segment_free: AtomicU64,
+    pub reserve: AtomicU64,
+    pub unreserve: AtomicU64,
+    pub create: AtomicU64,
+    pub release: AtomicU64,
+    pub map: AtomicU64,
+    pub unmap: AtomicU64,
+    pub set_access: AtomicU64,
+    pub synchronize: AtomicU64,
+    pub event_record: AtomicU64,
+    pub event_query: AtomicU64,
+    pub event_wait: AtomicU64,
+}
+
+impl DriverCounters {
+    fn all(&self) -> [&AtomicU64; 13] {
+        [
+            &self.segment_alloc,
+            &self.segment_free,
+            &self.reserve,
+            &self.unreserve,
+            &self.create,
+            &self.release,
+            &self.map,
+            &self.unmap,
+            &self.set_access,
+            &self.synchronize,
+            &self.event_record,
+            &self.event_query,
+            &self.event_wait,
+        ]
+    }
+
+    fn snapshot(&self) -> DriverCalls {
+        let [segment_alloc, segment_free, reserve, unreserve, create, release, map, unmap, set_access, synchronize, event_record, event_query, event_wait] =
+            self.all().map(|a| a.load(Relaxed));
+        DriverCalls {
+            segment_alloc,
+            segment_free,
+            reserve,
+            unreserve,
+            create,
+            release,
+            map,
+            unmap,
+            set_access,
+            synchronize,
+            event_record,
+            event_query,
+            event_wait,
+        }
+    }
+}
