@@ -301,6 +301,7 @@ impl CachingAllocator {
     }
 
     /// Finish frees whose events have all completed.
+    #[cold]
     pub(super) fn process_pending(&self, st: &mut PoolState, stream: u32) {
         let Some(events) = &self.events else { return };
         let mut i = 0;
