@@ -175,6 +175,20 @@ enum SegmentFailure {
     Driver(String, Option<i32>),
 }
 
+/// A provider's refusal: out of memory (the allocator may release its cache and retry), or a
+/// failed driver call with its words and code.
+impl From<ProviderError> for SegmentFailure {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
+            e => {
+                let (message, code) = e.into_parts();
+                SegmentFailure::Driver(message, code)
+            }
+        }
+    }
+}
+
 /// The caching allocator of one device. See the module docs and `ARCHITECTURE.md`.
 pub struct CachingAllocator {
     device: Device,

@@ -590,13 +590,7 @@ impl CachingAllocator {
             for &(id, _) in placement {
                 vm.chunks.push_spare(id);
             }
-            return Err(match e {
-                ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
-                e => {
-                    let (message, code) = e.into_parts();
-                    SegmentFailure::Driver(message, code)
-                }
-            });
+            return Err(SegmentFailure::from(e));
         }
         let mut slot = run.first;
         for &(id, pages) in placement {
@@ -661,13 +655,7 @@ impl CachingAllocator {
             }
             Err(e) => {
                 self.reserved.fetch_sub(bytes, Relaxed);
-                Err(match e {
-                    ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
-                    e => {
-                        let (message, code) = e.into_parts();
-                        SegmentFailure::Driver(message, code)
-                    }
-                })
+                Err(SegmentFailure::from(e))
             }
         }
     }

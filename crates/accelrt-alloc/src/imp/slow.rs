@@ -250,13 +250,7 @@ impl CachingAllocator {
             }
             Err(e) => {
                 self.reserved.fetch_sub(seg_size, Relaxed);
-                Err(match e {
-                    ProviderError::OutOfMemory => SegmentFailure::DeviceFull,
-                    e => {
-                        let (message, code) = e.into_parts();
-                        SegmentFailure::Driver(message, code)
-                    }
-                })
+                Err(SegmentFailure::from(e))
             }
         }
     }
