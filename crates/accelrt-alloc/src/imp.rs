@@ -39,6 +39,7 @@ mod cross_stream;
 mod expandable;
 mod figures;
 mod metadata;
+mod moves;
 mod private;
 mod rare;
 mod slow;

@@ -5,6 +5,8 @@
 //! the old work on it had finished, or unmapped a range still in use, shows up here as a wrong
 //! byte or a fault.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +17,7 @@ use accelrt::alloc::{
 use accelrt::backend::host::{HostDriver, HostMemory};
 use accelrt::runtime::Runtime;
 use accelrt::{Backend, Device, DeviceType, Error, Stream, StreamPriority};
+use common::Gate;
 use proptest::prelude::*;
 
 const MIB: usize = 1 << 20;
@@ -173,23 +176,19 @@ fn a_move_from_another_stream_orders_on_the_device() {
         }),
     )
     .unwrap();
-    rt.launch_host(
-        a,
-        Arc::new(|| std::thread::sleep(Duration::from_millis(300))),
-    )
-    .unwrap();
+    // Stream a stays busy until the gate opens (or a long patience passes).
+    let gate = Gate::new();
+    rt.launch_host(a, gate.task()).unwrap();
     rt.launch_host(a, check_task(x, 40 * MIB, 0xA1, &failures))
         .unwrap();
     alloc.raw_free(x).unwrap();
     // A slow path on a (its first small block) records a fence there, after x's free.
     let small = alloc.raw_alloc(4096, a).unwrap();
-    // b grows past the peak: x's memory moves to b behind a's fence, without waiting.
-    let start = std::time::Instant::now();
+    // b grows past the peak: x's memory moves to b behind a's fence, without waiting: the
+    // allocation returns while stream a is still held at its gate (a host wait for a's fence
+    // would never return before the gate's patience ran out).
     let z = alloc.raw_alloc(100 * MIB, b).unwrap();
-    assert!(
-        start.elapsed() < Duration::from_millis(150),
-        "the host waited"
-    );
+    assert!(!rt.stream_query(a).unwrap(), "the host waited for stream a");
     let st = alloc.stats();
     assert!(
         st.counters.num_pages_remapped >= 20,
@@ -211,6 +210,9 @@ fn a_move_from_another_stream_orders_on_the_device() {
     .unwrap();
     rt.launch_host(b, check_task(z, 100 * MIB, 0xB2, &failures))
         .unwrap();
+    // Only now may stream a go on: without the device-side wait, b's write above would
+    // already have landed in the memory a is about to check.
+    gate.open();
     rt.device_synchronize(0).unwrap();
     assert_eq!(
         failures.load(Ordering::Relaxed),
