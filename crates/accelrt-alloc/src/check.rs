@@ -49,7 +49,7 @@ impl CachingAllocator {
                 e.reserved_bytes.current += seg.memory();
                 if let Some(t) = &seg.vm {
                     let (mut mapped, mut lent) = (0u64, 0u64);
-                    for slot in 0..t.len() {
+                    for slot in 0..t.stored() {
                         match t.get(slot) {
                             NO_CHUNK => {}
                             LENT => lent += 1,

@@ -122,16 +122,7 @@ impl Report {
 /// Findings reported in issue 13 whose fixes belong to other branches: (text in the panic
 /// message, what it is). Delete an entry once its fix is merged; the CI test then fails if
 /// the fuzzer still finds it.
-pub const KNOWN: &[(&str, &str)] = &[
-    (
-        "holds a block of",
-        "issue 13 item 3: --capacity of 2^63 or more with expandable segments (lead's fix)",
-    ),
-    (
-        "Formatting argument out of range",
-        "issue 13 item 2: replay table label over 65,535 characters (replay engineer's fix)",
-    ),
-];
+pub const KNOWN: &[(&str, &str)] = &[];
 
 fn known(message: &str) -> Option<&'static str> {
     KNOWN

@@ -292,16 +292,19 @@ impl CachingAllocator {
         };
         let mut out: Vec<(u64, u64)> = Vec::new();
         let p = table.page_size;
-        for slot in 0..table.len() {
+        let mut push = |addr: u64, len: u64| match out.last_mut() {
+            Some((a, n)) if *a + *n == addr => *n += len,
+            _ => out.push((addr, len)),
+        };
+        for slot in 0..table.stored() {
             let s = table.get(slot);
-            if s != NO_CHUNK && s != LENT {
-                continue;
+            if s == NO_CHUNK || s == LENT {
+                push(seg.base as u64 + slot as u64 * p, p);
             }
-            let addr = seg.base as u64 + slot as u64 * p;
-            match out.last_mut() {
-                Some((a, n)) if *a + *n == addr => *n += p,
-                _ => out.push((addr, p)),
-            }
+        }
+        let (stored, len) = (table.stored() as u64, table.len() as u64);
+        if stored < len {
+            push(seg.base as u64 + stored * p, (len - stored) * p);
         }
         out
     }
@@ -314,7 +317,7 @@ impl CachingAllocator {
         for seg in segments {
             let Some(table) = &seg.vm else { continue };
             let mut ranges: Vec<(usize, usize)> = Vec::new();
-            for slot in 0..table.len() {
+            for slot in 0..table.stored() {
                 if table.get(slot) == NO_CHUNK {
                     continue;
                 }

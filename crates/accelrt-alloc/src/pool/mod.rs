@@ -692,13 +692,26 @@ impl PoolState {
             .collect()
     }
 
-    /// Remove the segment at `base` if it is whole, free and unused since pool tick `since`;
-    /// the caller gives it back to the device.
+    /// Remove the segment at `base` if it is whole, free and unused since pool tick `since`,
+    /// and (expandable) no page of it is mapped or lent; the caller gives it back to the
+    /// device.
+    ///
+    /// The page-table test is made here, under the pool lock, not only by callers that looked
+    /// earlier: between a caller's look and this call another thread may take the free
+    /// block, map chunks under it and free it again (issue 13, fuzz round 3: the segment was
+    /// given back with a chunk still mapped in it, and the chunk's record kept naming it).
     pub fn remove_segment(&mut self, base: usize, since: u64) -> Option<Segment> {
         let pos = self.segments.iter().position(|s| s.base == base)?;
         let seg = &self.segments[pos];
         let b = &self.blocks[seg.head as usize];
         if b.state != BlockState::Free || b.next != NIL || b.size != seg.size || b.last_used > since
+        {
+            return None;
+        }
+        if seg
+            .vm
+            .as_ref()
+            .is_some_and(|t| t.mapped > 0 || t.lent_slots > 0)
         {
             return None;
         }
@@ -751,6 +764,34 @@ mod tests {
         );
         st.account_free(a);
         st.release_to_cache(a);
+    }
+
+    /// A whole free expandable segment is not removed while a page of it is mapped: another
+    /// thread may have mapped and freed a block there after the caller looked (the
+    /// `cabi_threads` finding of fuzz round 3).
+    #[test]
+    fn a_segment_with_a_mapped_page_is_not_removed() {
+        let config = AllocatorConfig::default();
+        let page = 2u64 << 20;
+        let mut st = PoolState::new();
+        st.add_vm_segment(0x4000_0000, 4 * page, PoolKind::Large, page);
+        let base = st.segments[0].base;
+        let b = st.take_backed(page, page, &config);
+        assert_ne!(b, NIL);
+        st.install(base, 0, &[(7, 1)]);
+        st.account_free(b);
+        st.release_to_cache(b);
+        st.flush_recent();
+        let head = st.segments[0].head;
+        assert_eq!(
+            st.blocks[head as usize].next, NIL,
+            "one whole free block again"
+        );
+        assert!(
+            st.remove_segment(base, u64::MAX).is_none(),
+            "removed with chunk 7 still mapped at slot 0"
+        );
+        assert_eq!(st.segments.len(), 1);
     }
 
     /// An older recently-freed block absorbing a newer free neighbour takes the newer age.

@@ -24,9 +24,15 @@ pub const NO_CHUNK: u32 = u32::MAX;
 pub const LENT: u32 = u32::MAX - 1;
 
 /// Which chunk backs each page-sized slot of an expandable segment.
+///
+/// Memory grows with the highest slot ever mapped, not with the range: `slots` and `bits`
+/// cover `[0, slots.len())` and every slot past them holds [`NO_CHUNK`] (a range reserved
+/// for twice the device costs nothing until it is used).
 #[derive(Debug, Clone)]
 pub struct PageTable {
     pub page_size: u64,
+    /// Slots in the range.
+    len: usize,
     slots: Vec<u32>,
     /// Slots holding a chunk.
     pub mapped: u64,
@@ -42,24 +48,43 @@ impl PageTable {
     pub(super) fn new(page_size: u64, slots: usize) -> Self {
         PageTable {
             page_size,
-            slots: vec![NO_CHUNK; slots],
+            len: slots,
+            slots: Vec::new(),
             mapped: 0,
             lent_slots: 0,
-            bits: vec![0; slots.div_ceil(64)],
+            bits: Vec::new(),
             high_water: 0,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.len
+    }
+
+    /// Slots below this may hold something; every slot from here to [`len`](Self::len)
+    /// holds [`NO_CHUNK`]. Scans over a whole table stop here.
+    pub fn stored(&self) -> usize {
+        self.slots.len().min(self.len)
     }
 
     /// What slot `slot` holds.
     pub fn get(&self, slot: usize) -> u32 {
-        self.slots[slot]
+        debug_assert!(slot < self.len, "slot {slot} of {}", self.len);
+        self.slots.get(slot).copied().unwrap_or(NO_CHUNK)
     }
 
     fn set(&mut self, slot: usize, chunk: u32) {
+        assert!(
+            slot < self.len,
+            "slot {slot} is past the range's {}",
+            self.len
+        );
+        if slot >= self.slots.len() {
+            // Grow geometrically (a slow path: a chunk is being mapped).
+            let n = (slot + 1).next_power_of_two().clamp(64, self.len.max(64));
+            self.slots.resize(n, NO_CHUNK);
+            self.bits.resize(n.div_ceil(64), 0);
+        }
         debug_assert_eq!(self.slots[slot], NO_CHUNK, "slot {slot} mapped twice");
         self.slots[slot] = chunk;
         self.bits[slot / 64] |= 1 << (slot % 64);
