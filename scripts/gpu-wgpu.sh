@@ -29,10 +29,22 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1'; then
     fi
 fi
 if [ -z "${VK_DRIVER_FILES:-}${VK_ICD_FILENAMES:-}" ]; then
-    for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json \
-            /etc/vulkan/icd.d/nvidia_icd.json; do
-        if [ -f "$icd" ]; then export VK_DRIVER_FILES=$icd; break; fi
-    done
+    # A headless machine (no X server): the NVIDIA Vulkan driver must be entered through
+    # libEGL_nvidia.so.0. Through libGLX_nvidia.so.0 (what the stock manifest names) the
+    # loader reports "Could not get 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'" and
+    # finds no driver (seen on the H200 machine, driver 580.159.04). So describe the EGL entry
+    # in a manifest of our own when the library is there.
+    if ldconfig -p 2>/dev/null | grep -F 'libEGL_nvidia.so.0' > /dev/null; then
+        printf '{"file_format_version": "1.0.0", "ICD": {"library_path": "libEGL_nvidia.so.0", "api_version": "1.3.0"}}\n' \
+            > "$OUT/nvidia_icd.json"
+        export VK_DRIVER_FILES="$OUT/nvidia_icd.json"
+    else
+        for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json \
+                /etc/vulkan/icd.d/nvidia_icd.json; do
+            if [ -f "$icd" ]; then export VK_DRIVER_FILES=$icd; break; fi
+        done
+    fi
+    [ -n "${VK_DRIVER_FILES:-}" ] || echo "no NVIDIA Vulkan driver found (libEGL_nvidia.so.0 or an ICD manifest): wgpu will find no NVIDIA adapter" | tee -a "$ERR"
 fi
 export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}

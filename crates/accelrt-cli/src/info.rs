@@ -91,9 +91,18 @@ pub fn render_text(backends: &[&dyn Backend]) -> String {
                         ("threads per group", p.max_threads_per_group.to_string()),
                         (
                             "capability",
-                            format!("{}.{}", p.capability.0, p.capability.1),
+                            match p.capability {
+                                (0, 0) => "not reported by the backend".to_string(),
+                                (major, minor) => format!("{major}.{minor}"),
+                            },
                         ),
-                        ("L2 cache", format_size(p.l2_cache_bytes)),
+                        (
+                            "L2 cache",
+                            match p.l2_cache_bytes {
+                                0 => "not reported by the backend".to_string(),
+                                n => format_size(n),
+                            },
+                        ),
                         (
                             "host-visible memory",
                             if p.host_visible_memory { "yes" } else { "no" }.to_string(),
