@@ -8,7 +8,8 @@
 # table is printed last.
 #
 # Here, before:   scripts/gpu-build.sh (optional, for gpu-check.sh), scripts/build-wheel.sh,
-#                 scripts/get-torch-tests.sh (where PyTorch's repository is reachable)
+#                 scripts/get-torch-tests.sh (where PyTorch's repository is reachable; else
+#                 .torch-tests/ as filled from the search index: get-torch-tests.sh --from-index)
 # There:          run(command: "bash scripts/torch-suite.sh", carry: [".gpu-bin", ".torch-tests"])
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
