@@ -35,6 +35,7 @@ use super::{
 };
 use crate::device::Device;
 
+mod checkpoint;
 mod cross_stream;
 mod expandable;
 mod figures;
@@ -51,6 +52,7 @@ use rare::RareFlags;
 
 use crate::error::{Error, OomReport, Result};
 use crate::stream::Stream;
+pub use checkpoint::{CheckpointBlock, CheckpointSegment, PoolCheckpoint, RestoreReport};
 pub use private::{StreamFilter, MAX_PRIVATE_POOLS};
 
 /// Streams per device that can have a pool (stream indices `0..MAX_STREAM_POOLS`).
