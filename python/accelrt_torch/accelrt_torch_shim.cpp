@@ -19,9 +19,9 @@
 //
 // What cannot be done is refused with a message saying why and what to do instead:
 // caching cannot be turned off (enable(false)); MemPool(use_on_oom=True) and no_split=True;
-// a MemPool with an allocator of its own; re-creating a freed block of a CUDA graph pool
-// (setCheckpointPoolState) and sharing expandable (VMM) memory between processes until
-// accelrt's allocator has the methods named in the messages.
+// a MemPool with an allocator of its own; sharing expandable (VMM) memory between processes
+// until accelrt's allocator has the methods named in the messages. Checkpoints of CUDA graph
+// pools (getCheckpointState / setCheckpointPoolState) are the library's pool checkpoints.
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
@@ -120,6 +120,10 @@ struct Library {
   void (*set_log_alloc_failures)(int) = nullptr;
   ssize_t (*pool_live_blocks)(int, uint64_t, uint64_t, BlockRecord*, size_t) = nullptr;
   int (*pool_claim_block)(int, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t) = nullptr;
+  uint64_t (*pool_checkpoint)(int, uint64_t, uint64_t) = nullptr;
+  ssize_t (*checkpoint_blocks)(uint64_t, BlockRecord*, size_t) = nullptr;
+  int (*pool_restore)(int, uint64_t) = nullptr;
+  int (*checkpoint_free)(uint64_t) = nullptr;
   int (*empty_pool_cache)(int, uint64_t, uint64_t) = nullptr;
   int (*segment_of)(const void*, int*, uint64_t*, uint64_t*, int*, uint64_t*,
                     uint64_t*) = nullptr;
@@ -388,10 +392,21 @@ int dup_from(int pid, int fd) {
 
 void local_raw_delete(void* ptr);
 
+// A checkpoint of a private pool: the library's handle (its segments and every block in
+// them, kept in Rust) and the blocks it had allocated. Freed with the state.
 struct CheckpointState final : public cca::AllocatorState {
-  c10::DeviceIndex device;
-  MempoolId_t pool;
+  c10::DeviceIndex device = 0;
+  MempoolId_t pool{0, 0};
+  uint64_t handle = 0;
   std::vector<BlockRecord> blocks;
+  CheckpointState() = default;
+  CheckpointState(const CheckpointState&) = delete;
+  CheckpointState& operator=(const CheckpointState&) = delete;
+  ~CheckpointState() {
+    if (handle != 0 && lib.checkpoint_free != nullptr) {
+      lib.checkpoint_free(handle);  // cannot fail for a handle we own; never throws
+    }
+  }
 };
 
 class AccelrtAllocator final : public cca::CUDAAllocator {
@@ -681,14 +696,28 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
     auto state = std::make_shared<CheckpointState>();
     state->device = device;
     state->pool = id;
-    state->blocks = pool_blocks(device, id);
+    state->handle = lib.pool_checkpoint(device, id.first, id.second);
+    TORCH_CHECK(state->handle != 0, "accelrt allocator: getCheckpointState of pool (", id.first,
+                ", ", id.second, ") failed: ", last_error());
+    std::vector<BlockRecord> out(64);
+    for (;;) {
+      ssize_t n = lib.checkpoint_blocks(state->handle, out.data(), out.size());
+      TORCH_CHECK(n >= 0, "accelrt allocator: the checkpoint's blocks: ", last_error());
+      if (static_cast<size_t>(n) <= out.size()) {
+        out.resize(static_cast<size_t>(n));
+        break;
+      }
+      out.resize(static_cast<size_t>(n));
+    }
+    state->blocks = std::move(out);
     return state;
   }
 
-  // Put the pool back to the checkpoint: blocks allocated now and not in it are freed; blocks
-  // in it are allocated (kept, or re-created at their addresses). Every block allocated
-  // before the call is reported freed and every checkpointed block allocated, as PyTorch's
-  // own allocator does (it frees and re-allocates them all).
+  // Put the pool back to the checkpoint (the library's restore_pool): every block allocated
+  // now is freed, then every block of the checkpoint is allocated again at its address; the
+  // segments are tiled as at the checkpoint. Every block allocated before the call is
+  // reported freed and every checkpointed block allocated, as PyTorch's own allocator does.
+  // A checkpoint that no longer fits is refused before anything changes.
   cca::CheckpointDelta setCheckpointPoolState(
       c10::DeviceIndex device, std::shared_ptr<cca::AllocatorState> pps) override {
     auto state = std::dynamic_pointer_cast<CheckpointState>(pps);
@@ -697,24 +726,13 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
                 "allocator; take it with getCheckpointState of the current allocator");
     TORCH_CHECK(state->device == device, "accelrt allocator: the checkpoint is of cuda:",
                 static_cast<int>(state->device), ", not cuda:", static_cast<int>(device));
-    std::map<uint64_t, BlockRecord> wanted;
-    for (const BlockRecord& b : state->blocks) {
-      wanted.emplace(b.ptr, b);
-    }
     cca::CheckpointDelta delta;
     for (const BlockRecord& b : pool_blocks(device, state->pool)) {
       delta.ptrs_freed.push_back(reinterpret_cast<void*>(b.ptr));
-      auto it = wanted.find(b.ptr);
-      if (it == wanted.end() || it->second.size != b.size) {
-        lib.free(reinterpret_cast<void*>(b.ptr), static_cast<ssize_t>(b.requested), device,
-                 nullptr);
-      }
     }
-    for (const auto& [ptr, b] : wanted) {
-      check(lib.pool_claim_block(device, state->pool.first, state->pool.second, b.ptr, b.size,
-                                 b.requested),
-            "setCheckpointPoolState");
-      void* p = reinterpret_cast<void*>(ptr);
+    check(lib.pool_restore(device, state->handle), "setCheckpointPoolState");
+    for (const BlockRecord& b : state->blocks) {
+      void* p = reinterpret_cast<void*>(b.ptr);
       delta.dataptrs_allocd.emplace_back(p, p, &local_raw_delete,
                                          c10::Device(c10::DeviceType::CUDA, device));
     }
@@ -1117,6 +1135,10 @@ extern "C" int accelrt_shim_install(const char* library_path, char* err,
     resolve(handle, "accelrt_torch_set_log_alloc_failures", lib.set_log_alloc_failures);
     resolve(handle, "accelrt_torch_pool_live_blocks", lib.pool_live_blocks);
     resolve(handle, "accelrt_torch_pool_claim_block", lib.pool_claim_block);
+    resolve(handle, "accelrt_torch_pool_checkpoint", lib.pool_checkpoint);
+    resolve(handle, "accelrt_torch_checkpoint_blocks", lib.checkpoint_blocks);
+    resolve(handle, "accelrt_torch_pool_restore", lib.pool_restore);
+    resolve(handle, "accelrt_torch_checkpoint_free", lib.checkpoint_free);
     resolve(handle, "accelrt_torch_empty_pool_cache", lib.empty_pool_cache);
     resolve(handle, "accelrt_torch_segment_of", lib.segment_of);
     resolve(handle, "accelrt_torch_set_context_id", lib.set_context_id);

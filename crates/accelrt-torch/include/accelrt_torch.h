@@ -107,12 +107,27 @@ typedef struct {
  * when that exceeds cap), or -1 (no such pool). */
 ssize_t accelrt_torch_pool_live_blocks(int device, uint64_t id0, uint64_t id1,
                                        accelrt_torch_block *out, size_t cap);
-/* Make [ptr, ptr + size) of private pool (id0, id1) an allocated block again (putting a pool
- * back to a checkpoint, setCheckpointPoolState). 0 when the block is allocated afterwards;
- * -1 when it cannot be: re-creating a freed block needs CachingAllocator::claim_block, which
- * accelrt's allocator does not have yet (the message says so). */
+/* Make [ptr, ptr + size) of private pool (id0, id1) an allocated block again, as if the
+ * allocator had just handed it out. 0 when the block is allocated afterwards (also when it
+ * already was); -1 when the range is not one free piece of the pool (the message says why).
+ * Whole checkpoints: accelrt_torch_pool_checkpoint / accelrt_torch_pool_restore. */
 int accelrt_torch_pool_claim_block(int device, uint64_t id0, uint64_t id1, uint64_t ptr,
                                    uint64_t size, uint64_t requested);
+/* Checkpoints of private pools (getCheckpointState / setCheckpointPoolState, used by CUDA
+ * graph trees). accelrt_torch_pool_checkpoint records pool (id0, id1) of `device` (its
+ * segments and every block in them) and returns a handle, never 0; 0 on error (no such pool,
+ * or 65536 checkpoints alive: free each with accelrt_torch_checkpoint_free when its state is
+ * dropped). accelrt_torch_checkpoint_blocks lists the blocks the checkpoint had allocated, by
+ * address, as accelrt_torch_pool_live_blocks does (NULL with cap 0 to count; -1: unknown
+ * handle). accelrt_torch_pool_restore puts the pool back: every block allocated in it now is
+ * freed (frees waiting for other streams are waited for), then the checkpoint's allocated
+ * blocks are allocated again at their addresses; 0, or -1 when the checkpoint no longer fits
+ * the pool (a segment gone, memory lent away; the message says which), and then nothing
+ * changed. accelrt_torch_checkpoint_free: 0, or -1 for an unknown handle. */
+uint64_t accelrt_torch_pool_checkpoint(int device, uint64_t id0, uint64_t id1);
+ssize_t accelrt_torch_checkpoint_blocks(uint64_t handle, accelrt_torch_block *out, size_t cap);
+int accelrt_torch_pool_restore(int device, uint64_t handle);
+int accelrt_torch_checkpoint_free(uint64_t handle);
 /* emptyCache(mempool_id): give back cached memory of the device that holds pool (id0, id1)
  * (whole free segments of every pool of the device, that pool's included). */
 int accelrt_torch_empty_pool_cache(int device, uint64_t id0, uint64_t id1);

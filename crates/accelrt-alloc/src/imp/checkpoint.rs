@@ -69,7 +69,7 @@ pub struct RestoreReport {
 }
 
 impl CachingAllocator {
-    /// Record private pool `id`: its segments and every block in them.
+    /// Record private pool `id`: its segments (by address) and every block in them.
     pub fn checkpoint_pool(&self, id: MempoolId) -> Result<PoolCheckpoint> {
         let pool = self.private_pool(id)?;
         let mut st = pool.state.lock();
@@ -97,7 +97,9 @@ impl CachingAllocator {
                     blocks,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut segments = segments;
+        segments.sort_unstable_by_key(|s| s.base);
         Ok(PoolCheckpoint { pool: id, segments })
     }
 
