@@ -44,8 +44,8 @@ pub use history::{
 };
 pub use imp::{
     AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, CheckpointBlock,
-    CheckpointSegment, OomInfo, OomObserver, PoolCheckpoint, RestoreReport, StreamFilter,
-    MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
+    CheckpointSegment, ExportedChunk, ExportedRange, ImportedRange, OomInfo, OomObserver,
+    PoolCheckpoint, RestoreReport, StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
 };
 pub use pinned::{PinnedAllocator, PinnedStats};
 pub use provider::{ChunkHandle, MemoryProvider, ProviderError, StreamEvents, VirtualMemory};
