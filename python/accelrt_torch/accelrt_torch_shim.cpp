@@ -19,9 +19,9 @@
 //
 // What cannot be done is refused with a message saying why and what to do instead:
 // caching cannot be turned off (enable(false)); MemPool(use_on_oom=True) and no_split=True;
-// a MemPool with an allocator of its own; sharing expandable (VMM) memory between processes
-// until accelrt's allocator has the methods named in the messages. Checkpoints of CUDA graph
-// pools (getCheckpointState / setCheckpointPoolState) are the library's pool checkpoints.
+// a MemPool with an allocator of its own. Checkpoints of CUDA graph pools (getCheckpointState
+// / setCheckpointPoolState) are the library's pool checkpoints; sharing expandable (VMM)
+// memory between processes is the library's (accelrt_torch_ipc_share / _open / _close).
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
@@ -134,9 +134,10 @@ struct Library {
   int (*add_segment_tracker)(TrackerFn, void*) = nullptr;
   char* (*config_string)(int) = nullptr;
   void (*free_buffer)(void*) = nullptr;
-  ssize_t (*ipc_export_pages)(const void*, size_t, int*, size_t, size_t*, size_t*) = nullptr;
-  int (*ipc_import_pages)(int, const int*, size_t, size_t, void**) = nullptr;
-  int (*ipc_close_pages)(void*) = nullptr;
+  ssize_t (*ipc_share)(const void*, size_t, uint8_t*, size_t) = nullptr;
+  void (*ipc_forget)(void*) = nullptr;
+  int (*ipc_open)(int, const uint8_t*, size_t, void**) = nullptr;
+  int (*ipc_close)(void*) = nullptr;
 };
 
 Library lib;
@@ -321,14 +322,6 @@ struct PlainHandle {
   uint64_t segment_size;
   cudaIpcMemHandle_t handle;
 };
-struct PagesHeader {
-  int32_t device;
-  int32_t pid;
-  uint64_t page_size;
-  uint64_t offset;  // where the shared block starts in the first page
-  uint32_t count;
-};
-
 template <typename T>
 void put(std::string& s, const T& v) {
   s.append(reinterpret_cast<const char*>(&v), sizeof(T));
@@ -344,49 +337,15 @@ T take(const std::string& s, size_t& at) {
   return v;
 }
 
-// Descriptors exported for a live block, closed when the block is freed.
-std::mutex exported_mutex;
-std::unordered_map<void*, std::vector<int>> exported;
-
-void close_exported(void* block) {
-  std::vector<int> fds;
-  {
-    std::lock_guard<std::mutex> guard(exported_mutex);
-    auto it = exported.find(block);
-    if (it == exported.end()) {
-      return;
-    }
-    fds = std::move(it->second);
-    exported.erase(it);
-  }
-  for (int fd : fds) {
-    ::close(fd);
-  }
-}
+// Blocks shared as expandable memory: the library keeps their exported descriptors until the
+// block is freed (close_exported, from the free path).
 std::atomic<bool> any_exported{false};
+
+void close_exported(void* block) { lib.ipc_forget(block); }
 
 // Opened handles: one mapping per handle in a process (CUDA refuses to open a handle twice).
 std::mutex opened_mutex;
 std::unordered_map<std::string, std::weak_ptr<void>> opened;
-
-int dup_from(int pid, int fd) {
-#if defined(SYS_pidfd_open) && defined(SYS_pidfd_getfd)
-  int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  TORCH_CHECK(pidfd >= 0, "accelrt allocator: pidfd_open(", pid, ") failed: ",
-              std::strerror(errno),
-              " (the sending process must be alive; Linux 5.6 or newer is needed)");
-  int local = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, fd, 0));
-  int err = errno;
-  ::close(pidfd);
-  TORCH_CHECK(local >= 0, "accelrt allocator: pidfd_getfd(", pid, ", ", fd,
-              ") failed: ", std::strerror(err),
-              " (both processes must run as the same user and ptrace must be allowed, e.g. "
-              "kernel.yama.ptrace_scope=0)");
-  return local;
-#else
-  TORCH_CHECK(false, "accelrt allocator: importing shared pages needs pidfd_getfd (Linux 5.6+)");
-#endif
-}
 
 // ---- the allocator ------------------------------------------------------------------------------
 
@@ -906,36 +865,21 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
       put(handle, h);
       return {static_cast<ptrdiff_t>(p - base), handle};
     }
-    std::vector<int> fds(static_cast<size_t>(block_size / (2 << 20) + 2));
-    size_t page_size = 0, offset = 0;
-    ssize_t n = 0;
+    // Expandable memory: the library exports the chunks under the block and writes the whole
+    // handle ("ACRT" 'V' ...).
+    std::string bytes(256, '\0');
     for (;;) {
-      n = lib.ipc_export_pages(reinterpret_cast<void*>(block), block_size, fds.data(),
-                               fds.size(), &page_size, &offset);
+      ssize_t n = lib.ipc_share(reinterpret_cast<void*>(block), block_size,
+                                reinterpret_cast<uint8_t*>(bytes.data()), bytes.size());
       TORCH_CHECK(n >= 0, "accelrt allocator: shareIpcHandle failed: ", last_error());
-      if (static_cast<size_t>(n) <= fds.size()) {
+      if (static_cast<size_t>(n) <= bytes.size()) {
+        bytes.resize(static_cast<size_t>(n));
         break;
       }
-      for (size_t i = 0; i < fds.size(); ++i) {
-        ::close(fds[i]);
-      }
-      fds.resize(static_cast<size_t>(n));
-    }
-    fds.resize(static_cast<size_t>(n));
-    handle.push_back(kIpcPages);
-    PagesHeader h{device, static_cast<int32_t>(::getpid()), page_size, offset,
-                  static_cast<uint32_t>(n)};
-    put(handle, h);
-    for (int fd : fds) {
-      put(handle, static_cast<int32_t>(fd));
-    }
-    {
-      std::lock_guard<std::mutex> guard(exported_mutex);
-      auto& kept = exported[reinterpret_cast<void*>(block)];
-      kept.insert(kept.end(), fds.begin(), fds.end());
+      bytes.resize(static_cast<size_t>(n));
     }
     any_exported.store(true);
-    return {static_cast<ptrdiff_t>(p - block), handle};
+    return {static_cast<ptrdiff_t>(p - block), bytes};
   }
 
   std::shared_ptr<void> getIpcDevPtr(std::string handle) override {
@@ -1028,26 +972,17 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
       return open_plain(h.handle, static_cast<c10::DeviceIndex>(h.device));
     }
     TORCH_CHECK(kind == kIpcPages, "accelrt allocator: unknown IPC handle kind '", kind, "'");
-    PagesHeader h = take<PagesHeader>(handle, at);
-    std::vector<int> fds;
-    try {
-      for (uint32_t i = 0; i < h.count; ++i) {
-        fds.push_back(dup_from(h.pid, take<int32_t>(handle, at)));
-      }
-    } catch (...) {
-      for (int fd : fds) {
-        ::close(fd);
-      }
-      throw;
-    }
+    // The device is the handle's (bytes 8..12, checked again by the library).
+    TORCH_CHECK(handle.size() >= 12, "accelrt allocator: a truncated IPC handle (",
+                handle.size(), " bytes)");
+    int32_t device = 0;
+    std::memcpy(&device, handle.data() + 8, sizeof(device));
     void* mapped = nullptr;
-    // The library owns the descriptors from this call on.
-    check(lib.ipc_import_pages(h.device, fds.data(), fds.size(),
-                               static_cast<size_t>(h.page_size), &mapped),
+    check(lib.ipc_open(device, reinterpret_cast<const uint8_t*>(handle.data()), handle.size(),
+                       &mapped),
           "getIpcDevPtr");
-    void* start = static_cast<char*>(mapped) + h.offset;
-    return std::shared_ptr<void>(start, [mapped](void*) {
-      warn_unless_ok(lib.ipc_close_pages(mapped), "closing shared pages");
+    return std::shared_ptr<void>(mapped, [](void* q) {
+      warn_unless_ok(lib.ipc_close(q), "closing shared expandable memory");
     });
   }
 
@@ -1148,9 +1083,10 @@ extern "C" int accelrt_shim_install(const char* library_path, char* err,
     resolve(handle, "accelrt_torch_add_segment_tracker", lib.add_segment_tracker);
     resolve(handle, "accelrt_torch_config_string", lib.config_string);
     resolve(handle, "accelrt_torch_free_buffer", lib.free_buffer);
-    resolve(handle, "accelrt_torch_ipc_export_pages", lib.ipc_export_pages);
-    resolve(handle, "accelrt_torch_ipc_import_pages", lib.ipc_import_pages);
-    resolve(handle, "accelrt_torch_ipc_close_pages", lib.ipc_close_pages);
+    resolve(handle, "accelrt_torch_ipc_share", lib.ipc_share);
+    resolve(handle, "accelrt_torch_ipc_forget", lib.ipc_forget);
+    resolve(handle, "accelrt_torch_ipc_open", lib.ipc_open);
+    resolve(handle, "accelrt_torch_ipc_close", lib.ipc_close);
 
     auto allocator = std::make_shared<AccelrtAllocator>();
     installed = allocator;

@@ -199,19 +199,26 @@ char *accelrt_torch_config_string(int device);
 
 /* ---- IPC of expandable (VMM) memory --------------------------------------------------------- */
 
-/* Export the pages under [ptr, ptr + len) as POSIX file descriptors (owned by the caller):
- * up to `cap` into fds; *page_size and *offset (where ptr lies in the first page) are set.
- * Returns the page count, or -1. Plain segments are refused (share them with
- * cudaIpcGetMemHandle on the segment base). Needs CachingAllocator::export_pages. */
-ssize_t accelrt_torch_ipc_export_pages(const void *ptr, size_t len, int *fds, size_t cap,
-                                       size_t *page_size, size_t *offset);
-/* Map `count` pages another process exported (descriptors valid in this process, owned by
- * the library from the call on) on `device`; the address goes to *ptr. Needs
- * CachingAllocator::import_pages. */
-int accelrt_torch_ipc_import_pages(int device, const int *fds, size_t count, size_t page_size,
-                                   void **ptr);
-/* Unmap what accelrt_torch_ipc_import_pages mapped. */
-int accelrt_torch_ipc_close_pages(void *ptr);
+/* Share the expandable memory [ptr, ptr + len) (one live block) with another process: the
+ * chunks under it are exported as POSIX file descriptors (kept open until
+ * accelrt_torch_ipc_forget for the block) and a handle is written to `out` when `cap` is
+ * large enough: "ACRT" 'V', version, device, the sender's pid, where the shared bytes lie,
+ * and per chunk its descriptor number, size and offset. Returns the handle's length (call
+ * again with a larger buffer when it exceeds cap: the export is reused), or -1 (a plain
+ * segment: share it with cudaIpcGetMemHandle on the segment base; memory that is not
+ * exportable: the message says why). */
+ssize_t accelrt_torch_ipc_share(const void *ptr, size_t len, uint8_t *out, size_t cap);
+/* The block at ptr is being freed: close the descriptors exported for it (if any). */
+void accelrt_torch_ipc_forget(void *ptr);
+/* Map the memory a handle from accelrt_torch_ipc_share (in another process) names, on
+ * `device`, without copying: the descriptors are taken from the sender with pidfd_open +
+ * pidfd_getfd (Linux 5.6+, the same user, ptrace allowed), imported and mapped at a new
+ * range; the shared bytes' address goes to *out. 0, or -1 (a malformed handle is rejected
+ * before anything is opened; the message says what is wrong). */
+int accelrt_torch_ipc_open(int device, const uint8_t *bytes, size_t len, void **out);
+/* Unmap and release what accelrt_torch_ipc_open mapped at ptr (after the device's queued
+ * work). */
+int accelrt_torch_ipc_close(void *ptr);
 
 /* ---- trace recorder (format v2, traces/FORMAT.md) ---------------------------------------------- */
 
