@@ -198,6 +198,8 @@ def main() -> int:
                   f"{' (cut by the time budget)' if r['cut_by_budget'] else ''} in {r['seconds']} s",
                   flush=True)
 
+    if a.collect_only:
+        return report_collection(runs, source, report)
     lines = ["# PyTorch's allocator tests on accelrt", "", f"Test files: {source}", "",
              "| file | allocator | passed | failed | skipped | pytest exit | cut by budget | seconds | collection |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -317,6 +319,30 @@ def collection_error(run) -> str | None:
         if line.startswith("E ") and ("Error" in line or "error" in line):
             return line[2:].strip()
     return f"pytest exit {run['rc']} before any test ran"
+
+
+def report_collection(runs: list, source: str, report: Path) -> int:
+    """--collect-only: per file and allocator, what pytest collected (its summary line) and the
+    first collection error."""
+    import re
+
+    lines = ["# PyTorch's allocator tests: collection only", "", f"Test files: {source}", "",
+             "| file | allocator | pytest says | first collection error |", "|---|---|---|---|"]
+    bad = 0
+    for r in runs:
+        if r.get("missing"):
+            lines.append(f"| {r['file']} | - | missing from .torch-tests | |")
+            bad += 1
+            continue
+        text = Path(r["log"]).read_text(errors="replace")
+        said = [m.group(0) for m in re.finditer(r"\d+(/\d+)? tests? collected[^\n]*|no tests ran[^\n]*", text)]
+        err = collection_error(r)
+        bad += err is not None
+        lines.append(f"| {r['file']} | {r['allocator']} | {cell(said[-1] if said else 'nothing')} | "
+                     f"{cell(err or '')} |")
+    report.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if bad else 0
 
 
 def cell(text: str) -> str:
