@@ -98,6 +98,13 @@ def main() -> int:
     if not on:
         record("accelrt", False, "accelrt is not PyTorch's allocator here: run with ACCELRT_TORCH=strict")
         return 1
+    try:
+        scope = Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip()
+    except OSError:
+        scope = "absent (no Yama)"
+    record("ptrace_scope", None, f"kernel.yama.ptrace_scope {scope}: the receiver (a child) "
+           "takes the sender's descriptors with pidfd_getfd, which Yama scope 1 refuses to a "
+           "child reading its parent unless it has CAP_SYS_PTRACE")
     torch.cuda.init()
     torch.cuda.empty_cache()
     free0, _ = torch.cuda.mem_get_info()

@@ -251,10 +251,11 @@ fn dup_from(pid: i32, fd: i32) -> Result<OwnedFd, Failure> {
     if local < 0 {
         let e = std::io::Error::last_os_error();
         return Err(format!(
-            "pidfd_getfd(pid {pid}, descriptor {fd}) failed: {e} (the processes must run as \
-             the same user and ptrace must be allowed between them: kernel.yama.ptrace_scope \
-             0, or the receiver started by the sender as with torch.multiprocessing, or \
-             CAP_SYS_PTRACE)"
+            "pidfd_getfd(pid {pid}, descriptor {fd}) failed: {e} (the receiver must be allowed \
+             to ptrace the sender: the same user, and with Yama (kernel.yama.ptrace_scope 1) \
+             only ancestors may, so a torch.multiprocessing child cannot read its parent: \
+             set ptrace_scope to 0, give the receiver CAP_SYS_PTRACE, or have the sender call \
+             prctl(PR_SET_PTRACER, receiver pid))"
         )
         .into());
     }
