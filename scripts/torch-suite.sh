@@ -2,13 +2,15 @@
 # PyTorch on accelrt, everything GPU-side in one call (about 8 minutes): installs the
 # accelrt_torch wheel in a virtual environment that sees the machine's PyTorch, compiles the
 # C++ shim, then checks the full allocator (features), torch.compile(mode="reduce-overhead")
-# against PyTorch's allocator, IPC between two processes, the trace recorder, and PyTorch's
+# against PyTorch's allocator, IPC between two processes (plain and expandable memory, 1 GiB
+# without a copy: scripts/ipc_vmm.py), the trace recorder, and PyTorch's
 # own allocator tests (if .torch-tests/ was carried). Builds nothing with cargo. Every part
 # has a time limit and a log in $OUT; a failing part does not stop the others; the summary
 # table is printed last.
 #
 # Here, before:   scripts/gpu-build.sh (optional, for gpu-check.sh), scripts/build-wheel.sh,
-#                 scripts/get-torch-tests.sh (where PyTorch's repository is reachable)
+#                 scripts/get-torch-tests.sh (where PyTorch's repository is reachable; else
+#                 .torch-tests/ as filled from the search index: get-torch-tests.sh --from-index)
 # There:          run(command: "bash scripts/torch-suite.sh", carry: [".gpu-bin", ".torch-tests"])
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -72,6 +74,8 @@ note "IPC: accelrt plain segments, accelrt expandable (default), native"
 ACCELRT_TORCH=strict ACCELRT_ALLOC_CONF=expandable_segments:false part ipc-accelrt-plain 60 "$PY" "$C" ipc --out "$OUT/ipc-accelrt-plain.checks.jsonl"
 ACCELRT_TORCH=strict part ipc-accelrt-default 60 "$PY" "$C" ipc --out "$OUT/ipc-accelrt-default.checks.jsonl"
 part ipc-native 60 "$PY" "$C" ipc --out "$OUT/ipc-native.checks.jsonl"
+note "IPC of expandable (VMM) memory: two processes, 1 GiB, no copy, timing, release"
+ACCELRT_TORCH=strict part ipc-vmm 150 "$PY" "$REPO/scripts/ipc_vmm.py" --out "$OUT/ipc-vmm.checks.jsonl"
 
 note "trace recorder"
 ACCELRT_TORCH=strict part trace 90 "$PY" "$C" trace --out "$OUT/trace.checks.jsonl" --result "$OUT/mlp.trace.gz"

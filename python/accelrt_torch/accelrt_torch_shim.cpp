@@ -19,9 +19,9 @@
 //
 // What cannot be done is refused with a message saying why and what to do instead:
 // caching cannot be turned off (enable(false)); MemPool(use_on_oom=True) and no_split=True;
-// a MemPool with an allocator of its own; re-creating a freed block of a CUDA graph pool
-// (setCheckpointPoolState) and sharing expandable (VMM) memory between processes until
-// accelrt's allocator has the methods named in the messages.
+// a MemPool with an allocator of its own. Checkpoints of CUDA graph pools (getCheckpointState
+// / setCheckpointPoolState) are the library's pool checkpoints; sharing expandable (VMM)
+// memory between processes is the library's (accelrt_torch_ipc_share / _open / _close).
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
@@ -120,6 +120,10 @@ struct Library {
   void (*set_log_alloc_failures)(int) = nullptr;
   ssize_t (*pool_live_blocks)(int, uint64_t, uint64_t, BlockRecord*, size_t) = nullptr;
   int (*pool_claim_block)(int, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t) = nullptr;
+  uint64_t (*pool_checkpoint)(int, uint64_t, uint64_t) = nullptr;
+  ssize_t (*checkpoint_blocks)(uint64_t, BlockRecord*, size_t) = nullptr;
+  int (*pool_restore)(int, uint64_t) = nullptr;
+  int (*checkpoint_free)(uint64_t) = nullptr;
   int (*empty_pool_cache)(int, uint64_t, uint64_t) = nullptr;
   int (*segment_of)(const void*, int*, uint64_t*, uint64_t*, int*, uint64_t*,
                     uint64_t*) = nullptr;
@@ -130,9 +134,10 @@ struct Library {
   int (*add_segment_tracker)(TrackerFn, void*) = nullptr;
   char* (*config_string)(int) = nullptr;
   void (*free_buffer)(void*) = nullptr;
-  ssize_t (*ipc_export_pages)(const void*, size_t, int*, size_t, size_t*, size_t*) = nullptr;
-  int (*ipc_import_pages)(int, const int*, size_t, size_t, void**) = nullptr;
-  int (*ipc_close_pages)(void*) = nullptr;
+  ssize_t (*ipc_share)(const void*, size_t, uint8_t*, size_t) = nullptr;
+  void (*ipc_forget)(void*) = nullptr;
+  int (*ipc_open)(int, const uint8_t*, size_t, void**) = nullptr;
+  int (*ipc_close)(void*) = nullptr;
 };
 
 Library lib;
@@ -317,14 +322,6 @@ struct PlainHandle {
   uint64_t segment_size;
   cudaIpcMemHandle_t handle;
 };
-struct PagesHeader {
-  int32_t device;
-  int32_t pid;
-  uint64_t page_size;
-  uint64_t offset;  // where the shared block starts in the first page
-  uint32_t count;
-};
-
 template <typename T>
 void put(std::string& s, const T& v) {
   s.append(reinterpret_cast<const char*>(&v), sizeof(T));
@@ -340,58 +337,35 @@ T take(const std::string& s, size_t& at) {
   return v;
 }
 
-// Descriptors exported for a live block, closed when the block is freed.
-std::mutex exported_mutex;
-std::unordered_map<void*, std::vector<int>> exported;
-
-void close_exported(void* block) {
-  std::vector<int> fds;
-  {
-    std::lock_guard<std::mutex> guard(exported_mutex);
-    auto it = exported.find(block);
-    if (it == exported.end()) {
-      return;
-    }
-    fds = std::move(it->second);
-    exported.erase(it);
-  }
-  for (int fd : fds) {
-    ::close(fd);
-  }
-}
+// Blocks shared as expandable memory: the library keeps their exported descriptors until the
+// block is freed (close_exported, from the free path).
 std::atomic<bool> any_exported{false};
+
+void close_exported(void* block) { lib.ipc_forget(block); }
 
 // Opened handles: one mapping per handle in a process (CUDA refuses to open a handle twice).
 std::mutex opened_mutex;
 std::unordered_map<std::string, std::weak_ptr<void>> opened;
 
-int dup_from(int pid, int fd) {
-#if defined(SYS_pidfd_open) && defined(SYS_pidfd_getfd)
-  int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  TORCH_CHECK(pidfd >= 0, "accelrt allocator: pidfd_open(", pid, ") failed: ",
-              std::strerror(errno),
-              " (the sending process must be alive; Linux 5.6 or newer is needed)");
-  int local = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, fd, 0));
-  int err = errno;
-  ::close(pidfd);
-  TORCH_CHECK(local >= 0, "accelrt allocator: pidfd_getfd(", pid, ", ", fd,
-              ") failed: ", std::strerror(err),
-              " (both processes must run as the same user and ptrace must be allowed, e.g. "
-              "kernel.yama.ptrace_scope=0)");
-  return local;
-#else
-  TORCH_CHECK(false, "accelrt allocator: importing shared pages needs pidfd_getfd (Linux 5.6+)");
-#endif
-}
-
 // ---- the allocator ------------------------------------------------------------------------------
 
 void local_raw_delete(void* ptr);
 
+// A checkpoint of a private pool: the library's handle (its segments and every block in
+// them, kept in Rust) and the blocks it had allocated. Freed with the state.
 struct CheckpointState final : public cca::AllocatorState {
-  c10::DeviceIndex device;
-  MempoolId_t pool;
+  c10::DeviceIndex device = 0;
+  MempoolId_t pool{0, 0};
+  uint64_t handle = 0;
   std::vector<BlockRecord> blocks;
+  CheckpointState() = default;
+  CheckpointState(const CheckpointState&) = delete;
+  CheckpointState& operator=(const CheckpointState&) = delete;
+  ~CheckpointState() {
+    if (handle != 0 && lib.checkpoint_free != nullptr) {
+      lib.checkpoint_free(handle);  // cannot fail for a handle we own; never throws
+    }
+  }
 };
 
 class AccelrtAllocator final : public cca::CUDAAllocator {
@@ -681,14 +655,28 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
     auto state = std::make_shared<CheckpointState>();
     state->device = device;
     state->pool = id;
-    state->blocks = pool_blocks(device, id);
+    state->handle = lib.pool_checkpoint(device, id.first, id.second);
+    TORCH_CHECK(state->handle != 0, "accelrt allocator: getCheckpointState of pool (", id.first,
+                ", ", id.second, ") failed: ", last_error());
+    std::vector<BlockRecord> out(64);
+    for (;;) {
+      ssize_t n = lib.checkpoint_blocks(state->handle, out.data(), out.size());
+      TORCH_CHECK(n >= 0, "accelrt allocator: the checkpoint's blocks: ", last_error());
+      if (static_cast<size_t>(n) <= out.size()) {
+        out.resize(static_cast<size_t>(n));
+        break;
+      }
+      out.resize(static_cast<size_t>(n));
+    }
+    state->blocks = std::move(out);
     return state;
   }
 
-  // Put the pool back to the checkpoint: blocks allocated now and not in it are freed; blocks
-  // in it are allocated (kept, or re-created at their addresses). Every block allocated
-  // before the call is reported freed and every checkpointed block allocated, as PyTorch's
-  // own allocator does (it frees and re-allocates them all).
+  // Put the pool back to the checkpoint (the library's restore_pool): every block allocated
+  // now is freed, then every block of the checkpoint is allocated again at its address; the
+  // segments are tiled as at the checkpoint. Every block allocated before the call is
+  // reported freed and every checkpointed block allocated, as PyTorch's own allocator does.
+  // A checkpoint that no longer fits is refused before anything changes.
   cca::CheckpointDelta setCheckpointPoolState(
       c10::DeviceIndex device, std::shared_ptr<cca::AllocatorState> pps) override {
     auto state = std::dynamic_pointer_cast<CheckpointState>(pps);
@@ -697,24 +685,13 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
                 "allocator; take it with getCheckpointState of the current allocator");
     TORCH_CHECK(state->device == device, "accelrt allocator: the checkpoint is of cuda:",
                 static_cast<int>(state->device), ", not cuda:", static_cast<int>(device));
-    std::map<uint64_t, BlockRecord> wanted;
-    for (const BlockRecord& b : state->blocks) {
-      wanted.emplace(b.ptr, b);
-    }
     cca::CheckpointDelta delta;
     for (const BlockRecord& b : pool_blocks(device, state->pool)) {
       delta.ptrs_freed.push_back(reinterpret_cast<void*>(b.ptr));
-      auto it = wanted.find(b.ptr);
-      if (it == wanted.end() || it->second.size != b.size) {
-        lib.free(reinterpret_cast<void*>(b.ptr), static_cast<ssize_t>(b.requested), device,
-                 nullptr);
-      }
     }
-    for (const auto& [ptr, b] : wanted) {
-      check(lib.pool_claim_block(device, state->pool.first, state->pool.second, b.ptr, b.size,
-                                 b.requested),
-            "setCheckpointPoolState");
-      void* p = reinterpret_cast<void*>(ptr);
+    check(lib.pool_restore(device, state->handle), "setCheckpointPoolState");
+    for (const BlockRecord& b : state->blocks) {
+      void* p = reinterpret_cast<void*>(b.ptr);
       delta.dataptrs_allocd.emplace_back(p, p, &local_raw_delete,
                                          c10::Device(c10::DeviceType::CUDA, device));
     }
@@ -888,36 +865,21 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
       put(handle, h);
       return {static_cast<ptrdiff_t>(p - base), handle};
     }
-    std::vector<int> fds(static_cast<size_t>(block_size / (2 << 20) + 2));
-    size_t page_size = 0, offset = 0;
-    ssize_t n = 0;
+    // Expandable memory: the library exports the chunks under the block and writes the whole
+    // handle ("ACRT" 'V' ...).
+    std::string bytes(256, '\0');
     for (;;) {
-      n = lib.ipc_export_pages(reinterpret_cast<void*>(block), block_size, fds.data(),
-                               fds.size(), &page_size, &offset);
+      ssize_t n = lib.ipc_share(reinterpret_cast<void*>(block), block_size,
+                                reinterpret_cast<uint8_t*>(bytes.data()), bytes.size());
       TORCH_CHECK(n >= 0, "accelrt allocator: shareIpcHandle failed: ", last_error());
-      if (static_cast<size_t>(n) <= fds.size()) {
+      if (static_cast<size_t>(n) <= bytes.size()) {
+        bytes.resize(static_cast<size_t>(n));
         break;
       }
-      for (size_t i = 0; i < fds.size(); ++i) {
-        ::close(fds[i]);
-      }
-      fds.resize(static_cast<size_t>(n));
-    }
-    fds.resize(static_cast<size_t>(n));
-    handle.push_back(kIpcPages);
-    PagesHeader h{device, static_cast<int32_t>(::getpid()), page_size, offset,
-                  static_cast<uint32_t>(n)};
-    put(handle, h);
-    for (int fd : fds) {
-      put(handle, static_cast<int32_t>(fd));
-    }
-    {
-      std::lock_guard<std::mutex> guard(exported_mutex);
-      auto& kept = exported[reinterpret_cast<void*>(block)];
-      kept.insert(kept.end(), fds.begin(), fds.end());
+      bytes.resize(static_cast<size_t>(n));
     }
     any_exported.store(true);
-    return {static_cast<ptrdiff_t>(p - block), handle};
+    return {static_cast<ptrdiff_t>(p - block), bytes};
   }
 
   std::shared_ptr<void> getIpcDevPtr(std::string handle) override {
@@ -1010,26 +972,17 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
       return open_plain(h.handle, static_cast<c10::DeviceIndex>(h.device));
     }
     TORCH_CHECK(kind == kIpcPages, "accelrt allocator: unknown IPC handle kind '", kind, "'");
-    PagesHeader h = take<PagesHeader>(handle, at);
-    std::vector<int> fds;
-    try {
-      for (uint32_t i = 0; i < h.count; ++i) {
-        fds.push_back(dup_from(h.pid, take<int32_t>(handle, at)));
-      }
-    } catch (...) {
-      for (int fd : fds) {
-        ::close(fd);
-      }
-      throw;
-    }
+    // The device is the handle's (bytes 8..12, checked again by the library).
+    TORCH_CHECK(handle.size() >= 12, "accelrt allocator: a truncated IPC handle (",
+                handle.size(), " bytes)");
+    int32_t device = 0;
+    std::memcpy(&device, handle.data() + 8, sizeof(device));
     void* mapped = nullptr;
-    // The library owns the descriptors from this call on.
-    check(lib.ipc_import_pages(h.device, fds.data(), fds.size(),
-                               static_cast<size_t>(h.page_size), &mapped),
+    check(lib.ipc_open(device, reinterpret_cast<const uint8_t*>(handle.data()), handle.size(),
+                       &mapped),
           "getIpcDevPtr");
-    void* start = static_cast<char*>(mapped) + h.offset;
-    return std::shared_ptr<void>(start, [mapped](void*) {
-      warn_unless_ok(lib.ipc_close_pages(mapped), "closing shared pages");
+    return std::shared_ptr<void>(mapped, [](void* q) {
+      warn_unless_ok(lib.ipc_close(q), "closing shared expandable memory");
     });
   }
 
@@ -1117,6 +1070,10 @@ extern "C" int accelrt_shim_install(const char* library_path, char* err,
     resolve(handle, "accelrt_torch_set_log_alloc_failures", lib.set_log_alloc_failures);
     resolve(handle, "accelrt_torch_pool_live_blocks", lib.pool_live_blocks);
     resolve(handle, "accelrt_torch_pool_claim_block", lib.pool_claim_block);
+    resolve(handle, "accelrt_torch_pool_checkpoint", lib.pool_checkpoint);
+    resolve(handle, "accelrt_torch_checkpoint_blocks", lib.checkpoint_blocks);
+    resolve(handle, "accelrt_torch_pool_restore", lib.pool_restore);
+    resolve(handle, "accelrt_torch_checkpoint_free", lib.checkpoint_free);
     resolve(handle, "accelrt_torch_empty_pool_cache", lib.empty_pool_cache);
     resolve(handle, "accelrt_torch_segment_of", lib.segment_of);
     resolve(handle, "accelrt_torch_set_context_id", lib.set_context_id);
@@ -1126,9 +1083,10 @@ extern "C" int accelrt_shim_install(const char* library_path, char* err,
     resolve(handle, "accelrt_torch_add_segment_tracker", lib.add_segment_tracker);
     resolve(handle, "accelrt_torch_config_string", lib.config_string);
     resolve(handle, "accelrt_torch_free_buffer", lib.free_buffer);
-    resolve(handle, "accelrt_torch_ipc_export_pages", lib.ipc_export_pages);
-    resolve(handle, "accelrt_torch_ipc_import_pages", lib.ipc_import_pages);
-    resolve(handle, "accelrt_torch_ipc_close_pages", lib.ipc_close_pages);
+    resolve(handle, "accelrt_torch_ipc_share", lib.ipc_share);
+    resolve(handle, "accelrt_torch_ipc_forget", lib.ipc_forget);
+    resolve(handle, "accelrt_torch_ipc_open", lib.ipc_open);
+    resolve(handle, "accelrt_torch_ipc_close", lib.ipc_close);
 
     auto allocator = std::make_shared<AccelrtAllocator>();
     installed = allocator;

@@ -11,10 +11,21 @@ runs under pytest twice, in separate processes: on PyTorch's allocator, then on 
 soon as torch is imported, and accelrt_plugin.py checks it is). Each run has a time budget;
 results are written test by test, so a run cut short still counts what ran.
 
-Writes OUT/torch-tests.md (counts per file and allocator, and every accelrt failure with its
-reason and what the same test did on PyTorch's allocator), OUT/torch-tests.json, the raw
-per-test results and pytest logs. A failure is "expected" when expected-failures.txt
-explains it, "also on native" when the test fails on PyTorch's allocator too, else "fail".
+Writes OUT/torch-tests.md (counts per file and allocator, collection errors, every test that did
+not pass on both allocators with its class and reason, and a closing summary table),
+OUT/torch-tests.json, the raw per-test results and pytest logs. Because the test files may not
+be the installed version's (see .torch-tests/SOURCE.txt), each test is classed by what it did
+on both allocators: "pass on both"; "fails on both" (a test-file / version mismatch or the
+machine, not accelrt); "fails only on accelrt (ours)", with accelrt's failure message;
+"expected on accelrt" when expected-failures.txt explains such a failure; "passes only on
+accelrt"; "skipped"; "not run on ..." (time budget). Exit status 1 when any test is ours.
+
+    python3 scripts/torch-tests/run.py --tests .torch-tests --list
+
+lists, without torch or a GPU, the test functions each selected file defines and whether the
+selection's keywords pick them (read with `ast`; parametrized and device-type tests are
+expanded by PyTorch at import, so the real ids carry suffixes); `--collect-only` runs pytest's
+collection on both allocators instead of the tests (needs torch).
 """
 
 from __future__ import annotations
@@ -60,7 +71,8 @@ def keyword_expr(words: list[str]) -> str | None:
     return " or ".join(words)
 
 
-def run_pytest(tests: Path, file: str, words: list[str], allocator: str, out: Path, budget: float) -> dict:
+def run_pytest(tests: Path, file: str, words: list[str], allocator: str, out: Path, budget: float,
+               collect_only: bool = False) -> dict:
     tag = f"{Path(file).stem}.{allocator}"
     results = out / f"{tag}.jsonl"
     log = out / f"{tag}.log"
@@ -70,6 +82,8 @@ def run_pytest(tests: Path, file: str, words: list[str], allocator: str, out: Pa
     expr = keyword_expr(words)
     if expr:
         cmd += ["-k", expr]
+    if collect_only:
+        cmd += ["--collect-only"]
     env = dict(os.environ)
     env.pop("ACCELRT_TORCH", None)
     env.pop("ACCELRT_TRACE", None)
@@ -119,13 +133,47 @@ def explain(test_id: str, message: str, expected) -> str | None:
     return None
 
 
+def list_tests(tests: Path) -> int:
+    """Print each selected file's test functions (by class) and whether the keywords select them."""
+    import ast
+
+    total = chosen = 0
+    for file, words in read_selection():
+        path = tests / file
+        if not path.exists():
+            print(f"{file}: MISSING from {tests}")
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef) and item.name.startswith("test"):
+                        found.append(f"{node.name}::{item.name}")
+        keys = [w.lower() for w in words]
+        sel = [t for t in found if keys == ["*"] or not keys or any(k in t.lower() for k in keys)]
+        total += len(found)
+        chosen += len(sel)
+        print(f"{file}: {len(found)} test functions, {len(sel)} selected")
+        for t in sel:
+            print(f"  {t}")
+    print(f"in all: {chosen} of {total} test functions selected (before parametrization)")
+    return 0 if chosen else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tests", type=Path, default=Path(".torch-tests"))
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
     p.add_argument("--budget", type=float, default=120, help="seconds per file and allocator")
     p.add_argument("--allocators", default="native,accelrt")
+    p.add_argument("--list", action="store_true", help="list the selected tests (no torch needed)")
+    p.add_argument("--collect-only", action="store_true", help="pytest --collect-only on both allocators")
     a = p.parse_args()
+    if a.list:
+        return list_tests(a.tests.resolve())
+    if a.out is None:
+        p.error("--out is required (except with --list)")
     a.out = a.out.resolve()
     a.out.mkdir(parents=True, exist_ok=True)
     tests = a.tests.resolve()
@@ -144,69 +192,161 @@ def main() -> int:
             runs.append({"file": file, "missing": True})
             continue
         for allocator in a.allocators.split(","):
-            r = run_pytest(tests, file, words, allocator, a.out, a.budget)
+            r = run_pytest(tests, file, words, allocator, a.out, a.budget, a.collect_only)
             runs.append(r)
             print(f"torch-tests: {file} on {allocator}: {counts(r)}"
                   f"{' (cut by the time budget)' if r['cut_by_budget'] else ''} in {r['seconds']} s",
                   flush=True)
 
+    if a.collect_only:
+        return report_collection(runs, source, report)
     lines = ["# PyTorch's allocator tests on accelrt", "", f"Test files: {source}", "",
-             "| file | allocator | passed | failed | skipped | pytest exit | cut by budget | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| file | allocator | passed | failed | skipped | pytest exit | cut by budget | seconds | collection |",
+             "|---|---|---|---|---|---|---|---|---|"]
     summary = {"source": source, "files": []}
     for r in runs:
         if r.get("missing"):
-            lines.append(f"| {r['file']} | - | missing from .torch-tests | | | | | |")
+            lines.append(f"| {r['file']} | - | missing from .torch-tests | | | | | | |")
             continue
         c = counts(r)
+        coll = collection_error(r)
         lines.append(f"| {r['file']} | {r['allocator']} | {c['passed']} | {c['failed']} | "
-                     f"{c['skipped']} | {r['rc']} | {'yes' if r['cut_by_budget'] else 'no'} | {r['seconds']} |")
-    lines += ["", "## Every test that did not pass on accelrt", "",
-              "| test | on accelrt | on native | class | reason |", "|---|---|---|---|---|"]
-    totals = {"passed": 0, "failed": 0, "expected": 0, "also_native": 0, "skipped": 0}
+                     f"{c['skipped']} | {r['rc']} | {'yes' if r['cut_by_budget'] else 'no'} | {r['seconds']} | "
+                     f"{cell(coll) if coll else 'ok'} |")
     by_file: dict[str, dict] = {}
     for r in runs:
         if not r.get("missing"):
             by_file.setdefault(r["file"], {})[r["allocator"]] = r
+    classes = {k: 0 for k in CLASSES}
+    rows = []
+    uncollected: list[str] = []
     for file, pair in by_file.items():
         acc, nat = pair.get("accelrt"), pair.get("native")
         if acc is None:
             continue
         file_sum = {"file": file, "accelrt": counts(acc), "native": counts(nat) if nat else None,
-                    "failures": []}
-        for tid, t in sorted(acc["tests"].items()):
-            outcome = t["outcome"]
-            if outcome in ("passed", "xfail"):
-                totals["passed"] += 1
-                continue
-            if outcome == "skipped":
-                totals["skipped"] += 1
-                continue
-            native = nat["tests"].get(tid, {}).get("outcome", "not run") if nat else "not run"
-            reason = explain(tid, t.get("reason", ""), expected)
-            if reason is not None:
-                cls = "expected"
-            elif native not in ("passed", "xfail"):
-                cls, reason = "also on native", t.get("reason", "")
-            else:
-                cls, reason = "fail", t.get("reason", "")
-            totals[{"expected": "expected", "also on native": "also_native", "fail": "failed"}[cls]] += 1
-            first = " ".join(reason.split())[:300].replace("|", "\\|")
-            lines.append(f"| `{tid}` | {outcome} | {native} | {cls} | {first} |")
-            file_sum["failures"].append({"id": tid, "accelrt": outcome, "native": native,
-                                         "class": cls, "reason": reason})
+                    "collection_error": {"accelrt": collection_error(acc),
+                                         "native": collection_error(nat) if nat else None},
+                    "tests": []}
+        ids = sorted(set(acc["tests"]) | set(nat["tests"] if nat else {}))
+        for tid in ids:
+            ta = acc["tests"].get(tid)
+            tn = nat["tests"].get(tid) if nat else None
+            cls, reason = classify(ta, tn, expected, acc, nat)
+            classes[cls] += 1
+            file_sum["tests"].append({"id": tid, "accelrt": ta["outcome"] if ta else "not run",
+                                      "native": tn["outcome"] if tn else "not run",
+                                      "class": cls, "reason": reason})
+            if cls not in ("pass on both", "skipped"):
+                rows.append(f"| `{tid}` | {ta['outcome'] if ta else 'not run'} | "
+                            f"{tn['outcome'] if tn else 'not run'} | {cls} | {cell(reason)} |")
+        if file_sum["collection_error"]["accelrt"] or file_sum["collection_error"]["native"]:
+            uncollected.append(file)
         summary["files"].append(file_sum)
-    ran = totals["passed"] + totals["failed"] + totals["expected"] + totals["also_native"]
-    rate = 100.0 * totals["passed"] / ran if ran else 0.0
-    summary["totals"] = totals
+    lines += ["", "## Every test that did not pass on both", "",
+              "Classes: *fails on both* = the test fails on PyTorch's own allocator too (a test-file / "
+              "installed-version mismatch or the machine, not accelrt); *fails only on accelrt (ours)* = "
+              "accelrt's to fix; *expected on accelrt* = fails only on accelrt for a reason "
+              "expected-failures.txt documents (native internals, a refused feature); *passes only on "
+              "accelrt*; *not run on ...* = cut by the time budget or the process died.", "",
+              "| test | on accelrt | on native | class | reason (accelrt's failure, else native's) |",
+              "|---|---|---|---|---|"]
+    lines += rows or ["| (none) | | | | |"]
+    ours = classes["fails only on accelrt (ours)"]
+    ran_acc = sum(v for k, v in classes.items() if k not in ("skipped", "not run on accelrt"))
+    passed_acc = classes["pass on both"] + classes["passes only on accelrt"]
+    rate = 100.0 * passed_acc / ran_acc if ran_acc else 0.0
+    summary["classes"] = classes
     summary["pass_rate_percent"] = round(rate, 1)
-    lines += ["", f"Totals on accelrt: {totals['passed']} passed, {totals['failed']} failed, "
-              f"{totals['expected']} expected failures, {totals['also_native']} failing on native "
-              f"too, {totals['skipped']} skipped: {rate:.1f}% of the tests that ran pass."]
+    lines += ["", "## Summary", "", "| class | tests |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in classes.items()]
+    lines += [f"| pass rate on accelrt (passed / ran there) | {rate:.1f}% |",
+              f"| files that did not collect (see the first table) | {len(uncollected)}"
+              f"{': ' + ', '.join(uncollected) if uncollected else ''} |"]
+    summary["uncollected_files"] = uncollected
     report.write_text("\n".join(lines) + "\n")
     (a.out / "torch-tests.json").write_text(json.dumps(summary, indent=1))
-    print(lines[-1])
-    return 0 if totals["failed"] == 0 else 1
+    print("\n".join(lines[-(len(classes) + 5):]))
+    return 0 if ours == 0 else 1
+
+
+CLASSES = ("pass on both", "fails on both", "fails only on accelrt (ours)", "expected on accelrt",
+           "passes only on accelrt", "skipped", "not run on accelrt", "not run on native")
+
+
+def ok(t) -> bool:
+    return t is not None and t["outcome"] in ("passed", "xfail")
+
+
+def bad(t) -> bool:
+    return t is not None and t["outcome"] in ("failed", "xpass")
+
+
+def classify(a, n, expected, acc_run, nat_run) -> tuple[str, str]:
+    """One test's class from its outcome on accelrt (a) and on PyTorch's allocator (n)."""
+    if a is None:
+        why = "cut by the time budget" if acc_run["cut_by_budget"] else "not reached (process died?)"
+        return "not run on accelrt", why
+    if a["outcome"] == "skipped" or (n is not None and n["outcome"] == "skipped" and not bad(a)):
+        return "skipped", a.get("reason", "") or (n or {}).get("reason", "")
+    if ok(a):
+        if ok(n):
+            return "pass on both", ""
+        if n is None:
+            return "not run on native", "passed on accelrt"
+        return "passes only on accelrt", n.get("reason", "")
+    reason = a.get("reason", "")
+    if bad(n):
+        return "fails on both", reason
+    if n is None:
+        return "not run on native", reason
+    why = explain(a["id"], reason, expected)
+    if why is not None:
+        return "expected on accelrt", why
+    return "fails only on accelrt (ours)", reason
+
+
+def collection_error(run) -> str | None:
+    """The first collection error of a run, read from its pytest log (an import error in the
+    test file itself fails every test of the file on both allocators)."""
+    try:
+        text = Path(run["log"]).read_text(errors="replace")
+    except OSError:
+        return None
+    if "ERROR collecting" not in text and not (run["rc"] in (2, 4) and not run["tests"]):
+        return None
+    for line in text.splitlines():
+        if line.startswith("E ") and ("Error" in line or "error" in line):
+            return line[2:].strip()
+    return f"pytest exit {run['rc']} before any test ran"
+
+
+def report_collection(runs: list, source: str, report: Path) -> int:
+    """--collect-only: per file and allocator, what pytest collected (its summary line) and the
+    first collection error."""
+    import re
+
+    lines = ["# PyTorch's allocator tests: collection only", "", f"Test files: {source}", "",
+             "| file | allocator | pytest says | first collection error |", "|---|---|---|---|"]
+    bad = 0
+    for r in runs:
+        if r.get("missing"):
+            lines.append(f"| {r['file']} | - | missing from .torch-tests | |")
+            bad += 1
+            continue
+        text = Path(r["log"]).read_text(errors="replace")
+        said = [m.group(0) for m in re.finditer(r"\d+(/\d+)? tests? collected[^\n]*|no tests ran[^\n]*", text)]
+        err = collection_error(r)
+        bad += err is not None
+        lines.append(f"| {r['file']} | {r['allocator']} | {cell(said[-1] if said else 'nothing')} | "
+                     f"{cell(err or '')} |")
+    report.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if bad else 0
+
+
+def cell(text: str) -> str:
+    return " ".join((text or "").split())[:300].replace("|", "\\|")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ use super::{
 };
 use crate::device::Device;
 
+mod checkpoint;
 mod cross_stream;
 mod expandable;
 mod figures;
+mod ipc;
 mod metadata;
 mod moves;
 mod private;
@@ -51,6 +53,8 @@ use rare::RareFlags;
 
 use crate::error::{Error, OomReport, Result};
 use crate::stream::Stream;
+pub use checkpoint::{CheckpointBlock, CheckpointSegment, PoolCheckpoint, RestoreReport};
+pub use ipc::{ExportedChunk, ExportedRange, ImportedRange};
 pub use private::{StreamFilter, MAX_PRIVATE_POOLS};
 
 /// Streams per device that can have a pool (stream indices `0..MAX_STREAM_POOLS`).

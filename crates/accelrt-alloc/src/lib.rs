@@ -43,8 +43,9 @@ pub use history::{
     MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,
 };
 pub use imp::{
-    AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, OomInfo, OomObserver,
-    StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
+    AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, CheckpointBlock,
+    CheckpointSegment, ExportedChunk, ExportedRange, ImportedRange, OomInfo, OomObserver,
+    PoolCheckpoint, RestoreReport, StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
 };
 pub use pinned::{PinnedAllocator, PinnedStats};
 pub use provider::{ChunkHandle, MemoryProvider, ProviderError, StreamEvents, VirtualMemory};

@@ -100,7 +100,8 @@ pub trait VirtualMemory: Send + Sync {
     /// Destroy a chunk of `size` bytes. One driver call.
     ///
     /// # Safety
-    /// The chunk must come from `create(size)` of this provider and be mapped nowhere.
+    /// The chunk must come from `create(size)` or `import_chunk(_, size)` of this provider
+    /// and be mapped nowhere.
     unsafe fn release(&self, chunk: ChunkHandle, size: usize);
     /// Map `chunks` (handle, size) one after another from `addr`, then make the whole range
     /// readable and writable by the device. One driver map per chunk and one access grant for
@@ -118,6 +119,34 @@ pub trait VirtualMemory: Send + Sync {
     /// The range must be exactly covered by mappings from `map`, and nothing may use it any
     /// more (the device included: callers make sure the work queued on it has completed).
     unsafe fn unmap(&self, addr: usize, len: usize);
+    /// Export a chunk as a POSIX file descriptor another process can import (sharing memory
+    /// between processes; CUDA: `cuMemExportToShareableHandle`). The descriptor is the
+    /// caller's; the chunk stays ours. Providers that cannot share memory refuse (the
+    /// default), saying so.
+    fn export_chunk(&self, chunk: ChunkHandle) -> Result<std::os::fd::OwnedFd, ProviderError> {
+        let _ = chunk;
+        Err(ProviderError::Failed(
+            "this memory provider cannot export memory to other processes (sharing expandable \
+             memory between processes needs the CUDA backend)"
+                .into(),
+        ))
+    }
+    /// Import a chunk of `size` bytes another process exported with `export_chunk` (the
+    /// descriptor valid in this process, consumed). The handle maps like a created one and
+    /// is given back with `release(handle, size)`. Providers that cannot share memory refuse
+    /// (the default).
+    fn import_chunk(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        size: usize,
+    ) -> Result<ChunkHandle, ProviderError> {
+        let _ = (fd, size);
+        Err(ProviderError::Failed(
+            "this memory provider cannot import memory from other processes (sharing \
+             expandable memory between processes needs the CUDA backend)"
+                .into(),
+        ))
+    }
 }
 
 /// Positions in streams, for blocks used on several streams (`record_stream`) and for

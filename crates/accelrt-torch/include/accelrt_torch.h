@@ -107,12 +107,27 @@ typedef struct {
  * when that exceeds cap), or -1 (no such pool). */
 ssize_t accelrt_torch_pool_live_blocks(int device, uint64_t id0, uint64_t id1,
                                        accelrt_torch_block *out, size_t cap);
-/* Make [ptr, ptr + size) of private pool (id0, id1) an allocated block again (putting a pool
- * back to a checkpoint, setCheckpointPoolState). 0 when the block is allocated afterwards;
- * -1 when it cannot be: re-creating a freed block needs CachingAllocator::claim_block, which
- * accelrt's allocator does not have yet (the message says so). */
+/* Make [ptr, ptr + size) of private pool (id0, id1) an allocated block again, as if the
+ * allocator had just handed it out. 0 when the block is allocated afterwards (also when it
+ * already was); -1 when the range is not one free piece of the pool (the message says why).
+ * Whole checkpoints: accelrt_torch_pool_checkpoint / accelrt_torch_pool_restore. */
 int accelrt_torch_pool_claim_block(int device, uint64_t id0, uint64_t id1, uint64_t ptr,
                                    uint64_t size, uint64_t requested);
+/* Checkpoints of private pools (getCheckpointState / setCheckpointPoolState, used by CUDA
+ * graph trees). accelrt_torch_pool_checkpoint records pool (id0, id1) of `device` (its
+ * segments and every block in them) and returns a handle, never 0; 0 on error (no such pool,
+ * or 65536 checkpoints alive: free each with accelrt_torch_checkpoint_free when its state is
+ * dropped). accelrt_torch_checkpoint_blocks lists the blocks the checkpoint had allocated, by
+ * address, as accelrt_torch_pool_live_blocks does (NULL with cap 0 to count; -1: unknown
+ * handle). accelrt_torch_pool_restore puts the pool back: every block allocated in it now is
+ * freed (frees waiting for other streams are waited for), then the checkpoint's allocated
+ * blocks are allocated again at their addresses; 0, or -1 when the checkpoint no longer fits
+ * the pool (a segment gone, memory lent away; the message says which), and then nothing
+ * changed. accelrt_torch_checkpoint_free: 0, or -1 for an unknown handle. */
+uint64_t accelrt_torch_pool_checkpoint(int device, uint64_t id0, uint64_t id1);
+ssize_t accelrt_torch_checkpoint_blocks(uint64_t handle, accelrt_torch_block *out, size_t cap);
+int accelrt_torch_pool_restore(int device, uint64_t handle);
+int accelrt_torch_checkpoint_free(uint64_t handle);
 /* emptyCache(mempool_id): give back cached memory of the device that holds pool (id0, id1)
  * (whole free segments of every pool of the device, that pool's included). */
 int accelrt_torch_empty_pool_cache(int device, uint64_t id0, uint64_t id1);
@@ -184,19 +199,26 @@ char *accelrt_torch_config_string(int device);
 
 /* ---- IPC of expandable (VMM) memory --------------------------------------------------------- */
 
-/* Export the pages under [ptr, ptr + len) as POSIX file descriptors (owned by the caller):
- * up to `cap` into fds; *page_size and *offset (where ptr lies in the first page) are set.
- * Returns the page count, or -1. Plain segments are refused (share them with
- * cudaIpcGetMemHandle on the segment base). Needs CachingAllocator::export_pages. */
-ssize_t accelrt_torch_ipc_export_pages(const void *ptr, size_t len, int *fds, size_t cap,
-                                       size_t *page_size, size_t *offset);
-/* Map `count` pages another process exported (descriptors valid in this process, owned by
- * the library from the call on) on `device`; the address goes to *ptr. Needs
- * CachingAllocator::import_pages. */
-int accelrt_torch_ipc_import_pages(int device, const int *fds, size_t count, size_t page_size,
-                                   void **ptr);
-/* Unmap what accelrt_torch_ipc_import_pages mapped. */
-int accelrt_torch_ipc_close_pages(void *ptr);
+/* Share the expandable memory [ptr, ptr + len) (one live block) with another process: the
+ * chunks under it are exported as POSIX file descriptors (kept open until
+ * accelrt_torch_ipc_forget for the block) and a handle is written to `out` when `cap` is
+ * large enough: "ACRT" 'V', version, device, the sender's pid, where the shared bytes lie,
+ * and per chunk its descriptor number, size and offset. Returns the handle's length (call
+ * again with a larger buffer when it exceeds cap: the export is reused), or -1 (a plain
+ * segment: share it with cudaIpcGetMemHandle on the segment base; memory that is not
+ * exportable: the message says why). */
+ssize_t accelrt_torch_ipc_share(const void *ptr, size_t len, uint8_t *out, size_t cap);
+/* The block at ptr is being freed: close the descriptors exported for it (if any). */
+void accelrt_torch_ipc_forget(void *ptr);
+/* Map the memory a handle from accelrt_torch_ipc_share (in another process) names, on
+ * `device`, without copying: the descriptors are taken from the sender with pidfd_open +
+ * pidfd_getfd (Linux 5.6+, the same user, ptrace allowed), imported and mapped at a new
+ * range; the shared bytes' address goes to *out. 0, or -1 (a malformed handle is rejected
+ * before anything is opened; the message says what is wrong). */
+int accelrt_torch_ipc_open(int device, const uint8_t *bytes, size_t len, void **out);
+/* Unmap and release what accelrt_torch_ipc_open mapped at ptr (after the device's queued
+ * work). */
+int accelrt_torch_ipc_close(void *ptr);
 
 /* ---- trace recorder (format v2, traces/FORMAT.md) ---------------------------------------------- */
 

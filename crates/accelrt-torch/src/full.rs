@@ -7,7 +7,7 @@
 //! segment events NCCL registration listens to (`attachAllocatorTraceTracker`).
 //!
 //! Everything here goes through `CachingAllocator`'s public API (putting a freed block back
-//! is `CachingAllocator::claim_block`).
+//! is `CachingAllocator::claim_block`; whole checkpoints of a pool are in `checkpoint.rs`).
 
 use std::ffi::{c_int, c_void};
 use std::ptr::null_mut;

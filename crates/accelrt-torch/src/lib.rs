@@ -20,6 +20,7 @@
 //! with [`use_backend`] before the first call (C callers: `ACCELRT_TORCH_BACKEND=host`).
 
 mod capture;
+pub mod checkpoint;
 mod errors;
 pub mod full;
 pub mod ipc;

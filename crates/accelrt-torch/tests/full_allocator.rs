@@ -294,35 +294,50 @@ fn segment_trackers_hear_of_new_memory() {
 }
 
 #[test]
-fn vmm_ipc_refuses_with_what_to_do() {
+fn vmm_ipc_refuses_on_host_with_what_to_do() {
     let _g = setup();
     let p = alloc(4096, null_mut());
-    let mut fds = [0 as c_int; 4];
-    let (mut page, mut off) = (0usize, 0usize);
-    // SAFETY: `fds` has room for 4; the others are live locals.
-    let n = unsafe {
-        ipc::accelrt_torch_ipc_export_pages(
-            p as *const c_void,
-            4096,
-            fds.as_mut_ptr(),
-            4,
-            &mut page,
-            &mut off,
-        )
-    };
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` has room for 256 bytes.
+    let n =
+        unsafe { ipc::accelrt_torch_ipc_share(p as *const c_void, 4096, buf.as_mut_ptr(), 256) };
     assert_eq!(n, -1);
     let e = last();
     assert!(
-        e.contains("expandable_segments:false") || e.contains("plain segment"),
+        e.contains("CUDA backend") || e.contains("plain segment"),
         "{e}"
     );
+    // A well-formed handle naming this process: decoding passes, then the host refuses to
+    // import (or, without pidfd_getfd rights, the duplication is refused with the reason).
+    let h = ipc::Handle {
+        device: 0,
+        pid: std::process::id() as i32,
+        offset: 0,
+        len: 4096,
+        span: 2 << 20,
+        chunks: vec![ipc::HandleChunk {
+            fd: 0,
+            bytes: 2 << 20,
+            at: 0,
+        }],
+    };
+    let bytes = ipc::encode(&h);
     let mut out = null_mut();
-    assert_eq!(
-        // SAFETY: no descriptors (count 0); `out` is a live local.
-        unsafe { ipc::accelrt_torch_ipc_import_pages(0, null_mut(), 0, 2 << 20, &mut out) },
-        -1
+    // SAFETY: `bytes` is a live buffer of its length; `out` is a live local.
+    let rc = unsafe { ipc::accelrt_torch_ipc_open(0, bytes.as_ptr(), bytes.len(), &mut out) };
+    assert_eq!(rc, -1);
+    let e = last();
+    assert!(
+        e.contains("cannot import memory") || e.contains("pidfd"),
+        "{e}"
     );
-    assert!(last().contains("import_pages"), "{}", last());
+    assert_eq!(ipc::accelrt_torch_ipc_close(0x1000 as *mut c_void), -1);
+    assert!(
+        last().contains("not memory accelrt_torch_ipc_open mapped"),
+        "{}",
+        last()
+    );
+    ipc::accelrt_torch_ipc_forget(p as *mut c_void); // never shared: nothing to do
     free(p);
 }
 

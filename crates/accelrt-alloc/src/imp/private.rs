@@ -235,6 +235,15 @@ impl CachingAllocator {
         Ok(())
     }
 
+    /// The pool slot of private pool `id`, or `None` if there is no such pool.
+    pub(super) fn private_pool_index(&self, id: MempoolId) -> Option<usize> {
+        self.private
+            .lock()
+            .ids
+            .get(&id)
+            .map(|e| MAX_STREAM_POOLS + e.slot)
+    }
+
     /// Uses of private pool `id`, or `None` if there is no such pool.
     pub fn pool_use_count(&self, id: MempoolId) -> Option<u32> {
         self.private.lock().ids.get(&id).map(|e| e.use_count)

@@ -2,10 +2,11 @@
 //! expandable segments use), and page-locked host memory through `cuMemHostAlloc`.
 
 use std::ffi::c_int;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::context::Context;
 use super::sys::{self, CuError};
@@ -34,7 +35,22 @@ pub struct CudaMemory {
     page_size: usize,
     /// Devices that get read-write access to mapped pages (this one, then peers).
     access: RwLock<Vec<c_int>>,
+    /// Whether chunks are created exportable to other processes (see [`Sharing`]).
+    sharing: Mutex<Sharing>,
 }
+
+/// Chunks are created exportable as POSIX file descriptors (so `torch.multiprocessing` can
+/// share expandable memory) unless `ACCELRT_VMM_SHAREABLE=0`, or the driver refused it once:
+/// then plain chunks, and exports say why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sharing {
+    Untried,
+    On,
+    Off(String),
+}
+
+/// The variable that turns shareable chunks off (`0`).
+pub const VMM_SHAREABLE_ENV: &str = "ACCELRT_VMM_SHAREABLE";
 
 impl std::fmt::Debug for CudaMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,6 +77,15 @@ impl CudaMemory {
         };
         Ok(CudaMemory {
             access: RwLock::new(vec![ctx.ordinal as c_int]),
+            sharing: Mutex::new(
+                if std::env::var(VMM_SHAREABLE_ENV).is_ok_and(|v| v == "0") {
+                    Sharing::Off(format!(
+                        "{VMM_SHAREABLE_ENV}=0 turned shareable chunks off in this process"
+                    ))
+                } else {
+                    Sharing::Untried
+                },
+            ),
             ctx,
             total,
             allocated: AtomicU64::new(0),
@@ -159,6 +184,46 @@ impl VirtualMemory for CudaMemory {
         self.page_size
     }
 
+    fn export_chunk(&self, chunk: ChunkHandle) -> Result<OwnedFd, ProviderError> {
+        if let Sharing::Off(why) = &*self.sharing.lock() {
+            return Err(ProviderError::Failed(format!(
+                "cannot export memory of cuda:{}: {why}",
+                self.ctx.ordinal
+            )));
+        }
+        if let Some(why) = sys::ipc_symbols_missing() {
+            return Err(ProviderError::Failed(why));
+        }
+        let _current = self.bind()?;
+        let fd = sys::mem_export_fd(chunk.0).map_err(provider_error)?;
+        if fd < 0 {
+            return Err(ProviderError::Failed(format!(
+                "cuMemExportToShareableHandle returned descriptor {fd}"
+            )));
+        }
+        // SAFETY: the driver just created this descriptor for us; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn import_chunk(&self, fd: OwnedFd, size: usize) -> Result<ChunkHandle, ProviderError> {
+        if size == 0 || size % self.page_size != 0 {
+            return Err(ProviderError::Failed(format!(
+                "an imported chunk of {size} bytes is not a positive multiple of the device's \
+                 {} byte granularity",
+                self.page_size
+            )));
+        }
+        if let Some(why) = sys::ipc_symbols_missing() {
+            return Err(ProviderError::Failed(why));
+        }
+        let _current = self.bind()?;
+        // The driver keeps its own reference: the descriptor closes when `fd` drops.
+        let h = sys::mem_import_fd(fd.as_raw_fd()).map_err(provider_error)?;
+        // Counted while imported, as `release` subtracts it.
+        self.allocated.fetch_add(size as u64, Ordering::Relaxed);
+        Ok(ChunkHandle(h))
+    }
+
     fn reserve(&self, size: usize) -> Result<usize, ProviderError> {
         if size == 0 || size % self.page_size != 0 {
             return Err(ProviderError::Failed(format!(
@@ -190,7 +255,29 @@ impl VirtualMemory for CudaMemory {
             )));
         }
         let _current = self.bind()?;
-        let h = sys::mem_create(size, self.ctx.ordinal as c_int).map_err(provider_error)?;
+        let ordinal = self.ctx.ordinal as c_int;
+        let share = !matches!(*self.sharing.lock(), Sharing::Off(_));
+        let h = if share {
+            match sys::mem_create_shareable(size, ordinal) {
+                Ok(h) => {
+                    *self.sharing.lock() = Sharing::On;
+                    h
+                }
+                Err(e) if e.is_out_of_memory() => return Err(provider_error(e)),
+                Err(e) => {
+                    // Some drivers and containers refuse POSIX-descriptor handles: fall back
+                    // to plain chunks for good, and say why when an export is asked for.
+                    *self.sharing.lock() = Sharing::Off(format!(
+                        "the driver refused to create shareable chunks ({}); memory is not \
+                         exportable in this process",
+                        e.into_error()
+                    ));
+                    sys::mem_create(size, ordinal).map_err(provider_error)?
+                }
+            }
+        } else {
+            sys::mem_create(size, ordinal).map_err(provider_error)?
+        };
         self.allocated.fetch_add(size as u64, Ordering::Relaxed);
         Ok(ChunkHandle(h))
     }

@@ -677,6 +677,80 @@ pub(crate) fn mem_create(size: usize, ordinal: c_int) -> CuResult<CUmemGenericAl
     Ok(h)
 }
 
+/// One physical allocation like [`mem_create`], created exportable as a POSIX file
+/// descriptor (`CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR`), so another process can map it.
+pub(crate) fn mem_create_shareable(
+    size: usize,
+    ordinal: c_int,
+) -> CuResult<CUmemGenericAllocationHandle> {
+    let mut prop = pinned_device_prop(ordinal);
+    prop.requestedHandleTypes =
+        sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    let mut h: CUmemGenericAllocationHandle = 0;
+    check(
+        // SAFETY: `prop` is valid; writes one handle into a local (owned by the caller).
+        unsafe { sys::cuMemCreate(&mut h, size, &prop, 0) },
+        "cuMemCreate (shareable)",
+    )?;
+    Ok(h)
+}
+
+/// The driver calls sharing memory between processes needs, as a reason when one is missing
+/// (a driver older than CUDA 10.2).
+pub(crate) fn ipc_symbols_missing() -> Option<String> {
+    let missing = missing_symbols(&[
+        "cuMemExportToShareableHandle",
+        "cuMemImportFromShareableHandle",
+    ]);
+    (!missing.is_empty()).then(|| {
+        format!(
+            "the CUDA driver does not export {} (CUDA 10.2 or newer is needed to share \
+             memory between processes)",
+            missing.join(", ")
+        )
+    })
+}
+
+/// Export `h` (created shareable, see [`mem_create_shareable`]) as a POSIX file descriptor,
+/// owned by the caller. Call only when [`ipc_symbols_missing`] returned `None`.
+pub(crate) fn mem_export_fd(h: CUmemGenericAllocationHandle) -> CuResult<c_int> {
+    let mut fd: c_int = -1;
+    check(
+        // SAFETY: for a POSIX descriptor the driver writes one int to the pointer, which
+        // points to a local; `h` is a live handle of ours; flags must be 0.
+        unsafe {
+            sys::cuMemExportToShareableHandle(
+                (&mut fd as *mut c_int).cast::<c_void>(),
+                h,
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            )
+        },
+        "cuMemExportToShareableHandle",
+    )?;
+    Ok(fd)
+}
+
+/// Import the allocation another process exported as descriptor `fd` (valid here; the
+/// caller still owns it and closes it). The handle is the caller's, given back with
+/// [`mem_release`]. Call only when [`ipc_symbols_missing`] returned `None`.
+pub(crate) fn mem_import_fd(fd: c_int) -> CuResult<CUmemGenericAllocationHandle> {
+    let mut h: CUmemGenericAllocationHandle = 0;
+    check(
+        // SAFETY: for a POSIX descriptor the driver takes the descriptor's value in the
+        // pointer argument (it is not dereferenced); writes one handle into a local.
+        unsafe {
+            sys::cuMemImportFromShareableHandle(
+                &mut h,
+                fd as isize as *mut c_void,
+                sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            )
+        },
+        "cuMemImportFromShareableHandle",
+    )?;
+    Ok(h)
+}
+
 /// # Safety
 /// `h` must be owned by the caller and mapped nowhere.
 pub(crate) unsafe fn mem_release(h: CUmemGenericAllocationHandle) -> CuResult<()> {
