@@ -53,7 +53,14 @@ if ls .gpu-bin/accelrt_torch-*.whl > /dev/null 2>&1; then
 else
     echo "no .gpu-bin/accelrt_torch-*.whl: build it with scripts/build-wheel.sh and carry .gpu-bin" | tee -a "$OUT/install.log"
 fi
-export PYTHONPATH="$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
+# A --target folder on PYTHONPATH is importable, but Python processes the .pth files of
+# site-packages folders only: without this, ACCELRT_TORCH=strict would do nothing (accelrt
+# never installed) and every "accelrt" part would run on PyTorch's allocator. A
+# sitecustomize.py makes the folder a site folder, as pip's own installs into the
+# environment are.
+mkdir -p "$OUT/boot"
+printf 'import site\nsite.addsitedir(%s)\n' "'$OUT/site'" > "$OUT/boot/sitecustomize.py"
+export PYTHONPATH="$OUT/boot:$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
 # Run from outside the repository so that `import accelrt_torch` is the installed package.
 cd "$OUT"
 
@@ -81,6 +88,17 @@ note "trace recorder"
 ACCELRT_TORCH=strict part trace 90 "$PY" "$C" trace --out "$OUT/trace.checks.jsonl" --result "$OUT/mlp.trace.gz"
 
 note "PyTorch's own allocator tests"
+# Their imports (torch.testing._internal needs expecttest; the runner needs pytest): what the
+# machine lacks comes from .torch-tests/wheels (pip download there, carried; no network here).
+need=()
+"$PY" -c 'import expecttest' 2>/dev/null || need+=(expecttest)
+"$PY" -c 'import pytest' 2>/dev/null || need+=(pytest pluggy iniconfig packaging pygments)
+if [ ${#need[@]} -gt 0 ]; then
+    wheels=()
+    for n in "${need[@]}"; do wheels+=(.torch-tests/wheels/"$n"-*.whl); done
+    (cd "$REPO" && "$PY" -m pip install --no-deps --no-index --target "$OUT/site" "${wheels[@]}") \
+        >> "$OUT/install.log" 2>&1 || echo "installing ${need[*]} from .torch-tests/wheels failed: see $OUT/install.log"
+fi
 remaining=$(left)
 per=$(( (remaining - 20) / 4 ))
 [ $per -lt 30 ] && per=30

@@ -310,6 +310,15 @@ def ipc() -> None:
     conf = os.environ.get("ACCELRT_ALLOC_CONF", "")
     tag = f"{mode}{':' + conf if conf else ''}"
     ctx = mp.get_context("spawn")
+    # The kernels this check runs, once, before the baseline: CUDA loads their modules
+    # lazily (about 90 MiB of context on the H200), which is not memory IPC failed to release.
+    w = torch.arange(1 << 10, dtype=torch.float32, device="cuda")
+    float(w[:10].sum())
+    w.fill_(7.0)
+    torch.ones(16, dtype=torch.uint8, device="cuda")
+    del w
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     free0, _ = torch.cuda.mem_get_info()
     q_in, q_out = ctx.Queue(), ctx.Queue()
     p = ctx.Process(target=_ipc_child, args=(q_in, q_out))
@@ -466,6 +475,16 @@ def main() -> int:
     if not torch.cuda.is_available():
         record(a.what, None, "no GPU")
         return 0
+    # The allocator these checks run on must be the one asked for: a run meant for accelrt
+    # that silently ran on PyTorch's allocator would pass every check and prove nothing.
+    wanted = "accelrt" if os.environ.get("ACCELRT_TORCH", "").strip().lower() in (
+        "1", "true", "yes", "on", "strict") else "native"
+    got = allocator_name()
+    if got != wanted:
+        record("allocator", False, f"asked for {wanted} (ACCELRT_TORCH={os.environ.get('ACCELRT_TORCH', '')!r}) "
+               f"but PyTorch's allocator is {got}: is accelrt_torch.pth processed (a site-packages "
+               "directory, not only PYTHONPATH)?")
+        return 1
     if a.what == "features":
         features()
     elif a.what == "compile":
