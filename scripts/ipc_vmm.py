@@ -54,6 +54,12 @@ def child(q_in, q_out) -> None:
 
     try:
         torch.cuda.init()
+        # This process's kernels once before the baseline: CUDA loads their modules lazily
+        # (about 90 MiB on the H200), which is not a copy of the shared tensor.
+        w = torch.zeros(1024, dtype=torch.int32, device="cuda")
+        int(w.sum(dtype=torch.int64))
+        w[:8].fill_(-1)
+        torch.cuda.synchronize()
         free_before, _ = torch.cuda.mem_get_info()
         alloc_before = torch.cuda.memory_allocated()
         x, _ = q_in.get(timeout=300)
@@ -84,6 +90,9 @@ def main() -> int:
     global OUT
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--native", action="store_true",
+                    help="run on PyTorch's own allocator (with PYTORCH_CUDA_ALLOC_CONF="
+                    "expandable_segments:True) for comparison")
     a = ap.parse_args()
     OUT = a.out
     import torch
@@ -95,7 +104,7 @@ def main() -> int:
         on = accelrt_torch.is_enabled()
     except ImportError:
         on = False
-    if not on:
+    if not on and not a.native:
         record("accelrt", False, "accelrt is not PyTorch's allocator here: run with ACCELRT_TORCH=strict")
         return 1
     try:
@@ -106,8 +115,18 @@ def main() -> int:
            "takes the sender's descriptors with pidfd_getfd, which Yama scope 1 refuses to a "
            "child reading its parent unless it has CAP_SYS_PTRACE")
     torch.cuda.init()
+    # The kernels this process runs, once, before the baseline (their modules load lazily).
+    w = torch.arange(1024, dtype=torch.int32, device="cuda") % 1000003
+    int(w.sum(dtype=torch.int64))
+    torch.full((8,), 5, dtype=torch.int32, device="cuda")
+    del w
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
     free0, _ = torch.cuda.mem_get_info()
+    # The shared tensor exists before the receiver starts: the receiver's baseline of free
+    # device memory must not see the sender's allocations.
+    x = torch.arange(N, dtype=torch.int32, device="cuda") % 1000003
+    torch.cuda.synchronize()
     ctx = mp.get_context("spawn")
     q_in, q_out = ctx.Queue(), ctx.Queue()
     p = ctx.Process(target=child, args=(q_in, q_out))
@@ -121,8 +140,6 @@ def main() -> int:
         return kind, rest
 
     try:
-        x = torch.arange(N, dtype=torch.int32, device="cuda") % 1000003
-        torch.cuda.synchronize()
         seg = [s for s in torch.cuda.memory_snapshot()
                if s["address"] <= x.data_ptr() < s["address"] + s["total_size"]]
         expandable = bool(seg and seg[0].get("is_expandable"))
@@ -133,9 +150,15 @@ def main() -> int:
         _, (got, held, free_drop, child_ptr) = get()
         want = expected_sum(N)
         record("read", got == want, f"receiver's checksum {got}, expected {want}")
-        record("no_copy", held < (1 << 20) and free_drop < GIB // 4,
-               f"receiver's allocator holds {held} bytes for it; its free device memory dropped "
-               f"{free_drop / 2**20:.1f} MiB (a copy would be 1024 MiB)")
+        # No copy: the receiver's allocator holds nothing for the tensor, and what the
+        # receiver writes the sender reads (write_back below). The device's free memory is no
+        # witness: with imported VMM memory mapped, the driver reports about 2 GiB less free
+        # for a 1 GiB share, and as much with PyTorch's own expandable-segment IPC
+        # (`--native`: 2,060 MiB on the H200, 2026-11-29), so it is reported, not judged.
+        record("no_copy", held < (1 << 20),
+               f"receiver's allocator holds {held} bytes for it; the device reports "
+               f"{free_drop / 2**20:.1f} MiB less free while it is mapped (the driver's accounting "
+               "of imported memory, the same with PyTorch's own expandable IPC)")
         torch.cuda.synchronize()
         back = int(x[:1024].sum(dtype=torch.int64))
         record("write_back", back == -1024, f"sender reads {back} over the 1024 elements the "

@@ -95,7 +95,7 @@ need=()
 "$PY" -c 'import pytest' 2>/dev/null || need+=(pytest pluggy iniconfig packaging pygments)
 if [ ${#need[@]} -gt 0 ]; then
     wheels=()
-    for n in "${need[@]}"; do wheels+=(.torch-tests/wheels/"$n"-*.whl); done
+    for n in "${need[@]}"; do wheels+=("$REPO"/.torch-tests/wheels/"$n"-*.whl); done
     (cd "$REPO" && "$PY" -m pip install --no-deps --no-index --target "$OUT/site" "${wheels[@]}") \
         >> "$OUT/install.log" 2>&1 || echo "installing ${need[*]} from .torch-tests/wheels failed: see $OUT/install.log"
 fi

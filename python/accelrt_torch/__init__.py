@@ -239,15 +239,27 @@ def _build_shim(verbose: bool) -> str:
     saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if not saved or saved == "native":
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    try:
+    def build(ldflags: list[str]) -> str:
         return cpp_extension.load(
             name=SHIM_NAME,
             sources=[str(_SHIM_SOURCE)],
             extra_cflags=["-O2"],
+            extra_ldflags=ldflags,
             with_cuda=True,
             is_python_module=False,
             verbose=verbose,
         )
+
+    try:
+        # The shim must share PyTorch's libstdc++. A compiler that links libstdc++ statically
+        # (the GPU machine's CXX wrapper does) puts a second copy of its locale machinery in
+        # the process, and formatting a number in a C++ message then crashed. Naming the
+        # shared library first resolves every libstdc++ symbol there; where the linker cannot
+        # find it, build as the compiler likes (`_libstdcxx_of` tells which it was).
+        try:
+            return build(["-l:libstdc++.so.6"])
+        except Exception:  # noqa: BLE001 - any build failure: try the compiler's default
+            return build([])
     finally:
         if saved is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
@@ -277,6 +289,41 @@ def _install_shim(verbose: bool) -> None:
             f"installing accelrt as PyTorch's allocator failed: {err.value.decode()}"
         )
     _shim_build = f"{shim.accelrt_shim_build().decode()} ({path})"
+    if _libstdcxx_of(path) == "static":
+        warnings.warn(
+            f"the accelrt shim ({path}) carries its own copy of libstdc++ (the C++ compiler, "
+            f"CXX={os.environ.get('CXX', 'c++')!r}, links it statically): C++ code that "
+            "formats numbers in error messages may crash. Rebuild with a compiler that links "
+            "the shared libstdc++ (e.g. CXX=/usr/bin/g++ python -m accelrt_torch --build-shim)",
+            stacklevel=3,
+        )
+        _shim_build += " [static libstdc++]"
+
+
+def _libstdcxx_of(path: str) -> str:
+    """Whether the shared object at ``path`` uses the process's shared libstdc++
+    ("shared"), carries a static copy ("static"), or cannot be told ("unknown")."""
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [
+            ("dli_fname", ctypes.c_char_p),
+            ("dli_fbase", ctypes.c_void_p),
+            ("dli_sname", ctypes.c_char_p),
+            ("dli_saddr", ctypes.c_void_p),
+        ]
+
+    try:
+        lib = ctypes.CDLL(path)
+        # std::locale::id::_M_id(): what num_put and every facet lookup goes through.
+        addr = ctypes.cast(lib._ZNKSt6locale2id5_M_idEv, ctypes.c_void_p).value
+        info = DlInfo()
+        libc = ctypes.CDLL(None)
+        if not addr or not libc.dladdr(ctypes.c_void_p(addr), ctypes.byref(info)):
+            return "unknown"
+        where = os.path.realpath(info.dli_fname.decode())
+    except (OSError, AttributeError, ValueError):
+        return "unknown"
+    return "static" if where == os.path.realpath(path) else "shared"
 
 
 def enable(

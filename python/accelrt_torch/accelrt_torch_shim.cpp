@@ -158,6 +158,24 @@ void warn_unless_ok(int rc, const char* what) {
   }
 }
 
+// Numbers for messages, without iostreams. A C++ toolchain that links its own libstdc++
+// statically into the shim (the GPU machine's CXX wrapper does) leaves two copies of the
+// locale machinery in the process, and `c10::str(..., int, ...)` then crashed inside
+// `ostream::_M_insert<long>` (every out-of-memory error was a segfault). Messages of this
+// file pass numbers as strings made here; the build also asks for the shared libstdc++
+// (see `_build_shim` in __init__.py).
+std::string num(long long v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%lld", v);
+  return buf;
+}
+
+std::string unum(unsigned long long v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%llu", v);
+  return buf;
+}
+
 // PyTorch's way of printing sizes in out-of-memory messages (tests match on it).
 std::string format_size(uint64_t size) {
   char buf[64];
@@ -178,8 +196,8 @@ std::vector<BlockRecord> pool_blocks(c10::DeviceIndex device, MempoolId_t id) {
   std::vector<BlockRecord> out(64);
   for (;;) {
     ssize_t n = lib.pool_live_blocks(device, id.first, id.second, out.data(), out.size());
-    TORCH_CHECK(n >= 0, "accelrt allocator: the live blocks of pool (", id.first, ", ",
-                id.second, ") failed: ", last_error());
+    TORCH_CHECK(n >= 0, "accelrt allocator: the live blocks of pool (", unum(id.first), ", ",
+                unum(id.second), ") failed: ", last_error());
     if (static_cast<size_t>(n) <= out.size()) {
       out.resize(static_cast<size_t>(n));
       return out;
@@ -330,7 +348,7 @@ void put(std::string& s, const T& v) {
 template <typename T>
 T take(const std::string& s, size_t& at) {
   TORCH_CHECK(at + sizeof(T) <= s.size(), "accelrt allocator: a truncated IPC handle (",
-              s.size(), " bytes)");
+              unum(s.size()), " bytes)");
   T v;
   std::memcpy(&v, s.data() + at, sizeof(T));
   at += sizeof(T);
@@ -415,7 +433,7 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
                  static_cast<size_t>(oom[2]));
       }
       TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory. Tried to allocate ",
-                       format_size(size), ". GPU ", static_cast<int>(device),
+                       format_size(size), ". GPU ", num(device),
                        " has a total capacity of ", format_size(oom[1]), " of which ",
                        format_size(oom[2]), " is free. Of the allocated memory ",
                        format_size(oom[3]),
@@ -423,8 +441,8 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
                        "ACCELRT_ALLOC_CONF configures it). ",
                        message);
     }
-    TORCH_CHECK(false, "accelrt allocator: cannot allocate ", size, " bytes on cuda:",
-                static_cast<int>(device), ": ", message);
+    TORCH_CHECK(false, "accelrt allocator: cannot allocate ", unum(size), " bytes on cuda:",
+                num(device), ": ", message);
   }
 
   c10::DataPtr allocate(size_t size) override {
@@ -656,8 +674,8 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
     state->device = device;
     state->pool = id;
     state->handle = lib.pool_checkpoint(device, id.first, id.second);
-    TORCH_CHECK(state->handle != 0, "accelrt allocator: getCheckpointState of pool (", id.first,
-                ", ", id.second, ") failed: ", last_error());
+    TORCH_CHECK(state->handle != 0, "accelrt allocator: getCheckpointState of pool (", unum(id.first),
+                ", ", unum(id.second), ") failed: ", last_error());
     std::vector<BlockRecord> out(64);
     for (;;) {
       ssize_t n = lib.checkpoint_blocks(state->handle, out.data(), out.size());
@@ -684,7 +702,7 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
                 "accelrt allocator: setCheckpointPoolState got a state from another "
                 "allocator; take it with getCheckpointState of the current allocator");
     TORCH_CHECK(state->device == device, "accelrt allocator: the checkpoint is of cuda:",
-                static_cast<int>(state->device), ", not cuda:", static_cast<int>(device));
+                num(state->device), ", not cuda:", num(device));
     cca::CheckpointDelta delta;
     for (const BlockRecord& b : pool_blocks(device, state->pool)) {
       delta.ptrs_freed.push_back(reinterpret_cast<void*>(b.ptr));
@@ -962,7 +980,7 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
     }
     TORCH_CHECK(handle.size() > sizeof(kIpcMagic) &&
                     std::memcmp(handle.data(), kIpcMagic, sizeof(kIpcMagic)) == 0,
-                "accelrt allocator: getIpcDevPtr got a handle of ", handle.size(),
+                "accelrt allocator: getIpcDevPtr got a handle of ", unum(handle.size()),
                 " bytes that is neither accelrt's nor a CUDA IPC handle (sent by an "
                 "allocator this process cannot open)");
     size_t at = sizeof(kIpcMagic);
@@ -971,10 +989,11 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
       PlainHandle h = take<PlainHandle>(handle, at);
       return open_plain(h.handle, static_cast<c10::DeviceIndex>(h.device));
     }
-    TORCH_CHECK(kind == kIpcPages, "accelrt allocator: unknown IPC handle kind '", kind, "'");
+    TORCH_CHECK(kind == kIpcPages, "accelrt allocator: unknown IPC handle kind ",
+                num(static_cast<unsigned char>(kind)));
     // The device is the handle's (bytes 8..12, checked again by the library).
     TORCH_CHECK(handle.size() >= 12, "accelrt allocator: a truncated IPC handle (",
-                handle.size(), " bytes)");
+                unum(handle.size()), " bytes)");
     int32_t device = 0;
     std::memcpy(&device, handle.data() + 8, sizeof(device));
     void* mapped = nullptr;
