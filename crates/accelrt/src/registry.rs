@@ -24,7 +24,7 @@ use crate::backend::host::HostDriver;
 use crate::backend::UnavailableBackend;
 use crate::device::{BackendName, DeviceType};
 use crate::driver::Driver;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Result};
 use crate::hooks::Backend;
 use crate::runtime::Runtime;
 
@@ -94,11 +94,12 @@ static MISSING: Mutex<Vec<&'static UnavailableBackend>> = Mutex::new(Vec::new())
 /// another backend holds.
 pub fn register(backend: &'static dyn Backend) -> Result<()> {
     let DeviceType::Custom(name) = backend.device_type() else {
-        return Err(Error::InvalidArgument(format!(
+        return Err(DeviceError::InvalidArgument(format!(
             "cannot register a backend of device type {}: it is built in; a registered \
              backend's driver has `const KIND: DeviceType = DeviceType::custom(\"name\")`",
             backend.device_type()
-        )));
+        ))
+        .into());
     };
     let mut registered = REGISTERED.write();
     if let Some(existing) = registered
@@ -108,10 +109,11 @@ pub fn register(backend: &'static dyn Backend) -> Result<()> {
         if std::ptr::addr_eq(*existing, backend) {
             return Ok(());
         }
-        return Err(Error::InvalidArgument(format!(
+        return Err(DeviceError::InvalidArgument(format!(
             "a backend named '{name}' is already registered (another object): registered \
              backends live for the whole process; give this one another name"
-        )));
+        ))
+        .into());
     }
     registered.push(backend);
     crate::device::note_registered(name);
@@ -130,10 +132,11 @@ pub fn register_runtime<D: Driver>(runtime: Runtime<D>) -> Result<&'static Runti
     // Checked before leaking, so a refused runtime is dropped.
     if let DeviceType::Custom(name) = D::KIND {
         if registered(name).is_some() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(DeviceError::InvalidArgument(format!(
                 "a backend named '{name}' is already registered: register_driver registers \
                  a new runtime each call; call it once per process"
-            )));
+            ))
+            .into());
         }
     }
     let runtime: &'static Runtime<D> = Box::leak(Box::new(runtime));
@@ -205,7 +208,7 @@ pub fn names() -> Vec<&'static str> {
 /// a registered backend's exact name. This is the lookup the CLI's `--backend NAME` uses.
 /// An unknown name is an error that lists the names known.
 pub fn backend_by_name(name: &str) -> Result<&'static dyn Backend> {
-    name.parse::<DeviceType>().map(backend)
+    Ok(backend(name.parse::<DeviceType>()?))
 }
 
 // ---- global allocator callbacks ---------------------------------------------------------------

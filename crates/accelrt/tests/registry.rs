@@ -5,6 +5,7 @@
 
 mod common;
 
+use accelrt::DeviceError;
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -83,7 +84,10 @@ fn unknown_names_list_the_known_ones() {
         .err()
         .expect("an unknown name is an error");
     let text = err.to_string();
-    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(
+        matches!(err, Error::Device(DeviceError::InvalidArgument(_))),
+        "{err:?}"
+    );
     assert!(
         text.contains("unknown device type 'no-such-backend'"),
         "{text}"
@@ -107,11 +111,11 @@ fn a_name_nobody_registered_answers_unavailable_naming_the_call() {
     let err = b.allocator(0).unwrap_err();
     assert_eq!(
         err,
-        Error::NeedsBackend {
+        Error::Device(DeviceError::NeedsBackend {
             call: "allocator",
             needs: kind,
             reason
-        }
+        })
     );
     assert!(
         std::ptr::addr_eq(b, registry::backend(kind)),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::alloc::{CachingAllocator, MemoryProvider, MemoryStats, PinnedAllocator};
 use crate::device::{Device, DeviceProperties, DeviceType};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Result};
 use crate::event::EventId;
 use crate::generator::Generator;
 use crate::graph::{GraphId, MempoolId};
@@ -18,7 +18,7 @@ use crate::stream::{Stream, StreamPriority};
 
 /// A backend that cannot be used (not compiled in, no driver, or a name nobody registered):
 /// it reports no devices, says why, and answers every other call with
-/// [`Error::NeedsBackend`] naming the call.
+/// [`DeviceError::NeedsBackend`] naming the call.
 #[derive(Debug, Clone)]
 pub struct UnavailableBackend {
     kind: DeviceType,
@@ -56,11 +56,12 @@ impl UnavailableBackend {
     }
 
     fn fail<T>(&self, call: &'static str) -> Result<T> {
-        Err(Error::NeedsBackend {
+        Err(DeviceError::NeedsBackend {
             call,
             needs: self.kind,
             reason: self.reason.clone(),
-        })
+        }
+        .into())
     }
 }
 
