@@ -42,6 +42,10 @@ pub trait Driver: Send + Sync + Sized + 'static {
     /// The device type this driver serves.
     const KIND: DeviceType;
 
+    /// Whether the backend is compiled into this build: false only for stand-ins of
+    /// backends whose cargo feature is off (`backend::noop`), whose probe says so.
+    const BUILT: bool = true;
+
     /// Open the driver, or say why it cannot be used (the backend's unavailable reason).
     fn probe() -> std::result::Result<Self, String>;
 

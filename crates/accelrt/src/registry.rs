@@ -2,7 +2,7 @@
 //! allocator callbacks.
 //!
 //! The built-in backends (`host`, `cuda`) sit in a fixed table and are built on first use; a
-//! backend that is not compiled in is a [`crate::backend::UnavailableBackend`] that says so.
+//! backend that is not compiled in is a [`Runtime`] over a driver whose probe says so ([`crate::backend::noop`]): no `cfg` here.
 //! Any other crate adds a backend at run time with [`register`] (a `&'static dyn Backend`,
 //! usually a [`Runtime`] over its own [`Driver`], whose `KIND` is
 //! [`DeviceType::custom`]`("name")`), after PyTorch's hooks registries that extensions fill
@@ -24,7 +24,7 @@ use crate::backend::host::HostDriver;
 use crate::backend::UnavailableBackend;
 use crate::device::{BackendName, DeviceType};
 use crate::driver::Driver;
-use crate::error::{DeviceError, Result};
+use crate::error::{DeviceError, Error, Result};
 use crate::hooks::Backend;
 use crate::runtime::Runtime;
 
@@ -62,21 +62,13 @@ fn host_backend() -> &'static dyn Backend {
 /// The process-wide CUDA runtime, for callers that want its concrete API (the driver's
 /// kernels and copies, RAII events, [`Runtime::with_stream`]). Opening it never fails: on a
 /// machine without a usable driver it is unavailable and says why.
-#[cfg(feature = "cuda")]
 pub fn cuda() -> &'static Runtime<crate::backend::cuda::CudaDriver> {
     static CUDA: OnceLock<Runtime<crate::backend::cuda::CudaDriver>> = OnceLock::new();
     CUDA.get_or_init(Runtime::new)
 }
 
-#[cfg(feature = "cuda")]
 fn cuda_backend() -> &'static dyn Backend {
     cuda()
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_backend() -> &'static dyn Backend {
-    static CUDA: OnceLock<UnavailableBackend> = OnceLock::new();
-    CUDA.get_or_init(|| UnavailableBackend::not_compiled(DeviceType::Cuda))
 }
 
 // ---- backends registered at run time ----------------------------------------------------------
@@ -208,7 +200,13 @@ pub fn names() -> Vec<&'static str> {
 /// a registered backend's exact name. This is the lookup the CLI's `--backend NAME` uses.
 /// An unknown name is an error that lists the names known.
 pub fn backend_by_name(name: &str) -> Result<&'static dyn Backend> {
-    Ok(backend(name.parse::<DeviceType>()?))
+    // The name's refusal is the registry's argument error (device types live in the
+    // allocator's crate, whose parser says it in the same words).
+    let kind = name.parse::<DeviceType>().map_err(|e| match e {
+        crate::error::AllocError::InvalidArgument(m) => DeviceError::InvalidArgument(m).into(),
+        other => Error::from(other),
+    })?;
+    Ok(backend(kind))
 }
 
 // ---- global allocator callbacks ---------------------------------------------------------------

@@ -63,6 +63,10 @@ type Probe<D> = Box<dyn FnOnce() -> std::result::Result<D, String> + Send>;
 /// counts); each has its own per-thread current device and streams.
 pub struct Runtime<D: Driver> {
     id: u64,
+    /// `D::KIND`, or the name a stand-in presents (`backend::noop`).
+    kind: DeviceType,
+    /// `D::BUILT`, or false for the stand-in of a name nobody registered.
+    built: bool,
     probe: Mutex<Option<Probe<D>>>,
     state: OnceLock<std::result::Result<Ready<D>, String>>,
 }
@@ -81,7 +85,7 @@ impl<D: Driver> std::fmt::Debug for Runtime<D> {
             Some(Err(reason)) => format!("unavailable: {reason}"),
         };
         f.debug_struct("Runtime")
-            .field("kind", &D::KIND)
+            .field("kind", &self.kind)
             .field("state", &state)
             .finish()
     }
@@ -89,11 +93,11 @@ impl<D: Driver> std::fmt::Debug for Runtime<D> {
 
 impl<D: Driver> Backend for Runtime<D> {
     fn device_type(&self) -> DeviceType {
-        D::KIND
+        self.kind
     }
 
     fn is_built(&self) -> bool {
-        true
+        self.built
     }
 
     fn init(&self) -> Result<()> {
@@ -207,7 +211,7 @@ impl<D: Driver> Backend for Runtime<D> {
                 r.core.driver.env_vars().to_vec()
             }
             Err(reason) => {
-                let _ = writeln!(out, "backend: {} (unavailable: {reason})", D::KIND);
+                let _ = writeln!(out, "backend: {} (unavailable: {reason})", self.kind);
                 Vec::new()
             }
         };

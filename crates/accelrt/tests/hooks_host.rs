@@ -245,7 +245,7 @@ fn a_runtime_whose_probe_fails_is_unavailable_and_every_call_says_so() {
     assert_infallible_calls_say_unavailable(&rt);
     assert_every_call_names_itself(&rt);
     // The stand-in used for backends not compiled in answers the same way.
-    let stand_in = UnavailableBackend::new(DeviceType::Host, "why not");
+    let stand_in = UnavailableBackend::unavailable(DeviceType::Host, "why not");
     assert_infallible_calls_say_unavailable(&stand_in);
     assert_every_call_names_itself(&stand_in);
     assert!(!UnavailableBackend::not_compiled(DeviceType::Cuda).is_built());

@@ -19,7 +19,7 @@ use common::runtime;
 
 /// A stand-in registered under `name`, for the life of the process.
 fn stand_in(name: &'static str, reason: &str) -> &'static UnavailableBackend {
-    Box::leak(Box::new(UnavailableBackend::new(
+    Box::leak(Box::new(UnavailableBackend::unavailable(
         DeviceType::custom(name),
         reason,
     )))
@@ -75,7 +75,10 @@ fn builtin_kinds_cannot_be_registered_and_aliases_resolve() {
 }
 
 fn stand_in_builtin(kind: DeviceType) -> &'static UnavailableBackend {
-    Box::leak(Box::new(UnavailableBackend::new(kind, "not allowed")))
+    Box::leak(Box::new(UnavailableBackend::unavailable(
+        kind,
+        "not allowed",
+    )))
 }
 
 #[test]

@@ -24,8 +24,22 @@ impl<D: Driver> Runtime<D> {
         let _ = crate::event::clock_ns();
         Runtime {
             id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
+            kind: D::KIND,
+            built: D::BUILT,
             probe: Mutex::new(Some(Box::new(probe))),
             state: OnceLock::new(),
+        }
+    }
+
+    /// A runtime that presents itself as `kind` and is unavailable for `reason` (the
+    /// stand-ins of [`crate::backend::noop`]).
+    pub(crate) fn stand_in(kind: DeviceType, reason: String, built: bool) -> Self {
+        Runtime {
+            id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
+            kind,
+            built,
+            probe: Mutex::new(None),
+            state: OnceLock::from(Err(reason)),
         }
     }
 
@@ -72,15 +86,15 @@ impl<D: Driver> Runtime<D> {
     pub(super) fn ready(&self, call: &'static str) -> DeviceResult<&Ready<D>> {
         match self.state() {
             Ok(r) => Ok(r),
-            Err(reason) => Err(Self::needs(call, reason)),
+            Err(reason) => Err(self.needs(call, reason)),
         }
     }
 
     #[cold]
-    pub(super) fn needs(call: &'static str, reason: &str) -> DeviceError {
+    pub(super) fn needs(&self, call: &'static str, reason: &str) -> DeviceError {
         DeviceError::NeedsBackend {
             call,
-            needs: D::KIND,
+            needs: self.kind,
             reason: reason.to_string(),
         }
     }
