@@ -25,6 +25,8 @@ mod pinned;
 mod pool;
 mod provider;
 mod size;
+#[doc(hidden)]
+pub mod splitmix;
 mod stats;
 pub mod stream;
 mod tlsf;

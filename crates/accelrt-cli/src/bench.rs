@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use accelrt::alloc::splitmix::SplitMix64;
 use accelrt::alloc::{format_size, AllocatorConfig, CachingAllocator, HostMemory, MemoryProvider};
 use accelrt::{Device, DeviceType, Stream};
 use serde_json::{json, Map, Value};
@@ -223,23 +224,6 @@ fn pinned_pair_ns(kind: accelrt::DeviceType, size: usize, plan: &Plan) -> Result
     Ok(median(per_batch))
 }
 
-/// SplitMix64: a small, fast, deterministic generator (Steele, Lea, Flood 2014).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (`n > 0`), by the multiply-high method.
-    fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-}
-
 /// Result of one random-allocation workload.
 struct RandomResult {
     live: usize,
@@ -332,10 +316,10 @@ fn random_workload(
         index: 0,
     };
     let mut rng = SplitMix64(seed);
-    let size = move |rng: &mut SplitMix64| 1 + rng.below(max_size);
+    let size = move |rng: &mut SplitMix64| 1 + rng.below_scaled(max_size);
     let sizes: Vec<u64> = (0..live).map(|_| size(&mut rng)).collect();
     let steps: Vec<(u32, u64)> = (0..ops)
-        .map(|_| (rng.below(live as u64) as u32, size(&mut rng)))
+        .map(|_| (rng.below_scaled(live as u64) as u32, size(&mut rng)))
         .collect();
 
     // Peak of live requested bytes, outside the timed loop.
@@ -735,19 +719,6 @@ fn print_human(out: &Map<String, Value>, event_keys: &[String], randoms: &[&Rand
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splitmix_is_deterministic_and_in_range() {
-        let mut a = SplitMix64(42);
-        let mut b = SplitMix64(42);
-        for _ in 0..1000 {
-            let x = a.below(1000);
-            assert_eq!(x, b.below(1000));
-            assert!(x < 1000);
-        }
-        // Reference value of SplitMix64 seeded with 0.
-        assert_eq!(SplitMix64(0).next_u64(), 0xE220_A839_7B1D_CDAF);
-    }
 
     #[test]
     fn median_of_odd_and_even() {
