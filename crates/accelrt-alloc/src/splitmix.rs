@@ -39,8 +39,9 @@ mod tests {
         let (mut a, mut b) = (SplitMix64(42), SplitMix64(42));
         for _ in 0..1000 {
             assert_eq!(a.next_u64(), b.next_u64());
-            assert!(a.below(7) < 7);
-            assert!(a.below_scaled(7) < 7);
+            let (x, y) = (a.below(7), a.below_scaled(7));
+            assert_eq!((x, y), (b.below(7), b.below_scaled(7)));
+            assert!(x < 7 && y < 7);
         }
     }
 }

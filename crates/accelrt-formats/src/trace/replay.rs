@@ -181,7 +181,7 @@ pub struct ReplayOutcome {
     /// the event could not be read or checked (or, when the allocator or the input could not
     /// even be set up, that error as is).
     pub error: Option<FormatError>,
-    /// The allocator's own error behind `error` (e.g. [`FormatError::OutOfMemory`]); `None` for an
+    /// The allocator's own error behind `error` (e.g. [`AllocError::OutOfMemory`]); `None` for an
     /// input error.
     pub cause: Option<AllocError>,
     /// With [`ReplayOptions::history`]: the allocator's state after the last replayed event,
