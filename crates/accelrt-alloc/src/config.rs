@@ -5,7 +5,7 @@
 //! the same as PyTorch's carry PyTorch's names. Unknown keys and malformed values are errors
 //! that name them: nothing is silently ignored.
 
-use crate::error::{Error, Result};
+use crate::error::{AllocError, Result};
 
 /// Environment variable read by [`AllocatorConfig::from_env`].
 pub const ALLOC_CONF_ENV: &str = "ACCELRT_ALLOC_CONF";
@@ -86,10 +86,11 @@ impl AllocatorConfig {
     /// The default configuration with `ACCELRT_ALLOC_CONF` applied, if set.
     pub fn from_env() -> Result<Self> {
         match std::env::var(ALLOC_CONF_ENV) {
-            Ok(s) => Self::parse(&s)
-                .map_err(|e| Error::Config(format!("in {ALLOC_CONF_ENV}: {}", strip_prefix(&e)))),
+            Ok(s) => Self::parse(&s).map_err(|e| {
+                AllocError::Config(format!("in {ALLOC_CONF_ENV}: {}", strip_prefix(&e)))
+            }),
             Err(std::env::VarError::NotPresent) => Ok(Self::default()),
-            Err(std::env::VarError::NotUnicode(_)) => Err(Error::Config(format!(
+            Err(std::env::VarError::NotUnicode(_)) => Err(AllocError::Config(format!(
                 "{ALLOC_CONF_ENV} is not valid UTF-8"
             ))),
         }
@@ -106,7 +107,7 @@ impl AllocatorConfig {
     /// [`MAX_CONF_LEN`] bytes is refused (every option at once fits in a few hundred).
     pub fn apply(&mut self, conf: &str) -> Result<()> {
         if conf.len() > MAX_CONF_LEN {
-            return Err(Error::Config(format!(
+            return Err(AllocError::Config(format!(
                 "the configuration is {} bytes long, over the {MAX_CONF_LEN} a configuration \
                  may have (every option at once fits in a few hundred): is it the right text?",
                 conf.len()
@@ -118,7 +119,7 @@ impl AllocatorConfig {
                 continue;
             }
             let (key, value) = item.split_once(':').ok_or_else(|| {
-                Error::Config(format!(
+                AllocError::Config(format!(
                     "option '{item}' has no value: write it as key:value"
                 ))
             })?;
@@ -188,7 +189,7 @@ impl AllocatorConfig {
             "release_at_peak" => self.release_at_peak = parse_bool(key, value)?,
             "debug_checks" => self.debug_checks = parse_bool(key, value)?,
             _ => {
-                return Err(Error::Config(format!(
+                return Err(AllocError::Config(format!(
                     "unknown option '{key}'; known options: {}",
                     KNOWN_OPTIONS.join(", ")
                 )))
@@ -200,7 +201,7 @@ impl AllocatorConfig {
     /// Check relations between options.
     pub fn validate(&self) -> Result<()> {
         if self.high_watermark_ratio > 0.0 && self.low_watermark_ratio > self.high_watermark_ratio {
-            return Err(Error::Config(format!(
+            return Err(AllocError::Config(format!(
                 "low_watermark_ratio ({}) must not exceed high_watermark_ratio ({})",
                 self.low_watermark_ratio, self.high_watermark_ratio
             )));
@@ -208,7 +209,7 @@ impl AllocatorConfig {
         if self.garbage_collection_threshold.is_some() && self.per_process_memory_fraction.is_none()
         {
             // PyTorch accepts this but then never collects; say so instead.
-            return Err(Error::Config(
+            return Err(AllocError::Config(
                 "garbage_collection_threshold only acts with per_process_memory_fraction set: add per_process_memory_fraction:F".into(),
             ));
         }
@@ -291,15 +292,15 @@ const KNOWN_OPTIONS: &[&str] = &[
     "debug_checks",
 ];
 
-fn strip_prefix(e: &Error) -> String {
+fn strip_prefix(e: &AllocError) -> String {
     match e {
-        Error::Config(m) => m.clone(),
+        AllocError::Config(m) => m.clone(),
         other => other.to_string(),
     }
 }
 
-fn bad(key: &str, value: &str, expected: &str) -> Error {
-    Error::Config(format!(
+fn bad(key: &str, value: &str, expected: &str) -> AllocError {
+    AllocError::Config(format!(
         "option '{key}' has value '{value}': expected {expected}"
     ))
 }
@@ -335,7 +336,7 @@ fn split_top_level(conf: &str) -> Result<Vec<&str>> {
             ']' => {
                 depth -= 1;
                 if depth < 0 {
-                    return Err(Error::Config(format!(
+                    return Err(AllocError::Config(format!(
                         "unbalanced ']' at byte {i} of '{conf}'"
                     )));
                 }
@@ -348,7 +349,7 @@ fn split_top_level(conf: &str) -> Result<Vec<&str>> {
         }
     }
     if depth != 0 {
-        return Err(Error::Config(format!("unclosed '[' in '{conf}'")));
+        return Err(AllocError::Config(format!("unclosed '[' in '{conf}'")));
     }
     out.push(&conf[start..]);
     Ok(out)

@@ -7,34 +7,68 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::error::Error;
+use crate::error::AllocError;
+
+/// An error [`Deferred`] can keep: its words, and for a failed driver call its message
+/// alone and its result code (the allocator's [`AllocError`], `accelrt`'s device error).
+pub trait KeptError: std::fmt::Display {
+    /// `(message, code)` when this is a failed driver call.
+    fn driver_parts(&self) -> Option<(&str, Option<i32>)>;
+}
+
+impl KeptError for AllocError {
+    fn driver_parts(&self) -> Option<(&str, Option<i32>)> {
+        match self {
+            AllocError::Driver { message, code, .. } => Some((message, *code)),
+            _ => None,
+        }
+    }
+}
 
 /// At most this many errors are kept whole; later ones are only counted, so a stream of
 /// failures costs bounded memory.
 pub const KEPT_ERRORS: usize = 32;
 
 /// Kept errors, reported once by [`Deferred::take`].
-#[derive(Debug, Default)]
-pub struct Deferred {
+#[derive(Debug)]
+pub struct Deferred<E = AllocError> {
     pending: AtomicBool,
-    kept: Mutex<Kept>,
+    kept: Mutex<Kept<E>>,
 }
 
-#[derive(Debug, Default)]
-struct Kept {
-    errors: Vec<Error>,
+impl<E> Default for Deferred<E> {
+    fn default() -> Self {
+        Deferred {
+            pending: AtomicBool::new(false),
+            kept: Mutex::new(Kept::default()),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Kept<E> {
+    errors: Vec<E>,
     /// Errors past [`KEPT_ERRORS`], counted only.
     dropped: usize,
 }
 
+impl<E> Default for Kept<E> {
+    fn default() -> Self {
+        Kept {
+            errors: Vec::new(),
+            dropped: 0,
+        }
+    }
+}
+
 /// What [`Deferred::take`] hands the caller to turn into one error: every error kept (oldest
 /// first, at most [`KEPT_ERRORS`]) and how many more happened.
-pub struct Taken {
-    pub errors: Vec<Error>,
+pub struct Taken<E = AllocError> {
+    pub errors: Vec<E>,
     pub dropped: usize,
 }
 
-impl Taken {
+impl<E: KeptError> Taken<E> {
     /// How many errors happened in all.
     pub fn count(&self) -> usize {
         self.errors.len() + self.dropped
@@ -48,13 +82,13 @@ impl Taken {
     /// The same, a driver error by its message alone (for callers whose report names the
     /// call, as a stream's "host task" errors do).
     pub fn joined_messages(&self) -> String {
-        self.join(|e| match e {
-            Error::Driver { message, .. } => message.clone(),
-            other => other.to_string(),
+        self.join(|e| match e.driver_parts() {
+            Some((message, _)) => message.to_string(),
+            None => e.to_string(),
         })
     }
 
-    fn join(&self, words_of: impl Fn(&Error) -> String) -> String {
+    fn join(&self, words_of: impl Fn(&E) -> String) -> String {
         let mut words: Vec<String> = self.errors.iter().map(words_of).collect();
         if self.dropped > 0 {
             words.push(format!("and {} more", self.dropped));
@@ -64,17 +98,16 @@ impl Taken {
 
     /// The result code of the first driver error that has one.
     pub fn code(&self) -> Option<i32> {
-        self.errors.iter().find_map(|e| match e {
-            Error::Driver { code, .. } => *code,
-            _ => None,
-        })
+        self.errors
+            .iter()
+            .find_map(|e| e.driver_parts().and_then(|(_, code)| code))
     }
 }
 
-impl Deferred {
+impl<E> Deferred<E> {
     /// Keep `error` for the next call.
     #[cold]
-    pub fn keep(&self, error: Error) {
+    pub fn keep(&self, error: E) {
         let mut kept = self.kept.lock();
         if kept.errors.len() < KEPT_ERRORS {
             kept.errors.push(error);
@@ -93,7 +126,7 @@ impl Deferred {
     /// `Err` made by `report` from every kept error (each reported once), else `Ok`. One
     /// atomic load when nothing is kept.
     #[inline]
-    pub fn take(&self, report: impl FnOnce(Taken) -> Error) -> Result<(), Error> {
+    pub fn take(&self, report: impl FnOnce(Taken<E>) -> E) -> Result<(), E> {
         if !self.is_pending() {
             return Ok(());
         }
@@ -101,7 +134,7 @@ impl Deferred {
     }
 
     #[cold]
-    fn take_slow(&self, report: impl FnOnce(Taken) -> Error) -> Result<(), Error> {
+    fn take_slow(&self, report: impl FnOnce(Taken<E>) -> E) -> Result<(), E> {
         let kept = std::mem::take(&mut *self.kept.lock());
         self.pending.store(false, Ordering::Release);
         if kept.errors.is_empty() && kept.dropped == 0 {
@@ -118,8 +151,8 @@ impl Deferred {
 mod tests {
     use super::*;
 
-    fn driver(message: &str, code: Option<i32>) -> Error {
-        Error::Driver {
+    fn driver(message: &str, code: Option<i32>) -> AllocError {
+        AllocError::Driver {
             call: "x",
             code,
             message: message.into(),

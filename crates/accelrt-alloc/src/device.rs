@@ -138,14 +138,14 @@ impl std::fmt::Display for DeviceType {
 /// (`accelrt::registry::backend_by_name` looks backends up with it); anything else is an
 /// error listing the names known.
 impl std::str::FromStr for DeviceType {
-    type Err = crate::Error;
+    type Err = crate::AllocError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(kind) = DeviceType::builtin(s) {
             return Ok(kind);
         }
         let found = REGISTERED.read().iter().copied().find(|n| n.as_str() == s);
         found.map(DeviceType::Custom).ok_or_else(|| {
-            crate::Error::InvalidArgument(format!(
+            crate::AllocError::InvalidArgument(format!(
                 "unknown device type '{s}': expected one of {} (cpu and gpu are aliases of \
                  host and cuda; other backends are known once their crate has registered them)",
                 names().join(", ")
@@ -244,7 +244,7 @@ pub fn names() -> Vec<&'static str> {
 /// backend's, or one kept for the process (at most 256 distinct names).
 pub fn intern_name(name: &str) -> crate::Result<BackendName> {
     if let Some(why) = BackendName::check(name) {
-        return Err(crate::Error::InvalidArgument(format!(
+        return Err(crate::AllocError::InvalidArgument(format!(
             "'{name}' is not a device type: {why}"
         )));
     }
@@ -256,7 +256,7 @@ pub fn intern_name(name: &str) -> crate::Result<BackendName> {
         return Ok(BackendName::new(n));
     }
     if interned.len() >= MAX_INTERNED {
-        return Err(crate::Error::InvalidArgument(format!(
+        return Err(crate::AllocError::InvalidArgument(format!(
             "'{name}' is not a registered backend, and {MAX_INTERNED} other unregistered \
              names were already read: refusing to keep more"
         )));

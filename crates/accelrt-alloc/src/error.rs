@@ -1,68 +1,27 @@
-//! The one error type of the `accelrt` crate.
+//! The allocator's errors: what [`CachingAllocator`](crate::CachingAllocator),
+//! [`PinnedAllocator`](crate::PinnedAllocator) and the configuration parser refuse.
 //!
-//! Every message says what was asked, what was available, and what to try.
+//! One error model per domain: the allocator's errors here, the devices' and drivers' in
+//! `accelrt` (`DeviceError`), the files' in `accelrt-formats` (`FormatError`), the command
+//! line's in the CLI; `accelrt::Error` is a thin wrapper over them. Every message says what
+//! was asked, what was available, and what to try.
+
+use std::sync::Arc;
 
 use crate::device::DeviceType;
 
-/// Result alias used across the crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// Result alias of the allocator crate.
+pub type Result<T, E = AllocError> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in accelrt.
+/// The name the allocator's own modules use for [`AllocError`].
+pub(crate) use self::AllocError as Error;
+
+/// What the allocator refuses, or what failed under it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
-    /// The backend is not compiled in, or has no usable device (said of the backend as a
-    /// whole; a call on it answers [`Error::NeedsBackend`], which names the call).
-    #[error("the {backend} backend is unavailable: {reason}")]
-    BackendUnavailable { backend: DeviceType, reason: String },
-
-    /// A capability this backend does not have.
-    #[error("{what} is not supported by the {backend} backend")]
-    Unsupported {
-        backend: DeviceType,
-        what: &'static str,
-    },
-
-    /// A call on a backend that cannot be used here, naming the call (PyTorch's "Cannot
-    /// execute init() without MPS backend."): `call` is the hook's name, `reason` why the
-    /// backend is unavailable.
-    #[error("cannot execute {call}() without the {needs} backend: {reason}")]
-    NeedsBackend {
-        call: &'static str,
-        needs: DeviceType,
-        reason: String,
-    },
-
-    /// A device index that does not exist.
-    #[error("invalid device index {index} for the {backend} backend: it has {count} device(s) (valid: 0..{count})")]
-    InvalidDevice {
-        backend: DeviceType,
-        index: u32,
-        count: u32,
-    },
-
-    /// A stream handle that does not belong to this backend or device.
-    #[error("invalid stream {stream} on {backend}:{device}: {reason}")]
-    InvalidStream {
-        backend: DeviceType,
-        device: u32,
-        stream: u32,
-        reason: String,
-    },
-
-    /// An event id that was never handed out or was already released.
-    #[error("unknown event id {id}: it was never acquired from this pool or was already released")]
-    UnknownEvent { id: u64 },
-
-    /// A misuse of events (e.g. timing on events without `enable_timing`).
-    #[error("{0}")]
-    Event(String),
-
-    /// A graph id that does not exist or is in the wrong state for the call.
-    #[error("graph error: {0}")]
-    Graph(String),
-
-    /// The device (or the configured limit) could not satisfy an allocation.
+pub enum AllocError {
+    /// The device (or the configured limit) could not satisfy an allocation; the report
+    /// names the limit hit and what to try.
     #[error("{0}")]
     OutOfMemory(Box<OomReport>),
 
@@ -72,47 +31,34 @@ pub enum Error {
     )]
     InvalidPointer { ptr: usize, context: &'static str },
 
-    /// A request that can never be satisfied (size overflow, zero-sized where not allowed, ...).
+    /// A stream the allocator cannot serve (another device's, a pool's limit).
+    #[error("invalid stream {stream} on {backend}:{device}: {reason}")]
+    InvalidStream {
+        backend: DeviceType,
+        device: u32,
+        stream: u32,
+        reason: String,
+    },
+
+    /// A request that can never be satisfied (size overflow, zero-sized where not allowed,
+    /// a pool in the wrong state, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// A malformed configuration string or option.
+    /// A malformed configuration string or option (`ACCELRT_ALLOC_CONF`).
     #[error("invalid allocator configuration: {0}")]
     Config(String),
 
-    /// A malformed input file (trace, snapshot) with its location.
-    #[error("{file}:{line}: {message}")]
-    Parse {
-        file: String,
-        line: u64,
-        message: String,
+    /// A capability the memory of this backend does not have.
+    #[error("{what} is not supported by the {backend} backend")]
+    Unsupported {
+        backend: DeviceType,
+        what: &'static str,
     },
 
-    /// A replay stopped by the allocator (an out-of-memory, a refused call) at an event of
-    /// its input: the input file, the event's line, and what failed, naming the allocator's
-    /// error (`cause`, also the error's source). Not an input error: those are
-    /// [`Error::Parse`].
-    #[error("{file}:{line}: {message}")]
-    Replay {
-        file: String,
-        line: u64,
-        message: String,
-        #[source]
-        cause: Box<Error>,
-    },
-
-    /// A malformed or inconsistent memory snapshot (a PyTorch pickle or accelrt's JSON):
-    /// `at` says where (`byte 1234`, `device_traces[0][17].size`, `segments[3]`).
-    #[error("{file}: {at}: {message}")]
-    Snapshot {
-        file: String,
-        at: String,
-        message: String,
-    },
-
-    /// An operating-system or driver call failed: which call, the driver's numeric result
-    /// code when the failure came from a driver that has them (CUDA's `CUresult`, as cudarc
-    /// keeps it; the message names it too), and what it said.
+    /// A call the allocator made to its memory provider failed (mapping a chunk, a driver
+    /// allocation that is not an out-of-memory): which call, the driver's result code when
+    /// it has one (CUDA's `CUresult`, as cudarc keeps it), and what it said.
     #[error("{call} failed: {message}")]
     Driver {
         call: &'static str,
@@ -120,48 +66,42 @@ pub enum Error {
         message: String,
     },
 
-    /// I/O while reading or writing a file: the path, what was being done (with the
-    /// operating system's words), and the `io::Error` itself as the source.
-    #[error("{path}: {message}")]
-    Io {
-        path: String,
-        message: String,
-        #[source]
-        source: IoSource,
-    },
+    /// A call the allocator made to the backend's streams and events
+    /// ([`StreamEvents`](crate::StreamEvents)) failed: the backend's own error, kept whole
+    /// (`accelrt` turns it back into its device error).
+    #[error(transparent)]
+    Backend(BackendError),
 }
 
-/// The `io::Error` behind an [`Error::Io`]: shared, so errors stay `Clone`; two are equal
-/// when their kind and text are.
+/// A backend's error carried through the allocator (see [`AllocError::Backend`]): shared, so
+/// errors stay `Clone`; two are equal when their words are.
 #[derive(Debug, Clone)]
-pub struct IoSource(pub std::sync::Arc<std::io::Error>);
+pub struct BackendError(pub Arc<dyn std::error::Error + Send + Sync + 'static>);
 
-impl IoSource {
-    /// The error as the operating system reported it.
-    pub fn get(&self) -> &std::io::Error {
-        &self.0
+impl BackendError {
+    /// Wrap a backend's error.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BackendError(Arc::new(e))
+    }
+    /// The backend's error, if it is an `E`.
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.0.downcast_ref::<E>()
     }
 }
 
-impl From<std::io::Error> for IoSource {
-    fn from(e: std::io::Error) -> Self {
-        IoSource(std::sync::Arc::new(e))
-    }
-}
-
-impl PartialEq for IoSource {
+impl PartialEq for BackendError {
     fn eq(&self, other: &Self) -> bool {
-        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
     }
 }
 
-impl std::fmt::Display for IoSource {
+impl std::fmt::Display for BackendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
     }
 }
 
-impl std::error::Error for IoSource {
+impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.0.source()
     }
@@ -203,22 +143,13 @@ impl std::fmt::Display for OomReport {
     }
 }
 
-impl Error {
-    /// Shorthand for [`Error::Unsupported`].
+impl AllocError {
+    /// Shorthand for [`AllocError::Unsupported`].
     pub fn unsupported(backend: DeviceType, what: &'static str) -> Self {
-        Error::Unsupported { backend, what }
+        AllocError::Unsupported { backend, what }
     }
-    /// An [`Error::Io`] on `path`: `message` says what was being done (and usually quotes
-    /// `source`), `source` is kept.
-    pub fn io(path: impl Into<String>, message: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            message: message.into(),
-            source: source.into(),
-        }
-    }
-    /// True for [`Error::OutOfMemory`].
+    /// True for [`AllocError::OutOfMemory`].
     pub fn is_out_of_memory(&self) -> bool {
-        matches!(self, Error::OutOfMemory(_))
+        matches!(self, AllocError::OutOfMemory(_))
     }
 }

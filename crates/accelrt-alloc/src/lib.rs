@@ -25,19 +25,21 @@ mod pinned;
 mod pool;
 mod provider;
 mod size;
+#[doc(hidden)]
+pub mod splitmix;
 mod stats;
 pub mod stream;
 mod tlsf;
 
 pub use device::{BackendName, Device, DeviceProperties, DeviceType};
-pub use error::{Error, OomReport, Result};
+pub use error::{AllocError, BackendError, OomReport, Result};
 pub use graph::{GraphId, MempoolId};
 pub use host::HostMemory;
 pub use stream::{Stream, StreamPriority};
 
 pub use bytes::format_size;
 pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
-pub use deferred::Deferred;
+pub use deferred::{Deferred, KeptError};
 pub use history::{
     set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,
     MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,

@@ -18,7 +18,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use super::{format_size, MemoryProvider, ProviderError, Stat, StreamEvents};
-use crate::error::{Error, OomReport, Result};
+use crate::error::{AllocError, OomReport, Result};
 use crate::stream::Stream;
 
 const MIN_SHIFT: u32 = 9;
@@ -152,7 +152,7 @@ impl PinnedAllocator {
             return Ok(0);
         }
         if size > super::MAX_REQUEST {
-            return Err(Error::InvalidArgument(format!(
+            return Err(AllocError::InvalidArgument(format!(
                 "cannot allocate {size} bytes of pinned memory: requests are limited to {}",
                 format_size(super::MAX_REQUEST)
             )));
@@ -219,7 +219,7 @@ impl PinnedAllocator {
             }
             Err(e @ (ProviderError::Failed(_) | ProviderError::Driver { .. })) => {
                 let (message, code) = e.into_parts();
-                Err(Error::Driver {
+                Err(AllocError::Driver {
                     call: "pinned host allocation",
                     code,
                     message,
@@ -228,7 +228,7 @@ impl PinnedAllocator {
             Err(ProviderError::OutOfMemory) => {
                 let (free, total) = self.provider.memory_info();
                 let st = self.stats();
-                Err(Error::OutOfMemory(Box::new(OomReport {
+                Err(AllocError::OutOfMemory(Box::new(OomReport {
                     device: "pinned host memory".into(),
                     requested,
                     device_total: total,
@@ -253,7 +253,7 @@ impl PinnedAllocator {
             return Ok(());
         }
         let Some(block) = self.shard(ptr).lock().remove(&ptr) else {
-            return Err(Error::InvalidPointer {
+            return Err(AllocError::InvalidPointer {
                 ptr,
                 context: "pinned free: double free, or not from this allocator",
             });
@@ -285,12 +285,12 @@ impl PinnedAllocator {
     /// Note that `ptr` is used by work on `stream`.
     pub fn record_stream(&self, ptr: usize, stream: Stream) -> Result<()> {
         if self.events.is_none() {
-            return Err(Error::InvalidArgument(
+            return Err(AllocError::InvalidArgument(
                 "record_stream needs an event source: this pinned allocator has none".into(),
             ));
         }
         let mut shard = self.shard(ptr).lock();
-        let block = shard.get_mut(&ptr).ok_or(Error::InvalidPointer {
+        let block = shard.get_mut(&ptr).ok_or(AllocError::InvalidPointer {
             ptr,
             context: "pinned record_stream",
         })?;
@@ -306,7 +306,7 @@ impl PinnedAllocator {
             .lock()
             .get(&ptr)
             .map(|b| b.requested)
-            .ok_or(Error::InvalidPointer {
+            .ok_or(AllocError::InvalidPointer {
                 ptr,
                 context: "pinned requested_size",
             })

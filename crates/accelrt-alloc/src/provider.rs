@@ -41,6 +41,8 @@ impl std::fmt::Display for ProviderError {
     }
 }
 
+impl std::error::Error for ProviderError {}
+
 /// Raw device memory: a backend hands out and takes back whole segments.
 pub trait MemoryProvider: Send + Sync {
     /// Allocate a segment of exactly `size` bytes (a multiple of 512), aligned to at least 512.

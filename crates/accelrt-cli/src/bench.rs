@@ -10,10 +10,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use accelrt::alloc::splitmix::SplitMix64;
 use accelrt::alloc::{format_size, AllocatorConfig, CachingAllocator, HostMemory, MemoryProvider};
-use accelrt::{Device, DeviceType, Error, Stream};
+use accelrt::{Device, DeviceType, Stream};
 use serde_json::{json, Map, Value};
 
+use crate::error::CliError;
 use crate::replay::group;
 
 /// Arguments of `accelrt bench`.
@@ -95,18 +97,23 @@ impl Plan {
 
 /// The configuration the benches run under: `--alloc-conf` over the default, without
 /// per-call invariant checks (which would dominate the timings).
-fn bench_config(conf: &str) -> Result<AllocatorConfig, Error> {
+fn bench_config(conf: &str) -> Result<AllocatorConfig, CliError> {
     let mut config = AllocatorConfig::parse(conf)?;
     config.debug_checks = false;
     Ok(config)
 }
 
-fn fresh_allocator(target: &Target) -> Result<CachingAllocator, Error> {
+fn fresh_allocator(target: &Target) -> Result<CachingAllocator, CliError> {
     let provider: Arc<dyn MemoryProvider> = match &target.provider {
         Some(p) => Arc::clone(p),
         None => Arc::new(HostMemory::new(BENCH_CAPACITY)),
     };
-    CachingAllocator::new(target.device, provider, None, target.config.clone())
+    Ok(CachingAllocator::new(
+        target.device,
+        provider,
+        None,
+        target.config.clone(),
+    )?)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -127,7 +134,12 @@ fn ns_per(elapsed: Duration, count: u64) -> f64 {
 }
 
 /// `pairs` alloc+free pairs: the first takes a segment from the device, later ones reuse it.
-fn warm_up(alloc: &CachingAllocator, size: usize, stream: Stream, pairs: u64) -> Result<(), Error> {
+fn warm_up(
+    alloc: &CachingAllocator,
+    size: usize,
+    stream: Stream,
+    pairs: u64,
+) -> Result<(), CliError> {
     for _ in 0..pairs {
         let p = alloc.raw_alloc(size, stream)?;
         alloc.raw_free(p)?;
@@ -136,7 +148,7 @@ fn warm_up(alloc: &CachingAllocator, size: usize, stream: Stream, pairs: u64) ->
 }
 
 /// Median ns of a cached `raw_alloc` + `raw_free` pair of `size` bytes on one stream.
-fn accelrt_pair_ns(alloc: &CachingAllocator, size: usize, plan: &Plan) -> Result<f64, Error> {
+fn accelrt_pair_ns(alloc: &CachingAllocator, size: usize, plan: &Plan) -> Result<f64, CliError> {
     let stream = Stream {
         device: alloc.device(),
         index: 0,
@@ -156,9 +168,9 @@ fn accelrt_pair_ns(alloc: &CachingAllocator, size: usize, plan: &Plan) -> Result
 
 /// Median ns of a `malloc` + `free` pair of `size` bytes (std's global allocator, which is
 /// the C library's `malloc` for these alignments).
-fn system_pair_ns(size: usize, plan: &Plan) -> Result<f64, Error> {
+fn system_pair_ns(size: usize, plan: &Plan) -> Result<f64, CliError> {
     let layout = std::alloc::Layout::from_size_align(size, 16)
-        .map_err(|e| Error::InvalidArgument(format!("layout for {size} bytes: {e}")))?;
+        .map_err(|e| CliError::Argument(format!("layout for {size} bytes: {e}")))?;
     // Sizes the C library serves with mmap/munmap cost microseconds; do fewer of them.
     let iters = if size >= 1 << 20 {
         (plan.pair_iters / 20).max(100)
@@ -171,7 +183,7 @@ fn system_pair_ns(size: usize, plan: &Plan) -> Result<f64, Error> {
         unsafe {
             let p = std::alloc::alloc(black_box(layout));
             if p.is_null() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(CliError::Argument(format!(
                     "the system allocator refused {}: not enough memory for the malloc comparison",
                     format_size(size as u64)
                 )));
@@ -196,7 +208,7 @@ fn system_pair_ns(size: usize, plan: &Plan) -> Result<f64, Error> {
 
 /// Median ns of a cached pinned-host alloc+free pair, through the backend's own pinned
 /// allocator (page-locked memory on CUDA, host memory on the host backend).
-fn pinned_pair_ns(kind: accelrt::DeviceType, size: usize, plan: &Plan) -> Result<f64, Error> {
+fn pinned_pair_ns(kind: accelrt::DeviceType, size: usize, plan: &Plan) -> Result<f64, CliError> {
     let pinned = accelrt::backend(kind).pinned_allocator()?;
     let warm = pinned.allocate(size)?;
     pinned.free(warm)?;
@@ -210,23 +222,6 @@ fn pinned_pair_ns(kind: accelrt::DeviceType, size: usize, plan: &Plan) -> Result
         per_batch.push(ns_per(start.elapsed(), plan.pair_iters));
     }
     Ok(median(per_batch))
-}
-
-/// SplitMix64: a small, fast, deterministic generator (Steele, Lea, Flood 2014).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (`n > 0`), by the multiply-high method.
-    fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
 }
 
 /// Result of one random-allocation workload.
@@ -248,7 +243,7 @@ struct RandomResult {
 
 impl RandomResult {
     /// A workload that did not fit the device.
-    fn did_not_fit(live: usize, max_size: u64, ops: u64, error: &Error) -> Self {
+    fn did_not_fit(live: usize, max_size: u64, ops: u64, error: &CliError) -> Self {
         RandomResult {
             live,
             max_size,
@@ -314,17 +309,17 @@ fn random_workload(
     max_size: u64,
     ops: u64,
     seed: u64,
-) -> Result<RandomResult, Error> {
+) -> Result<RandomResult, CliError> {
     let alloc = fresh_allocator(target)?;
     let stream = Stream {
         device: alloc.device(),
         index: 0,
     };
     let mut rng = SplitMix64(seed);
-    let size = move |rng: &mut SplitMix64| 1 + rng.below(max_size);
+    let size = move |rng: &mut SplitMix64| 1 + rng.below_scaled(max_size);
     let sizes: Vec<u64> = (0..live).map(|_| size(&mut rng)).collect();
     let steps: Vec<(u32, u64)> = (0..ops)
-        .map(|_| (rng.below(live as u64) as u32, size(&mut rng)))
+        .map(|_| (rng.below_scaled(live as u64) as u32, size(&mut rng)))
         .collect();
 
     // Peak of live requested bytes, outside the timed loop.
@@ -385,14 +380,14 @@ fn pairs_per_sec(
     threads: u32,
     pairs_per_thread: u64,
     size: usize,
-) -> Result<f64, Error> {
+) -> Result<f64, CliError> {
     let alloc = fresh_allocator(target)?;
     let barrier = Barrier::new(threads as usize);
-    let windows = std::thread::scope(|scope| -> Result<Vec<(Instant, Instant)>, Error> {
+    let windows = std::thread::scope(|scope| -> Result<Vec<(Instant, Instant)>, CliError> {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let (alloc, barrier) = (&alloc, &barrier);
-                scope.spawn(move || -> Result<(Instant, Instant), Error> {
+                scope.spawn(move || -> Result<(Instant, Instant), CliError> {
                     let stream = Stream {
                         device: alloc.device(),
                         index: t + 1,
@@ -414,7 +409,7 @@ fn pairs_per_sec(
             .into_iter()
             .map(|w| {
                 w.join()
-                    .map_err(|_| Error::InvalidArgument("a bench thread panicked".into()))?
+                    .map_err(|_| CliError::Argument("a bench thread panicked".into()))?
             })
             .collect()
     })?;
@@ -472,7 +467,7 @@ fn utc_now() -> String {
 }
 
 /// Run `accelrt bench`.
-pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
+pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     let plan = Plan::new(args.quick);
     let build = if cfg!(debug_assertions) {
         "debug"
@@ -527,7 +522,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Error> {
 
     const THREAD_PAIR_SIZE: usize = 4096;
     // Best of a few runs: throughput only ever drops under outside load.
-    let best = |threads: u32| -> Result<f64, Error> {
+    let best = |threads: u32| -> Result<f64, CliError> {
         let mut best = 0.0f64;
         for _ in 0..plan.thread_reps {
             best = best.max(pairs_per_sec(
@@ -724,19 +719,6 @@ fn print_human(out: &Map<String, Value>, event_keys: &[String], randoms: &[&Rand
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splitmix_is_deterministic_and_in_range() {
-        let mut a = SplitMix64(42);
-        let mut b = SplitMix64(42);
-        for _ in 0..1000 {
-            let x = a.below(1000);
-            assert_eq!(x, b.below(1000));
-            assert!(x < 1000);
-        }
-        // Reference value of SplitMix64 seeded with 0.
-        assert_eq!(SplitMix64(0).next_u64(), 0xE220_A839_7B1D_CDAF);
-    }
 
     #[test]
     fn median_of_odd_and_even() {

@@ -146,16 +146,18 @@ fn measure_wgpu(iters: u64) -> Result<Value, Error> {
     let scratch = allocator.raw_alloc(4096, stream)?;
     // Submissions cost tens of microseconds on lavapipe: fewer iterations keep this short.
     let n = (iters / 20).max(BATCH);
-    let result = runtime.with_stream(stream, |driver, raw| {
+    let result: Result<_, Error> = runtime.with_stream(stream, |driver, raw| {
         let (device, queue) = driver.wgpu(0)?;
         let poll = || {
             device
                 .poll(accelrt_wgpu::wgpu::PollType::Poll)
                 .map(drop)
-                .map_err(|e| Error::Driver {
-                    call: "wgpu::Device::poll",
-                    code: None,
-                    message: e.to_string(),
+                .map_err(|e| {
+                    Error::from(accelrt::DeviceError::Driver {
+                        call: "wgpu::Device::poll",
+                        code: None,
+                        message: e.to_string(),
+                    })
                 })
         };
         let raw_submit_poll = median_ns(n, || {

@@ -3,8 +3,9 @@
 
 use std::process::ExitCode;
 
+use crate::error::CliError;
 use accelrt::alloc::format_size;
-use accelrt::{Backend, Error};
+use accelrt::Backend;
 use serde_json::{json, Value};
 
 /// Arguments of `accelrt info`.
@@ -124,7 +125,7 @@ pub fn render_text(backends: &[&dyn Backend]) -> String {
 }
 
 /// Run `accelrt info`. Unavailable backends are reported, not failures.
-pub fn run(args: InfoArgs) -> Result<ExitCode, Error> {
+pub fn run(args: InfoArgs) -> Result<ExitCode, CliError> {
     let backends = accelrt::registry::backends();
     if args.json {
         println!("{}", report(&backends));

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_events;
+mod error;
 mod info;
 mod outputs;
 mod replay;

@@ -6,11 +6,13 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::error::CliError;
 use accelrt::alloc::format_size;
 use accelrt::profiler::{self, ProfilerTrace};
 use accelrt::snapshot::{self, HtmlOptions, Snapshot};
 use accelrt::trace::{ReplayInput, ReplayOptions, ReplayOutcome};
-use accelrt::{DeviceType, Error};
+use accelrt::DeviceType;
+use accelrt::FormatError;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Where `--snapshot`, `--html` and `--profile` go.
@@ -136,7 +138,7 @@ impl Outputs {
         config_label: &str,
         opts: &ReplayOptions,
         outcome: &ReplayOutcome,
-    ) -> Result<Written, Error> {
+    ) -> Result<Written, CliError> {
         let mut written = Written::default();
         if let Some(base) = self.snapshot.clone() {
             let path = self.path_for(&base, &input.name, config_label);
@@ -202,14 +204,14 @@ impl Outputs {
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8], what: &str) -> Result<(), Error> {
-    std::fs::write(path, bytes).map_err(|e| {
-        Error::io(
+fn write_file(path: &Path, bytes: &[u8], what: &str) -> Result<(), CliError> {
+    Ok(std::fs::write(path, bytes).map_err(|e| {
+        FormatError::io(
             path.display().to_string(),
             format!("cannot write the {what}: {e}"),
             e,
         )
-    })
+    })?)
 }
 
 /// The progress bar over the replays of one input (one per configuration): by bytes of the

@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use accelrt::alloc::{format_size, AllocatorConfig, MemoryProvider};
 use accelrt::trace::{self, DeviceModel, ReplayInput, ReplayOptions, ReplayOutcome, ReplayTarget};
-use accelrt::{Device, DeviceType, Error};
+use accelrt::{AllocError, Device, DeviceType};
 
+use crate::error::CliError;
 use crate::outputs;
+use accelrt::DeviceError;
 
 /// Arguments of `accelrt replay`.
 #[derive(clap::Args, Debug, Clone)]
@@ -65,13 +67,13 @@ pub(crate) type DeviceMemory = (Device, Arc<dyn MemoryProvider>);
 
 /// The memory provider of `backend`'s device 0, or why it cannot be had. `None` for the host
 /// backend: each replay gets a fresh simulated device of `--capacity` bytes.
-pub(crate) fn backend_provider(backend: DeviceType) -> Result<Option<DeviceMemory>, Error> {
+pub(crate) fn backend_provider(backend: DeviceType) -> Result<Option<DeviceMemory>, CliError> {
     if backend == DeviceType::Host {
         return Ok(None);
     }
     let hooks = accelrt::backend(backend);
     if let Some(reason) = hooks.unavailable_reason() {
-        return Err(Error::BackendUnavailable { backend, reason });
+        return Err(DeviceError::BackendUnavailable { backend, reason }.into());
     }
     let device = Device {
         kind: backend,
@@ -131,10 +133,10 @@ const MAX_LABEL: usize = 48;
 
 /// Run `accelrt replay`. Exits non-zero when any trace could not be read or replayed to the
 /// end, after printing every result it has; each failure is on stderr, naming file and line.
-pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
+pub fn run(args: ReplayArgs) -> Result<ExitCode, CliError> {
     let choices = parse_configs(&args.alloc_conf)?;
     if args.capacity.is_some() && args.backend != DeviceType::Host {
-        return Err(Error::InvalidArgument(format!(
+        return Err(CliError::Argument(format!(
             "--capacity sizes the simulated host device; with --backend {} the device's memory \
              is real: cap it with --alloc-conf per_process_memory_fraction:F instead",
             args.backend
@@ -258,7 +260,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Error> {
     })
 }
 
-fn parse_configs(confs: &[String]) -> Result<Vec<ConfigChoice>, Error> {
+fn parse_configs(confs: &[String]) -> Result<Vec<ConfigChoice>, CliError> {
     if confs.is_empty() {
         return Ok(vec![ConfigChoice::Given(Box::new(NamedConfig {
             label: "default".into(),
@@ -273,14 +275,14 @@ fn parse_configs(confs: &[String]) -> Result<Vec<ConfigChoice>, Error> {
                 return Ok(ConfigChoice::Recorded);
             }
             if !conf.is_empty() && conf.chars().all(|c| c == ',' || c.is_whitespace()) {
-                return Err(Error::Config(format!(
+                return Err(CliError::Config(format!(
                     "--alloc-conf '{}' has only separators and no option: write key:value \
                      pairs (e.g. expandable_segments:false), or '' for the default",
                     cut(conf)
                 )));
             }
             let config = AllocatorConfig::parse(conf).map_err(|e| {
-                Error::Config(format!(
+                CliError::Config(format!(
                     "--alloc-conf '{}': {}",
                     cut(conf),
                     strip_config_prefix(&e)
@@ -296,9 +298,9 @@ fn parse_configs(confs: &[String]) -> Result<Vec<ConfigChoice>, Error> {
         .collect()
 }
 
-fn strip_config_prefix(e: &Error) -> String {
+fn strip_config_prefix(e: &AllocError) -> String {
     match e {
-        Error::Config(m) => m.clone(),
+        AllocError::Config(m) => m.clone(),
         other => other.to_string(),
     }
 }
@@ -557,9 +559,9 @@ pub(crate) fn group(n: u64) -> String {
 
 /// Parse a byte count: `1073741824`, `24GB` (10^9), `24GiB` (2^30), `512MiB`, `1.5TiB`,
 /// `64K`/`64KiB` (2^10; a bare letter is binary). Case-insensitive; spaces and `_` allowed.
-pub fn parse_capacity(text: &str) -> Result<u64, Error> {
+pub fn parse_capacity(text: &str) -> Result<u64, CliError> {
     let bad = |why: &str| {
-        Error::InvalidArgument(format!(
+        CliError::Argument(format!(
             "capacity '{text}' {why}: write bytes (e.g. 25769803776) or a number with a unit \
              (B, KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB or K, M, G, T = powers of 1024), \
              e.g. 24GiB or 512MiB"

@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::error::CliError;
 use accelrt::alloc::format_size;
 use accelrt::snapshot::{self, HtmlOptions, Snapshot};
-use accelrt::Error;
+use accelrt::FormatError;
 
 /// Arguments of `accelrt snapshot`.
 #[derive(clap::Args, Debug, Clone)]
@@ -44,7 +45,7 @@ pub enum SnapshotCommand {
 }
 
 /// Run `accelrt snapshot`.
-pub fn run(args: SnapshotArgs) -> Result<ExitCode, Error> {
+pub fn run(args: SnapshotArgs) -> Result<ExitCode, CliError> {
     match args.command {
         SnapshotCommand::Render {
             snapshot: input,
@@ -65,7 +66,7 @@ pub fn run(args: SnapshotArgs) -> Result<ExitCode, Error> {
                 },
             )?;
             std::fs::write(&output, html).map_err(|e| {
-                Error::io(
+                FormatError::io(
                     output.display().to_string(),
                     format!("cannot write the HTML page: {e}"),
                     e,

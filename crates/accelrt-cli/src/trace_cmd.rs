@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use accelrt::alloc::{format_size, AllocatorConfig};
 use accelrt::trace::Trace;
-use accelrt::Error;
 
+use crate::error::CliError;
 use crate::replay::{group, parse_capacity};
+use accelrt::FormatError;
 
 /// Arguments of `accelrt trace`.
 #[derive(clap::Args, Debug, Clone)]
@@ -66,20 +67,20 @@ pub struct ConvertArgs {
 }
 
 /// Run `accelrt trace`.
-pub fn run(args: TraceArgs) -> Result<ExitCode, Error> {
+pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
     match args.command {
         TraceCommand::Convert(a) => convert(a),
     }
 }
 
-fn convert(a: ConvertArgs) -> Result<ExitCode, Error> {
+fn convert(a: ConvertArgs) -> Result<ExitCode, CliError> {
     let shown = a.snapshot.display().to_string();
     let inputs = accelrt::trace::open(&a.snapshot)?;
     if inputs
         .iter()
         .any(|i| i.kind == accelrt::trace::InputKind::Trace)
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(CliError::Argument(format!(
             "{shown} is already a trace: `trace convert` reads memory snapshots (a PyTorch \
              pickle or accelrt's JSON)"
         )));
@@ -89,34 +90,35 @@ fn convert(a: ConvertArgs) -> Result<ExitCode, Error> {
         Some(d) => inputs.iter().find(|i| i.device == Some(d)),
         None if inputs.len() == 1 => inputs.first(),
         None => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(CliError::Argument(format!(
                 "{shown} has allocations on devices {devices:?}: pick one with --device N"
             )))
         }
     };
     let Some(input) = pick else {
-        return Err(Error::InvalidArgument(format!(
+        return Err(CliError::Argument(format!(
             "{shown} has no allocations on device {}; devices with allocations: {devices:?}",
             a.device.unwrap_or_default()
         )));
     };
     let (Some(trace), Some(device)) = (input.trace(), input.device) else {
-        return Err(Error::InvalidArgument(format!(
+        return Err(CliError::Argument(format!(
             "{shown}: a snapshot input without its trace"
         )));
     };
     if !trace.is_timed() {
-        return Err(Error::Snapshot {
+        return Err(FormatError::Snapshot {
             file: shown,
             at: format!("device_traces[{device}]"),
             message: "the entries carry no time_us, and a v2 trace needs the time of every \
                       call: record the snapshot with a PyTorch that writes time_us (2.1 or newer)"
                 .into(),
-        });
+        }
+        .into());
     }
     if let Some(c) = &a.conf {
         AllocatorConfig::parse(c).map_err(|e| {
-            Error::Config(format!(
+            CliError::Config(format!(
                 "--conf '{c}' is not an accelrt configuration: {e}; it names the accelrt \
                  configuration the recorded allocator corresponds to"
             ))

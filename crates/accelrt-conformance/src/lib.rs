@@ -29,7 +29,10 @@ use accelrt::alloc::{AllocatorEvent, HistoryConfig, StreamFilter, TraceAction};
 use accelrt::hooks::{Backend, HostTask};
 use accelrt::profiler::ProfilerMode;
 use accelrt::runtime::{DeviceGuard, POOL_STREAMS_PER_PRIORITY};
-use accelrt::{Device, DeviceType, Error, EventId, GraphId, MempoolId, Stream, StreamPriority};
+use accelrt::{
+    AllocError, Device, DeviceError, DeviceType, Error, EventId, GraphId, MempoolId, Stream,
+    StreamPriority,
+};
 
 /// Longest a check waits for something that should happen at once; only reached on a bug.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -239,11 +242,11 @@ pub fn identity_and_devices(b: &dyn Backend) {
     for (name, call) in calls {
         assert_eq!(
             call(b, n),
-            Err(Error::InvalidDevice {
+            Err(Error::Device(DeviceError::InvalidDevice {
                 backend: kind,
                 index: n,
                 count: n
-            }),
+            })),
             "{name}({n})"
         );
     }
@@ -345,7 +348,10 @@ pub fn streams(b: &dyn Backend) {
     };
     for bad in [foreign, unknown] {
         let err = b.stream_synchronize(bad).unwrap_err();
-        assert!(matches!(err, Error::InvalidStream { .. }), "{bad}: {err}");
+        assert!(
+            matches!(err, Error::Device(DeviceError::InvalidStream { .. })),
+            "{bad}: {err}"
+        );
     }
 }
 
@@ -396,10 +402,13 @@ pub fn events(b: &dyn Backend) {
 
     // Ids are unique, never reused; a released id is unknown.
     b.event_release(id).unwrap();
-    assert_eq!(b.event_release(id), Err(Error::UnknownEvent { id: id.0 }));
+    assert_eq!(
+        b.event_release(id),
+        Err(Error::Device(DeviceError::UnknownEvent { id: id.0 }))
+    );
     assert_eq!(
         b.event_query(id),
-        Err(Error::UnknownEvent { id: id.0 }),
+        Err(Error::Device(DeviceError::UnknownEvent { id: id.0 })),
         "a released id is unknown"
     );
     let again = b.event_acquire(0, false).unwrap();
@@ -407,7 +416,7 @@ pub fn events(b: &dyn Backend) {
     b.event_release(again).unwrap();
     assert!(matches!(
         b.event_record(EventId(u64::MAX), s1),
-        Err(Error::UnknownEvent { .. })
+        Err(Error::Device(DeviceError::UnknownEvent { .. }))
     ));
     if b.device_count() > 1 {
         let other = b.event_acquire(1, false).unwrap();
@@ -576,7 +585,7 @@ pub fn graphs(b: &dyn Backend) {
     }
     assert!(matches!(
         b.graph_reset(GraphId(u64::MAX)),
-        Err(Error::Graph(_))
+        Err(Error::Device(DeviceError::Graph(_)))
     ));
 }
 
@@ -668,7 +677,10 @@ pub fn allocator_basics(b: &dyn Backend) {
         a.raw_free(q).unwrap();
     }
     assert!(a.buffer_shape(p).is_err(), "metadata goes with the buffer");
-    assert!(matches!(a.raw_free(p), Err(Error::InvalidPointer { .. })));
+    assert!(matches!(
+        a.raw_free(p),
+        Err(AllocError::InvalidPointer { .. })
+    ));
     assert_eq!(a.stats().all().allocation.current, before);
     a.release_pool(pool).unwrap();
 
@@ -688,7 +700,8 @@ pub fn allocator_basics(b: &dyn Backend) {
         assert!(!a.is_shared_buffer(scalar));
         let err = a.shared_host_ptr(scalar).unwrap_err();
         assert!(
-            matches!(err, Error::Unsupported { .. }) && err.to_string().contains("shared_host_ptr"),
+            matches!(err, AllocError::Unsupported { .. })
+                && err.to_string().contains("shared_host_ptr"),
             "{err}"
         );
         let err = a.alloc_scalar_with_value(&value, s1).unwrap_err();
@@ -909,7 +922,10 @@ pub fn memory_queries(b: &dyn Backend) {
     a.raw_free(p).unwrap();
     let local = 0u8;
     let err = b.device_from_ptr(&local as *const u8 as usize).unwrap_err();
-    assert!(matches!(err, Error::InvalidPointer { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Alloc(AllocError::InvalidPointer { .. })),
+        "{err}"
+    );
 }
 
 /// isPinnedPtr and getPinnedMemoryAllocator.

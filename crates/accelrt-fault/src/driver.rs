@@ -8,7 +8,8 @@ use std::time::Duration;
 use accelrt::alloc::MemoryProvider;
 use accelrt::driver::{Driver, MemoryUsage};
 use accelrt::driver::{EventCallback, HostTask};
-use accelrt::{DeviceProperties, DeviceType, Result, StreamPriority};
+use accelrt::error::{DeviceError, DeviceResult};
+use accelrt::{DeviceProperties, DeviceType, StreamPriority};
 
 use crate::faults::{Fault, Faults};
 use crate::memory::FaultMemory;
@@ -110,7 +111,7 @@ impl<D: Driver> Driver for FaultDriver<D> {
         self.inner.device_count()
     }
 
-    fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
+    fn device_properties(&self, device: u32) -> DeviceResult<DeviceProperties> {
         let mut p = self.inner.device_properties(device)?;
         p.name = format!("{} (fault injection over {})", p.name, D::KIND);
         Ok(p)
@@ -132,7 +133,7 @@ impl<D: Driver> Driver for FaultDriver<D> {
         self.inner.device_of_ptr(ptr)
     }
 
-    fn memory_usage(&self, device: u32) -> Result<MemoryUsage> {
+    fn memory_usage(&self, device: u32) -> DeviceResult<MemoryUsage> {
         self.inner.memory_usage(device)
     }
 
@@ -143,12 +144,12 @@ impl<D: Driver> Driver for FaultDriver<D> {
         device: u32,
         priority: StreamPriority,
         default: bool,
-    ) -> Result<D::Stream> {
+    ) -> DeviceResult<D::Stream> {
         self.faults.check(Fault::StreamCreate)?;
         self.inner.stream_create(device, priority, default)
     }
 
-    unsafe fn stream_wrap(&self, device: u32, handle: u64) -> Result<D::Stream> {
+    unsafe fn stream_wrap(&self, device: u32, handle: u64) -> DeviceResult<D::Stream> {
         // SAFETY: forwarded from this method's contract.
         unsafe { self.inner.stream_wrap(device, handle) }
     }
@@ -157,23 +158,23 @@ impl<D: Driver> Driver for FaultDriver<D> {
         self.inner.stream_native_handle(stream)
     }
 
-    fn stream_commit(&self, stream: &D::Stream) -> Result<()> {
+    fn stream_commit(&self, stream: &D::Stream) -> DeviceResult<()> {
         self.inner.stream_commit(stream)
     }
 
-    fn stream_synchronize(&self, stream: &D::Stream) -> Result<()> {
+    fn stream_synchronize(&self, stream: &D::Stream) -> DeviceResult<()> {
         self.faults.check(Fault::StreamSynchronize)?;
         self.inner.stream_synchronize(stream)?;
         self.faults
             .take_stream_errors(self.inner.stream_native_handle(stream))
     }
 
-    fn stream_query(&self, stream: &D::Stream) -> Result<bool> {
+    fn stream_query(&self, stream: &D::Stream) -> DeviceResult<bool> {
         self.faults.check(Fault::StreamQuery)?;
         self.inner.stream_query(stream)
     }
 
-    fn stream_wait_event(&self, stream: &D::Stream, event: &Self::Event) -> Result<()> {
+    fn stream_wait_event(&self, stream: &D::Stream, event: &Self::Event) -> DeviceResult<()> {
         self.faults.check(Fault::EventWait)?;
         let remaining = event.remaining();
         if !remaining.is_zero() {
@@ -185,12 +186,12 @@ impl<D: Driver> Driver for FaultDriver<D> {
         self.inner.stream_wait_event(stream, &event.inner)
     }
 
-    fn launch_host(&self, stream: &D::Stream, task: HostTask) -> Result<()> {
+    fn launch_host(&self, stream: &D::Stream, task: HostTask) -> DeviceResult<()> {
         self.faults.check(Fault::LaunchHost)?;
         self.inner.launch_host(stream, task)
     }
 
-    fn device_synchronize(&self, device: u32, streams: &[&D::Stream]) -> Result<()> {
+    fn device_synchronize(&self, device: u32, streams: &[&D::Stream]) -> DeviceResult<()> {
         self.faults.check(Fault::StreamSynchronize)?;
         let synced = self.inner.device_synchronize(device, streams);
         let mut first_error = synced.err();
@@ -207,7 +208,7 @@ impl<D: Driver> Driver for FaultDriver<D> {
 
     // ---- events ----------------------------------------------------------------------------
 
-    fn event_create(&self, device: u32, timing: bool) -> Result<Self::Event> {
+    fn event_create(&self, device: u32, timing: bool) -> DeviceResult<Self::Event> {
         self.faults.check(Fault::EventCreate)?;
         Ok(FaultEvent {
             inner: self.inner.event_create(device, timing)?,
@@ -215,7 +216,7 @@ impl<D: Driver> Driver for FaultDriver<D> {
         })
     }
 
-    fn event_record(&self, event: &Self::Event, stream: &D::Stream) -> Result<()> {
+    fn event_record(&self, event: &Self::Event, stream: &D::Stream) -> DeviceResult<()> {
         self.faults.check(Fault::EventRecord)?;
         self.inner.event_record(&event.inner, stream)?;
         event
@@ -224,30 +225,30 @@ impl<D: Driver> Driver for FaultDriver<D> {
         Ok(())
     }
 
-    fn event_record_captured(&self, event: &Self::Event, stream: &D::Stream) -> Result<()> {
+    fn event_record_captured(&self, event: &Self::Event, stream: &D::Stream) -> DeviceResult<()> {
         self.faults.check(Fault::EventRecord)?;
         self.inner.event_record_captured(&event.inner, stream)?;
         event.not_before.store(0, Ordering::Release);
         Ok(())
     }
 
-    fn event_query(&self, event: &Self::Event) -> Result<bool> {
+    fn event_query(&self, event: &Self::Event) -> DeviceResult<bool> {
         self.faults.check(Fault::EventQuery)?;
         Ok(self.inner.event_query(&event.inner)? && event.remaining().is_zero())
     }
 
-    fn event_synchronize(&self, event: &Self::Event) -> Result<()> {
+    fn event_synchronize(&self, event: &Self::Event) -> DeviceResult<()> {
         self.faults.check(Fault::EventSynchronize)?;
         self.inner.event_synchronize(&event.inner)?;
         sleep_until(event.not_before.load(Ordering::Acquire));
         Ok(())
     }
 
-    fn event_elapsed_ms(&self, start: &Self::Event, end: &Self::Event) -> Result<f64> {
+    fn event_elapsed_ms(&self, start: &Self::Event, end: &Self::Event) -> DeviceResult<f64> {
         self.inner.event_elapsed_ms(&start.inner, &end.inner)
     }
 
-    fn event_notify(&self, event: &Self::Event, callback: EventCallback) -> Result<()> {
+    fn event_notify(&self, event: &Self::Event, callback: EventCallback) -> DeviceResult<()> {
         let until = event.not_before.load(Ordering::Acquire);
         if until == 0 {
             return self.inner.event_notify(&event.inner, callback);
@@ -262,11 +263,11 @@ impl<D: Driver> Driver for FaultDriver<D> {
     }
 
     /// The inner completion time, or the end of the delay if that is later.
-    fn event_completion_ns(&self, event: &Self::Event) -> Result<u64> {
+    fn event_completion_ns(&self, event: &Self::Event) -> DeviceResult<u64> {
         let inner = self.inner.event_completion_ns(&event.inner)?;
         let not_before = event.not_before.load(Ordering::Acquire);
         if !event.remaining().is_zero() {
-            return Err(accelrt::Error::Event(
+            return Err(DeviceError::Event(
                 "has not completed yet (its completion is delayed by accelrt-fault): \
                  synchronize it before asking for its completion time"
                     .into(),
@@ -277,19 +278,19 @@ impl<D: Driver> Driver for FaultDriver<D> {
 
     // ---- graphs ----------------------------------------------------------------------------
 
-    fn capture_begin(&self, stream: &D::Stream) -> Result<()> {
+    fn capture_begin(&self, stream: &D::Stream) -> DeviceResult<()> {
         self.inner.capture_begin(stream)
     }
 
-    fn capture_end(&self, stream: &D::Stream) -> Result<D::Graph> {
+    fn capture_end(&self, stream: &D::Stream) -> DeviceResult<D::Graph> {
         self.inner.capture_end(stream)
     }
 
-    fn graph_launch(&self, graph: &D::Graph, stream: &D::Stream) -> Result<()> {
+    fn graph_launch(&self, graph: &D::Graph, stream: &D::Stream) -> DeviceResult<()> {
         self.inner.graph_launch(graph, stream)
     }
 
-    fn graph_instantiate(&self, graph: &D::Graph) -> Result<()> {
+    fn graph_instantiate(&self, graph: &D::Graph) -> DeviceResult<()> {
         self.inner.graph_instantiate(graph)
     }
 
@@ -302,17 +303,17 @@ impl<D: Driver> Driver for FaultDriver<D> {
         stream: &D::Stream,
         origin: &D::Stream,
         event: &Self::Event,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         self.inner.capture_join(stream, origin, &event.inner)
     }
 
-    fn capture_leave(&self, stream: &D::Stream, graph: Option<&D::Graph>) -> Result<()> {
+    fn capture_leave(&self, stream: &D::Stream, graph: Option<&D::Graph>) -> DeviceResult<()> {
         self.inner.capture_leave(stream, graph)
     }
 
     // ---- memory ----------------------------------------------------------------------------
 
-    fn memory_provider(&self, device: u32) -> Result<Arc<dyn MemoryProvider>> {
+    fn memory_provider(&self, device: u32) -> DeviceResult<Arc<dyn MemoryProvider>> {
         let slot = &self.memory[device as usize];
         if let Some(m) = slot.get() {
             return Ok(Arc::clone(m));
@@ -323,7 +324,7 @@ impl<D: Driver> Driver for FaultDriver<D> {
         Ok(Arc::clone(slot.get_or_init(|| wrapped)))
     }
 
-    fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
+    fn pinned_memory_provider(&self) -> DeviceResult<Arc<dyn MemoryProvider>> {
         self.inner.pinned_memory_provider()
     }
 
@@ -331,16 +332,16 @@ impl<D: Driver> Driver for FaultDriver<D> {
         self.inner.is_pinned_ptr(ptr)
     }
 
-    unsafe fn write_async(&self, stream: &D::Stream, dst: usize, src: &[u8]) -> Result<()> {
+    unsafe fn write_async(&self, stream: &D::Stream, dst: usize, src: &[u8]) -> DeviceResult<()> {
         // SAFETY: forwarded from this method's contract.
         unsafe { self.inner.write_async(stream, dst, src) }
     }
 
-    fn can_access_peer(&self, device: u32, peer: u32) -> Result<bool> {
+    fn can_access_peer(&self, device: u32, peer: u32) -> DeviceResult<bool> {
         self.inner.can_access_peer(device, peer)
     }
 
-    fn enable_peer_access(&self, device: u32, peer: u32) -> Result<()> {
+    fn enable_peer_access(&self, device: u32, peer: u32) -> DeviceResult<()> {
         self.inner.enable_peer_access(device, peer)
     }
 
@@ -350,7 +351,7 @@ impl<D: Driver> Driver for FaultDriver<D> {
         dst: usize,
         src: usize,
         bytes: usize,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         // SAFETY: forwarded from this method's contract.
         unsafe { self.inner.copy_async(stream, dst, src, bytes) }
     }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use accelrt::Error;
+use accelrt::DeviceError;
 use parking_lot::Mutex;
 
 /// A kind of call that can be made to fail.
@@ -158,18 +158,18 @@ impl Faults {
     /// `KIND=COUNT` (the next COUNT calls of KIND fail; kinds as [`Fault::name`]) and
     /// `delay_ms=MS` (completion delay), e.g. `allocation=2,event_query=1,delay_ms=5`.
     /// Nothing is applied when any item is malformed; the error names it.
-    pub fn configure(&self, spec: &str) -> Result<(), Error> {
+    pub fn configure(&self, spec: &str) -> Result<(), DeviceError> {
         let mut counts = Vec::new();
         let mut delay = None;
         for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (key, value) = item.split_once('=').ok_or_else(|| {
-                Error::InvalidArgument(format!(
+                DeviceError::InvalidArgument(format!(
                     "'{item}' in the fault specification is not KEY=VALUE (e.g. allocation=2)"
                 ))
             })?;
             let (key, value) = (key.trim(), value.trim());
             let number = value.parse::<u64>().map_err(|_| {
-                Error::InvalidArgument(format!(
+                DeviceError::InvalidArgument(format!(
                     "'{item}' in the fault specification: {value:?} is not a whole number"
                 ))
             })?;
@@ -179,7 +179,7 @@ impl Faults {
                 counts.push((fault, number));
             } else {
                 let known: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
-                return Err(Error::InvalidArgument(format!(
+                return Err(DeviceError::InvalidArgument(format!(
                     "unknown fault '{key}' in the fault specification: expected delay_ms or one \
                      of {}",
                     known.join(", ")
@@ -197,7 +197,7 @@ impl Faults {
 
     /// `Err` (and one fault fewer pending) when a call of kind `fault` is to fail.
     #[inline]
-    pub(crate) fn check(&self, fault: Fault) -> Result<(), Error> {
+    pub(crate) fn check(&self, fault: Fault) -> Result<(), DeviceError> {
         if self.take(fault) {
             return Err(self.injected_error(fault));
         }
@@ -222,8 +222,8 @@ impl Faults {
     }
 
     #[cold]
-    fn injected_error(&self, fault: Fault) -> Error {
-        Error::Driver {
+    fn injected_error(&self, fault: Fault) -> DeviceError {
+        DeviceError::Driver {
             call: fault.name(),
             code: None,
             message: format!(
@@ -247,7 +247,7 @@ impl Faults {
 
     /// The errors injected into the stream with this handle, taken (once).
     #[inline]
-    pub(crate) fn take_stream_errors(&self, stream_handle: u64) -> Result<(), Error> {
+    pub(crate) fn take_stream_errors(&self, stream_handle: u64) -> Result<(), DeviceError> {
         if !self.has_stream_errors.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -256,7 +256,7 @@ impl Faults {
         self.has_stream_errors
             .store(!errors.is_empty(), Ordering::SeqCst);
         match taken {
-            Some(messages) if !messages.is_empty() => Err(Error::Driver {
+            Some(messages) if !messages.is_empty() => Err(DeviceError::Driver {
                 call: "stream (injected asynchronous error)",
                 code: None,
                 message: format!(

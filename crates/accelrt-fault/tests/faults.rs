@@ -3,6 +3,7 @@
 //! drive the allocator's retry and out-of-memory paths; stream errors surface at the next
 //! synchronize; delayed completion holds events, waits and pending frees.
 
+use accelrt::DeviceError;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -88,7 +89,7 @@ fn each_injected_fault_fails_one_call_and_names_it() {
         faults.fail_next(*fault, 1);
         let err = call(&b, s, t, ev).expect_err(fault.name());
         match &err {
-            Error::Driver { call, message, .. } => {
+            Error::Device(DeviceError::Driver { call, message, .. }) => {
                 assert_eq!(*call, fault.name());
                 assert!(message.contains("injected by accelrt-fault"), "{message}");
             }

@@ -4,5 +4,8 @@
 //! accelrt's JSON, the HTML timeline). Built on `accelrt-alloc` only; `accelrt`
 //! re-exports both modules (`accelrt::trace`, `accelrt::snapshot`).
 
+pub mod error;
 pub mod snapshot;
 pub mod trace;
+
+pub use error::{FormatError, IoSource, Result};

@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use accelrt::alloc::splitmix::SplitMix64;
+
 /// What a target's run says about one input.
 pub type Outcome = Result<String, String>;
 
@@ -131,21 +133,17 @@ fn known(message: &str) -> Option<&'static str> {
         .map(|&(_, what)| what)
 }
 
-/// splitmix64: small, fast, deterministic.
+/// The fuzz targets' generator: the workspace's one SplitMix64, in `usize` terms.
 #[derive(Debug, Clone)]
-pub struct Rng(pub u64);
+pub struct Rng(pub SplitMix64);
 
 impl Rng {
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
-    /// Uniform in `0..n` (`n > 0`).
+    /// Uniform in `0..n` (`n > 0`; 0 is read as 1).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
+        self.0.below(n.max(1) as u64) as usize
     }
     /// True with probability 1/n.
     pub fn one_in(&mut self, n: usize) -> bool {
@@ -479,7 +477,7 @@ pub fn fuzz(
         })
     };
 
-    let mut rng = Rng(seed);
+    let mut rng = Rng(SplitMix64(seed));
     let mut corpus: Vec<Vec<u8>> = (target.seeds)();
     if corpus.is_empty() {
         corpus.push(Vec::new());

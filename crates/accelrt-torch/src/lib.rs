@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use accelrt::alloc::{HistoryConfig, MemoryStats, StreamFilter};
 use accelrt::snapshot::Snapshot;
-use accelrt::{Device, Error, MempoolId, Stream};
+use accelrt::{AllocError, Device, MempoolId, Stream};
 use parking_lot::Mutex;
 
 use capture::RelaxedCapture;
@@ -139,9 +139,9 @@ fn cannot_alloc(size: isize, device: c_int, st: Option<&State>, f: Failure) -> F
 }
 
 #[cold]
-fn alloc_error(st: &State, size: isize, device: c_int, e: Error) -> Failure {
+fn alloc_error(st: &State, size: isize, device: c_int, e: AllocError) -> Failure {
     match &e {
-        Error::OutOfMemory(report) => Failure {
+        AllocError::OutOfMemory(report) => Failure {
             oom: Some(OomFigures {
                 requested: report.requested,
                 device_total: report.device_total,
@@ -152,7 +152,9 @@ fn alloc_error(st: &State, size: isize, device: c_int, e: Error) -> Failure {
         },
         // The allocator's own refusals already say what was asked and where ("cannot
         // allocate N bytes on host:0: ..."): passed on as they are, not prefixed again.
-        Error::InvalidArgument(m) if m.starts_with(&format!("cannot allocate {size} bytes")) => {
+        AllocError::InvalidArgument(m)
+            if m.starts_with(&format!("cannot allocate {size} bytes")) =>
+        {
             m.clone().into()
         }
         _ => cannot_alloc(size, device, Some(st), e.to_string().into()),

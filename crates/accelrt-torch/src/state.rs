@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use accelrt::alloc::{CachingAllocator, HistoryConfig};
-use accelrt::{Backend, DeviceType, Error, MempoolId, Stream};
+use accelrt::{Backend, DeviceError, DeviceType, MempoolId, Stream};
 use parking_lot::Mutex;
 
 use crate::errors::Failure;
@@ -84,7 +84,7 @@ impl State {
         let kind = chosen_kind()?;
         let backend = accelrt::backend(kind);
         if let Some(reason) = backend.unavailable_reason() {
-            return Err(Error::BackendUnavailable {
+            return Err(DeviceError::BackendUnavailable {
                 backend: kind,
                 reason,
             }

@@ -33,20 +33,8 @@ fn last() -> String {
         .into_owned()
 }
 
-/// splitmix64: deterministic per seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// splitmix64: deterministic per seed (the workspace's one copy).
+use accelrt::alloc::splitmix::SplitMix64 as Rng;
 
 fn alloc(size: isize, stream: usize) -> Option<usize> {
     // SAFETY: `stream` is 0 (the default stream) or a live host stream's handle.
@@ -128,7 +116,7 @@ fn worker(seed: u64, streams: &[usize], mailbox: &Mutex<Vec<usize>>) {
                 let foreign = match rng.below(3) {
                     0 => base + 512,
                     1 => base + 1 + rng.below(511) as usize,
-                    _ => rng.next() as usize | 1,
+                    _ => rng.next_u64() as usize | 1,
                 };
                 free(foreign);
             }

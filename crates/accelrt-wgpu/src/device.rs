@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use accelrt::{Error, Result};
+use accelrt::error::{DeviceError, DeviceResult};
 use parking_lot::Mutex;
 
 use crate::adapter::MemoryFigures;
@@ -90,8 +90,8 @@ impl std::fmt::Debug for DeviceShared {
 }
 
 /// A wgpu call that failed, with wgpu's text.
-pub(crate) fn wgpu_error(call: &'static str, message: impl std::fmt::Display) -> Error {
-    Error::Driver {
+pub(crate) fn wgpu_error(call: &'static str, message: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Driver {
         call,
         code: None,
         message: message.to_string(),
@@ -153,7 +153,7 @@ impl DeviceShared {
     }
 
     /// The compute pipelines, built on first use.
-    pub(crate) fn kernels(&self) -> Result<&Kernels> {
+    pub(crate) fn kernels(&self) -> DeviceResult<&Kernels> {
         self.kernels
             .get_or_init(|| Kernels::new(self))
             .as_ref()
@@ -161,7 +161,7 @@ impl DeviceShared {
     }
 
     /// Refuse work on a lost device, naming wgpu's reason.
-    pub(crate) fn check_lost(&self, call: &'static str) -> Result<()> {
+    pub(crate) fn check_lost(&self, call: &'static str) -> DeviceResult<()> {
         match &*self.errors.lost.lock() {
             Some(reason) => Err(wgpu_error(
                 call,
@@ -172,7 +172,7 @@ impl DeviceShared {
     }
 
     /// Errors wgpu raised outside error scopes since the last call, as one error.
-    pub(crate) fn take_errors(&self) -> Result<()> {
+    pub(crate) fn take_errors(&self) -> DeviceResult<()> {
         if let Some(reason) = &*self.errors.lost.lock() {
             return Err(wgpu_error(
                 "wgpu::Device",
@@ -201,7 +201,7 @@ impl DeviceShared {
     /// Run `f` inside validation and out-of-memory error scopes of the calling thread: an
     /// error wgpu raises there comes back here, with wgpu's text, instead of going to the
     /// uncaptured-error handler.
-    pub(crate) fn scoped<R>(&self, call: &'static str, f: impl FnOnce() -> R) -> Result<R> {
+    pub(crate) fn scoped<R>(&self, call: &'static str, f: impl FnOnce() -> R) -> DeviceResult<R> {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let r = f();
@@ -219,7 +219,7 @@ impl DeviceShared {
         &self,
         stage: impl FnOnce(&wgpu::Queue),
         commands: Option<wgpu::CommandBuffer>,
-    ) -> Result<u64> {
+    ) -> DeviceResult<u64> {
         self.check_lost("wgpu::Queue::submit")?;
         let mut subs = self.submissions.lock();
         stage(&self.queue);
@@ -244,7 +244,7 @@ impl DeviceShared {
 
     /// Whether submission `n` has finished, polling the device once if it is not known yet.
     #[inline]
-    pub(crate) fn query(&self, n: u64) -> Result<bool> {
+    pub(crate) fn query(&self, n: u64) -> DeviceResult<bool> {
         if self.done() >= n {
             return Ok(true);
         }
@@ -253,7 +253,7 @@ impl DeviceShared {
     }
 
     /// Poll the device once without blocking (runs the callbacks of finished submissions).
-    pub(crate) fn poll(&self) -> Result<()> {
+    pub(crate) fn poll(&self) -> DeviceResult<()> {
         let last = self.submissions.lock().last;
         let status = self
             .device
@@ -268,12 +268,12 @@ impl DeviceShared {
     }
 
     /// Block until submission `n` has finished.
-    pub(crate) fn wait(&self, n: u64) -> Result<()> {
+    pub(crate) fn wait(&self, n: u64) -> DeviceResult<()> {
         self.wait_timeout(n, None).map(drop)
     }
 
     /// Block until submission `n` has finished or `timeout` has passed; whether it finished.
-    pub(crate) fn wait_timeout(&self, n: u64, timeout: Option<Duration>) -> Result<bool> {
+    pub(crate) fn wait_timeout(&self, n: u64, timeout: Option<Duration>) -> DeviceResult<bool> {
         while self.done() < n {
             let index = {
                 let subs = self.submissions.lock();
@@ -320,7 +320,7 @@ impl DeviceShared {
 
     /// Convert GPU timestamp ticks to ns on accelrt's clock ([`accelrt::event::clock_ns`]),
     /// calibrating (again) when needed.
-    pub(crate) fn ticks_to_clock_ns(&self, ticks: u64) -> Result<u64> {
+    pub(crate) fn ticks_to_clock_ns(&self, ticks: u64) -> DeviceResult<u64> {
         let fresh = self
             .calibration
             .lock()
@@ -339,7 +339,7 @@ impl DeviceShared {
 
     /// Round trips of one timestamp write: the host time halfway through the shortest of
     /// them is taken as the moment the GPU wrote its timestamp.
-    fn calibrate(&self) -> Result<Calibration> {
+    fn calibrate(&self) -> DeviceResult<Calibration> {
         let mut best: Option<(u64, Calibration)> = None;
         for _ in 0..5 {
             let slot = self.slots.take(self)?;

@@ -7,7 +7,8 @@ use accelrt::alloc::MemoryProvider;
 use accelrt::backend::host::HostMemory;
 use accelrt::driver::{Driver, MemoryUsage};
 use accelrt::driver::{EventCallback, HostTask};
-use accelrt::{DeviceProperties, DeviceType, Error, Result, StreamPriority};
+use accelrt::error::{DeviceError, DeviceResult};
+use accelrt::{DeviceProperties, DeviceType, StreamPriority};
 
 use crate::adapter::{self, MemoryFigures};
 use crate::device::DeviceShared;
@@ -76,10 +77,10 @@ impl std::fmt::Debug for WgpuDriver {
 }
 
 /// A call needs `len` bytes at 4-byte aligned addresses (wgpu's `COPY_BUFFER_ALIGNMENT`).
-fn check_aligned(call: &str, what: &[(&str, usize)]) -> Result<()> {
+fn check_aligned(call: &str, what: &[(&str, usize)]) -> DeviceResult<()> {
     for (name, value) in what {
         if value % 4 != 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(DeviceError::InvalidArgument(format!(
                 "{call}: {name} {value:#x} is not a multiple of 4 (wgpu copies and fills whole \
                  4-byte words)"
             )));
@@ -94,43 +95,43 @@ impl WgpuDriver {
     }
 
     /// The adapter behind `device`, as wgpu describes it.
-    pub fn adapter_info(&self, device: u32) -> Result<wgpu::AdapterInfo> {
+    pub fn adapter_info(&self, device: u32) -> DeviceResult<wgpu::AdapterInfo> {
         Ok(self.checked(device)?.info.clone())
     }
 
     /// The adapter's limits (all of them are requested when the device is opened).
-    pub fn limits(&self, device: u32) -> Result<wgpu::Limits> {
+    pub fn limits(&self, device: u32) -> DeviceResult<wgpu::Limits> {
         Ok(self.checked(device)?.limits.clone())
     }
 
     /// Whether timing events can measure GPU work on `device` (`Features::TIMESTAMP_QUERY`).
-    pub fn timestamps_supported(&self, device: u32) -> Result<bool> {
+    pub fn timestamps_supported(&self, device: u32) -> DeviceResult<bool> {
         Ok(self.checked(device)?.timestamps)
     }
 
     /// The memory figures of `device` now (see [`MemoryFigures`]).
-    pub fn memory_figures(&self, device: u32) -> Result<MemoryFigures> {
+    pub fn memory_figures(&self, device: u32) -> DeviceResult<MemoryFigures> {
         Ok(adapter::memory_figures(&self.checked(device)?.adapter))
     }
 
     /// The wgpu device and queue behind `device`, for work of your own (submit it through
     /// a stream's order with [`accelrt::Backend::launch_host`] or after synchronizing).
-    pub fn wgpu(&self, device: u32) -> Result<(&wgpu::Device, &wgpu::Queue)> {
+    pub fn wgpu(&self, device: u32) -> DeviceResult<(&wgpu::Device, &wgpu::Queue)> {
         let d = self.checked(device)?;
         Ok((&d.device, &d.queue))
     }
 
     /// The highest submission number `device`'s GPU is known to have finished, and the last
     /// one handed out.
-    pub fn submissions(&self, device: u32) -> Result<(u64, u64)> {
+    pub fn submissions(&self, device: u32) -> DeviceResult<(u64, u64)> {
         let d = self.checked(device)?;
         Ok((d.done(), d.last_submitted()))
     }
 
-    fn checked(&self, device: u32) -> Result<&Arc<DeviceShared>> {
+    fn checked(&self, device: u32) -> DeviceResult<&Arc<DeviceShared>> {
         self.devices
             .get(device as usize)
-            .ok_or(Error::InvalidDevice {
+            .ok_or(DeviceError::InvalidDevice {
                 backend: KIND,
                 index: device,
                 count: self.devices.len() as u32,
@@ -138,7 +139,7 @@ impl WgpuDriver {
     }
 
     /// The memory provider of `device`, with its buffers.
-    pub fn memory(&self, device: u32) -> Result<Arc<WgpuMemory>> {
+    pub fn memory(&self, device: u32) -> DeviceResult<Arc<WgpuMemory>> {
         let d = self.checked(device)?;
         self.memory[device as usize]
             .get_or_init(|| WgpuMemory::new(Arc::clone(d)).map(Arc::new))
@@ -146,7 +147,7 @@ impl WgpuDriver {
             .map_err(|e| crate::device::wgpu_error("reserving address space for wgpu buffers", e))
     }
 
-    fn region(&self, stream: &WgpuStream, ptr: usize, len: usize) -> Result<Region> {
+    fn region(&self, stream: &WgpuStream, ptr: usize, len: usize) -> DeviceResult<Region> {
         let (buffer, offset) = self.memory(stream.device())?.resolve(ptr, len as u64)?;
         Ok(Region {
             buffer,
@@ -155,14 +156,20 @@ impl WgpuDriver {
         })
     }
 
-    fn gpu(&self, stream: &WgpuStream, op: GpuOp) -> Result<()> {
+    fn gpu(&self, stream: &WgpuStream, op: GpuOp) -> DeviceResult<()> {
         stream.shared.launch(Item::Gpu(op))
     }
 
     /// Fill `len` bytes at `ptr` with the 32-bit word `value`, in stream order (zeros through
     /// `clear_buffer`, other values through a compute kernel). `ptr` and `len` must be
     /// multiples of 4.
-    pub fn fill(&self, stream: &WgpuStream, ptr: usize, len: usize, value: u32) -> Result<()> {
+    pub fn fill(
+        &self,
+        stream: &WgpuStream,
+        ptr: usize,
+        len: usize,
+        value: u32,
+    ) -> DeviceResult<()> {
         check_aligned("fill", &[("address", ptr), ("length", len)])?;
         if len == 0 {
             return Ok(());
@@ -190,7 +197,7 @@ impl WgpuDriver {
         len: usize,
         seed: u32,
         rounds: u32,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         check_aligned("fill_pattern", &[("address", ptr), ("length", len)])?;
         if len == 0 {
             return Ok(());
@@ -211,7 +218,13 @@ impl WgpuDriver {
     /// must be multiples of 4. Within one segment (one buffer, which wgpu cannot copy to
     /// itself) the bytes go through a temporary buffer, so overlapping ranges copy as
     /// `memmove` does.
-    pub fn copy(&self, stream: &WgpuStream, dst: usize, src: usize, len: usize) -> Result<()> {
+    pub fn copy(
+        &self,
+        stream: &WgpuStream,
+        dst: usize,
+        src: usize,
+        len: usize,
+    ) -> DeviceResult<()> {
         check_aligned(
             "copy",
             &[("destination", dst), ("source", src), ("length", len)],
@@ -227,7 +240,7 @@ impl WgpuDriver {
     /// Write `bytes` at `dst`, in stream order (any address and length: whole words through
     /// `Queue::write_buffer`, partly written words through an atomic kernel that keeps their
     /// other bytes). The bytes are copied; `bytes` may be dropped when this returns.
-    pub fn write(&self, stream: &WgpuStream, dst: usize, bytes: &[u8]) -> Result<()> {
+    pub fn write(&self, stream: &WgpuStream, dst: usize, bytes: &[u8]) -> DeviceResult<()> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -244,7 +257,7 @@ impl WgpuDriver {
     /// Read `len` bytes at `src` back to the host, in stream order: the bytes as they are
     /// once the stream's earlier work has run. Blocks until then (not from a task running on
     /// the stream itself).
-    pub fn read(&self, stream: &WgpuStream, src: usize, len: usize) -> Result<Vec<u8>> {
+    pub fn read(&self, stream: &WgpuStream, src: usize, len: usize) -> DeviceResult<Vec<u8>> {
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -287,7 +300,7 @@ impl Driver for WgpuDriver {
     /// From the adapter's info and limits: wgpu reports no multiprocessor count, compute
     /// capability or cache size (1, (0, 0) and 0 here); the widest workgroup is
     /// `max_compute_workgroup_size_x`.
-    fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
+    fn device_properties(&self, device: u32) -> DeviceResult<DeviceProperties> {
         let d = self.dev(device);
         let info = &d.info;
         let driver = [info.driver.as_str(), info.driver_info.as_str()]
@@ -331,7 +344,7 @@ impl Driver for WgpuDriver {
     /// Used: the driver's heap usage where it reports one (Vulkan `VK_EXT_memory_budget`),
     /// else what wgpu's allocator holds from the driver; never below what accelrt's own
     /// segments hold. Recommended: the budget when the device was opened.
-    fn memory_usage(&self, device: u32) -> Result<MemoryUsage> {
+    fn memory_usage(&self, device: u32) -> DeviceResult<MemoryUsage> {
         let d = self.dev(device);
         let held = self.memory(device)?.driver_allocated();
         let reported = adapter::memory_figures(&d.adapter).usage.or_else(|| {
@@ -353,7 +366,7 @@ impl Driver for WgpuDriver {
         device: u32,
         _priority: StreamPriority,
         _default: bool,
-    ) -> Result<WgpuStream> {
+    ) -> DeviceResult<WgpuStream> {
         Ok(WgpuStream::new(
             NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
             Arc::clone(self.dev(device)),
@@ -364,34 +377,34 @@ impl Driver for WgpuDriver {
         stream.shared.id
     }
 
-    fn stream_synchronize(&self, stream: &WgpuStream) -> Result<()> {
+    fn stream_synchronize(&self, stream: &WgpuStream) -> DeviceResult<()> {
         stream.shared.synchronize()
     }
 
     #[inline]
-    fn stream_query(&self, stream: &WgpuStream) -> Result<bool> {
+    fn stream_query(&self, stream: &WgpuStream) -> DeviceResult<bool> {
         stream.shared.query()
     }
 
-    fn stream_wait_event(&self, stream: &WgpuStream, event: &WgpuEvent) -> Result<()> {
+    fn stream_wait_event(&self, stream: &WgpuStream, event: &WgpuEvent) -> DeviceResult<()> {
         match event.current() {
             Some(point) => stream.shared.launch(Item::Wait(point)),
             None => Ok(()),
         }
     }
 
-    fn launch_host(&self, stream: &WgpuStream, task: HostTask) -> Result<()> {
+    fn launch_host(&self, stream: &WgpuStream, task: HostTask) -> DeviceResult<()> {
         stream.shared.launch(Item::Host(task))
     }
 
     // ---- events ----------------------------------------------------------------------------
 
-    fn event_create(&self, device: u32, timing: bool) -> Result<WgpuEvent> {
+    fn event_create(&self, device: u32, timing: bool) -> DeviceResult<WgpuEvent> {
         Ok(WgpuEvent::new(Arc::clone(self.dev(device)), timing))
     }
 
     #[inline]
-    fn event_record(&self, event: &WgpuEvent, stream: &WgpuStream) -> Result<()> {
+    fn event_record(&self, event: &WgpuEvent, stream: &WgpuStream) -> DeviceResult<()> {
         let s = &stream.shared;
         let point = if event.timing && s.device.timestamps {
             let point = Arc::new(Point::timed(s.id, &s.device)?);
@@ -408,31 +421,31 @@ impl Driver for WgpuDriver {
 
     /// A point of a graph capture: nothing on the device to reach (the runtime never
     /// queries such an event; a wait for it has nothing to wait for).
-    fn event_record_captured(&self, event: &WgpuEvent, _stream: &WgpuStream) -> Result<()> {
+    fn event_record_captured(&self, event: &WgpuEvent, _stream: &WgpuStream) -> DeviceResult<()> {
         *event.point.lock() = None;
         Ok(())
     }
 
     #[inline]
-    fn event_query(&self, event: &WgpuEvent) -> Result<bool> {
+    fn event_query(&self, event: &WgpuEvent) -> DeviceResult<bool> {
         match event.current() {
             Some(p) => p.query(&event.device),
             None => Ok(true),
         }
     }
 
-    fn event_synchronize(&self, event: &WgpuEvent) -> Result<()> {
+    fn event_synchronize(&self, event: &WgpuEvent) -> DeviceResult<()> {
         match event.current() {
             Some(p) => StreamShared::wait_point(&event.device, &p, "synchronize an event"),
             None => Ok(()),
         }
     }
 
-    fn event_elapsed_ms(&self, start: &WgpuEvent, end: &WgpuEvent) -> Result<f64> {
+    fn event_elapsed_ms(&self, start: &WgpuEvent, end: &WgpuEvent) -> DeviceResult<f64> {
         WgpuEvent::elapsed_ms(start, end)
     }
 
-    fn event_notify(&self, event: &WgpuEvent, callback: EventCallback) -> Result<()> {
+    fn event_notify(&self, event: &WgpuEvent, callback: EventCallback) -> DeviceResult<()> {
         match event.current() {
             Some(p) => event.device.notifier.add(&event.device, p, callback),
             None => {
@@ -442,23 +455,23 @@ impl Driver for WgpuDriver {
         }
     }
 
-    fn event_completion_ns(&self, event: &WgpuEvent) -> Result<u64> {
+    fn event_completion_ns(&self, event: &WgpuEvent) -> DeviceResult<u64> {
         event.completion_ns()
     }
 
     // ---- graphs ----------------------------------------------------------------------------
 
-    fn capture_begin(&self, stream: &WgpuStream) -> Result<()> {
+    fn capture_begin(&self, stream: &WgpuStream) -> DeviceResult<()> {
         stream.shared.begin_capture()
     }
 
-    fn capture_end(&self, stream: &WgpuStream) -> Result<WgpuGraph> {
+    fn capture_end(&self, stream: &WgpuStream) -> DeviceResult<WgpuGraph> {
         Ok(WgpuGraph {
             items: stream.shared.end_capture()?,
         })
     }
 
-    fn graph_launch(&self, graph: &WgpuGraph, stream: &WgpuStream) -> Result<()> {
+    fn graph_launch(&self, graph: &WgpuGraph, stream: &WgpuStream) -> DeviceResult<()> {
         stream.shared.replay(&graph.items)
     }
 
@@ -467,32 +480,32 @@ impl Driver for WgpuDriver {
         stream: &WgpuStream,
         origin: &WgpuStream,
         _event: &WgpuEvent,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         stream.shared.join_capture(&origin.shared)
     }
 
-    fn capture_leave(&self, stream: &WgpuStream, _graph: Option<&WgpuGraph>) -> Result<()> {
+    fn capture_leave(&self, stream: &WgpuStream, _graph: Option<&WgpuGraph>) -> DeviceResult<()> {
         stream.shared.leave_capture();
         Ok(())
     }
 
     // ---- memory ----------------------------------------------------------------------------
 
-    fn memory_provider(&self, device: u32) -> Result<Arc<dyn MemoryProvider>> {
+    fn memory_provider(&self, device: u32) -> DeviceResult<Arc<dyn MemoryProvider>> {
         Ok(self.memory(device)?)
     }
 
     /// Host memory: wgpu has no page-locked host allocations (uploads are staged by
     /// `Queue::write_buffer`), so the pinned allocator's memory is ordinary host memory,
     /// which [`WgpuDriver::write`] reads directly.
-    fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
+    fn pinned_memory_provider(&self) -> DeviceResult<Arc<dyn MemoryProvider>> {
         Ok(self
             .pinned
             .get_or_init(|| Arc::new(HostMemory::with_default_capacity()))
             .clone())
     }
 
-    unsafe fn write_async(&self, stream: &WgpuStream, dst: usize, src: &[u8]) -> Result<()> {
+    unsafe fn write_async(&self, stream: &WgpuStream, dst: usize, src: &[u8]) -> DeviceResult<()> {
         self.write(stream, dst, src)
     }
 }

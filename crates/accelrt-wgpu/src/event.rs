@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use accelrt::driver::EventCallback;
-use accelrt::{Error, Result};
+use accelrt::error::{DeviceError, DeviceResult};
 use parking_lot::{Condvar, Mutex};
 
 use crate::device::{wgpu_error, DeviceShared};
@@ -33,7 +33,7 @@ pub(crate) struct TimingSlot {
 }
 
 impl TimingSlot {
-    fn new(dev: &DeviceShared) -> Result<Self> {
+    fn new(dev: &DeviceShared) -> DeviceResult<Self> {
         dev.scoped("wgpu::Device::create_query_set", || TimingSlot {
             query_set: dev.device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("accelrt timing event"),
@@ -72,7 +72,7 @@ impl TimingSlot {
     }
 
     /// The timestamp (in ticks), once the submission that wrote it has finished.
-    pub(crate) fn read(&self, dev: &DeviceShared) -> Result<u64> {
+    pub(crate) fn read(&self, dev: &DeviceShared) -> DeviceResult<u64> {
         let bytes = map_read(dev, &self.readback)?;
         let ticks: [u8; 8] = bytes[..8].try_into().expect("an 8-byte buffer");
         Ok(u64::from_le_bytes(ticks))
@@ -84,7 +84,7 @@ impl TimingSlot {
 pub(crate) struct SlotPool(Arc<Mutex<Vec<TimingSlot>>>);
 
 impl SlotPool {
-    pub(crate) fn take(&self, dev: &DeviceShared) -> Result<TimingSlot> {
+    pub(crate) fn take(&self, dev: &DeviceShared) -> DeviceResult<TimingSlot> {
         match self.0.lock().pop() {
             Some(slot) => Ok(slot),
             None => TimingSlot::new(dev),
@@ -152,7 +152,7 @@ impl Point {
     }
 
     /// An unresolved timing point, with a slot from the device's pool.
-    pub(crate) fn timed(stream_id: u64, dev: &DeviceShared) -> Result<Self> {
+    pub(crate) fn timed(stream_id: u64, dev: &DeviceShared) -> DeviceResult<Self> {
         let slot = dev.slots.take(dev)?;
         let mut point = Point::new(stream_id, &dev.notifier);
         point.timing = Some(Timing {
@@ -204,7 +204,7 @@ impl Point {
 
     /// Whether the point has been reached (polling the device once if needed).
     #[inline]
-    pub(crate) fn query(&self, dev: &DeviceShared) -> Result<bool> {
+    pub(crate) fn query(&self, dev: &DeviceShared) -> DeviceResult<bool> {
         match self.resolved() {
             Some(n) => dev.query(n),
             None => Ok(false),
@@ -212,9 +212,9 @@ impl Point {
     }
 
     /// The timestamp of a completed timing point, in ticks (`which`: "start " or "end ").
-    fn ticks(&self, dev: &DeviceShared, which: &str) -> Result<u64> {
+    fn ticks(&self, dev: &DeviceShared, which: &str) -> DeviceResult<u64> {
         let timing = self.timing.as_ref().ok_or_else(|| {
-            Error::Event(format!(
+            DeviceError::Event(format!(
                 "the {which}event was not recorded with timing: events were not created with \
                  enable_timing=true"
             ))
@@ -223,13 +223,13 @@ impl Point {
             return Ok(t);
         }
         if self.failed.load(Ordering::Acquire) {
-            return Err(Error::Event(format!(
+            return Err(DeviceError::Event(format!(
                 "the timestamp of the {which}event could not be written: the stream's next \
                  synchronize reports why"
             )));
         }
         if !self.query(dev)? {
-            return Err(Error::Event(format!(
+            return Err(DeviceError::Event(format!(
                 "the {which}event has not completed yet: synchronize it (or its stream) before \
                  asking for its time"
             )));
@@ -283,9 +283,9 @@ impl WgpuEvent {
     }
 
     /// Timing is available: the event was made for it and the device has timestamps.
-    fn check_timing(&self, call: &'static str) -> Result<()> {
+    fn check_timing(&self, call: &'static str) -> DeviceResult<()> {
         if self.timing && !self.device.timestamps {
-            return Err(Error::unsupported(
+            return Err(DeviceError::unsupported(
                 crate::KIND,
                 match call {
                     "event_elapsed_time" => {
@@ -302,15 +302,15 @@ impl WgpuEvent {
         Ok(())
     }
 
-    fn recorded(&self, which: &str) -> Result<Arc<Point>> {
+    fn recorded(&self, which: &str) -> DeviceResult<Arc<Point>> {
         self.current().ok_or_else(|| {
-            Error::Event(format!(
+            DeviceError::Event(format!(
                 "the {which}event was never recorded: record it on a stream first"
             ))
         })
     }
 
-    pub(crate) fn elapsed_ms(start: &WgpuEvent, end: &WgpuEvent) -> Result<f64> {
+    pub(crate) fn elapsed_ms(start: &WgpuEvent, end: &WgpuEvent) -> DeviceResult<f64> {
         start.check_timing("event_elapsed_time")?;
         end.check_timing("event_elapsed_time")?;
         let dev = &start.device;
@@ -318,7 +318,7 @@ impl WgpuEvent {
         let t1 = end.recorded("end ")?.ticks(dev, "end ")?;
         let ns_per_tick = dev.timestamp_period;
         if t1 < t0 {
-            return Err(Error::Event(format!(
+            return Err(DeviceError::Event(format!(
                 "the end event was not recorded after the start event: it completed {:.3} ms \
                  earlier",
                 (t0 - t1) as f64 * ns_per_tick / 1e6
@@ -327,7 +327,7 @@ impl WgpuEvent {
         Ok((t1 - t0) as f64 * ns_per_tick / 1e6)
     }
 
-    pub(crate) fn completion_ns(&self) -> Result<u64> {
+    pub(crate) fn completion_ns(&self) -> DeviceResult<u64> {
         self.check_timing("event_completion_time")?;
         let ticks = self.recorded("")?.ticks(&self.device, "")?;
         self.device.ticks_to_clock_ns(ticks)
@@ -361,7 +361,7 @@ impl Notifier {
         dev: &Arc<DeviceShared>,
         point: Arc<Point>,
         callback: EventCallback,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         if point.query(dev)? {
             callback();
             return Ok(());

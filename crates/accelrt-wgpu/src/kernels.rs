@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use accelrt::{Error, Result};
+use accelrt::error::{DeviceError, DeviceResult};
 use parking_lot::{Condvar, Mutex};
 use wgpu::util::DeviceExt;
 
@@ -148,7 +148,7 @@ pub(crate) struct Region {
 /// Where a read's bytes will be: set once the copy into the staging buffer is submitted.
 #[derive(Default)]
 pub(crate) struct ReadReply {
-    staged: Mutex<Option<Result<Staged>>>,
+    staged: Mutex<Option<DeviceResult<Staged>>>,
     cv: Condvar,
 }
 
@@ -162,13 +162,13 @@ pub(crate) struct Staged {
 }
 
 impl ReadReply {
-    pub(crate) fn set(&self, staged: Result<Staged>) {
+    pub(crate) fn set(&self, staged: DeviceResult<Staged>) {
         *self.staged.lock() = Some(staged);
         self.cv.notify_all();
     }
 
     /// Block until the read has been submitted and has run, then return its bytes.
-    pub(crate) fn wait(&self, dev: &DeviceShared) -> Result<Vec<u8>> {
+    pub(crate) fn wait(&self, dev: &DeviceShared) -> DeviceResult<Vec<u8>> {
         let staged = {
             let mut s = self.staged.lock();
             while s.is_none() {
@@ -183,7 +183,7 @@ impl ReadReply {
 }
 
 /// Map a `MAP_READ` buffer whose writes have finished and copy it out.
-pub(crate) fn map_read(dev: &DeviceShared, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+pub(crate) fn map_read(dev: &DeviceShared, buffer: &wgpu::Buffer) -> DeviceResult<Vec<u8>> {
     let (tx, rx) = std::sync::mpsc::channel();
     buffer.map_async(wgpu::MapMode::Read, .., move |r| {
         let _ = tx.send(r);
@@ -264,7 +264,7 @@ impl GpuOp {
 
 /// Encode and submit `op`; returns its submission number. A read's reply and a timestamp's
 /// point learn the number too.
-pub(crate) fn run(dev: &DeviceShared, op: &GpuOp) -> Result<u64> {
+pub(crate) fn run(dev: &DeviceShared, op: &GpuOp) -> DeviceResult<u64> {
     let result = dev.scoped("wgpu (stream work)", || submit(dev, op));
     let n = match result {
         Ok(Ok(n)) => Ok(n),
@@ -291,7 +291,7 @@ fn encoder(dev: &DeviceShared, label: &'static str) -> wgpu::CommandEncoder {
         .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
 }
 
-fn submit(dev: &DeviceShared, op: &GpuOp) -> Result<u64> {
+fn submit(dev: &DeviceShared, op: &GpuOp) -> DeviceResult<u64> {
     match op {
         GpuOp::Fill {
             dst,
@@ -375,7 +375,7 @@ fn encode_fill(
     value: u32,
     pattern: bool,
     rounds: u32,
-) -> Result<()> {
+) -> DeviceResult<()> {
     let kernels = dev.kernels()?;
     let align = u64::from(dev.limits.min_storage_buffer_offset_alignment).max(4);
     let max_binding = dev.limits.max_storage_buffer_binding_size.min(1 << 31);
@@ -390,7 +390,7 @@ fn encode_fill(
         let x = groups.min(per_dim);
         let y = groups.div_ceil(x);
         if y > per_dim {
-            return Err(Error::InvalidArgument(format!(
+            return Err(DeviceError::InvalidArgument(format!(
                 "a fill of {} bytes needs {groups} workgroups, more than {} allows",
                 dst.len,
                 dev.label()
@@ -468,7 +468,7 @@ fn dispatch(
 
 /// Write `bytes` at `dst`: whole words through `Queue::write_buffer` (wgpu runs it at the
 /// start of the submission), the bytes of partly written words through the patch kernel.
-fn submit_write(dev: &DeviceShared, dst: &Region, bytes: &[u8]) -> Result<u64> {
+fn submit_write(dev: &DeviceShared, dst: &Region, bytes: &[u8]) -> DeviceResult<u64> {
     let start = dst.offset;
     let end = start + bytes.len() as u64;
     let whole = (start.next_multiple_of(4), end / 4 * 4);

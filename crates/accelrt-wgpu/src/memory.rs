@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use accelrt::alloc::{MemoryProvider, ProviderError};
-use accelrt::{Error, Result};
+use accelrt::error::{DeviceError, DeviceResult};
 use parking_lot::{Mutex, RwLock};
 
 use crate::device::DeviceShared;
@@ -231,24 +231,25 @@ impl WgpuMemory {
 
     /// The buffer holding `[ptr, ptr + len)` and the offset of `ptr` in it; an error when the
     /// range is not inside one live segment of this device.
-    pub fn resolve(&self, ptr: usize, len: u64) -> Result<(wgpu::Buffer, u64)> {
+    pub fn resolve(&self, ptr: usize, len: u64) -> DeviceResult<(wgpu::Buffer, u64)> {
         let segments = self.segments.read();
-        let (base, segment) = segments
-            .range(..=ptr)
-            .next_back()
-            .ok_or(Error::InvalidPointer {
-                ptr,
-                context: "not inside a segment of this wgpu device",
-            })?;
+        let (base, segment) =
+            segments
+                .range(..=ptr)
+                .next_back()
+                .ok_or(DeviceError::InvalidPointer {
+                    ptr,
+                    context: "not inside a segment of this wgpu device",
+                })?;
         let offset = (ptr - base) as u64;
         if offset >= segment.size || len > segment.size - offset {
             return Err(if offset >= segment.size {
-                Error::InvalidPointer {
+                DeviceError::InvalidPointer {
                     ptr,
                     context: "not inside a segment of this wgpu device",
                 }
             } else {
-                Error::InvalidArgument(format!(
+                DeviceError::InvalidArgument(format!(
                     "{len} bytes at {ptr:#x} run past the end of its segment ({} bytes from \
                      {base:#x})",
                     segment.size

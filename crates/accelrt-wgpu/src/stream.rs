@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use accelrt::driver::HostTask;
-use accelrt::{Error, Result};
+use accelrt::error::{DeviceError, DeviceResult};
 use parking_lot::{Condvar, Mutex};
 
 use crate::device::{wgpu_error, DeviceShared};
@@ -139,7 +139,7 @@ impl WgpuStream {
 
 impl StreamShared {
     /// Queue `item`: at once when nothing is held back, else behind the held-back work.
-    pub(crate) fn launch(self: &Arc<Self>, item: Item) -> Result<()> {
+    pub(crate) fn launch(self: &Arc<Self>, item: Item) -> DeviceResult<()> {
         let mut st = self.state.lock();
         let item = match item {
             Item::Host(task) if st.capture.is_some() => {
@@ -148,7 +148,7 @@ impl StreamShared {
             }
             Item::Gpu(op) if st.capture.is_some() => {
                 if matches!(op, GpuOp::Read { .. }) {
-                    return Err(Error::Graph(format!(
+                    return Err(DeviceError::Graph(format!(
                         "{} is capturing a graph: reading device memory back to the host \
                          cannot be captured (read after the capture ends)",
                         self.label
@@ -199,7 +199,7 @@ impl StreamShared {
     }
 
     /// Launch captured work again (a graph replay).
-    pub(crate) fn replay(self: &Arc<Self>, items: &[Captured]) -> Result<()> {
+    pub(crate) fn replay(self: &Arc<Self>, items: &[Captured]) -> DeviceResult<()> {
         for item in items {
             self.launch(match item {
                 Captured::Host(task) => Item::Host(Arc::clone(task)),
@@ -210,19 +210,19 @@ impl StreamShared {
     }
 
     /// A point at the current end of the stream.
-    pub(crate) fn point_at_end(self: &Arc<Self>) -> Result<Arc<Point>> {
+    pub(crate) fn point_at_end(self: &Arc<Self>) -> DeviceResult<Arc<Point>> {
         let point = Arc::new(Point::new(self.id, &self.device.notifier));
         self.launch(Item::Record(Arc::clone(&point)))?;
         Ok(point)
     }
 
     /// Block until `point` (of this device) has been reached.
-    pub(crate) fn wait_point(device: &DeviceShared, point: &Point, what: &str) -> Result<()> {
+    pub(crate) fn wait_point(device: &DeviceShared, point: &Point, what: &str) -> DeviceResult<()> {
         let n = match point.resolved() {
             Some(n) => n,
             None => {
                 if point.stream_id == current_worker() {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(DeviceError::InvalidArgument(format!(
                         "cannot {what} from a task running on the stream it waits for: it \
                          would wait for itself"
                     )));
@@ -236,7 +236,7 @@ impl StreamShared {
     /// Block until everything queued so far has run; report errors kept since the last
     /// synchronize (failed work and panicked tasks of this stream, then the device's
     /// asynchronous wgpu errors).
-    pub(crate) fn synchronize(self: &Arc<Self>) -> Result<()> {
+    pub(crate) fn synchronize(self: &Arc<Self>) -> DeviceResult<()> {
         self.check_not_worker("synchronize")?;
         let point = self.point_at_end()?;
         Self::wait_point(&self.device, &point, "synchronize")?;
@@ -245,7 +245,7 @@ impl StreamShared {
     }
 
     /// True when everything queued so far has finished.
-    pub(crate) fn query(&self) -> Result<bool> {
+    pub(crate) fn query(&self) -> DeviceResult<bool> {
         let frontier = {
             let st = self.state.lock();
             if !st.pending.is_empty() || st.busy {
@@ -256,9 +256,9 @@ impl StreamShared {
         self.device.query(frontier)
     }
 
-    pub(crate) fn check_not_worker(&self, what: &str) -> Result<()> {
+    pub(crate) fn check_not_worker(&self, what: &str) -> DeviceResult<()> {
         if current_worker() == self.id {
-            return Err(Error::InvalidArgument(format!(
+            return Err(DeviceError::InvalidArgument(format!(
                 "cannot {what} from a task running on {} itself: it would wait for itself",
                 self.label
             )));
@@ -268,10 +268,13 @@ impl StreamShared {
 
     // ---- graph capture ---------------------------------------------------------------------
 
-    pub(crate) fn begin_capture(&self) -> Result<()> {
+    pub(crate) fn begin_capture(&self) -> DeviceResult<()> {
         let mut st = self.state.lock();
         if st.capture.is_some() {
-            return Err(Error::Graph(format!("{} is already capturing", self.label)));
+            return Err(DeviceError::Graph(format!(
+                "{} is already capturing",
+                self.label
+            )));
         }
         st.capture = Some(CaptureBuffer::default());
         Ok(())
@@ -280,16 +283,19 @@ impl StreamShared {
     /// From now on, record this stream's launches into `origin`'s capture (a fork).
     /// Captured work replays on the origin stream in launch order, which keeps every
     /// cross-stream dependency of the capture.
-    pub(crate) fn join_capture(&self, origin: &StreamShared) -> Result<()> {
+    pub(crate) fn join_capture(&self, origin: &StreamShared) -> DeviceResult<()> {
         let buffer = origin.state.lock().capture.clone().ok_or_else(|| {
-            Error::Graph(format!(
+            DeviceError::Graph(format!(
                 "{} is not capturing: {} cannot join its capture",
                 origin.label, self.label
             ))
         })?;
         let mut st = self.state.lock();
         if st.capture.is_some() {
-            return Err(Error::Graph(format!("{} is already capturing", self.label)));
+            return Err(DeviceError::Graph(format!(
+                "{} is already capturing",
+                self.label
+            )));
         }
         st.capture = Some(buffer);
         Ok(())
@@ -299,13 +305,13 @@ impl StreamShared {
         self.state.lock().capture = None;
     }
 
-    pub(crate) fn end_capture(&self) -> Result<Vec<Captured>> {
+    pub(crate) fn end_capture(&self) -> DeviceResult<Vec<Captured>> {
         let buffer = self
             .state
             .lock()
             .capture
             .take()
-            .ok_or_else(|| Error::Graph(format!("{} is not capturing", self.label)))?;
+            .ok_or_else(|| DeviceError::Graph(format!("{} is not capturing", self.label)))?;
         let items = std::mem::take(&mut *buffer.lock());
         Ok(items)
     }
@@ -317,7 +323,7 @@ impl StreamShared {
         self.has_errors.store(true, Ordering::Release);
     }
 
-    fn take_errors(&self) -> Result<()> {
+    fn take_errors(&self) -> DeviceResult<()> {
         if !self.has_errors.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -340,7 +346,7 @@ impl StreamShared {
     // ---- the worker ------------------------------------------------------------------------
 
     #[cold]
-    fn start_worker(self: &Arc<Self>) -> Result<()> {
+    fn start_worker(self: &Arc<Self>) -> DeviceResult<()> {
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name(format!("accelrt-{}", self.label))

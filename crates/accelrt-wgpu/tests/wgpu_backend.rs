@@ -6,6 +6,7 @@
 
 mod common;
 
+use accelrt::DeviceError;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,8 @@ fn stream(b: &WgpuBackend) -> Stream {
 fn on<R>(
     b: &WgpuBackend,
     s: Stream,
-    f: impl FnOnce(&WgpuDriver, &WgpuStream) -> accelrt::Result<R>,
-) -> accelrt::Result<R> {
+    f: impl FnOnce(&WgpuDriver, &WgpuStream) -> accelrt::error::DeviceResult<R>,
+) -> accelrt::error::DeviceResult<R> {
     b.with_stream(s, f)
 }
 
@@ -133,7 +134,7 @@ fn malformed_work_is_refused_with_the_reason() {
     let a = b.allocator(0).unwrap();
     let s = stream(b);
     let p = a.raw_alloc(4096, s).unwrap();
-    let cases: Vec<(&str, accelrt::Result<()>, &str)> = vec![
+    let cases: Vec<(&str, accelrt::error::DeviceResult<()>, &str)> = vec![
         (
             "misaligned fill",
             on(b, s, |d, w| d.fill(w, p + 2, 8, 1)),
@@ -455,7 +456,10 @@ fn errors_raised_by_wgpu_keep_its_text() {
     });
     let err = b.stream_synchronize(s).unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, Error::Driver { .. }), "{text}");
+    assert!(
+        matches!(err, Error::Device(DeviceError::Driver { .. })),
+        "{text}"
+    );
     assert!(
         text.contains("too large on purpose") || text.contains("MAP"),
         "{text}"
@@ -515,7 +519,7 @@ fn child_reports_unavailable() {
     assert_eq!(b.device_count(), 0);
     let err = b.allocator(0).unwrap_err();
     assert!(
-        matches!(&err, Error::NeedsBackend { call, .. } if *call == "allocator"),
+        matches!(&err, Error::Device(DeviceError::NeedsBackend { call, .. }) if *call == "allocator"),
         "{err}"
     );
     assert!(err.to_string().contains(&reason), "{err}");

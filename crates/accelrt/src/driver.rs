@@ -6,13 +6,13 @@
 //! into a full [`crate::Backend`] and is the one place that validates, pools events, keeps
 //! the current device and stream, the stream pool, generators, graphs and allocators.
 //!
-//! Optional capabilities have default bodies that answer [`Error::Unsupported`].
+//! Optional capabilities have default bodies that answer [`DeviceError::Unsupported`].
 
 use std::sync::Arc;
 
 use crate::alloc::MemoryProvider;
 use crate::device::{DeviceProperties, DeviceType};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 use crate::stream::StreamPriority;
 
 /// A host task launched on a stream. `Fn` (not `FnOnce`) so a captured graph can replay it.
@@ -42,13 +42,17 @@ pub trait Driver: Send + Sync + Sized + 'static {
     /// The device type this driver serves.
     const KIND: DeviceType;
 
+    /// Whether the backend is compiled into this build: false only for stand-ins of
+    /// backends whose cargo feature is off (`backend::noop`), whose probe says so.
+    const BUILT: bool = true;
+
     /// Open the driver, or say why it cannot be used (the backend's unavailable reason).
     fn probe() -> std::result::Result<Self, String>;
 
     /// Number of devices (at least 1 for an opened driver).
     fn device_count(&self) -> u32;
     /// Properties of a valid device.
-    fn device_properties(&self, device: u32) -> Result<DeviceProperties>;
+    fn device_properties(&self, device: u32) -> DeviceResult<DeviceProperties>;
     /// (major, minor) of the runtime or driver in use.
     fn runtime_version(&self) -> (u32, u32);
     /// Environment variables that configure this driver, for `show_config`.
@@ -68,7 +72,7 @@ pub trait Driver: Send + Sync + Sized + 'static {
     }
     /// Device memory in use and the recommended working set, as the driver counts them. The
     /// default asks the device's memory provider.
-    fn memory_usage(&self, device: u32) -> Result<MemoryUsage> {
+    fn memory_usage(&self, device: u32) -> DeviceResult<MemoryUsage> {
         let provider = self.memory_provider(device)?;
         Ok(MemoryUsage {
             used: provider.driver_allocated(),
@@ -83,14 +87,14 @@ pub trait Driver: Send + Sync + Sized + 'static {
         device: u32,
         priority: StreamPriority,
         default: bool,
-    ) -> Result<Self::Stream>;
+    ) -> DeviceResult<Self::Stream>;
     /// Use a native stream created elsewhere (e.g. by PyTorch) without owning it.
     ///
     /// # Safety
     /// `handle` must be a live native stream of `device` (CUDA: a `CUstream` of the device's
     /// primary context, or 0 for its default stream) that outlives every use of the result.
-    unsafe fn stream_wrap(&self, _device: u32, _handle: u64) -> Result<Self::Stream> {
-        Err(Error::unsupported(
+    unsafe fn stream_wrap(&self, _device: u32, _handle: u64) -> DeviceResult<Self::Stream> {
+        Err(DeviceError::unsupported(
             Self::KIND,
             "wrapping an external stream",
         ))
@@ -98,23 +102,23 @@ pub trait Driver: Send + Sync + Sized + 'static {
     /// The native handle reported by `stream_native_handle`.
     fn stream_native_handle(&self, stream: &Self::Stream) -> u64;
     /// Flush batched work (MPS `commit`). Drivers that never batch keep the default.
-    fn stream_commit(&self, _stream: &Self::Stream) -> Result<()> {
+    fn stream_commit(&self, _stream: &Self::Stream) -> DeviceResult<()> {
         Ok(())
     }
     /// Block until all work queued on the stream has completed; report errors kept since
     /// the last synchronize.
-    fn stream_synchronize(&self, stream: &Self::Stream) -> Result<()>;
+    fn stream_synchronize(&self, stream: &Self::Stream) -> DeviceResult<()>;
     /// True when all work queued so far has completed.
-    fn stream_query(&self, stream: &Self::Stream) -> Result<bool>;
+    fn stream_query(&self, stream: &Self::Stream) -> DeviceResult<bool>;
     /// Make later work on `stream` wait for a recorded `event`.
-    fn stream_wait_event(&self, stream: &Self::Stream, event: &Self::Event) -> Result<()>;
+    fn stream_wait_event(&self, stream: &Self::Stream, event: &Self::Event) -> DeviceResult<()>;
     /// Queue a host function in stream order.
-    fn launch_host(&self, _stream: &Self::Stream, _task: HostTask) -> Result<()> {
-        Err(Error::unsupported(Self::KIND, "launch_host()"))
+    fn launch_host(&self, _stream: &Self::Stream, _task: HostTask) -> DeviceResult<()> {
+        Err(DeviceError::unsupported(Self::KIND, "launch_host()"))
     }
     /// Wait for every stream of a device. The default synchronizes the given streams (all
     /// those the runtime created on the device); a driver with a device-wide call overrides it.
-    fn device_synchronize(&self, _device: u32, streams: &[&Self::Stream]) -> Result<()> {
+    fn device_synchronize(&self, _device: u32, streams: &[&Self::Stream]) -> DeviceResult<()> {
         let mut first_error = None;
         for s in streams {
             if let Err(e) = self.stream_synchronize(s) {
@@ -126,47 +130,54 @@ pub trait Driver: Send + Sync + Sized + 'static {
 
     // ---- events ----------------------------------------------------------------------------
     /// Create an event; `timing` events also record a completion time.
-    fn event_create(&self, device: u32, timing: bool) -> Result<Self::Event>;
+    fn event_create(&self, device: u32, timing: bool) -> DeviceResult<Self::Event>;
     /// Mark the current end of `stream`; re-recording moves the event.
-    fn event_record(&self, event: &Self::Event, stream: &Self::Stream) -> Result<()>;
+    fn event_record(&self, event: &Self::Event, stream: &Self::Stream) -> DeviceResult<()>;
     /// Record `event` on a stream that is capturing a graph: the event then marks a point
     /// of the capture, which other streams may wait for (joining the capture) and the
     /// runtime never queries. The default records as usual (CUDA's capture does the rest).
-    fn event_record_captured(&self, event: &Self::Event, stream: &Self::Stream) -> Result<()> {
+    fn event_record_captured(
+        &self,
+        event: &Self::Event,
+        stream: &Self::Stream,
+    ) -> DeviceResult<()> {
         self.event_record(event, stream)
     }
     /// True once the recorded position has been reached.
-    fn event_query(&self, event: &Self::Event) -> Result<bool>;
+    fn event_query(&self, event: &Self::Event) -> DeviceResult<bool>;
     /// Block until the recorded position has been reached.
-    fn event_synchronize(&self, event: &Self::Event) -> Result<()>;
+    fn event_synchronize(&self, event: &Self::Event) -> DeviceResult<()>;
     /// Milliseconds between two completed, recorded timing events.
-    fn event_elapsed_ms(&self, start: &Self::Event, end: &Self::Event) -> Result<f64>;
+    fn event_elapsed_ms(&self, start: &Self::Event, end: &Self::Event) -> DeviceResult<f64>;
     /// Run `callback` once the recorded event completes.
-    fn event_notify(&self, _event: &Self::Event, _callback: EventCallback) -> Result<()> {
-        Err(Error::unsupported(Self::KIND, "event_notify()"))
+    fn event_notify(&self, _event: &Self::Event, _callback: EventCallback) -> DeviceResult<()> {
+        Err(DeviceError::unsupported(Self::KIND, "event_notify()"))
     }
     /// When a recorded timing event completed, in ns on [`crate::event::clock_ns`]'s clock;
-    /// an [`Error::Event`] while it has not.
-    fn event_completion_ns(&self, _event: &Self::Event) -> Result<u64> {
-        Err(Error::unsupported(Self::KIND, "event_completion_time()"))
+    /// an [`DeviceError::Event`] while it has not.
+    fn event_completion_ns(&self, _event: &Self::Event) -> DeviceResult<u64> {
+        Err(DeviceError::unsupported(
+            Self::KIND,
+            "event_completion_time()",
+        ))
     }
 
     // ---- graphs ----------------------------------------------------------------------------
     /// From now on, work launched on `stream` is recorded instead of run.
-    fn capture_begin(&self, _stream: &Self::Stream) -> Result<()> {
-        Err(Error::unsupported(Self::KIND, "graph capture"))
+    fn capture_begin(&self, _stream: &Self::Stream) -> DeviceResult<()> {
+        Err(DeviceError::unsupported(Self::KIND, "graph capture"))
     }
     /// Stop recording and return what was recorded.
-    fn capture_end(&self, _stream: &Self::Stream) -> Result<Self::Graph> {
-        Err(Error::unsupported(Self::KIND, "graph capture"))
+    fn capture_end(&self, _stream: &Self::Stream) -> DeviceResult<Self::Graph> {
+        Err(DeviceError::unsupported(Self::KIND, "graph capture"))
     }
     /// Queue the recorded work on `stream` again (the runtime instantiates first).
-    fn graph_launch(&self, _graph: &Self::Graph, _stream: &Self::Stream) -> Result<()> {
-        Err(Error::unsupported(Self::KIND, "graph replay"))
+    fn graph_launch(&self, _graph: &Self::Graph, _stream: &Self::Stream) -> DeviceResult<()> {
+        Err(DeviceError::unsupported(Self::KIND, "graph replay"))
     }
     /// Make the executable form of a captured graph (CUDA: `cuGraphInstantiate`). Called
     /// once per graph, before its first launch. The default has nothing to do.
-    fn graph_instantiate(&self, _graph: &Self::Graph) -> Result<()> {
+    fn graph_instantiate(&self, _graph: &Self::Graph) -> DeviceResult<()> {
         Ok(())
     }
     /// Free the captured (non-executable) form of an instantiated graph: its creator did not
@@ -180,8 +191,8 @@ pub trait Driver: Send + Sync + Sized + 'static {
         _stream: &Self::Stream,
         _origin: &Self::Stream,
         _event: &Self::Event,
-    ) -> Result<()> {
-        Err(Error::unsupported(
+    ) -> DeviceResult<()> {
+        Err(DeviceError::unsupported(
             Self::KIND,
             "forking a graph capture onto another stream",
         ))
@@ -189,16 +200,20 @@ pub trait Driver: Send + Sync + Sized + 'static {
     /// `stream`, which joined a capture, leaves it: the capture ended on its origin stream,
     /// with `graph` when it produced one (which must then keep whatever work captured on
     /// `stream` needs at replays, e.g. host tasks).
-    fn capture_leave(&self, _stream: &Self::Stream, _graph: Option<&Self::Graph>) -> Result<()> {
+    fn capture_leave(
+        &self,
+        _stream: &Self::Stream,
+        _graph: Option<&Self::Graph>,
+    ) -> DeviceResult<()> {
         Ok(())
     }
 
     // ---- memory ----------------------------------------------------------------------------
     /// Raw device memory for the device's caching allocator.
-    fn memory_provider(&self, device: u32) -> Result<Arc<dyn MemoryProvider>>;
+    fn memory_provider(&self, device: u32) -> DeviceResult<Arc<dyn MemoryProvider>>;
     /// Page-locked host memory for the pinned allocator.
-    fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
-        Err(Error::unsupported(Self::KIND, "pinned host memory"))
+    fn pinned_memory_provider(&self) -> DeviceResult<Arc<dyn MemoryProvider>> {
+        Err(DeviceError::unsupported(Self::KIND, "pinned host memory"))
     }
     /// Copy `src` to device memory at `dst`, in stream order on `stream` (work queued on it
     /// later sees the bytes). `src` may be dropped when this returns.
@@ -206,8 +221,13 @@ pub trait Driver: Send + Sync + Sized + 'static {
     /// # Safety
     /// `dst .. dst + src.len()` must be memory of the stream's device that the caller owns
     /// until the copy has run.
-    unsafe fn write_async(&self, _stream: &Self::Stream, _dst: usize, _src: &[u8]) -> Result<()> {
-        Err(Error::unsupported(
+    unsafe fn write_async(
+        &self,
+        _stream: &Self::Stream,
+        _dst: usize,
+        _src: &[u8],
+    ) -> DeviceResult<()> {
+        Err(DeviceError::unsupported(
             Self::KIND,
             "writing host bytes to device memory",
         ))
@@ -216,13 +236,13 @@ pub trait Driver: Send + Sync + Sized + 'static {
     // ---- several devices -------------------------------------------------------------------
     /// Whether work on `device` can address memory of `peer` directly (both valid, distinct).
     /// The default: no device reaches another.
-    fn can_access_peer(&self, _device: u32, _peer: u32) -> Result<bool> {
+    fn can_access_peer(&self, _device: u32, _peer: u32) -> DeviceResult<bool> {
         Ok(false)
     }
     /// Let work on `device` address `peer`'s memory (both valid, distinct, and
     /// `can_access_peer` said yes); enabling twice is not an error.
-    fn enable_peer_access(&self, _device: u32, _peer: u32) -> Result<()> {
-        Err(Error::unsupported(
+    fn enable_peer_access(&self, _device: u32, _peer: u32) -> DeviceResult<()> {
+        Err(DeviceError::unsupported(
             Self::KIND,
             "peer access between devices",
         ))
@@ -239,8 +259,8 @@ pub trait Driver: Send + Sync + Sized + 'static {
         _dst: usize,
         _src: usize,
         _bytes: usize,
-    ) -> Result<()> {
-        Err(Error::unsupported(
+    ) -> DeviceResult<()> {
+        Err(DeviceError::unsupported(
             Self::KIND,
             "copies between device buffers",
         ))

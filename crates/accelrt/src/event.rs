@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 /// Nanoseconds on accelrt's clock: a monotonic clock whose epoch is its first use in the
 /// process. Event completion times ([`crate::Backend::event_completion_time`]) are on it.
@@ -98,7 +98,7 @@ impl<E> EventSlot<E> {
 }
 
 /// Creates a raw event for `(device, enable_timing)` when the free list is empty.
-pub type EventFactory<E> = Box<dyn Fn(u32, bool) -> Result<E> + Send + Sync>;
+pub type EventFactory<E> = Box<dyn Fn(u32, bool) -> DeviceResult<E> + Send + Sync>;
 
 /// One free list: a single-event "hot" slot taken and refilled with one atomic swap each
 /// (the acquire-record-release cycle of one thread never locks), then a locked stack.
@@ -198,7 +198,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
     /// A pool for `devices` devices that creates events with `create(device, enable_timing)`.
     pub fn new(
         devices: u32,
-        create: impl Fn(u32, bool) -> Result<E> + Send + Sync + 'static,
+        create: impl Fn(u32, bool) -> DeviceResult<E> + Send + Sync + 'static,
     ) -> Self {
         let free = (0..devices)
             .map(|_| [FreeList::new(), FreeList::new()])
@@ -220,7 +220,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
     }
 
     #[inline]
-    fn free_list(&self, device: u32, timing: bool) -> Result<&FreeList<E>> {
+    fn free_list(&self, device: u32, timing: bool) -> DeviceResult<&FreeList<E>> {
         match self.free.get(device as usize) {
             Some(lists) => Ok(&lists[timing as usize]),
             None => Err(self.bad_device(device)),
@@ -228,8 +228,8 @@ impl<E: Send + Sync + 'static> EventPool<E> {
     }
 
     #[cold]
-    fn bad_device(&self, device: u32) -> Error {
-        Error::InvalidArgument(format!(
+    fn bad_device(&self, device: u32) -> DeviceError {
+        DeviceError::InvalidArgument(format!(
             "event pool: device {device} does not exist (the pool serves {} device(s))",
             self.free.len()
         ))
@@ -239,7 +239,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
     ///
     /// Fast path: one atomic swap (the hot slot), else one lock and a pop. The event goes back to the pool when the handle drops.
     #[inline]
-    pub fn acquire(&self, device: u32, enable_timing: bool) -> Result<PooledEvent<'_, E>> {
+    pub fn acquire(&self, device: u32, enable_timing: bool) -> DeviceResult<PooledEvent<'_, E>> {
         let list = self.free_list(device, enable_timing)?;
         let popped = list.pop();
         let slot = match popped {
@@ -254,7 +254,7 @@ impl<E: Send + Sync + 'static> EventPool<E> {
 
     #[cold]
     #[inline(never)]
-    fn create_slot(&self, device: u32, timing: bool) -> Result<Arc<EventSlot<E>>> {
+    fn create_slot(&self, device: u32, timing: bool) -> DeviceResult<Arc<EventSlot<E>>> {
         let raw = (self.create)(device, timing)?;
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(EventSlot {
@@ -278,27 +278,27 @@ impl<E: Send + Sync + 'static> EventPool<E> {
 
     /// Acquire an event through the id API: it stays in the in-use map until
     /// [`EventPool::release_id`].
-    pub fn acquire_id(&self, device: u32, enable_timing: bool) -> Result<EventId> {
+    pub fn acquire_id(&self, device: u32, enable_timing: bool) -> DeviceResult<EventId> {
         Ok(self.acquire(device, enable_timing)?.into_id())
     }
 
     /// The in-use event behind `id`.
     #[inline]
-    pub fn get(&self, id: EventId) -> Result<Arc<EventSlot<E>>> {
+    pub fn get(&self, id: EventId) -> DeviceResult<Arc<EventSlot<E>>> {
         match self.in_use.lock().get(&id.0) {
             Some(slot) => Ok(Arc::clone(slot)),
-            None => Err(Error::UnknownEvent { id: id.0 }),
+            None => Err(DeviceError::UnknownEvent { id: id.0 }),
         }
     }
 
     /// Return the event behind `id` to the pool. An unknown or already released id is an
-    /// [`Error::UnknownEvent`] and leaves the pool unchanged.
-    pub fn release_id(&self, id: EventId) -> Result<()> {
+    /// [`DeviceError::UnknownEvent`] and leaves the pool unchanged.
+    pub fn release_id(&self, id: EventId) -> DeviceResult<()> {
         let slot = self
             .in_use
             .lock()
             .remove(&id.0)
-            .ok_or(Error::UnknownEvent { id: id.0 })?;
+            .ok_or(DeviceError::UnknownEvent { id: id.0 })?;
         self.give_back(slot);
         Ok(())
     }
@@ -494,7 +494,7 @@ mod tests {
         p.release_id(a).unwrap();
         let b = p.acquire_id(0, false).unwrap();
         assert_ne!(a, b);
-        assert_eq!(p.release_id(a), Err(Error::UnknownEvent { id: a.0 }));
+        assert_eq!(p.release_id(a), Err(DeviceError::UnknownEvent { id: a.0 }));
         assert_eq!(p.in_use_count(), 1);
         assert_eq!(p.free_count(0, false), 0);
         assert!(p.acquire(2, false).is_err());

@@ -8,7 +8,7 @@
 
 use parking_lot::Mutex;
 
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
@@ -119,9 +119,9 @@ impl Generator {
 
     /// Restore a state from [`Generator::get_state`]; a slice of any other length is an error
     /// and leaves the generator unchanged.
-    pub fn set_state(&self, state: &[u8]) -> Result<()> {
+    pub fn set_state(&self, state: &[u8]) -> DeviceResult<()> {
         let bytes: &[u8; STATE_LEN] = state.try_into().map_err(|_| {
-            Error::InvalidArgument(format!(
+            DeviceError::InvalidArgument(format!(
                 "generator state must be {STATE_LEN} bytes (8-byte seed + 8-byte offset, \
                  little-endian, as get_state returns), got {} bytes",
                 state.len()

@@ -20,7 +20,7 @@ pub use crate::driver::{EventCallback, HostTask};
 
 /// The hooks a device backend provides. Every method answers with a value or an
 /// [`crate::Error`]; none panics on bad input. On a backend that cannot be used here, every
-/// call answers [`crate::Error::NeedsBackend`] naming the call and the reason.
+/// call answers [`crate::DeviceError::NeedsBackend`] naming the call and the reason.
 ///
 /// `ARCHITECTURE.md` maps each method of PyTorch's accelerator, MPS and MTIA hooks to the
 /// method here that answers it.
@@ -64,7 +64,7 @@ pub trait Backend: Send + Sync {
     fn runtime_version_at_least(&self, major: u32, minor: u32) -> Result<bool>;
     /// The device that holds `ptr`: memory of one of the backend's allocators (live or
     /// cached), or memory the driver knows (CUDA: any device allocation). An address nobody
-    /// knows is [`crate::Error::InvalidPointer`].
+    /// knows is [`crate::AllocError::InvalidPointer`].
     fn device_from_ptr(&self, ptr: usize) -> Result<Device>;
 
     // ---- streams ------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod driver;
+pub mod error;
 pub mod event;
 pub mod generator;
 pub mod hooks;
@@ -18,11 +19,11 @@ pub mod runtime;
 
 /// The caching allocator: the `accelrt-alloc` crate.
 pub use accelrt_alloc as alloc;
-pub use accelrt_alloc::{device, error, graph, stream};
+pub use accelrt_alloc::{device, graph, stream};
 pub use accelrt_formats::{snapshot, trace};
 
 pub use device::{BackendName, Device, DeviceProperties, DeviceType};
-pub use error::{Error, OomReport, Result};
+pub use error::{AllocError, DeviceError, Error, FormatError, OomReport, Result};
 pub use event::EventId;
 pub use graph::{GraphId, MempoolId};
 pub use hooks::Backend;

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::alloc::{format_size, TraceAction, TraceEntry};
 use crate::device::DeviceType;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, FormatError, Result};
 
 /// What a trace records (PyTorch MPS's profiler has modes too; these are switches).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,11 +163,12 @@ impl ProfilerTrace {
     pub fn write_chrome_trace(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let path = path.as_ref();
         std::fs::write(path, self.to_chrome_json().to_string()).map_err(|e| {
-            Error::io(
+            FormatError::io(
                 path.display().to_string(),
                 format!("cannot write the profiler trace: {e}"),
                 e,
             )
+            .into()
         })
     }
 }
@@ -283,11 +284,12 @@ impl Profiler {
     pub fn start(&self, mode: ProfilerMode, wait_until_completed: bool) -> Result<u64> {
         let mut s = self.session.lock();
         if s.is_some() {
-            return Err(Error::InvalidArgument(
+            return Err(DeviceError::InvalidArgument(
                 "a profiler trace is already running on this backend: call \
                  profiler_stop_trace() before starting another"
                     .into(),
-            ));
+            )
+            .into());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         *s = Some(Session {
@@ -385,7 +387,8 @@ fn now_unix_us() -> u64 {
 }
 
 fn not_running() -> Error {
-    Error::InvalidArgument(
+    DeviceError::InvalidArgument(
         "no profiler trace is running on this backend: call profiler_start_trace() first".into(),
     )
+    .into()
 }

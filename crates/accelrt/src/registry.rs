@@ -2,7 +2,7 @@
 //! allocator callbacks.
 //!
 //! The built-in backends (`host`, `cuda`) sit in a fixed table and are built on first use; a
-//! backend that is not compiled in is a [`crate::backend::UnavailableBackend`] that says so.
+//! backend that is not compiled in is a [`Runtime`] over a driver whose probe says so ([`crate::backend::noop`]): no `cfg` here.
 //! Any other crate adds a backend at run time with [`register`] (a `&'static dyn Backend`,
 //! usually a [`Runtime`] over its own [`Driver`], whose `KIND` is
 //! [`DeviceType::custom`]`("name")`), after PyTorch's hooks registries that extensions fill
@@ -24,7 +24,7 @@ use crate::backend::host::HostDriver;
 use crate::backend::UnavailableBackend;
 use crate::device::{BackendName, DeviceType};
 use crate::driver::Driver;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 use crate::hooks::Backend;
 use crate::runtime::Runtime;
 
@@ -62,21 +62,13 @@ fn host_backend() -> &'static dyn Backend {
 /// The process-wide CUDA runtime, for callers that want its concrete API (the driver's
 /// kernels and copies, RAII events, [`Runtime::with_stream`]). Opening it never fails: on a
 /// machine without a usable driver it is unavailable and says why.
-#[cfg(feature = "cuda")]
 pub fn cuda() -> &'static Runtime<crate::backend::cuda::CudaDriver> {
     static CUDA: OnceLock<Runtime<crate::backend::cuda::CudaDriver>> = OnceLock::new();
     CUDA.get_or_init(Runtime::new)
 }
 
-#[cfg(feature = "cuda")]
 fn cuda_backend() -> &'static dyn Backend {
     cuda()
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_backend() -> &'static dyn Backend {
-    static CUDA: OnceLock<UnavailableBackend> = OnceLock::new();
-    CUDA.get_or_init(|| UnavailableBackend::not_compiled(DeviceType::Cuda))
 }
 
 // ---- backends registered at run time ----------------------------------------------------------
@@ -94,11 +86,12 @@ static MISSING: Mutex<Vec<&'static UnavailableBackend>> = Mutex::new(Vec::new())
 /// another backend holds.
 pub fn register(backend: &'static dyn Backend) -> Result<()> {
     let DeviceType::Custom(name) = backend.device_type() else {
-        return Err(Error::InvalidArgument(format!(
+        return Err(DeviceError::InvalidArgument(format!(
             "cannot register a backend of device type {}: it is built in; a registered \
              backend's driver has `const KIND: DeviceType = DeviceType::custom(\"name\")`",
             backend.device_type()
-        )));
+        ))
+        .into());
     };
     let mut registered = REGISTERED.write();
     if let Some(existing) = registered
@@ -108,10 +101,11 @@ pub fn register(backend: &'static dyn Backend) -> Result<()> {
         if std::ptr::addr_eq(*existing, backend) {
             return Ok(());
         }
-        return Err(Error::InvalidArgument(format!(
+        return Err(DeviceError::InvalidArgument(format!(
             "a backend named '{name}' is already registered (another object): registered \
              backends live for the whole process; give this one another name"
-        )));
+        ))
+        .into());
     }
     registered.push(backend);
     crate::device::note_registered(name);
@@ -130,10 +124,11 @@ pub fn register_runtime<D: Driver>(runtime: Runtime<D>) -> Result<&'static Runti
     // Checked before leaking, so a refused runtime is dropped.
     if let DeviceType::Custom(name) = D::KIND {
         if registered(name).is_some() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(DeviceError::InvalidArgument(format!(
                 "a backend named '{name}' is already registered: register_driver registers \
                  a new runtime each call; call it once per process"
-            )));
+            ))
+            .into());
         }
     }
     let runtime: &'static Runtime<D> = Box::leak(Box::new(runtime));
@@ -205,7 +200,13 @@ pub fn names() -> Vec<&'static str> {
 /// a registered backend's exact name. This is the lookup the CLI's `--backend NAME` uses.
 /// An unknown name is an error that lists the names known.
 pub fn backend_by_name(name: &str) -> Result<&'static dyn Backend> {
-    name.parse::<DeviceType>().map(backend)
+    // The name's refusal is the registry's argument error (device types live in the
+    // allocator's crate, whose parser says it in the same words).
+    let kind = name.parse::<DeviceType>().map_err(|e| match e {
+        crate::error::AllocError::InvalidArgument(m) => DeviceError::InvalidArgument(m).into(),
+        other => Error::from(other),
+    })?;
+    Ok(backend(kind))
 }
 
 // ---- global allocator callbacks ---------------------------------------------------------------

@@ -20,7 +20,7 @@ use crate::alloc::{
 };
 use crate::device::{Device, DeviceProperties, DeviceType};
 use crate::driver::Driver;
-use crate::error::{Error, Result};
+use crate::error::{AllocError, DeviceError, DeviceResult, Result};
 use crate::event::{EventId, EventPool, EventSlot, PooledEvent};
 use crate::generator::Generator;
 use crate::graph::{GraphId, MempoolId};
@@ -63,6 +63,10 @@ type Probe<D> = Box<dyn FnOnce() -> std::result::Result<D, String> + Send>;
 /// counts); each has its own per-thread current device and streams.
 pub struct Runtime<D: Driver> {
     id: u64,
+    /// `D::KIND`, or the name a stand-in presents (`backend::noop`).
+    kind: DeviceType,
+    /// `D::BUILT`, or false for the stand-in of a name nobody registered.
+    built: bool,
     probe: Mutex<Option<Probe<D>>>,
     state: OnceLock<std::result::Result<Ready<D>, String>>,
 }
@@ -81,7 +85,7 @@ impl<D: Driver> std::fmt::Debug for Runtime<D> {
             Some(Err(reason)) => format!("unavailable: {reason}"),
         };
         f.debug_struct("Runtime")
-            .field("kind", &D::KIND)
+            .field("kind", &self.kind)
             .field("state", &state)
             .finish()
     }
@@ -89,15 +93,16 @@ impl<D: Driver> std::fmt::Debug for Runtime<D> {
 
 impl<D: Driver> Backend for Runtime<D> {
     fn device_type(&self) -> DeviceType {
-        D::KIND
+        self.kind
     }
 
     fn is_built(&self) -> bool {
-        true
+        self.built
     }
 
     fn init(&self) -> Result<()> {
-        self.ready("init").map(drop)
+        self.ready("init")?;
+        Ok(())
     }
 
     fn is_available(&self) -> bool {
@@ -165,11 +170,11 @@ impl<D: Driver> Backend for Runtime<D> {
         }
         let raws: Vec<&D::Stream> = streams.iter().map(|s| &s.raw).collect();
         if core.profiler.active() {
-            return core.profile_timed("device_synchronize", device, None, || {
+            return Ok(core.profile_timed("device_synchronize", device, None, || {
                 core.driver.device_synchronize(device, &raws)
-            });
+            })?);
         }
-        core.driver.device_synchronize(device, &raws)
+        Ok(core.driver.device_synchronize(device, &raws)?)
     }
 
     fn show_config(&self) -> String {
@@ -206,7 +211,7 @@ impl<D: Driver> Backend for Runtime<D> {
                 r.core.driver.env_vars().to_vec()
             }
             Err(reason) => {
-                let _ = writeln!(out, "backend: {} (unavailable: {reason})", D::KIND);
+                let _ = writeln!(out, "backend: {} (unavailable: {reason})", self.kind);
                 Vec::new()
             }
         };
@@ -235,7 +240,7 @@ impl<D: Driver> Backend for Runtime<D> {
     fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
         let core = self.core("device_properties")?;
         core.check_device(device)?;
-        core.driver.device_properties(device)
+        Ok(core.driver.device_properties(device)?)
     }
 
     fn device_capability(&self, device: u32) -> Result<(u32, u32)> {
@@ -269,10 +274,11 @@ impl<D: Driver> Backend for Runtime<D> {
         }
         match ready.core.driver.device_of_ptr(ptr) {
             Some(index) if index < ready.core.count => Ok(device(index)),
-            _ => Err(Error::InvalidPointer {
+            _ => Err(AllocError::InvalidPointer {
                 ptr,
                 context: "device_from_ptr: it is not memory of any device of this backend",
-            }),
+            }
+            .into()),
         }
     }
 
@@ -314,9 +320,8 @@ impl<D: Driver> Backend for Runtime<D> {
         let ctx = core.device(device)?;
         let p = priority_index(priority);
         let pool = ctx.pool[p].get_or_try_init(|| {
-            Ok(core
-                .add_streams(device, priority, POOL_STREAMS_PER_PRIORITY)?
-                .into_boxed_slice())
+            core.add_streams(device, priority, POOL_STREAMS_PER_PRIORITY)
+                .map(Vec::into_boxed_slice)
         })?;
         let next = ctx.round_robin[p].fetch_add(1, Ordering::Relaxed);
         Ok(core.handle(device, pool[next % pool.len()]))
@@ -356,7 +361,7 @@ impl<D: Driver> Backend for Runtime<D> {
 
     fn stream_commit(&self, stream: Stream) -> Result<()> {
         let core = self.core("stream_commit")?;
-        core.driver.stream_commit(&core.stream(stream)?.raw)
+        Ok(core.driver.stream_commit(&core.stream(stream)?.raw)?)
     }
 
     fn stream_synchronize(&self, stream: Stream) -> Result<()> {
@@ -365,18 +370,18 @@ impl<D: Driver> Backend for Runtime<D> {
         core.check_not_capturing(&slot, stream, "synchronize")?;
         if core.profiler.active() {
             let (device, index) = (stream.device.index, Some(stream.index));
-            return core.profile_timed("stream_synchronize", device, index, || {
+            return Ok(core.profile_timed("stream_synchronize", device, index, || {
                 core.driver.stream_synchronize(&slot.raw)
-            });
+            })?);
         }
-        core.driver.stream_synchronize(&slot.raw)
+        Ok(core.driver.stream_synchronize(&slot.raw)?)
     }
 
     fn stream_query(&self, stream: Stream) -> Result<bool> {
         let core = self.core("stream_query")?;
         let slot = core.stream(stream)?;
         core.check_not_capturing(&slot, stream, "query")?;
-        core.driver.stream_query(&slot.raw)
+        Ok(core.driver.stream_query(&slot.raw)?)
     }
 
     fn launch_host(&self, stream: Stream, task: HostTask) -> Result<()> {
@@ -387,7 +392,7 @@ impl<D: Driver> Backend for Runtime<D> {
         } else {
             task
         };
-        core.driver.launch_host(&slot.raw, task)
+        Ok(core.driver.launch_host(&slot.raw, task)?)
     }
 
     // ---- events ---------------------------------------------------------------------------
@@ -395,54 +400,54 @@ impl<D: Driver> Backend for Runtime<D> {
     fn event_acquire(&self, device: u32, enable_timing: bool) -> Result<EventId> {
         let core = self.core("event_acquire")?;
         core.check_device(device)?;
-        core.events.acquire_id(device, enable_timing)
+        Ok(core.events.acquire_id(device, enable_timing)?)
     }
 
     fn event_release(&self, id: EventId) -> Result<()> {
-        self.core("event_release")?.events.release_id(id)
+        Ok(self.core("event_release")?.events.release_id(id)?)
     }
 
     #[inline]
     fn event_record(&self, id: EventId, stream: Stream) -> Result<()> {
         let core = self.core("event_record")?;
-        core.record(&*core.events.get(id)?, stream)
+        Ok(core.record(&*core.events.get(id)?, stream)?)
     }
 
     fn event_sync_record(&self, id: EventId, stream: Stream) -> Result<()> {
         let core = self.core("event_sync_record")?;
-        core.sync_record(&*core.events.get(id)?, stream)
+        Ok(core.sync_record(&*core.events.get(id)?, stream)?)
     }
 
     fn event_wait(&self, id: EventId, stream: Stream) -> Result<()> {
         let core = self.core("event_wait")?;
-        core.wait(&*core.events.get(id)?, stream)
+        Ok(core.wait(&*core.events.get(id)?, stream)?)
     }
 
     fn event_synchronize(&self, id: EventId) -> Result<()> {
         let core = self.core("event_synchronize")?;
-        core.synchronize(&*core.events.get(id)?)
+        Ok(core.synchronize(&*core.events.get(id)?)?)
     }
 
     #[inline]
     fn event_query(&self, id: EventId) -> Result<bool> {
         let core = self.core("event_query")?;
-        core.query(&*core.events.get(id)?)
+        Ok(core.query(&*core.events.get(id)?)?)
     }
 
     fn event_elapsed_time(&self, start: EventId, end: EventId) -> Result<f64> {
         let core = self.core("event_elapsed_time")?;
         let (a, b) = (core.events.get(start)?, core.events.get(end)?);
-        core.elapsed(&a, &b, (Some(start), Some(end)))
+        Ok(core.elapsed(&a, &b, (Some(start), Some(end)))?)
     }
 
     fn event_completion_time(&self, id: EventId) -> Result<f64> {
         let core = self.core("event_completion_time")?;
-        core.completion_time(&*core.events.get(id)?, Some(id))
+        Ok(core.completion_time(&*core.events.get(id)?, Some(id))?)
     }
 
     fn event_notify(&self, id: EventId, callback: EventCallback) -> Result<()> {
         let core = self.core("event_notify")?;
-        core.notify(&*core.events.get(id)?, callback)
+        Ok(core.notify(&*core.events.get(id)?, callback)?)
     }
 
     fn event_pool_empty_cache(&self) -> Result<u64> {
@@ -542,12 +547,12 @@ impl<D: Driver> Backend for Runtime<D> {
     fn memory_provider(&self, device: u32) -> Result<Arc<dyn crate::alloc::MemoryProvider>> {
         let core = self.core("memory_provider")?;
         core.check_device(device)?;
-        core.driver.memory_provider(device)
+        Ok(core.driver.memory_provider(device)?)
     }
 
     fn empty_cache(&self, device: u32) -> Result<()> {
         let ready = self.ready("empty_cache")?;
-        self.device_allocator(ready, device)?.empty_cache()
+        Ok(self.device_allocator(ready, device)?.empty_cache()?)
     }
 
     fn memory_stats(&self, device: u32) -> Result<crate::alloc::MemoryStats> {
@@ -563,8 +568,9 @@ impl<D: Driver> Backend for Runtime<D> {
 
     fn set_memory_fraction(&self, device: u32, fraction: f64) -> Result<()> {
         let ready = self.ready("set_memory_fraction")?;
-        self.device_allocator(ready, device)?
-            .set_memory_fraction(fraction)
+        Ok(self
+            .device_allocator(ready, device)?
+            .set_memory_fraction(fraction)?)
     }
 
     fn current_allocated_memory(&self, device: u32) -> Result<u64> {
@@ -591,9 +597,10 @@ impl<D: Driver> Backend for Runtime<D> {
             .core
             .check_not_capturing(&slot, stream, "write a scalar buffer on")?;
         if value.is_empty() {
-            return Err(Error::InvalidArgument(
+            return Err(DeviceError::InvalidArgument(
                 "alloc_scalar_with_value needs at least one byte".into(),
-            ));
+            )
+            .into());
         }
         let allocator = self.device_allocator(ready, stream.device.index)?;
         let ptr = allocator.raw_alloc(value.len(), stream)?;
@@ -603,7 +610,7 @@ impl<D: Driver> Backend for Runtime<D> {
         let written = unsafe { ready.core.driver.write_async(&slot.raw, ptr, value) };
         if let Err(e) = written {
             let _ = allocator.raw_free(ptr);
-            return Err(e);
+            return Err(e.into());
         }
         Ok(ptr)
     }
@@ -617,7 +624,7 @@ impl<D: Driver> Backend for Runtime<D> {
         if device == peer {
             return Ok(true);
         }
-        ready.core.driver.can_access_peer(device, peer)
+        Ok(ready.core.driver.can_access_peer(device, peer)?)
     }
 
     fn enable_peer_access(&self, device: u32, peer: u32) -> Result<()> {
@@ -629,11 +636,12 @@ impl<D: Driver> Backend for Runtime<D> {
             return Ok(());
         }
         if !ready.core.driver.can_access_peer(device, peer)? {
-            return Err(Error::Unsupported {
+            return Err(DeviceError::Unsupported {
                 backend: D::KIND,
                 what: "peer access between these two devices (the driver says they cannot \
                        reach each other; memcpy_async still copies between them)",
-            });
+            }
+            .into());
         }
         ready.core.driver.enable_peer_access(device, peer)?;
         peers.insert((device, peer));
@@ -661,11 +669,12 @@ impl<D: Driver> Backend for Runtime<D> {
         ready.core.check_device(src_device)?;
         let slot = ready.core.stream(stream)?;
         if stream.device.index != dst_device && stream.device.index != src_device {
-            return Err(Error::InvalidArgument(format!(
+            return Err(DeviceError::InvalidArgument(format!(
                 "memcpy_async: the copy runs on {stream}, of neither device of the copy \
                  ({} {dst_device} and {src_device}): use a stream of one of them",
                 D::KIND
-            )));
+            ))
+            .into());
         }
         ready
             .core
@@ -682,7 +691,7 @@ impl<D: Driver> Backend for Runtime<D> {
         // later waits for that stream when its free was recorded there, as every free of a
         // block used on another stream must be (record_stream), which PyTorch does for peer
         // copies.
-        unsafe { ready.core.driver.copy_async(&slot.raw, dst, src, bytes) }
+        unsafe { Ok(ready.core.driver.copy_async(&slot.raw, dst, src, bytes)?) }
     }
 
     // ---- profiler ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use accelrt::alloc::{AllocatorConfig, AllocatorEvent, CachingAllocator, MemoryProvider};
 use accelrt::backend::host::HostMemory;
-use accelrt::{Device, DeviceType, Error, Stream};
+use accelrt::{AllocError, Device, DeviceType, Stream};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -402,7 +402,7 @@ fn hostile_input_is_refused_and_changes_nothing() {
         },
         index: 0,
     };
-    let cases: Vec<(&str, Error)> = vec![
+    let cases: Vec<(&str, AllocError)> = vec![
         (
             "not from this allocator",
             a.raw_free(0xdead_0000).unwrap_err(),

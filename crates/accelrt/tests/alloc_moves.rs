@@ -7,6 +7,7 @@
 
 mod common;
 
+use accelrt::AllocError;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use accelrt::alloc::{
 };
 use accelrt::backend::host::{HostDriver, HostMemory};
 use accelrt::runtime::Runtime;
-use accelrt::{Backend, Device, DeviceType, Error, Stream, StreamPriority};
+use accelrt::{Backend, Device, DeviceType, Stream, StreamPriority};
 use common::Gate;
 use proptest::prelude::*;
 
@@ -334,7 +335,7 @@ fn a_failed_driver_call_mid_move_leaves_the_allocator_consistent() {
     assert!(
         matches!(
             err,
-            Error::Driver {
+            AllocError::Driver {
                 code: Some(700),
                 ..
             }
@@ -348,7 +349,7 @@ fn a_failed_driver_call_mid_move_leaves_the_allocator_consistent() {
     let err = a.raw_alloc(300 * MIB, s).unwrap_err();
     assert!(err.to_string().contains("cuMemCreate"), "{err}");
     assert!(
-        matches!(err, Error::Driver { code: Some(1), .. }),
+        matches!(err, AllocError::Driver { code: Some(1), .. }),
         "{err:?}"
     );
     a.check_invariants().unwrap();

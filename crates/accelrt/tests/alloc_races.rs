@@ -18,7 +18,7 @@ use accelrt::alloc::{
     AllocatorConfig, CachingAllocator, ChunkHandle, MemoryProvider, ProviderError, VirtualMemory,
 };
 use accelrt::backend::host::HostMemory;
-use accelrt::{Device, DeviceType, Error, Stream};
+use accelrt::{AllocError, Device, DeviceType, Stream};
 
 const DEV: Device = Device {
     kind: DeviceType::Host,
@@ -182,7 +182,7 @@ fn stale_free_while_mapping(
     mem: &Gated,
     p: usize,
     outcome: Outcome,
-) -> (Result<(), Error>, Result<usize, Error>) {
+) -> (Result<(), AllocError>, Result<usize, AllocError>) {
     mem.arm(outcome);
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {

@@ -6,6 +6,7 @@
 
 mod cuda_common;
 
+use accelrt::DeviceError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +32,7 @@ fn without_a_gpu_every_call_answers_with_the_reason() {
     // Every call names itself and gives the reason (hooks_host.rs checks every hook).
     let unavailable = |call: &str, e: Error| {
         assert!(
-            matches!(&e, Error::NeedsBackend { call: c, needs: DeviceType::Cuda, reason: r } if *c == call && *r == reason),
+            matches!(&e, Error::Device(DeviceError::NeedsBackend { call: c, needs: DeviceType::Cuda, reason: r }) if *c == call && *r == reason),
             "{call}: {e}"
         );
     };
@@ -99,7 +100,10 @@ fn devices_and_properties() {
         assert_eq!(rt.device_capability(d).unwrap(), p.capability);
     }
     let err = rt.device_properties(n).unwrap_err();
-    assert!(matches!(err, Error::InvalidDevice { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Device(DeviceError::InvalidDevice { .. })),
+        "{err}"
+    );
     let (major, minor) = rt.runtime_version().unwrap();
     eprintln!("driver API {major}.{minor}");
     assert!(rt.runtime_version_at_least(12, 8).unwrap());
@@ -220,7 +224,7 @@ fn events_order_streams_and_notify_after_completion() {
             let s = rt.default_stream(0).unwrap();
             let scratch = rt.allocator(0).and_then(|al| {
                 let p = al.raw_alloc(512, s)?;
-                al.raw_free(p)
+                Ok(al.raw_free(p)?)
             });
             let _ = tx.send((done.map_err(|e| e.to_string()), scratch.is_ok()));
         }),

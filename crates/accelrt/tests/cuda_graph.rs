@@ -4,6 +4,7 @@
 
 mod cuda_common;
 
+use accelrt::DeviceError;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -80,7 +81,7 @@ fn the_default_stream_cannot_be_captured_and_says_why() {
     let err = rt
         .graph_capture_begin(g, default, MempoolId::NONE)
         .unwrap_err();
-    assert!(matches!(err, Error::Graph(_)), "{err}");
+    assert!(matches!(err, Error::Device(DeviceError::Graph(_))), "{err}");
     assert!(err.to_string().contains("stream_from_pool"), "{err}");
     // The stream is usable afterwards, and the graph can capture elsewhere.
     rt.stream_synchronize(default).unwrap();

@@ -5,7 +5,8 @@
 mod cuda_common;
 
 use accelrt::alloc::{AllocatorConfig, CachingAllocator, ProviderError};
-use accelrt::{Backend, Device, DeviceType, Error, Stream};
+use accelrt::AllocError;
+use accelrt::{Backend, Device, DeviceType, Stream};
 use cuda_common::{gpu, read_u32, write_u32};
 
 const DEVICE: Device = Device {
@@ -35,7 +36,7 @@ fn a_small_memory_fraction_gives_a_clear_oom_and_the_allocator_keeps_working() {
     let kept = alloc.raw_alloc(limit / 4, stream()).unwrap();
     write_u32(rt, 0, kept, &[1, 2, 3, 4]);
     let err = alloc.raw_alloc(limit, stream()).unwrap_err();
-    let Error::OutOfMemory(report) = &err else {
+    let AllocError::OutOfMemory(report) = &err else {
         panic!("expected an out-of-memory, got {err}");
     };
     let text = err.to_string();

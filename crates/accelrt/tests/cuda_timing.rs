@@ -4,6 +4,7 @@
 
 mod cuda_common;
 
+use accelrt::DeviceError;
 use std::time::{Duration, Instant};
 
 use accelrt::{Backend, Error, StreamPriority};
@@ -64,6 +65,6 @@ fn elapsed_time_needs_timing_events() {
     end.record(s).unwrap();
     end.synchronize().unwrap();
     let err = start.elapsed_ms(&end).unwrap_err();
-    assert!(matches!(err, Error::Event(_)), "{err}");
+    assert!(matches!(err, Error::Device(DeviceError::Event(_))), "{err}");
     assert!(err.to_string().contains("enable_timing"), "{err}");
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use accelrt::DeviceError;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -222,7 +223,10 @@ fn elapsed_time_misuse_is_explained() {
     ];
     for (start, end, fragment) in cases {
         let err = rt.event_elapsed_time(start, end).unwrap_err();
-        assert!(matches!(err, Error::Event(_)), "{err:?}");
+        assert!(
+            matches!(err, Error::Device(DeviceError::Event(_))),
+            "{err:?}"
+        );
         assert!(
             err.to_string().contains(fragment),
             "elapsed({start}, {end}): {err}"
@@ -373,7 +377,11 @@ fn unknown_released_and_double_released_ids_fail_and_change_nothing() {
     ] {
         for (name, call) in calls {
             let err = call(&rt, bad, s).expect_err(name);
-            assert_eq!(err, Error::UnknownEvent { id: bad.0 }, "{name}({bad})");
+            assert_eq!(
+                err,
+                Error::Device(DeviceError::UnknownEvent { id: bad.0 }),
+                "{name}({bad})"
+            );
             assert!(err
                 .to_string()
                 .contains("was never acquired from this pool or was already released"));
@@ -382,12 +390,12 @@ fn unknown_released_and_double_released_ids_fail_and_change_nothing() {
     }
     assert_eq!(
         rt.event_elapsed_time(live, released),
-        Err(Error::UnknownEvent { id: released.0 })
+        Err(Error::Device(DeviceError::UnknownEvent { id: released.0 }))
     );
     rt.event_release(live).unwrap();
     assert_eq!(
         rt.event_release(live),
-        Err(Error::UnknownEvent { id: live.0 }),
+        Err(Error::Device(DeviceError::UnknownEvent { id: live.0 })),
         "double release"
     );
     assert_eq!(snapshot(), (0, 1, 1, 2));
@@ -560,7 +568,10 @@ fn completion_time_misuse_is_explained() {
     ];
     for (id, fragment) in cases {
         let err = rt.event_completion_time(id).unwrap_err();
-        assert!(matches!(err, Error::Event(_)), "{err:?}");
+        assert!(
+            matches!(err, Error::Device(DeviceError::Event(_))),
+            "{err:?}"
+        );
         let text = err.to_string();
         assert!(
             text.contains(fragment) && text.contains(&id.to_string()),
@@ -572,7 +583,7 @@ fn completion_time_misuse_is_explained() {
     assert!(rt.event_completion_time(pending).is_ok());
     assert!(matches!(
         rt.event_completion_time(EventId(999_999)),
-        Err(Error::UnknownEvent { id: 999_999 })
+        Err(Error::Device(DeviceError::UnknownEvent { id: 999_999 }))
     ));
 }
 

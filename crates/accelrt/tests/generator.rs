@@ -1,7 +1,7 @@
 //! The Philox 4x32-10 generator: known-answer vectors, determinism, offsets and state.
 
 use accelrt::generator::{philox4x32_10, Generator, DEFAULT_SEED, STATE_LEN};
-use accelrt::Error;
+use accelrt::DeviceError;
 
 /// Random123's known-answer tests for philox4x32_10: (counter, key, output).
 const KAT: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
@@ -121,7 +121,7 @@ fn state_round_trips_and_bad_lengths_are_rejected() {
     let before = other.get_state();
     for len in [0, 1, 15, 17, 32] {
         let err = other.set_state(&vec![0xAB; len]).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert!(matches!(err, DeviceError::InvalidArgument(_)), "{err:?}");
         assert!(
             err.to_string().contains(&format!("got {len} bytes")),
             "{err}"

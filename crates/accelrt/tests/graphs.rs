@@ -3,6 +3,7 @@
 
 mod common;
 
+use accelrt::DeviceError;
 use std::sync::Arc;
 
 use accelrt::hooks::Backend;
@@ -50,7 +51,10 @@ fn replay_without_explicit_instantiate_and_recapture_after_reset() {
     rt.stream_synchronize(s).unwrap();
     rt.graph_reset(g).unwrap();
     assert!(
-        matches!(rt.graph_replay(g), Err(Error::Graph(_))),
+        matches!(
+            rt.graph_replay(g),
+            Err(Error::Device(DeviceError::Graph(_)))
+        ),
         "a reset graph has nothing to replay"
     );
     rt.graph_capture_begin(g, s, MempoolId::NONE).unwrap();
@@ -80,7 +84,7 @@ fn graph_pools_are_fresh_or_the_given_one() {
     let fresh = rt.graph_create(0).unwrap();
     let shared = rt.graph_create(0).unwrap();
     assert!(
-        matches!(rt.graph_pool(fresh), Err(Error::Graph(m)) if m.contains("assigned by graph_capture_begin"))
+        matches!(rt.graph_pool(fresh), Err(Error::Device(DeviceError::Graph(m))) if m.contains("assigned by graph_capture_begin"))
     );
     rt.graph_capture_begin(fresh, s, MempoolId::NONE).unwrap();
     rt.graph_capture_end(fresh).unwrap();
@@ -150,7 +154,7 @@ fn graph_misuse_is_rejected_and_changes_nothing() {
     }
     assert!(matches!(
         rt.graph_create(2),
-        Err(Error::InvalidDevice { index: 2, .. })
+        Err(Error::Device(DeviceError::InvalidDevice { index: 2, .. }))
     ));
 
     rt.graph_capture_begin(g, s, MempoolId::NONE).unwrap();
@@ -210,7 +214,10 @@ fn graph_misuse_is_rejected_and_changes_nothing() {
     ];
     for (what, result, fragment) in during {
         let err = result.expect_err(what);
-        assert!(matches!(err, Error::Graph(_)), "{what}: {err:?}");
+        assert!(
+            matches!(err, Error::Device(DeviceError::Graph(_))),
+            "{what}: {err:?}"
+        );
         assert!(err.to_string().contains(fragment), "{what}: {err}");
     }
     // Other streams and devices are unaffected by the capture.
@@ -332,7 +339,7 @@ fn graph_pool_handles_are_fresh_and_shareable() {
     assert_eq!(rt.allocator(1).unwrap().pool_use_count(a), Some(2));
     assert!(matches!(
         rt.graph_pool_handle(2),
-        Err(Error::InvalidDevice { index: 2, .. })
+        Err(Error::Device(DeviceError::InvalidDevice { index: 2, .. }))
     ));
 }
 

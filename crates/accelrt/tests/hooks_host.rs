@@ -3,6 +3,7 @@
 
 mod common;
 
+use accelrt::{AllocError, DeviceError};
 use std::sync::Arc;
 
 use accelrt::backend::host::{HostDriver, HOST_DEVICES_ENV};
@@ -190,11 +191,11 @@ fn assert_every_call_names_itself(b: &dyn Backend) {
         let err = call(b).expect_err(name);
         assert_eq!(
             err,
-            Error::NeedsBackend {
+            Error::Device(DeviceError::NeedsBackend {
                 call: name,
                 needs: kind,
                 reason: reason.clone()
-            },
+            }),
             "{name}"
         );
         assert_eq!(
@@ -244,7 +245,7 @@ fn a_runtime_whose_probe_fails_is_unavailable_and_every_call_says_so() {
     assert_infallible_calls_say_unavailable(&rt);
     assert_every_call_names_itself(&rt);
     // The stand-in used for backends not compiled in answers the same way.
-    let stand_in = UnavailableBackend::new(DeviceType::Host, "why not");
+    let stand_in = UnavailableBackend::unavailable(DeviceType::Host, "why not");
     assert_infallible_calls_say_unavailable(&stand_in);
     assert_every_call_names_itself(&stand_in);
     assert!(!UnavailableBackend::not_compiled(DeviceType::Cuda).is_built());
@@ -302,11 +303,11 @@ fn maybe_exchange_refuses_invalid_devices_and_creates_no_device_state() {
             ),
             None => assert_eq!(
                 rt.maybe_exchange_device(ask),
-                Err(Error::InvalidDevice {
+                Err(Error::Device(DeviceError::InvalidDevice {
                     backend: DeviceType::Host,
                     index: ask,
                     count: 2
-                }),
+                })),
                 "maybe_exchange_device({ask})"
             ),
         }
@@ -369,11 +370,11 @@ fn invalid_device_indices_are_clear_errors_and_change_nothing() {
             let err = call(&rt, bad).expect_err(name);
             assert_eq!(
                 err,
-                Error::InvalidDevice {
+                Error::Device(DeviceError::InvalidDevice {
                     backend: DeviceType::Host,
                     index: bad,
                     count: 2
-                },
+                }),
                 "{name}({bad})"
             );
             assert!(
@@ -410,7 +411,10 @@ fn device_guard_sets_and_restores() {
         assert_eq!(rt.current_device(), Ok(2));
         let err = DeviceGuard::new(&rt, 9).unwrap_err();
         assert!(
-            matches!(err, Error::InvalidDevice { index: 9, .. }),
+            matches!(
+                err,
+                Error::Device(DeviceError::InvalidDevice { index: 9, .. })
+            ),
             "{err}"
         );
         assert_eq!(rt.current_device(), Ok(2), "a failed guard changes nothing");
@@ -595,7 +599,10 @@ fn memory_figures_and_pointer_devices() {
     let err = rt
         .device_from_ptr(&on_the_stack as *const u64 as usize)
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidPointer { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Alloc(AllocError::InvalidPointer { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("device_from_ptr"), "{err}");
     // The current stream's native handle.
     let pooled = rt.stream_from_pool(1, StreamPriority::Normal).unwrap();

@@ -4,6 +4,7 @@
 use accelrt::backend::host::{HostDriver, HOST_DEVICES_ENV};
 use accelrt::hooks::Backend;
 use accelrt::runtime::Runtime;
+use accelrt::AllocError;
 use accelrt::{Error, StreamPriority};
 
 #[test]
@@ -49,7 +50,10 @@ fn host_devices_and_allocator_configuration_come_from_the_environment() {
     let rt: Runtime<HostDriver> = Runtime::new();
     assert!(rt.is_available());
     let err = rt.allocator(0).map(drop).expect_err("allocator");
-    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    assert!(
+        matches!(err, Error::Alloc(AllocError::Config(_))),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("no_such_option"), "{err}");
     // The pinned allocator has no options of that string: it is not affected.
     rt.pinned_allocator().unwrap();

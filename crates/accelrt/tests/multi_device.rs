@@ -3,6 +3,7 @@
 
 mod common;
 
+use accelrt::DeviceError;
 use std::sync::Arc;
 
 use accelrt::hooks::Backend;
@@ -76,7 +77,7 @@ fn peer_access_is_queried_enabled_once_and_per_direction() {
         ];
         for (what, r) in calls {
             match r {
-                Err(Error::InvalidDevice { index, count, .. }) => {
+                Err(Error::Device(DeviceError::InvalidDevice { index, count, .. })) => {
                     assert_eq!((index, count), (d.max(p), 3), "{what} {d} -> {p}")
                 }
                 other => panic!("{what} {d} -> {p}: {other:?}"),

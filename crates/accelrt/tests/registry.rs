@@ -5,6 +5,7 @@
 
 mod common;
 
+use accelrt::DeviceError;
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ use common::runtime;
 
 /// A stand-in registered under `name`, for the life of the process.
 fn stand_in(name: &'static str, reason: &str) -> &'static UnavailableBackend {
-    Box::leak(Box::new(UnavailableBackend::new(
+    Box::leak(Box::new(UnavailableBackend::unavailable(
         DeviceType::custom(name),
         reason,
     )))
@@ -74,7 +75,10 @@ fn builtin_kinds_cannot_be_registered_and_aliases_resolve() {
 }
 
 fn stand_in_builtin(kind: DeviceType) -> &'static UnavailableBackend {
-    Box::leak(Box::new(UnavailableBackend::new(kind, "not allowed")))
+    Box::leak(Box::new(UnavailableBackend::unavailable(
+        kind,
+        "not allowed",
+    )))
 }
 
 #[test]
@@ -83,7 +87,10 @@ fn unknown_names_list_the_known_ones() {
         .err()
         .expect("an unknown name is an error");
     let text = err.to_string();
-    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(
+        matches!(err, Error::Device(DeviceError::InvalidArgument(_))),
+        "{err:?}"
+    );
     assert!(
         text.contains("unknown device type 'no-such-backend'"),
         "{text}"
@@ -107,11 +114,11 @@ fn a_name_nobody_registered_answers_unavailable_naming_the_call() {
     let err = b.allocator(0).unwrap_err();
     assert_eq!(
         err,
-        Error::NeedsBackend {
+        Error::Device(DeviceError::NeedsBackend {
             call: "allocator",
             needs: kind,
             reason
-        }
+        })
     );
     assert!(
         std::ptr::addr_eq(b, registry::backend(kind)),

@@ -3,6 +3,7 @@
 //! allocator stays consistent either way, and the device model decides when memory used on
 //! other streams can be reused.
 
+use accelrt::FormatError;
 use std::sync::Arc;
 
 use accelrt::alloc::{AllocatorConfig, CachingAllocator, MemoryProvider};
@@ -12,7 +13,7 @@ use accelrt::trace::{
     self, DeviceModel, ModelSource, ReplayInput, ReplayOptions, ResolvedModel, Trace, TraceOp,
     DEFAULT_LAG_EVENTS, DEFAULT_LAG_US,
 };
-use accelrt::{Device, DeviceType, Error, Stream};
+use accelrt::{Device, DeviceType, Stream};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -225,7 +226,7 @@ fn undersized_device_stops_with_an_oom_naming_the_line() {
     };
     // The allocator's failure, located: not a parse error (the input was fine).
     match outcome.error.as_ref().unwrap() {
-        Error::Replay {
+        FormatError::Replay {
             file,
             line,
             message,
@@ -386,7 +387,7 @@ fn a_hand_built_invalid_trace_stops_at_the_bad_event() {
         assert_eq!(outcome.report.ops, want_ops, "{want}");
         assert!(!outcome.report.completed);
         match &outcome.error {
-            Some(Error::Parse {
+            Some(FormatError::Parse {
                 file,
                 line,
                 message,

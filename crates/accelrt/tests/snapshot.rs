@@ -1,6 +1,7 @@
 //! Memory snapshots: PyTorch's pickle read and written, imported as traces, recorded from a
 //! replay, drawn; hostile files are errors that say where.
 
+use accelrt::FormatError;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,7 +9,6 @@ use accelrt::alloc::TraceAction;
 use accelrt::snapshot::pickle::PickleWriter;
 use accelrt::snapshot::{self, HtmlOptions, Snapshot, Timeline};
 use accelrt::trace::{self, ReplayOptions};
-use accelrt::Error;
 use serde_json::{json, Value};
 
 /// Peak of live requested bytes of the shipped snapshot (traces/FORMAT.md).
@@ -334,7 +334,7 @@ fn hostile_snapshots_are_errors_that_say_where() {
         let result = Snapshot::from_pickle("hostile.pickle", &bytes)
             .and_then(|s| s.traces("t", "hostile.pickle"));
         match result {
-            Err(Error::Snapshot {
+            Err(FormatError::Snapshot {
                 file,
                 at: got_at,
                 message,
@@ -388,7 +388,7 @@ fn damaged_files_are_errors_never_panics() {
     }
     for (case, bytes, what) in cases {
         match snapshot::parse_bytes("damaged", &bytes) {
-            Err(e @ Error::Snapshot { .. }) => {
+            Err(e @ FormatError::Snapshot { .. }) => {
                 assert!(e.to_string().starts_with("damaged: "), "{case}: {e}");
                 assert!(
                     e.to_string().contains(what),

@@ -3,6 +3,7 @@
 
 mod common;
 
+use accelrt::DeviceError;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 
@@ -179,7 +180,7 @@ fn a_panicking_task_is_reported_at_the_next_synchronize_and_the_stream_goes_on()
     rt.launch_host(s, log.task("still runs")).unwrap();
     let err = rt.stream_synchronize(s).unwrap_err();
     match &err {
-        Error::Driver { message, .. } => {
+        Error::Device(DeviceError::Driver { message, .. }) => {
             assert!(message.contains("panicked: boom in a task"), "{message}")
         }
         other => panic!("expected a driver error, got {other:?}"),
@@ -254,7 +255,7 @@ fn bad_stream_handles_are_rejected() {
         for (name, call) in calls {
             let err = call(&rt, stream).expect_err(name);
             assert!(
-                matches!(err, Error::InvalidStream { .. }),
+                matches!(err, Error::Device(DeviceError::InvalidStream { .. })),
                 "{name}({stream}): {err:?}"
             );
             assert!(
@@ -266,11 +267,11 @@ fn bad_stream_handles_are_rejected() {
     let missing_device = host(5, 0);
     assert!(matches!(
         rt.stream_query(missing_device),
-        Err(Error::InvalidDevice {
+        Err(Error::Device(DeviceError::InvalidDevice {
             index: 5,
             count: 2,
             ..
-        })
+        }))
     ));
     assert_eq!(
         rt.current_stream(0),

@@ -1,9 +1,9 @@
 //! The trace reader on hostile input, round trips, and the shipped traces.
 
+use accelrt::FormatError;
 use std::io::Write;
 
 use accelrt::trace::{self, TorchPeaks, Trace, TraceOp};
-use accelrt::Error;
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -19,7 +19,7 @@ fn parse_error(input: &[u8]) -> (u64, String) {
             String::from_utf8_lossy(input),
             t.ops.len()
         ),
-        Err(Error::Parse {
+        Err(FormatError::Parse {
             file,
             line,
             message,
@@ -305,7 +305,7 @@ fn from_ops_validates_like_the_reader() {
     ];
     for (ops, want_line, want) in cases {
         match Trace::from_ops("code", ops, None) {
-            Err(Error::Parse { line, message, .. }) => {
+            Err(FormatError::Parse { line, message, .. }) => {
                 assert_eq!(line, want_line, "{message}");
                 assert!(message.contains(want), "{message} lacks {want}");
             }
@@ -409,7 +409,7 @@ fn files_are_detected_by_content_not_extension() {
         )
     );
     let missing = trace::load(dir.join("missing.trace")).unwrap_err();
-    assert!(matches!(missing, Error::Io { .. }), "{missing:?}");
+    assert!(matches!(missing, FormatError::Io { .. }), "{missing:?}");
     assert!(missing.to_string().contains("cannot open the trace file"));
     // The operating system's error is kept as the source, not only as words.
     let source = std::error::Error::source(&missing).expect("an I/O error has its source");
@@ -420,7 +420,7 @@ fn files_are_detected_by_content_not_extension() {
     let is_dir = trace::load(&dir).unwrap_err();
     assert!(is_dir.to_string().contains("is a directory"), "{is_dir}");
     assert!(
-        matches!(&is_dir, Error::Io { source, .. } if source.get().kind() == std::io::ErrorKind::IsADirectory),
+        matches!(&is_dir, FormatError::Io { source, .. } if source.get().kind() == std::io::ErrorKind::IsADirectory),
         "{is_dir:?}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
@@ -505,7 +505,7 @@ mod fuzz {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             match trace::parse_bytes("fuzz", &bytes) {
                 Ok(t) => prop_assert!(!t.ops.is_empty()),
-                Err(Error::Parse { line, .. }) => {
+                Err(FormatError::Parse { line, .. }) => {
                     prop_assert!(line >= 1);
                     if !bytes.starts_with(&[0x1f, 0x8b]) {
                         let lines = bytes.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
@@ -526,7 +526,7 @@ mod fuzz {
                     prop_assert!(again.is_ok(), "{:?}", again);
                     prop_assert_eq!(t.lines.len(), t.ops.len());
                 }
-                Err(Error::Parse { line, message, .. }) => {
+                Err(FormatError::Parse { line, message, .. }) => {
                     prop_assert!(line >= 1);
                     prop_assert!(!message.is_empty());
                 }

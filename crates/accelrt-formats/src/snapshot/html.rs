@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::timeline::{RangeState, Timeline};
 use super::Snapshot;
-use accelrt_alloc::error::{Error, Result};
+use crate::error::{FormatError, Result};
 use accelrt_alloc::{format_size, Frame, TraceAction};
 
 /// What to draw.
@@ -51,7 +51,7 @@ pub fn render_html(snapshot: &Snapshot, opts: &HtmlOptions) -> Result<String> {
     let device = match opts.device {
         Some(d) if devices.contains(&d) || (devices.is_empty() && d == 0) => d,
         Some(d) => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(FormatError::InvalidArgument(format!(
                 "device {d} is not in the snapshot (devices with history or segments: {devices:?})"
             )))
         }

@@ -5,7 +5,7 @@
 //! - [`Snapshot`]: segments with their blocks at the moment the snapshot was taken, and the
 //!   allocator's history per device (`device_traces`), with stack frames when recorded.
 //! - [`load`] / [`parse_bytes`]: a PyTorch pickle (detected by its first byte, `0x80`) or
-//!   accelrt's JSON (`{`). Hostile input is an [`Error::Snapshot`] naming the file and where
+//!   accelrt's JSON (`{`). Hostile input is an [`FormatError::Snapshot`] naming the file and where
 //!   (`byte 812`, `device_traces[0][17].size`), never a panic.
 //! - [`Snapshot::to_pickle`] / [`Snapshot::to_json`]: loadable by Python's `pickle.load`,
 //!   by PyTorch's memory visualiser (<https://pytorch.org/memory_viz>) and by [`load`].
@@ -34,8 +34,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{FormatError, Result};
 use crate::trace::{Header, Markers, TorchPeaks, Trace, TraceOp, MAX_SIZE, MAX_STREAM};
-use accelrt_alloc::error::{Error, Result};
 use accelrt_alloc::{BlockStatus, Frames, MemorySnapshot, SegmentInfo, TraceAction, TraceEntry};
 
 pub use html::{render_html, HtmlOptions};
@@ -115,7 +115,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<Snapshot> {
     let path = path.as_ref();
     let shown = path.display().to_string();
     let bytes = std::fs::read(path)
-        .map_err(|e| Error::io(shown.clone(), format!("cannot read the snapshot: {e}"), e))?;
+        .map_err(|e| FormatError::io(shown.clone(), format!("cannot read the snapshot: {e}"), e))?;
     parse_bytes(&shown, &bytes)
 }
 
@@ -124,7 +124,7 @@ pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Snapshot> {
     match sniff(bytes) {
         FileKind::Pickle => Snapshot::from_pickle(file, bytes),
         FileKind::Json => Snapshot::from_json(file, bytes),
-        FileKind::Trace => Err(Error::Snapshot {
+        FileKind::Trace => Err(FormatError::Snapshot {
             file: file.to_string(),
             at: "byte 0".into(),
             message: format!(
@@ -208,7 +208,7 @@ impl Snapshot {
 
     /// Parse accelrt's JSON snapshot (`file` names it in errors).
     pub fn from_json(file: &str, bytes: &[u8]) -> Result<Snapshot> {
-        let err = |at: String, message: String| Error::Snapshot {
+        let err = |at: String, message: String| FormatError::Snapshot {
             file: file.to_string(),
             at,
             message,
@@ -258,7 +258,7 @@ impl Snapshot {
             self.to_pickle()
         };
         std::fs::write(path, bytes).map_err(|e| {
-            Error::io(
+            FormatError::io(
                 path.display().to_string(),
                 format!("cannot write the snapshot: {e}"),
                 e,
@@ -280,7 +280,7 @@ impl Snapshot {
     /// Checks that hold for any snapshot accelrt accepts (sizes within bounds, blocks inside
     /// their segments).
     fn validate(&self, file: &str) -> Result<()> {
-        let err = |at: String, message: String| Error::Snapshot {
+        let err = |at: String, message: String| FormatError::Snapshot {
             file: file.to_string(),
             at,
             message,
@@ -372,7 +372,7 @@ impl Snapshot {
     /// `name` (`name:dev1` for devices other than the only one). `source` (the file) names
     /// the trace in replay errors. Devices without allocations are skipped.
     ///
-    /// Errors ([`Error::Snapshot`], naming the entry): a free of an address no earlier entry
+    /// Errors ([`FormatError::Snapshot`], naming the entry): a free of an address no earlier entry
     /// allocated (the history did not start at the beginning of the run), a double free, an
     /// allocation at an address that is still live, more than 4096 streams on a device, no
     /// allocation at all.
@@ -418,7 +418,7 @@ impl Snapshot {
             out.push(t);
         }
         if out.is_empty() {
-            return Err(Error::Snapshot {
+            return Err(FormatError::Snapshot {
                 file: source.to_string(),
                 at: "device_traces".into(),
                 message: format!(
@@ -484,7 +484,7 @@ fn device_trace(
     trace_source: &str,
     file: &str,
 ) -> Result<SnapshotTrace> {
-    let err = |i: usize, message: String| Error::Snapshot {
+    let err = |i: usize, message: String| FormatError::Snapshot {
         file: file.to_string(),
         at: format!("device_traces[{device}][{i}]"),
         message,

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use super::pickle::{Pickle, PickleFault, PickleWriter, Value};
 use super::{block_status_from_name, Snapshot};
+use crate::error::{FormatError, Result};
 use crate::trace::MAX_STREAM;
-use accelrt_alloc::error::{Error, Result};
 use accelrt_alloc::{BlockInfo, Frame, Frames, PoolKind, SegmentInfo, TraceAction, TraceEntry};
 
 /// Most frames kept per stack (deeper stacks are cut; PyTorch's are ~100 deep at most).
@@ -50,15 +50,15 @@ fn shown(p: &Pickle, v: Value) -> String {
 }
 
 impl<'a> Reader<'a> {
-    fn err(&self, at: impl Into<String>, message: impl Into<String>) -> Error {
-        Error::Snapshot {
+    fn err(&self, at: impl Into<String>, message: impl Into<String>) -> FormatError {
+        FormatError::Snapshot {
             file: self.file.to_string(),
             at: at.into(),
             message: message.into(),
         }
     }
 
-    fn wrong(&self, at: &str, want: &str, found: Value) -> Error {
+    fn wrong(&self, at: &str, want: &str, found: Value) -> FormatError {
         self.err(
             at,
             format!("expected {want}, found {}", shown(self.p, found)),
@@ -380,7 +380,7 @@ impl<'a> Reader<'a> {
 
 /// Read a PyTorch snapshot pickle.
 pub(super) fn import(file: &str, bytes: &[u8]) -> Result<Snapshot> {
-    let p = Pickle::parse(bytes).map_err(|e| Error::Snapshot {
+    let p = Pickle::parse(bytes).map_err(|e| FormatError::Snapshot {
         file: file.to_string(),
         at: format!("byte {}", e.offset),
         message: match e.fault {

@@ -2,8 +2,8 @@
 //! replay engine of [`crate::trace`] with [`ReplayOptions::history`] set.
 
 use super::Snapshot;
+use crate::error::{FormatError, Result};
 use crate::trace::{ReplayInput, ReplayOptions, Trace};
-use accelrt_alloc::error::{Error, Result};
 use accelrt_alloc::{AllocatorConfig, Frames};
 
 /// What [`replay_recorded`] returns.
@@ -16,7 +16,7 @@ pub struct RecordedReplay {
     pub ops: usize,
     /// Why the replay stopped early (e.g. an out-of-memory at a `--capacity`), naming the
     /// trace line; the snapshot then shows the state at that moment, with the `oom` entry.
-    pub error: Option<Error>,
+    pub error: Option<FormatError>,
 }
 
 /// An allocator configuration in the shape of PyTorch snapshots' `allocator_settings` (plus
@@ -60,8 +60,8 @@ pub fn replay_recorded(
             ops: outcome.report.ops as usize,
             error: outcome.error,
         }),
-        None => Err(outcome
-            .error
-            .unwrap_or_else(|| Error::InvalidArgument("the replay recorded no history".into()))),
+        None => Err(outcome.error.unwrap_or_else(|| {
+            FormatError::InvalidArgument("the replay recorded no history".into())
+        })),
     }
 }

@@ -41,9 +41,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use parking_lot::Mutex;
 
 use super::{Markers, MAX_STREAM};
-use accelrt_alloc::error::{Error, Result};
+use crate::error::{FormatError, Result};
 use accelrt_alloc::stream::Stream;
-use accelrt_alloc::StreamEvents;
+use accelrt_alloc::{AllocError, StreamEvents};
 
 /// Default lag of the device behind the CPU for timed traces without markers, in
 /// microseconds. Calibrated on real runs (H200, 2026-11-29, `BENCHMARKS.md`): replaying
@@ -140,12 +140,12 @@ impl fmt::Display for DeviceModel {
 }
 
 impl FromStr for DeviceModel {
-    type Err = Error;
+    type Err = FormatError;
 
     /// `auto`, `instant`, `markers`, `lag:2000us`, `lag:2ms`, `lag:64ev`, `lag:2000us,64ev`.
     fn from_str(text: &str) -> Result<DeviceModel> {
         let bad = |why: String| {
-            Error::InvalidArgument(format!(
+            FormatError::InvalidArgument(format!(
                 "device model '{}' {why}: write auto, instant, markers, or lag: with a time \
                  (lag:2000us, lag:2ms) and/or an event count (lag:64ev), e.g. lag:2000us,64ev",
                 super::shown(text)
@@ -403,12 +403,12 @@ impl SimulatedDevice {
         }
     }
 
-    fn point(t: &Tickets, ticket: u64) -> Result<Point> {
+    fn point(t: &Tickets, ticket: u64) -> Result<Point, AllocError> {
         usize::try_from(ticket)
             .ok()
             .and_then(|i| t.points.get(i).copied().flatten())
             .ok_or_else(|| {
-                Error::InvalidArgument(format!(
+                AllocError::InvalidArgument(format!(
                     "event ticket {ticket} of the simulated device is not recorded (released \
                      already, or never handed out)"
                 ))
@@ -417,7 +417,7 @@ impl SimulatedDevice {
 }
 
 impl StreamEvents for SimulatedDevice {
-    fn record(&self, stream: Stream) -> Result<u64> {
+    fn record(&self, stream: Stream) -> Result<u64, AllocError> {
         self.count(0);
         let p = Point {
             stream: stream.index,
@@ -438,7 +438,7 @@ impl StreamEvents for SimulatedDevice {
         Ok(u64::from(index))
     }
 
-    fn query(&self, ticket: u64) -> Result<bool> {
+    fn query(&self, ticket: u64) -> Result<bool, AllocError> {
         let t = self.tickets.lock();
         let p = Self::point(&t, ticket)?;
         let done = self.completed(&t.waits, p, 0);
@@ -446,7 +446,7 @@ impl StreamEvents for SimulatedDevice {
         Ok(done)
     }
 
-    fn synchronize(&self, ticket: u64) -> Result<()> {
+    fn synchronize(&self, ticket: u64) -> Result<(), AllocError> {
         self.count(3);
         let mut t = self.tickets.lock();
         let p = Self::point(&t, ticket)?;
@@ -455,7 +455,7 @@ impl StreamEvents for SimulatedDevice {
         Ok(())
     }
 
-    fn wait(&self, stream: Stream, ticket: u64) -> Result<()> {
+    fn wait(&self, stream: Stream, ticket: u64) -> Result<(), AllocError> {
         self.count(5);
         let mut t = self.tickets.lock();
         let dep = Self::point(&t, ticket)?;
@@ -487,7 +487,7 @@ impl StreamEvents for SimulatedDevice {
         }
     }
 
-    fn synchronize_device(&self, _device: u32) -> Result<()> {
+    fn synchronize_device(&self, _device: u32) -> Result<(), AllocError> {
         self.count(4);
         self.device_passed
             .fetch_max(self.now_ordinal.load(Relaxed), Relaxed);

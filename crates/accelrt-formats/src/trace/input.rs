@@ -11,8 +11,8 @@ use super::replay::{
     failed_before_start, replay_source, Progress, ReplayOptions, ReplayOutcome, Source,
 };
 use super::{Header, TorchPeaks, Trace, TraceReader};
+use crate::error::{FormatError, Result};
 use crate::snapshot::{self, FileKind};
-use accelrt_alloc::error::{Error, Result};
 use accelrt_alloc::Frames;
 
 /// The most a gzip-compressed snapshot may decompress to (a guard against gzip bombs;
@@ -151,14 +151,14 @@ impl ReplayInput {
 pub(crate) fn open_file(path: &Path, what: &str) -> Result<std::fs::File> {
     let shown = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|e| {
-        Error::io(
+        FormatError::io(
             shown.clone(),
             format!("cannot open the {what} file: {e}"),
             e,
         )
     })?;
     if file.metadata().is_ok_and(|m| m.is_dir()) {
-        return Err(Error::io(
+        return Err(FormatError::io(
             shown,
             "is a directory: pass a trace file (e.g. traces/resnet50_train.trace.gz)",
             std::io::Error::from(std::io::ErrorKind::IsADirectory),
@@ -229,14 +229,14 @@ pub fn open(path: impl AsRef<Path>) -> Result<Vec<ReplayInput>> {
             .take(MAX_GZIP_SNAPSHOT_BYTES + 1)
             .read_to_end(&mut out)
             .map_err(|e| {
-                Error::io(
+                FormatError::io(
                     shown.clone(),
                     format!("cannot decompress the snapshot: {e}"),
                     e,
                 )
             })?;
         if out.len() as u64 > MAX_GZIP_SNAPSHOT_BYTES {
-            return Err(Error::Snapshot {
+            return Err(FormatError::Snapshot {
                 file: shown,
                 at: "byte 0".into(),
                 message: format!(
@@ -248,8 +248,9 @@ pub fn open(path: impl AsRef<Path>) -> Result<Vec<ReplayInput>> {
         }
         out
     } else {
-        std::fs::read(path)
-            .map_err(|e| Error::io(shown.clone(), format!("cannot read the snapshot: {e}"), e))?
+        std::fs::read(path).map_err(|e| {
+            FormatError::io(shown.clone(), format!("cannot read the snapshot: {e}"), e)
+        })?
     };
     let snap = snapshot::parse_bytes(&shown, &bytes)?;
     drop(bytes);
@@ -292,7 +293,7 @@ impl<'t> MemorySource<'t> {
         let timed = t.is_timed();
         let times = if timed { t.ops.len() } else { 0 };
         if t.times.len() != times {
-            return Err(Error::Parse {
+            return Err(FormatError::Parse {
                 file: t.source.clone(),
                 line: t.line_of(i),
                 message: format!(

@@ -16,7 +16,7 @@
 //! event the CPU time of the call in microseconds, plus record-stream (`u ID STREAM T`) and
 //! completion-marker (`c ID T`) events.
 //!
-//! The reader treats its input as hostile: every malformed line is an [`Error::Parse`]
+//! The reader treats its input as hostile: every malformed line is an [`FormatError::Parse`]
 //! naming the file, the 1-based line and the problem, never a panic. Id liveness (no
 //! duplicate live id, no free of an unknown or already-freed id), markers and times are
 //! checked as events are read, with memory that follows the live allocations, not the
@@ -49,7 +49,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
-use accelrt_alloc::error::{Error, Result};
+use crate::error::{FormatError, Result};
 
 pub use device_model::{
     DeviceModel, ModelSource, ResolvedModel, SimulatedDevice, DEFAULT_LAG_EVENTS, DEFAULT_LAG_US,
@@ -331,7 +331,7 @@ impl Trace {
             steps.clear();
             planner
                 .plan(&event, None, &mut steps)
-                .map_err(|message| Error::Parse {
+                .map_err(|message| FormatError::Parse {
                     file: self.source.clone(),
                     line: event.line,
                     message,
@@ -427,7 +427,7 @@ pub fn parse_reader(name: &str, file: &str, reader: impl Read) -> Result<Trace> 
         steps.clear();
         planner
             .plan(&event, None, &mut steps)
-            .map_err(|message| Error::Parse {
+            .map_err(|message| FormatError::Parse {
                 file: file.to_string(),
                 line: event.line,
                 message,

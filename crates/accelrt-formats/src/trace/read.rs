@@ -12,7 +12,7 @@ use super::{
     shown, Header, Markers, TorchPeaks, TraceOp, MAX_HEADER_BYTES, MAX_HEADER_KEYS, MAX_LINE_LEN,
     MAX_SIZE, MAX_STREAM, MAX_TIME_US, V2_MAGIC,
 };
-use accelrt_alloc::error::{Error, Result};
+use crate::error::{FormatError, Result};
 
 /// The gzip magic bytes.
 pub(crate) const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -114,7 +114,7 @@ fn read_magic(r: &mut impl Read) -> std::io::Result<([u8; 2], usize)> {
     Ok((magic, n))
 }
 
-pub(crate) fn io_error(file: &str, line: u64, e: &std::io::Error, gzip: bool) -> Error {
+pub(crate) fn io_error(file: &str, line: u64, e: &std::io::Error, gzip: bool) -> FormatError {
     let message = if gzip {
         match e.kind() {
             std::io::ErrorKind::UnexpectedEof => format!(
@@ -125,7 +125,7 @@ pub(crate) fn io_error(file: &str, line: u64, e: &std::io::Error, gzip: bool) ->
     } else {
         format!("read error: {e}")
     };
-    Error::Parse {
+    FormatError::Parse {
         file: file.to_string(),
         line,
         message,
@@ -299,8 +299,8 @@ impl<'a> TraceReader<'a> {
         self.events
     }
 
-    fn error(&self, message: String) -> Error {
-        Error::Parse {
+    fn error(&self, message: String) -> FormatError {
+        FormatError::Parse {
             file: self.file.clone(),
             line: self.line.max(1),
             message,

@@ -19,10 +19,11 @@ use super::check::{Planner, Step};
 use super::device_model::{DeviceModel, ModelCalls, ModelSource, ResolvedModel, SimulatedDevice};
 use super::read::TraceEvent;
 use super::{Header, Trace, TraceReader};
+use crate::error::{FormatError, Result};
 use crate::snapshot::Snapshot;
 use accelrt_alloc::device::{Device, DeviceType};
-use accelrt_alloc::error::{Error, Result};
 use accelrt_alloc::stream::Stream;
+use accelrt_alloc::AllocError;
 use accelrt_alloc::HostMemory;
 use accelrt_alloc::{
     set_thread_context, AllocatorConfig, CachingAllocator, Frames, HistoryConfig, MemoryProvider,
@@ -176,13 +177,13 @@ pub struct ReplayOutcome {
     /// What was measured up to the stop (or the end).
     pub report: ReplayReport,
     /// Why the replay stopped before the end, naming the trace file and the line of the
-    /// event: an [`Error::Replay`] when the allocator failed there, an [`Error::Parse`] when
+    /// event: an [`FormatError::Replay`] when the allocator failed there, an [`FormatError::Parse`] when
     /// the event could not be read or checked (or, when the allocator or the input could not
     /// even be set up, that error as is).
-    pub error: Option<Error>,
-    /// The allocator's own error behind `error` (e.g. [`Error::OutOfMemory`]); `None` for an
+    pub error: Option<FormatError>,
+    /// The allocator's own error behind `error` (e.g. [`AllocError::OutOfMemory`]); `None` for an
     /// input error.
-    pub cause: Option<Error>,
+    pub cause: Option<AllocError>,
     /// With [`ReplayOptions::history`]: the allocator's state after the last replayed event,
     /// with its history (the oldest entries dropped beyond the cap).
     pub snapshot: Option<Snapshot>,
@@ -199,7 +200,9 @@ impl ReplayOutcome {
 
     /// True when the replay stopped on an out-of-memory.
     pub fn is_out_of_memory(&self) -> bool {
-        self.cause.as_ref().is_some_and(Error::is_out_of_memory)
+        self.cause
+            .as_ref()
+            .is_some_and(AllocError::is_out_of_memory)
     }
 }
 
@@ -270,7 +273,11 @@ pub fn replay_into(trace: &Trace, alloc: &CachingAllocator) -> ReplayOutcome {
 }
 
 /// An outcome for a replay that could not start (the input or the allocator failed).
-pub(crate) fn failed_before_start(name: &str, opts: &ReplayOptions, e: Error) -> ReplayOutcome {
+pub(crate) fn failed_before_start(
+    name: &str,
+    opts: &ReplayOptions,
+    e: FormatError,
+) -> ReplayOutcome {
     ReplayOutcome {
         report: empty_report(
             name,
@@ -278,8 +285,8 @@ pub(crate) fn failed_before_start(name: &str, opts: &ReplayOptions, e: Error) ->
             (ResolvedModel::Instant, ModelSource::Asked),
             opts.history,
         ),
-        error: Some(e.clone()),
-        cause: Some(e),
+        cause: e.alloc_error().cloned(),
+        error: Some(e),
         snapshot: None,
     }
 }
@@ -341,7 +348,7 @@ pub(crate) fn replay_source(
         // Not tied to a line of the trace: the allocator could not be built (its
         // configuration was refused).
         Err(e) => {
-            let mut outcome = failed_before_start(name, opts, e);
+            let mut outcome = failed_before_start(name, opts, e.into());
             outcome.report.device_model = model.0;
             outcome.report.device_model_source = model.1;
             return outcome;
@@ -396,7 +403,7 @@ struct Engine<'a> {
 /// Why a block stopped: the index of the step and the allocator's error.
 struct Stop {
     step: usize,
-    cause: Error,
+    cause: AllocError,
 }
 
 impl<'a> Engine<'a> {
@@ -429,7 +436,7 @@ impl<'a> Engine<'a> {
         let mut planner = Planner::new(timed);
         let mut steps: Vec<Step> = Vec::with_capacity(BLOCK + 64);
         let previous_context = self.history.then(|| set_thread_context(None));
-        let mut error: Option<(Error, Option<Error>)> = None;
+        let mut error: Option<(FormatError, Option<AllocError>)> = None;
         let mut read_all = false;
         loop {
             steps.clear();
@@ -439,7 +446,7 @@ impl<'a> Engine<'a> {
                 match source.next_event() {
                     Ok(Some((event, frames))) => {
                         if let Err(message) = planner.plan(&event, frames.as_ref(), &mut steps) {
-                            let e = Error::Parse {
+                            let e = FormatError::Parse {
                                 file: source.file().to_string(),
                                 line: event.line,
                                 message,
@@ -523,7 +530,12 @@ impl<'a> Engine<'a> {
     }
 
     /// The error of a stop at `step`, naming its line, and the allocator's error.
-    fn stop_error(&mut self, file: &str, step: &Step, cause: Error) -> (Error, Option<Error>) {
+    fn stop_error(
+        &mut self,
+        file: &str,
+        step: &Step,
+        cause: AllocError,
+    ) -> (FormatError, Option<AllocError>) {
         let (line, at, what) = match step {
             Step::Alloc {
                 id,
@@ -551,7 +563,7 @@ impl<'a> Engine<'a> {
             Step::Passed { .. } => unreachable!("a marker makes no allocator call"),
         };
         self.events = at.events - 1;
-        let error = Error::Replay {
+        let error = FormatError::Replay {
             file: file.to_string(),
             line,
             message: format!("replay stopped at event {} ({what}): {cause}", at.events),

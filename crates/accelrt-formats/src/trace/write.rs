@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::{Trace, TraceOp, V2_MAGIC};
-use accelrt_alloc::error::{Error, Result};
+use crate::error::{FormatError, Result};
 
 /// `text` on one line: control characters (newlines included) become `_`.
 fn one_line(text: &str) -> String {
@@ -124,7 +124,7 @@ impl Trace {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let io = |e: std::io::Error| {
-            Error::io(
+            FormatError::io(
                 path.display().to_string(),
                 format!("cannot write the trace: {e}"),
                 e,

@@ -42,8 +42,8 @@ impl<D: Driver> Runtime<D> {
 }
 
 #[cold]
-pub(super) fn unknown_graph(g: GraphId) -> Error {
-    Error::Graph(format!(
+pub(super) fn unknown_graph(g: GraphId) -> DeviceError {
+    DeviceError::Graph(format!(
         "unknown graph id {}: it was never created by this backend or was destroyed",
         g.0
     ))
@@ -70,38 +70,43 @@ impl<D: Driver> Runtime<D> {
         let slot = core.stream(stream)?;
         self.graph_entry("graph_capture_begin", graph, |entry| {
             if entry.device != stream.device.index {
-                return Err(core.bad_stream(
-                    stream,
-                    format!(
-                        "graph {} belongs to {}:{}; capture it on a stream of that device",
-                        graph.0,
-                        D::KIND,
-                        entry.device
-                    ),
-                ));
+                return Err(core
+                    .bad_stream(
+                        stream,
+                        format!(
+                            "graph {} belongs to {}:{}; capture it on a stream of that device",
+                            graph.0,
+                            D::KIND,
+                            entry.device
+                        ),
+                    )
+                    .into());
             }
             match entry.state {
                 GraphState::Empty => {}
                 GraphState::Capturing { stream } => {
-                    return Err(Error::Graph(format!(
+                    return Err(DeviceError::Graph(format!(
                         "graph {} is already capturing on {stream}",
                         graph.0
-                    )))
+                    ))
+                    .into())
                 }
                 GraphState::Captured { .. } => {
-                    return Err(Error::Graph(format!(
+                    return Err(DeviceError::Graph(format!(
                         "graph {} already holds a capture: graph_reset it before capturing again",
                         graph.0
-                    )))
+                    ))
+                    .into())
                 }
             }
             if let Err(other) =
                 slot.capturing
                     .compare_exchange(0, graph.0, Ordering::AcqRel, Ordering::Acquire)
             {
-                return Err(Error::Graph(format!(
+                return Err(DeviceError::Graph(format!(
                     "{stream} is already capturing graph {other}"
-                )));
+                ))
+                .into());
             }
             let pool = if pool.is_none() {
                 MempoolId(graph.0, 0)
@@ -129,13 +134,13 @@ impl<D: Driver> Runtime<D> {
                 if shared {
                     let _ = allocator.release_pool(pool);
                 }
-                return Err(e);
+                return Err(e.into());
             }
             if let Err(e) = core.driver.capture_begin(&slot.raw) {
                 slot.capturing.store(0, Ordering::Release);
                 let _ = allocator.end_allocate_to_pool(pool);
                 let _ = allocator.release_pool(pool);
-                return Err(e);
+                return Err(e.into());
             }
             entry.pool = pool;
             entry.state = GraphState::Capturing { stream };
@@ -147,10 +152,11 @@ impl<D: Driver> Runtime<D> {
         let core = self.core("graph_capture_end")?;
         self.graph_entry("graph_capture_end", graph, |entry| {
             let GraphState::Capturing { stream } = entry.state else {
-                return Err(Error::Graph(format!(
+                return Err(DeviceError::Graph(format!(
                     "graph {} is not capturing: call graph_capture_begin first",
                     graph.0
-                )));
+                ))
+                .into());
             };
             let slot = core.stream(stream)?;
             let captured = core.driver.capture_end(&slot.raw);
@@ -162,7 +168,7 @@ impl<D: Driver> Runtime<D> {
                 Ok(g) => g,
                 Err(e) => {
                     entry.state = GraphState::Empty;
-                    return Err(e);
+                    return Err(e.into());
                 }
             };
             // Without keep_graph, the graph is instantiated now and only its executable form
@@ -171,7 +177,7 @@ impl<D: Driver> Runtime<D> {
             if instantiated {
                 if let Err(e) = core.driver.graph_instantiate(&g) {
                     entry.state = GraphState::Empty;
-                    return Err(e);
+                    return Err(e.into());
                 }
                 core.driver.graph_discard_template(&g);
             }
@@ -191,7 +197,7 @@ impl<D: Driver> Runtime<D> {
             match &mut entry.state {
                 GraphState::Captured {
                     instantiated: true, ..
-                } => Err(Error::Graph(if keep_graph {
+                } => Err(DeviceError::Graph(if keep_graph {
                     format!("graph {} is already instantiated", graph.0)
                 } else {
                     format!(
@@ -199,7 +205,8 @@ impl<D: Driver> Runtime<D> {
                          for graphs created with keep_graph (graph_create_with(device, true))",
                         graph.0
                     )
-                })),
+                })
+                .into()),
                 GraphState::Captured {
                     graph: g,
                     instantiated,
@@ -209,11 +216,12 @@ impl<D: Driver> Runtime<D> {
                     *instantiated = true;
                     Ok(())
                 }
-                _ => Err(Error::Graph(format!(
+                _ => Err(DeviceError::Graph(format!(
                     "graph {} has no finished capture to instantiate: capture it first \
                      (graph_capture_begin, launches, graph_capture_end)",
                     graph.0
-                ))),
+                ))
+                .into()),
             }
         })
     }
@@ -246,21 +254,23 @@ impl<D: Driver> Runtime<D> {
                     }
                     Ok((Arc::clone(graph), *stream))
                 }
-                _ => Err(Error::Graph(format!(
+                _ => Err(DeviceError::Graph(format!(
                     "graph {} has no finished capture to replay: capture it first",
                     graph.0
-                ))),
+                ))
+                .into()),
             })?;
-        core.driver.graph_launch(&g, &core.stream(stream)?.raw)
+        Ok(core.driver.graph_launch(&g, &core.stream(stream)?.raw)?)
     }
 
     pub(super) fn graph_reset_impl(&self, graph: GraphId) -> Result<()> {
         self.graph_entry("graph_reset", graph, |entry| {
             if let GraphState::Capturing { stream } = entry.state {
-                return Err(Error::Graph(format!(
+                return Err(DeviceError::Graph(format!(
                     "graph {} is capturing on {stream}: end the capture before resetting it",
                     graph.0
-                )));
+                ))
+                .into());
             }
             entry.state = GraphState::Empty;
             self.release_graph_pool(entry)
@@ -271,14 +281,15 @@ impl<D: Driver> Runtime<D> {
         let ready = self.ready("graph_destroy")?;
         let mut graphs = ready.graphs.lock();
         match graphs.get(&graph.0) {
-            None => Err(unknown_graph(graph)),
+            None => Err(unknown_graph(graph).into()),
             Some(GraphEntry {
                 state: GraphState::Capturing { stream },
                 ..
-            }) => Err(Error::Graph(format!(
+            }) => Err(DeviceError::Graph(format!(
                 "graph {} is capturing on {stream}: end the capture before destroying it",
                 graph.0
-            ))),
+            ))
+            .into()),
             Some(_) => {
                 let mut entry = graphs.remove(&graph.0).expect("matched above");
                 drop(graphs);
@@ -291,10 +302,11 @@ impl<D: Driver> Runtime<D> {
         // (the graph holds one use of its pool from capture until reset or destroy)
         self.graph_entry("graph_pool", graph, |entry| {
             if entry.pool.is_none() {
-                return Err(Error::Graph(format!(
+                return Err(DeviceError::Graph(format!(
                     "graph {} has no memory pool yet: it is assigned by graph_capture_begin",
                     graph.0
-                )));
+                ))
+                .into());
             }
             Ok(entry.pool)
         })

@@ -20,37 +20,37 @@ impl<D: Driver> Event<'_, D> {
     /// Mark the current end of `stream` (a stream of the event's device).
     #[inline]
     pub fn record(&self, stream: Stream) -> Result<()> {
-        self.core.record(&self.ev, stream)
+        Ok(self.core.record(&self.ev, stream)?)
     }
     /// Record, then flush the stream so the event can complete without further work.
     pub fn sync_record(&self, stream: Stream) -> Result<()> {
-        self.core.sync_record(&self.ev, stream)
+        Ok(self.core.sync_record(&self.ev, stream)?)
     }
     /// True when complete; true for an event never recorded.
     #[inline]
     pub fn query(&self) -> Result<bool> {
-        self.core.query(&self.ev)
+        Ok(self.core.query(&self.ev)?)
     }
     /// Block until the event completes.
     pub fn synchronize(&self) -> Result<()> {
-        self.core.synchronize(&self.ev)
+        Ok(self.core.synchronize(&self.ev)?)
     }
     /// Make later work on `stream` wait for this event.
     pub fn wait(&self, stream: Stream) -> Result<()> {
-        self.core.wait(&self.ev, stream)
+        Ok(self.core.wait(&self.ev, stream)?)
     }
     /// Milliseconds from this (start) event to `end`; both timing events, completed.
     pub fn elapsed_ms(&self, end: &Event<'_, D>) -> Result<f64> {
-        self.core.elapsed(&self.ev, &end.ev, (None, None))
+        Ok(self.core.elapsed(&self.ev, &end.ev, (None, None))?)
     }
     /// When this completed timing event completed, in ms on [`crate::event::clock_ms`]'s
     /// clock (MPS's `getCompletionTime`).
     pub fn completion_time_ms(&self) -> Result<f64> {
-        self.core.completion_time(&self.ev, None)
+        Ok(self.core.completion_time(&self.ev, None)?)
     }
     /// Run `callback` once the event completes (now, if it has).
     pub fn notify(&self, callback: impl FnOnce() + Send + 'static) -> Result<()> {
-        self.core.notify(&self.ev, Box::new(callback))
+        Ok(self.core.notify(&self.ev, Box::new(callback))?)
     }
     /// Whether the event records completion times.
     pub fn timing(&self) -> bool {

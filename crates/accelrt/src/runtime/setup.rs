@@ -24,8 +24,22 @@ impl<D: Driver> Runtime<D> {
         let _ = crate::event::clock_ns();
         Runtime {
             id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
+            kind: D::KIND,
+            built: D::BUILT,
             probe: Mutex::new(Some(Box::new(probe))),
             state: OnceLock::new(),
+        }
+    }
+
+    /// A runtime that presents itself as `kind` and is unavailable for `reason` (the
+    /// stand-ins of [`crate::backend::noop`]).
+    pub(crate) fn stand_in(kind: DeviceType, reason: String, built: bool) -> Self {
+        Runtime {
+            id: NEXT_RUNTIME_ID.fetch_add(1, Ordering::Relaxed),
+            kind,
+            built,
+            probe: Mutex::new(None),
+            state: OnceLock::from(Err(reason)),
         }
     }
 
@@ -67,26 +81,26 @@ impl<D: Driver> Runtime<D> {
         self.state.get_or_init(|| self.open())
     }
 
-    /// The opened runtime, or [`Error::NeedsBackend`] naming `call`.
+    /// The opened runtime, or [`DeviceError::NeedsBackend`] naming `call`.
     #[inline]
-    pub(super) fn ready(&self, call: &'static str) -> Result<&Ready<D>> {
+    pub(super) fn ready(&self, call: &'static str) -> DeviceResult<&Ready<D>> {
         match self.state() {
             Ok(r) => Ok(r),
-            Err(reason) => Err(Self::needs(call, reason)),
+            Err(reason) => Err(self.needs(call, reason)),
         }
     }
 
     #[cold]
-    pub(super) fn needs(call: &'static str, reason: &str) -> Error {
-        Error::NeedsBackend {
+    pub(super) fn needs(&self, call: &'static str, reason: &str) -> DeviceError {
+        DeviceError::NeedsBackend {
             call,
-            needs: D::KIND,
+            needs: self.kind,
             reason: reason.to_string(),
         }
     }
 
     #[inline]
-    pub(super) fn core(&self, call: &'static str) -> Result<&Core<D>> {
+    pub(super) fn core(&self, call: &'static str) -> DeviceResult<&Core<D>> {
         Ok(&self.ready(call)?.core)
     }
 
@@ -115,11 +129,11 @@ impl<D: Driver> Runtime<D> {
     /// work in stream order (kernel launches, copies). The handle is checked like everywhere
     /// else; `f` may launch work while the stream is capturing (that is how graphs get
     /// their work).
-    pub fn with_stream<R>(
+    pub fn with_stream<R, E: From<DeviceError>>(
         &self,
         stream: Stream,
-        f: impl FnOnce(&D, &D::Stream) -> Result<R>,
-    ) -> Result<R> {
+        f: impl FnOnce(&D, &D::Stream) -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
         let core = self.core("with_stream")?;
         let slot = core.stream(stream)?;
         f(&core.driver, &slot.raw)
@@ -198,16 +212,20 @@ impl<D: Driver> Runtime<D> {
     pub fn with_graph<R>(
         &self,
         graph: GraphId,
-        f: impl FnOnce(&D, &D::Graph) -> Result<R>,
-    ) -> Result<R> {
-        let driver = &self.core("with_graph")?.driver;
-        let g = self.graph_entry("with_graph", graph, |entry| match &entry.state {
-            GraphState::Captured { graph, .. } => Ok(Arc::clone(graph)),
-            _ => Err(Error::Graph(format!(
-                "graph {} holds no finished capture",
-                graph.0
-            ))),
-        })?;
+        f: impl FnOnce(&D, &D::Graph) -> DeviceResult<R>,
+    ) -> DeviceResult<R> {
+        let ready = self.ready("with_graph")?;
+        let g = match ready.graphs.lock().get(&graph.0).map(|entry| &entry.state) {
+            Some(GraphState::Captured { graph, .. }) => Arc::clone(graph),
+            Some(_) => {
+                return Err(DeviceError::Graph(format!(
+                    "graph {} holds no finished capture",
+                    graph.0
+                )))
+            }
+            None => return Err(unknown_graph(graph)),
+        };
+        let driver = &ready.core.driver;
         f(driver, &g)
     }
 

@@ -48,7 +48,7 @@ pub(super) type Slot<D> = EventSlot<<D as Driver>::Event>;
 
 impl<D: Driver> Core<D> {
     #[inline]
-    pub(super) fn check_device(&self, device: u32) -> Result<()> {
+    pub(super) fn check_device(&self, device: u32) -> DeviceResult<()> {
         if device < self.count {
             Ok(())
         } else {
@@ -57,8 +57,8 @@ impl<D: Driver> Core<D> {
     }
 
     #[cold]
-    pub(super) fn invalid_device(&self, device: u32) -> Error {
-        Error::InvalidDevice {
+    pub(super) fn invalid_device(&self, device: u32) -> DeviceError {
+        DeviceError::InvalidDevice {
             backend: D::KIND,
             index: device,
             count: self.count,
@@ -67,7 +67,7 @@ impl<D: Driver> Core<D> {
 
     /// The device's state, created (with its default stream) on first use.
     #[inline]
-    pub(super) fn device(&self, device: u32) -> Result<&DeviceCtx<D::Stream>> {
+    pub(super) fn device(&self, device: u32) -> DeviceResult<&DeviceCtx<D::Stream>> {
         let lazy = self
             .devices
             .get(device as usize)
@@ -96,8 +96,8 @@ impl<D: Driver> Core<D> {
     }
 
     #[cold]
-    pub(super) fn bad_stream(&self, s: Stream, reason: String) -> Error {
-        Error::InvalidStream {
+    pub(super) fn bad_stream(&self, s: Stream, reason: String) -> DeviceError {
+        DeviceError::InvalidStream {
             backend: D::KIND,
             device: s.device.index,
             stream: s.index,
@@ -107,7 +107,7 @@ impl<D: Driver> Core<D> {
 
     /// The stream behind a handle, after checking it belongs to this backend.
     #[inline]
-    pub(super) fn stream(&self, s: Stream) -> Result<StreamRef<D>> {
+    pub(super) fn stream(&self, s: Stream) -> DeviceResult<StreamRef<D>> {
         if s.device.kind != D::KIND {
             return Err(self.bad_stream(
                 s,
@@ -126,8 +126,8 @@ impl<D: Driver> Core<D> {
     pub(super) fn with_stream_slot<R>(
         &self,
         s: Stream,
-        f: impl FnOnce(&StreamSlot<D::Stream>) -> Result<R>,
-    ) -> Result<R> {
+        f: impl FnOnce(&StreamSlot<D::Stream>) -> DeviceResult<R>,
+    ) -> DeviceResult<R> {
         if s.device.kind != D::KIND {
             return Err(self.bad_stream(
                 s,
@@ -146,7 +146,7 @@ impl<D: Driver> Core<D> {
     }
 
     #[cold]
-    pub(super) fn unknown_stream(&self, ctx: &DeviceCtx<D::Stream>, s: Stream) -> Error {
+    pub(super) fn unknown_stream(&self, ctx: &DeviceCtx<D::Stream>, s: Stream) -> DeviceError {
         let n = ctx.streams.read().len();
         self.bad_stream(
             s,
@@ -163,11 +163,11 @@ impl<D: Driver> Core<D> {
         device: u32,
         priority: StreamPriority,
         n: usize,
-    ) -> Result<Vec<u32>> {
+    ) -> DeviceResult<Vec<u32>> {
         let ctx = self.device(device)?;
         let raws = (0..n)
             .map(|_| self.driver.stream_create(device, priority, false))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<DeviceResult<Vec<_>>>()?;
         let mut streams = ctx.streams.write();
         Ok(raws
             .into_iter()
@@ -184,10 +184,10 @@ impl<D: Driver> Core<D> {
         slot: &StreamSlot<D::Stream>,
         s: Stream,
         what: &str,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         match slot.capturing.load(Ordering::Acquire) {
             0 => Ok(()),
-            graph => Err(Error::Graph(format!(
+            graph => Err(DeviceError::Graph(format!(
                 "cannot {what} {s} while it is capturing graph {graph}: end the capture first"
             ))),
         }
@@ -196,7 +196,7 @@ impl<D: Driver> Core<D> {
     // ---- events (shared by the id API, RAII handles and the allocator adapter) ----------
 
     #[inline]
-    pub(super) fn record(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
+    pub(super) fn record(&self, ev: &Slot<D>, stream: Stream) -> DeviceResult<()> {
         self.record_as(ev, stream, "event_record", true)
     }
 
@@ -209,10 +209,10 @@ impl<D: Driver> Core<D> {
         stream: Stream,
         name: &'static str,
         in_capture: bool,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         let graph = self.with_stream_slot(stream, |slot| {
             if ev.device() != stream.device.index {
-                return Err(Error::Event(format!(
+                return Err(DeviceError::Event(format!(
                     "an event of {}:{} cannot be recorded on {stream}, a stream of another device",
                     D::KIND,
                     ev.device()
@@ -236,7 +236,7 @@ impl<D: Driver> Core<D> {
         Ok(())
     }
 
-    pub(super) fn sync_record(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
+    pub(super) fn sync_record(&self, ev: &Slot<D>, stream: Stream) -> DeviceResult<()> {
         self.record(ev, stream)?;
         let slot = self.stream(stream)?;
         self.driver.stream_commit(&slot.raw)
@@ -245,7 +245,7 @@ impl<D: Driver> Core<D> {
     /// `Err` for an event recorded inside a capture: it marks a point of a graph, not of
     /// the device, so it cannot be waited for on the host.
     #[inline]
-    pub(super) fn check_not_captured(&self, ev: &Slot<D>, what: &str) -> Result<()> {
+    pub(super) fn check_not_captured(&self, ev: &Slot<D>, what: &str) -> DeviceResult<()> {
         match ev.captured_in() {
             0 => Ok(()),
             graph => Err(self.captured_event(graph, what)),
@@ -253,8 +253,8 @@ impl<D: Driver> Core<D> {
     }
 
     #[cold]
-    pub(super) fn captured_event(&self, graph: u64, what: &str) -> Error {
-        Error::Event(format!(
+    pub(super) fn captured_event(&self, graph: u64, what: &str) -> DeviceError {
+        DeviceError::Event(format!(
             "cannot {what} an event recorded while a stream was capturing graph {graph}: it \
              marks a point inside the graph, not on the device; record it again outside the \
              capture (after a replay) to wait for the device"
@@ -262,7 +262,7 @@ impl<D: Driver> Core<D> {
     }
 
     #[inline]
-    pub(super) fn query(&self, ev: &Slot<D>) -> Result<bool> {
+    pub(super) fn query(&self, ev: &Slot<D>) -> DeviceResult<bool> {
         if !ev.is_recorded() {
             return Ok(true);
         }
@@ -270,7 +270,7 @@ impl<D: Driver> Core<D> {
         self.driver.event_query(ev.raw())
     }
 
-    pub(super) fn synchronize(&self, ev: &Slot<D>) -> Result<()> {
+    pub(super) fn synchronize(&self, ev: &Slot<D>) -> DeviceResult<()> {
         if !ev.is_recorded() {
             return Ok(());
         }
@@ -287,7 +287,7 @@ impl<D: Driver> Core<D> {
     /// waits for an event recorded in graph G's capture joins that capture (its work is
     /// captured into G from now on, and its allocations go to G's pool); a stream capturing
     /// G may wait for events recorded in G (a join). Other mixes are refused.
-    pub(super) fn wait(&self, ev: &Slot<D>, stream: Stream) -> Result<()> {
+    pub(super) fn wait(&self, ev: &Slot<D>, stream: Stream) -> DeviceResult<()> {
         let slot = self.stream(stream)?;
         if !ev.is_recorded() {
             self.check_not_capturing(&slot, stream, "wait for an event on")?;
@@ -298,7 +298,7 @@ impl<D: Driver> Core<D> {
         match (captured, capturing) {
             (0, 0) => self.driver.stream_wait_event(&slot.raw, ev.raw())?,
             (0, graph) => {
-                return Err(Error::Graph(format!(
+                return Err(DeviceError::Graph(format!(
                     "{stream} is capturing graph {graph} and cannot wait for an event recorded \
                      outside the capture: a graph can only wait for points inside it (record \
                      the event on a stream of the capture)"
@@ -306,7 +306,7 @@ impl<D: Driver> Core<D> {
             }
             (graph, 0) => {
                 if ev.device() != stream.device.index {
-                    return Err(Error::Graph(format!(
+                    return Err(DeviceError::Graph(format!(
                         "{stream} cannot join the capture of graph {graph}, which runs on {}:{}",
                         D::KIND,
                         ev.device()
@@ -317,7 +317,7 @@ impl<D: Driver> Core<D> {
                     slot.capturing
                         .compare_exchange(0, graph, Ordering::AcqRel, Ordering::Acquire)
                 {
-                    return Err(Error::Graph(format!(
+                    return Err(DeviceError::Graph(format!(
                         "{stream} started capturing graph {other} meanwhile"
                     )));
                 }
@@ -330,7 +330,7 @@ impl<D: Driver> Core<D> {
             }
             (a, b) if a == b => self.driver.stream_wait_event(&slot.raw, ev.raw())?,
             (a, b) => {
-                return Err(Error::Graph(format!(
+                return Err(DeviceError::Graph(format!(
                     "{stream} is capturing graph {b} and cannot wait for an event recorded in \
                      the capture of graph {a}"
                 )))
@@ -344,7 +344,7 @@ impl<D: Driver> Core<D> {
 
     /// The stream whose `graph_capture_begin` started the capture of `graph` (the stream of
     /// `device` capturing it that was not joined later).
-    pub(super) fn capture_origin(&self, device: u32, graph: u64) -> Result<StreamRef<D>> {
+    pub(super) fn capture_origin(&self, device: u32, graph: u64) -> DeviceResult<StreamRef<D>> {
         let ctx = self.device(device)?;
         let streams = ctx.streams.read();
         streams
@@ -354,7 +354,7 @@ impl<D: Driver> Core<D> {
             })
             .cloned()
             .ok_or_else(|| {
-                Error::Graph(format!(
+                DeviceError::Graph(format!(
                     "graph {graph} is no longer capturing: an event recorded in its capture \
                      can only be waited for until graph_capture_end"
                 ))
@@ -369,7 +369,7 @@ impl<D: Driver> Core<D> {
         device: u32,
         graph: u64,
         captured: Option<&D::Graph>,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         let ctx = self.device(device)?;
         let joined: Vec<StreamRef<D>> = ctx
             .streams
@@ -412,8 +412,8 @@ impl<D: Driver> Core<D> {
         name: &str,
         device: u32,
         stream: Option<u32>,
-        f: impl FnOnce() -> Result<()>,
-    ) -> Result<()> {
+        f: impl FnOnce() -> DeviceResult<()>,
+    ) -> DeviceResult<()> {
         let start = self.profiler.now();
         let result = f();
         if let (Some((t0, id)), Some((t1, _))) = (start, self.profiler.now()) {
@@ -472,7 +472,7 @@ impl<D: Driver> Core<D> {
         })
     }
 
-    pub(super) fn notify(&self, ev: &Slot<D>, callback: EventCallback) -> Result<()> {
+    pub(super) fn notify(&self, ev: &Slot<D>, callback: EventCallback) -> DeviceResult<()> {
         if !ev.is_recorded() {
             callback();
             return Ok(());
@@ -482,16 +482,16 @@ impl<D: Driver> Core<D> {
     }
 
     /// When a completed timing event completed, in ms on [`crate::event::clock_ms`]'s clock.
-    pub(super) fn completion_time(&self, ev: &Slot<D>, id: Option<EventId>) -> Result<f64> {
+    pub(super) fn completion_time(&self, ev: &Slot<D>, id: Option<EventId>) -> DeviceResult<f64> {
         let name = id.map_or_else(|| "the event".to_string(), |id| id.to_string());
         if !ev.timing() {
-            return Err(Error::Event(format!(
+            return Err(DeviceError::Event(format!(
                 "{name} has no completion time: it was not created with enable_timing=true; \
                  acquire it with enable_timing"
             )));
         }
         if !ev.is_recorded() {
-            return Err(Error::Event(format!(
+            return Err(DeviceError::Event(format!(
                 "{name} has no completion time: it was never recorded"
             )));
         }
@@ -500,7 +500,7 @@ impl<D: Driver> Core<D> {
             .driver
             .event_completion_ns(ev.raw())
             .map_err(|e| match e {
-                Error::Event(m) => Error::Event(format!("{name}: {m}")),
+                DeviceError::Event(m) => DeviceError::Event(format!("{name}: {m}")),
                 other => other,
             })?;
         Ok(ns as f64 / 1e6)
@@ -511,7 +511,7 @@ impl<D: Driver> Core<D> {
         start: &Slot<D>,
         end: &Slot<D>,
         ids: (Option<EventId>, Option<EventId>),
-    ) -> Result<f64> {
+    ) -> DeviceResult<f64> {
         let name = |id: Option<EventId>, role: &str| match id {
             Some(id) => format!("{role} {id}"),
             None => format!("the {role} event"),
@@ -525,7 +525,7 @@ impl<D: Driver> Core<D> {
                     "timing off"
                 }
             };
-            return Err(Error::Event(format!(
+            return Err(DeviceError::Event(format!(
                 "cannot compute the elapsed time from {a} to {b}: events were not created with \
                  enable_timing=true ({a}: {}, {b}: {}); acquire both with enable_timing",
                 flag(start),
@@ -535,7 +535,7 @@ impl<D: Driver> Core<D> {
         for (ev, label) in [(start, &a), (end, &b)] {
             self.check_not_captured(ev, "time")?;
             if !ev.is_recorded() {
-                return Err(Error::Event(format!(
+                return Err(DeviceError::Event(format!(
                     "cannot compute the elapsed time from {a} to {b}: {label} was never recorded"
                 )));
             }
@@ -543,7 +543,9 @@ impl<D: Driver> Core<D> {
         self.driver
             .event_elapsed_ms(start.raw(), end.raw())
             .map_err(|e| match e {
-                Error::Event(m) => Error::Event(format!("elapsed time from {a} to {b}: {m}")),
+                DeviceError::Event(m) => {
+                    DeviceError::Event(format!("elapsed time from {a} to {b}: {m}"))
+                }
                 other => other,
             })
     }
@@ -555,29 +557,31 @@ pub(super) struct PoolStreamEvents<D: Driver> {
 }
 
 impl<D: Driver> StreamEvents for PoolStreamEvents<D> {
-    fn record(&self, stream: Stream) -> Result<u64> {
+    fn record(&self, stream: Stream) -> Result<u64, AllocError> {
         self.core.stream(stream)?;
         let ev = self.core.events.acquire(stream.device.index, false)?;
         self.core
             .record_as(&ev, stream, "allocator event_record", false)?;
         Ok(ev.into_id().0)
     }
-    fn query(&self, ticket: u64) -> Result<bool> {
-        self.core.query(&*self.core.events.get(EventId(ticket))?)
+    fn query(&self, ticket: u64) -> Result<bool, AllocError> {
+        Ok(self.core.query(&*self.core.events.get(EventId(ticket))?)?)
     }
-    fn synchronize(&self, ticket: u64) -> Result<()> {
-        self.core
-            .synchronize(&*self.core.events.get(EventId(ticket))?)
+    fn synchronize(&self, ticket: u64) -> Result<(), AllocError> {
+        Ok(self
+            .core
+            .synchronize(&*self.core.events.get(EventId(ticket))?)?)
     }
-    fn wait(&self, stream: Stream, ticket: u64) -> Result<()> {
-        self.core
-            .wait(&*self.core.events.get(EventId(ticket))?, stream)
+    fn wait(&self, stream: Stream, ticket: u64) -> Result<(), AllocError> {
+        Ok(self
+            .core
+            .wait(&*self.core.events.get(EventId(ticket))?, stream)?)
     }
     fn release(&self, ticket: u64) {
         // A ticket the allocator releases twice is its bug, and harmless here.
         let _ = self.core.events.release_id(EventId(ticket));
     }
-    fn synchronize_device(&self, device: u32) -> Result<()> {
+    fn synchronize_device(&self, device: u32) -> Result<(), AllocError> {
         let ctx = self.core.device(device)?;
         let streams: Vec<StreamRef<D>> = ctx.streams.read().clone();
         for (i, s) in streams.iter().enumerate() {
@@ -589,6 +593,6 @@ impl<D: Driver> StreamEvents for PoolStreamEvents<D> {
             )?;
         }
         let raws: Vec<&D::Stream> = streams.iter().map(|s| &s.raw).collect();
-        self.core.driver.device_synchronize(device, &raws)
+        Ok(self.core.driver.device_synchronize(device, &raws)?)
     }
 }

@@ -25,7 +25,10 @@ impl<T> Lazy<T> {
     }
 
     #[inline]
-    pub(super) fn get_or_try_init(&self, f: impl FnOnce() -> Result<T>) -> Result<&T> {
+    pub(super) fn get_or_try_init<E>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<&T, E> {
         match self.cell.get() {
             Some(v) => Ok(v),
             None => self.init_slow(f),
@@ -33,7 +36,10 @@ impl<T> Lazy<T> {
     }
 
     #[cold]
-    pub(super) fn init_slow(&self, f: impl FnOnce() -> Result<T>) -> Result<&T> {
+    pub(super) fn init_slow<E>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<&T, E> {
         let _guard = self.init.lock();
         if let Some(v) = self.cell.get() {
             return Ok(v);

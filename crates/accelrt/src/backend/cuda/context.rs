@@ -9,24 +9,24 @@ use super::kernels::Kernels;
 use super::raw_stream::RawStream;
 use super::sys::{self, CUcontext, CUdevice};
 use crate::alloc::Deferred;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 /// Errors that could not be returned where they happened (in `Drop`, in a callback); the
 /// next call on the same device returns them. Kept by the allocator's [`Deferred`] (one type
 /// for every place that defers errors), bounded.
 #[derive(Debug, Default)]
-pub(crate) struct DeviceErrors(Deferred);
+pub(crate) struct DeviceErrors(Deferred<DeviceError>);
 
 impl DeviceErrors {
-    /// Keep `error` (an [`Error`], which keeps its driver code, or words) for the next call.
+    /// Keep `error` (an [`DeviceError`], which keeps its driver code, or words) for the next call.
     pub(crate) fn keep(&self, error: impl Into<KeptError>) {
         self.0.keep(error.into().0);
     }
 
     /// `Err` with every kept error (once), else `Ok`. One atomic load when nothing is kept.
     #[inline]
-    pub(crate) fn take(&self) -> Result<()> {
-        self.0.take(|t| Error::Driver {
+    pub(crate) fn take(&self) -> DeviceResult<()> {
+        self.0.take(|t| DeviceError::Driver {
             call: "an earlier release or callback",
             code: t.code(),
             message: format!(
@@ -39,18 +39,18 @@ impl DeviceErrors {
     }
 }
 
-/// An error to keep: an [`Error`] as it is, words as a driver error without a code.
-pub(crate) struct KeptError(Error);
+/// An error to keep: an [`DeviceError`] as it is, words as a driver error without a code.
+pub(crate) struct KeptError(DeviceError);
 
-impl From<Error> for KeptError {
-    fn from(e: Error) -> Self {
+impl From<DeviceError> for KeptError {
+    fn from(e: DeviceError) -> Self {
         KeptError(match e {
             // Keep the call's name with the words: the report names its own call.
-            Error::Driver {
+            DeviceError::Driver {
                 call,
                 code,
                 message,
-            } => Error::Driver {
+            } => DeviceError::Driver {
                 call,
                 code,
                 message: format!("{call} failed: {message}"),
@@ -62,7 +62,7 @@ impl From<Error> for KeptError {
 
 impl From<&str> for KeptError {
     fn from(words: &str) -> Self {
-        KeptError(Error::Driver {
+        KeptError(DeviceError::Driver {
             call: "an earlier release or callback",
             code: None,
             message: words.to_string(),
@@ -117,7 +117,7 @@ impl std::fmt::Debug for Context {
 
 impl Context {
     /// Retain the primary context of device `ordinal` (creating it if no one has).
-    pub(crate) fn retain(ordinal: u32) -> Result<Context> {
+    pub(crate) fn retain(ordinal: u32) -> DeviceResult<Context> {
         let dev = sys::device_get(ordinal as i32)?;
         let raw = sys::primary_ctx_retain(dev)?;
         let mut ctx = Context {
@@ -146,7 +146,7 @@ impl Context {
 
     /// Make this context current on the calling thread until the guard drops (then the
     /// previous one is restored). Costs one `cuCtxGetCurrent` when it already is.
-    pub(crate) fn bind(&self) -> Result<CurrentGuard> {
+    pub(crate) fn bind(&self) -> DeviceResult<CurrentGuard> {
         let previous = sys::ctx_get_current()?;
         if previous == self.raw {
             return Ok(CurrentGuard { restore: None });
@@ -159,7 +159,7 @@ impl Context {
     }
 
     /// The kernels module of this context, loaded on first use.
-    pub(crate) fn kernels(&self) -> Result<&Kernels> {
+    pub(crate) fn kernels(&self) -> DeviceResult<&Kernels> {
         if let Some(k) = self.kernels.get() {
             return Ok(k);
         }
@@ -175,7 +175,7 @@ impl Context {
     }
 
     /// The private notify stream, created on first use.
-    pub(crate) fn notify_stream(&self) -> Result<&RawStream> {
+    pub(crate) fn notify_stream(&self) -> DeviceResult<&RawStream> {
         if let Some(s) = self.notify_stream.get() {
             return Ok(s);
         }
@@ -193,7 +193,7 @@ impl Context {
 
 impl Context {
     /// The private clock stream, created on first use.
-    pub(crate) fn clock_stream(&self) -> Result<&RawStream> {
+    pub(crate) fn clock_stream(&self) -> DeviceResult<&RawStream> {
         if let Some(s) = self.clock_stream.get() {
             return Ok(s);
         }

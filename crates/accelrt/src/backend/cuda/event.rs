@@ -11,7 +11,7 @@ use super::stream::CudaStream;
 use super::sys::{self, CUevent};
 use super::task::{check_not_in_host_task, panic_text};
 use crate::driver::EventCallback;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 /// An event of a [`crate::backend::cuda::CudaDriver`].
 pub struct CudaEvent {
@@ -36,7 +36,7 @@ impl std::fmt::Debug for CudaEvent {
 }
 
 impl CudaEvent {
-    pub(crate) fn create(ctx: Arc<Context>, timing: bool) -> Result<CudaEvent> {
+    pub(crate) fn create(ctx: Arc<Context>, timing: bool) -> DeviceResult<CudaEvent> {
         ctx.deferred.take()?;
         let raw = {
             let _current = ctx.bind()?;
@@ -51,7 +51,7 @@ impl CudaEvent {
     }
 
     #[inline]
-    pub(crate) fn record(&self, stream: &CudaStream) -> Result<()> {
+    pub(crate) fn record(&self, stream: &CudaStream) -> DeviceResult<()> {
         self.ctx.deferred.take()?;
         // SAFETY: the event is live while borrowed; the stream's handle is live or null (then
         // `call` makes its context, which is the event's, current).
@@ -61,31 +61,31 @@ impl CudaEvent {
     #[inline]
     /// Make `stream` wait for this event (`cuStreamWaitEvent`; PyTorch's
     /// `Event.wait(stream)`).
-    pub(crate) fn wait(&self, stream: &CudaStream) -> Result<()> {
+    pub(crate) fn wait(&self, stream: &CudaStream) -> DeviceResult<()> {
         stream.ctx.deferred.take()?;
         // SAFETY: both handles are live (the event is borrowed for the call).
         stream.call(|s| unsafe { sys::stream_wait_event(s, self.raw) })
     }
 
-    pub(crate) fn query(&self) -> Result<bool> {
+    pub(crate) fn query(&self) -> DeviceResult<bool> {
         self.ctx.deferred.take()?;
         // SAFETY: the event is live while borrowed.
         Ok(unsafe { sys::event_query(self.raw) }?)
     }
 
-    pub(crate) fn synchronize(&self) -> Result<()> {
+    pub(crate) fn synchronize(&self) -> DeviceResult<()> {
         check_not_in_host_task("synchronize an event")?;
         self.ctx.deferred.take()?;
         // SAFETY: the event is live while borrowed.
         Ok(unsafe { sys::event_synchronize(self.raw) }?)
     }
 
-    pub(crate) fn elapsed_ms(start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+    pub(crate) fn elapsed_ms(start: &CudaEvent, end: &CudaEvent) -> DeviceResult<f64> {
         start.ctx.deferred.take()?;
         // SAFETY: both events are live while borrowed.
         match unsafe { sys::event_elapsed_ms(start.raw, end.raw) } {
             Ok(ms) => Ok(f64::from(ms)),
-            Err(e) if e.code == sys::CUresult::CUDA_ERROR_NOT_READY => Err(Error::Event(
+            Err(e) if e.code == sys::CUresult::CUDA_ERROR_NOT_READY => Err(DeviceError::Event(
                 "an event has not completed yet: synchronize it (or its stream) before asking \
                  for the elapsed time"
                     .into(),
@@ -100,9 +100,9 @@ impl CudaEvent {
     /// and the difference between the two events is taken from that reading. (The error is
     /// the few microseconds between the device completing the clock event and the host
     /// returning from the wait, plus `cuEventElapsedTime`'s resolution, ~0.5 us.)
-    pub(crate) fn completion_ns(&self) -> Result<u64> {
+    pub(crate) fn completion_ns(&self) -> DeviceResult<u64> {
         if !self.query()? {
-            return Err(Error::Event(
+            return Err(DeviceError::Event(
                 "has not completed yet: synchronize it (or its stream) before asking for its \
                  completion time"
                     .into(),
@@ -123,7 +123,7 @@ impl CudaEvent {
         Ok(host_now.saturating_sub(before_now))
     }
 
-    pub(crate) fn notify(&self, callback: EventCallback) -> Result<()> {
+    pub(crate) fn notify(&self, callback: EventCallback) -> DeviceResult<()> {
         self.ctx.deferred.take()?;
         let sender = dispatcher()?;
         let stream = self.ctx.notify_stream()?;
@@ -196,7 +196,7 @@ unsafe extern "C" fn send_job(data: *mut c_void) {
 }
 
 /// The dispatcher thread's queue, started on first use.
-fn dispatcher() -> Result<&'static Mutex<mpsc::Sender<Dispatched>>> {
+fn dispatcher() -> DeviceResult<&'static Mutex<mpsc::Sender<Dispatched>>> {
     static SENDER: OnceLock<Mutex<mpsc::Sender<Dispatched>>> = OnceLock::new();
     static INIT: Mutex<()> = Mutex::new(());
     if let Some(s) = SENDER.get() {
@@ -218,7 +218,7 @@ fn dispatcher() -> Result<&'static Mutex<mpsc::Sender<Dispatched>>> {
                 }
             }
         })
-        .map_err(|e| Error::Driver {
+        .map_err(|e| DeviceError::Driver {
             call: "std::thread::spawn",
             code: None,
             message: format!("starting the CUDA event-callback thread: {e}"),

@@ -9,7 +9,7 @@ use super::context::Context;
 use super::stream::CudaStream;
 use super::sys::{self, CUgraph, CUgraphExec};
 use super::task::TaskBox;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 /// A captured graph of a [`crate::backend::cuda::CudaDriver`]: the captured form (the
 /// "template", kept until instantiation unless its creator asked to keep it), and the
@@ -45,11 +45,11 @@ impl std::fmt::Debug for CudaGraph {
 
 impl CudaGraph {
     /// End the capture on `stream` and take its graph, with the host tasks captured there.
-    pub(crate) fn end_capture(stream: &CudaStream) -> Result<CudaGraph> {
+    pub(crate) fn end_capture(stream: &CudaStream) -> DeviceResult<CudaGraph> {
         let (graph, tasks) = stream.end_capture_raw();
         let graph = graph?;
         if graph.is_null() {
-            return Err(Error::Graph(
+            return Err(DeviceError::Graph(
                 "the capture produced no graph (it was invalidated by an operation that cannot \
                  be captured)"
                     .into(),
@@ -78,13 +78,13 @@ impl CudaGraph {
     }
 
     /// Make the executable form (`cuGraphInstantiate`); nothing to do if it exists.
-    pub(crate) fn instantiate(&self) -> Result<()> {
+    pub(crate) fn instantiate(&self) -> DeviceResult<()> {
         let template = self.template.lock();
         if self.exec.get().is_some() {
             return Ok(());
         }
         let Some(graph) = *template else {
-            return Err(Error::Graph(
+            return Err(DeviceError::Graph(
                 "the captured graph was discarded before it was instantiated".into(),
             ));
         };
@@ -115,10 +115,10 @@ impl CudaGraph {
     }
 
     /// Queue the graph's work on `stream` (instantiated first by the runtime).
-    pub(crate) fn launch(&self, stream: &CudaStream) -> Result<()> {
+    pub(crate) fn launch(&self, stream: &CudaStream) -> DeviceResult<()> {
         self.ctx.deferred.take()?;
         let Some(&exec) = self.exec.get() else {
-            return Err(Error::Graph(
+            return Err(DeviceError::Graph(
                 "the graph is not instantiated: instantiate it before launching".into(),
             ));
         };
@@ -139,10 +139,10 @@ impl CudaGraph {
     }
 
     /// Nodes of the captured form; an error once it was discarded.
-    pub fn node_count(&self) -> Result<usize> {
+    pub fn node_count(&self) -> DeviceResult<usize> {
         let template = self.template.lock();
         let Some(graph) = *template else {
-            return Err(Error::Graph(
+            return Err(DeviceError::Graph(
                 "the captured graph was discarded at instantiation (it was created without \
                  keep_graph): only graphs created with keep_graph keep it"
                     .into(),

@@ -5,7 +5,7 @@ use std::ffi::{c_void, CStr};
 use std::time::Duration;
 
 use super::sys::{self, CUfunction, CUmodule, CUstream, CuResult};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 /// The module text, NUL-terminated for the driver.
 const PTX: &str = concat!(include_str!("kernels.ptx"), "\0");
@@ -33,13 +33,13 @@ unsafe impl Sync for Kernels {}
 
 impl Kernels {
     /// Load the module into the current context (the caller binds it).
-    pub(crate) fn load(ordinal: u32) -> Result<Kernels> {
-        let text = CStr::from_bytes_with_nul(PTX.as_bytes()).map_err(|e| Error::Driver {
+    pub(crate) fn load(ordinal: u32) -> DeviceResult<Kernels> {
+        let text = CStr::from_bytes_with_nul(PTX.as_bytes()).map_err(|e| DeviceError::Driver {
             call: "cuModuleLoadDataEx",
             code: None,
             message: format!("kernels.ptx is not valid C text: {e}"),
         })?;
-        let module = sys::module_load_ptx(text).map_err(|(e, log)| Error::Driver {
+        let module = sys::module_load_ptx(text).map_err(|(e, log)| DeviceError::Driver {
             call: e.call,
             code: None,
             message: format!(

@@ -11,6 +11,7 @@ use parking_lot::{Mutex, RwLock};
 use super::context::Context;
 use super::sys::{self, CuError};
 use crate::alloc::{ChunkHandle, MemoryProvider, ProviderError, VirtualMemory};
+use crate::error::DeviceResult;
 
 /// Minimum alignment the allocator needs from a segment.
 const SEGMENT_ALIGN: usize = 512;
@@ -64,7 +65,7 @@ impl std::fmt::Debug for CudaMemory {
 }
 
 impl CudaMemory {
-    pub(crate) fn new(ctx: Arc<Context>) -> crate::Result<CudaMemory> {
+    pub(crate) fn new(ctx: Arc<Context>) -> DeviceResult<CudaMemory> {
         let total = sys::device_total_mem(ctx.dev)? as u64;
         let vmm = sys::device_attribute(
             ctx.dev,

@@ -43,7 +43,7 @@ use crate::alloc::MemoryProvider;
 use crate::device::{DeviceProperties, DeviceType};
 use crate::driver::{Driver, MemoryUsage};
 use crate::driver::{EventCallback, HostTask};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 use crate::stream::StreamPriority;
 
 /// The oldest driver API version this backend runs on (CUDA 12.8: `cuEventElapsedTime_v2`).
@@ -127,7 +127,7 @@ fn open() -> std::result::Result<(u32, (u32, u32)), String> {
 
 impl CudaDriver {
     /// The primary context of a valid device, retained on first use.
-    fn context(&self, device: u32) -> Result<&Arc<Context>> {
+    fn context(&self, device: u32) -> DeviceResult<&Arc<Context>> {
         let slot = self.slot(device)?;
         if let Some(ctx) = slot.context.get() {
             return Ok(ctx);
@@ -140,17 +140,17 @@ impl CudaDriver {
         Ok(slot.context.get_or_init(|| ctx))
     }
 
-    fn slot(&self, device: u32) -> Result<&DeviceSlot> {
+    fn slot(&self, device: u32) -> DeviceResult<&DeviceSlot> {
         self.devices
             .get(device as usize)
-            .ok_or(Error::InvalidDevice {
+            .ok_or(DeviceError::InvalidDevice {
                 backend: DeviceType::Cuda,
                 index: device,
                 count: self.devices.len() as u32,
             })
     }
 
-    fn device_memory(&self, device: u32) -> Result<&Arc<CudaMemory>> {
+    fn device_memory(&self, device: u32) -> DeviceResult<&Arc<CudaMemory>> {
         let slot = self.slot(device)?;
         if let Some(m) = slot.memory.get() {
             return Ok(m);
@@ -165,7 +165,7 @@ impl CudaDriver {
     }
 
     /// The device's properties from the driver (no context needed), cached.
-    fn read_properties(&self, device: u32) -> Result<DeviceProperties> {
+    fn read_properties(&self, device: u32) -> DeviceResult<DeviceProperties> {
         let slot = self.slot(device)?;
         let dev = sys::device_get(device as i32)?;
         let attr = |a| sys::device_attribute(dev, a).map(|v| v.max(0) as u32);
@@ -192,7 +192,7 @@ impl CudaDriver {
     }
 
     /// Whether device `device` can read and write memory of device `peer` directly.
-    pub fn can_access_peer(&self, device: u32, peer: u32) -> Result<bool> {
+    pub fn can_access_peer(&self, device: u32, peer: u32) -> DeviceResult<bool> {
         let (a, b) = (self.context(device)?, self.context(peer)?);
         if device == peer {
             return Ok(true);
@@ -203,12 +203,12 @@ impl CudaDriver {
     /// Let kernels on `device` access memory of `peer` (device memory, and pages that
     /// `peer`'s provider maps from now on). Enabling twice is fine; devices that cannot
     /// reach each other give an error that says so.
-    pub fn enable_peer_access(&self, device: u32, peer: u32) -> Result<()> {
+    pub fn enable_peer_access(&self, device: u32, peer: u32) -> DeviceResult<()> {
         if device == peer {
             return Ok(());
         }
         if !self.can_access_peer(device, peer)? {
-            return Err(Error::Unsupported {
+            return Err(DeviceError::Unsupported {
                 backend: DeviceType::Cuda,
                 what: "peer access between these two devices (cuDeviceCanAccessPeer says no: \
                        they share no NVLink or PCIe peer path)",
@@ -237,7 +237,7 @@ impl CudaDriver {
         ptr: usize,
         count: usize,
         value: u32,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         let kernels = stream.ctx.kernels()?;
         stream.ctx.deferred.take()?;
         // SAFETY: forwarded from this function's contract; `call` passes the stream's live
@@ -255,7 +255,7 @@ impl CudaDriver {
         ptr: usize,
         count: usize,
         delta: u32,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         let kernels = stream.ctx.kernels()?;
         stream.ctx.deferred.take()?;
         // SAFETY: forwarded from this function's contract; the handle as in `fill_u32`.
@@ -263,7 +263,7 @@ impl CudaDriver {
     }
 
     /// Keep the stream busy for `duration` (a kernel busy-waiting on the GPU's global timer).
-    pub fn spin(&self, stream: &CudaStream, duration: Duration) -> Result<()> {
+    pub fn spin(&self, stream: &CudaStream, duration: Duration) -> DeviceResult<()> {
         let kernels = stream.ctx.kernels()?;
         stream.ctx.deferred.take()?;
         // SAFETY: the handle as in `fill_u32`; the kernel touches no memory.
@@ -281,7 +281,7 @@ impl CudaDriver {
         count: usize,
         value: u32,
         delay: Duration,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         let kernels = stream.ctx.kernels()?;
         stream.ctx.deferred.take()?;
         // SAFETY: forwarded from this function's contract; the handle as in `fill_u32`.
@@ -301,7 +301,7 @@ impl CudaDriver {
         count: usize,
         expected: u32,
         counter: usize,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         let kernels = stream.ctx.kernels()?;
         stream.ctx.deferred.take()?;
         // SAFETY: forwarded from this function's contract; the handle as in `fill_u32`.
@@ -318,7 +318,7 @@ impl CudaDriver {
         ptr: usize,
         count: usize,
         value: u32,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         stream.ctx.deferred.take()?;
         // SAFETY: forwarded from this function's contract; the stream handle is live or null.
         stream.call(|s| unsafe { sys::memset_d32_async(ptr as sys::CUdeviceptr, value, count, s) })
@@ -330,7 +330,7 @@ impl CudaDriver {
     /// # Safety
     /// `dst .. dst + src.len()` must be memory of `device` the caller owns, unused by work in
     /// flight.
-    pub unsafe fn copy_to_device(&self, device: u32, dst: usize, src: &[u8]) -> Result<()> {
+    pub unsafe fn copy_to_device(&self, device: u32, dst: usize, src: &[u8]) -> DeviceResult<()> {
         check_not_in_host_task("copy memory")?;
         let ctx = self.context(device)?;
         ctx.deferred.take()?;
@@ -344,7 +344,7 @@ impl CudaDriver {
     /// # Safety
     /// `src .. src + dst.len()` must be readable memory of `device`, not written by work in
     /// flight.
-    pub unsafe fn copy_to_host(&self, device: u32, dst: &mut [u8], src: usize) -> Result<()> {
+    pub unsafe fn copy_to_host(&self, device: u32, dst: &mut [u8], src: usize) -> DeviceResult<()> {
         check_not_in_host_task("copy memory")?;
         let ctx = self.context(device)?;
         ctx.deferred.take()?;
@@ -354,7 +354,7 @@ impl CudaDriver {
     }
 
     /// The device memory provider of `device` (the one its caching allocator uses).
-    pub fn device_memory_provider(&self, device: u32) -> Result<Arc<CudaMemory>> {
+    pub fn device_memory_provider(&self, device: u32) -> DeviceResult<Arc<CudaMemory>> {
         self.device_memory(device).cloned()
     }
 }
@@ -393,7 +393,7 @@ impl Driver for CudaDriver {
         self.devices.len() as u32
     }
 
-    fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
+    fn device_properties(&self, device: u32) -> DeviceResult<DeviceProperties> {
         let slot = self.slot(device)?;
         let mut props = match slot.properties.get() {
             Some(p) => p.clone(),
@@ -419,7 +419,7 @@ impl Driver for CudaDriver {
         sys::pointer_device_ordinal(ptr).map(|o| o as u32)
     }
 
-    fn memory_usage(&self, device: u32) -> Result<MemoryUsage> {
+    fn memory_usage(&self, device: u32) -> DeviceResult<MemoryUsage> {
         let ctx = self.context(device)?;
         let (free, total) = {
             let _current = ctx.bind()?;
@@ -444,7 +444,7 @@ impl Driver for CudaDriver {
         device: u32,
         priority: StreamPriority,
         default: bool,
-    ) -> Result<CudaStream> {
+    ) -> DeviceResult<CudaStream> {
         let ctx = Arc::clone(self.context(device)?);
         if default {
             return Ok(CudaStream::default_stream(ctx));
@@ -458,7 +458,7 @@ impl Driver for CudaDriver {
         CudaStream::create(ctx, p)
     }
 
-    unsafe fn stream_wrap(&self, device: u32, handle: u64) -> Result<CudaStream> {
+    unsafe fn stream_wrap(&self, device: u32, handle: u64) -> DeviceResult<CudaStream> {
         let ctx = Arc::clone(self.context(device)?);
         // SAFETY: forwarded from this function's contract.
         unsafe { CudaStream::external(ctx, handle) }
@@ -468,24 +468,24 @@ impl Driver for CudaDriver {
         stream.handle()
     }
 
-    fn stream_synchronize(&self, stream: &CudaStream) -> Result<()> {
+    fn stream_synchronize(&self, stream: &CudaStream) -> DeviceResult<()> {
         stream.synchronize()
     }
 
     #[inline]
-    fn stream_query(&self, stream: &CudaStream) -> Result<bool> {
+    fn stream_query(&self, stream: &CudaStream) -> DeviceResult<bool> {
         stream.query()
     }
 
-    fn stream_wait_event(&self, stream: &CudaStream, event: &CudaEvent) -> Result<()> {
+    fn stream_wait_event(&self, stream: &CudaStream, event: &CudaEvent) -> DeviceResult<()> {
         event.wait(stream)
     }
 
-    fn launch_host(&self, stream: &CudaStream, task: HostTask) -> Result<()> {
+    fn launch_host(&self, stream: &CudaStream, task: HostTask) -> DeviceResult<()> {
         stream.launch_host(task)
     }
 
-    fn device_synchronize(&self, device: u32, streams: &[&CudaStream]) -> Result<()> {
+    fn device_synchronize(&self, device: u32, streams: &[&CudaStream]) -> DeviceResult<()> {
         check_not_in_host_task("synchronize a device")?;
         let ctx = self.context(device)?;
         ctx.deferred.take()?;
@@ -502,49 +502,49 @@ impl Driver for CudaDriver {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn event_create(&self, device: u32, timing: bool) -> Result<CudaEvent> {
+    fn event_create(&self, device: u32, timing: bool) -> DeviceResult<CudaEvent> {
         CudaEvent::create(Arc::clone(self.context(device)?), timing)
     }
 
     #[inline]
-    fn event_record(&self, event: &CudaEvent, stream: &CudaStream) -> Result<()> {
+    fn event_record(&self, event: &CudaEvent, stream: &CudaStream) -> DeviceResult<()> {
         event.record(stream)
     }
 
     #[inline]
-    fn event_query(&self, event: &CudaEvent) -> Result<bool> {
+    fn event_query(&self, event: &CudaEvent) -> DeviceResult<bool> {
         event.query()
     }
 
-    fn event_synchronize(&self, event: &CudaEvent) -> Result<()> {
+    fn event_synchronize(&self, event: &CudaEvent) -> DeviceResult<()> {
         event.synchronize()
     }
 
-    fn event_elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+    fn event_elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> DeviceResult<f64> {
         CudaEvent::elapsed_ms(start, end)
     }
 
-    fn event_notify(&self, event: &CudaEvent, callback: EventCallback) -> Result<()> {
+    fn event_notify(&self, event: &CudaEvent, callback: EventCallback) -> DeviceResult<()> {
         event.notify(callback)
     }
 
-    fn event_completion_ns(&self, event: &CudaEvent) -> Result<u64> {
+    fn event_completion_ns(&self, event: &CudaEvent) -> DeviceResult<u64> {
         event.completion_ns()
     }
 
-    fn capture_begin(&self, stream: &CudaStream) -> Result<()> {
+    fn capture_begin(&self, stream: &CudaStream) -> DeviceResult<()> {
         stream.begin_capture()
     }
 
-    fn capture_end(&self, stream: &CudaStream) -> Result<CudaGraph> {
+    fn capture_end(&self, stream: &CudaStream) -> DeviceResult<CudaGraph> {
         CudaGraph::end_capture(stream)
     }
 
-    fn graph_launch(&self, graph: &CudaGraph, stream: &CudaStream) -> Result<()> {
+    fn graph_launch(&self, graph: &CudaGraph, stream: &CudaStream) -> DeviceResult<()> {
         graph.launch(stream)
     }
 
-    fn graph_instantiate(&self, graph: &CudaGraph) -> Result<()> {
+    fn graph_instantiate(&self, graph: &CudaGraph) -> DeviceResult<()> {
         graph.instantiate()
     }
 
@@ -557,12 +557,12 @@ impl Driver for CudaDriver {
         stream: &CudaStream,
         _origin: &CudaStream,
         event: &CudaEvent,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         // Waiting for an event recorded in a capture makes the stream part of that capture.
         event.wait(stream)
     }
 
-    fn capture_leave(&self, stream: &CudaStream, graph: Option<&CudaGraph>) -> Result<()> {
+    fn capture_leave(&self, stream: &CudaStream, graph: Option<&CudaGraph>) -> DeviceResult<()> {
         // Host tasks captured on the joined stream run at every replay of the graph: the
         // graph keeps their boxes from now on (without a graph, nothing will run them, and
         // the stream keeps them, as it does for captures that failed).
@@ -572,22 +572,22 @@ impl Driver for CudaDriver {
         Ok(())
     }
 
-    unsafe fn write_async(&self, stream: &CudaStream, dst: usize, src: &[u8]) -> Result<()> {
+    unsafe fn write_async(&self, stream: &CudaStream, dst: usize, src: &[u8]) -> DeviceResult<()> {
         stream.ctx.deferred.take()?;
         // SAFETY: forwarded from this function's contract; the stream handle is live or null
         // (then `call` makes its context current).
         stream.call(|s| unsafe { sys::memcpy_htod_async(dst as sys::CUdeviceptr, src, s) })
     }
 
-    fn memory_provider(&self, device: u32) -> Result<Arc<dyn MemoryProvider>> {
+    fn memory_provider(&self, device: u32) -> DeviceResult<Arc<dyn MemoryProvider>> {
         Ok(Arc::clone(self.device_memory(device)?) as Arc<dyn MemoryProvider>)
     }
 
-    fn can_access_peer(&self, device: u32, peer: u32) -> Result<bool> {
+    fn can_access_peer(&self, device: u32, peer: u32) -> DeviceResult<bool> {
         CudaDriver::can_access_peer(self, device, peer)
     }
 
-    fn enable_peer_access(&self, device: u32, peer: u32) -> Result<()> {
+    fn enable_peer_access(&self, device: u32, peer: u32) -> DeviceResult<()> {
         CudaDriver::enable_peer_access(self, device, peer)
     }
 
@@ -597,7 +597,7 @@ impl Driver for CudaDriver {
         dst: usize,
         src: usize,
         bytes: usize,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         stream.ctx.deferred.take()?;
         // SAFETY: forwarded from this function's contract; the stream handle is live or null
         // (then `call` makes its context current).
@@ -606,7 +606,7 @@ impl Driver for CudaDriver {
         })
     }
 
-    fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
+    fn pinned_memory_provider(&self) -> DeviceResult<Arc<dyn MemoryProvider>> {
         if let Some(p) = self.pinned.get() {
             return Ok(Arc::clone(p) as Arc<dyn MemoryProvider>);
         }

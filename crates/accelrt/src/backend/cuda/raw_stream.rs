@@ -2,7 +2,7 @@
 //! non-blocking handle and nothing else.
 
 use super::sys::{self, CUstream};
-use crate::error::Result;
+use crate::error::DeviceResult;
 
 /// An owned, non-blocking stream handle (destroyed on drop). Used for the backend's private
 /// streams.
@@ -18,7 +18,7 @@ unsafe impl Sync for RawStream {}
 
 impl RawStream {
     /// A new non-blocking stream in the current context.
-    pub(crate) fn create(priority: i32) -> Result<RawStream> {
+    pub(crate) fn create(priority: i32) -> DeviceResult<RawStream> {
         Ok(RawStream {
             raw: sys::stream_create(priority)?,
         })

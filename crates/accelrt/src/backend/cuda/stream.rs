@@ -12,7 +12,7 @@ use super::context::{Context, DeviceErrors};
 use super::sys::{self, CUgraph, CUstream, CuResult};
 use super::task::{check_not_in_host_task, run_task_kept, run_task_once, TaskBox};
 use crate::driver::HostTask;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ownership {
@@ -74,7 +74,7 @@ impl CudaStream {
     }
 
     /// A new non-blocking stream at CUDA priority `priority`.
-    pub(crate) fn create(ctx: Arc<Context>, priority: i32) -> Result<CudaStream> {
+    pub(crate) fn create(ctx: Arc<Context>, priority: i32) -> DeviceResult<CudaStream> {
         ctx.deferred.take()?;
         let raw = {
             let _current = ctx.bind()?;
@@ -87,7 +87,7 @@ impl CudaStream {
     ///
     /// # Safety
     /// `handle` must be 0 or a live `CUstream`, and stay alive while this value is used.
-    pub(crate) unsafe fn external(ctx: Arc<Context>, handle: u64) -> Result<CudaStream> {
+    pub(crate) unsafe fn external(ctx: Arc<Context>, handle: u64) -> DeviceResult<CudaStream> {
         if handle == 0 {
             return Ok(CudaStream::default_stream(ctx));
         }
@@ -95,7 +95,7 @@ impl CudaStream {
         // SAFETY: the caller guarantees `raw` is a live stream.
         let owner = unsafe { sys::stream_get_ctx(raw)? };
         if owner != ctx.raw {
-            return Err(Error::InvalidArgument(format!(
+            return Err(DeviceError::InvalidArgument(format!(
                 "stream {handle:#x} does not belong to the primary context of cuda:{} (it was \
                  created in another context or on another device): wrap it on its own device",
                 ctx.ordinal
@@ -122,7 +122,7 @@ impl CudaStream {
     /// Run `f` on the handle; for the default stream (handle 0, which means "the current
     /// context's"), with this stream's context made current first.
     #[inline]
-    pub(crate) fn call<R>(&self, f: impl FnOnce(CUstream) -> CuResult<R>) -> Result<R> {
+    pub(crate) fn call<R>(&self, f: impl FnOnce(CUstream) -> CuResult<R>) -> DeviceResult<R> {
         if self.raw.is_null() {
             let _current = self.ctx.bind()?;
             return Ok(f(self.raw)?);
@@ -130,7 +130,7 @@ impl CudaStream {
         Ok(f(self.raw)?)
     }
 
-    pub(crate) fn synchronize(&self) -> Result<()> {
+    pub(crate) fn synchronize(&self) -> DeviceResult<()> {
         check_not_in_host_task("synchronize a stream")?;
         self.ctx.deferred.take()?;
         // SAFETY: `self.raw` is live (owned, external per the wrap contract, or null).
@@ -139,9 +139,9 @@ impl CudaStream {
     }
 
     /// The host-task panics kept since the last synchronize.
-    pub(crate) fn take_errors(&self) -> Result<()> {
+    pub(crate) fn take_errors(&self) -> DeviceResult<()> {
         self.errors.take().map_err(|e| match e {
-            Error::Driver { message, code, .. } => Error::Driver {
+            DeviceError::Driver { message, code, .. } => DeviceError::Driver {
                 call: "host task",
                 code,
                 message: format!(
@@ -155,13 +155,13 @@ impl CudaStream {
     }
 
     #[inline]
-    pub(crate) fn query(&self) -> Result<bool> {
+    pub(crate) fn query(&self) -> DeviceResult<bool> {
         self.ctx.deferred.take()?;
         // SAFETY: `self.raw` is live or null.
         self.call(|s| unsafe { sys::stream_query(s) })
     }
 
-    pub(crate) fn launch_host(&self, task: HostTask) -> Result<()> {
+    pub(crate) fn launch_host(&self, task: HostTask) -> DeviceResult<()> {
         self.ctx.deferred.take()?;
         let _capture = self.capture_lock.lock();
         // SAFETY: `self.raw` is live or null.
@@ -190,9 +190,9 @@ impl CudaStream {
         }
     }
 
-    pub(crate) fn begin_capture(&self) -> Result<()> {
+    pub(crate) fn begin_capture(&self) -> DeviceResult<()> {
         if self.is_default() {
-            return Err(Error::Graph(format!(
+            return Err(DeviceError::Graph(format!(
                 "cannot capture the default stream of cuda:{} (the legacy NULL stream, which \
                  CUDA cannot capture): capture on a stream from stream_from_pool or new_stream, \
                  as PyTorch does",

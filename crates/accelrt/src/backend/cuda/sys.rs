@@ -15,7 +15,7 @@ pub(crate) use sys::{
     CUmemGenericAllocationHandle, CUmodule, CUresult, CUstream,
 };
 
-use crate::error::Error;
+use crate::error::DeviceError;
 
 /// A failed driver call: which call, and the code it returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,8 +104,8 @@ impl CuError {
     }
 
     /// The crate's error for this failure.
-    pub(crate) fn into_error(self) -> Error {
-        Error::Driver {
+    pub(crate) fn into_error(self) -> DeviceError {
+        DeviceError::Driver {
             call: self.call,
             code: Some(self.code as i32),
             message: format!("{}: {}{}", self.name(), self.description(), self.hint()),
@@ -113,8 +113,8 @@ impl CuError {
     }
 }
 
-impl From<CuError> for Error {
-    fn from(e: CuError) -> Error {
+impl From<CuError> for DeviceError {
+    fn from(e: CuError) -> DeviceError {
         e.into_error()
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::context::DeviceErrors;
 use crate::driver::HostTask;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 thread_local! {
     /// True on the driver's callback thread while one of our host tasks runs.
@@ -18,9 +18,9 @@ thread_local! {
 
 /// `Err` when called from inside a host task: waiting there would wait for the task itself
 /// (CUDA forbids CUDA calls in host functions; this turns the deadlock into an error).
-pub(crate) fn check_not_in_host_task(what: &str) -> Result<()> {
+pub(crate) fn check_not_in_host_task(what: &str) -> DeviceResult<()> {
     if IN_HOST_TASK.with(Cell::get) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(DeviceError::InvalidArgument(format!(
             "cannot {what} from inside a host task launched with launch_host: it runs on the \
              CUDA driver's callback thread, which must not call CUDA (CUDA's rule) and would \
              wait for itself; do the waiting after the task, or use event_notify, whose \

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 
 use super::stream::{Mark, StreamShared};
 use crate::driver::EventCallback;
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 /// Where an event was last recorded.
 #[derive(Clone)]
@@ -58,7 +58,7 @@ impl HostEvent {
 
     /// Mark the current end of `stream`. Non-timing: no queue traffic at all.
     #[inline]
-    pub(super) fn record(&self, stream: &Arc<StreamShared>) -> Result<()> {
+    pub(super) fn record(&self, stream: &Arc<StreamShared>) -> DeviceResult<()> {
         let position = if self.timing {
             let (mark, seq) = stream.push_mark()?;
             Position {
@@ -84,7 +84,7 @@ impl HostEvent {
     }
 
     /// When the completed timing event completed, in ns on accelrt's clock.
-    pub(super) fn completion_ns(&self) -> Result<u64> {
+    pub(super) fn completion_ns(&self) -> DeviceResult<u64> {
         self.stamp("").map(|t| t - 1)
     }
 
@@ -103,7 +103,7 @@ impl HostEvent {
         }
     }
 
-    pub(super) fn synchronize(&self) -> Result<()> {
+    pub(super) fn synchronize(&self) -> DeviceResult<()> {
         match self.position() {
             // Complete: nothing to wait for, even from the stream's own worker (a callback).
             Some(p) if !p.reached() => {
@@ -125,31 +125,31 @@ impl HostEvent {
 
     /// The completion stamp of a completed timing event (`which`: "start " or "end " in
     /// messages, or nothing).
-    fn stamp(&self, which: &str) -> Result<u64> {
+    fn stamp(&self, which: &str) -> DeviceResult<u64> {
         let pos = self.position().ok_or_else(|| {
-            Error::Event(format!(
+            DeviceError::Event(format!(
                 "the {which}event was never recorded: record it on a stream first"
             ))
         })?;
         let mark = pos.mark.as_ref().ok_or_else(|| {
-            Error::Event(format!(
+            DeviceError::Event(format!(
                 "the {which}event was not recorded with timing: events were not created with enable_timing=true"
             ))
         })?;
         match (pos.reached(), mark.get()) {
             (true, Some(t)) => Ok(t),
-            _ => Err(Error::Event(format!(
+            _ => Err(DeviceError::Event(format!(
                 "the {which}event has not completed yet: synchronize it (or its stream) before asking for its time"
             ))),
         }
     }
 
     /// Milliseconds from `start` to `end`, both completed timing events.
-    pub(super) fn elapsed_ms(start: &HostEvent, end: &HostEvent) -> Result<f64> {
+    pub(super) fn elapsed_ms(start: &HostEvent, end: &HostEvent) -> DeviceResult<f64> {
         let t0 = start.stamp("start ")?;
         let t1 = end.stamp("end ")?;
         if t1 < t0 {
-            return Err(Error::Event(format!(
+            return Err(DeviceError::Event(format!(
                 "the end event was not recorded after the start event: it completed {:.3} ms earlier",
                 (t0 - t1) as f64 / 1e6
             )));

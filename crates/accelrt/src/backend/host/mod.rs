@@ -21,7 +21,7 @@ use crate::alloc::MemoryProvider;
 use crate::device::{DeviceProperties, DeviceType};
 use crate::driver::Driver;
 use crate::driver::{EventCallback, HostTask};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 use crate::stream::StreamPriority;
 
 /// Environment variable with the number of host devices.
@@ -50,9 +50,9 @@ impl std::fmt::Debug for HostDriver {
 
 impl HostDriver {
     /// A driver with `devices` host devices (1..=[`MAX_HOST_DEVICES`]).
-    pub fn with_devices(devices: u32) -> Result<Self> {
+    pub fn with_devices(devices: u32) -> DeviceResult<Self> {
         if !(1..=MAX_HOST_DEVICES).contains(&devices) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(DeviceError::InvalidArgument(format!(
                 "a host driver needs 1..={MAX_HOST_DEVICES} devices, got {devices}"
             )));
         }
@@ -146,7 +146,7 @@ impl Driver for HostDriver {
         self.devices
     }
 
-    fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
+    fn device_properties(&self, device: u32) -> DeviceResult<DeviceProperties> {
         let mem = self.memory(device);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         Ok(DeviceProperties {
@@ -178,7 +178,7 @@ impl Driver for HostDriver {
         device: u32,
         _priority: StreamPriority,
         _default: bool,
-    ) -> Result<HostStream> {
+    ) -> DeviceResult<HostStream> {
         Ok(HostStream::new(
             NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
             device,
@@ -189,7 +189,7 @@ impl Driver for HostDriver {
         stream.shared.id
     }
 
-    fn stream_synchronize(&self, stream: &HostStream) -> Result<()> {
+    fn stream_synchronize(&self, stream: &HostStream) -> DeviceResult<()> {
         let s = &stream.shared;
         s.check_not_worker("synchronize")?;
         s.wait_for(s.end());
@@ -197,11 +197,11 @@ impl Driver for HostDriver {
     }
 
     #[inline]
-    fn stream_query(&self, stream: &HostStream) -> Result<bool> {
+    fn stream_query(&self, stream: &HostStream) -> DeviceResult<bool> {
         Ok(stream.shared.reached(stream.shared.end()))
     }
 
-    fn stream_wait_event(&self, stream: &HostStream, event: &HostEvent) -> Result<()> {
+    fn stream_wait_event(&self, stream: &HostStream, event: &HostEvent) -> DeviceResult<()> {
         match event.position() {
             // Same stream: FIFO order already waits. Reached: nothing to wait for.
             Some(p) if !Arc::ptr_eq(&p.stream, &stream.shared) && !p.reached() => {
@@ -211,57 +211,57 @@ impl Driver for HostDriver {
         }
     }
 
-    fn launch_host(&self, stream: &HostStream, task: HostTask) -> Result<()> {
+    fn launch_host(&self, stream: &HostStream, task: HostTask) -> DeviceResult<()> {
         stream.shared.launch(task)
     }
 
-    fn event_create(&self, _device: u32, timing: bool) -> Result<HostEvent> {
+    fn event_create(&self, _device: u32, timing: bool) -> DeviceResult<HostEvent> {
         Ok(HostEvent::new(timing))
     }
 
     #[inline]
-    fn event_record(&self, event: &HostEvent, stream: &HostStream) -> Result<()> {
+    fn event_record(&self, event: &HostEvent, stream: &HostStream) -> DeviceResult<()> {
         event.record(&stream.shared)
     }
 
-    fn event_record_captured(&self, event: &HostEvent, _stream: &HostStream) -> Result<()> {
+    fn event_record_captured(&self, event: &HostEvent, _stream: &HostStream) -> DeviceResult<()> {
         event.record_captured();
         Ok(())
     }
 
     #[inline]
-    fn event_query(&self, event: &HostEvent) -> Result<bool> {
+    fn event_query(&self, event: &HostEvent) -> DeviceResult<bool> {
         Ok(event.query())
     }
 
-    fn event_synchronize(&self, event: &HostEvent) -> Result<()> {
+    fn event_synchronize(&self, event: &HostEvent) -> DeviceResult<()> {
         event.synchronize()
     }
 
-    fn event_elapsed_ms(&self, start: &HostEvent, end: &HostEvent) -> Result<f64> {
+    fn event_elapsed_ms(&self, start: &HostEvent, end: &HostEvent) -> DeviceResult<f64> {
         HostEvent::elapsed_ms(start, end)
     }
 
-    fn event_notify(&self, event: &HostEvent, callback: EventCallback) -> Result<()> {
+    fn event_notify(&self, event: &HostEvent, callback: EventCallback) -> DeviceResult<()> {
         event.notify(callback);
         Ok(())
     }
 
-    fn event_completion_ns(&self, event: &HostEvent) -> Result<u64> {
+    fn event_completion_ns(&self, event: &HostEvent) -> DeviceResult<u64> {
         event.completion_ns()
     }
 
-    fn capture_begin(&self, stream: &HostStream) -> Result<()> {
+    fn capture_begin(&self, stream: &HostStream) -> DeviceResult<()> {
         stream.shared.begin_capture()
     }
 
-    fn capture_end(&self, stream: &HostStream) -> Result<HostGraph> {
+    fn capture_end(&self, stream: &HostStream) -> DeviceResult<HostGraph> {
         Ok(HostGraph {
             tasks: stream.shared.end_capture()?,
         })
     }
 
-    fn graph_launch(&self, graph: &HostGraph, stream: &HostStream) -> Result<()> {
+    fn graph_launch(&self, graph: &HostGraph, stream: &HostStream) -> DeviceResult<()> {
         stream.shared.launch_all(&graph.tasks)
     }
 
@@ -270,16 +270,16 @@ impl Driver for HostDriver {
         stream: &HostStream,
         origin: &HostStream,
         _event: &HostEvent,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         stream.shared.join_capture(&origin.shared)
     }
 
-    fn capture_leave(&self, stream: &HostStream, _graph: Option<&HostGraph>) -> Result<()> {
+    fn capture_leave(&self, stream: &HostStream, _graph: Option<&HostGraph>) -> DeviceResult<()> {
         stream.shared.leave_capture();
         Ok(())
     }
 
-    unsafe fn write_async(&self, stream: &HostStream, dst: usize, src: &[u8]) -> Result<()> {
+    unsafe fn write_async(&self, stream: &HostStream, dst: usize, src: &[u8]) -> DeviceResult<()> {
         let bytes: Arc<[u8]> = src.into();
         stream.shared.launch(Arc::new(move || {
             // SAFETY: the caller of write_async owns `dst .. dst + len` of host memory until
@@ -289,16 +289,16 @@ impl Driver for HostDriver {
         }))
     }
 
-    fn memory_provider(&self, device: u32) -> Result<Arc<dyn MemoryProvider>> {
+    fn memory_provider(&self, device: u32) -> DeviceResult<Arc<dyn MemoryProvider>> {
         Ok(self.memory(device).clone())
     }
 
     /// Host devices share the process's address space: each reaches every other.
-    fn can_access_peer(&self, _device: u32, _peer: u32) -> Result<bool> {
+    fn can_access_peer(&self, _device: u32, _peer: u32) -> DeviceResult<bool> {
         Ok(true)
     }
 
-    fn enable_peer_access(&self, _device: u32, _peer: u32) -> Result<()> {
+    fn enable_peer_access(&self, _device: u32, _peer: u32) -> DeviceResult<()> {
         Ok(())
     }
 
@@ -308,7 +308,7 @@ impl Driver for HostDriver {
         dst: usize,
         src: usize,
         bytes: usize,
-    ) -> Result<()> {
+    ) -> DeviceResult<()> {
         stream.shared.launch(Arc::new(move || {
             // SAFETY: the caller of copy_async keeps both ranges allocated, and unwritten by
             // other work, until this task has run in stream order; `copy` allows overlap.
@@ -316,7 +316,7 @@ impl Driver for HostDriver {
         }))
     }
 
-    fn pinned_memory_provider(&self) -> Result<Arc<dyn MemoryProvider>> {
+    fn pinned_memory_provider(&self) -> DeviceResult<Arc<dyn MemoryProvider>> {
         Ok(self
             .pinned
             .get_or_init(|| Arc::new(HostMemory::with_default_capacity()))

@@ -16,7 +16,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::alloc::Deferred;
 use crate::driver::{EventCallback, HostTask};
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, DeviceResult};
 
 thread_local! {
     /// The id of the stream whose worker runs on this thread (0: none; ids start at 1).
@@ -86,7 +86,7 @@ pub(super) struct StreamShared {
     done: Mutex<Done>,
     done_cv: Condvar,
     /// Panics of tasks and callbacks, for the next synchronize or query.
-    errors: Deferred,
+    errors: Deferred<DeviceError>,
 }
 
 impl StreamShared {
@@ -134,19 +134,23 @@ impl StreamShared {
     }
 
     /// Queue a timing marker; returns the marker and the position after it.
-    pub(super) fn push_mark(self: &Arc<Self>) -> Result<(Arc<Mark>, u64)> {
+    pub(super) fn push_mark(self: &Arc<Self>) -> DeviceResult<(Arc<Mark>, u64)> {
         let mark = Arc::new(Mark::default());
         let seq = self.push(Item::Mark(Arc::clone(&mark)))?;
         Ok((mark, seq))
     }
 
     /// Queue a wait on `other` reaching `seq`.
-    pub(super) fn push_wait(self: &Arc<Self>, other: Arc<StreamShared>, seq: u64) -> Result<()> {
+    pub(super) fn push_wait(
+        self: &Arc<Self>,
+        other: Arc<StreamShared>,
+        seq: u64,
+    ) -> DeviceResult<()> {
         self.push(Item::Wait(other, seq)).map(drop)
     }
 
     /// Launch a task, or record it while capturing.
-    pub(super) fn launch(self: &Arc<Self>, task: HostTask) -> Result<()> {
+    pub(super) fn launch(self: &Arc<Self>, task: HostTask) -> DeviceResult<()> {
         let mut q = self.queue.lock();
         if let Some(captured) = &q.capture {
             captured.lock().push(task);
@@ -157,7 +161,7 @@ impl StreamShared {
     }
 
     /// Queue several tasks at once (graph replay).
-    pub(super) fn launch_all(self: &Arc<Self>, tasks: &[HostTask]) -> Result<()> {
+    pub(super) fn launch_all(self: &Arc<Self>, tasks: &[HostTask]) -> DeviceResult<()> {
         if tasks.is_empty() {
             return Ok(());
         }
@@ -171,7 +175,7 @@ impl StreamShared {
             .map(drop)
     }
 
-    fn push(self: &Arc<Self>, item: Item) -> Result<u64> {
+    fn push(self: &Arc<Self>, item: Item) -> DeviceResult<u64> {
         let mut q = self.queue.lock();
         self.push_locked(&mut q, std::iter::once(item))
     }
@@ -181,7 +185,7 @@ impl StreamShared {
         self: &Arc<Self>,
         q: &mut parking_lot::MutexGuard<'_, Queue>,
         items: impl Iterator<Item = Item>,
-    ) -> Result<u64> {
+    ) -> DeviceResult<u64> {
         if !q.worker_started {
             self.start_worker()?;
             q.worker_started = true;
@@ -197,23 +201,26 @@ impl StreamShared {
     }
 
     #[cold]
-    fn start_worker(self: &Arc<Self>) -> Result<()> {
+    fn start_worker(self: &Arc<Self>) -> DeviceResult<()> {
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name(format!("accelrt-{}", self.label))
             .spawn(move || me.worker())
             .map(drop)
-            .map_err(|e| Error::Driver {
+            .map_err(|e| DeviceError::Driver {
                 call: "std::thread::spawn (host stream worker)",
                 code: None,
                 message: format!("{}: {e}", self.label),
             })
     }
 
-    pub(super) fn begin_capture(&self) -> Result<()> {
+    pub(super) fn begin_capture(&self) -> DeviceResult<()> {
         let mut q = self.queue.lock();
         if q.capture.is_some() {
-            return Err(Error::Graph(format!("{} is already capturing", self.label)));
+            return Err(DeviceError::Graph(format!(
+                "{} is already capturing",
+                self.label
+            )));
         }
         q.capture = Some(CaptureBuffer::default());
         Ok(())
@@ -222,16 +229,19 @@ impl StreamShared {
     /// From now on, record this stream's launches into `origin`'s capture (a fork of the
     /// capture onto this stream). Captured work replays serialized in launch order, which
     /// keeps every cross-stream dependency of the capture.
-    pub(super) fn join_capture(&self, origin: &StreamShared) -> Result<()> {
+    pub(super) fn join_capture(&self, origin: &StreamShared) -> DeviceResult<()> {
         let buffer = origin.queue.lock().capture.clone().ok_or_else(|| {
-            Error::Graph(format!(
+            DeviceError::Graph(format!(
                 "{} is not capturing: {} cannot join its capture",
                 origin.label, self.label
             ))
         })?;
         let mut q = self.queue.lock();
         if q.capture.is_some() {
-            return Err(Error::Graph(format!("{} is already capturing", self.label)));
+            return Err(DeviceError::Graph(format!(
+                "{} is already capturing",
+                self.label
+            )));
         }
         q.capture = Some(buffer);
         Ok(())
@@ -242,20 +252,20 @@ impl StreamShared {
         self.queue.lock().capture = None;
     }
 
-    pub(super) fn end_capture(&self) -> Result<Vec<HostTask>> {
+    pub(super) fn end_capture(&self) -> DeviceResult<Vec<HostTask>> {
         let buffer = self
             .queue
             .lock()
             .capture
             .take()
-            .ok_or_else(|| Error::Graph(format!("{} is not capturing", self.label)))?;
+            .ok_or_else(|| DeviceError::Graph(format!("{} is not capturing", self.label)))?;
         let tasks = std::mem::take(&mut *buffer.lock());
         Ok(tasks)
     }
 
     /// Errors kept since the last call (panicked tasks and callbacks), as one error.
-    pub(super) fn take_errors(&self) -> Result<()> {
-        self.errors.take(|t| Error::Driver {
+    pub(super) fn take_errors(&self) -> DeviceResult<()> {
+        self.errors.take(|t| DeviceError::Driver {
             call: "host task",
             code: None,
             message: format!(
@@ -274,7 +284,7 @@ impl StreamShared {
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "non-string panic payload".to_string());
-        self.errors.keep(Error::Driver {
+        self.errors.keep(DeviceError::Driver {
             call: "host task",
             code: None,
             message: format!("{what} panicked: {msg}"),
@@ -283,9 +293,9 @@ impl StreamShared {
 
     /// An error when the calling thread is this stream's worker: waiting on the stream
     /// from one of its own tasks would wait forever.
-    pub(super) fn check_not_worker(&self, what: &str) -> Result<()> {
+    pub(super) fn check_not_worker(&self, what: &str) -> DeviceResult<()> {
         if CURRENT_WORKER.with(|w| w.get()) == self.id {
-            return Err(Error::InvalidArgument(format!(
+            return Err(DeviceError::InvalidArgument(format!(
                 "cannot {what} from a task running on {} itself: it would wait for itself",
                 self.label
             )));
