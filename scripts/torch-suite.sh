@@ -69,6 +69,8 @@ part info 300 "$PY" -m accelrt_torch --build-shim
 cat "$OUT/info.log"
 
 C="$REPO/scripts/torch_checks.py"
+# SUITE_ONLY=tests: PyTorch's own tests only (the rest takes about 2 minutes).
+if [ "${SUITE_ONLY:-}" != tests ]; then
 note "features (accelrt, native), torch.compile reduce-overhead (native, accelrt), in parallel"
 ACCELRT_TORCH=strict part features-accelrt 120 "$PY" "$C" features --out "$OUT/features-accelrt.checks.jsonl" &
 part features-native 120 "$PY" "$C" features --out "$OUT/features-native.checks.jsonl" &
@@ -86,6 +88,7 @@ ACCELRT_TORCH=strict part ipc-vmm 150 "$PY" "$REPO/scripts/ipc_vmm.py" --out "$O
 
 note "trace recorder"
 ACCELRT_TORCH=strict part trace 90 "$PY" "$C" trace --out "$OUT/trace.checks.jsonl" --result "$OUT/mlp.trace.gz"
+fi
 
 note "PyTorch's own allocator tests"
 # Their imports (torch.testing._internal needs expecttest; the runner needs pytest): what the

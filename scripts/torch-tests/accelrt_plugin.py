@@ -7,8 +7,39 @@ ACCELRT_TESTS_ALLOCATOR=accelrt: enable accelrt (the installed package's enable(
 that accelrt is not enabled. ACCELRT_TESTS_RESULTS=FILE: where the lines go.
 """
 
+import importlib
 import json
 import os
+
+# Names the test files import that the installed PyTorch's testing modules no longer have
+# (the files come from the search index, not from the installed version's tag; found with
+# scripts/torch-tests/missing_names.py). Each is supplied only when missing, with the meaning
+# it had, and the report lists what was supplied.
+COMPAT = {
+    # Whether the run uses the cudaMallocAsync backend: neither accelrt nor PyTorch's
+    # caching allocator is that.
+    ("torch.testing._internal.common_utils", "TEST_CUDAMALLOCASYNC"): lambda mod: (
+        "backend:cudamallocasync"
+        in (os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("TORCH_ALLOC_CONF", ""))
+        .replace(" ", "")
+        .lower()
+    ),
+    # Renamed HAS_CUDA_AND_TRITON.
+    ("torch.testing._internal.inductor_utils", "HAS_CUDA"): lambda mod: mod.HAS_CUDA_AND_TRITON,
+}
+
+
+def supply_compat_names() -> list:
+    supplied = []
+    for (module, name), value in COMPAT.items():
+        try:
+            mod = importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the test file's own import reports it
+            continue
+        if not hasattr(mod, name):
+            setattr(mod, name, value(mod))
+            supplied.append(f"{module}.{name} = {getattr(mod, name)!r}")
+    return supplied
 
 
 def pytest_configure(config):
@@ -32,6 +63,10 @@ def pytest_configure(config):
         except ImportError:
             pass
     config._accelrt_results = os.environ.get("ACCELRT_TESTS_RESULTS")
+    supplied = supply_compat_names()
+    if supplied:
+        print("accelrt_plugin: supplied names the test files import but this PyTorch lacks: "
+              + "; ".join(supplied))
     del torch
 
 

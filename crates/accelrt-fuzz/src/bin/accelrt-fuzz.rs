@@ -76,8 +76,15 @@ fn main() -> ExitCode {
             "--cases" => value("a number")
                 .and_then(|v| v.parse().map_err(|e| format!("--cases {v}: {e}")))
                 .map(|v| cases = Some(v)),
+            // Decimal, or hexadecimal with 0x as the summaries print seeds.
             "--seed" => value("a number")
-                .and_then(|v| v.parse().map_err(|e| format!("--seed {v}: {e}")))
+                .and_then(|v| {
+                    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+                        Some(hex) => u64::from_str_radix(hex, 16),
+                        None => v.parse(),
+                    }
+                    .map_err(|e| format!("--seed {v}: {e} (decimal, or hexadecimal after 0x)"))
+                })
                 .map(|v| seed = Some(v)),
             "--crashes" => value("a folder").map(|v| crashes = PathBuf::from(v)),
             "--memory-mib" => value("a number")
