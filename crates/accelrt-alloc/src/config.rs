@@ -44,7 +44,8 @@ pub struct AllocatorConfig {
     /// (each is a driver call) at the cost of more memory stranded at block boundaries;
     /// must be a multiple of the device's granularity.
     pub expandable_page_size: Option<u64>,
-    /// Cap on reserved memory as a share of device memory (`per_process_memory_fraction`, (0, 1]).
+    /// Cap on reserved memory as a share of device memory (`per_process_memory_fraction`,
+    /// [0, 1] as in PyTorch; 0 allows nothing).
     pub per_process_memory_fraction: Option<f64>,
     /// Hard limit as a ratio of the device's recommended maximum (0 disables, at most 2).
     pub high_watermark_ratio: f64,
@@ -163,8 +164,8 @@ impl AllocatorConfig {
             }
             "per_process_memory_fraction" => {
                 let f = parse_f64(key, value)?;
-                if !(f > 0.0 && f <= 1.0) {
-                    return Err(bad(key, value, "a number in (0, 1]"));
+                if !(0.0..=1.0).contains(&f) {
+                    return Err(bad(key, value, "a number in [0, 1]"));
                 }
                 self.per_process_memory_fraction = Some(f);
             }
@@ -457,7 +458,7 @@ mod tests {
             ),
             ("max_split_size_mb", "has no value"),
             ("expandable_segments:maybe", "true or false"),
-            ("per_process_memory_fraction:1.5", "(0, 1]"),
+            ("per_process_memory_fraction:1.5", "[0, 1]"),
             ("high_watermark_ratio:3", "[0, 2]"),
             ("roundup_power2_divisions:3", "power of two"),
             ("roundup_power2_divisions:[256:1", "unclosed '['"),

@@ -252,6 +252,9 @@ pub(super) fn hold_in_flight(st: &mut PoolState, block: u32) {
     debug_assert_eq!(held, Some(block), "a block just carved is live");
 }
 
+/// The memory fraction's value while none is set (a set one is in [0, 1]).
+pub(crate) const NO_FRACTION: f64 = -1.0;
+
 fn f64_bits(v: Option<f64>) -> u64 {
     v.unwrap_or(0.0).to_bits()
 }
@@ -303,7 +306,12 @@ impl CachingAllocator {
             provider,
             events,
             limits: Limits {
-                fraction: AtomicU64::new(f64_bits(config.per_process_memory_fraction)),
+                fraction: AtomicU64::new(
+                    config
+                        .per_process_memory_fraction
+                        .unwrap_or(NO_FRACTION)
+                        .to_bits(),
+                ),
                 high_watermark: AtomicU64::new(config.high_watermark_ratio.to_bits()),
                 low_watermark: AtomicU64::new(config.low_watermark_ratio.to_bits()),
             },
@@ -379,6 +387,18 @@ impl CachingAllocator {
             }
         }
         self.alloc_general(size, stream)
+    }
+
+    /// Whether a graph capture may be underway: allocations are routed to a private pool
+    /// (PyTorch routes from the start of a capture, and inside `use_mem_pool`, its
+    /// `captures_underway`). While one is, the allocator neither waits for the device nor
+    /// queries or records events: on CUDA such a call from any thread invalidates a capture
+    /// in the default (global) mode, and every later call on the stream fails with
+    /// "operation not permitted when stream is capturing". Pending frees wait, cached memory
+    /// is not released before an out-of-memory error, as in PyTorch.
+    #[inline]
+    pub(crate) fn capturing(&self) -> bool {
+        self.rare.has(RareFlags::ROUTES)
     }
 
     /// Whether no rare condition holds (this allocator's, or a process-wide callback).

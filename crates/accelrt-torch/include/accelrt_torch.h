@@ -49,7 +49,7 @@ void accelrt_torch_free(void *ptr, ssize_t size, int device, void *stream);
 int accelrt_torch_init(int device_count);
 /* torch.cuda.empty_cache(): give every cached segment of every device back. */
 int accelrt_torch_empty_cache(void);
-/* torch.cuda.set_per_process_memory_fraction(fraction, device); fraction in (0, 1]. */
+/* torch.cuda.set_per_process_memory_fraction(fraction, device); fraction in [0, 1] (0 allows nothing). */
 int accelrt_torch_set_memory_fraction(double fraction, int device);
 /* The fraction set on `device` (1.0 when none is set), or -1.0 on failure. */
 double accelrt_torch_get_memory_fraction(int device);

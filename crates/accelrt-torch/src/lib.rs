@@ -259,7 +259,7 @@ pub extern "C" fn accelrt_torch_empty_cache() -> c_int {
 }
 
 /// `torch.cuda.set_per_process_memory_fraction(fraction, device)`: cap what accelrt
-/// reserves on `device` at `fraction` of its memory, in (0, 1].
+/// reserves on `device` at `fraction` of its memory, in [0, 1] (0 allows nothing, as in PyTorch).
 #[no_mangle]
 pub extern "C" fn accelrt_torch_set_memory_fraction(fraction: f64, device: c_int) -> c_int {
     status("accelrt_torch_set_memory_fraction", || {

@@ -290,7 +290,7 @@ fn out_of_memory_is_reported_with_figures_and_the_allocator_recovers() {
     assert_eq!(stats()["num_ooms"], ooms + 1);
 
     assert_eq!(accelrt_torch_set_memory_fraction(1.5, 0), -1);
-    assert!(last().contains("(0, 1]"), "{}", last());
+    assert!(last().contains("[0, 1]"), "{}", last());
     assert_eq!(accelrt_torch_set_memory_fraction(1.0, 0), 0);
     let q = alloc(256 << 20, null_mut());
     // SAFETY: room for four values; the last failure above was not an OOM.

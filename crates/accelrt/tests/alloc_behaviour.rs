@@ -272,8 +272,9 @@ fn memory_fraction_and_high_watermark_are_hard_limits() {
     let a = allocator_with(64 * MIB as u64, "");
     a.set_memory_fraction(0.5).unwrap();
     assert_eq!(a.memory_fraction(), Some(0.5));
-    assert!(a.set_memory_fraction(0.0).is_err());
+    assert!(a.set_memory_fraction(-0.1).is_err());
     assert!(a.set_memory_fraction(1.5).is_err());
+    assert!(a.set_memory_fraction(f64::NAN).is_err());
     assert_eq!(
         a.memory_fraction(),
         Some(0.5),
@@ -430,7 +431,7 @@ fn hostile_input_is_refused_and_changes_nothing() {
             a.record_stream(p, stream(1)).unwrap_err(),
         ),
         (
-            "memory fraction must be in (0, 1]",
+            "memory fraction must be in [0, 1]",
             a.set_memory_fraction(f64::NAN).unwrap_err(),
         ),
     ];

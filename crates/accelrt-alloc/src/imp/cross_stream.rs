@@ -11,6 +11,19 @@ impl CachingAllocator {
     pub(super) fn free_with_extras(&self, st: &mut PoolState, block: u32) -> Result<()> {
         let extras = st.extras.remove(&block).unwrap_or_default();
         let mut recorded = Vec::with_capacity(extras.stream_uses.len());
+        if self.events.is_some() && self.capturing() && !extras.stream_uses.is_empty() {
+            // No event may be recorded during a capture: the block waits, its streams' events
+            // are recorded once the capture is over (`process_pending`).
+            st.blocks[block as usize].has_extras = false;
+            st.account_free(block);
+            st.blocks[block as usize].state = BlockState::Pending;
+            st.pending.push(PendingFree {
+                block,
+                tickets: extras.events,
+                deferred: extras.stream_uses,
+            });
+            return Ok(());
+        }
         if let Some(events) = &self.events {
             for s in &extras.stream_uses {
                 self.driver.event_record.fetch_add(1, Relaxed);
@@ -33,7 +46,11 @@ impl CachingAllocator {
             st.release_to_cache(block);
         } else {
             st.blocks[block as usize].state = BlockState::Pending;
-            st.pending.push(PendingFree { block, tickets });
+            st.pending.push(PendingFree {
+                block,
+                tickets,
+                deferred: Vec::new(),
+            });
         }
         Ok(())
     }

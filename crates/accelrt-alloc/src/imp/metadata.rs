@@ -209,11 +209,12 @@ impl CachingAllocator {
     pub fn low_watermark_ratio(&self) -> f64 {
         f64::from_bits(self.limits.low_watermark.load(Relaxed))
     }
-    /// Cap reserved memory at `fraction` of device memory, in (0, 1].
+    /// Cap reserved memory at `fraction` of device memory, in [0, 1] (0 allows nothing, as
+    /// in PyTorch).
     pub fn set_memory_fraction(&self, fraction: f64) -> Result<()> {
-        if !(fraction > 0.0 && fraction <= 1.0) {
+        if !(0.0..=1.0).contains(&fraction) {
             return Err(Error::InvalidArgument(format!(
-                "memory fraction must be in (0, 1], got {fraction}"
+                "memory fraction must be in [0, 1] (0 allows nothing), got {fraction}"
             )));
         }
         self.limits.fraction.store(fraction.to_bits(), Relaxed);
@@ -221,7 +222,7 @@ impl CachingAllocator {
     }
     pub fn memory_fraction(&self) -> Option<f64> {
         let f = f64::from_bits(self.limits.fraction.load(Relaxed));
-        (f > 0.0).then_some(f)
+        (f >= 0.0).then_some(f) // unset is negative (`NO_FRACTION`)
     }
     /// The low watermark in bytes (MPS's `getLowWatermarkLimit`): above it, cached memory
     /// is released before the allocator grows. `None` when no low watermark is set.

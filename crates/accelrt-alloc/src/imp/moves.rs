@@ -205,6 +205,13 @@ impl CachingAllocator {
         let Some(events) = &self.events else {
             return Ok(());
         };
+        if self.capturing() {
+            return Err(Error::InvalidArgument(format!(
+                "cannot wait for {} while a graph capture routes allocations to a private pool \
+                 (a device-wide wait would invalidate the capture)",
+                self.device
+            )));
+        }
         let ticks: Vec<(usize, u64)> = self
             .pools_with_index()
             .map(|(i, p)| (i, p.state.lock().tick))

@@ -283,6 +283,11 @@ impl CachingAllocator {
 
     /// Give a released pool's whole cached segments back; recycle its slot once empty.
     pub(super) fn drain_released_pool(&self, pool: &StreamPool) {
+        if self.capturing() {
+            // Draining waits for the pool's streams, which a capture forbids: the next free
+            // of one of its blocks, or `empty_cache`, after the capture gives the memory back.
+            return;
+        }
         // Blocks of a private pool may have been used on any stream: wait for the device's
         // streams that allocated from it, as recorded.
         let users: Vec<Stream> = pool.state.lock().users.clone();

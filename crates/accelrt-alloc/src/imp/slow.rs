@@ -118,7 +118,7 @@ impl CachingAllocator {
         let (_, total) = self.provider.memory_info();
         let mut limit: Option<(u64, HardLimit)> = None;
         let fraction = f64::from_bits(self.limits.fraction.load(Relaxed));
-        if fraction > 0.0 {
+        if fraction >= 0.0 {
             let bytes = (total as f64 * fraction) as u64;
             limit = Some((bytes, HardLimit::Fraction { fraction, bytes }));
         }
@@ -146,7 +146,7 @@ impl CachingAllocator {
         let mut soft = (low > 0.0).then(|| (self.provider.recommended_max() as f64 * low) as u64);
         if let Some(t) = self.config.garbage_collection_threshold {
             let fraction = f64::from_bits(self.limits.fraction.load(Relaxed));
-            if fraction > 0.0 {
+            if fraction >= 0.0 {
                 let bytes = (self.provider.memory_info().1 as f64 * fraction * t) as u64;
                 soft = Some(soft.map_or(bytes, |s| s.min(bytes)));
             }
@@ -202,6 +202,10 @@ impl CachingAllocator {
             return Some(u64::MAX);
         };
         let mut st = pool.state.lock();
+        if self.capturing() {
+            // No event query or record during a capture: what completed fences proved so far.
+            return (st.safe_tick > 0).then_some(st.safe_tick);
+        }
         while let Some(&(tick, ticket)) = st.fences.front() {
             self.driver.event_query.fetch_add(1, Relaxed);
             match events.query(ticket) {
@@ -298,8 +302,27 @@ impl CachingAllocator {
     #[cold]
     pub(super) fn process_pending(&self, st: &mut PoolState, stream: u32) {
         let Some(events) = &self.events else { return };
+        if self.capturing() {
+            return; // no event queries during a capture: the frees wait for its end
+        }
         let mut i = 0;
         while i < st.pending.len() {
+            if !st.pending[i].deferred.is_empty() {
+                // Freed during a capture: record its streams' events now.
+                let streams = std::mem::take(&mut st.pending[i].deferred);
+                for s in streams {
+                    self.driver.event_record.fetch_add(1, Relaxed);
+                    match events.record(s) {
+                        Ok(t) => st.pending[i].tickets.push(t),
+                        // A stream that cannot record (destroyed since): wait for the whole
+                        // device instead (rare), so the block is not reused under its work.
+                        Err(_) => {
+                            self.driver.synchronize.fetch_add(1, Relaxed);
+                            let _ = events.synchronize_device(self.device.index);
+                        }
+                    }
+                }
+            }
             // A failed query means the stream is broken: waiting would never end, so the block
             // is treated as done with.
             let done = st.pending[i].tickets.iter().all(|&t| {
@@ -349,6 +372,11 @@ impl CachingAllocator {
     /// blocks can go too. One device-wide wait covers everything: cached memory may still be
     /// used by queued work (a device free would wait anyway; unmapping host memory would not).
     pub(super) fn release_cached(&self, wait: bool) -> Result<()> {
+        if self.capturing() {
+            // Giving memory back waits for the device, which a capture forbids (PyTorch's
+            // allocator does not release cached blocks while captures are underway either).
+            return Ok(());
+        }
         if wait {
             self.counters.num_sync_all_streams.fetch_add(1, Relaxed);
             for pool in self.initialized_pools() {

@@ -138,6 +138,10 @@ impl Segment {
 pub struct PendingFree {
     pub block: u32,
     pub tickets: Vec<u64>,
+    /// Streams whose events are still to be recorded: the block was freed during a graph
+    /// capture, when no event may be recorded (PyTorch defers them the same way). They are
+    /// recorded by the first `process_pending` after the capture.
+    pub deferred: Vec<crate::stream::Stream>,
 }
 
 /// Cross-stream extras of a block (rare; kept out of `Block`).
