@@ -66,7 +66,13 @@ impl StreamEvents for CaptureWatch {
 
 fn allocator(watch: &Arc<CaptureWatch>, config: AllocatorConfig) -> CachingAllocator {
     let events: Arc<dyn StreamEvents> = watch.clone();
-    CachingAllocator::new(DEV, Arc::new(HostMemory::new(256 << 20)), Some(events), config).unwrap()
+    CachingAllocator::new(
+        DEV,
+        Arc::new(HostMemory::new(256 << 20)),
+        Some(events),
+        config,
+    )
+    .unwrap()
 }
 
 fn capture_makes_no_device_call(config: AllocatorConfig) {
@@ -79,7 +85,8 @@ fn capture_makes_no_device_call(config: AllocatorConfig) {
     a.raw_free(cached).unwrap();
 
     let pool = MempoolId(7, 1);
-    a.begin_allocate_to_pool(pool, StreamFilter::Only(stream(0))).unwrap();
+    a.begin_allocate_to_pool(pool, StreamFilter::Only(stream(0)))
+        .unwrap();
     watch.capturing.store(true, SeqCst);
     let inside = a.raw_alloc(3 << 20, stream(0)).unwrap();
     // Out of memory during the capture: an error, without giving cached memory back first.
