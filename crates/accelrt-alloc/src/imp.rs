@@ -255,10 +255,6 @@ pub(super) fn hold_in_flight(st: &mut PoolState, block: u32) {
 /// The memory fraction's value while none is set (a set one is in [0, 1]).
 pub(crate) const NO_FRACTION: f64 = -1.0;
 
-fn f64_bits(v: Option<f64>) -> u64 {
-    v.unwrap_or(0.0).to_bits()
-}
-
 impl CachingAllocator {
     /// An allocator for `device` over `provider`. `events` enables cross-stream safety
     /// (`record_stream`, `record_events`); without it those calls return an error.

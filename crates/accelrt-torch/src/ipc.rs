@@ -179,7 +179,7 @@ struct Export {
 }
 
 static EXPORTS: Mutex<Option<HashMap<usize, Export>>> = Mutex::new(None);
-/// Whether anything was ever exported: frees look at [`EXPORTS`] only then.
+/// Whether anything was ever exported: frees look at the export table only then.
 pub static ANY_EXPORTED: AtomicBool = AtomicBool::new(false);
 
 /// Imports mapped in this process, by the pointer handed out.
