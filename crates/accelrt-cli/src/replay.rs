@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use accelrt::alloc::{format_size, AllocatorConfig, MemoryProvider};
 use accelrt::trace::{self, DeviceModel, ReplayInput, ReplayOptions, ReplayOutcome, ReplayTarget};
-use accelrt::{AllocError, Device, DeviceType};
+use accelrt::{Device, DeviceType};
 
 use crate::error::CliError;
 use crate::outputs;
@@ -285,7 +285,7 @@ fn parse_configs(confs: &[String]) -> Result<Vec<ConfigChoice>, CliError> {
                 CliError::Config(format!(
                     "--alloc-conf '{}': {}",
                     cut(conf),
-                    strip_config_prefix(&e)
+                    e.config_message()
                 ))
             })?;
             let label = if conf.is_empty() {
@@ -296,13 +296,6 @@ fn parse_configs(confs: &[String]) -> Result<Vec<ConfigChoice>, CliError> {
             Ok(ConfigChoice::Given(Box::new(NamedConfig { label, config })))
         })
         .collect()
-}
-
-fn strip_config_prefix(e: &AllocError) -> String {
-    match e {
-        AllocError::Config(m) => m.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// `text` cut to [`MAX_LABEL`] characters, with an ellipsis when cut.
