@@ -1,7 +1,7 @@
 //! The device model: when, during a replay, the work queued on a stream has completed.
 //!
 //! A replay runs the production allocator; only "completed" is simulated. The replay hands
-//! the allocator a [`SimulatedDevice`] as its [`StreamEvents`], and moves the device's clocks
+//! the allocator a [`SimulatedDevice`] as its [`StreamEvents`](accelrt_alloc::StreamEvents), and moves the device's clocks
 //! before every call:
 //!
 //! - the **event clock** counts the trace's `a`, `f` and `u` events (1, 2, 3, ...): an event
