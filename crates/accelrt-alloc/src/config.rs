@@ -88,7 +88,7 @@ impl AllocatorConfig {
     pub fn from_env() -> Result<Self> {
         match std::env::var(ALLOC_CONF_ENV) {
             Ok(s) => Self::parse(&s).map_err(|e| {
-                AllocError::Config(format!("in {ALLOC_CONF_ENV}: {}", strip_prefix(&e)))
+                AllocError::Config(format!("in {ALLOC_CONF_ENV}: {}", e.config_message()))
             }),
             Err(std::env::VarError::NotPresent) => Ok(Self::default()),
             Err(std::env::VarError::NotUnicode(_)) => Err(AllocError::Config(format!(
@@ -292,13 +292,6 @@ const KNOWN_OPTIONS: &[&str] = &[
     "release_at_peak",
     "debug_checks",
 ];
-
-fn strip_prefix(e: &AllocError) -> String {
-    match e {
-        AllocError::Config(m) => m.clone(),
-        other => other.to_string(),
-    }
-}
 
 fn bad(key: &str, value: &str, expected: &str) -> AllocError {
     AllocError::Config(format!(

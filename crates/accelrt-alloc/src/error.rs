@@ -144,6 +144,15 @@ impl std::fmt::Display for OomReport {
 }
 
 impl AllocError {
+    /// The words of a [`AllocError::Config`] without the prefix its `Display` adds (for a
+    /// message that names the configuration itself); any other error's `Display`.
+    pub fn config_message(&self) -> String {
+        match self {
+            AllocError::Config(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// Shorthand for [`AllocError::Unsupported`].
     pub fn unsupported(backend: DeviceType, what: &'static str) -> Self {
         AllocError::Unsupported { backend, what }

@@ -30,6 +30,8 @@ use crate::stream::{Stream, StreamPriority};
 
 mod graphs;
 mod handles;
+mod info;
+mod peers;
 mod setup;
 mod shared;
 mod state;
@@ -178,63 +180,7 @@ impl<D: Driver> Backend for Runtime<D> {
     }
 
     fn show_config(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(out, "accelrt {}", env!("CARGO_PKG_VERSION"));
-        let vars: Vec<&str> = match self.state() {
-            Ok(r) => {
-                let (major, minor) = r.core.driver.runtime_version();
-                let _ = writeln!(
-                    out,
-                    "backend: {} (available), runtime {major}.{minor}",
-                    D::KIND
-                );
-                let _ = writeln!(out, "devices: {}", r.core.count);
-                for d in 0..r.core.count {
-                    match r.core.driver.device_properties(d) {
-                        Ok(p) => {
-                            let _ = writeln!(
-                                out,
-                                "  {}:{d}: {}, {} memory, {} cores, capability {}.{}",
-                                D::KIND,
-                                p.name,
-                                format_size(p.total_memory),
-                                p.multiprocessor_count,
-                                p.capability.0,
-                                p.capability.1
-                            );
-                        }
-                        Err(e) => {
-                            let _ = writeln!(out, "  {}:{d}: properties unavailable: {e}", D::KIND);
-                        }
-                    }
-                }
-                r.core.driver.env_vars().to_vec()
-            }
-            Err(reason) => {
-                let _ = writeln!(out, "backend: {} (unavailable: {reason})", self.kind);
-                Vec::new()
-            }
-        };
-        let _ = writeln!(out, "environment:");
-        for var in vars.iter().copied().chain([ALLOC_CONF_ENV]) {
-            match std::env::var_os(var) {
-                Some(v) => {
-                    let _ = writeln!(out, "  {var}={}", v.to_string_lossy());
-                }
-                None => {
-                    let _ = writeln!(out, "  {var} (unset)");
-                }
-            }
-        }
-        match AllocatorConfig::from_env() {
-            Ok(c) => {
-                let _ = writeln!(out, "allocator: {}", c.to_conf_string());
-            }
-            Err(e) => {
-                let _ = writeln!(out, "allocator: {e}");
-            }
-        }
-        out
+        self.show_config_impl()
     }
 
     fn device_properties(&self, device: u32) -> Result<DeviceProperties> {
@@ -618,41 +564,15 @@ impl<D: Driver> Backend for Runtime<D> {
     // ---- several devices ----------------------------------------------------------------------
 
     fn can_device_access_peer(&self, device: u32, peer: u32) -> Result<bool> {
-        let ready = self.ready("can_device_access_peer")?;
-        ready.core.check_device(device)?;
-        ready.core.check_device(peer)?;
-        if device == peer {
-            return Ok(true);
-        }
-        Ok(ready.core.driver.can_access_peer(device, peer)?)
+        self.can_device_access_peer_impl(device, peer)
     }
 
     fn enable_peer_access(&self, device: u32, peer: u32) -> Result<()> {
-        let ready = self.ready("enable_peer_access")?;
-        ready.core.check_device(device)?;
-        ready.core.check_device(peer)?;
-        let mut peers = ready.peers.lock();
-        if device == peer || peers.contains(&(device, peer)) {
-            return Ok(());
-        }
-        if !ready.core.driver.can_access_peer(device, peer)? {
-            return Err(DeviceError::Unsupported {
-                backend: D::KIND,
-                what: "peer access between these two devices (the driver says they cannot \
-                       reach each other; memcpy_async still copies between them)",
-            }
-            .into());
-        }
-        ready.core.driver.enable_peer_access(device, peer)?;
-        peers.insert((device, peer));
-        Ok(())
+        self.enable_peer_access_impl(device, peer)
     }
 
     fn is_peer_access_enabled(&self, device: u32, peer: u32) -> Result<bool> {
-        let ready = self.ready("is_peer_access_enabled")?;
-        ready.core.check_device(device)?;
-        ready.core.check_device(peer)?;
-        Ok(device == peer || ready.peers.lock().contains(&(device, peer)))
+        self.is_peer_access_enabled_impl(device, peer)
     }
 
     fn memcpy_async(
@@ -664,34 +584,7 @@ impl<D: Driver> Backend for Runtime<D> {
         bytes: usize,
         stream: Stream,
     ) -> Result<()> {
-        let ready = self.ready("memcpy_async")?;
-        ready.core.check_device(dst_device)?;
-        ready.core.check_device(src_device)?;
-        let slot = ready.core.stream(stream)?;
-        if stream.device.index != dst_device && stream.device.index != src_device {
-            return Err(DeviceError::InvalidArgument(format!(
-                "memcpy_async: the copy runs on {stream}, of neither device of the copy \
-                 ({} {dst_device} and {src_device}): use a stream of one of them",
-                D::KIND
-            ))
-            .into());
-        }
-        ready
-            .core
-            .check_not_capturing(&slot, stream, "copy between buffers on")?;
-        if bytes == 0 {
-            return Ok(());
-        }
-        let dst_alloc = self.device_allocator(ready, dst_device)?;
-        let src_alloc = self.device_allocator(ready, src_device)?;
-        dst_alloc.check_live_range(dst, bytes, "memcpy_async destination")?;
-        src_alloc.check_live_range(src, bytes, "memcpy_async source")?;
-        // SAFETY: both ranges lie inside live allocations of this runtime's allocators (just
-        // checked), and the copy is queued on a stream of one of the two devices: memory freed
-        // later waits for that stream when its free was recorded there, as every free of a
-        // block used on another stream must be (record_stream), which PyTorch does for peer
-        // copies.
-        unsafe { Ok(ready.core.driver.copy_async(&slot.raw, dst, src, bytes)?) }
+        self.memcpy_async_impl(dst, dst_device, src, src_device, bytes, stream)
     }
 
     // ---- profiler ---------------------------------------------------------------------------

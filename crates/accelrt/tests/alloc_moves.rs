@@ -8,16 +8,15 @@
 mod common;
 
 use accelrt::AllocError;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use accelrt::alloc::{
-    AllocatorConfig, CachingAllocator, ChunkHandle, MemoryProvider, ProviderError, VirtualMemory,
-};
-use accelrt::backend::host::{HostDriver, HostMemory};
+use accelrt::alloc::{AllocatorConfig, CachingAllocator, MemoryProvider};
+use accelrt::backend::host::HostDriver;
 use accelrt::runtime::Runtime;
 use accelrt::{Backend, Device, DeviceType, Stream, StreamPriority};
+use common::memory::TestMemory;
 use common::Gate;
 use proptest::prelude::*;
 
@@ -225,82 +224,6 @@ fn a_move_from_another_stream_orders_on_the_device() {
     alloc.check_invariants().unwrap();
 }
 
-/// Host memory whose driver calls can be made to fail, to check that a failure in the middle
-/// of a move leaves the allocator consistent and names the call.
-struct Flaky {
-    inner: HostMemory,
-    fail_map: AtomicBool,
-    fail_create: AtomicBool,
-}
-
-impl MemoryProvider for Flaky {
-    fn allocate(&self, size: usize) -> Result<usize, ProviderError> {
-        self.inner.allocate(size)
-    }
-    unsafe fn free(&self, ptr: usize, size: usize) {
-        // SAFETY: forwarded from the caller's promise.
-        unsafe { self.inner.free(ptr, size) }
-    }
-    fn memory_info(&self) -> (u64, u64) {
-        self.inner.memory_info()
-    }
-    fn host_visible(&self) -> bool {
-        true
-    }
-    fn driver_allocated(&self) -> u64 {
-        self.inner.driver_allocated()
-    }
-    fn virtual_memory(&self) -> Option<&dyn VirtualMemory> {
-        Some(self)
-    }
-}
-
-impl VirtualMemory for Flaky {
-    fn granularity(&self) -> usize {
-        self.inner.virtual_memory().unwrap().granularity()
-    }
-    fn reserve(&self, size: usize) -> Result<usize, ProviderError> {
-        self.inner.virtual_memory().unwrap().reserve(size)
-    }
-    unsafe fn unreserve(&self, base: usize, size: usize) {
-        // SAFETY: forwarded from the caller's promise.
-        unsafe { self.inner.virtual_memory().unwrap().unreserve(base, size) }
-    }
-    fn create(&self, size: usize) -> Result<ChunkHandle, ProviderError> {
-        if self.fail_create.load(Ordering::Relaxed) {
-            // CUDA_ERROR_INVALID_VALUE: a result code the allocator's error must keep.
-            return Err(ProviderError::Driver {
-                code: 1,
-                message: "cuMemCreate: injected failure".into(),
-            });
-        }
-        self.inner.virtual_memory().unwrap().create(size)
-    }
-    unsafe fn release(&self, chunk: ChunkHandle, size: usize) {
-        // SAFETY: forwarded from the caller's promise.
-        unsafe { self.inner.virtual_memory().unwrap().release(chunk, size) }
-    }
-    unsafe fn map(
-        &self,
-        addr: usize,
-        chunks: &[(ChunkHandle, usize)],
-    ) -> Result<(), ProviderError> {
-        if self.fail_map.load(Ordering::Relaxed) {
-            // CUDA_ERROR_ILLEGAL_ADDRESS.
-            return Err(ProviderError::Driver {
-                code: 700,
-                message: "cuMemMap: injected failure".into(),
-            });
-        }
-        // SAFETY: forwarded from the caller's promise.
-        unsafe { self.inner.virtual_memory().unwrap().map(addr, chunks) }
-    }
-    unsafe fn unmap(&self, addr: usize, len: usize) {
-        // SAFETY: forwarded from the caller's promise.
-        unsafe { self.inner.virtual_memory().unwrap().unmap(addr, len) }
-    }
-}
-
 #[test]
 fn a_failed_driver_call_mid_move_leaves_the_allocator_consistent() {
     let dev = Device {
@@ -311,11 +234,7 @@ fn a_failed_driver_call_mid_move_leaves_the_allocator_consistent() {
         device: dev,
         index: 0,
     };
-    let flaky = Arc::new(Flaky {
-        inner: HostMemory::new(1 << 30),
-        fail_map: AtomicBool::new(false),
-        fail_create: AtomicBool::new(false),
-    });
+    let flaky = TestMemory::new();
     let config = AllocatorConfig {
         debug_checks: true,
         ..AllocatorConfig::default()

@@ -10,15 +10,14 @@
 //! released a second time: on a free list twice, a cycle (`empty_cache` then looped in
 //! `Tlsf::at_least`, issue 13 item 4).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+mod common;
 
-use accelrt::alloc::{
-    AllocatorConfig, CachingAllocator, ChunkHandle, MemoryProvider, ProviderError, VirtualMemory,
-};
-use accelrt::backend::host::HostMemory;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use accelrt::alloc::{AllocatorConfig, CachingAllocator};
 use accelrt::{AllocError, Device, DeviceType, Stream};
+use common::memory::{Outcome, TestMemory};
 
 const DEV: Device = Device {
     kind: DeviceType::Host,
@@ -29,135 +28,11 @@ const STREAM: Stream = Stream {
     device: DEV,
     index: 0,
 };
-/// Longest a step waits for the other thread; only reached on a bug.
-const PATIENCE: Duration = Duration::from_secs(20);
-
-/// What a gated `map` does once the test lets it go on.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Outcome {
-    Map,
-    Fail,
-}
-
-#[derive(Default)]
-struct GateState {
-    armed: Option<Outcome>,
-    entered: bool,
-    released: bool,
-}
-
-/// Host memory whose next `map` (once armed) stops until [`Gated::release`].
-struct Gated {
-    inner: HostMemory,
-    gate: Mutex<GateState>,
-    cv: Condvar,
-}
-
-impl Gated {
-    fn new() -> Arc<Gated> {
-        Arc::new(Gated {
-            inner: HostMemory::new(1 << 30),
-            gate: Mutex::default(),
-            cv: Condvar::new(),
-        })
-    }
-
-    fn arm(&self, outcome: Outcome) {
-        *self.gate.lock().unwrap() = GateState {
-            armed: Some(outcome),
-            ..GateState::default()
-        };
-    }
-
-    /// Wait until a `map` is stopped at the gate.
-    fn wait_entered(&self) {
-        let g = self.gate.lock().unwrap();
-        let (g, _) = self
-            .cv
-            .wait_timeout_while(g, PATIENCE, |g| !g.entered)
-            .unwrap();
-        assert!(g.entered, "no allocation reached map() within {PATIENCE:?}");
-    }
-
-    fn release(&self) {
-        self.gate.lock().unwrap().released = true;
-        self.cv.notify_all();
-    }
-}
-
-impl MemoryProvider for Gated {
-    fn allocate(&self, size: usize) -> Result<usize, ProviderError> {
-        self.inner.allocate(size)
-    }
-    unsafe fn free(&self, ptr: usize, size: usize) {
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { self.inner.free(ptr, size) }
-    }
-    fn memory_info(&self) -> (u64, u64) {
-        self.inner.memory_info()
-    }
-    fn host_visible(&self) -> bool {
-        true
-    }
-    fn driver_allocated(&self) -> u64 {
-        self.inner.driver_allocated()
-    }
-    fn virtual_memory(&self) -> Option<&dyn VirtualMemory> {
-        Some(self)
-    }
-}
-
-impl VirtualMemory for Gated {
-    fn granularity(&self) -> usize {
-        self.inner.granularity()
-    }
-    fn reserve(&self, size: usize) -> Result<usize, ProviderError> {
-        self.inner.reserve(size)
-    }
-    unsafe fn unreserve(&self, base: usize, size: usize) {
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { self.inner.unreserve(base, size) }
-    }
-    fn create(&self, size: usize) -> Result<ChunkHandle, ProviderError> {
-        self.inner.create(size)
-    }
-    unsafe fn release(&self, chunk: ChunkHandle, size: usize) {
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { self.inner.release(chunk, size) }
-    }
-    unsafe fn map(
-        &self,
-        addr: usize,
-        chunks: &[(ChunkHandle, usize)],
-    ) -> Result<(), ProviderError> {
-        let mut g = self.gate.lock().unwrap();
-        if let Some(outcome) = g.armed.take() {
-            g.entered = true;
-            self.cv.notify_all();
-            let (_g, _) = self
-                .cv
-                .wait_timeout_while(g, PATIENCE, |g| !g.released)
-                .unwrap();
-            if outcome == Outcome::Fail {
-                return Err(ProviderError::OutOfMemory);
-            }
-        } else {
-            drop(g);
-        }
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { self.inner.map(addr, chunks) }
-    }
-    unsafe fn unmap(&self, addr: usize, len: usize) {
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { self.inner.unmap(addr, len) }
-    }
-}
-
 /// An allocator over `mem` (expandable segments, no events: nothing to wait for) holding a
 /// live 2 MiB block `k` (it keeps the range) and, after it, a freed 4 MiB block at `p` whose
 /// pages `empty_cache` gave back: allocating 4 MiB again takes that block and must map pages
 /// for it. Returns (allocator, k, p).
-fn allocator_with_unmapped_block(mem: &Arc<Gated>) -> (CachingAllocator, usize, usize) {
+fn allocator_with_unmapped_block(mem: &Arc<TestMemory>) -> (CachingAllocator, usize, usize) {
     let config = AllocatorConfig::parse("expandable_segments:true").unwrap();
     let a = CachingAllocator::new(DEV, mem.clone(), None, config).unwrap();
     assert!(a.is_expandable());
@@ -179,7 +54,7 @@ fn allocator_with_unmapped_block(mem: &Arc<Gated>) -> (CachingAllocator, usize, 
 /// free and the allocation answered.
 fn stale_free_while_mapping(
     a: &CachingAllocator,
-    mem: &Gated,
+    mem: &TestMemory,
     p: usize,
     outcome: Outcome,
 ) -> (Result<(), AllocError>, Result<usize, AllocError>) {
@@ -202,7 +77,7 @@ fn stale_free_while_mapping(
 
 #[test]
 fn a_stale_free_cannot_take_a_block_that_is_still_being_mapped() {
-    let mem = Gated::new();
+    let mem = TestMemory::new();
     let (a, k, p) = allocator_with_unmapped_block(&mem);
     let (stale, fresh) = stale_free_while_mapping(&a, &mem, p, Outcome::Map);
     let err = stale.expect_err("the block is not the caller's yet: the free must be refused");
@@ -225,7 +100,7 @@ fn a_stale_free_cannot_take_a_block_that_is_still_being_mapped() {
 
 #[test]
 fn a_stale_free_and_a_failed_mapping_never_put_a_block_on_a_free_list_twice() {
-    let mem = Gated::new();
+    let mem = TestMemory::new();
     let (a, k, p) = allocator_with_unmapped_block(&mem);
     let (stale, fresh) = stale_free_while_mapping(&a, &mem, p, Outcome::Fail);
     assert!(stale.is_err(), "the stale free is refused");

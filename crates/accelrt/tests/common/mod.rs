@@ -8,6 +8,8 @@ use accelrt::backend::host::HostDriver;
 use accelrt::hooks::HostTask;
 use accelrt::runtime::Runtime;
 
+pub mod memory;
+
 /// Longest any test waits for something that should happen at once; only reached on a bug.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 

@@ -3,7 +3,8 @@
 //! itself unavailable with the reason).
 //!
 //! Layout, like cudarc's own `sys` / `result` / `safe` split:
-//! - `sys.rs`: every raw driver call, one thin wrapper each, with its `SAFETY` argument;
+//! - `sys/`: every raw driver call, one thin wrapper each, with its `SAFETY` argument (by area:
+//!   `device.rs`, `stream.rs`, `memory.rs`, `module.rs`; `load.rs` opens the library);
 //! - `context.rs`: primary contexts (retained per device on first use), the scoped
 //!   current-context guard, errors kept from `Drop`;
 //! - `stream.rs`, `event.rs`, `graph.rs`, `memory.rs`, `kernels.rs`: the handle types;
