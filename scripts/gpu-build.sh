@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, here, what scripts/gpu-check.sh and scripts/gpu-wgpu.sh run on the GPU machine (which
 # has no Rust toolchain): the `accelrt` CLI (with the wgpu backend), the `cuda_*` test
-# executables and the wgpu backend's test executables (`wgpu_conformance`, `wgpu_backend`),
+# executables (with the `test-kernels` feature) and the wgpu backend's test executables (`wgpu_conformance`, `wgpu_backend`),
 # release mode without debug info (they travel: the device tool carries at most 64 MiB),
 # copied into .gpu-bin/ (ignored by git through .git/info/exclude). Then, through the device
 # tool:
@@ -52,7 +52,8 @@ for line in sys.stdin:
         print(m["executable"])
 ' "$prefix"
 }
-tests=$(test_executables accelrt cuda_ --test 'cuda_*')
+# With the test kernels (feature `test-kernels`): most cuda_* tests need real device work.
+tests=$(test_executables accelrt cuda_ --test 'cuda_*' --features test-kernels)
 [ -n "$tests" ] || { echo "no cuda_* test executables were built" >&2; exit 1; }
 wgpu_tests=
 if [ "$WGPU" = 1 ]; then

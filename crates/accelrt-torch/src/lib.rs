@@ -23,24 +23,35 @@ mod capture;
 pub mod checkpoint;
 mod errors;
 pub mod full;
+mod history;
 pub mod ipc;
+mod pools;
 pub mod record;
 mod state;
+mod stats;
 
 use std::ffi::{c_char, c_int, c_void};
 use std::ptr::null_mut;
-use std::sync::Arc;
 
-use accelrt::alloc::{HistoryConfig, MemoryStats, StreamFilter};
-use accelrt::snapshot::Snapshot;
-use accelrt::{AllocError, Device, MempoolId, Stream};
-use parking_lot::Mutex;
+use accelrt::AllocError;
 
 use capture::RelaxedCapture;
 use errors::{guard, Failure, Report};
 pub use errors::{last_error, last_oom, OomFigures};
 use state::{state, State};
 pub use state::{use_backend, BACKEND_ENV};
+
+pub use history::{accelrt_torch_record_history, accelrt_torch_snapshot_pickle, snapshot};
+pub(crate) use pools::pool_id;
+pub use pools::{
+    accelrt_torch_begin_allocate_to_pool, accelrt_torch_create_or_incref_pool,
+    accelrt_torch_end_allocate_to_pool, accelrt_torch_pool_use_count, accelrt_torch_release_pool,
+};
+pub use stats::{
+    accelrt_torch_cache_info, accelrt_torch_memory_stats_json,
+    accelrt_torch_reset_accumulated_stats, accelrt_torch_reset_peak_stats,
+    accelrt_torch_stats_array, stats_values,
+};
 
 /// Values [`accelrt_torch_stats_array`] writes (`ACCELRT_TORCH_STATS_LEN` in the header).
 pub const STATS_LEN: usize = 113;
@@ -49,9 +60,6 @@ pub const STATS_LEN: usize = 113;
 pub type FilterFn = Option<unsafe extern "C" fn(ctx: *mut c_void, stream: *mut c_void) -> c_int>;
 /// Frees a filter's context.
 pub type DropFn = Option<unsafe extern "C" fn(ctx: *mut c_void)>;
-
-/// Serialises the check-then-act steps of the pool functions (create or add a use, begin).
-static POOLS: Mutex<()> = Mutex::new(());
 
 pub(crate) fn status(name: &str, body: impl FnOnce() -> Result<(), Failure>) -> c_int {
     guard(name, -1, Report::Status, || body().map(|()| 0))
@@ -71,6 +79,26 @@ pub(crate) fn maybe_relaxed<R>(st: &State, f: impl FnOnce() -> R) -> R {
 
 pub(crate) fn device_name(st: &State, device: c_int) -> String {
     format!("{}:{device}", st.kind)
+}
+
+/// Copy `bytes` (and a NUL when `nul`) into a `malloc`ed buffer for
+/// [`accelrt_torch_free_buffer`].
+pub(crate) fn malloc_copy(bytes: &[u8], nul: bool) -> Result<*mut u8, Failure> {
+    let n = bytes.len() + usize::from(nul);
+    // SAFETY: plain malloc of at least one byte; the result is checked for NULL below.
+    let p = unsafe { libc::malloc(n.max(1)) }.cast::<u8>();
+    if p.is_null() {
+        return Err(format!("out of host memory for a {n}-byte result").into());
+    }
+    // SAFETY: `p` holds `n >= bytes.len()` bytes and is a fresh allocation, distinct from
+    // `bytes`; the NUL goes at index `bytes.len() < n` when `nul`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+        if nul {
+            *p.add(bytes.len()) = 0;
+        }
+    }
+    Ok(p)
 }
 
 // ---- allocation ------------------------------------------------------------------------
@@ -314,449 +342,6 @@ pub unsafe extern "C" fn accelrt_torch_record_stream(
         maybe_relaxed(st, || a.record_stream(addr, s)).map_err(|e| e.to_string())?;
         if record::active() {
             record::on_record_stream(st, addr, d, stream as usize, s);
-        }
-        Ok(())
-    })
-}
-
-// ---- private pools ---------------------------------------------------------------------------
-
-/// A stream filter from C: the function, its context, and who frees the context.
-struct ForeignFilter {
-    accept: FilterFn,
-    ctx: *mut c_void,
-    drop_ctx: DropFn,
-}
-
-// SAFETY: the header's contract for begin_allocate_to_pool: `filter(ctx, ..)` is callable from
-// any thread, concurrently, until `drop_ctx(ctx)`, which this type calls once, in `Drop`.
-unsafe impl Send for ForeignFilter {}
-// SAFETY: as above.
-unsafe impl Sync for ForeignFilter {}
-
-impl ForeignFilter {
-    fn accepts(&self, handle: u64) -> bool {
-        match self.accept {
-            // SAFETY: the header's contract (see the Send impl); the function must not unwind.
-            Some(f) => unsafe { f(self.ctx, handle as usize as *mut c_void) != 0 },
-            None => true,
-        }
-    }
-}
-
-impl Drop for ForeignFilter {
-    fn drop(&mut self) {
-        if let Some(drop_ctx) = self.drop_ctx {
-            // SAFETY: the library owns `ctx` (header contract) and this is its only drop.
-            unsafe { drop_ctx(self.ctx) }
-        }
-    }
-}
-
-pub(crate) fn pool_id(id0: u64, id1: u64) -> Result<MempoolId, Failure> {
-    let id = MempoolId(id0, id1);
-    if id.is_none() {
-        return Err(
-            "pool id (0, 0) is not a pool: PyTorch's MempoolId_t of a graph or a \
-                    MemPool is never (0, 0)"
-                .into(),
-        );
-    }
-    Ok(id)
-}
-
-/// Route allocations on the streams `filter` accepts to private pool `(id0, id1)` of
-/// `device`, adding a use of the pool (created with one use), until
-/// [`accelrt_torch_end_allocate_to_pool`]. `filter` NULL accepts every stream.
-///
-/// # Safety
-/// `filter(ctx, stream)` must be callable from any thread until `drop_ctx(ctx)` and must not
-/// unwind. The library owns `ctx` from the call on, also when the call fails, and calls
-/// `drop_ctx` (when not NULL) exactly once.
-#[no_mangle]
-pub unsafe extern "C" fn accelrt_torch_begin_allocate_to_pool(
-    device: c_int,
-    id0: u64,
-    id1: u64,
-    filter: FilterFn,
-    ctx: *mut c_void,
-    drop_ctx: DropFn,
-) -> c_int {
-    // Owned before anything can fail, so every path drops the context exactly once.
-    let filter = ForeignFilter {
-        accept: filter,
-        ctx,
-        drop_ctx,
-    };
-    status("accelrt_torch_begin_allocate_to_pool", || {
-        let id = pool_id(id0, id1)?;
-        let st = state()?;
-        let a = st.allocator(device)?;
-        let d = device as u32;
-        let _pools = POOLS.lock();
-        if st.route_open(d, id) {
-            return Err(format!(
-                "already allocating to pool ({id0}, {id1}) on {}: end_allocate_to_pool first",
-                device_name(st, device)
-            )
-            .into());
-        }
-        let stream_filter = match filter.accept {
-            None => StreamFilter::All,
-            Some(_) => {
-                let filter = Arc::new(filter);
-                let backend = st.backend;
-                StreamFilter::Custom(Arc::new(move |s: Stream| {
-                    backend
-                        .stream_native_handle(s)
-                        .is_ok_and(|h| filter.accepts(h))
-                }))
-            }
-        };
-        let existed = a.pool_use_count(id).is_some();
-        if existed {
-            a.retain_pool(id).map_err(|e| e.to_string())?;
-        }
-        if let Err(e) = a.begin_allocate_to_pool(id, stream_filter) {
-            if existed {
-                let _ = a.release_pool(id);
-            }
-            return Err(format!("{}: {e}", device_name(st, device)).into());
-        }
-        st.set_route(d, id, true);
-        Ok(())
-    })
-}
-
-/// Stop routing allocations to pool `(id0, id1)` of `device` (its memory stays reserved).
-#[no_mangle]
-pub extern "C" fn accelrt_torch_end_allocate_to_pool(device: c_int, id0: u64, id1: u64) -> c_int {
-    status("accelrt_torch_end_allocate_to_pool", || {
-        let id = pool_id(id0, id1)?;
-        let st = state()?;
-        let a = st.allocator(device)?;
-        let _pools = POOLS.lock();
-        a.end_allocate_to_pool(id)
-            .map_err(|e| format!("{}: {e}", device_name(st, device)))?;
-        st.set_route(device as u32, id, false);
-        Ok(())
-    })
-}
-
-/// Drop a use of pool `(id0, id1)` of `device`; at zero its cached memory goes back now and
-/// the rest as its blocks are freed.
-#[no_mangle]
-pub extern "C" fn accelrt_torch_release_pool(device: c_int, id0: u64, id1: u64) -> c_int {
-    status("accelrt_torch_release_pool", || {
-        let id = pool_id(id0, id1)?;
-        let st = state()?;
-        let a = st.allocator(device)?;
-        let _pools = POOLS.lock();
-        maybe_relaxed(st, || a.release_pool(id))
-            .map_err(|e| format!("{}: {e}", device_name(st, device)))?;
-        if a.pool_use_count(id).is_none_or(|uses| uses == 0) {
-            // At zero the allocator dropped the pool's routes.
-            st.set_route(device as u32, id, false);
-        }
-        Ok(())
-    })
-}
-
-/// Add a use of pool `(id0, id1)` of `device`, creating it with one use
-/// (`torch.cuda.MemPool`'s constructor).
-#[no_mangle]
-pub extern "C" fn accelrt_torch_create_or_incref_pool(device: c_int, id0: u64, id1: u64) -> c_int {
-    status("accelrt_torch_create_or_incref_pool", || {
-        let id = pool_id(id0, id1)?;
-        let st = state()?;
-        let a = st.allocator(device)?;
-        let _pools = POOLS.lock();
-        let r = if a.pool_use_count(id).is_some() {
-            a.retain_pool(id)
-        } else {
-            // A pool is created by beginning to allocate to it; a filter that accepts no
-            // stream routes nothing, and the route ends at once.
-            a.begin_allocate_to_pool(id, StreamFilter::Custom(Arc::new(|_| false)))
-                .and_then(|()| a.end_allocate_to_pool(id))
-        };
-        r.map_err(|e| format!("{}: {e}", device_name(st, device)).into())
-    })
-}
-
-/// Uses of pool `(id0, id1)` of `device` (0 when there is no such pool), or -1 on failure.
-#[no_mangle]
-pub extern "C" fn accelrt_torch_pool_use_count(device: c_int, id0: u64, id1: u64) -> c_int {
-    guard("accelrt_torch_pool_use_count", -1, Report::Status, || {
-        let id = pool_id(id0, id1)?;
-        let uses = state()?.allocator(device)?.pool_use_count(id).unwrap_or(0);
-        Ok(c_int::try_from(uses).unwrap_or(c_int::MAX))
-    })
-}
-
-// ---- statistics, snapshots, history ----------------------------------------------------------
-
-/// The statistics of `device` (zeros for a device accelrt has not allocated on yet).
-fn stats_of(device: c_int) -> Result<MemoryStats, Failure> {
-    let st = state()?;
-    let d = st.check_device(device)?;
-    Ok(st
-        .existing_allocator(d)
-        .map(|a| a.stats())
-        .unwrap_or_default())
-}
-
-/// The values of [`accelrt_torch_stats_array`], in the header's order.
-pub fn stats_values(s: &MemoryStats) -> [i64; STATS_LEN] {
-    let mut out = [0i64; STATS_LEN];
-    let mut n = 0;
-    for v in stats_in_order(s) {
-        if let Some(o) = out.get_mut(n) {
-            *o = i64::try_from(v).unwrap_or(i64::MAX);
-        }
-        n += 1;
-    }
-    // The layout and STATS_LEN (and the header, Python and C++ copies of it, checked by the
-    // test `stats_len_is_the_same_everywhere`) change together.
-    debug_assert_eq!(n, STATS_LEN, "STATS_LEN is out of date");
-    out
-}
-
-/// Every statistic in the header's order.
-fn stats_in_order(s: &MemoryStats) -> impl Iterator<Item = u64> {
-    let pools = [s.all().named(), s.small_pool.named(), s.large_pool.named()];
-    let c = s.counters;
-    let counters = [
-        c.num_alloc_retries,
-        c.num_ooms,
-        c.num_sync_all_streams,
-        c.num_device_alloc,
-        c.num_device_free,
-    ];
-    let stats = (0..pools[0].len()).flat_map(move |i| {
-        pools.into_iter().flat_map(move |p| {
-            let s = p[i].1;
-            [s.current, s.peak, s.allocated, s.freed]
-        })
-    });
-    stats.chain(counters)
-}
-
-/// Copy `bytes` (and a NUL when `nul`) into a `malloc`ed buffer for
-/// [`accelrt_torch_free_buffer`].
-pub(crate) fn malloc_copy(bytes: &[u8], nul: bool) -> Result<*mut u8, Failure> {
-    let n = bytes.len() + usize::from(nul);
-    // SAFETY: plain malloc of at least one byte; the result is checked for NULL below.
-    let p = unsafe { libc::malloc(n.max(1)) }.cast::<u8>();
-    if p.is_null() {
-        return Err(format!("out of host memory for a {n}-byte result").into());
-    }
-    // SAFETY: `p` holds `n >= bytes.len()` bytes and is a fresh allocation, distinct from
-    // `bytes`; the NUL goes at index `bytes.len() < n` when `nul`.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
-        if nul {
-            *p.add(bytes.len()) = 0;
-        }
-    }
-    Ok(p)
-}
-
-/// PyTorch's `memory_stats()` of `device` as a JSON object with its flat keys
-/// (`allocated_bytes.all.current`, `num_ooms`, ...), NUL-terminated; free it with
-/// [`accelrt_torch_free_buffer`]. NULL on failure.
-#[no_mangle]
-pub extern "C" fn accelrt_torch_memory_stats_json(device: c_int) -> *mut c_char {
-    guard(
-        "accelrt_torch_memory_stats_json",
-        null_mut(),
-        Report::Status,
-        || {
-            let json = serde_json::to_string(&stats_of(device)?.to_flat_map())
-                .map_err(|e| format!("cannot encode the statistics: {e}"))?;
-            Ok(malloc_copy(json.as_bytes(), true)?.cast())
-        },
-    )
-}
-
-/// Write [`STATS_LEN`] values (the header describes their order) to `out[0..len)`; returns
-/// the count written, or -1.
-///
-/// # Safety
-/// `out` must be NULL or valid for writing `len` `int64_t`s.
-#[no_mangle]
-pub unsafe extern "C" fn accelrt_torch_stats_array(
-    device: c_int,
-    out: *mut i64,
-    len: usize,
-) -> c_int {
-    guard("accelrt_torch_stats_array", -1, Report::Status, || {
-        if out.is_null() {
-            return Err("out is NULL: pass an array of ACCELRT_TORCH_STATS_LEN int64_t".into());
-        }
-        if len < STATS_LEN {
-            return Err(format!(
-                "out holds {len} values; accelrt_torch_stats_array writes {STATS_LEN} \
-                 (ACCELRT_TORCH_STATS_LEN)"
-            )
-            .into());
-        }
-        let values = stats_values(&stats_of(device)?);
-        // SAFETY: the caller guarantees `out` has room for `len >= STATS_LEN` values.
-        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out, STATS_LEN) };
-        Ok(STATS_LEN as c_int)
-    })
-}
-
-/// Set every peak statistic of `device` to its current value.
-#[no_mangle]
-pub extern "C" fn accelrt_torch_reset_peak_stats(device: c_int) -> c_int {
-    status("accelrt_torch_reset_peak_stats", || {
-        let st = state()?;
-        if let Some(a) = st.existing_allocator(st.check_device(device)?) {
-            a.reset_peak_stats();
-        }
-        Ok(())
-    })
-}
-
-/// Zero the allocated/freed totals and event counters of `device`.
-#[no_mangle]
-pub extern "C" fn accelrt_torch_reset_accumulated_stats(device: c_int) -> c_int {
-    status("accelrt_torch_reset_accumulated_stats", || {
-        let st = state()?;
-        if let Some(a) = st.existing_allocator(st.check_device(device)?) {
-            a.reset_accumulated_stats();
-        }
-        Ok(())
-    })
-}
-
-/// An estimate of the largest allocation `device` could satisfy now (PyTorch's
-/// `cacheInfo`, which cuDNN uses to size its workspace): the bytes accelrt has cached plus
-/// what the device has free, within the memory fraction when one is set.
-///
-/// # Safety
-/// `largest` must be NULL or valid for writing one `size_t`.
-#[no_mangle]
-pub unsafe extern "C" fn accelrt_torch_cache_info(device: c_int, largest: *mut usize) -> c_int {
-    status("accelrt_torch_cache_info", || {
-        if largest.is_null() {
-            return Err("largest is NULL: pass a pointer to a size_t".into());
-        }
-        let st = state()?;
-        let a = st.allocator(device)?;
-        let all = a.stats().all();
-        let cached = all
-            .reserved_bytes
-            .current
-            .saturating_sub(all.allocated_bytes.current);
-        let (free, total) = st
-            .backend
-            .memory_provider(device as u32)
-            .map(|p| p.memory_info())
-            .map_err(|e| e.to_string())?;
-        let mut room = free;
-        if let Some(fraction) = a.memory_fraction() {
-            let cap = (total as f64 * fraction) as u64;
-            room = room.min(cap.saturating_sub(all.reserved_bytes.current));
-        }
-        let estimate = usize::try_from(cached.saturating_add(room)).unwrap_or(usize::MAX);
-        // SAFETY: checked non-NULL above; the caller guarantees it is writable.
-        unsafe { *largest = estimate };
-        Ok(())
-    })
-}
-
-/// The snapshot of `device` (-1: every device accelrt has allocated on).
-pub fn snapshot(device: c_int) -> Result<Snapshot, Failure> {
-    let st = state()?;
-    let devices: Vec<u32> = if device == -1 {
-        st.existing_allocators().map(|(d, _)| d).collect()
-    } else {
-        vec![st.check_device(device)?]
-    };
-    let mut snaps = Vec::new();
-    let mut settings = serde_json::Value::Null;
-    for &d in &devices {
-        if let Some(a) = st.existing_allocator(d) {
-            snaps.push(a.memory_snapshot());
-            settings = accelrt::snapshot::settings_json(a.config());
-        }
-    }
-    let mut snap = Snapshot::from_memory_snapshots(&snaps, settings);
-    // PyTorch's snapshots name streams by their handles: stream index i of device d is
-    // handle stream_handles[d][i] (the runtime's streams are numbered 0..n).
-    snap.stream_handles = vec![Vec::new(); snap.device_traces.len()];
-    for &d in &devices {
-        if let Some(handles) = snap.stream_handles.get_mut(d as usize) {
-            *handles = (0..accelrt::alloc::MAX_STREAM_POOLS as u32)
-                .map_while(|index| {
-                    st.native_handle(Stream {
-                        device: Device {
-                            kind: st.kind,
-                            index: d,
-                        },
-                        index,
-                    })
-                })
-                .collect();
-        }
-    }
-    Ok(snap)
-}
-
-/// A snapshot of `device` (-1: every device in use) in PyTorch's pickle layout
-/// (`torch.cuda.memory._snapshot()`; <https://pytorch.org/memory_viz> reads it). Its size
-/// goes to `*len`; free it with [`accelrt_torch_free_buffer`]. NULL on failure.
-///
-/// # Safety
-/// `len` must be NULL or valid for writing one `size_t`.
-#[no_mangle]
-pub unsafe extern "C" fn accelrt_torch_snapshot_pickle(device: c_int, len: *mut usize) -> *mut u8 {
-    guard(
-        "accelrt_torch_snapshot_pickle",
-        null_mut(),
-        Report::Status,
-        || {
-            if len.is_null() {
-                return Err("len is NULL: pass a pointer to a size_t for the size".into());
-            }
-            let bytes = snapshot(device)?.to_pickle();
-            let p = malloc_copy(&bytes, false)?;
-            // SAFETY: checked non-NULL above; the caller guarantees it is writable.
-            unsafe { *len = bytes.len() };
-            Ok(p)
-        },
-    )
-}
-
-/// Start (`enabled` != 0, keeping at most `max_entries` events) or stop recording the
-/// allocator's history on `device` (-1: every device, including devices used later).
-#[no_mangle]
-pub extern "C" fn accelrt_torch_record_history(
-    device: c_int,
-    enabled: c_int,
-    max_entries: usize,
-) -> c_int {
-    status("accelrt_torch_record_history", || {
-        let config = if enabled != 0 {
-            if max_entries == 0 {
-                return Err("max_entries is 0: pass how many events to keep (PyTorch's \
-                            default is 100000)"
-                    .into());
-            }
-            Some(HistoryConfig {
-                max_entries,
-                context: false,
-            })
-        } else {
-            None
-        };
-        let st = state()?;
-        if device == -1 {
-            st.set_history_all(config);
-        } else {
-            st.allocator(device)?.record_memory_history(config);
         }
         Ok(())
     })

@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
+#[cfg(feature = "test-kernels")]
 use super::kernels::Kernels;
 use super::raw_stream::RawStream;
 use super::sys::{self, CUcontext, CUdevice};
@@ -86,7 +87,9 @@ pub(crate) struct Context {
     pub(crate) priorities: (i32, i32),
     pub(crate) deferred: DeviceErrors,
     /// The PTX kernels, loaded on first use.
+    #[cfg(feature = "test-kernels")]
     pub(crate) kernels: OnceLock<Kernels>,
+    #[cfg(feature = "test-kernels")]
     kernels_init: Mutex<()>,
     /// A private stream on which `event_notify` waits for events (created on first use).
     pub(crate) notify_stream: OnceLock<RawStream>,
@@ -126,7 +129,9 @@ impl Context {
             raw,
             priorities: (0, 0),
             deferred: DeviceErrors::default(),
+            #[cfg(feature = "test-kernels")]
             kernels: OnceLock::new(),
+            #[cfg(feature = "test-kernels")]
             kernels_init: Mutex::new(()),
             notify_stream: OnceLock::new(),
             notify_init: Mutex::new(()),
@@ -159,6 +164,7 @@ impl Context {
     }
 
     /// The kernels module of this context, loaded on first use.
+    #[cfg(feature = "test-kernels")]
     pub(crate) fn kernels(&self) -> DeviceResult<&Kernels> {
         if let Some(k) = self.kernels.get() {
             return Ok(k);
@@ -212,6 +218,7 @@ impl Context {
 impl Drop for Context {
     fn drop(&mut self) {
         // Everything that lives in the context goes before the context itself.
+        #[cfg(feature = "test-kernels")]
         if let Some(kernels) = self.kernels.take() {
             drop(kernels);
         }

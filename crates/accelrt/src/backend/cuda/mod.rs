@@ -4,10 +4,13 @@
 //!
 //! Layout, like cudarc's own `sys` / `result` / `safe` split:
 //! - `sys/`: every raw driver call, one thin wrapper each, with its `SAFETY` argument (by area:
-//!   `device.rs`, `stream.rs`, `memory.rs`, `module.rs`; `load.rs` opens the library);
+//!   `device.rs`, `stream.rs`, `memory.rs`, `module.rs` (feature `test-kernels`); `load.rs`
+//!   opens the library);
 //! - `context.rs`: primary contexts (retained per device on first use), the scoped
 //!   current-context guard, errors kept from `Drop`;
-//! - `stream.rs`, `event.rs`, `graph.rs`, `memory.rs`, `kernels.rs`: the handle types;
+//! - `stream.rs`, `event.rs`, `graph.rs`, `memory.rs`: the handle types;
+//! - `kernels.rs` (feature `test-kernels`): the PTX kernels of the GPU tests and the
+//!   [`CudaDriver`] methods that launch them;
 //! - this file: [`CudaDriver`], the [`Driver`] the runtime turns into the `cuda` backend.
 //!
 //! Conventions: the device's default stream is the legacy NULL stream (native handle 0, as
@@ -20,6 +23,7 @@
 mod context;
 mod event;
 mod graph;
+#[cfg(feature = "test-kernels")]
 mod kernels;
 mod memory;
 mod raw_stream;
@@ -28,7 +32,6 @@ mod sys;
 mod task;
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -91,6 +94,7 @@ fn open() -> std::result::Result<(u32, (u32, u32)), String> {
     }
     let missing: Vec<&str> = [sys::SYMBOLS, sys::HOOKS_SYMBOLS]
         .into_iter()
+        .chain(cfg!(feature = "test-kernels").then_some(sys::KERNEL_SYMBOLS))
         .flat_map(sys::missing_symbols)
         .collect();
     if !missing.is_empty() {
@@ -225,94 +229,14 @@ impl CudaDriver {
         Ok(())
     }
 
-    // ---- device work for tests and benchmarks (the PTX kernels in kernels.ptx) -------------
-
-    /// Set `count` 32-bit words from `ptr` to `value`, in stream order.
-    ///
-    /// # Safety
-    /// `ptr .. ptr + 4 * count` must be memory of the stream's device (or pinned memory) that
-    /// the caller owns until the work has run.
-    pub unsafe fn fill_u32(
-        &self,
-        stream: &CudaStream,
-        ptr: usize,
-        count: usize,
-        value: u32,
-    ) -> DeviceResult<()> {
-        let kernels = stream.ctx.kernels()?;
-        stream.ctx.deferred.take()?;
-        // SAFETY: forwarded from this function's contract; `call` passes the stream's live
-        // handle (or null, with its context, which owns the module, made current).
-        stream.call(|s| unsafe { kernels.fill_u32(s, ptr, count, value) })
-    }
-
-    /// Add `delta` to `count` 32-bit words from `ptr` (wrapping), in stream order.
-    ///
-    /// # Safety
-    /// As [`CudaDriver::fill_u32`].
-    pub unsafe fn add_u32(
-        &self,
-        stream: &CudaStream,
-        ptr: usize,
-        count: usize,
-        delta: u32,
-    ) -> DeviceResult<()> {
-        let kernels = stream.ctx.kernels()?;
-        stream.ctx.deferred.take()?;
-        // SAFETY: forwarded from this function's contract; the handle as in `fill_u32`.
-        stream.call(|s| unsafe { kernels.add_u32(s, ptr, count, delta) })
-    }
-
-    /// Keep the stream busy for `duration` (a kernel busy-waiting on the GPU's global timer).
-    pub fn spin(&self, stream: &CudaStream, duration: Duration) -> DeviceResult<()> {
-        let kernels = stream.ctx.kernels()?;
-        stream.ctx.deferred.take()?;
-        // SAFETY: the handle as in `fill_u32`; the kernel touches no memory.
-        stream.call(|s| unsafe { kernels.spin(s, duration) })
-    }
-
-    /// Wait `delay` on the device, then set `count` words from `ptr` to `value`.
-    ///
-    /// # Safety
-    /// As [`CudaDriver::fill_u32`], for the whole time until the kernel has run.
-    pub unsafe fn spin_then_fill(
-        &self,
-        stream: &CudaStream,
-        ptr: usize,
-        count: usize,
-        value: u32,
-        delay: Duration,
-    ) -> DeviceResult<()> {
-        let kernels = stream.ctx.kernels()?;
-        stream.ctx.deferred.take()?;
-        // SAFETY: forwarded from this function's contract; the handle as in `fill_u32`.
-        stream.call(|s| unsafe { kernels.spin_then_fill(s, ptr, count, value, delay) })
-    }
-
-    /// Add to the 64-bit device word at `counter` the number of the `count` words from `ptr`
-    /// that differ from `expected`.
-    ///
-    /// # Safety
-    /// `ptr .. ptr + 4 * count` readable, and `counter` an 8-byte-aligned writable word, of
-    /// the stream's device, owned by the caller until the kernel has run.
-    pub unsafe fn count_mismatches(
-        &self,
-        stream: &CudaStream,
-        ptr: usize,
-        count: usize,
-        expected: u32,
-        counter: usize,
-    ) -> DeviceResult<()> {
-        let kernels = stream.ctx.kernels()?;
-        stream.ctx.deferred.take()?;
-        // SAFETY: forwarded from this function's contract; the handle as in `fill_u32`.
-        stream.call(|s| unsafe { kernels.count_mismatches(s, ptr, count, expected, counter) })
-    }
+    // ---- device work for tests and benchmarks (the methods that launch the PTX kernels are
+    // in `kernels.rs`, feature `test-kernels`) -------------------------------------------------
 
     /// Set `count` 32-bit words from `ptr` to `value` with `cuMemsetD32Async`, in stream order.
     ///
     /// # Safety
-    /// As [`CudaDriver::fill_u32`].
+    /// `ptr .. ptr + 4 * count` must be memory of the stream's device (or pinned memory) that
+    /// the caller owns until the work has run.
     pub unsafe fn memset_u32(
         &self,
         stream: &CudaStream,

@@ -97,10 +97,6 @@ pub(crate) const SYMBOLS: &[&str] = &[
     "cuMemHostAlloc",
     "cuMemFreeHost",
     "cuPointerGetAttribute",
-    "cuModuleLoadDataEx",
-    "cuModuleGetFunction",
-    "cuModuleUnload",
-    "cuLaunchKernel",
     "cuGetErrorString",
 ];
 
@@ -110,4 +106,13 @@ pub(crate) const HOOKS_SYMBOLS: &[&str] = &[
     "cuMemcpyHtoDAsync_v2",
     "cuGraphGetNodes",
     "cuMemcpyAsync",
+];
+
+/// The driver symbols the PTX kernels of tests and benchmarks call (`sys/module.rs`; checked
+/// at probe time with [`SYMBOLS`] when the `test-kernels` feature is on).
+pub(crate) const KERNEL_SYMBOLS: &[&str] = &[
+    "cuModuleLoadDataEx",
+    "cuModuleGetFunction",
+    "cuModuleUnload",
+    "cuLaunchKernel",
 ];

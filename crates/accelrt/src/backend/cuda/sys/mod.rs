@@ -16,12 +16,14 @@
 mod device;
 mod load;
 mod memory;
+#[cfg(feature = "test-kernels")]
 mod module;
 mod stream;
 
 pub(crate) use device::*;
 pub(crate) use load::*;
 pub(crate) use memory::*;
+#[cfg(feature = "test-kernels")]
 pub(crate) use module::*;
 pub(crate) use stream::*;
 
@@ -29,9 +31,11 @@ use std::ffi::{c_char, CStr};
 
 use cudarc::driver::sys;
 pub(crate) use sys::{
-    CUcontext, CUdevice, CUdeviceptr, CUevent, CUfunction, CUgraph, CUgraphExec,
-    CUmemGenericAllocationHandle, CUmodule, CUresult, CUstream,
+    CUcontext, CUdevice, CUdeviceptr, CUevent, CUgraph, CUgraphExec, CUmemGenericAllocationHandle,
+    CUresult, CUstream,
 };
+#[cfg(feature = "test-kernels")]
+pub(crate) use sys::{CUfunction, CUmodule};
 
 use crate::error::DeviceError;
 
