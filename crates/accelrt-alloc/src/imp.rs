@@ -385,18 +385,6 @@ impl CachingAllocator {
         self.alloc_general(size, stream)
     }
 
-    /// Whether a graph capture may be underway: allocations are routed to a private pool
-    /// (PyTorch routes from the start of a capture, and inside `use_mem_pool`, its
-    /// `captures_underway`). While one is, the allocator neither waits for the device nor
-    /// queries or records events: on CUDA such a call from any thread invalidates a capture
-    /// in the default (global) mode, and every later call on the stream fails with
-    /// "operation not permitted when stream is capturing". Pending frees wait, cached memory
-    /// is not released before an out-of-memory error, as in PyTorch.
-    #[inline]
-    pub(crate) fn capturing(&self) -> bool {
-        self.rare.has(RareFlags::ROUTES)
-    }
-
     /// Whether no rare condition holds (this allocator's, or a process-wide callback).
     #[inline(always)]
     fn quiet(&self) -> bool {
