@@ -1,5 +1,8 @@
-// LD_PRELOAD helper for debugging on the GPU machine (no gdb there): on SIGSEGV print the
-// native stack with each frame's object file and offset, then die as before.
+// LD_PRELOAD helper for the GPU machine (no gdb there): on SIGSEGV print the native stack,
+// each frame as object file + offset (feed the offsets to `addr2line -f -C -e FILE`), then die
+// as before. Build there: gcc -shared -fPIC -O1 -o /tmp/segv.so scripts/dbg/segv.c; run
+// without python -X faulthandler (it replaces this handler): LD_PRELOAD=/tmp/segv.so CMD.
+// Found the shim's static-libstdc++ crash on every out-of-memory error (BENCHMARKS.md).
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <execinfo.h>
