@@ -14,8 +14,7 @@ use std::ptr::null_mut;
 use std::sync::Arc;
 
 use accelrt::alloc::{
-    AllocatorEvent, BlockStatus, CachingAllocator, Frame, HistoryConfig, MemorySnapshot, PoolKind,
-    TraceAction,
+    AllocatorEvent, BlockStatus, CachingAllocator, Frame, MemorySnapshot, PoolKind, TraceAction,
 };
 use accelrt::{Device, MempoolId, Stream};
 use parking_lot::Mutex;
@@ -390,19 +389,7 @@ pub extern "C" fn accelrt_torch_record_history_ex(
     clear: c_int,
 ) -> c_int {
     status("accelrt_torch_record_history_ex", || {
-        let config = if enabled != 0 {
-            if max_entries == 0 {
-                return Err("max_entries is 0: pass how many events to keep (PyTorch's \
-                            default is 100000)"
-                    .into());
-            }
-            Some(HistoryConfig {
-                max_entries,
-                context: context != 0,
-            })
-        } else {
-            None
-        };
+        let config = crate::history::history_config(enabled, max_entries, context != 0)?;
         let st = state()?;
         let targets: Vec<u32> = if device == -1 {
             st.set_history_all(config);

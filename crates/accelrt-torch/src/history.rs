@@ -75,6 +75,27 @@ pub unsafe extern "C" fn accelrt_torch_snapshot_pickle(device: c_int, len: *mut 
     )
 }
 
+/// What `accelrt_torch_record_history` and its `_ex` form ask for: `None` turns history
+/// off; keeping 0 entries is refused.
+pub(crate) fn history_config(
+    enabled: c_int,
+    max_entries: usize,
+    context: bool,
+) -> Result<Option<HistoryConfig>, Failure> {
+    if enabled == 0 {
+        return Ok(None);
+    }
+    if max_entries == 0 {
+        return Err(
+            "max_entries is 0: pass how many events to keep (PyTorch's default is 100000)".into(),
+        );
+    }
+    Ok(Some(HistoryConfig {
+        max_entries,
+        context,
+    }))
+}
+
 /// Start (`enabled` != 0, keeping at most `max_entries` events) or stop recording the
 /// allocator's history on `device` (-1: every device, including devices used later).
 #[no_mangle]
@@ -84,19 +105,7 @@ pub extern "C" fn accelrt_torch_record_history(
     max_entries: usize,
 ) -> c_int {
     status("accelrt_torch_record_history", || {
-        let config = if enabled != 0 {
-            if max_entries == 0 {
-                return Err("max_entries is 0: pass how many events to keep (PyTorch's \
-                            default is 100000)"
-                    .into());
-            }
-            Some(HistoryConfig {
-                max_entries,
-                context: false,
-            })
-        } else {
-            None
-        };
+        let config = history_config(enabled, max_entries, false)?;
         let st = state()?;
         if device == -1 {
             st.set_history_all(config);

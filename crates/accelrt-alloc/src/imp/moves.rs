@@ -118,17 +118,7 @@ impl CachingAllocator {
             }
             let mut ranges: Vec<(usize, usize)> = taken.iter().map(|&(a, n, _)| (a, n)).collect();
             ranges.sort_unstable();
-            self.unmap_ranges(&ranges);
-            if self.history.enabled() {
-                for &(addr, len) in &ranges {
-                    self.history.record(
-                        TraceAction::SegmentUnmap,
-                        addr as u64,
-                        len as u64,
-                        q.stream.index,
-                    );
-                }
-            }
+            self.unmap_noted(&ranges, q.stream.index);
             for (_, len, id) in taken {
                 left = left.saturating_sub(len / page as usize);
                 self.release_chunk(vm, id);
@@ -188,6 +178,17 @@ impl CachingAllocator {
         }
     }
 
+    /// Unmap idle memory given back to the device, and say so in the history.
+    fn unmap_noted(&self, ranges: &[(usize, usize)], stream: u32) {
+        self.unmap_ranges(ranges);
+        if self.history.enabled() {
+            for &(addr, len) in ranges {
+                self.history
+                    .record(TraceAction::SegmentUnmap, addr as u64, len as u64, stream);
+            }
+        }
+    }
+
     pub(super) fn unmap_ranges(&self, ranges: &[(usize, usize)]) {
         for &(addr, len) in ranges {
             // SAFETY: each range is a run of whole chunk mappings that were lent or idle, no
@@ -240,17 +241,7 @@ impl CachingAllocator {
             }
         }
         ranges.sort_unstable();
-        self.unmap_ranges(&ranges);
-        if self.history.enabled() {
-            for &(addr, len) in &ranges {
-                self.history.record(
-                    TraceAction::SegmentUnmap,
-                    addr as u64,
-                    len as u64,
-                    pool.stream.index,
-                );
-            }
-        }
+        self.unmap_noted(&ranges, pool.stream.index);
         for (_, _, id) in taken {
             if vm.chunks.get(id).lent == 0 {
                 self.release_chunk(&mut vm, id);

@@ -410,17 +410,20 @@ pub const CABI: Target = Target {
     seeds: cabi_seeds,
     run: check_cabi,
     max_len: 2048,
-    dictionary: &[
-        &[9],
-        &[10],
-        &[11],
-        &[15],
-        &[13],
-        &[16],
-        &[255, 255, 255, 255],
-    ],
+    dictionary: CABI_DICTIONARY,
     case_timeout: Duration::from_secs(30),
 };
+
+/// Tokens for the C ABI targets: call codes that begin, end and release pools, and -1.
+const CABI_DICTIONARY: &[&[u8]] = &[
+    &[9],
+    &[10],
+    &[11],
+    &[15],
+    &[13],
+    &[16],
+    &[255, 255, 255, 255],
+];
 
 /// The C ABI from four threads at once.
 pub const CABI_THREADS: Target = Target {
@@ -429,14 +432,6 @@ pub const CABI_THREADS: Target = Target {
     seeds: cabi_seeds,
     run: check_cabi_threads,
     max_len: 4096,
-    dictionary: &[
-        &[9],
-        &[10],
-        &[11],
-        &[15],
-        &[13],
-        &[16],
-        &[255, 255, 255, 255],
-    ],
+    dictionary: CABI_DICTIONARY,
     case_timeout: Duration::from_secs(30),
 };
