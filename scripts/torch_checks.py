@@ -190,8 +190,51 @@ def features() -> None:
         torch.backends.cudnn.benchmark = False
         return str(tuple(out.shape))
 
+    def accelerator_stats():
+        # torch.accelerator.* reaches the allocator through c10::GetAllocator(kCUDA).
+        x = torch.empty(256, device=dev)
+        s = torch.accelerator.memory_stats()
+        assert s.get("active_bytes.all.current", 0) >= 1024, sorted(s)[:8]
+        assert torch.accelerator.memory_allocated() == torch.cuda.memory_allocated()
+        del x
+        return f"{len(s)} statistics"
+
+    def caching_off():
+        # torch.cuda.caching_allocator_enable(False): plain device memory, outside the statistics.
+        key = "requested_bytes.all.allocated"
+        try:
+            torch.cuda.caching_allocator_enable(False)
+            before = torch.cuda.memory_stats()[key]
+            y = torch.ones(1 << 20, device=dev)
+            assert float(y.sum()) == float(1 << 20)
+            assert torch.cuda.memory_stats()[key] == before, "an uncached block was counted"
+            del y
+        finally:
+            torch.cuda.caching_allocator_enable(True)
+        before = torch.cuda.memory_stats()[key]
+        z = torch.ones(1 << 20, device=dev)
+        assert torch.cuda.memory_stats()[key] == before + (4 << 20)
+        del z
+
+    def settings():
+        # _set_allocator_settings: 84 MiB rounds to 96 MiB with 4 divisions per power of two.
+        key = "active_bytes.all.current"
+        try:
+            torch.cuda.memory._set_allocator_settings("roundup_power2_divisions:4")
+            before = torch.cuda.memory_stats()[key]
+            x = torch.empty(84 << 20, dtype=torch.uint8, device=dev)
+            grown = torch.cuda.memory_stats()[key] - before
+            del x
+        finally:
+            torch.cuda.memory._set_allocator_settings("roundup_power2_divisions:1")
+        assert grown == 96 << 20, grown
+        return "84 MiB took 96 MiB with roundup_power2_divisions:4"
+
     for name, fn in [
         ("stats", stats),
+        ("accelerator_stats", accelerator_stats),
+        ("caching_allocator_enable_false", caching_off),
+        ("set_allocator_settings_rounding", settings),
         ("cuda_graph", graph),
         ("mempool_and_checkpoint", mempool),
         ("out_of_memory", oom),
@@ -448,7 +491,8 @@ def summary(d: Path) -> None:
                      f"{c['pass on both']} pass on both, {ours} fail only on accelrt, "
                      f"{c['expected on accelrt']} expected, {c['fails on both']} fail on both, "
                      f"{c['skipped']} skip, {len(s.get('uncollected_files', []))} files uncollected: "
-                     f"{s['pass_rate_percent']}%"))
+                     f"{s['pass_rate_percent']}% of all run, "
+                     f"{s.get('pass_rate_of_native_passes_percent', '?')}% of native's passes"))
     elif (d / "torch-tests.md").exists():
         rows.append(("torch-tests", "PyTorch's tests", "SKIP", (d / "torch-tests.md").read_text().splitlines()[-1][:90]))
     w = [max([len(r[i]) for r in rows] + [5]) for i in range(3)]

@@ -2,8 +2,8 @@
 // c10::cuda::CUDACachingAllocator::CUDAAllocator (PyTorch 2.11's interface).
 //
 // PyTorch reaches its allocator through one pointer, c10::cuda::CUDACachingAllocator::allocator
-// (and c10::GetAllocator(kCUDA)); torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator
-// replaces both, before CUDA is initialised. Its own CUDAPluggableAllocator class implements
+// and the device-generic c10::GetAllocator(kCUDA) (torch.accelerator.*); install replaces both
+// (changeCurrentAllocator, then c10::SetAllocator), before CUDA is initialised. Its own CUDAPluggableAllocator class implements
 // only part of the interface ("pluggable does not yet support checkPoolLiveAllocations", which
 // torch.compile(mode="reduce-overhead") calls); AccelrtAllocator below implements every virtual
 // and is installed through the same door, so PyTorch treats it as it treats its own allocator:
@@ -17,21 +17,32 @@
 // Every C++ exception this file throws goes to PyTorch, which expects them from its
 // allocator; none crosses into the library. Hooks PyTorch calls from destructors never throw.
 //
+// PyTorch's own settings (PYTORCH_ALLOC_CONF, _set_allocator_settings) are followed where they
+// mean the same on accelrt: roundup_power2_divisions, garbage_collection_threshold,
+// per_process_memory_fraction. With caching turned off (enable(false)) memory comes straight
+// from cudaMalloc, as with PyTorch's allocator.
+//
 // What cannot be done is refused with a message saying why and what to do instead:
-// caching cannot be turned off (enable(false)); MemPool(use_on_oom=True) and no_split=True;
+// MemPool(use_on_oom=True) and no_split=True;
 // a MemPool with an allocator of its own. Checkpoints of CUDA graph pools (getCheckpointState
 // / setCheckpointPoolState) are the library's pool checkpoints; sharing expandable (VMM)
 // memory between processes is the library's (accelrt_torch_ipc_share / _open / _close).
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
+#include <c10/cuda/CUDAAllocatorConfig.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/ApproximateClock.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+#if __has_include(<c10/core/AllocatorConfig.h>)
+#include <c10/core/AllocatorConfig.h>
+#define ACCELRT_TORCH_ALLOCATOR_CONFIG 1
+#endif
 
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
@@ -44,6 +55,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -138,6 +150,7 @@ struct Library {
   void (*ipc_forget)(void*) = nullptr;
   int (*ipc_open)(int, const uint8_t*, size_t, void**) = nullptr;
   int (*ipc_close)(void*) = nullptr;
+  int (*set_rounding)(const uint32_t*, size_t, double) = nullptr;
 };
 
 Library lib;
@@ -386,6 +399,100 @@ struct CheckpointState final : public cca::AllocatorState {
   }
 };
 
+// ---- caching turned off (torch.cuda.caching_allocator_enable(False)) ----
+// PyTorch's allocator then hands out plain cudaMalloc memory, outside its pools and statistics,
+// and cudaFree's it when it is freed, whenever caching was turned back on in between. So does
+// this one: such blocks are remembered here, and the free path looks here only while some are
+// live (one relaxed load otherwise).
+std::atomic<bool> caching_enabled{true};
+std::atomic<size_t> uncached_live{0};
+std::mutex uncached_mutex;
+std::unordered_set<void*> uncached;
+
+void* uncached_alloc(size_t size, c10::DeviceIndex device) {
+  c10::cuda::CUDAGuard guard(device);
+  void* p = nullptr;
+  cudaError_t rc = cudaMalloc(&p, size);
+  if (rc == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory. Tried to allocate ",
+                     format_size(size), " on GPU ", num(device),
+                     " with caching turned off (torch.cuda.caching_allocator_enable(False)): "
+                     "cudaMalloc refused it. Turn caching back on, or free memory first.");
+  }
+  C10_CUDA_CHECK(rc);
+  std::lock_guard<std::mutex> lock(uncached_mutex);
+  uncached.insert(p);
+  uncached_live.fetch_add(1, std::memory_order_relaxed);
+  return p;
+}
+
+// True when `p` was allocated with caching off (and is now given back to the device).
+bool uncached_free(void* p) {
+  if (uncached_live.load(std::memory_order_relaxed) == 0) {
+    return false;
+  }
+  {
+    std::lock_guard<std::mutex> lock(uncached_mutex);
+    if (uncached.erase(p) == 0) {
+      return false;
+    }
+    uncached_live.fetch_sub(1, std::memory_order_relaxed);
+  }
+  C10_CUDA_CHECK_WARN(cudaFree(p));
+  return true;
+}
+
+// ---- PyTorch's own allocator settings ----
+// PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF and torch.cuda.memory._set_allocator_settings
+// are parsed by PyTorch's config classes whatever allocator is installed; the settings that
+// mean the same on accelrt are read back from them and applied (ACCELRT_ALLOC_CONF configures
+// everything else): roundup_power2_divisions and garbage_collection_threshold (at start-up when
+// PyTorch's environment variable names them, and at each _set_allocator_settings call), and
+// per_process_memory_fraction (at start-up).
+bool names_rounding(const std::string& settings) {
+  return settings.find("roundup_power2_divisions") != std::string::npos ||
+         settings.find("garbage_collection_threshold") != std::string::npos;
+}
+
+void apply_torch_rounding() {
+#ifdef ACCELRT_TORCH_ALLOCATOR_CONFIG
+  using AC = c10::CachingAllocator::AcceleratorAllocatorConfig;
+  uint32_t table[32];
+  for (size_t i = 0; i < 32; ++i) {
+    // Interval i holds requests of 2^i MiB up to twice that, as in PyTorch's table.
+    table[i] = static_cast<uint32_t>(AC::roundup_power2_divisions(size_t(1) << (20 + i)));
+  }
+  check(lib.set_rounding(table, 32, AC::garbage_collection_threshold()),
+        "applying PyTorch's roundup_power2_divisions / garbage_collection_threshold");
+#endif
+}
+
+std::string torch_settings_env() {
+  for (const char* name : {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"}) {
+    const char* v = std::getenv(name);
+    if (v != nullptr) {
+      return v;
+    }
+  }
+  return "";
+}
+
+void follow_torch_settings() {
+#ifdef ACCELRT_TORCH_ALLOCATOR_CONFIG
+  // Replaces the hook through which PyTorch's CUDA config parses _set_allocator_settings (it
+  // still does, first), adding no keys of its own.
+  c10::CachingAllocator::AcceleratorAllocatorConfig::registerDeviceConfigParserHook(
+      [](const std::string& env) {
+        cca::CUDAAllocatorConfig::instance().parseArgs(env);
+        // Each call sets PyTorch's whole configuration (a setting left out takes its
+        // default again), so its values are applied whatever the string names.
+        apply_torch_rounding();
+      },
+      {});
+#endif
+}
+
 class AccelrtAllocator final : public cca::CUDAAllocator {
  public:
   // ---- allocation ----
@@ -397,6 +504,9 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
     constexpr size_t kOneExaByte = 1152921504606846976ULL;
     TORCH_CHECK_WITH(OutOfMemoryError, size < kOneExaByte,
                      "CUDA out of memory. Tried to allocate more than 1EB memory.");
+    if (!caching_enabled.load(std::memory_order_relaxed)) {
+      return uncached_alloc(size, device);
+    }
     if (contexts.on.load(std::memory_order_relaxed)) {
       note_context();
     }
@@ -470,6 +580,9 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
     if (any_exported.load(std::memory_order_relaxed)) {
       close_exported(ptr);
     }
+    if (uncached_free(ptr)) {
+      return;
+    }
     // The library finds the block's device itself; the current device is a hint.
     lib.free(ptr, 0, c10::cuda::current_device(), nullptr);
   }
@@ -482,19 +595,26 @@ class AccelrtAllocator final : public cca::CUDAAllocator {
 
   void init(int device_count) override {
     check(lib.init(device_count), "init");
+    // PyTorch's settings: parsing them here reports their errors as PyTorch does
+    // ("per_process_memory_fraction is invalid", ...), at CUDA initialisation.
+    double fraction = cca::CUDAAllocatorConfig::per_process_memory_fraction();
+    if (fraction != 1.0) {
+      for (int d = 0; d < device_count; ++d) {
+        check(lib.set_memory_fraction(fraction, d), "per_process_memory_fraction");
+      }
+    }
+    if (names_rounding(torch_settings_env())) {
+      apply_torch_rounding();
+    }
     device_count_ = device_count;
     initialized_.store(true);
   }
 
   bool initialized() override { return initialized_.load(); }
 
-  void enable(bool value) override {
-    TORCH_CHECK(value,
-                "accelrt allocator: caching cannot be turned off (accelrt always caches); "
-                "use torch.cuda.empty_cache() to give cached memory back");
-  }
+  void enable(bool value) override { caching_enabled.store(value); }
 
-  bool isEnabled() const override { return true; }
+  bool isEnabled() const override { return caching_enabled.load(); }
 
   std::string name() override { return "accelrt"; }
 
@@ -1106,6 +1226,7 @@ extern "C" int accelrt_shim_install(const char* library_path, char* err,
     resolve(handle, "accelrt_torch_ipc_forget", lib.ipc_forget);
     resolve(handle, "accelrt_torch_ipc_open", lib.ipc_open);
     resolve(handle, "accelrt_torch_ipc_close", lib.ipc_close);
+    resolve(handle, "accelrt_torch_set_rounding", lib.set_rounding);
 
     auto allocator = std::make_shared<AccelrtAllocator>();
     installed = allocator;
@@ -1117,6 +1238,14 @@ extern "C" int accelrt_shim_install(const char* library_path, char* err,
           "changeCurrentAllocator did not install accelrt as c10::cuda::CUDACachingAllocator "
           "(another extension replaced the allocator?)");
     }
+    // The device-generic door too (torch.accelerator.memory_stats, empty_cache, ... and code
+    // that allocates through c10::GetAllocator(kCUDA)), ahead of any registration.
+    c10::SetAllocator(c10::DeviceType::CUDA, allocator.get(), UINT8_MAX);
+    if (c10::GetAllocator(c10::DeviceType::CUDA) != allocator.get()) {
+      throw std::runtime_error(
+          "c10::SetAllocator(kCUDA) did not install accelrt as the device allocator");
+    }
+    follow_torch_settings();
     // Failures now reach Python as exceptions with the library's message.
     lib.set_log_alloc_failures(0);
     return 0;

@@ -269,13 +269,7 @@ impl AllocatorConfig {
     /// Divisions that apply to a request of `size` bytes.
     #[inline]
     pub fn divisions_for(&self, size: u64) -> u32 {
-        let mb = size >> 20;
-        let idx = if mb == 0 {
-            0
-        } else {
-            63 - mb.leading_zeros() as usize
-        };
-        self.roundup_power2_divisions[idx.min(ROUNDUP_INTERVALS - 1)]
+        self.roundup_power2_divisions[crate::size::division_interval(size)]
     }
 }
 

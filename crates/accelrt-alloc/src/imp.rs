@@ -16,7 +16,7 @@
 //! - every live pointer maps to an `Allocated` block at that address, and back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
@@ -28,7 +28,9 @@ use super::history::{
 use super::pagemap::PageMap;
 use super::pool::{BlockState, PendingFree, PoolState, Segment, NIL};
 use super::provider::copy_into_host_visible;
-use super::size::{round_size, round_up, segment_size, MAX_REQUEST, MIN_SEGMENT};
+use super::size::{
+    division_interval, round_up, round_with_divisions, segment_size, MAX_REQUEST, MIN_SEGMENT,
+};
 use super::{
     format_size, AllocatorConfig, DriverCalls, EventCounters, MemoryProvider, MemoryStats,
     ProviderError, StreamEvents,
@@ -159,6 +161,8 @@ struct Limits {
     fraction: AtomicU64,
     high_watermark: AtomicU64,
     low_watermark: AtomicU64,
+    /// `garbage_collection_threshold` (f64 bits; 0 when unset).
+    gc_threshold: AtomicU64,
 }
 
 #[derive(Default)]
@@ -203,6 +207,9 @@ pub struct CachingAllocator {
     /// What the pools act on: `config`, less the oversize rules (`max_split_size_mb`) in
     /// expandable mode, where address ranges are not what fragments.
     pool_config: AllocatorConfig,
+    /// `roundup_power2_divisions` per size interval: set at build, changeable at run time
+    /// (PyTorch's `_set_allocator_settings`); the fast path reads one entry, relaxed.
+    rounding: [AtomicU32; crate::config::ROUNDUP_INTERVALS],
     limits: Limits,
     pub(crate) pools: Box<[OnceLock<Box<StreamPool>>]>,
     /// Private pools and the routes to them.
@@ -310,7 +317,11 @@ impl CachingAllocator {
                 ),
                 high_watermark: AtomicU64::new(config.high_watermark_ratio.to_bits()),
                 low_watermark: AtomicU64::new(config.low_watermark_ratio.to_bits()),
+                gc_threshold: AtomicU64::new(
+                    config.garbage_collection_threshold.unwrap_or(0.0).to_bits(),
+                ),
             },
+            rounding: config.roundup_power2_divisions.map(AtomicU32::new),
             config,
             pools: (0..MAX_STREAM_POOLS + MAX_PRIVATE_POOLS)
                 .map(|_| OnceLock::new())
@@ -371,7 +382,7 @@ impl CachingAllocator {
         let size = size as u64;
         if size.wrapping_sub(1) < MAX_REQUEST && self.quiet() {
             if let Some((pool_idx, pool)) = self.existing_pool(stream) {
-                let rounded = round_size(size, &self.config);
+                let rounded = self.round(size);
                 let mut st = pool.state.lock();
                 if st.pending.is_empty() {
                     let block = st.take_cached(rounded, size, &self.pool_config);
@@ -383,6 +394,13 @@ impl CachingAllocator {
             }
         }
         self.alloc_general(size, stream)
+    }
+
+    /// The block size that serves `size` bytes under the current `roundup_power2_divisions`.
+    #[inline(always)]
+    fn round(&self, size: u64) -> u64 {
+        let divisions = self.rounding[division_interval(size)].load(Relaxed);
+        round_with_divisions(size, divisions)
     }
 
     /// Whether no rare condition holds (this allocator's, or a process-wide callback).
@@ -443,7 +461,7 @@ impl CachingAllocator {
             false => self.pool(stream)?,
             true => self.pool_for_capture(stream)?,
         };
-        let rounded = round_size(size, &self.config);
+        let rounded = self.round(size);
         let mut st = pool.state.lock();
         if !st.pending.is_empty() {
             self.process_pending(&mut st, pool.stream.index);

@@ -53,6 +53,12 @@ int accelrt_torch_empty_cache(void);
 int accelrt_torch_set_memory_fraction(double fraction, int device);
 /* The fraction set on `device` (1.0 when none is set), or -1.0 on failure. */
 double accelrt_torch_get_memory_fraction(int device);
+/* torch.cuda.memory._set_allocator_settings's rounding knobs, for every device (also those first
+ * used later): `divisions[i]` is roundup_power2_divisions for requests of 2^i MiB up to twice that
+ * (the first entry also covers smaller requests, the last given covers every larger interval),
+ * each 0 or a power of two; garbage_collection_threshold in (0, 1), or 0 for none. An error
+ * changes nothing. */
+int accelrt_torch_set_rounding(const uint32_t* divisions, size_t len, double garbage_collection_threshold);
 /* Tensor.record_stream(stream): the block is not reused until `stream` has passed its free. */
 int accelrt_torch_record_stream(void *ptr, void *stream);
 

@@ -298,6 +298,48 @@ pub extern "C" fn accelrt_torch_set_memory_fraction(fraction: f64, device: c_int
     })
 }
 
+/// `torch.cuda.memory._set_allocator_settings(..)`'s rounding knobs, for every device, now
+/// and for devices first used later: `divisions` holds `len` entries, the
+/// `roundup_power2_divisions` of the size intervals from 1 MiB upwards (interval `i` holds
+/// requests of `2^i` MiB up to twice that; the first also everything smaller, the last also
+/// everything larger; missing intervals take the last entry given), each 0 or a power of two;
+/// `garbage_collection_threshold` in (0, 1), or 0 for none. Nothing changes on an error.
+///
+/// # Safety
+/// `divisions` points at `len` readable `u32`s (it may be null when `len` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn accelrt_torch_set_rounding(
+    divisions: *const u32,
+    len: usize,
+    garbage_collection_threshold: f64,
+) -> c_int {
+    status("accelrt_torch_set_rounding", || {
+        let given: &[u32] = if len == 0 {
+            &[]
+        } else if divisions.is_null() {
+            return Err(format!(
+                "divisions is null with a length of {len}: pass the table's address"
+            )
+            .into());
+        } else {
+            // SAFETY: the caller promises `len` readable entries at `divisions`.
+            unsafe { std::slice::from_raw_parts(divisions, len) }
+        };
+        if len > 1 << 16 {
+            return Err(format!(
+                "{len} division entries: accelrt has {} size intervals; pass at most that many",
+                accelrt::alloc::ROUNDUP_INTERVALS
+            )
+            .into());
+        }
+        let last = given.last().copied().unwrap_or(0);
+        let table: [u32; accelrt::alloc::ROUNDUP_INTERVALS] =
+            std::array::from_fn(|i| given.get(i).copied().unwrap_or(last));
+        let gc = (garbage_collection_threshold != 0.0).then_some(garbage_collection_threshold);
+        state()?.set_rounding_all(table, gc)
+    })
+}
+
 /// The memory fraction set on `device` (1.0 when none is set), or -1.0 on failure.
 #[no_mangle]
 pub extern "C" fn accelrt_torch_get_memory_fraction(device: c_int) -> f64 {

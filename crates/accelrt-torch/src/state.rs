@@ -7,7 +7,7 @@ use std::ffi::c_int;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use accelrt::alloc::{CachingAllocator, HistoryConfig};
+use accelrt::alloc::{CachingAllocator, HistoryConfig, ROUNDUP_INTERVALS};
 use accelrt::{Backend, DeviceError, DeviceType, MempoolId, Stream};
 use parking_lot::Mutex;
 
@@ -74,9 +74,17 @@ pub(crate) struct State {
     routes: Mutex<HashSet<(u32, MempoolId)>>,
     /// `routes.len()`, read on every allocation.
     route_count: AtomicUsize,
-    /// History settings for every device (`record_history(-1, ..)`), applied to allocators
-    /// created later too.
-    history_all: Mutex<Option<HistoryConfig>>,
+    /// Settings given for every device, applied to allocators created later too.
+    for_all: Mutex<ForAll>,
+}
+
+/// Settings given for every device at once.
+#[derive(Default)]
+struct ForAll {
+    /// `record_history(-1, ..)`.
+    history: Option<HistoryConfig>,
+    /// `set_rounding`: divisions per size interval and the garbage-collection threshold.
+    rounding: Option<([u32; ROUNDUP_INTERVALS], Option<f64>)>,
 }
 
 impl State {
@@ -99,7 +107,7 @@ impl State {
             allocators: (0..device_count).map(|_| OnceLock::new()).collect(),
             routes: Mutex::new(HashSet::new()),
             route_count: AtomicUsize::new(0),
-            history_all: Mutex::new(None),
+            for_all: Mutex::new(ForAll::default()),
         })
     }
 
@@ -135,11 +143,18 @@ impl State {
 
     #[cold]
     fn create_allocator(&self, d: u32) -> Result<&Arc<CachingAllocator>, Failure> {
-        // Held until the allocator is in place, so a concurrent `set_history_all` sees it.
-        let history = self.history_all.lock();
+        // Held until the allocator is in place, so a concurrent `set_history_all` or
+        // `set_rounding_all` sees it.
+        let all = self.for_all.lock();
         let allocator = self.backend.allocator(d).map_err(|e| e.to_string())?;
-        if let Some(h) = *history {
+        if let Some(h) = all.history {
             allocator.record_memory_history(Some(h));
+        }
+        if let Some((divisions, gc)) = &all.rounding {
+            // Checked when they were set.
+            allocator
+                .set_rounding(divisions, *gc)
+                .map_err(|e| e.to_string())?;
         }
         let allocator = self.allocators[d as usize].get_or_init(|| allocator);
         crate::full::hook_allocator(d, allocator);
@@ -232,10 +247,26 @@ impl State {
 
     /// Apply a history setting to every device, now and for allocators created later.
     pub fn set_history_all(&self, config: Option<HistoryConfig>) {
-        let mut all = self.history_all.lock();
-        *all = config;
+        let mut all = self.for_all.lock();
+        all.history = config;
         for (_, a) in self.existing_allocators() {
             a.record_memory_history(config);
         }
+    }
+
+    /// Apply rounding settings ([`CachingAllocator::set_rounding`]) to every device, now and
+    /// for allocators created later. Checked first: an invalid setting changes nothing.
+    pub fn set_rounding_all(
+        &self,
+        divisions: [u32; ROUNDUP_INTERVALS],
+        garbage_collection_threshold: Option<f64>,
+    ) -> Result<(), Failure> {
+        let mut all = self.for_all.lock();
+        for (d, a) in self.existing_allocators() {
+            a.set_rounding(&divisions, garbage_collection_threshold)
+                .map_err(|e| format!("{}:{d}: {e}", self.kind))?;
+        }
+        all.rounding = Some((divisions, garbage_collection_threshold));
+        Ok(())
     }
 }

@@ -364,3 +364,50 @@ fn init_checks_that_both_sides_see_the_same_devices() {
         last()
     );
 }
+
+/// `accelrt_torch_set_rounding` with a slice (NULL for an empty one).
+fn set_rounding(divisions: &[u32], gc: f64) -> c_int {
+    let ptr = if divisions.is_empty() {
+        std::ptr::null()
+    } else {
+        divisions.as_ptr()
+    };
+    // SAFETY: `divisions.len()` entries at `ptr` (none when NULL).
+    unsafe { accelrt_torch_set_rounding(ptr, divisions.len(), gc) }
+}
+
+#[test]
+fn rounding_set_at_run_time_applies_to_the_next_requests() {
+    let _g = setup();
+    let active = || stats()["active_bytes.all.current"];
+    let grown = |size: isize| {
+        let before = active();
+        let p = alloc(size, null_mut());
+        let by = active() - before;
+        free(p);
+        by
+    };
+    let size = 84 << 20; // PyTorch's test_allocator_settings: 21 Mi floats
+    assert_eq!(
+        grown(size),
+        84 << 20,
+        "no divisions: 512-byte rounding only"
+    );
+    assert_eq!(set_rounding(&[4], 0.0), 0, "{}", last());
+    assert_eq!(
+        grown(size),
+        96 << 20,
+        "4 divisions between 64 and 128 MiB: steps of 16 MiB"
+    );
+    // A table by interval (1, 2, 4, .. MiB): 8 divisions from 64 MiB on.
+    assert_eq!(set_rounding(&[0, 0, 0, 0, 0, 0, 8], 0.5), 0, "{}", last());
+    assert_eq!(grown(size), 88 << 20, "8 divisions: steps of 8 MiB");
+    // Invalid settings change nothing.
+    assert_eq!(set_rounding(&[3], 0.0), -1);
+    assert!(last().contains("power of two"), "{}", last());
+    assert_eq!(set_rounding(&[], 1.5), -1);
+    assert!(last().contains("(0, 1)"), "{}", last());
+    assert_eq!(grown(size), 88 << 20, "the last valid table still applies");
+    assert_eq!(set_rounding(&[], 0.0), 0, "{}", last());
+    assert_eq!(grown(size), 84 << 20, "back to the default");
+}

@@ -65,6 +65,56 @@ fn history_records_pytorch_actions_in_order() {
 }
 
 #[test]
+fn a_snapshots_marker_lands_in_the_next_snapshot_as_in_pytorch() {
+    let a = allocator(64 * MIB as u64);
+    a.record_memory_history(Some(HistoryConfig {
+        max_entries: 100,
+        context: false,
+    }));
+    let p = a.raw_alloc(4096, s(0)).unwrap();
+    let first = a.memory_snapshot();
+    let last = first.history.last().expect("the allocation is recorded");
+    assert_eq!((last.action, last.size), (TraceAction::Alloc, 4096));
+    let second = a.memory_snapshot();
+    assert_eq!(
+        second.history.last().unwrap().action,
+        TraceAction::Snapshot,
+        "the first snapshot's marker"
+    );
+    a.raw_free(p).unwrap();
+}
+
+#[test]
+fn a_snapshot_shows_free_neighbours_as_one_block() {
+    // PyTorch's TestBlockStateAbsorption: eleven small blocks, all freed but the sixth.
+    let a = allocator(64 * MIB as u64);
+    let ptrs: Vec<usize> = (0..11).map(|_| a.raw_alloc(512, s(0)).unwrap()).collect();
+    for (i, p) in ptrs.iter().enumerate() {
+        if i != 5 {
+            a.raw_free(*p).unwrap();
+        }
+    }
+    let snap = a.memory_snapshot();
+    let seg = snap
+        .segments
+        .iter()
+        .find(|g| g.blocks.iter().any(|b| b.address == ptrs[5] as u64))
+        .expect("the live block's segment");
+    let states: Vec<BlockStatus> = seg.blocks.iter().map(|b| b.state).collect();
+    assert_eq!(
+        states,
+        vec![
+            BlockStatus::Inactive,
+            BlockStatus::ActiveAllocated,
+            BlockStatus::Inactive
+        ],
+        "{:?}",
+        seg.blocks
+    );
+    a.raw_free(ptrs[5]).unwrap();
+}
+
+#[test]
 fn ring_buffer_keeps_the_newest_entries() {
     let a = allocator(64 * MIB as u64);
     a.record_memory_history(Some(HistoryConfig {
@@ -136,10 +186,10 @@ fn snapshot_shows_segments_blocks_and_context() {
     );
     let total: u64 = snap.segments.iter().map(|g| g.total_size).sum();
     assert_eq!(total, a.reserved_bytes());
-    let n = snap.history.len();
     assert_eq!(
-        (snap.history[n - 2].action, snap.history[n - 1].action),
-        (TraceAction::Alloc, TraceAction::Snapshot)
+        snap.history.last().map(|e| e.action),
+        Some(TraceAction::Alloc),
+        "the snapshot's own marker lands in the next snapshot"
     );
     assert_eq!(
         snap.history[1].frames.as_deref(),

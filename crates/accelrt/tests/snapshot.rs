@@ -102,7 +102,11 @@ fn recorded_replays_round_trip_through_pickle_and_json() {
         h.iter().filter(|e| e.action == TraceAction::Alloc).count(),
         130
     );
-    assert_eq!(h.last().unwrap().action, TraceAction::Snapshot);
+    assert_ne!(
+        h.last().unwrap().action,
+        TraceAction::Snapshot,
+        "a snapshot's own marker lands in the next snapshot"
+    );
     assert!(h
         .iter()
         .filter(|e| e.action == TraceAction::Alloc)

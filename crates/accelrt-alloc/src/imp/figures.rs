@@ -137,13 +137,20 @@ impl CachingAllocator {
 
     /// Every segment with its blocks, and the recorded history (PyTorch's `_snapshot`).
     /// Segments are ordered by address.
+    ///
+    /// Taking a snapshot coalesces the blocks waiting in recent-free slots.
+    ///
+    /// The `snapshot` action this records lands after the history it returns, as PyTorch's
+    /// does: a snapshot's own trace ends with the last real event, and the next one shows where
+    /// this one was taken.
     pub fn memory_snapshot(&self) -> MemorySnapshot {
-        if self.history.enabled() {
-            self.history.record(TraceAction::Snapshot, 0, 0, u32::MAX);
-        }
         let mut segments = Vec::new();
         for pool in self.initialized_pools() {
-            let st = pool.state.lock();
+            let mut st = pool.state.lock();
+            // Blocks waiting uncoalesced in recent-free slots are free memory like their
+            // neighbours: coalesced first, the segments show the layout PyTorch's would (and
+            // the one a checkpoint of the pool restores).
+            st.flush_recent();
             for (pos, seg) in st.segments.iter().enumerate() {
                 let mut info = SegmentInfo {
                     device: self.device.index,
@@ -187,10 +194,14 @@ impl CachingAllocator {
             }
         }
         segments.sort_by_key(|s| s.address);
+        let history = self.history.entries();
+        if self.history.enabled() {
+            self.history.record(TraceAction::Snapshot, 0, 0, u32::MAX);
+        }
         MemorySnapshot {
             device: self.device,
             segments,
-            history: self.history.entries(),
+            history,
         }
     }
 

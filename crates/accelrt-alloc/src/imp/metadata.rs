@@ -224,6 +224,56 @@ impl CachingAllocator {
         let f = f64::from_bits(self.limits.fraction.load(Relaxed));
         (f >= 0.0).then_some(f) // unset is negative (`NO_FRACTION`)
     }
+    /// Change `roundup_power2_divisions` (one entry per size interval, as
+    /// [`AllocatorConfig::roundup_power2_divisions`]; each 0 or a power of two) and
+    /// `garbage_collection_threshold` (`None` turns it off; else in (0, 1)) at run time, as
+    /// PyTorch's `torch.cuda.memory._set_allocator_settings` does. Requests made after the
+    /// call round with the new divisions; blocks already cached keep their sizes. Nothing
+    /// changes when an argument is invalid.
+    ///
+    /// [`AllocatorConfig::roundup_power2_divisions`]: crate::AllocatorConfig::roundup_power2_divisions
+    pub fn set_rounding(
+        &self,
+        divisions: &[u32; crate::config::ROUNDUP_INTERVALS],
+        garbage_collection_threshold: Option<f64>,
+    ) -> Result<()> {
+        if let Some((i, d)) = divisions
+            .iter()
+            .enumerate()
+            .find(|(_, d)| **d != 0 && !d.is_power_of_two())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "roundup_power2_divisions: interval {i} has {d} divisions; use 0 or a power of two"
+            )));
+        }
+        if let Some(t) = garbage_collection_threshold {
+            if !(t > 0.0 && t < 1.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "garbage_collection_threshold must be in (0, 1), got {t}"
+                )));
+            }
+        }
+        for (slot, d) in self.rounding.iter().zip(divisions) {
+            slot.store(*d, Relaxed);
+        }
+        self.limits.gc_threshold.store(
+            garbage_collection_threshold.unwrap_or(0.0).to_bits(),
+            Relaxed,
+        );
+        Ok(())
+    }
+
+    /// The `roundup_power2_divisions` in effect, one entry per size interval.
+    pub fn roundup_power2_divisions(&self) -> [u32; crate::config::ROUNDUP_INTERVALS] {
+        std::array::from_fn(|i| self.rounding[i].load(Relaxed))
+    }
+
+    /// The `garbage_collection_threshold` in effect.
+    pub fn garbage_collection_threshold(&self) -> Option<f64> {
+        let t = f64::from_bits(self.limits.gc_threshold.load(Relaxed));
+        (t > 0.0).then_some(t)
+    }
+
     /// The low watermark in bytes (MPS's `getLowWatermarkLimit`): above it, cached memory
     /// is released before the allocator grows. `None` when no low watermark is set.
     pub fn low_watermark_limit(&self) -> Option<u64> {

@@ -144,7 +144,7 @@ impl CachingAllocator {
     pub(super) fn soft_limit(&self) -> Option<u64> {
         let low = f64::from_bits(self.limits.low_watermark.load(Relaxed));
         let mut soft = (low > 0.0).then(|| (self.provider.recommended_max() as f64 * low) as u64);
-        if let Some(t) = self.config.garbage_collection_threshold {
+        if let Some(t) = self.garbage_collection_threshold() {
             let fraction = f64::from_bits(self.limits.fraction.load(Relaxed));
             if fraction >= 0.0 {
                 let bytes = (self.provider.memory_info().1 as f64 * fraction * t) as u64;

@@ -258,6 +258,14 @@ fn cabi_sequence(mut b: Bytes<'_>, held: &mut Held) -> Result<u64, String> {
                 if accelrt_torch_set_memory_fraction(f, 0) != 0 {
                     check_failure("set_memory_fraction")?;
                 }
+                // The rounding knobs from the same value (no extra input byte, so saved
+                // inputs keep their meaning): divisions 0..=12 (not all powers of two) and
+                // the same value as the collection threshold (NaN and 1.5 are refused).
+                let divisions = [(f * 12.0) as u32, 2, 0];
+                // SAFETY: three entries at a live array.
+                if unsafe { accelrt_torch_set_rounding(divisions.as_ptr(), 3, f) } != 0 {
+                    check_failure("set_rounding")?;
+                }
             }
             21 => {
                 let enabled = b.u8() as c_int % 2;
@@ -330,6 +338,8 @@ fn cabi_cleanup(held: Vec<Held>) -> Result<(), String> {
         }
     }
     let _ = accelrt_torch_set_memory_fraction(1.0, 0);
+    // SAFETY: no entries.
+    let _ = unsafe { accelrt_torch_set_rounding(std::ptr::null(), 0, 0.0) };
     let _ = accelrt_torch_record_history(-1, 0, 0);
     let host = accelrt::backend(DeviceType::Host);
     host.device_synchronize(0).map_err(|e| e.to_string())?;
