@@ -258,8 +258,10 @@ def main() -> int:
             uncollected.append(file)
         summary["files"].append(file_sum)
     lines += ["", "## Every test that did not pass on both", "",
-              "Classes: *fails on both* = the test fails on PyTorch's own allocator too (a test-file / "
-              "installed-version mismatch or the machine, not accelrt); *fails only on accelrt (ours)* = "
+              "Classes: *fails on both* = the test fails on PyTorch's own allocator too, with the same "
+              "first line (a test-file / installed-version mismatch or the machine, not accelrt); "
+              "*fails on both, differently* = it fails on both but not the same way (both first lines "
+              "shown: read them, the accelrt one may be accelrt's); *fails only on accelrt (ours)* = "
               "accelrt's to fix; *expected on accelrt* = fails only on accelrt for a reason "
               "expected-failures.txt documents (native internals, a refused feature); *passes only on "
               "accelrt*; *not run on ...* = cut by the time budget or the process died.", "",
@@ -293,7 +295,7 @@ def main() -> int:
     return 0 if ours == 0 else 1
 
 
-CLASSES = ("pass on both", "fails on both", "fails only on accelrt (ours)", "expected on accelrt",
+CLASSES = ("pass on both", "fails on both", "fails on both, differently", "fails only on accelrt (ours)", "expected on accelrt",
            "passes only on accelrt", "skipped", "not run on accelrt", "not run on native")
 
 
@@ -320,6 +322,9 @@ def classify(a, n, expected, acc_run, nat_run) -> tuple[str, str]:
         return "passes only on accelrt", n.get("reason", "")
     reason = a.get("reason", "")
     if bad(n):
+        mine, theirs = first_line(reason), first_line(n.get("reason", ""))
+        if mine != theirs:
+            return "fails on both, differently", f"accelrt: {mine} / native: {theirs}"
         return "fails on both", reason
     if n is None:
         return "not run on native", reason
@@ -327,6 +332,14 @@ def classify(a, n, expected, acc_run, nat_run) -> tuple[str, str]:
     if why is not None:
         return "expected on accelrt", why
     return "fails only on accelrt (ours)", reason
+
+
+def first_line(reason: str) -> str:
+    """A failure's first line, without the numbers that differ between runs (addresses, sizes)."""
+    import re
+
+    line = next((l.strip() for l in reason.splitlines() if l.strip()), "")
+    return re.sub(r"\b0x[0-9a-f]+\b|\b\d+(\.\d+)?\b", "N", line)[:200]
 
 
 def collection_error(run) -> str | None:
