@@ -1,7 +1,7 @@
 //! The backend hooks on the host backend: registry, devices, per-thread current device,
 //! properties, configuration, unavailable backends and bad input.
 
-mod common;
+use crate::common;
 
 use accelrt::{AllocError, DeviceError};
 use std::sync::Arc;
