@@ -18,6 +18,7 @@ pub mod graph;
 mod history;
 pub mod host;
 mod imp;
+mod interface;
 #[cfg(all(test, accelrt_loom))]
 mod models;
 mod pagemap;
@@ -49,6 +50,7 @@ pub use imp::{
     CheckpointSegment, ExportedChunk, ExportedRange, ImportedRange, OomInfo, OomObserver,
     PoolCheckpoint, RestoreReport, StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
 };
+pub use interface::DeviceAllocator;
 pub use pinned::{PinnedAllocator, PinnedStats};
 pub use provider::{ChunkHandle, MemoryProvider, ProviderError, StreamEvents, VirtualMemory};
 pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};

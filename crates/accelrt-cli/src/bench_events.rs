@@ -142,7 +142,7 @@ fn measure_wgpu(iters: u64) -> Result<Value, Error> {
     let mut out = measure(runtime, iters)?;
     let backend: &dyn Backend = runtime;
     let stream = backend.new_stream(0, StreamPriority::Normal)?;
-    let allocator = backend.allocator(0)?;
+    let allocator = backend.device_allocator(0)?;
     let scratch = allocator.raw_alloc(4096, stream)?;
     // Submissions cost tens of microseconds on lavapipe: fewer iterations keep this short.
     let n = (iters / 20).max(BATCH);

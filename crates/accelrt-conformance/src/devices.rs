@@ -69,7 +69,7 @@ pub fn identity_and_devices(b: &dyn Backend) {
         ("graph_create", |b, d| b.graph_create(d).map(drop)),
         ("graph_pool_handle", |b, d| b.graph_pool_handle(d).map(drop)),
         ("new_generator", |b, d| b.new_generator(d).map(drop)),
-        ("allocator", |b, d| b.allocator(d).map(drop)),
+        ("device_allocator", |b, d| b.device_allocator(d).map(drop)),
         ("recommended_max_memory", |b, d| {
             b.recommended_max_memory(d).map(drop)
         }),
@@ -221,7 +221,7 @@ pub fn profiler(b: &dyn Backend) {
     b.launch_host(s, sleep_task(1)).unwrap();
     b.event_record(ev, s).unwrap();
     b.event_synchronize(ev).unwrap();
-    let a = b.allocator(0).unwrap();
+    let a = b.device_allocator(0).unwrap();
     let p = a.raw_alloc(1 << 20, s).unwrap();
     a.raw_free(p).unwrap();
     let started = Instant::now();

@@ -64,7 +64,7 @@ pub fn graphs(b: &dyn Backend) {
         assert_eq!(b.graph_pool(g), Ok(handle));
     }
     assert_eq!(
-        b.allocator(0).unwrap().pool_use_count(handle),
+        b.device_allocator(0).unwrap().pool_use_count(handle),
         Some(2),
         "both graphs use the pool"
     );

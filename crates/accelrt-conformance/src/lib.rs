@@ -9,7 +9,7 @@
 //! ```
 //!
 //! (`None` skips every check with a note: a GPU backend on a machine without a GPU.) The
-//! host backend runs it in `accelrt/tests/conformance_host.rs`, the CUDA backend in
+//! host backend runs it in `accelrt/tests/runtime/main.rs`, the CUDA backend in
 //! `accelrt/tests/cuda_conformance.rs` (skipped without a GPU), the out-of-tree `fault`
 //! backend in `accelrt-fault/tests/conformance.rs`.
 //!

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::alloc::{CachingAllocator, PinnedAllocator};
+use crate::alloc::{DeviceAllocator, PinnedAllocator};
 use crate::device::{Device, DeviceProperties, DeviceType};
 use crate::error::Result;
 use crate::event::EventId;
@@ -158,8 +158,12 @@ pub trait Backend: Send + Sync {
     fn graph_pool_handle(&self, device: u32) -> Result<MempoolId>;
 
     // ---- memory (the device's caching allocator) --------------------------------------------
-    /// The device's caching allocator, created on first use.
-    fn allocator(&self, device: u32) -> Result<Arc<CachingAllocator>>;
+    /// The device's allocator, created on first use, through the interface PyTorch's
+    /// allocators answer ([`DeviceAllocator`]: `c10::DeviceAllocator`, `IMPSAllocator`). The
+    /// concrete [`crate::alloc::CachingAllocator`], with what only it has (private-pool
+    /// routing, checkpoints, IPC ranges), is `allocator()` on a `dyn Backend` or a
+    /// [`crate::runtime::Runtime`].
+    fn device_allocator(&self, device: u32) -> Result<Arc<dyn DeviceAllocator>>;
     /// The raw memory provider under the device's allocator (for building other allocators
     /// over the same device, e.g. `accelrt replay --backend cuda`).
     fn memory_provider(&self, device: u32) -> Result<Arc<dyn crate::alloc::MemoryProvider>>;

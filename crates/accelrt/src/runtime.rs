@@ -15,8 +15,8 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::{Mutex, RwLock};
 
 use crate::alloc::{
-    format_size, AllocatorConfig, CachingAllocator, HistoryConfig, PinnedAllocator, StreamEvents,
-    StreamFilter, ALLOC_CONF_ENV,
+    format_size, AllocatorConfig, CachingAllocator, DeviceAllocator, HistoryConfig,
+    PinnedAllocator, StreamEvents, StreamFilter, ALLOC_CONF_ENV,
 };
 use crate::device::{Device, DeviceProperties, DeviceType};
 use crate::driver::Driver;
@@ -28,6 +28,7 @@ use crate::hooks::{Backend, EventCallback, HostTask};
 use crate::profiler::{Phase, Profiler, ProfilerMode, ProfilerTrace, SavedHistory};
 use crate::stream::{Stream, StreamPriority};
 
+mod caching;
 mod graphs;
 mod handles;
 mod info;
@@ -485,9 +486,9 @@ impl<D: Driver> Backend for Runtime<D> {
 
     // ---- memory ---------------------------------------------------------------------------
 
-    fn allocator(&self, device: u32) -> Result<Arc<CachingAllocator>> {
-        let ready = self.ready("allocator")?;
-        self.device_allocator(ready, device)
+    fn device_allocator(&self, device: u32) -> Result<Arc<dyn DeviceAllocator>> {
+        let ready = self.ready("device_allocator")?;
+        Ok(self.allocator_in(ready, device)?)
     }
 
     fn memory_provider(&self, device: u32) -> Result<Arc<dyn crate::alloc::MemoryProvider>> {
@@ -498,30 +499,30 @@ impl<D: Driver> Backend for Runtime<D> {
 
     fn empty_cache(&self, device: u32) -> Result<()> {
         let ready = self.ready("empty_cache")?;
-        Ok(self.device_allocator(ready, device)?.empty_cache()?)
+        Ok(self.allocator_in(ready, device)?.empty_cache()?)
     }
 
     fn memory_stats(&self, device: u32) -> Result<crate::alloc::MemoryStats> {
         let ready = self.ready("memory_stats")?;
-        Ok(self.device_allocator(ready, device)?.stats())
+        Ok(self.allocator_in(ready, device)?.stats())
     }
 
     fn reset_peak_memory_stats(&self, device: u32) -> Result<()> {
         let ready = self.ready("reset_peak_memory_stats")?;
-        self.device_allocator(ready, device)?.reset_peak_stats();
+        self.allocator_in(ready, device)?.reset_peak_stats();
         Ok(())
     }
 
     fn set_memory_fraction(&self, device: u32, fraction: f64) -> Result<()> {
         let ready = self.ready("set_memory_fraction")?;
         Ok(self
-            .device_allocator(ready, device)?
+            .allocator_in(ready, device)?
             .set_memory_fraction(fraction)?)
     }
 
     fn current_allocated_memory(&self, device: u32) -> Result<u64> {
         let ready = self.ready("current_allocated_memory")?;
-        Ok(self.device_allocator(ready, device)?.allocated_bytes())
+        Ok(self.allocator_in(ready, device)?.allocated_bytes())
     }
 
     fn driver_allocated_memory(&self, device: u32) -> Result<u64> {
@@ -548,7 +549,7 @@ impl<D: Driver> Backend for Runtime<D> {
             )
             .into());
         }
-        let allocator = self.device_allocator(ready, stream.device.index)?;
+        let allocator = self.allocator_in(ready, stream.device.index)?;
         let ptr = allocator.raw_alloc(value.len(), stream)?;
         // SAFETY: `ptr` is a fresh block of at least `value.len()` bytes of the stream's
         // device, handed to nobody else yet; the write is queued on the stream it was

@@ -29,7 +29,7 @@ fn without_a_gpu_every_call_answers_with_the_reason() {
     assert_eq!(cuda.device_count(), 0);
     assert!(!cuda.has_primary_context(0));
     assert!(!cuda.is_pinned_ptr(0x1000));
-    // Every call names itself and gives the reason (hooks_host.rs checks every hook).
+    // Every call names itself and gives the reason (runtime/hooks_host.rs checks every hook).
     let unavailable = |call: &str, e: Error| {
         assert!(
             matches!(&e, Error::Device(DeviceError::NeedsBackend { call: c, needs: DeviceType::Cuda, reason: r }) if *c == call && *r == reason),

@@ -315,6 +315,6 @@ impl<D: Driver> Runtime<D> {
     pub(super) fn graph_pool_handle_impl(&self, device: u32) -> Result<MempoolId> {
         let ready = self.ready("graph_pool_handle")?;
         ready.core.check_device(device)?;
-        Ok(self.device_allocator(ready, device)?.new_pool_id())
+        Ok(self.allocator_in(ready, device)?.new_pool_id())
     }
 }

@@ -69,8 +69,8 @@ impl<D: Driver> Runtime<D> {
         if bytes == 0 {
             return Ok(());
         }
-        let dst_alloc = self.device_allocator(ready, dst_device)?;
-        let src_alloc = self.device_allocator(ready, src_device)?;
+        let dst_alloc = self.allocator_in(ready, dst_device)?;
+        let src_alloc = self.allocator_in(ready, src_device)?;
         dst_alloc.check_live_range(dst, bytes, "memcpy_async destination")?;
         src_alloc.check_live_range(src, bytes, "memcpy_async source")?;
         // SAFETY: both ranges lie inside live allocations of this runtime's allocators (just

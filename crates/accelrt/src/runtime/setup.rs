@@ -156,7 +156,7 @@ impl<D: Driver> Runtime<D> {
     }
 
     /// The caching allocator of `device`, created on first use.
-    pub(super) fn device_allocator(
+    pub(super) fn allocator_in(
         &self,
         ready: &Ready<D>,
         device: u32,

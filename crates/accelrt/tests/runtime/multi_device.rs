@@ -1,7 +1,7 @@
 //! Several devices on the host backend: an allocator per device, peer access, copies between
 //! devices in stream order, cross-device event waits, and bad input to all of them.
 
-mod common;
+use crate::common;
 
 use accelrt::DeviceError;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! The profiler: a Chrome trace of event, task and allocator activity on the host backend.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

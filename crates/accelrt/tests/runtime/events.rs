@@ -1,7 +1,7 @@
 //! Events on the host backend: the pool (RAII and id API), record / query / synchronize /
 //! wait across streams and threads, timing, notify, sync-record and misuse.
 
-mod common;
+use crate::common;
 
 use accelrt::DeviceError;
 use std::sync::atomic::{AtomicU32, Ordering};

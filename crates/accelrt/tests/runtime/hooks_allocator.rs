@@ -3,7 +3,7 @@
 //! gives nothing back), watermark limits in bytes and the signed low-watermark value,
 //! scalar buffers written in stream order, and what host-visible memory allows.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::{mpsc, Arc};

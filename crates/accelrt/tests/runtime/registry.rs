@@ -3,7 +3,7 @@
 //! allocator callbacks reach every allocator, existing and future.
 //! (A working registered backend, `fault`, is tested in its own crate, `accelrt-fault`.)
 
-mod common;
+use crate::common;
 
 use accelrt::DeviceError;
 use std::collections::HashSet;

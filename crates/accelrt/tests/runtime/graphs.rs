@@ -1,7 +1,7 @@
 //! Graph capture on the host backend: capture records launches instead of running them,
 //! replay queues them again; the graph state machine rejects misuse with clear errors.
 
-mod common;
+use crate::common;
 
 use accelrt::DeviceError;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The backend hooks on the host backend: registry, devices, per-thread current device,
 //! properties, configuration, unavailable backends and bad input.
 
-mod common;
+use crate::common;
 
 use accelrt::{AllocError, DeviceError};
 use std::sync::Arc;
@@ -133,7 +133,7 @@ const EVERY_CALL: &[(&str, Call)] = &[
     ("graph_destroy", |b| b.graph_destroy(GraphId(1))),
     ("graph_pool", |b| b.graph_pool(GraphId(1)).map(drop)),
     ("graph_pool_handle", |b| b.graph_pool_handle(0).map(drop)),
-    ("allocator", |b| b.allocator(0).map(drop)),
+    ("device_allocator", |b| b.device_allocator(0).map(drop)),
     ("memory_provider", |b| b.memory_provider(0).map(drop)),
     ("empty_cache", |b| b.empty_cache(0)),
     ("memory_stats", |b| b.memory_stats(0).map(drop)),
@@ -353,6 +353,7 @@ fn invalid_device_indices_are_clear_errors_and_change_nothing() {
         ("maybe_exchange_device", |b, d| {
             b.maybe_exchange_device(d).map(drop)
         }),
+        ("device_allocator", |b, d| b.device_allocator(d).map(drop)),
         ("allocator", |b, d| b.allocator(d).map(drop)),
         ("memory_provider", |b, d| b.memory_provider(d).map(drop)),
         ("current_allocated_memory", |b, d| {
@@ -492,6 +493,12 @@ fn allocators_are_per_device_and_created_once() {
     assert!(Arc::ptr_eq(&a0, &rt.allocator(0).unwrap()));
     let a1 = rt.allocator(1).unwrap();
     assert!(!Arc::ptr_eq(&a0, &a1));
+    // The hooks hand out the same allocator through its interface, and the concrete one
+    // comes back from a `dyn Backend` too.
+    let b: &dyn Backend = &rt;
+    let interface = b.device_allocator(0).unwrap();
+    assert!(std::ptr::addr_eq(Arc::as_ptr(&interface), Arc::as_ptr(&a0)));
+    assert!(Arc::ptr_eq(&b.allocator(0).unwrap(), &a0));
     assert_eq!(
         a0.device(),
         Device {

@@ -1,7 +1,7 @@
 //! Host streams: FIFO worker threads, asynchrony, pools, current streams, errors kept until
 //! the next synchronize, and bad stream handles.
 
-mod common;
+use crate::common;
 
 use accelrt::DeviceError;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -3,21 +3,19 @@
 //! passed the free. Checked by the data, over many trials.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use accelrt::{backend, DeviceType, StreamPriority};
+use accelrt::{Backend, StreamPriority};
+
+use crate::common::runtime;
 
 const SIZE: usize = 64 << 10;
 
-/// Both tests use the process's host allocator for device 0, and the first checks its
-/// device-wide statistics: a block the other test holds meanwhile would show up there.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 #[test]
 fn block_used_on_another_stream_waits_for_that_stream() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let host = backend(DeviceType::Host);
+    // A runtime of its own: the device-wide statistics checked at the end are this test's.
+    let host = runtime(1);
     let alloc = host.allocator(0).unwrap();
     let a = host.default_stream(0).unwrap();
     let b = host.new_stream(0, StreamPriority::Normal).unwrap();
@@ -81,8 +79,7 @@ fn block_used_on_another_stream_waits_for_that_stream() {
 
 #[test]
 fn record_events_and_wait_for_events_on_host_streams() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let host = backend(DeviceType::Host);
+    let host = runtime(1);
     let alloc = host.allocator(0).unwrap();
     let s = host.new_stream(0, StreamPriority::Normal).unwrap();
     let p = alloc.raw_alloc(4096, s).unwrap();

@@ -10,7 +10,7 @@
 //! released a second time: on a free list twice, a cycle (`empty_cache` then looped in
 //! `Tlsf::at_least`, issue 13 item 4).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! the old work on it had finished, or unmapped a range still in use, shows up here as a wrong
 //! byte or a fault.
 
-mod common;
+use crate::common;
 
 use accelrt::AllocError;
 use std::sync::atomic::{AtomicUsize, Ordering};
