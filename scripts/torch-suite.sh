@@ -113,15 +113,24 @@ if [ ${#need[@]} -gt 0 ]; then
         >> "$OUT/install.log" 2>&1 || echo "installing ${need[*]} from .torch-tests/wheels failed: see $OUT/install.log"
 fi
 remaining=$(left)
-# Both test files at once (--jobs 2), PyTorch's allocator first, then accelrt: two rounds.
-# PyTorch's allocator gets 55% of the time: on the H200 the selection took it more than 261 s
-# and accelrt 224 s.
+# Both test files at once (--jobs 2), one allocator after the other (SUITE_ALLOCATORS, default
+# PyTorch's first). PyTorch's allocator gets 55% of the time (on the H200 the selection took it
+# more than 261 s, accelrt 224 s) unless SUITE_ACCELRT_SECONDS fixes accelrt's share.
+# SUITE_REUSE=DIR (relative to the repository, e.g. .torch-tests/earlier): PyTorch's-allocator
+# results of an earlier call fill in the tests this call did not run there.
 native=$(( (remaining - 20) * 55 / 100 ))
 per=$(( remaining - 20 - native ))
+if [ -n "${SUITE_ACCELRT_SECONDS:-}" ]; then
+    per=$SUITE_ACCELRT_SECONDS
+    native=$(( remaining - 20 - per ))
+fi
 [ $per -lt 30 ] && per=30
 [ $native -lt 30 ] && native=30
+extra=()
+[ -n "${SUITE_REUSE:-}" ] && extra+=(--reuse "$REPO/$SUITE_REUSE")
 part torch-tests $(( per + native + 30 )) "$PY" "$REPO/scripts/torch-tests/run.py" --tests "$REPO/.torch-tests" \
-    --out "$OUT/torch-tests" --budget "$per" --native-budget "$native" --jobs 2
+    --out "$OUT/torch-tests" --budget "$per" --native-budget "$native" --jobs 2 \
+    --allocators "${SUITE_ALLOCATORS:-native,accelrt}" "${extra[@]}"
 cp "$OUT/torch-tests/torch-tests.md" "$OUT/torch-tests/torch-tests.json" "$OUT/" 2>/dev/null
 tail -3 "$OUT/torch-tests.log"
 
