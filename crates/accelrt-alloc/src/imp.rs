@@ -152,6 +152,9 @@ pub(crate) struct StreamPool {
     /// A private pool (plain segments, routed to by `begin_allocate_to_pool`).
     pub(crate) private: bool,
     pub(crate) state: Mutex<PoolState>,
+    /// Held by the one thread asking the events of this pool's pending frees, with `state`
+    /// unlocked (`process_pending`); never on the fast paths.
+    pub(crate) pending_queries: Mutex<()>,
 }
 
 /// Limits that can change at run time, stored as `f64` bits.
@@ -445,8 +448,10 @@ impl CachingAllocator {
         };
         let rounded = round_size(size, &self.config);
         let mut st = pool.state.lock();
-        if !st.pending.is_empty() {
-            self.process_pending(&mut st, pool.stream.index);
+        // Another thread asking the pending frees' events finishes them: take what the cache
+        // has rather than wait for it.
+        if !st.pending.is_empty() && !pool.pending_queries.is_locked() {
+            self.process_pending(pool, &mut st);
         }
         let block = st.take_cached(rounded, size, &self.pool_config);
         if block != NIL {
@@ -607,6 +612,7 @@ impl CachingAllocator {
                 stream,
                 private: false,
                 state: Mutex::new(PoolState::new()),
+                pending_queries: Mutex::new(()),
             })
         });
         self.pools_in_use.fetch_max(i + 1, Relaxed);
@@ -686,7 +692,7 @@ impl Drop for CachingAllocator {
                     .iter()
                     .flat_map(|p| &p.tickets)
                     .for_each(|&t| events.release(t));
-                fence.into_iter().for_each(|(_, t)| events.release(t));
+                fence.into_iter().for_each(|f| events.release(f.ticket));
             }
         }
         if self.vm_page != 0 {
