@@ -154,6 +154,9 @@ pub(crate) struct StreamPool {
     /// A private pool (plain segments, routed to by `begin_allocate_to_pool`).
     pub(crate) private: bool,
     pub(crate) state: Mutex<PoolState>,
+    /// Held by the one thread asking the events of this pool's pending frees, with `state`
+    /// unlocked (`process_pending`); never on the fast paths.
+    pub(crate) pending_queries: Mutex<()>,
 }
 
 /// Limits that can change at run time, stored as `f64` bits.
@@ -463,8 +466,10 @@ impl CachingAllocator {
         };
         let rounded = self.round(size);
         let mut st = pool.state.lock();
-        if !st.pending.is_empty() {
-            self.process_pending(&mut st, pool.stream.index);
+        // Another thread asking the pending frees' events finishes them: take what the cache
+        // has rather than wait for it.
+        if !st.pending.is_empty() && !pool.pending_queries.is_locked() {
+            self.process_pending(pool, &mut st);
         }
         let block = st.take_cached(rounded, size, &self.pool_config);
         if block != NIL {
@@ -625,6 +630,7 @@ impl CachingAllocator {
                 stream,
                 private: false,
                 state: Mutex::new(PoolState::new()),
+                pending_queries: Mutex::new(()),
             })
         });
         self.pools_in_use.fetch_max(i + 1, Relaxed);
@@ -704,7 +710,7 @@ impl Drop for CachingAllocator {
                     .iter()
                     .flat_map(|p| &p.tickets)
                     .for_each(|&t| events.release(t));
-                fence.into_iter().for_each(|(_, t)| events.release(t));
+                fence.into_iter().for_each(|f| events.release(f.ticket));
             }
         }
         if self.vm_page != 0 {

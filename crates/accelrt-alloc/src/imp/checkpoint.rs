@@ -153,7 +153,7 @@ impl CachingAllocator {
         self.sync_pending(pool)?;
 
         let mut st = pool.state.lock();
-        self.process_pending(&mut st, pool.stream.index);
+        self.process_pending(pool, &mut st);
         if !st.pending.is_empty() {
             return Err(why(format!(
                 "{} block(s) still wait for other streams' events",

@@ -179,7 +179,7 @@ impl CachingAllocator {
         for pool in self.initialized_pools() {
             let mut st = pool.state.lock();
             if !st.pending.is_empty() {
-                self.process_pending(&mut st, pool.stream.index);
+                self.process_pending(pool, &mut st);
             }
         }
         Ok(())

@@ -19,8 +19,10 @@
 //! New chunks are sized to demand: a run gets one chunk (up to the current cap, at most
 //! [`MAX_CHUNK_BYTES`]), and a page it shares with a neighbouring block gets its own one-page
 //! chunk, so that a freed block's chunk is wholly idle and can move. The cap halves when a new
-//! peak happens while free memory is stranded in partly used chunks. The costs behind these
-//! numbers are in `provider.rs` and `ARCHITECTURE.md`.
+//! peak of at least a quarter chunk happens while free memory is stranded in partly used
+//! chunks. A chunk is always mapped whole (CUDA refuses to map part of an allocation), so
+//! every chunk costs one creation. The costs behind these numbers are in `provider.rs` and
+//! `ARCHITECTURE.md`.
 //!
 //! All chunk and page-table changes happen under the `vm` mutex (before any pool lock); the
 //! fast path never takes it (a block whose pages are all mapped has `mapped_len >= size`).
@@ -52,6 +54,13 @@ pub(crate) const MAX_CHUNK_BYTES: u64 = 64 << 20;
 /// would cost more driver time than the memory they save (replays of `traces/`, see
 /// `ARCHITECTURE.md`).
 const STRANDING_FLOOR_DIV: u64 = 32;
+
+/// The cap halves only for a new peak of at least this fraction of a chunk (the shortfall
+/// times this reaches the cap): a page or two short says nothing about the chunks' size, and
+/// an early halving lasts the whole run (GPT-2 training halved at 0.7 GB reserved for a
+/// one-page shortfall, and then made 40% more chunks; replays of `traces/` and
+/// `traces/recorded/`, ARCHITECTURE.md).
+const HALVE_MIN_SHORTFALL_DIV: usize = 4;
 
 /// Move budget: one move (remapping chunks, or releasing idle ones at the peak) per this many
 /// allocations, on average...
@@ -107,47 +116,34 @@ impl CachingAllocator {
         rounded: u64,
         size: u64,
     ) -> Result<usize> {
-        for attempt in 0..2 {
-            let block = {
-                let mut st = pool.state.lock();
-                self.process_pending(&mut st, pool.stream.index);
-                let block = st.take_backed(rounded, size, &self.pool_config);
-                if block != NIL {
-                    hold_in_flight(&mut st, block);
-                }
-                block
-            };
-            let block = if block != NIL {
-                block
-            } else {
-                self.grow_address_space(pool_idx, pool, rounded, size)?
-            };
-            match self.map_block(pool_idx, pool, block) {
-                Ok(()) => return Ok(self.publish_mapped(pool, block)),
-                Err(failure) => {
-                    self.unwind_unmapped(pool, block);
-                    match failure {
-                        SegmentFailure::Driver(message, code) => {
-                            return Err(Error::Driver {
-                                call: "mapping device memory",
-                                code,
-                                message,
-                            })
-                        }
-                        _ if attempt == 0 => {
-                            self.fire(0, size, AllocatorEvent::AllocationFailed);
-                            self.counters.num_alloc_retries.fetch_add(1, Relaxed);
-                            self.release_cached(true)?;
-                        }
-                        SegmentFailure::Limit(limit) => return Err(self.out_of_memory(size, limit)),
-                        SegmentFailure::DeviceFull => {
-                            return Err(self.out_of_memory(size, HardLimit::Device))
-                        }
+        self.retry_or_oom(
+            size,
+            "mapping device memory",
+            |_| {
+                let block = {
+                    let mut st = pool.state.lock();
+                    self.process_pending(pool, &mut st);
+                    let block = st.take_backed(rounded, size, &self.pool_config);
+                    if block != NIL {
+                        hold_in_flight(&mut st, block);
                     }
-                }
-            }
-        }
-        unreachable!("the second attempt returns")
+                    block
+                };
+                let block = if block != NIL {
+                    block
+                } else {
+                    self.grow_address_space(pool_idx, pool, rounded, size)?
+                };
+                Ok(match self.map_block(pool_idx, pool, block) {
+                    Ok(()) => Ok(self.publish_mapped(pool, block)),
+                    Err(failure) => {
+                        self.unwind_unmapped(pool, block);
+                        Err(failure)
+                    }
+                })
+            },
+            || None,
+        )
     }
 
     /// A cached block came out of the fast path not fully mapped: map it, or fall back to the
@@ -386,14 +382,12 @@ impl CachingAllocator {
                 }
             }
             if remaining > 0 && threshold.is_some() {
-                // A new peak while free memory lies stranded in partly used chunks (a chunk
-                // moves only whole): chunks are too coarse for this workload; halve them, down
-                // to 1/32 of what is reserved.
-                let stranded = pool.state.lock().stranded_bytes(&vm.chunks);
+                // A new peak of at least a quarter chunk while free memory lies stranded in
+                // partly used chunks (a chunk moves only whole): chunks are too coarse for this
+                // workload; halve them, down to 1/32 of what is reserved.
+                let stranded = pool.state.lock().stranded_bytes(&vm.chunks) / page;
                 let floor = (self.reserved.load(Relaxed) / STRANDING_FLOOR_DIV / page).max(1);
-                if stranded >= remaining as u64 * page && vm.chunk_cap as u64 > floor {
-                    vm.chunk_cap = (vm.chunk_cap / 2).max(floor as usize);
-                }
+                vm.chunk_cap = halved_cap(vm.chunk_cap, remaining, stranded, floor as usize);
             }
             // 5. New chunks up to the hard limit.
             while remaining > 0 {
@@ -566,6 +560,17 @@ fn round_up_checked(n: u64, to: u64) -> Option<u64> {
     n.checked_add(to - 1).map(|v| v / to * to)
 }
 
+/// The chunk cap after a new peak `short` pages short while `stranded` pages of free memory
+/// lay in partly used chunks: halved (not below `floor`) when the stranded memory could have
+/// covered the shortfall and the shortfall is chunk-sized (see [`HALVE_MIN_SHORTFALL_DIV`]).
+fn halved_cap(cap: usize, short: usize, stranded: u64, floor: usize) -> usize {
+    if short * HALVE_MIN_SHORTFALL_DIV >= cap && stranded >= short as u64 && cap > floor {
+        (cap / 2).max(floor)
+    } else {
+        cap
+    }
+}
+
 /// Pages of a new chunk for a run with `remaining` pages to fill: the run's size up to `cap`,
 /// less one page left for a chunk of its own, which `arrange` puts where the run shares a page
 /// with a neighbouring block (measured on `traces/`: better than splitting only at shared
@@ -585,5 +590,23 @@ impl ProviderError {
             ProviderError::OutOfMemory => "out of memory".into(),
             ProviderError::Failed(m) | ProviderError::Driver { message: m, .. } => m.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_halves_only_for_a_chunk_sized_shortfall() {
+        // One page short with stranded memory around: no halving (it lasts the whole run).
+        assert_eq!(halved_cap(32, 1, 100, 1), 32);
+        assert_eq!(halved_cap(32, 7, 100, 1), 32);
+        // A quarter chunk short, and the stranded memory would have covered it: halve.
+        assert_eq!(halved_cap(32, 8, 100, 1), 16);
+        // Not below the floor, and not when nothing that large lies stranded.
+        assert_eq!(halved_cap(32, 8, 100, 24), 24);
+        assert_eq!(halved_cap(16, 8, 100, 16), 16);
+        assert_eq!(halved_cap(32, 8, 7, 1), 32);
     }
 }

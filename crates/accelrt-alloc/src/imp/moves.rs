@@ -3,6 +3,7 @@
 //! The policy (when to move) is in `expandable.rs`.
 
 use super::expandable::*;
+use super::slow::Need;
 use super::*;
 use crate::pool::{PoolState, LENT, NO_CHUNK};
 
@@ -26,13 +27,18 @@ impl CachingAllocator {
             let mut st = pool.state.lock();
             let (taken, left) = st.lend_idle(&mut vm.chunks, u64::MAX, remaining, room);
             self.note_lent(&st, pool.stream.index, &taken);
-            let cover = (!taken.is_empty()).then_some(st.tick);
+            // The last use of the ranges just lent: one fence recorded after it covers them
+            // all (and one already in flight may).
+            let last_use = st.lent[st.lent.len() - taken.len()..]
+                .iter()
+                .map(|l| l.tick)
+                .max();
             got.extend(taken);
             remaining = left;
             drop(st);
-            if let Some(tick) = cover {
+            if let Some(tick) = last_use {
                 // The old ranges are unmapped once a fence after their last use completes.
-                self.fence(pool, Some(tick));
+                self.cover(pool, tick);
             }
         }
         // Other pools: only memory freed before a fence recorded on their own stream (never
@@ -46,8 +52,8 @@ impl CachingAllocator {
                 // (since, the fence to wait for on the device)
                 let (since, wait) = if synced || self.events.is_none() {
                     (u64::MAX, None)
-                } else if let Some(&(tick, ticket)) = st.fences.back() {
-                    (tick, Some(ticket))
+                } else if let Some(f) = st.fences.back() {
+                    (f.tick, Some(f.ticket))
                 } else {
                     (st.safe_tick, None)
                 };
@@ -105,19 +111,45 @@ impl CachingAllocator {
                 .filter(|&(i, p)| i as u32 != pool_idx && !p.private),
         );
         let mut freed = false;
-        for (_, q) in order {
+        // The newest last use of the requester's idle chunks too recent to go.
+        let mut too_recent: Option<u64> = None;
+        for (qi, q) in order {
             if left == 0 {
                 break;
             }
-            let Some(since) = self.fence(q, None) else {
+            // Ask the pool's fences only if an answer could free something: idle chunks last
+            // used after what completed fences already proved.
+            let (safe, ages) = {
+                let mut st = q.state.lock();
+                let safe = st.safe_tick;
+                (safe, st.idle_ages_after(&vm.chunks, safe))
+            };
+            let since = match ages {
+                Some((oldest, newest)) => {
+                    let since = self.safe_tick(q, oldest, Need::Now);
+                    if qi as u32 == pool_idx && since.is_none_or(|s| s < newest) {
+                        too_recent = Some(newest);
+                    }
+                    since
+                }
+                None => (safe > 0).then_some(safe),
+            };
+            let Some(since) = since else {
                 continue;
             };
             let taken = q.state.lock().take_idle_pages(&vm.chunks, since, left);
             if taken.is_empty() {
                 continue;
             }
-            let mut ranges: Vec<(usize, usize)> = taken.iter().map(|&(a, n, _)| (a, n)).collect();
-            ranges.sort_unstable();
+            let mut ranges: Vec<(usize, usize)> = Vec::new();
+            let mut sorted: Vec<(usize, usize)> = taken.iter().map(|&(a, n, _)| (a, n)).collect();
+            sorted.sort_unstable();
+            for (addr, len) in sorted {
+                match ranges.last_mut() {
+                    Some((a, n)) if *a + *n == addr => *n += len,
+                    _ => ranges.push((addr, len)),
+                }
+            }
             self.unmap_noted(&ranges, q.stream.index);
             for (_, len, id) in taken {
                 left = left.saturating_sub(len / page as usize);
@@ -128,10 +160,9 @@ impl CachingAllocator {
         if freed {
             self.counters.num_page_steals.fetch_add(1, Relaxed);
         }
-        if left > 0 {
+        if let (true, Some(tick)) = (left > 0, too_recent) {
             // Idle memory too recent to give back: have a fence cover it for next time.
-            let tick = pool.state.lock().tick;
-            self.fence(pool, Some(tick));
+            self.cover(pool, tick);
         }
     }
 
@@ -161,13 +192,21 @@ impl CachingAllocator {
             if pool.private {
                 continue;
             }
-            let newest_lent = pool.state.lock().lent.iter().map(|l| l.tick).max();
-            let Some(newest_lent) = newest_lent else {
+            let ages = {
+                let st = pool.state.lock();
+                let ticks = st.lent.iter().map(|l| l.tick);
+                ticks.clone().min().zip(ticks.max())
+            };
+            let Some((oldest_lent, newest_lent)) = ages else {
                 continue;
             };
-            // A new fence only on the requester's stream (alive), and only if no fence in
-            // flight covers the lent ranges yet.
-            let Some(safe) = self.fence(pool, is_requester.then_some(newest_lent)) else {
+            if is_requester {
+                // A new fence only on the requester's stream (alive), and only if no fence in
+                // flight covers the lent ranges yet.
+                self.cover(pool, newest_lent);
+            }
+            // Lent ranges hold no memory of their own: no hurry to ask (`Need::Later`).
+            let Some(safe) = self.safe_tick(pool, oldest_lent, Need::Later) else {
                 continue;
             };
             let (ranges, chunk_ids) = pool.state.lock().reclaim_lent(safe);

@@ -127,6 +127,7 @@ impl CachingAllocator {
                 stream,
                 private: true,
                 state: Mutex::new(PoolState::new()),
+                pending_queries: Mutex::new(()),
             })
         });
         {

@@ -1,13 +1,17 @@
-//! The slow path of plain segments (garbage collection, `release_at_peak`, new segments,
-//! release-and-retry, the out-of-memory report) and the limits it enforces.
+//! The slow path of plain segments (garbage collection, `release_at_peak`, new segments), the
+//! retry-then-out-of-memory policy both segment sources use (`retry_or_oom`), the
+//! out-of-memory report and the limits it enforces; pending frees and fences (asking the
+//! device as little as possible: `safe_tick`, `cover`).
 
 use super::*;
+use crate::pool::{Fence, MAX_FENCES, QUIET_TICKS};
 
 impl CachingAllocator {
     // ---- the slow path ---------------------------------------------------------------------
 
     /// No cached block fits: collect garbage if over a soft limit, take a new segment, and on
-    /// failure let callbacks free memory, release the whole cache and try once more.
+    /// failure let callbacks free memory, release the whole cache and try once more
+    /// (`retry_or_oom`, shared with expandable segments).
     #[cold]
     #[inline(never)]
     pub(super) fn alloc_slow(
@@ -20,56 +24,98 @@ impl CachingAllocator {
         if self.vm_page != 0 && !pool.private {
             return self.alloc_slow_vm(pool_idx, pool, rounded, size);
         }
-        // Recently freed blocks may coalesce into a fit: never grow before trying that.
-        if let Some(ptr) = self.try_cached(pool, rounded, size) {
-            return Ok(ptr);
-        }
-        self.collect_garbage(segment_size(rounded), pool);
-        if self.config.release_at_peak {
-            self.release_before_new_peak(segment_size(rounded), pool);
-        }
-        let mut attempt = self.reserve_for(rounded);
-        if matches!(
-            attempt,
-            Err(SegmentFailure::Limit(_)) | Err(SegmentFailure::DeviceFull)
-        ) {
+        self.retry_or_oom(
+            size,
+            "segment allocation",
+            |retry| {
+                // Recently freed blocks may coalesce into a fit: never grow before trying that.
+                if let Some(ptr) = self.try_cached(pool, rounded, size) {
+                    return Ok(Ok(ptr));
+                }
+                if !retry {
+                    self.collect_garbage(segment_size(rounded), pool);
+                    if self.config.release_at_peak {
+                        self.release_before_new_peak(segment_size(rounded), pool);
+                    }
+                }
+                Ok(self.reserve_for(rounded).map(|(base, seg_size)| {
+                    self.add_new_segment(pool_idx, pool, base, seg_size, rounded, size)
+                }))
+            },
+            || self.try_cached(pool, rounded, size),
+        )
+    }
+
+    /// The one retry-then-out-of-memory policy of both segment sources (plain segments and
+    /// expandable ones). `attempt(retry)` looks for the memory (the cache, then the device)
+    /// and says `Err(refusal)` when the device or a limit refused it (an `Err` of the outer
+    /// result is final); on a refusal of the device or a limit the `AllocationFailed`
+    /// callbacks run (they may free memory), `after_callbacks` looks into the cache once
+    /// more, every cached segment and idle chunk goes back to the device (after the pending
+    /// frees' events), and `attempt(true)` runs; a second refusal is the out-of-memory error
+    /// with its report. A failed driver call is never retried: it is an error naming `call`.
+    pub(super) fn retry_or_oom(
+        &self,
+        size: u64,
+        call: &'static str,
+        mut attempt: impl FnMut(bool) -> Result<std::result::Result<usize, SegmentFailure>>,
+        after_callbacks: impl FnOnce() -> Option<usize>,
+    ) -> Result<usize> {
+        let mut after_callbacks = Some(after_callbacks);
+        for retry in [false, true] {
+            let failure = match attempt(retry)? {
+                Ok(ptr) => return Ok(ptr),
+                Err(SegmentFailure::Driver(message, code)) => {
+                    return Err(Error::Driver {
+                        call,
+                        code,
+                        message,
+                    })
+                }
+                Err(failure) => failure,
+            };
+            if retry {
+                let limit = match failure {
+                    SegmentFailure::Limit(limit) => limit,
+                    _ => HardLimit::Device,
+                };
+                return Err(self.out_of_memory(size, limit));
+            }
             self.fire(0, size, AllocatorEvent::AllocationFailed);
-            if let Some(ptr) = self.try_cached(pool, rounded, size) {
+            if let Some(ptr) = after_callbacks.take().and_then(|f| f()) {
                 return Ok(ptr);
             }
             self.counters.num_alloc_retries.fetch_add(1, Relaxed);
             self.release_cached(true)?;
-            if let Some(ptr) = self.try_cached(pool, rounded, size) {
-                return Ok(ptr);
-            }
-            attempt = self.reserve_for(rounded);
         }
-        match attempt {
-            Ok((base, seg_size)) => {
-                self.pages.insert(base, seg_size as usize, pool_idx);
-                let mut st = pool.state.lock();
-                let block = st.add_segment(base, seg_size, rounded, size, &self.pool_config);
-                if self.history.enabled() {
-                    let stream = pool.stream.index;
-                    self.history
-                        .record(TraceAction::SegmentAlloc, base as u64, seg_size, stream);
-                    self.note_alloc(&mut st, block, stream);
-                }
-                drop(st);
-                self.fire(base, seg_size, AllocatorEvent::Allocated);
-                if self.config.debug_checks {
-                    self.debug_check("alloc (new segment)");
-                }
-                Ok(base)
-            }
-            Err(SegmentFailure::Driver(message, code)) => Err(Error::Driver {
-                call: "segment allocation",
-                code,
-                message,
-            }),
-            Err(SegmentFailure::Limit(limit)) => Err(self.out_of_memory(size, limit)),
-            Err(SegmentFailure::DeviceFull) => Err(self.out_of_memory(size, HardLimit::Device)),
+        unreachable!("the second attempt returns")
+    }
+
+    /// Put a segment just reserved in `pool` and hand out its first block.
+    fn add_new_segment(
+        &self,
+        pool_idx: u32,
+        pool: &StreamPool,
+        base: usize,
+        seg_size: u64,
+        rounded: u64,
+        size: u64,
+    ) -> usize {
+        self.pages.insert(base, seg_size as usize, pool_idx);
+        let mut st = pool.state.lock();
+        let block = st.add_segment(base, seg_size, rounded, size, &self.pool_config);
+        if self.history.enabled() {
+            let stream = pool.stream.index;
+            self.history
+                .record(TraceAction::SegmentAlloc, base as u64, seg_size, stream);
+            self.note_alloc(&mut st, block, stream);
         }
+        drop(st);
+        self.fire(base, seg_size, AllocatorEvent::Allocated);
+        if self.config.debug_checks {
+            self.debug_check("alloc (new segment)");
+        }
+        base
     }
 
     /// A new segment for a block of `rounded` bytes: the usual segment size, or, when that
@@ -95,7 +141,7 @@ impl CachingAllocator {
 
     pub(super) fn try_cached(&self, pool: &StreamPool, rounded: u64, size: u64) -> Option<usize> {
         let mut st = pool.state.lock();
-        self.process_pending(&mut st, pool.stream.index);
+        self.process_pending(pool, &mut st);
         st.flush_recent();
         let block = st.take_cached(rounded, size, &self.pool_config);
         if block == NIL {
@@ -192,43 +238,104 @@ impl CachingAllocator {
     }
 
     /// The pool tick up to which memory freed in `pool` is no longer used by queued work, as
-    /// proven by completed fences (events on the pool's own stream), `None` until one has
-    /// completed (`u64::MAX` without an event source: there is no queued work). With
-    /// `cover: Some(tick)`, records a new fence unless one in flight already covers `tick`:
-    /// only for the pool being allocated on (its stream is alive; another pool's may be an
-    /// external stream its owner destroyed). Never waits.
-    pub(super) fn fence(&self, pool: &StreamPool, cover: Option<u64>) -> Option<u64> {
+    /// proven by completed fences (events on the pool's own stream); `None` until one has
+    /// completed (`u64::MAX` without an event source: there is no queued work). Never waits,
+    /// never records.
+    ///
+    /// Fences are asked only when an answer can help: none while the safe tick already
+    /// reaches `want` (the oldest use the caller would like to be past), and then the oldest
+    /// fence recorded at or after `want` first. A stream passes its fences in order, so that
+    /// one answer stands for every older fence; when it is done, the newest is asked (done:
+    /// all are) and the first pending one found by halving. After a "not yet" that fence and
+    /// the newer ones are not asked again at the same pool tick, and with [`Need::Later`] not
+    /// before [`QUIET_TICKS`] more (`Fence::pending_at`).
+    pub(super) fn safe_tick(&self, pool: &StreamPool, want: u64, need: Need) -> Option<u64> {
         let Some(events) = self.events.as_ref() else {
             return Some(u64::MAX);
         };
         let mut st = pool.state.lock();
-        if self.capturing() {
-            // No event query or record during a capture: what completed fences proved so far.
-            return (st.safe_tick > 0).then_some(st.safe_tick);
+        let proven = |st: &PoolState| (st.safe_tick > 0).then_some(st.safe_tick);
+        if st.safe_tick >= want || self.capturing() {
+            // Nothing to ask, or no event query during a capture.
+            return proven(&st);
         }
-        while let Some(&(tick, ticket)) = st.fences.front() {
+        let Some(first) = st.fences.iter().position(|f| f.tick >= want) else {
+            return proven(&st); // no fence in flight covers `want` yet
+        };
+        // A fence that said "not yet" stands for every newer one.
+        let quiet = match need {
+            Need::Now => 1,
+            Need::Later => QUIET_TICKS,
+        };
+        let asked = st.fences.iter().take(first + 1).map(|f| f.pending_at).max();
+        if asked.is_some_and(|at| at != 0 && st.tick < at + quiet) {
+            return proven(&st);
+        }
+        let ask = |ticket: u64| {
             self.driver.event_query.fetch_add(1, Relaxed);
-            match events.query(ticket) {
-                Ok(true) => {
-                    events.release(ticket);
-                    st.safe_tick = st.safe_tick.max(tick);
-                    st.fences.pop_front();
-                }
-                Ok(false) => break,
+            events.query(ticket)
+        };
+        // Every fence up to `done` completed, none from `pending` on did.
+        let (len, mut done, mut pending) = (st.fences.len(), None::<usize>, st.fences.len());
+        let mut probe = first;
+        loop {
+            match ask(st.fences[probe].ticket) {
+                Ok(true) => done = Some(probe),
+                Ok(false) => pending = probe,
                 Err(_) => return None, // a broken stream: leave its memory alone
             }
+            let lo = done.map_or(first, |d| d + 1);
+            if lo >= pending {
+                break;
+            }
+            probe = if pending == len && done == Some(first) {
+                len - 1 // the first useful one is done: perhaps all are
+            } else {
+                lo + (pending - lo) / 2
+            };
         }
-        let newest = st.fences.back().map_or(st.safe_tick, |&(t, _)| t);
-        if let Some(tick) = cover {
-            if tick > newest && st.fences.len() < crate::pool::MAX_FENCES {
-                self.driver.event_record.fetch_add(1, Relaxed);
-                if let Ok(ticket) = events.record(pool.stream) {
-                    let now = st.tick;
-                    st.fences.push_back((now, ticket));
-                }
+        if pending < len {
+            st.fences[pending].pending_at = st.tick;
+        }
+        if let Some(d) = done {
+            let st = &mut *st;
+            for f in st.fences.drain(..=d) {
+                events.release(f.ticket);
+                st.safe_tick = st.safe_tick.max(f.tick);
             }
         }
-        (st.safe_tick > 0).then_some(st.safe_tick)
+        proven(&st)
+    }
+
+    /// Make sure a fence on `pool`'s stream covers pool tick `tick` (the last use of memory
+    /// the caller wants to reuse or give back later): one in flight recorded at or after it
+    /// does; else record one at the stream's current position. With [`MAX_FENCES`] in
+    /// flight the newest is replaced (the new one covers everything it did). Only for the
+    /// pool being allocated on (its stream is alive; another pool's may be an external stream
+    /// its owner destroyed). Asks nothing, never waits.
+    pub(super) fn cover(&self, pool: &StreamPool, tick: u64) {
+        let Some(events) = self.events.as_ref() else {
+            return;
+        };
+        let mut st = pool.state.lock();
+        let newest = st.fences.back().map_or(st.safe_tick, |f| f.tick);
+        if tick <= newest || self.capturing() {
+            return;
+        }
+        self.driver.event_record.fetch_add(1, Relaxed);
+        if let Ok(ticket) = events.record(pool.stream) {
+            if st.fences.len() >= MAX_FENCES {
+                if let Some(newest) = st.fences.pop_back() {
+                    events.release(newest.ticket);
+                }
+            }
+            let tick = st.tick;
+            st.fences.push_back(Fence {
+                tick,
+                ticket,
+                pending_at: 0,
+            });
+        }
     }
 
     /// Whether expandable segments are in use (asked for, and the device supports them).
@@ -298,38 +405,50 @@ impl CachingAllocator {
         self.pools_with_index().map(|(_, p)| p)
     }
 
-    /// Finish frees whose events have all completed.
+    /// Finish frees whose events have all completed. The events are asked with the pool's
+    /// lock released (`st` is unlocked meanwhile and locked again on return, so the caller
+    /// must look at the pool afresh): a driver query takes microseconds, and allocations and
+    /// frees of the pool on other threads go on meanwhile. One thread at a time asks for a
+    /// pool (`StreamPool::pending_queries`), so a ticket is never released by one thread
+    /// while another asks it.
     #[cold]
-    pub(super) fn process_pending(&self, st: &mut PoolState, stream: u32) {
+    pub(super) fn process_pending(&self, pool: &StreamPool, st: &mut MutexGuard<'_, PoolState>) {
         let Some(events) = &self.events else { return };
-        if self.capturing() {
+        if st.pending.is_empty() || self.capturing() {
             return; // no event queries during a capture: the frees wait for its end
         }
-        let mut i = 0;
-        while i < st.pending.len() {
-            if !st.pending[i].deferred.is_empty() {
-                // Freed during a capture: record its streams' events now.
-                let streams = std::mem::take(&mut st.pending[i].deferred);
-                for s in streams {
-                    self.driver.event_record.fetch_add(1, Relaxed);
-                    match events.record(s) {
-                        Ok(t) => st.pending[i].tickets.push(t),
-                        // A stream that cannot record (destroyed since): wait for the whole
-                        // device instead (rare), so the block is not reused under its work.
-                        Err(_) => {
-                            self.driver.synchronize.fetch_add(1, Relaxed);
-                            let _ = events.synchronize_device(self.device.index);
-                        }
-                    }
-                }
+        let stream = pool.stream.index;
+        MutexGuard::unlocked(st, || {
+            let _asking = pool.pending_queries.lock();
+            let asked: Vec<(u32, Vec<u64>)> = {
+                let mut st = pool.state.lock();
+                self.record_deferred(&mut st, &**events);
+                st.pending
+                    .iter()
+                    .map(|p| (p.block, p.tickets.clone()))
+                    .collect()
+            };
+            // A failed query means the stream is broken: waiting would never end, so the
+            // block is treated as done with.
+            let done: Vec<u32> = asked
+                .into_iter()
+                .filter(|(_, tickets)| {
+                    tickets.iter().all(|&t| {
+                        self.driver.event_query.fetch_add(1, Relaxed);
+                        events.query(t).unwrap_or(true)
+                    })
+                })
+                .map(|(block, _)| block)
+                .collect();
+            if done.is_empty() {
+                return;
             }
-            // A failed query means the stream is broken: waiting would never end, so the block
-            // is treated as done with.
-            let done = st.pending[i].tickets.iter().all(|&t| {
-                self.driver.event_query.fetch_add(1, Relaxed);
-                events.query(t).unwrap_or(true)
-            });
-            if done {
+            let mut st = pool.state.lock();
+            for block in done {
+                // Still pending: only this thread finishes this pool's pending frees now.
+                let Some(i) = st.pending.iter().position(|p| p.block == block) else {
+                    continue;
+                };
                 let p = st.pending.swap_remove(i);
                 p.tickets.iter().for_each(|&t| events.release(t));
                 if self.history.enabled() {
@@ -342,8 +461,24 @@ impl CachingAllocator {
                     );
                 }
                 st.release_to_cache(p.block);
-            } else {
-                i += 1;
+            }
+        });
+    }
+
+    /// Record the events of frees made during a capture (none could be recorded then).
+    fn record_deferred(&self, st: &mut PoolState, events: &dyn StreamEvents) {
+        for p in st.pending.iter_mut().filter(|p| !p.deferred.is_empty()) {
+            for s in std::mem::take(&mut p.deferred) {
+                self.driver.event_record.fetch_add(1, Relaxed);
+                match events.record(s) {
+                    Ok(t) => p.tickets.push(t),
+                    // A stream that cannot record (destroyed since): wait for the whole
+                    // device instead (rare), so the block is not reused under its work.
+                    Err(_) => {
+                        self.driver.synchronize.fetch_add(1, Relaxed);
+                        let _ = events.synchronize_device(self.device.index);
+                    }
+                }
             }
         }
     }
@@ -386,7 +521,7 @@ impl CachingAllocator {
         let mut releasable = false;
         for pool in self.initialized_pools() {
             let mut st = pool.state.lock();
-            self.process_pending(&mut st, pool.stream.index);
+            self.process_pending(pool, &mut st);
             st.flush_recent();
             releasable |= !st.releasable().is_empty();
         }
@@ -456,19 +591,23 @@ impl CachingAllocator {
                         .map(|(age, i)| (age, pi, st.segments[i].base)),
                 );
             }
-            if candidates.len() > before {
-                safe.push((pi, self.fence(pool, None).unwrap_or(0)));
+            if let Some(oldest) = candidates[before..].iter().map(|c| c.0).min() {
+                let since = self.safe_tick(pool, oldest, Need::Now).unwrap_or(0);
+                safe.push((pi, since));
             }
         }
         candidates.sort_unstable();
-        let mut too_recent = false;
+        // The newest of the requester's segments too recent to go: a fence should cover it.
+        let mut too_recent: Option<u64> = None;
         for (age, pi, base) in candidates {
             if fits() {
                 break;
             }
             let since = safe.iter().find(|s| s.0 == pi).map_or(0, |s| s.1);
             if age > since {
-                too_recent |= requester.is_some_and(|r| std::ptr::eq(r, self.pool_at(pi as u32)));
+                if requester.is_some_and(|r| std::ptr::eq(r, self.pool_at(pi as u32))) {
+                    too_recent = too_recent.max(Some(age));
+                }
                 continue;
             }
             let pool = self.pool_at(pi as u32);
@@ -477,9 +616,8 @@ impl CachingAllocator {
                 self.give_back(seg, pool.stream.index);
             }
         }
-        if let (true, Some(r)) = (too_recent && !fits(), requester) {
-            let tick = r.state.lock().tick;
-            self.fence(r, Some(tick));
+        if let (Some(age), Some(r), false) = (too_recent, requester, fits()) {
+            self.cover(r, age);
         }
     }
 
@@ -524,6 +662,17 @@ impl CachingAllocator {
             hint,
         }))
     }
+}
+
+/// Whether a fence's answer is needed now ([`CachingAllocator::safe_tick`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Need {
+    /// Memory is needed now: without the answer a chunk or segment is created, or the
+    /// allocation fails. Asked again at the next pool tick after a "not yet".
+    Now,
+    /// Housekeeping that can wait (unmapping lent ranges, which hold no memory of their own):
+    /// asked again only [`QUIET_TICKS`] after a "not yet".
+    Later,
 }
 
 /// The limit an allocation hit: the device itself, or one of the configured caps.

@@ -185,9 +185,30 @@ pub type LiveBlocks = HashMap<usize, u32, BuildHasherDefault<PtrHasher>>;
 /// The same holds in expandable segments (measured: 1.004 -> 1.036 with every size here).
 pub const RECENT_MAX_SIZE: u64 = super::size::SMALL_REQUEST;
 
-/// Fences in flight per pool: a new one is recorded at each slow path that has seen frees
-/// since the last, so memory freed meanwhile is covered after one lag of the device, not two.
+/// Fences in flight per pool: a new one is recorded when memory to cover was last used after
+/// the newest in flight (`CachingAllocator::cover`), so memory freed meanwhile is covered after
+/// one lag of the device, not two; with this many in flight the newest is replaced.
 pub const MAX_FENCES: usize = 8;
+
+/// An event recorded on a pool's stream (see `PoolState::fences`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The pool's tick when it was recorded: memory freed up to it is covered.
+    pub tick: u64,
+    pub ticket: u64,
+    /// Pool tick at which it last answered "not yet" (0: not asked yet). The stream completes
+    /// its fences in order and a pending answer stays true until the device moves on, so
+    /// neither this fence nor a newer one is asked again at that tick, and housekeeping waits
+    /// [`QUIET_TICKS`] more (`CachingAllocator::safe_tick`). Kept here rather than in
+    /// `PoolState`, whose layout the fast paths feel.
+    pub pending_at: u64,
+}
+
+/// After a fence answered "not yet", housekeeping that can wait (unmapping lent ranges) asks
+/// this pool's fences again only once its tick (allocations and frees) has moved this far:
+/// the device has had time to move on. Allocations that need memory now ask again at the
+/// next tick.
+pub const QUIET_TICKS: u64 = 16;
 
 /// Recent-free slots per pool (direct-mapped by block size).
 pub const RECENT_SLOTS: usize = 32;
@@ -223,10 +244,10 @@ pub struct PoolState {
     pub pool_id: crate::graph::MempoolId,
     pub released: bool,
     pub users: Vec<crate::stream::Stream>,
-    /// Expandable segments: events recorded on the pool's stream at pool tick `.0` (`.1` =
-    /// its ticket), oldest first (at most [`MAX_FENCES`]); once one completes, blocks freed up
-    /// to its tick are no longer used by queued work.
-    pub fences: std::collections::VecDeque<(u64, u64)>,
+    /// Expandable segments (and plain segments' releases): events recorded on the pool's
+    /// stream, oldest first (at most [`MAX_FENCES`]); once one completes, blocks freed up to
+    /// its tick are no longer used by queued work.
+    pub fences: std::collections::VecDeque<Fence>,
     /// The tick of the newest completed fence.
     pub safe_tick: u64,
     /// Expandable segments: old mappings of chunks that moved, waiting to be unmapped.

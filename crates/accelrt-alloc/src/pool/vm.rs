@@ -414,6 +414,23 @@ impl PoolState {
         out
     }
 
+    /// The oldest and newest last use among idle chunks that could be given back (no old
+    /// mapping waiting) and were freed after pool tick `after`: what the pool's fences must
+    /// pass before they can go. `None` when there are none.
+    pub fn idle_ages_after(&mut self, chunks: &ChunkTable, after: u64) -> Option<(u64, u64)> {
+        self.flush_recent();
+        let ages = self
+            .idle_chunks(chunks, u64::MAX)
+            .into_iter()
+            .filter(|c| chunks.get(c.chunk).lent == 0)
+            .map(|c| self.blocks[c.block as usize].last_used)
+            .filter(|&t| t > after);
+        ages.fold(None, |acc, t| match acc {
+            None => Some((t, t)),
+            Some((lo, hi)) => Some((lo.min(t), hi.max(t))),
+        })
+    }
+
     /// Bytes of free blocks lying on slots that hold a chunk which is not wholly idle (also
     /// under a live or lent block): memory that only requests fitting those holes can use.
     pub fn stranded_bytes(&self, chunks: &ChunkTable) -> u64 {
