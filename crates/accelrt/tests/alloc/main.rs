@@ -9,6 +9,7 @@ mod behaviour;
 mod capture;
 mod cross_stream;
 mod expandable;
+mod fences;
 mod history;
 mod hostile_input;
 mod model;

@@ -6,7 +6,7 @@
 //! stream passes its fences in order, so one answer stands for every older fence, and a
 //! "not yet" stays true until the device moves on.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
