@@ -52,6 +52,7 @@ pub use imp::{
 };
 pub use interface::DeviceAllocator;
 pub use pinned::{PinnedAllocator, PinnedStats};
+pub use pool::QUIET_TICKS;
 pub use provider::{ChunkHandle, MemoryProvider, ProviderError, StreamEvents, VirtualMemory};
 pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
 pub use stats::{DriverCalls, EventCounters, MemoryStats, PoolKind, PoolStats, Stat};

@@ -205,10 +205,14 @@ pub struct Fence {
 }
 
 /// After a fence answered "not yet", housekeeping that can wait (unmapping lent ranges) asks
-/// this pool's fences again only once its tick (allocations and frees) has moved this far:
-/// the device has had time to move on. Allocations that need memory now ask again at the
-/// next tick.
-pub const QUIET_TICKS: u64 = 16;
+/// this pool's fences again only once its tick (allocations and frees) has moved this far;
+/// allocations that need memory now ask again at the next tick. 1: housekeeping too asks at
+/// the next tick. Larger values save queries (16: gpt2_train's replay 1,830 driver calls
+/// instead of 1,972) but unmap lent ranges later, and the replay of the real GPT-2 inference
+/// run recorded on the H200 (`traces/recorded/`, its own completion markers) then predicted
+/// 4.1% more peak memory than that run reached (8: Llama 1.1% more); with 1 all five
+/// recordings are predicted within 1% (BENCHMARKS.md, "Driver calls (issue 10)").
+pub const QUIET_TICKS: u64 = 1;
 
 /// Recent-free slots per pool (direct-mapped by block size).
 pub const RECENT_SLOTS: usize = 32;

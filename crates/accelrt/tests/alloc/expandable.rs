@@ -235,6 +235,7 @@ fn moves_never_wait_and_keep_the_old_range_until_its_work_has_passed() {
     let z = alloc.raw_alloc(96 * MIB, s1).unwrap(); // past the peak: x's chunks move under z
     let waited = start.elapsed();
     let st = alloc.stats();
+    let unmaps = st.driver_calls.unmap;
     assert!(
         st.counters.num_page_steals >= 1 && st.counters.num_pages_remapped >= 32,
         "x's idle memory moved: {:?}",
@@ -273,13 +274,12 @@ fn moves_never_wait_and_keep_the_old_range_until_its_work_has_passed() {
     );
     // The old range is unmapped on a later slow path, once the fence recorded at the move has
     // completed: nothing waits for it. Its fence answered "not yet" at `v`'s slow path, so
-    // the pool's fences are asked again for housekeeping only after `QUIET_TICKS` (16) more
-    // allocations and frees of the pool: these cached ones make them.
+    // the pool's fences are asked again for housekeeping only after `QUIET_TICKS` (at most
+    // 16) more allocations and frees of the pool: these cached ones make them.
     for _ in 0..16 {
         let t = alloc.raw_alloc(4096, s1).unwrap();
         alloc.raw_free(t).unwrap();
     }
-    let unmaps = alloc.stats().driver_calls.unmap;
     let w = alloc.raw_alloc(40 * MIB, s1).unwrap();
     assert!(
         alloc.stats().driver_calls.unmap > unmaps,
