@@ -255,12 +255,15 @@ impl State {
     }
 
     /// Apply rounding settings ([`CachingAllocator::set_rounding`]) to every device, now and
-    /// for allocators created later. Checked first: an invalid setting changes nothing.
+    /// for allocators created later. Checked first, also when no allocator exists yet: an
+    /// invalid setting changes nothing.
     pub fn set_rounding_all(
         &self,
         divisions: [u32; ROUNDUP_INTERVALS],
         garbage_collection_threshold: Option<f64>,
     ) -> Result<(), Failure> {
+        CachingAllocator::check_rounding(&divisions, garbage_collection_threshold)
+            .map_err(|e| e.to_string())?;
         let mut all = self.for_all.lock();
         for (d, a) in self.existing_allocators() {
             a.set_rounding(&divisions, garbage_collection_threshold)

@@ -237,6 +237,23 @@ impl CachingAllocator {
         divisions: &[u32; crate::config::ROUNDUP_INTERVALS],
         garbage_collection_threshold: Option<f64>,
     ) -> Result<()> {
+        Self::check_rounding(divisions, garbage_collection_threshold)?;
+        for (slot, d) in self.rounding.iter().zip(divisions) {
+            slot.store(*d, Relaxed);
+        }
+        self.limits.gc_threshold.store(
+            garbage_collection_threshold.unwrap_or(0.0).to_bits(),
+            Relaxed,
+        );
+        Ok(())
+    }
+
+    /// Whether [`CachingAllocator::set_rounding`] would accept these settings (for callers that
+    /// keep them for allocators not built yet).
+    pub fn check_rounding(
+        divisions: &[u32; crate::config::ROUNDUP_INTERVALS],
+        garbage_collection_threshold: Option<f64>,
+    ) -> Result<()> {
         if let Some((i, d)) = divisions
             .iter()
             .enumerate()
@@ -253,13 +270,6 @@ impl CachingAllocator {
                 )));
             }
         }
-        for (slot, d) in self.rounding.iter().zip(divisions) {
-            slot.store(*d, Relaxed);
-        }
-        self.limits.gc_threshold.store(
-            garbage_collection_threshold.unwrap_or(0.0).to_bits(),
-            Relaxed,
-        );
         Ok(())
     }
 

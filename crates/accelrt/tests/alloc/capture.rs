@@ -11,16 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use accelrt::alloc::{AllocError, AllocatorConfig, CachingAllocator, StreamEvents, StreamFilter};
 use accelrt::backend::host::HostMemory;
-use accelrt::{Device, DeviceType, MempoolId, Stream};
+use accelrt::{MempoolId, Stream};
 
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
-
-fn stream(index: u32) -> Stream {
-    Stream { device: DEV, index }
-}
+use crate::common::{host_stream as stream, HOST0 as DEV};
 
 /// Events that complete at once, and a list of every call made while `capturing` is set.
 #[derive(Default)]

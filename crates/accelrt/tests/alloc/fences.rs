@@ -13,18 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use accelrt::alloc::{AllocatorConfig, CachingAllocator, HostMemory, StreamEvents, QUIET_TICKS};
-use accelrt::{AllocError, Device, DeviceType, Stream};
+use accelrt::{AllocError, Stream};
 use common::Gate;
 
 const MIB: usize = 1 << 20;
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
-
-fn stream(index: u32) -> Stream {
-    Stream { device: DEV, index }
-}
+use crate::common::{host_stream as stream, HOST0 as DEV};
 
 /// A device that completes nothing until told: tickets up to `passed` have completed.
 #[derive(Default)]

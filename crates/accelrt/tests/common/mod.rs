@@ -7,8 +7,23 @@ use std::time::Duration;
 use accelrt::backend::host::HostDriver;
 use accelrt::hooks::HostTask;
 use accelrt::runtime::Runtime;
+use accelrt::{Device, DeviceType, Stream};
 
 pub mod memory;
+
+/// Host device 0, for tests that build an allocator on host memory directly.
+pub const HOST0: Device = Device {
+    kind: DeviceType::Host,
+    index: 0,
+};
+
+/// Stream `index` of [`HOST0`] (an allocator's stream id; no runtime behind it).
+pub fn host_stream(index: u32) -> Stream {
+    Stream {
+        device: HOST0,
+        index,
+    }
+}
 
 /// Longest any test waits for something that should happen at once; only reached on a bug.
 pub const PATIENCE: Duration = Duration::from_secs(20);
