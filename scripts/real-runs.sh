@@ -6,7 +6,8 @@
 # Build here first (the GPU machine has no Rust toolchain):
 #     bash scripts/gpu-build.sh && bash scripts/build-torch-lib.sh
 # then through the device tool, with `carry: [".gpu-bin"]`:
-#     bash scripts/real-runs.sh matrix [REPS] [SECONDS]    # the table, printed last
+#     bash scripts/real-runs.sh matrix [REPS] [SECONDS] [ARGS]  # the table, printed last
+#         ARGS for real_runs.py matrix, e.g. --variant base=.gpu-bin/libaccelrt_torch-base.so
 #     bash scripts/real-runs.sh record [SECONDS]           # v2 traces -> $OUT/recorded-*.tar
 # Logs and results go to $OUT (matrix.jsonl, recorded.jsonl).
 set -uo pipefail
@@ -29,7 +30,9 @@ grep -iE "shim|torch|cuda" "$OUT/shim.log" | head -5
 case "${1:-matrix}" in
 matrix)
     reps=${2:-3}
-    timeout "${3:-480}" python3 scripts/real_runs.py matrix "$OUT" --reps "$reps" > "$OUT/matrix.log" 2>&1
+    secs=${3:-480}
+    shift $(( $# < 3 ? $# : 3 ))  # the rest goes to real_runs.py (--workloads, --configs, --variant)
+    timeout "$secs" python3 scripts/real_runs.py matrix "$OUT" --reps "$reps" "$@" > "$OUT/matrix.log" 2>&1
     python3 scripts/real_runs.py table "$OUT"
     ;;
 record)
@@ -42,5 +45,5 @@ record)
     ls -la "$OUT/traces" | tail -40
     ;;
 *)
-    echo "usage: real-runs.sh matrix [REPS] [SECONDS] | record [SECONDS]" >&2; exit 2 ;;
+    echo "usage: real-runs.sh matrix [REPS] [SECONDS] [real_runs.py matrix options] | record [SECONDS]" >&2; exit 2 ;;
 esac

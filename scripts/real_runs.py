@@ -3,7 +3,8 @@ PyTorch's expandable_segments:True and accelrt, one process per run, interleaved
 
 usage:
   real_runs.py one WORKLOAD CONFIG [--steps N] [--record PATH]   one run; prints one JSON line
-  real_runs.py matrix OUTDIR [--reps 3] [--workloads a,b]           the timing/memory matrix
+  real_runs.py matrix OUTDIR [--reps 3] [--workloads a,b] [--configs a,b] [--variant NAME=LIB]
+                                                                    the timing/memory matrix
   real_runs.py record OUTDIR [--parallel 3] [--workloads a,b]       recordings for `accelrt replay`
   real_runs.py table OUTDIR                                         the summary table again
 
@@ -31,6 +32,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 CONFIGS = ["native", "expandable", "accelrt"]
+# Other builds of libaccelrt_torch.so to run beside the default one (`matrix --variant
+# NAME=PATH`): each is the configuration `accelrt@NAME`, interleaved with the others.
+VARIANTS = {}
 # The issue-10 matrix: the three traced workloads and two dynamic-shape trainings.
 MATRIX = ["gpt2_train", "resnet50_train", "gpt2_infer_varlen", "llama_varlen_train", "vit_varbatch_train"]
 # Recorded for the replay's validation: the matrix plus dynamic inference and two streams.
@@ -169,10 +173,10 @@ def one(work, config, steps, record, emit=None):
     import torch
 
     at = None
-    if config == "accelrt":
+    if config == "accelrt" or config.startswith("accelrt@"):
         import accelrt_torch as at
 
-        at.enable()
+        at.enable(VARIANTS.get(config.partition("@")[2]))
         if record:
             at.record_trace(record, workload=work)
     elif record:
@@ -281,14 +285,15 @@ def forked(work, config, steps, timeout=300):
         return {"workload": work, "config": config, "error": "no result (timeout or crash)"}
 
 
-def matrix(outdir, reps, works, steps):
+def matrix(outdir, reps, works, steps, configs):
     outdir.mkdir(parents=True, exist_ok=True)
     preload()
     log = open(outdir / "matrix.jsonl", "a")
+    n = len(configs)
     for rep in range(reps):
         for i, work in enumerate(works):
             # Rotate the order of the configurations from one repetition to the next.
-            order = CONFIGS[(rep + i) % 3:] + CONFIGS[:(rep + i) % 3]
+            order = configs[(rep + i) % n:] + configs[:(rep + i) % n]
             for config in order:
                 r = forked(work, config, steps or DEFAULT_STEPS.get(work, 12))
                 r["rep"] = rep
@@ -315,8 +320,13 @@ def table(outdir):
     gib = lambda b: f"{b / 2**30:.3f}"
     print("\nworkload | config | runs | peak reserved GiB median (min-max) | reserved/allocated | "
           "first step ms | steady-state sum ms | driver calls")
+    configs = []
+    for r in rows:
+        if r["config"] not in configs:
+            configs.append(r["config"])
+    configs.sort(key=lambda c: (CONFIGS.index(c) if c in CONFIGS else len(CONFIGS), c))
     for w in works:
-        for c in CONFIGS:
+        for c in configs:
             rs = [r for r in rows if r["workload"] == w and r["config"] == c and "error" not in r]
             errs = [r for r in rows if r["workload"] == w and r["config"] == c and "error" in r]
             if not rs:
@@ -385,6 +395,9 @@ def main():
     m.add_argument("--reps", type=int, default=3)
     m.add_argument("--steps", type=int)
     m.add_argument("--workloads", default=",".join(MATRIX))
+    m.add_argument("--configs", default=",".join(CONFIGS), help="a subset of " + ",".join(CONFIGS))
+    m.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
+                   help="another libaccelrt_torch.so, run as configuration accelrt@NAME")
     r = sub.add_parser("record")
     r.add_argument("outdir", type=Path)
     r.add_argument("--parallel", type=int, default=3)
@@ -395,7 +408,17 @@ def main():
     if a.cmd == "one":
         one(a.workload, a.config, a.steps, a.record)
     elif a.cmd == "matrix":
-        matrix(a.outdir, a.reps, a.workloads.split(","), a.steps)
+        configs = [c for c in a.configs.split(",") if c]
+        for c in configs:
+            if c not in CONFIGS:
+                p.error(f"--configs: unknown configuration {c!r} (known: {', '.join(CONFIGS)})")
+        for v in a.variant:
+            name, sep, path = v.partition("=")
+            if not sep or not name or not Path(path).is_file():
+                p.error(f"--variant {v!r}: NAME=PATH to a libaccelrt_torch.so that exists")
+            VARIANTS[name] = path
+            configs.append("accelrt@" + name)
+        matrix(a.outdir, a.reps, a.workloads.split(","), a.steps, configs)
     elif a.cmd == "record":
         record(a.outdir, a.workloads.split(","), a.parallel)
     else:
