@@ -26,7 +26,7 @@ use super::history::{
     TraceEntry,
 };
 use super::pagemap::PageMap;
-use super::pool::{BlockState, PendingFree, PoolState, Segment, NIL};
+use super::pool::{BlockState, PoolState, Segment, NIL};
 use super::provider::copy_into_host_visible;
 use super::size::{
     division_interval, round_up, round_with_divisions, segment_size, MAX_REQUEST, MIN_SEGMENT,
@@ -245,23 +245,6 @@ pub struct CachingAllocator {
     driver: DriverCounters,
 }
 
-/// Take a block just carved (under the pool lock) out of the live map, for an allocation
-/// that goes on with the lock released (mapping its pages): it is not the caller's until
-/// `publish_mapped` puts it back, under the lock the address is returned from.
-///
-/// The live map holds exactly the blocks callers own, so a free (or any lookup by address) of
-/// an in-flight block is refused like a double free. It can only be a stale one (a double
-/// free, or a use after free, of a pointer whose address is being handed out again); accepted,
-/// it sent the block back to the cache while the allocation went on with it, so the block was
-/// handed out twice, and released twice, onto a free list it was already on (a cycle), when
-/// mapping then failed (issue 13 item 4).
-#[inline]
-pub(super) fn hold_in_flight(st: &mut PoolState, block: u32) {
-    let addr = st.blocks[block as usize].addr;
-    let held = st.live.remove(&addr);
-    debug_assert_eq!(held, Some(block), "a block just carved is live");
-}
-
 /// The memory fraction's value while none is set (a set one is in [0, 1]).
 pub(crate) const NO_FRACTION: f64 = -1.0;
 
@@ -387,10 +370,10 @@ impl CachingAllocator {
             if let Some((pool_idx, pool)) = self.existing_pool(stream) {
                 let rounded = self.round(size);
                 let mut st = pool.state.lock();
-                if st.pending.is_empty() {
+                if !st.has_pending() {
                     let block = st.take_cached(rounded, size, &self.pool_config);
-                    if block != NIL && st.blocks[block as usize].is_mapped() {
-                        return Ok(st.blocks[block as usize].addr);
+                    if block != NIL && st.block(block).is_mapped() {
+                        return Ok(st.block(block).addr);
                     }
                     return self.alloc_missed(pool_idx, pool, st, block, rounded, size);
                 }
@@ -440,9 +423,9 @@ impl CachingAllocator {
             return self.alloc_slow(pool_idx, pool, rounded, size);
         }
         if st.refresh_mapped(block) {
-            return Ok(st.blocks[block as usize].addr);
+            return Ok(st.block(block).addr);
         }
-        hold_in_flight(&mut st, block);
+        st.hold_in_flight(block);
         drop(st);
         self.finish_unmapped(pool_idx, pool, block, rounded, size)
     }
@@ -468,15 +451,14 @@ impl CachingAllocator {
         let mut st = pool.state.lock();
         // Another thread asking the pending frees' events finishes them: take what the cache
         // has rather than wait for it.
-        if !st.pending.is_empty() && !pool.pending_queries.is_locked() {
+        if st.has_pending() && !pool.pending_queries.is_locked() {
             self.process_pending(pool, &mut st);
         }
         let block = st.take_cached(rounded, size, &self.pool_config);
         if block != NIL {
-            let ptr = st.blocks[block as usize].addr;
-            let block_size = st.blocks[block as usize].size;
-            if !st.blocks[block as usize].is_mapped() && !st.refresh_mapped(block) {
-                hold_in_flight(&mut st, block);
+            let (ptr, block_size) = (st.block(block).addr, st.block(block).size);
+            if !st.block(block).is_mapped() && !st.refresh_mapped(block) {
+                st.hold_in_flight(block);
                 drop(st);
                 return self.finish_unmapped(pool_idx, pool, block, rounded, size);
             }
@@ -513,12 +495,11 @@ impl CachingAllocator {
             return self.free_unknown(ptr);
         };
         let mut st = pool.state.lock();
-        let Some(block) = st.live.remove(&ptr) else {
+        let Some(block) = st.take_live(ptr) else {
             return Err(Self::double_free(ptr));
         };
-        if self.quiet() && !pool.private && !st.blocks[block as usize].has_extras {
-            st.account_free(block);
-            st.release_to_cache(block);
+        if self.quiet() && !pool.private && !st.block(block).has_extras {
+            st.free_to_cache(block);
             return Ok(());
         }
         self.free_rest(pool, st, ptr, block)
@@ -558,7 +539,7 @@ impl CachingAllocator {
         if self.history.enabled() {
             self.note_free(&mut st, block, pool.stream.index);
         }
-        let b = &st.blocks[block as usize];
+        let b = st.block(block);
         debug_assert!(
             b.addr == ptr && b.state == BlockState::Allocated,
             "live map out of sync at {ptr:#x}"
@@ -566,14 +547,13 @@ impl CachingAllocator {
         let size = b.size;
         if b.has_extras {
             if let Err(e) = self.free_with_extras(&mut st, block) {
-                st.live.insert(ptr, block);
+                st.restore_live(ptr, block);
                 return Err(e);
             }
         } else {
-            st.account_free(block);
-            st.release_to_cache(block);
+            st.free_to_cache(block);
         }
-        let drain = pool.private && st.released;
+        let drain = pool.private && st.is_released();
         drop(st);
         if drain {
             self.drain_released_pool(pool);
@@ -609,11 +589,7 @@ impl CachingAllocator {
         let Some((index, pool)) = self.routed_pool(stream) else {
             return Ok(own);
         };
-        let mut st = pool.state.lock();
-        if !st.users.contains(&stream) {
-            st.users.push(stream);
-        }
-        drop(st);
+        pool.state.lock().add_user(stream);
         Ok((index, pool))
     }
 
@@ -688,7 +664,7 @@ impl Drop for CachingAllocator {
         for pool in self.initialized_pools() {
             let _ = self.sync_pending(pool);
             let _ = self.sync_stream(pool);
-            let segments = std::mem::take(&mut pool.state.lock().segments);
+            let segments = pool.state.lock().take_segments();
             for seg in segments {
                 if seg.vm.is_some() {
                     vm_segments.push(seg);
@@ -698,19 +674,9 @@ impl Drop for CachingAllocator {
                     unsafe { self.provider.free(seg.base, seg.size as usize) };
                 }
             }
-            let (pending, fence) = {
-                let mut st = pool.state.lock();
-                (
-                    std::mem::take(&mut st.pending),
-                    std::mem::take(&mut st.fences),
-                )
-            };
+            let tickets = pool.state.lock().take_tickets();
             if let Some(events) = &self.events {
-                pending
-                    .iter()
-                    .flat_map(|p| &p.tickets)
-                    .for_each(|&t| events.release(t));
-                fence.into_iter().for_each(|f| events.release(f.ticket));
+                tickets.into_iter().for_each(|t| events.release(t));
             }
         }
         if self.vm_page != 0 {

@@ -9,19 +9,12 @@ impl CachingAllocator {
     /// cache only once events recorded now on those streams have completed.
     #[cold]
     pub(super) fn free_with_extras(&self, st: &mut PoolState, block: u32) -> Result<()> {
-        let extras = st.extras.remove(&block).unwrap_or_default();
+        let extras = st.take_extras(block);
         let mut recorded = Vec::with_capacity(extras.stream_uses.len());
         if self.events.is_some() && self.capturing() && !extras.stream_uses.is_empty() {
             // No event may be recorded during a capture: the block waits, its streams' events
             // are recorded once the capture is over (`process_pending`).
-            st.blocks[block as usize].has_extras = false;
-            st.account_free(block);
-            st.blocks[block as usize].state = BlockState::Pending;
-            st.pending.push(PendingFree {
-                block,
-                tickets: extras.events,
-                deferred: extras.stream_uses,
-            });
+            st.free_waiting(block, extras.events, extras.stream_uses);
             return Ok(());
         }
         if let Some(events) = &self.events {
@@ -32,7 +25,7 @@ impl CachingAllocator {
                     Err(e) => {
                         // Leave the block allocated, with its extras, exactly as it was.
                         recorded.into_iter().for_each(|t| events.release(t));
-                        st.extras.insert(block, extras);
+                        st.restore_extras(block, extras);
                         return Err(e);
                     }
                 }
@@ -40,18 +33,7 @@ impl CachingAllocator {
         }
         let mut tickets = extras.events;
         tickets.extend(recorded);
-        st.blocks[block as usize].has_extras = false;
-        st.account_free(block);
-        if tickets.is_empty() {
-            st.release_to_cache(block);
-        } else {
-            st.blocks[block as usize].state = BlockState::Pending;
-            st.pending.push(PendingFree {
-                block,
-                tickets,
-                deferred: Vec::new(),
-            });
-        }
+        st.free_waiting(block, tickets, Vec::new());
         Ok(())
     }
 
@@ -70,7 +52,7 @@ impl CachingAllocator {
             return Err(Error::InvalidPointer { ptr, context: what });
         };
         let mut st = pool.state.lock();
-        let Some(&block) = st.live.get(&ptr) else {
+        let Some(block) = st.live_block(ptr) else {
             return Err(Error::InvalidPointer { ptr, context: what });
         };
         Ok(f(&mut st, block, pool))
@@ -91,11 +73,7 @@ impl CachingAllocator {
         }
         self.with_live_block(ptr, "record_stream", |st, block, pool| {
             if pool.stream != stream {
-                let uses = &mut st.extras.entry(block).or_default().stream_uses;
-                if !uses.contains(&stream) {
-                    uses.push(stream);
-                }
-                st.blocks[block as usize].has_extras = true;
+                st.add_stream_use(block, stream);
             }
         })
     }
@@ -115,8 +93,7 @@ impl CachingAllocator {
             self.driver.event_record.fetch_add(1, Relaxed);
             let ticket = events.record(stream)?;
             let attached = self.with_live_block(ptr, "record_events", |st, block, _| {
-                st.extras.entry(block).or_default().events.push(ticket);
-                st.blocks[block as usize].has_extras = true;
+                st.add_event(block, ticket);
             });
             if attached.is_err() {
                 events.release(ticket); // freed meanwhile by another thread
@@ -132,17 +109,8 @@ impl CachingAllocator {
         let events =
             self.require_events("wait_for_events on an allocator without an event source")?;
         for &ptr in ptrs {
-            let tickets = self.with_live_block(ptr, "wait_for_events", |st, block, _| {
-                let Some(x) = st.extras.get_mut(&block) else {
-                    return Vec::new();
-                };
-                let tickets = std::mem::take(&mut x.events);
-                if x.stream_uses.is_empty() {
-                    st.extras.remove(&block);
-                    st.blocks[block as usize].has_extras = false;
-                }
-                tickets
-            })?;
+            let tickets =
+                self.with_live_block(ptr, "wait_for_events", |st, block, _| st.take_events(block))?;
             for t in tickets {
                 self.driver.synchronize.fetch_add(1, Relaxed);
                 let r = events.synchronize(t);
@@ -178,7 +146,7 @@ impl CachingAllocator {
         }
         for pool in self.initialized_pools() {
             let mut st = pool.state.lock();
-            if !st.pending.is_empty() {
+            if st.has_pending() {
                 self.process_pending(pool, &mut st);
             }
         }

@@ -4,7 +4,7 @@
 //! device as little as possible: `safe_tick`, `cover`).
 
 use super::*;
-use crate::pool::{Fence, MAX_FENCES, QUIET_TICKS};
+use crate::pool::QUIET_TICKS;
 
 impl CachingAllocator {
     // ---- the slow path ---------------------------------------------------------------------
@@ -150,10 +150,7 @@ impl CachingAllocator {
         if self.history.enabled() {
             self.note_alloc(&mut st, block, pool.stream.index);
         }
-        let (ptr, block_size) = (
-            st.blocks[block as usize].addr,
-            st.blocks[block as usize].size,
-        );
+        let (ptr, block_size) = (st.block(block).addr, st.block(block).size);
         drop(st);
         self.fire(ptr, block_size, AllocatorEvent::Recycled);
         Some(ptr)
@@ -254,57 +251,43 @@ impl CachingAllocator {
             return Some(u64::MAX);
         };
         let mut st = pool.state.lock();
-        let proven = |st: &PoolState| (st.safe_tick > 0).then_some(st.safe_tick);
-        if st.safe_tick >= want || self.capturing() {
-            // Nothing to ask, or no event query during a capture.
-            return proven(&st);
+        if self.capturing() {
+            return st.proven_safe_tick(); // no event query during a capture
         }
-        let Some(first) = st.fences.iter().position(|f| f.tick >= want) else {
-            return proven(&st); // no fence in flight covers `want` yet
-        };
-        // A fence that said "not yet" stands for every newer one.
         let quiet = match need {
             Need::Now => 1,
             Need::Later => QUIET_TICKS,
         };
-        let asked = st.fences.iter().take(first + 1).map(|f| f.pending_at).max();
-        if asked.is_some_and(|at| at != 0 && st.tick < at + quiet) {
-            return proven(&st);
-        }
+        let Some(probe) = st.fences_to_ask(want, quiet) else {
+            return st.proven_safe_tick(); // nothing to ask, or asked too recently
+        };
         let ask = |ticket: u64| {
             self.driver.event_query.fetch_add(1, Relaxed);
             events.query(ticket)
         };
         // Every fence up to `done` completed, none from `pending` on did.
-        let (len, mut done, mut pending) = (st.fences.len(), None::<usize>, st.fences.len());
-        let mut probe = first;
+        let (first, len) = (probe.first, probe.fences.len());
+        let (mut done, mut pending) = (None::<usize>, len);
+        let mut at = first;
         loop {
-            match ask(st.fences[probe].ticket) {
-                Ok(true) => done = Some(probe),
-                Ok(false) => pending = probe,
+            match ask(probe.fences[at].ticket) {
+                Ok(true) => done = Some(at),
+                Ok(false) => pending = at,
                 Err(_) => return None, // a broken stream: leave its memory alone
             }
             let lo = done.map_or(first, |d| d + 1);
             if lo >= pending {
                 break;
             }
-            probe = if pending == len && done == Some(first) {
+            at = if pending == len && done == Some(first) {
                 len - 1 // the first useful one is done: perhaps all are
             } else {
                 lo + (pending - lo) / 2
             };
         }
-        if pending < len {
-            st.fences[pending].pending_at = st.tick;
-        }
-        if let Some(d) = done {
-            let st = &mut *st;
-            for f in st.fences.drain(..=d) {
-                events.release(f.ticket);
-                st.safe_tick = st.safe_tick.max(f.tick);
-            }
-        }
-        proven(&st)
+        let pending = (pending < len).then_some(pending);
+        st.apply_fence_answers(&probe, done, pending, |t| events.release(t));
+        st.proven_safe_tick()
     }
 
     /// Make sure a fence on `pool`'s stream covers pool tick `tick` (the last use of memory
@@ -318,23 +301,14 @@ impl CachingAllocator {
             return;
         };
         let mut st = pool.state.lock();
-        let newest = st.fences.back().map_or(st.safe_tick, |f| f.tick);
-        if tick <= newest || self.capturing() {
+        if tick <= st.newest_covered() || self.capturing() {
             return;
         }
         self.driver.event_record.fetch_add(1, Relaxed);
         if let Ok(ticket) = events.record(pool.stream) {
-            if st.fences.len() >= MAX_FENCES {
-                if let Some(newest) = st.fences.pop_back() {
-                    events.release(newest.ticket);
-                }
+            if let Some(replaced) = st.add_fence(ticket) {
+                events.release(replaced);
             }
-            let tick = st.tick;
-            st.fences.push_back(Fence {
-                tick,
-                ticket,
-                pending_at: 0,
-            });
         }
     }
 
@@ -414,7 +388,7 @@ impl CachingAllocator {
     #[cold]
     pub(super) fn process_pending(&self, pool: &StreamPool, st: &mut MutexGuard<'_, PoolState>) {
         let Some(events) = &self.events else { return };
-        if st.pending.is_empty() || self.capturing() {
+        if !st.has_pending() || self.capturing() {
             return; // no event queries during a capture: the frees wait for its end
         }
         let stream = pool.stream.index;
@@ -423,9 +397,8 @@ impl CachingAllocator {
             let asked: Vec<(u32, Vec<u64>)> = {
                 let mut st = pool.state.lock();
                 self.record_deferred(&mut st, &**events);
-                st.pending
-                    .iter()
-                    .map(|p| (p.block, p.tickets.clone()))
+                st.pending_tickets()
+                    .map(|(block, tickets)| (block, tickets.to_vec()))
                     .collect()
             };
             // A failed query means the stream is broken: waiting would never end, so the
@@ -446,41 +419,37 @@ impl CachingAllocator {
             let mut st = pool.state.lock();
             for block in done {
                 // Still pending: only this thread finishes this pool's pending frees now.
-                let Some(i) = st.pending.iter().position(|p| p.block == block) else {
+                let Some(f) = st.finish_pending(block) else {
                     continue;
                 };
-                let p = st.pending.swap_remove(i);
-                p.tickets.iter().for_each(|&t| events.release(t));
+                f.tickets.iter().for_each(|&t| events.release(t));
                 if self.history.enabled() {
-                    let b = &st.blocks[p.block as usize];
                     self.history.record(
                         TraceAction::FreeCompleted,
-                        b.addr as u64,
-                        b.requested,
+                        f.addr as u64,
+                        f.requested,
                         stream,
                     );
                 }
-                st.release_to_cache(p.block);
             }
         });
     }
 
     /// Record the events of frees made during a capture (none could be recorded then).
     fn record_deferred(&self, st: &mut PoolState, events: &dyn StreamEvents) {
-        for p in st.pending.iter_mut().filter(|p| !p.deferred.is_empty()) {
-            for s in std::mem::take(&mut p.deferred) {
-                self.driver.event_record.fetch_add(1, Relaxed);
-                match events.record(s) {
-                    Ok(t) => p.tickets.push(t),
-                    // A stream that cannot record (destroyed since): wait for the whole
-                    // device instead (rare), so the block is not reused under its work.
-                    Err(_) => {
-                        self.driver.synchronize.fetch_add(1, Relaxed);
-                        let _ = events.synchronize_device(self.device.index);
-                    }
+        st.record_deferred(|s| {
+            self.driver.event_record.fetch_add(1, Relaxed);
+            match events.record(s) {
+                Ok(t) => Some(t),
+                // A stream that cannot record (destroyed since): wait for the whole device
+                // instead (rare), so the block is not reused under its work.
+                Err(_) => {
+                    self.driver.synchronize.fetch_add(1, Relaxed);
+                    let _ = events.synchronize_device(self.device.index);
+                    None
                 }
             }
-        }
+        });
     }
 
     /// Wait for every pending free of one pool, without holding its lock while waiting.
@@ -491,9 +460,8 @@ impl CachingAllocator {
         let tickets: Vec<u64> = pool
             .state
             .lock()
-            .pending
-            .iter()
-            .flat_map(|p| p.tickets.iter().copied())
+            .pending_tickets()
+            .flat_map(|(_, tickets)| tickets.iter().copied())
             .collect();
         for t in tickets {
             self.driver.synchronize.fetch_add(1, Relaxed);
@@ -588,7 +556,7 @@ impl CachingAllocator {
                 candidates.extend(
                     st.releasable()
                         .into_iter()
-                        .map(|(age, i)| (age, pi, st.segments[i].base)),
+                        .map(|(age, i)| (age, pi, st.segments()[i].base)),
                 );
             }
             if let Some(oldest) = candidates[before..].iter().map(|c| c.0).min() {
