@@ -1,10 +1,14 @@
 //! The caching allocator: the type, its construction and the fast paths (`raw_alloc`,
 //! `raw_free`, each with one test for everything rare and `#[cold]` exits). The rest of its
-//! `impl` lives beside, one concern a file: `slow.rs` (plain segments' slow path, limits,
-//! out-of-memory), `expandable.rs` (chunks, moves), `cross_stream.rs` (record_stream,
-//! pending frees, fences, cache control), `private.rs` (private pools), `metadata.rs`
-//! (buffer metadata, limit setters), `figures.rs` (stats, driver calls, history, snapshots,
-//! callbacks), `rare.rs` (the rare-condition flags).
+//! `impl` lives beside, one concern a file: `slow.rs` (plain segments' slow path, the
+//! retry-then-out-of-memory policy, giving cached memory back), `limits.rs` (the hard and
+//! soft limits, the out-of-memory report), `fences.rs` (fences on pools' streams),
+//! `expandable.rs` (chunks, moves' policy), `moves.rs` (moving and releasing idle chunks),
+//! `cross_stream.rs` (record_stream, pending frees, cache control), `private.rs` (private
+//! pools), `checkpoint.rs` (checkpoints of private pools), `ipc.rs` (sharing with another
+//! process), `metadata.rs` (buffer metadata, limit setters), `figures.rs` (stats, driver
+//! calls, history, snapshots, callbacks), `buffer.rs` (`Buffer`), `rare.rs` (the
+//! rare-condition flags). Pools change only through `PoolState`'s methods (`pool/`).
 //!
 //! Layout: one [`StreamPool`] per stream, each behind its own mutex (so streams and
 //! threads do not contend), a sharded map of live pointers, and a few atomics that change
@@ -37,11 +41,14 @@ use super::{
 };
 use crate::device::Device;
 
+mod buffer;
 mod checkpoint;
 mod cross_stream;
 mod expandable;
+mod fences;
 mod figures;
 mod ipc;
+mod limits;
 mod metadata;
 mod moves;
 mod private;
@@ -49,103 +56,20 @@ mod rare;
 mod slow;
 
 use figures::DriverCounters;
-use slow::HardLimit;
+use limits::HardLimit;
 
 use rare::RareFlags;
 
 use crate::error::{Error, OomReport, Result};
 use crate::stream::Stream;
+pub use buffer::Buffer;
 pub use checkpoint::{CheckpointBlock, CheckpointSegment, PoolCheckpoint, RestoreReport};
+pub use figures::{AllocatorCallback, AllocatorEvent, CallbackId, OomInfo, OomObserver};
 pub use ipc::{ExportedChunk, ExportedRange, ImportedRange};
 pub use private::{StreamFilter, MAX_PRIVATE_POOLS};
 
 /// Streams per device that can have a pool (stream indices `0..MAX_STREAM_POOLS`).
 pub const MAX_STREAM_POOLS: usize = 4096;
-
-/// What a registered callback is told, and when it fires. Callbacks run on the thread that
-/// made the call, after the allocator's locks are released, so they may call the allocator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum AllocatorEvent {
-    /// A new segment came from the device (ptr and size of the segment).
-    Allocated,
-    /// A cached block was handed out again (ptr and size of the block).
-    Recycled,
-    /// A block was returned to the cache by a free (for a block used on other streams:
-    /// when it was freed, not when the other streams passed it).
-    Freed,
-    /// A segment was given back to the device (ptr and size of the segment).
-    Released,
-    /// The device (or a limit) refused a new segment; fired before the allocator retries, so
-    /// a callback may free memory (ptr 0, size = bytes requested).
-    AllocationFailed,
-}
-
-/// A callback: (ptr, size, event).
-pub type AllocatorCallback = Arc<dyn Fn(usize, u64, AllocatorEvent) + Send + Sync>;
-/// An out-of-memory observer, called just before `Error::OutOfMemory` is returned.
-pub type OomObserver = Arc<dyn Fn(&OomInfo) + Send + Sync>;
-
-/// What an out-of-memory observer is told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OomInfo {
-    pub device: Device,
-    pub requested: u64,
-    pub device_total: u64,
-    pub device_free: u64,
-}
-
-/// Handle for removing a callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CallbackId(pub u64);
-
-/// A device allocation that returns to the cache when dropped.
-#[must_use = "dropping a Buffer frees it"]
-pub struct Buffer<'a> {
-    alloc: &'a CachingAllocator,
-    ptr: usize,
-    size: usize,
-    stream: Stream,
-}
-
-impl Buffer<'_> {
-    /// Device address (0 for a zero-sized buffer).
-    pub fn ptr(&self) -> usize {
-        self.ptr
-    }
-    /// Bytes requested.
-    pub fn size(&self) -> usize {
-        self.size
-    }
-    /// The stream the buffer was allocated on.
-    pub fn stream(&self) -> Stream {
-        self.stream
-    }
-    /// Give up ownership: the caller must later call [`CachingAllocator::raw_free`].
-    pub fn into_raw(self) -> usize {
-        let ptr = self.ptr;
-        std::mem::forget(self);
-        ptr
-    }
-}
-
-impl std::fmt::Debug for Buffer<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Buffer({:#x}, {} bytes, {})",
-            self.ptr, self.size, self.stream
-        )
-    }
-}
-
-impl Drop for Buffer<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.alloc.raw_free(self.ptr) {
-            // Drop cannot return it: keep it for the next call (cudarc's rule).
-            self.alloc.defer_error(e);
-        }
-    }
-}
 
 /// One stream's pool, on its own cache line.
 #[repr(align(128))]

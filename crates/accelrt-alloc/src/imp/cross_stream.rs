@@ -1,4 +1,5 @@
-//! Cross-stream use (`record_stream`, pending frees, fences) and cache control.
+//! Cross-stream use (`record_stream`, `record_events`), frees that wait for other streams
+//! (pending frees, their events asked with the pool unlocked), and cache control.
 
 use super::*;
 
@@ -119,6 +120,99 @@ impl CachingAllocator {
             }
         }
         self.free_inactive_buffers()
+    }
+
+    // ---- pending frees ---------------------------------------------------------------------
+
+    /// Finish frees whose events have all completed. The events are asked with the pool's
+    /// lock released (`st` is unlocked meanwhile and locked again on return, so the caller
+    /// must look at the pool afresh): a driver query takes microseconds, and allocations and
+    /// frees of the pool on other threads go on meanwhile. One thread at a time asks for a
+    /// pool (`StreamPool::pending_queries`), so a ticket is never released by one thread
+    /// while another asks it.
+    #[cold]
+    pub(super) fn process_pending(&self, pool: &StreamPool, st: &mut MutexGuard<'_, PoolState>) {
+        let Some(events) = &self.events else { return };
+        if !st.has_pending() || self.capturing() {
+            return; // no event queries during a capture: the frees wait for its end
+        }
+        let stream = pool.stream.index;
+        MutexGuard::unlocked(st, || {
+            let _asking = pool.pending_queries.lock();
+            let asked: Vec<(u32, Vec<u64>)> = {
+                let mut st = pool.state.lock();
+                self.record_deferred(&mut st, &**events);
+                st.pending_tickets()
+                    .map(|(block, tickets)| (block, tickets.to_vec()))
+                    .collect()
+            };
+            // A failed query means the stream is broken: waiting would never end, so the
+            // block is treated as done with.
+            let done: Vec<u32> = asked
+                .into_iter()
+                .filter(|(_, tickets)| {
+                    tickets.iter().all(|&t| {
+                        self.driver.event_query.fetch_add(1, Relaxed);
+                        events.query(t).unwrap_or(true)
+                    })
+                })
+                .map(|(block, _)| block)
+                .collect();
+            if done.is_empty() {
+                return;
+            }
+            let mut st = pool.state.lock();
+            for block in done {
+                // Still pending: only this thread finishes this pool's pending frees now.
+                let Some(f) = st.finish_pending(block) else {
+                    continue;
+                };
+                f.tickets.iter().for_each(|&t| events.release(t));
+                if self.history.enabled() {
+                    self.history.record(
+                        TraceAction::FreeCompleted,
+                        f.addr as u64,
+                        f.requested,
+                        stream,
+                    );
+                }
+            }
+        });
+    }
+
+    /// Record the events of frees made during a capture (none could be recorded then).
+    fn record_deferred(&self, st: &mut PoolState, events: &dyn StreamEvents) {
+        st.record_deferred(|s| {
+            self.driver.event_record.fetch_add(1, Relaxed);
+            match events.record(s) {
+                Ok(t) => Some(t),
+                // A stream that cannot record (destroyed since): wait for the whole device
+                // instead (rare), so the block is not reused under its work.
+                Err(_) => {
+                    self.driver.synchronize.fetch_add(1, Relaxed);
+                    let _ = events.synchronize_device(self.device.index);
+                    None
+                }
+            }
+        });
+    }
+
+    /// Wait for every pending free of one pool, without holding its lock while waiting.
+    pub(super) fn sync_pending(&self, pool: &StreamPool) -> Result<()> {
+        let Some(events) = &self.events else {
+            return Ok(());
+        };
+        let tickets: Vec<u64> = pool
+            .state
+            .lock()
+            .pending_tickets()
+            .flat_map(|(_, tickets)| tickets.iter().copied())
+            .collect();
+        for t in tickets {
+            self.driver.synchronize.fetch_add(1, Relaxed);
+            events.synchronize(t)?;
+        }
+        Ok(())
     }
 
     // ---- cache control ---------------------------------------------------------------------

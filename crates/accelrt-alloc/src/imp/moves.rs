@@ -3,7 +3,7 @@
 //! The policy (when to move) is in `expandable.rs`.
 
 use super::expandable::*;
-use super::slow::Need;
+use super::fences::Need;
 use super::*;
 use crate::pool::{PoolState, LENT, NO_CHUNK};
 

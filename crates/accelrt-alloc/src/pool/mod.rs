@@ -87,8 +87,8 @@ pub struct PoolState {
     released: bool,
     users: Vec<crate::stream::Stream>,
     /// Expandable segments (and plain segments' releases): events recorded on the pool's
-    /// stream, oldest first (at most [`MAX_FENCES`](waits::MAX_FENCES)); once one completes, blocks freed up to
-    /// its tick are no longer used by queued work.
+    /// stream, oldest first (at most [`MAX_FENCES`](waits::MAX_FENCES)); once one completes,
+    /// blocks freed up to its tick are no longer used by queued work.
     fences: std::collections::VecDeque<Fence>,
     /// The tick of the newest completed fence.
     safe_tick: u64,
