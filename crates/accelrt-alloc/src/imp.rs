@@ -81,6 +81,10 @@ pub(crate) struct StreamPool {
     /// Held by the one thread asking the events of this pool's pending frees, with `state`
     /// unlocked (`process_pending`); never on the fast paths.
     pub(crate) pending_queries: Mutex<()>,
+    /// Held by the one thread asking this pool's fences, with `state` unlocked (`safe_tick`):
+    /// while it is held, a fence replaced by `cover` keeps its ticket alive until the asking
+    /// thread is done (`PoolState::release_retired`). Never on the fast paths.
+    pub(crate) fence_queries: Mutex<()>,
 }
 
 /// Limits that can change at run time, stored as `f64` bits.
@@ -531,6 +535,7 @@ impl CachingAllocator {
                 private: false,
                 state: Mutex::new(PoolState::new()),
                 pending_queries: Mutex::new(()),
+                fence_queries: Mutex::new(()),
             })
         });
         self.pools_in_use.fetch_max(i + 1, Relaxed);

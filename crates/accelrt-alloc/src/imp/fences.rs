@@ -19,11 +19,37 @@ impl CachingAllocator {
     /// all are) and the first pending one found by halving. After a "not yet" that fence and
     /// the newer ones are not asked again at the same pool tick, and with [`Need::Later`] not
     /// before [`QUIET_TICKS`] more (`Fence::pending_at`).
+    ///
+    /// The events are asked with the pool's lock released, as `process_pending` asks pending
+    /// frees': the fences to ask are taken under the lock, asked unlocked (a driver query
+    /// takes microseconds; allocations and frees of the pool go on meanwhile), and the answers
+    /// applied under the lock again to the fences still there. One thread at a time asks a
+    /// pool's fences (`StreamPool::fence_queries`), so no ticket is released while another
+    /// thread asks it: only the asking thread drains completed fences, and a fence `cover`
+    /// replaces meanwhile keeps its ticket until the asking thread is done.
     pub(super) fn safe_tick(&self, pool: &StreamPool, want: u64, need: Need) -> Option<u64> {
         let Some(events) = self.events.as_ref() else {
             return Some(u64::MAX);
         };
+        let asking = pool.fence_queries.lock();
         let mut st = pool.state.lock();
+        let answer = self.ask_fences(&mut st, &**events, want, need);
+        st.release_retired(|t| events.release(t));
+        // Done asking, while the pool is still locked: a fence replaced from now on is
+        // released at once (`cover`).
+        drop(asking);
+        answer
+    }
+
+    /// `safe_tick`'s question, with `fence_queries` held: `st` is unlocked while the events
+    /// are asked, and locked again on return.
+    fn ask_fences(
+        &self,
+        st: &mut MutexGuard<'_, PoolState>,
+        events: &dyn StreamEvents,
+        want: u64,
+        need: Need,
+    ) -> Option<u64> {
         if self.capturing() {
             return st.proven_safe_tick(); // no event query during a capture
         }
@@ -34,31 +60,36 @@ impl CachingAllocator {
         let Some(probe) = st.fences_to_ask(want, quiet) else {
             return st.proven_safe_tick(); // nothing to ask, or asked too recently
         };
-        let ask = |ticket: u64| {
-            self.driver.event_query.fetch_add(1, Relaxed);
-            events.query(ticket)
-        };
-        // Every fence up to `done` completed, none from `pending` on did.
-        let (first, len) = (probe.first, probe.fences.len());
-        let (mut done, mut pending) = (None::<usize>, len);
-        let mut at = first;
-        loop {
-            match ask(probe.fences[at].ticket) {
-                Ok(true) => done = Some(at),
-                Ok(false) => pending = at,
-                Err(_) => return None, // a broken stream: leave its memory alone
-            }
-            let lo = done.map_or(first, |d| d + 1);
-            if lo >= pending {
-                break;
-            }
-            at = if pending == len && done == Some(first) {
-                len - 1 // the first useful one is done: perhaps all are
-            } else {
-                lo + (pending - lo) / 2
+        // Every fence up to `done` completed, none from `pending` on did (`None`: a broken
+        // stream).
+        let answers = MutexGuard::unlocked(st, || {
+            let ask = |ticket: u64| {
+                self.driver.event_query.fetch_add(1, Relaxed);
+                events.query(ticket)
             };
-        }
-        let pending = (pending < len).then_some(pending);
+            let (first, len) = (probe.first, probe.fences.len());
+            let (mut done, mut pending) = (None::<usize>, len);
+            let mut at = first;
+            loop {
+                match ask(probe.fences[at].ticket) {
+                    Ok(true) => done = Some(at),
+                    Ok(false) => pending = at,
+                    Err(_) => return None,
+                }
+                let lo = done.map_or(first, |d| d + 1);
+                if lo >= pending {
+                    break;
+                }
+                at = if pending == len && done == Some(first) {
+                    len - 1 // the first useful one is done: perhaps all are
+                } else {
+                    lo + (pending - lo) / 2
+                };
+            }
+            Some((done, (pending < len).then_some(pending)))
+        });
+        // A broken stream: leave its memory alone.
+        let (done, pending) = answers?;
         st.apply_fence_answers(&probe, done, pending, |t| events.release(t));
         st.proven_safe_tick()
     }
@@ -79,7 +110,10 @@ impl CachingAllocator {
         }
         self.driver.event_record.fetch_add(1, Relaxed);
         if let Ok(ticket) = events.record(pool.stream) {
-            if let Some(replaced) = st.add_fence(ticket) {
+            // A thread asking the fences (with the pool unlocked) may be asking the one
+            // replaced: then its ticket is released when that thread is done.
+            let asked = pool.fence_queries.is_locked();
+            if let Some(replaced) = st.add_fence(ticket, asked) {
                 events.release(replaced);
             }
         }

@@ -128,6 +128,7 @@ impl CachingAllocator {
                 private: true,
                 state: Mutex::new(PoolState::new()),
                 pending_queries: Mutex::new(()),
+                fence_queries: Mutex::new(()),
             })
         });
         pool.state.lock().open_private(id);

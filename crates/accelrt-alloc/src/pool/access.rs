@@ -211,10 +211,12 @@ impl PoolState {
     pub fn take_tickets(&mut self) -> Vec<u64> {
         let pending = std::mem::take(&mut self.pending);
         let fences = std::mem::take(&mut self.fences);
+        let retired = std::mem::take(&mut self.retired);
         pending
             .into_iter()
             .flat_map(|p| p.tickets)
             .chain(fences.into_iter().map(|f| f.ticket))
+            .chain(retired)
             .collect()
     }
 }

@@ -92,6 +92,9 @@ pub struct PoolState {
     fences: std::collections::VecDeque<Fence>,
     /// The tick of the newest completed fence.
     safe_tick: u64,
+    /// Tickets of fences replaced while another thread may be asking them (its query runs
+    /// with the pool unlocked): released once it is done.
+    retired: Vec<u64>,
     /// Expandable segments: old mappings of chunks that moved, waiting to be unmapped.
     lent: Vec<LentRange>,
 }
@@ -117,6 +120,7 @@ impl Default for PoolState {
             users: Vec::new(),
             fences: std::collections::VecDeque::new(),
             safe_tick: 0,
+            retired: Vec::new(),
             lent: Vec::new(),
         }
     }

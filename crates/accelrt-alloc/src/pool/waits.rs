@@ -217,8 +217,10 @@ impl PoolState {
 
     /// A fence just recorded on the pool's stream (`ticket`), covering the pool's tick now.
     /// With [`MAX_FENCES`] in flight the newest is replaced: its ticket is returned for the
-    /// caller to release.
-    pub fn add_fence(&mut self, ticket: u64) -> Option<u64> {
+    /// caller to release, unless another thread may be asking it now (`asked`: it asks with
+    /// the pool unlocked); then the ticket is kept until that thread is done
+    /// ([`release_retired`](Self::release_retired)).
+    pub fn add_fence(&mut self, ticket: u64, asked: bool) -> Option<u64> {
         let replaced = if self.fences.len() >= MAX_FENCES {
             self.fences.pop_back().map(|f| f.ticket)
         } else {
@@ -229,10 +231,24 @@ impl PoolState {
             ticket,
             pending_at: 0,
         });
-        replaced
+        match replaced {
+            Some(t) if asked => {
+                self.retired.push(t);
+                None
+            }
+            replaced => replaced,
+        }
     }
 
-    /// The fences worth asking for a safe tick of `want`, or `None` when no answer can help:
+    /// The thread asking the fences is done: the tickets of fences replaced meanwhile go to
+    /// `release`.
+    pub fn release_retired(&mut self, release: impl FnMut(u64)) {
+        self.retired.drain(..).for_each(release);
+    }
+
+    /// The fences worth asking for a safe tick of `want` (their tickets stay alive while the
+    /// caller holds the pool's `fence_queries`, even if it unlocks the pool), or `None` when
+    /// no answer can help:
     /// the safe tick already reaches `want`, no fence in flight covers it yet, or that fence
     /// (or an older one) said "not yet" less than `quiet` ticks ago (a fence that said "not
     /// yet" stands for every newer one).
@@ -259,8 +275,9 @@ impl PoolState {
 
     /// The answers to `probe`: its fences up to `done` completed (they leave, their tickets
     /// go to `release`, and the safe tick reaches theirs), the one at `pending` has not (it
-    /// is not asked again at the probe's tick). Fences are matched by tick and ticket, so one
-    /// another thread replaced meanwhile is left alone.
+    /// is not asked again at the probe's tick). Fences are matched by tick and ticket: the
+    /// pool was unlocked while they were asked, and another thread may have replaced the
+    /// newest meanwhile (`add_fence`); a completed fence proves its tick all the same.
     pub fn apply_fence_answers(
         &mut self,
         probe: &FenceProbe,
