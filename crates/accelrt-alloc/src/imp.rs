@@ -1,10 +1,14 @@
 //! The caching allocator: the type, its construction and the fast paths (`raw_alloc`,
 //! `raw_free`, each with one test for everything rare and `#[cold]` exits). The rest of its
-//! `impl` lives beside, one concern a file: `slow.rs` (plain segments' slow path, limits,
-//! out-of-memory), `expandable.rs` (chunks, moves), `cross_stream.rs` (record_stream,
-//! pending frees, fences, cache control), `private.rs` (private pools), `metadata.rs`
-//! (buffer metadata, limit setters), `figures.rs` (stats, driver calls, history, snapshots,
-//! callbacks), `rare.rs` (the rare-condition flags).
+//! `impl` lives beside, one concern a file: `slow.rs` (plain segments' slow path, the
+//! retry-then-out-of-memory policy, giving cached memory back), `limits.rs` (the hard and
+//! soft limits, the out-of-memory report), `fences.rs` (fences on pools' streams),
+//! `expandable.rs` (chunks, moves' policy), `moves.rs` (moving and releasing idle chunks),
+//! `cross_stream.rs` (record_stream, pending frees, cache control), `private.rs` (private
+//! pools), `checkpoint.rs` (checkpoints of private pools), `ipc.rs` (sharing with another
+//! process), `metadata.rs` (buffer metadata, limit setters), `figures.rs` (stats, driver
+//! calls, history, snapshots, callbacks), `buffer.rs` (`Buffer`), `rare.rs` (the
+//! rare-condition flags). Pools change only through `PoolState`'s methods (`pool/`).
 //!
 //! Layout: one [`StreamPool`] per stream, each behind its own mutex (so streams and
 //! threads do not contend), a sharded map of live pointers, and a few atomics that change
@@ -26,7 +30,7 @@ use super::history::{
     TraceEntry,
 };
 use super::pagemap::PageMap;
-use super::pool::{BlockState, PendingFree, PoolState, Segment, NIL};
+use super::pool::{BlockState, PoolState, Segment, NIL};
 use super::provider::copy_into_host_visible;
 use super::size::{
     division_interval, round_up, round_with_divisions, segment_size, MAX_REQUEST, MIN_SEGMENT,
@@ -37,11 +41,14 @@ use super::{
 };
 use crate::device::Device;
 
+mod buffer;
 mod checkpoint;
 mod cross_stream;
 mod expandable;
+mod fences;
 mod figures;
 mod ipc;
+mod limits;
 mod metadata;
 mod moves;
 mod private;
@@ -49,103 +56,20 @@ mod rare;
 mod slow;
 
 use figures::DriverCounters;
-use slow::HardLimit;
+use limits::HardLimit;
 
 use rare::RareFlags;
 
 use crate::error::{Error, OomReport, Result};
 use crate::stream::Stream;
+pub use buffer::Buffer;
 pub use checkpoint::{CheckpointBlock, CheckpointSegment, PoolCheckpoint, RestoreReport};
+pub use figures::{AllocatorCallback, AllocatorEvent, CallbackId, OomInfo, OomObserver};
 pub use ipc::{ExportedChunk, ExportedRange, ImportedRange};
 pub use private::{StreamFilter, MAX_PRIVATE_POOLS};
 
 /// Streams per device that can have a pool (stream indices `0..MAX_STREAM_POOLS`).
 pub const MAX_STREAM_POOLS: usize = 4096;
-
-/// What a registered callback is told, and when it fires. Callbacks run on the thread that
-/// made the call, after the allocator's locks are released, so they may call the allocator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum AllocatorEvent {
-    /// A new segment came from the device (ptr and size of the segment).
-    Allocated,
-    /// A cached block was handed out again (ptr and size of the block).
-    Recycled,
-    /// A block was returned to the cache by a free (for a block used on other streams:
-    /// when it was freed, not when the other streams passed it).
-    Freed,
-    /// A segment was given back to the device (ptr and size of the segment).
-    Released,
-    /// The device (or a limit) refused a new segment; fired before the allocator retries, so
-    /// a callback may free memory (ptr 0, size = bytes requested).
-    AllocationFailed,
-}
-
-/// A callback: (ptr, size, event).
-pub type AllocatorCallback = Arc<dyn Fn(usize, u64, AllocatorEvent) + Send + Sync>;
-/// An out-of-memory observer, called just before `Error::OutOfMemory` is returned.
-pub type OomObserver = Arc<dyn Fn(&OomInfo) + Send + Sync>;
-
-/// What an out-of-memory observer is told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OomInfo {
-    pub device: Device,
-    pub requested: u64,
-    pub device_total: u64,
-    pub device_free: u64,
-}
-
-/// Handle for removing a callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CallbackId(pub u64);
-
-/// A device allocation that returns to the cache when dropped.
-#[must_use = "dropping a Buffer frees it"]
-pub struct Buffer<'a> {
-    alloc: &'a CachingAllocator,
-    ptr: usize,
-    size: usize,
-    stream: Stream,
-}
-
-impl Buffer<'_> {
-    /// Device address (0 for a zero-sized buffer).
-    pub fn ptr(&self) -> usize {
-        self.ptr
-    }
-    /// Bytes requested.
-    pub fn size(&self) -> usize {
-        self.size
-    }
-    /// The stream the buffer was allocated on.
-    pub fn stream(&self) -> Stream {
-        self.stream
-    }
-    /// Give up ownership: the caller must later call [`CachingAllocator::raw_free`].
-    pub fn into_raw(self) -> usize {
-        let ptr = self.ptr;
-        std::mem::forget(self);
-        ptr
-    }
-}
-
-impl std::fmt::Debug for Buffer<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Buffer({:#x}, {} bytes, {})",
-            self.ptr, self.size, self.stream
-        )
-    }
-}
-
-impl Drop for Buffer<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.alloc.raw_free(self.ptr) {
-            // Drop cannot return it: keep it for the next call (cudarc's rule).
-            self.alloc.defer_error(e);
-        }
-    }
-}
 
 /// One stream's pool, on its own cache line.
 #[repr(align(128))]
@@ -157,6 +81,10 @@ pub(crate) struct StreamPool {
     /// Held by the one thread asking the events of this pool's pending frees, with `state`
     /// unlocked (`process_pending`); never on the fast paths.
     pub(crate) pending_queries: Mutex<()>,
+    /// Held by the one thread asking this pool's fences, with `state` unlocked (`safe_tick`):
+    /// while it is held, a fence replaced by `cover` keeps its ticket alive until the asking
+    /// thread is done (`PoolState::release_retired`). Never on the fast paths.
+    pub(crate) fence_queries: Mutex<()>,
 }
 
 /// Limits that can change at run time, stored as `f64` bits.
@@ -243,23 +171,6 @@ pub struct CachingAllocator {
     pub(crate) vm_state: Mutex<expandable::VmState>,
     /// Driver calls made, per kind.
     driver: DriverCounters,
-}
-
-/// Take a block just carved (under the pool lock) out of the live map, for an allocation
-/// that goes on with the lock released (mapping its pages): it is not the caller's until
-/// `publish_mapped` puts it back, under the lock the address is returned from.
-///
-/// The live map holds exactly the blocks callers own, so a free (or any lookup by address) of
-/// an in-flight block is refused like a double free. It can only be a stale one (a double
-/// free, or a use after free, of a pointer whose address is being handed out again); accepted,
-/// it sent the block back to the cache while the allocation went on with it, so the block was
-/// handed out twice, and released twice, onto a free list it was already on (a cycle), when
-/// mapping then failed (issue 13 item 4).
-#[inline]
-pub(super) fn hold_in_flight(st: &mut PoolState, block: u32) {
-    let addr = st.blocks[block as usize].addr;
-    let held = st.live.remove(&addr);
-    debug_assert_eq!(held, Some(block), "a block just carved is live");
 }
 
 /// The memory fraction's value while none is set (a set one is in [0, 1]).
@@ -387,10 +298,10 @@ impl CachingAllocator {
             if let Some((pool_idx, pool)) = self.existing_pool(stream) {
                 let rounded = self.round(size);
                 let mut st = pool.state.lock();
-                if st.pending.is_empty() {
+                if !st.has_pending() {
                     let block = st.take_cached(rounded, size, &self.pool_config);
-                    if block != NIL && st.blocks[block as usize].is_mapped() {
-                        return Ok(st.blocks[block as usize].addr);
+                    if block != NIL && st.block(block).is_mapped() {
+                        return Ok(st.block(block).addr);
                     }
                     return self.alloc_missed(pool_idx, pool, st, block, rounded, size);
                 }
@@ -440,9 +351,9 @@ impl CachingAllocator {
             return self.alloc_slow(pool_idx, pool, rounded, size);
         }
         if st.refresh_mapped(block) {
-            return Ok(st.blocks[block as usize].addr);
+            return Ok(st.block(block).addr);
         }
-        hold_in_flight(&mut st, block);
+        st.hold_in_flight(block);
         drop(st);
         self.finish_unmapped(pool_idx, pool, block, rounded, size)
     }
@@ -468,15 +379,14 @@ impl CachingAllocator {
         let mut st = pool.state.lock();
         // Another thread asking the pending frees' events finishes them: take what the cache
         // has rather than wait for it.
-        if !st.pending.is_empty() && !pool.pending_queries.is_locked() {
+        if st.has_pending() && !pool.pending_queries.is_locked() {
             self.process_pending(pool, &mut st);
         }
         let block = st.take_cached(rounded, size, &self.pool_config);
         if block != NIL {
-            let ptr = st.blocks[block as usize].addr;
-            let block_size = st.blocks[block as usize].size;
-            if !st.blocks[block as usize].is_mapped() && !st.refresh_mapped(block) {
-                hold_in_flight(&mut st, block);
+            let (ptr, block_size) = (st.block(block).addr, st.block(block).size);
+            if !st.block(block).is_mapped() && !st.refresh_mapped(block) {
+                st.hold_in_flight(block);
                 drop(st);
                 return self.finish_unmapped(pool_idx, pool, block, rounded, size);
             }
@@ -513,12 +423,11 @@ impl CachingAllocator {
             return self.free_unknown(ptr);
         };
         let mut st = pool.state.lock();
-        let Some(block) = st.live.remove(&ptr) else {
+        let Some(block) = st.take_live(ptr) else {
             return Err(Self::double_free(ptr));
         };
-        if self.quiet() && !pool.private && !st.blocks[block as usize].has_extras {
-            st.account_free(block);
-            st.release_to_cache(block);
+        if self.quiet() && !pool.private && !st.block(block).has_extras {
+            st.free_to_cache(block);
             return Ok(());
         }
         self.free_rest(pool, st, ptr, block)
@@ -558,7 +467,7 @@ impl CachingAllocator {
         if self.history.enabled() {
             self.note_free(&mut st, block, pool.stream.index);
         }
-        let b = &st.blocks[block as usize];
+        let b = st.block(block);
         debug_assert!(
             b.addr == ptr && b.state == BlockState::Allocated,
             "live map out of sync at {ptr:#x}"
@@ -566,14 +475,13 @@ impl CachingAllocator {
         let size = b.size;
         if b.has_extras {
             if let Err(e) = self.free_with_extras(&mut st, block) {
-                st.live.insert(ptr, block);
+                st.restore_live(ptr, block);
                 return Err(e);
             }
         } else {
-            st.account_free(block);
-            st.release_to_cache(block);
+            st.free_to_cache(block);
         }
-        let drain = pool.private && st.released;
+        let drain = pool.private && st.is_released();
         drop(st);
         if drain {
             self.drain_released_pool(pool);
@@ -609,11 +517,7 @@ impl CachingAllocator {
         let Some((index, pool)) = self.routed_pool(stream) else {
             return Ok(own);
         };
-        let mut st = pool.state.lock();
-        if !st.users.contains(&stream) {
-            st.users.push(stream);
-        }
-        drop(st);
+        pool.state.lock().add_user(stream);
         Ok((index, pool))
     }
 
@@ -631,6 +535,7 @@ impl CachingAllocator {
                 private: false,
                 state: Mutex::new(PoolState::new()),
                 pending_queries: Mutex::new(()),
+                fence_queries: Mutex::new(()),
             })
         });
         self.pools_in_use.fetch_max(i + 1, Relaxed);
@@ -688,7 +593,7 @@ impl Drop for CachingAllocator {
         for pool in self.initialized_pools() {
             let _ = self.sync_pending(pool);
             let _ = self.sync_stream(pool);
-            let segments = std::mem::take(&mut pool.state.lock().segments);
+            let segments = pool.state.lock().take_segments();
             for seg in segments {
                 if seg.vm.is_some() {
                     vm_segments.push(seg);
@@ -698,19 +603,9 @@ impl Drop for CachingAllocator {
                     unsafe { self.provider.free(seg.base, seg.size as usize) };
                 }
             }
-            let (pending, fence) = {
-                let mut st = pool.state.lock();
-                (
-                    std::mem::take(&mut st.pending),
-                    std::mem::take(&mut st.fences),
-                )
-            };
+            let tickets = pool.state.lock().take_tickets();
             if let Some(events) = &self.events {
-                pending
-                    .iter()
-                    .flat_map(|p| &p.tickets)
-                    .for_each(|&t| events.release(t));
-                fence.into_iter().for_each(|f| events.release(f.ticket));
+                tickets.into_iter().for_each(|t| events.release(t));
             }
         }
         if self.vm_page != 0 {

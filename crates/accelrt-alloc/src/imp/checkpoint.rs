@@ -19,7 +19,7 @@ use super::AllocatorEvent;
 use super::CachingAllocator;
 use crate::error::{Error, Result};
 use crate::graph::MempoolId;
-use crate::pool::{BlockState, NIL};
+use crate::pool::BlockState;
 use crate::MIN_BLOCK;
 
 /// One block of a checkpointed segment.
@@ -75,22 +75,21 @@ impl CachingAllocator {
         let mut st = pool.state.lock();
         st.flush_recent();
         let segments = st
-            .segments
+            .segments()
             .iter()
             .map(|seg| {
-                let mut blocks = Vec::new();
-                let mut cur = seg.head;
-                while cur != NIL {
-                    let b = &st.blocks[cur as usize];
-                    let allocated = b.state == BlockState::Allocated;
-                    blocks.push(CheckpointBlock {
-                        addr: b.addr,
-                        size: b.size,
-                        requested: if allocated { b.requested } else { 0 },
-                        allocated,
-                    });
-                    cur = b.next;
-                }
+                let blocks = st
+                    .blocks_of(seg)
+                    .map(|(_, b)| {
+                        let allocated = b.state == BlockState::Allocated;
+                        CheckpointBlock {
+                            addr: b.addr,
+                            size: b.size,
+                            requested: if allocated { b.requested } else { 0 },
+                            allocated,
+                        }
+                    })
+                    .collect();
                 CheckpointSegment {
                     base: seg.base,
                     size: seg.size,
@@ -124,7 +123,7 @@ impl CachingAllocator {
             let st = pool.state.lock();
             for cs in &checkpoint.segments {
                 if !st
-                    .segments
+                    .segments()
                     .iter()
                     .any(|s| s.base == cs.base && s.size == cs.size)
                 {
@@ -140,10 +139,9 @@ impl CachingAllocator {
         // pool then waits for them: a restore hands their memory out again at once.
         let with_extras: Vec<usize> = {
             let st = pool.state.lock();
-            st.live
-                .iter()
-                .filter(|(_, &b)| st.blocks[b as usize].has_extras)
-                .map(|(&p, _)| p)
+            st.live_blocks()
+                .filter(|&(_, b)| st.block(b).has_extras)
+                .map(|(p, _)| p)
                 .collect()
         };
         let mut freed = with_extras.clone();
@@ -154,27 +152,26 @@ impl CachingAllocator {
 
         let mut st = pool.state.lock();
         self.process_pending(pool, &mut st);
-        if !st.pending.is_empty() {
+        if st.has_pending() {
             return Err(why(format!(
                 "{} block(s) still wait for other streams' events",
-                st.pending.len()
+                st.pending_count()
             )));
         }
-        if !st.lent.is_empty() {
+        if !st.lent_ranges().is_empty() {
             return Err(why("part of the pool is lent to another mapping".into()));
         }
         // Every block allocated now goes back to the pool.
-        let mut live: Vec<(usize, u32)> = st.live.iter().map(|(&p, &b)| (p, b)).collect();
+        let mut live: Vec<(usize, u32)> = st.live_blocks().collect();
         live.sort_unstable();
         let mut sizes = Vec::with_capacity(live.len());
         for &(ptr, block) in &live {
-            st.live.remove(&ptr);
+            st.take_live(ptr);
             if self.history.enabled() {
                 self.note_free(&mut st, block, pool.stream.index);
             }
-            sizes.push((ptr, st.blocks[block as usize].size));
-            st.account_free(block);
-            st.release_to_cache(block);
+            sizes.push((ptr, st.block(block).size));
+            st.free_to_cache(block);
             freed.push(ptr);
         }
         st.flush_recent();

@@ -1,4 +1,5 @@
-//! Cross-stream use (`record_stream`, pending frees, fences) and cache control.
+//! Cross-stream use (`record_stream`, `record_events`), frees that wait for other streams
+//! (pending frees, their events asked with the pool unlocked), and cache control.
 
 use super::*;
 
@@ -9,19 +10,12 @@ impl CachingAllocator {
     /// cache only once events recorded now on those streams have completed.
     #[cold]
     pub(super) fn free_with_extras(&self, st: &mut PoolState, block: u32) -> Result<()> {
-        let extras = st.extras.remove(&block).unwrap_or_default();
+        let extras = st.take_extras(block);
         let mut recorded = Vec::with_capacity(extras.stream_uses.len());
         if self.events.is_some() && self.capturing() && !extras.stream_uses.is_empty() {
             // No event may be recorded during a capture: the block waits, its streams' events
             // are recorded once the capture is over (`process_pending`).
-            st.blocks[block as usize].has_extras = false;
-            st.account_free(block);
-            st.blocks[block as usize].state = BlockState::Pending;
-            st.pending.push(PendingFree {
-                block,
-                tickets: extras.events,
-                deferred: extras.stream_uses,
-            });
+            st.free_waiting(block, extras.events, extras.stream_uses);
             return Ok(());
         }
         if let Some(events) = &self.events {
@@ -32,7 +26,7 @@ impl CachingAllocator {
                     Err(e) => {
                         // Leave the block allocated, with its extras, exactly as it was.
                         recorded.into_iter().for_each(|t| events.release(t));
-                        st.extras.insert(block, extras);
+                        st.restore_extras(block, extras);
                         return Err(e);
                     }
                 }
@@ -40,18 +34,7 @@ impl CachingAllocator {
         }
         let mut tickets = extras.events;
         tickets.extend(recorded);
-        st.blocks[block as usize].has_extras = false;
-        st.account_free(block);
-        if tickets.is_empty() {
-            st.release_to_cache(block);
-        } else {
-            st.blocks[block as usize].state = BlockState::Pending;
-            st.pending.push(PendingFree {
-                block,
-                tickets,
-                deferred: Vec::new(),
-            });
-        }
+        st.free_waiting(block, tickets, Vec::new());
         Ok(())
     }
 
@@ -70,7 +53,7 @@ impl CachingAllocator {
             return Err(Error::InvalidPointer { ptr, context: what });
         };
         let mut st = pool.state.lock();
-        let Some(&block) = st.live.get(&ptr) else {
+        let Some(block) = st.live_block(ptr) else {
             return Err(Error::InvalidPointer { ptr, context: what });
         };
         Ok(f(&mut st, block, pool))
@@ -91,11 +74,7 @@ impl CachingAllocator {
         }
         self.with_live_block(ptr, "record_stream", |st, block, pool| {
             if pool.stream != stream {
-                let uses = &mut st.extras.entry(block).or_default().stream_uses;
-                if !uses.contains(&stream) {
-                    uses.push(stream);
-                }
-                st.blocks[block as usize].has_extras = true;
+                st.add_stream_use(block, stream);
             }
         })
     }
@@ -115,8 +94,7 @@ impl CachingAllocator {
             self.driver.event_record.fetch_add(1, Relaxed);
             let ticket = events.record(stream)?;
             let attached = self.with_live_block(ptr, "record_events", |st, block, _| {
-                st.extras.entry(block).or_default().events.push(ticket);
-                st.blocks[block as usize].has_extras = true;
+                st.add_event(block, ticket);
             });
             if attached.is_err() {
                 events.release(ticket); // freed meanwhile by another thread
@@ -132,17 +110,8 @@ impl CachingAllocator {
         let events =
             self.require_events("wait_for_events on an allocator without an event source")?;
         for &ptr in ptrs {
-            let tickets = self.with_live_block(ptr, "wait_for_events", |st, block, _| {
-                let Some(x) = st.extras.get_mut(&block) else {
-                    return Vec::new();
-                };
-                let tickets = std::mem::take(&mut x.events);
-                if x.stream_uses.is_empty() {
-                    st.extras.remove(&block);
-                    st.blocks[block as usize].has_extras = false;
-                }
-                tickets
-            })?;
+            let tickets =
+                self.with_live_block(ptr, "wait_for_events", |st, block, _| st.take_events(block))?;
             for t in tickets {
                 self.driver.synchronize.fetch_add(1, Relaxed);
                 let r = events.synchronize(t);
@@ -151,6 +120,99 @@ impl CachingAllocator {
             }
         }
         self.free_inactive_buffers()
+    }
+
+    // ---- pending frees ---------------------------------------------------------------------
+
+    /// Finish frees whose events have all completed. The events are asked with the pool's
+    /// lock released (`st` is unlocked meanwhile and locked again on return, so the caller
+    /// must look at the pool afresh): a driver query takes microseconds, and allocations and
+    /// frees of the pool on other threads go on meanwhile. One thread at a time asks for a
+    /// pool (`StreamPool::pending_queries`), so a ticket is never released by one thread
+    /// while another asks it.
+    #[cold]
+    pub(super) fn process_pending(&self, pool: &StreamPool, st: &mut MutexGuard<'_, PoolState>) {
+        let Some(events) = &self.events else { return };
+        if !st.has_pending() || self.capturing() {
+            return; // no event queries during a capture: the frees wait for its end
+        }
+        let stream = pool.stream.index;
+        MutexGuard::unlocked(st, || {
+            let _asking = pool.pending_queries.lock();
+            let asked: Vec<(u32, Vec<u64>)> = {
+                let mut st = pool.state.lock();
+                self.record_deferred(&mut st, &**events);
+                st.pending_tickets()
+                    .map(|(block, tickets)| (block, tickets.to_vec()))
+                    .collect()
+            };
+            // A failed query means the stream is broken: waiting would never end, so the
+            // block is treated as done with.
+            let done: Vec<u32> = asked
+                .into_iter()
+                .filter(|(_, tickets)| {
+                    tickets.iter().all(|&t| {
+                        self.driver.event_query.fetch_add(1, Relaxed);
+                        events.query(t).unwrap_or(true)
+                    })
+                })
+                .map(|(block, _)| block)
+                .collect();
+            if done.is_empty() {
+                return;
+            }
+            let mut st = pool.state.lock();
+            for block in done {
+                // Still pending: only this thread finishes this pool's pending frees now.
+                let Some(f) = st.finish_pending(block) else {
+                    continue;
+                };
+                f.tickets.iter().for_each(|&t| events.release(t));
+                if self.history.enabled() {
+                    self.history.record(
+                        TraceAction::FreeCompleted,
+                        f.addr as u64,
+                        f.requested,
+                        stream,
+                    );
+                }
+            }
+        });
+    }
+
+    /// Record the events of frees made during a capture (none could be recorded then).
+    fn record_deferred(&self, st: &mut PoolState, events: &dyn StreamEvents) {
+        st.record_deferred(|s| {
+            self.driver.event_record.fetch_add(1, Relaxed);
+            match events.record(s) {
+                Ok(t) => Some(t),
+                // A stream that cannot record (destroyed since): wait for the whole device
+                // instead (rare), so the block is not reused under its work.
+                Err(_) => {
+                    self.driver.synchronize.fetch_add(1, Relaxed);
+                    let _ = events.synchronize_device(self.device.index);
+                    None
+                }
+            }
+        });
+    }
+
+    /// Wait for every pending free of one pool, without holding its lock while waiting.
+    pub(super) fn sync_pending(&self, pool: &StreamPool) -> Result<()> {
+        let Some(events) = &self.events else {
+            return Ok(());
+        };
+        let tickets: Vec<u64> = pool
+            .state
+            .lock()
+            .pending_tickets()
+            .flat_map(|(_, tickets)| tickets.iter().copied())
+            .collect();
+        for t in tickets {
+            self.driver.synchronize.fetch_add(1, Relaxed);
+            events.synchronize(t)?;
+        }
+        Ok(())
     }
 
     // ---- cache control ---------------------------------------------------------------------
@@ -178,7 +240,7 @@ impl CachingAllocator {
         }
         for pool in self.initialized_pools() {
             let mut st = pool.state.lock();
-            if !st.pending.is_empty() {
+            if st.has_pending() {
                 self.process_pending(pool, &mut st);
             }
         }

@@ -31,9 +31,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use parking_lot::MutexGuard;
 
-use super::{
-    hold_in_flight, AllocatorEvent, CachingAllocator, HardLimit, SegmentFailure, StreamPool,
-};
+use super::{AllocatorEvent, CachingAllocator, HardLimit, SegmentFailure, StreamPool};
 use crate::chunks::{ChunkTable, Home};
 use crate::error::{Error, Result};
 use crate::history::TraceAction;
@@ -125,7 +123,7 @@ impl CachingAllocator {
                     self.process_pending(pool, &mut st);
                     let block = st.take_backed(rounded, size, &self.pool_config);
                     if block != NIL {
-                        hold_in_flight(&mut st, block);
+                        st.hold_in_flight(block);
                     }
                     block
                 };
@@ -177,13 +175,11 @@ impl CachingAllocator {
 
     pub(super) fn publish_mapped(&self, pool: &StreamPool, block: u32) -> usize {
         let mut st = pool.state.lock();
-        // The caller's from here on (see `hold_in_flight`).
-        let addr = st.blocks[block as usize].addr;
-        st.live.insert(addr, block);
+        // The caller's from here on (see `PoolState::hold_in_flight`).
+        let ptr = st.publish(block);
         if self.history.enabled() {
             self.note_alloc(&mut st, block, pool.stream.index);
         }
-        let ptr = st.blocks[block as usize].addr;
         drop(st);
         if self.config.debug_checks {
             self.debug_check("alloc (expandable)");
@@ -195,9 +191,8 @@ impl CachingAllocator {
     pub(super) fn unwind_unmapped(&self, pool: &StreamPool, block: u32) {
         let mut st = pool.state.lock();
         // In flight (see `hold_in_flight`): no free can have reached it.
-        debug_assert_eq!(st.blocks[block as usize].state, BlockState::Allocated);
-        st.account_free(block);
-        st.release_to_cache(block);
+        debug_assert_eq!(st.block(block).state, BlockState::Allocated);
+        st.free_to_cache(block);
     }
 
     /// Reserve a new virtual range for `pool` and carve a block of `rounded` bytes from it.
@@ -271,7 +266,7 @@ impl CachingAllocator {
                 "a fresh address range of {span} bytes did not hold a block of {rounded} bytes"
             )));
         }
-        hold_in_flight(&mut st, block);
+        st.hold_in_flight(block);
         Ok(block)
     }
 
@@ -291,9 +286,7 @@ impl CachingAllocator {
                 .lock()
                 .first_unmapped_run(block, self.max_chunk_pages());
             let Some(run) = run else {
-                let mut st = pool.state.lock();
-                let b = &mut st.blocks[block as usize];
-                b.mapped_len = b.size;
+                pool.state.lock().mark_mapped(block);
                 return Ok(());
             };
             match self.fill_run(&mut vm, pool_idx, pool, run, synced) {
@@ -465,7 +458,7 @@ impl CachingAllocator {
     pub(super) fn may_move(&self) -> bool {
         let allocs: u64 = self
             .pools_with_index()
-            .map(|(_, p)| p.state.lock().next_id)
+            .map(|(_, p)| p.state.lock().allocations())
             .sum();
         self.counters.num_page_steals.load(Relaxed) < allocs / ALLOCS_PER_MOVE + INITIAL_MOVES
     }

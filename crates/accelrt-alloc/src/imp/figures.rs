@@ -3,6 +3,42 @@
 
 use super::*;
 
+/// What a registered callback is told, and when it fires. Callbacks run on the thread that
+/// made the call, after the allocator's locks are released, so they may call the allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum AllocatorEvent {
+    /// A new segment came from the device (ptr and size of the segment).
+    Allocated,
+    /// A cached block was handed out again (ptr and size of the block).
+    Recycled,
+    /// A block was returned to the cache by a free (for a block used on other streams:
+    /// when it was freed, not when the other streams passed it).
+    Freed,
+    /// A segment was given back to the device (ptr and size of the segment).
+    Released,
+    /// The device (or a limit) refused a new segment; fired before the allocator retries, so
+    /// a callback may free memory (ptr 0, size = bytes requested).
+    AllocationFailed,
+}
+
+/// A callback: (ptr, size, event).
+pub type AllocatorCallback = Arc<dyn Fn(usize, u64, AllocatorEvent) + Send + Sync>;
+/// An out-of-memory observer, called just before `Error::OutOfMemory` is returned.
+pub type OomObserver = Arc<dyn Fn(&OomInfo) + Send + Sync>;
+
+/// What an out-of-memory observer is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OomInfo {
+    pub device: Device,
+    pub requested: u64,
+    pub device_total: u64,
+    pub device_free: u64,
+}
+
+/// Handle for removing a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CallbackId(pub u64);
+
 impl CachingAllocator {
     // ---- figures ---------------------------------------------------------------------------
 
@@ -13,10 +49,7 @@ impl CachingAllocator {
     /// Bytes of live blocks (MPS `getCurrentAllocatedMemory`).
     pub fn allocated_bytes(&self) -> u64 {
         self.initialized_pools()
-            .map(|p| {
-                let st = p.state.lock();
-                st.stats[0].allocated_bytes.current + st.stats[1].allocated_bytes.current
-            })
+            .map(|p| p.state.lock().allocated_bytes())
             .sum()
     }
     /// Bytes the device reports as allocated through the provider.
@@ -33,8 +66,9 @@ impl CachingAllocator {
         let mut s = MemoryStats::default();
         for pool in self.initialized_pools() {
             let st = pool.state.lock();
-            s.small_pool = s.small_pool.merged(st.stats[0]);
-            s.large_pool = s.large_pool.merged(st.stats[1]);
+            let [small, large] = *st.stats();
+            s.small_pool = s.small_pool.merged(small);
+            s.large_pool = s.large_pool.merged(large);
             s.combined = s.combined.merged(st.combined_stats());
         }
         let c = &self.counters;
@@ -67,8 +101,7 @@ impl CachingAllocator {
     /// Zero the allocated/freed totals and the event counters.
     pub fn reset_accumulated_stats(&self) {
         for pool in self.initialized_pools() {
-            let mut st = pool.state.lock();
-            st.stats.iter_mut().for_each(|s| s.reset_accumulated());
+            pool.state.lock().reset_accumulated_stats();
         }
         let c = &self.counters;
         for a in [
@@ -113,18 +146,18 @@ impl CachingAllocator {
 
     #[cold]
     pub(super) fn note_alloc(&self, st: &mut PoolState, block: u32, stream: u32) {
-        let b = &st.blocks[block as usize];
+        let b = st.block(block);
         let (addr, requested) = (b.addr as u64, b.requested);
         self.history
             .record(TraceAction::Alloc, addr, requested, stream);
         if let Some(frames) = self.history.context() {
-            st.frames.insert(block, frames);
+            st.set_frames(block, frames);
         }
     }
 
     #[cold]
     pub(super) fn note_free(&self, st: &mut PoolState, block: u32, stream: u32) {
-        let b = &st.blocks[block as usize];
+        let b = st.block(block);
         let (addr, requested, pending) = (b.addr as u64, b.requested, b.has_extras);
         self.history
             .record(TraceAction::FreeRequested, addr, requested, stream);
@@ -132,7 +165,7 @@ impl CachingAllocator {
             self.history
                 .record(TraceAction::FreeCompleted, addr, requested, stream);
         }
-        st.frames.remove(&block);
+        st.forget_frames(block);
     }
 
     /// Every segment with its blocks, and the recorded history (PyTorch's `_snapshot`).
@@ -151,14 +184,14 @@ impl CachingAllocator {
             // neighbours: coalesced first, the segments show the layout PyTorch's would (and
             // the one a checkpoint of the pool restores).
             st.flush_recent();
-            for (pos, seg) in st.segments.iter().enumerate() {
+            for (pos, seg) in st.segments().iter().enumerate() {
                 let mut info = SegmentInfo {
                     device: self.device.index,
                     address: seg.base as u64,
                     total_size: seg.size,
                     stream: pool.stream.index,
                     segment_type: seg.kind,
-                    segment_pool_id: (st.pool_id.0, st.pool_id.1),
+                    segment_pool_id: (st.pool_id().0, st.pool_id().1),
                     is_expandable: seg.vm.is_some(),
                     unmapped: Self::unmapped_ranges(&st, pos),
                     allocated_size: 0,
@@ -166,9 +199,7 @@ impl CachingAllocator {
                     requested_size: 0,
                     blocks: Vec::new(),
                 };
-                let mut cur = seg.head;
-                while cur != NIL {
-                    let b = &st.blocks[cur as usize];
+                for (cur, b) in st.blocks_of(seg) {
                     let state = match b.state {
                         BlockState::Allocated => BlockStatus::ActiveAllocated,
                         BlockState::Pending => BlockStatus::ActivePendingFree,
@@ -186,9 +217,8 @@ impl CachingAllocator {
                         size: b.size,
                         requested_size: b.requested,
                         state,
-                        frames: st.frames.get(&cur).cloned(),
+                        frames: st.frames(cur).cloned(),
                     });
-                    cur = b.next;
                 }
                 segments.push(info);
             }

@@ -20,7 +20,7 @@ use std::os::fd::OwnedFd;
 use super::CachingAllocator;
 use crate::chunks::Home;
 use crate::error::{Error, Result};
-use crate::pool::{BlockState, LENT, NIL};
+use crate::pool::{BlockState, LENT};
 use crate::provider::{ChunkHandle, ProviderError};
 
 /// One exported chunk: its descriptor (owned by the caller), its size, and where it starts
@@ -80,27 +80,18 @@ impl CachingAllocator {
             let vm = self.vm_state.lock();
             let st = pool.state.lock();
             let seg = st
-                .segments
-                .iter()
-                .find(|s| s.base <= ptr && ptr < s.base + s.size as usize)
+                .segment_at(ptr)
                 .ok_or_else(|| why("no segment holds it".into()))?;
             let table = seg
                 .vm
                 .as_ref()
                 .ok_or_else(|| why("it is in a plain segment".into()))?;
             // The block holding the range must be allocated (the caller's).
-            let mut cur = seg.head;
-            while cur != NIL {
-                let b = &st.blocks[cur as usize];
-                if b.addr <= ptr && ptr < b.addr + b.size as usize {
-                    break;
-                }
-                cur = b.next;
-            }
-            if cur == NIL || st.blocks[cur as usize].state != BlockState::Allocated {
-                return Err(why("it is not in an allocated block".into()));
-            }
-            let b = &st.blocks[cur as usize];
+            let b = st
+                .block_at(seg, ptr)
+                .map(|idx| st.block(idx))
+                .filter(|b| b.state == BlockState::Allocated)
+                .ok_or_else(|| why("it is not in an allocated block".into()))?;
             if ptr + len > b.addr + b.size as usize {
                 return Err(why(format!(
                     "it runs past its block ({:#x}, {} bytes)",

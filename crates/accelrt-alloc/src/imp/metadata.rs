@@ -7,14 +7,12 @@ impl CachingAllocator {
 
     /// Bytes the caller asked for when allocating `ptr` (before rounding).
     pub fn requested_size(&self, ptr: usize) -> Result<u64> {
-        self.with_live_block(ptr, "requested_size", |st, b, _| {
-            st.blocks[b as usize].requested
-        })
+        self.with_live_block(ptr, "requested_size", |st, b, _| st.block(b).requested)
     }
 
     /// Bytes reserved for `ptr` (the rounded block size).
     pub fn block_size(&self, ptr: usize) -> Result<u64> {
-        self.with_live_block(ptr, "block_size", |st, b, _| st.blocks[b as usize].size)
+        self.with_live_block(ptr, "block_size", |st, b, _| st.block(b).size)
     }
 
     /// A unique id for the allocation at `ptr` among this allocator's allocations (never 0,
@@ -23,7 +21,7 @@ impl CachingAllocator {
     pub fn buffer_id(&self, ptr: usize) -> Result<u64> {
         const POOL_SLOTS: u64 = (MAX_STREAM_POOLS + MAX_PRIVATE_POOLS) as u64;
         self.with_live_block(ptr, "buffer_id", |st, b, pool| {
-            st.blocks[b as usize].id * POOL_SLOTS + u64::from(pool.stream.index)
+            st.block(b).id * POOL_SLOTS + u64::from(pool.stream.index)
         })
     }
 
@@ -119,44 +117,30 @@ impl CachingAllocator {
                 context: "not inside memory of this allocator",
             })?;
         let st = pool.state.lock();
-        let Some(seg) = st
-            .segments
-            .iter()
-            .find(|s| s.base <= ptr && ptr < s.base + s.size as usize)
-        else {
+        let Some(b) = st.segment_at(ptr).and_then(|seg| st.block_at(seg, ptr)) else {
             return Err(Error::InvalidPointer {
                 ptr,
                 context: "not inside memory of this allocator",
             });
         };
-        let mut b = seg.head;
-        while b != NIL {
-            let block = &st.blocks[b as usize];
-            if block.addr <= ptr && ptr < block.addr + block.size as usize {
-                if block.state != BlockState::Allocated || !st.live.contains_key(&block.addr) {
-                    return Err(Error::InvalidPointer {
-                        ptr,
-                        context: "inside a freed block (a use after free?)",
-                    });
-                }
-                let block_end = block.addr + block.size as usize;
-                if end > block_end {
-                    return Err(Error::InvalidArgument(format!(
-                        "{what}: {ptr:#x} + {len} bytes runs {} bytes past the end of its \
-                         allocation ({:#x}, {} bytes)",
-                        end - block_end,
-                        block.addr,
-                        block.size
-                    )));
-                }
-                return Ok(());
-            }
-            b = block.next;
+        let block = st.block(b);
+        if block.state != BlockState::Allocated || st.live_block(block.addr).is_none() {
+            return Err(Error::InvalidPointer {
+                ptr,
+                context: "inside a freed block (a use after free?)",
+            });
         }
-        Err(Error::InvalidPointer {
-            ptr,
-            context: "not inside memory of this allocator",
-        })
+        let block_end = block.addr + block.size as usize;
+        if end > block_end {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: {ptr:#x} + {len} bytes runs {} bytes past the end of its allocation \
+                 ({:#x}, {} bytes)",
+                end - block_end,
+                block.addr,
+                block.size
+            )));
+        }
+        Ok(())
     }
 
     /// Whether `ptr` lies inside memory this allocator holds (live or cached).

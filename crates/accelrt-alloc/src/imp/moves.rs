@@ -3,7 +3,7 @@
 //! The policy (when to move) is in `expandable.rs`.
 
 use super::expandable::*;
-use super::slow::Need;
+use super::fences::Need;
 use super::*;
 use crate::pool::{PoolState, LENT, NO_CHUNK};
 
@@ -29,7 +29,8 @@ impl CachingAllocator {
             self.note_lent(&st, pool.stream.index, &taken);
             // The last use of the ranges just lent: one fence recorded after it covers them
             // all (and one already in flight may).
-            let last_use = st.lent[st.lent.len() - taken.len()..]
+            let lent = st.lent_ranges();
+            let last_use = lent[lent.len() - taken.len()..]
                 .iter()
                 .map(|l| l.tick)
                 .max();
@@ -52,13 +53,13 @@ impl CachingAllocator {
                 // (since, the fence to wait for on the device)
                 let (since, wait) = if synced || self.events.is_none() {
                     (u64::MAX, None)
-                } else if let Some(f) = st.fences.back() {
+                } else if let Some(f) = st.newest_fence() {
                     (f.tick, Some(f.ticket))
                 } else {
-                    (st.safe_tick, None)
+                    (st.safe_tick(), None)
                 };
-                let (since, wait) = if st.safe_tick >= since {
-                    (st.safe_tick, None) // already passed: no wait
+                let (since, wait) = if st.safe_tick() >= since {
+                    (st.safe_tick(), None) // already passed: no wait
                 } else {
                     (since, wait)
                 };
@@ -121,7 +122,7 @@ impl CachingAllocator {
             // used after what completed fences already proved.
             let (safe, ages) = {
                 let mut st = q.state.lock();
-                let safe = st.safe_tick;
+                let safe = st.safe_tick();
                 (safe, st.idle_ages_after(&vm.chunks, safe))
             };
             let since = match ages {
@@ -173,7 +174,8 @@ impl CachingAllocator {
             return;
         }
         let page = self.page_bytes();
-        for l in &st.lent[st.lent.len() - taken.len()..] {
+        let lent = st.lent_ranges();
+        for l in &lent[lent.len() - taken.len()..] {
             let addr = (l.seg_base as u64) + l.slot as u64 * page;
             self.history.record(
                 TraceAction::SegmentUnmap,
@@ -194,7 +196,7 @@ impl CachingAllocator {
             }
             let ages = {
                 let st = pool.state.lock();
-                let ticks = st.lent.iter().map(|l| l.tick);
+                let ticks = st.lent_ranges().iter().map(|l| l.tick);
                 ticks.clone().min().zip(ticks.max())
             };
             let Some((oldest_lent, newest_lent)) = ages else {
@@ -254,14 +256,13 @@ impl CachingAllocator {
         }
         let ticks: Vec<(usize, u64)> = self
             .pools_with_index()
-            .map(|(i, p)| (i, p.state.lock().tick))
+            .map(|(i, p)| (i, p.state.lock().tick()))
             .collect();
         self.driver.synchronize.fetch_add(1, Relaxed);
         events.synchronize_device(self.device.index)?;
         for (i, tick) in ticks {
             let pool = self.pool_at(i as u32);
-            let mut st = pool.state.lock();
-            st.safe_tick = st.safe_tick.max(tick);
+            pool.state.lock().raise_safe_tick(tick);
         }
         Ok(())
     }
@@ -290,7 +291,7 @@ impl CachingAllocator {
         }
         let empty: Vec<usize> = {
             let st = pool.state.lock();
-            st.segments
+            st.segments()
                 .iter()
                 .filter(|s| {
                     s.vm.as_ref()
@@ -323,7 +324,7 @@ impl CachingAllocator {
     /// The unmapped and lent ranges of an expandable segment, for snapshots (lent ranges hold
     /// no memory of their own).
     pub(super) fn unmapped_ranges(st: &PoolState, seg_pos: usize) -> Vec<(u64, u64)> {
-        let seg = &st.segments[seg_pos];
+        let seg = &st.segments()[seg_pos];
         let Some(table) = &seg.vm else {
             return Vec::new();
         };

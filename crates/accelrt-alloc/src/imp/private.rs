@@ -128,13 +128,10 @@ impl CachingAllocator {
                 private: true,
                 state: Mutex::new(PoolState::new()),
                 pending_queries: Mutex::new(()),
+                fence_queries: Mutex::new(()),
             })
         });
-        {
-            let mut st = pool.state.lock();
-            st.pool_id = id;
-            st.released = false;
-        }
+        pool.state.lock().open_private(id);
         self.pools_in_use.fetch_max(index + 1, Relaxed);
         p.routes.push((id, index, filter));
         self.rare.set(RareFlags::ROUTES, !p.routes.is_empty());
@@ -204,7 +201,7 @@ impl CachingAllocator {
         let pool = self.pools[index]
             .get()
             .expect("a registered private pool exists");
-        pool.state.lock().released = true;
+        pool.state.lock().mark_released();
         self.drain_released_pool(pool);
         Ok(())
     }
@@ -303,7 +300,7 @@ impl CachingAllocator {
         }
         // Blocks of a private pool may have been used on any stream: wait for the device's
         // streams that allocated from it, as recorded.
-        let users: Vec<Stream> = pool.state.lock().users.clone();
+        let users: Vec<Stream> = pool.state.lock().users().to_vec();
         if let Some(events) = &self.events {
             for s in users {
                 if let Ok(t) = events.record(s) {
@@ -316,7 +313,7 @@ impl CachingAllocator {
             let mut st = pool.state.lock();
             st.flush_recent();
             let freed = st.take_releasable_segments();
-            (freed, st.segments.is_empty(), st.pool_id)
+            (freed, st.segments().is_empty(), st.pool_id())
         };
         freed
             .into_iter()
@@ -326,10 +323,7 @@ impl CachingAllocator {
             if p.ids.get(&id).is_some_and(|e| e.use_count == 0) {
                 let slot = p.ids.remove(&id).expect("checked above").slot;
                 p.free_slots.push(slot);
-                let mut st = pool.state.lock();
-                st.released = false;
-                st.pool_id = MempoolId::NONE;
-                st.users.clear();
+                pool.state.lock().close_private();
             }
         }
     }

@@ -1,10 +1,10 @@
 //! The slow path of plain segments (garbage collection, `release_at_peak`, new segments), the
-//! retry-then-out-of-memory policy both segment sources use (`retry_or_oom`), the
-//! out-of-memory report and the limits it enforces; pending frees and fences (asking the
-//! device as little as possible: `safe_tick`, `cover`).
+//! retry-then-out-of-memory policy both segment sources use (`retry_or_oom`), and giving
+//! cached memory back to the device (`release_cached`, `release_oldest_until`). The limits
+//! and the out-of-memory report are in `limits.rs`, fences in `fences.rs`.
 
+use super::fences::Need;
 use super::*;
-use crate::pool::{Fence, MAX_FENCES, QUIET_TICKS};
 
 impl CachingAllocator {
     // ---- the slow path ---------------------------------------------------------------------
@@ -150,75 +150,10 @@ impl CachingAllocator {
         if self.history.enabled() {
             self.note_alloc(&mut st, block, pool.stream.index);
         }
-        let (ptr, block_size) = (
-            st.blocks[block as usize].addr,
-            st.blocks[block as usize].size,
-        );
+        let (ptr, block_size) = (st.block(block).addr, st.block(block).size);
         drop(st);
         self.fire(ptr, block_size, AllocatorEvent::Recycled);
         Some(ptr)
-    }
-
-    /// The hard limit on reserved bytes and its description.
-    pub(super) fn hard_limit(&self) -> Option<(u64, HardLimit)> {
-        let (_, total) = self.provider.memory_info();
-        let mut limit: Option<(u64, HardLimit)> = None;
-        let fraction = f64::from_bits(self.limits.fraction.load(Relaxed));
-        if fraction >= 0.0 {
-            let bytes = (total as f64 * fraction) as u64;
-            limit = Some((bytes, HardLimit::Fraction { fraction, bytes }));
-        }
-        let high = f64::from_bits(self.limits.high_watermark.load(Relaxed));
-        if high > 0.0 {
-            let recommended = self.provider.recommended_max();
-            let bytes = (recommended as f64 * high) as u64;
-            if limit.as_ref().is_none_or(|(l, _)| bytes < *l) {
-                limit = Some((
-                    bytes,
-                    HardLimit::HighWatermark {
-                        ratio: high,
-                        recommended,
-                        bytes,
-                    },
-                ));
-            }
-        }
-        limit
-    }
-
-    /// The soft limit above which cached segments are released before taking new ones.
-    pub(super) fn soft_limit(&self) -> Option<u64> {
-        let low = f64::from_bits(self.limits.low_watermark.load(Relaxed));
-        let mut soft = (low > 0.0).then(|| (self.provider.recommended_max() as f64 * low) as u64);
-        if let Some(t) = self.garbage_collection_threshold() {
-            let fraction = f64::from_bits(self.limits.fraction.load(Relaxed));
-            if fraction >= 0.0 {
-                let bytes = (self.provider.memory_info().1 as f64 * fraction * t) as u64;
-                soft = Some(soft.map_or(bytes, |s| s.min(bytes)));
-            }
-        }
-        soft
-    }
-
-    /// Count `bytes` more as reserved if the hard limit allows; returns the new total.
-    pub(super) fn claim_reserved(&self, bytes: u64) -> std::result::Result<u64, SegmentFailure> {
-        let limit = self.hard_limit();
-        let mut cur = self.reserved.load(Relaxed);
-        loop {
-            let next = cur.saturating_add(bytes);
-            if let Some((max, ref what)) = limit {
-                if next > max {
-                    return Err(SegmentFailure::Limit(*what));
-                }
-            }
-            match self
-                .reserved
-                .compare_exchange_weak(cur, next, Relaxed, Relaxed)
-            {
-                Ok(_) => return Ok(next),
-                Err(actual) => cur = actual,
-            }
-        }
     }
 
     /// Wait until `pool`'s stream has passed all work queued so far (no-op without events).
@@ -234,107 +169,6 @@ impl CachingAllocator {
                 events.synchronize_device(pool.stream.device.index)
             }
             None => Ok(()),
-        }
-    }
-
-    /// The pool tick up to which memory freed in `pool` is no longer used by queued work, as
-    /// proven by completed fences (events on the pool's own stream); `None` until one has
-    /// completed (`u64::MAX` without an event source: there is no queued work). Never waits,
-    /// never records.
-    ///
-    /// Fences are asked only when an answer can help: none while the safe tick already
-    /// reaches `want` (the oldest use the caller would like to be past), and then the oldest
-    /// fence recorded at or after `want` first. A stream passes its fences in order, so that
-    /// one answer stands for every older fence; when it is done, the newest is asked (done:
-    /// all are) and the first pending one found by halving. After a "not yet" that fence and
-    /// the newer ones are not asked again at the same pool tick, and with [`Need::Later`] not
-    /// before [`QUIET_TICKS`] more (`Fence::pending_at`).
-    pub(super) fn safe_tick(&self, pool: &StreamPool, want: u64, need: Need) -> Option<u64> {
-        let Some(events) = self.events.as_ref() else {
-            return Some(u64::MAX);
-        };
-        let mut st = pool.state.lock();
-        let proven = |st: &PoolState| (st.safe_tick > 0).then_some(st.safe_tick);
-        if st.safe_tick >= want || self.capturing() {
-            // Nothing to ask, or no event query during a capture.
-            return proven(&st);
-        }
-        let Some(first) = st.fences.iter().position(|f| f.tick >= want) else {
-            return proven(&st); // no fence in flight covers `want` yet
-        };
-        // A fence that said "not yet" stands for every newer one.
-        let quiet = match need {
-            Need::Now => 1,
-            Need::Later => QUIET_TICKS,
-        };
-        let asked = st.fences.iter().take(first + 1).map(|f| f.pending_at).max();
-        if asked.is_some_and(|at| at != 0 && st.tick < at + quiet) {
-            return proven(&st);
-        }
-        let ask = |ticket: u64| {
-            self.driver.event_query.fetch_add(1, Relaxed);
-            events.query(ticket)
-        };
-        // Every fence up to `done` completed, none from `pending` on did.
-        let (len, mut done, mut pending) = (st.fences.len(), None::<usize>, st.fences.len());
-        let mut probe = first;
-        loop {
-            match ask(st.fences[probe].ticket) {
-                Ok(true) => done = Some(probe),
-                Ok(false) => pending = probe,
-                Err(_) => return None, // a broken stream: leave its memory alone
-            }
-            let lo = done.map_or(first, |d| d + 1);
-            if lo >= pending {
-                break;
-            }
-            probe = if pending == len && done == Some(first) {
-                len - 1 // the first useful one is done: perhaps all are
-            } else {
-                lo + (pending - lo) / 2
-            };
-        }
-        if pending < len {
-            st.fences[pending].pending_at = st.tick;
-        }
-        if let Some(d) = done {
-            let st = &mut *st;
-            for f in st.fences.drain(..=d) {
-                events.release(f.ticket);
-                st.safe_tick = st.safe_tick.max(f.tick);
-            }
-        }
-        proven(&st)
-    }
-
-    /// Make sure a fence on `pool`'s stream covers pool tick `tick` (the last use of memory
-    /// the caller wants to reuse or give back later): one in flight recorded at or after it
-    /// does; else record one at the stream's current position. With [`MAX_FENCES`] in
-    /// flight the newest is replaced (the new one covers everything it did). Only for the
-    /// pool being allocated on (its stream is alive; another pool's may be an external stream
-    /// its owner destroyed). Asks nothing, never waits.
-    pub(super) fn cover(&self, pool: &StreamPool, tick: u64) {
-        let Some(events) = self.events.as_ref() else {
-            return;
-        };
-        let mut st = pool.state.lock();
-        let newest = st.fences.back().map_or(st.safe_tick, |f| f.tick);
-        if tick <= newest || self.capturing() {
-            return;
-        }
-        self.driver.event_record.fetch_add(1, Relaxed);
-        if let Ok(ticket) = events.record(pool.stream) {
-            if st.fences.len() >= MAX_FENCES {
-                if let Some(newest) = st.fences.pop_back() {
-                    events.release(newest.ticket);
-                }
-            }
-            let tick = st.tick;
-            st.fences.push_back(Fence {
-                tick,
-                ticket,
-                pending_at: 0,
-            });
         }
     }
 
@@ -403,103 +237,6 @@ impl CachingAllocator {
 
     pub(super) fn initialized_pools(&self) -> impl Iterator<Item = &StreamPool> {
         self.pools_with_index().map(|(_, p)| p)
-    }
-
-    /// Finish frees whose events have all completed. The events are asked with the pool's
-    /// lock released (`st` is unlocked meanwhile and locked again on return, so the caller
-    /// must look at the pool afresh): a driver query takes microseconds, and allocations and
-    /// frees of the pool on other threads go on meanwhile. One thread at a time asks for a
-    /// pool (`StreamPool::pending_queries`), so a ticket is never released by one thread
-    /// while another asks it.
-    #[cold]
-    pub(super) fn process_pending(&self, pool: &StreamPool, st: &mut MutexGuard<'_, PoolState>) {
-        let Some(events) = &self.events else { return };
-        if st.pending.is_empty() || self.capturing() {
-            return; // no event queries during a capture: the frees wait for its end
-        }
-        let stream = pool.stream.index;
-        MutexGuard::unlocked(st, || {
-            let _asking = pool.pending_queries.lock();
-            let asked: Vec<(u32, Vec<u64>)> = {
-                let mut st = pool.state.lock();
-                self.record_deferred(&mut st, &**events);
-                st.pending
-                    .iter()
-                    .map(|p| (p.block, p.tickets.clone()))
-                    .collect()
-            };
-            // A failed query means the stream is broken: waiting would never end, so the
-            // block is treated as done with.
-            let done: Vec<u32> = asked
-                .into_iter()
-                .filter(|(_, tickets)| {
-                    tickets.iter().all(|&t| {
-                        self.driver.event_query.fetch_add(1, Relaxed);
-                        events.query(t).unwrap_or(true)
-                    })
-                })
-                .map(|(block, _)| block)
-                .collect();
-            if done.is_empty() {
-                return;
-            }
-            let mut st = pool.state.lock();
-            for block in done {
-                // Still pending: only this thread finishes this pool's pending frees now.
-                let Some(i) = st.pending.iter().position(|p| p.block == block) else {
-                    continue;
-                };
-                let p = st.pending.swap_remove(i);
-                p.tickets.iter().for_each(|&t| events.release(t));
-                if self.history.enabled() {
-                    let b = &st.blocks[p.block as usize];
-                    self.history.record(
-                        TraceAction::FreeCompleted,
-                        b.addr as u64,
-                        b.requested,
-                        stream,
-                    );
-                }
-                st.release_to_cache(p.block);
-            }
-        });
-    }
-
-    /// Record the events of frees made during a capture (none could be recorded then).
-    fn record_deferred(&self, st: &mut PoolState, events: &dyn StreamEvents) {
-        for p in st.pending.iter_mut().filter(|p| !p.deferred.is_empty()) {
-            for s in std::mem::take(&mut p.deferred) {
-                self.driver.event_record.fetch_add(1, Relaxed);
-                match events.record(s) {
-                    Ok(t) => p.tickets.push(t),
-                    // A stream that cannot record (destroyed since): wait for the whole
-                    // device instead (rare), so the block is not reused under its work.
-                    Err(_) => {
-                        self.driver.synchronize.fetch_add(1, Relaxed);
-                        let _ = events.synchronize_device(self.device.index);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Wait for every pending free of one pool, without holding its lock while waiting.
-    pub(super) fn sync_pending(&self, pool: &StreamPool) -> Result<()> {
-        let Some(events) = &self.events else {
-            return Ok(());
-        };
-        let tickets: Vec<u64> = pool
-            .state
-            .lock()
-            .pending
-            .iter()
-            .flat_map(|p| p.tickets.iter().copied())
-            .collect();
-        for t in tickets {
-            self.driver.synchronize.fetch_add(1, Relaxed);
-            events.synchronize(t)?;
-        }
-        Ok(())
     }
 
     /// Give every whole cached segment (and, in expandable mode, every idle chunk) back to the
@@ -588,7 +325,7 @@ impl CachingAllocator {
                 candidates.extend(
                     st.releasable()
                         .into_iter()
-                        .map(|(age, i)| (age, pi, st.segments[i].base)),
+                        .map(|(age, i)| (age, pi, st.segments()[i].base)),
                 );
             }
             if let Some(oldest) = candidates[before..].iter().map(|c| c.0).min() {
@@ -618,115 +355,6 @@ impl CachingAllocator {
         }
         if let (Some(age), Some(r), false) = (too_recent, requester, fits()) {
             self.cover(r, age);
-        }
-    }
-
-    #[cold]
-    pub(super) fn out_of_memory(&self, requested: u64, limit: HardLimit) -> Error {
-        self.counters.num_ooms.fetch_add(1, Relaxed);
-        let (free, total) = self.provider.memory_info();
-        if self.history.enabled() {
-            self.history
-                .record(TraceAction::Oom, free, requested, u32::MAX);
-        }
-        let info = OomInfo {
-            device: self.device,
-            requested,
-            device_total: total,
-            device_free: free,
-        };
-        for obs in self.oom_observers.read().clone() {
-            obs(&info);
-        }
-        let allocated = self.allocated_bytes();
-        let reserved = self.reserved.load(Relaxed);
-        let unallocated = reserved.saturating_sub(allocated);
-        let hint = if let Some(hint) = limit.hint() {
-            hint.to_string()
-        } else if unallocated > requested / 2 && unallocated > (32 << 20) {
-            "Much of the reserved memory is cached but unallocated: fragmentation. Try expandable_segments:true, \
-             or max_split_size_mb to keep large blocks whole."
-                .to_string()
-        } else {
-            "Free memory (tensors, other processes on the device) or reduce the working set."
-                .to_string()
-        };
-        Error::OutOfMemory(Box::new(OomReport {
-            device: self.device.to_string(),
-            requested,
-            device_total: total,
-            device_free: free,
-            allocated,
-            reserved_unallocated: unallocated,
-            limit: limit.to_string(),
-            hint,
-        }))
-    }
-}
-
-/// Whether a fence's answer is needed now ([`CachingAllocator::safe_tick`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Need {
-    /// Memory is needed now: without the answer a chunk or segment is created, or the
-    /// allocation fails. Asked again at the next pool tick after a "not yet".
-    Now,
-    /// Housekeeping that can wait (unmapping lent ranges, which hold no memory of their own):
-    /// asked again only [`QUIET_TICKS`] after a "not yet".
-    Later,
-}
-
-/// The limit an allocation hit: the device itself, or one of the configured caps.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum HardLimit {
-    Device,
-    /// `per_process_memory_fraction` of the device's total.
-    Fraction {
-        fraction: f64,
-        bytes: u64,
-    },
-    /// `high_watermark_ratio` times the recommended maximum.
-    HighWatermark {
-        ratio: f64,
-        recommended: u64,
-        bytes: u64,
-    },
-}
-
-impl HardLimit {
-    /// What to try when this limit is hit (`None`: it depends on the memory's state).
-    fn hint(&self) -> Option<&'static str> {
-        match self {
-            HardLimit::Device => None,
-            HardLimit::Fraction { .. } => {
-                Some("Raise per_process_memory_fraction, or free memory before this allocation.")
-            }
-            HardLimit::HighWatermark { .. } => Some(
-                "Raise high_watermark_ratio (0 disables the limit), or free memory before this allocation.",
-            ),
-        }
-    }
-}
-
-/// The limit as the OOM report names it.
-impl std::fmt::Display for HardLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            HardLimit::Device => f.write_str("device memory"),
-            HardLimit::Fraction { fraction, bytes } => write!(
-                f,
-                "per_process_memory_fraction {fraction} ({})",
-                format_size(bytes)
-            ),
-            HardLimit::HighWatermark {
-                ratio,
-                recommended,
-                bytes,
-            } => write!(
-                f,
-                "high_watermark_ratio {ratio} x recommended max {} ({})",
-                format_size(recommended),
-                format_size(bytes)
-            ),
         }
     }
 }

@@ -2,6 +2,15 @@
 //!
 //! All of it lives behind the pool's own mutex, so streams never contend with each other.
 //!
+//! The fields of [`PoolState`] are private to this module: the rest of the allocator changes a
+//! pool only through methods named for what they do (take a cached block, free one, record a
+//! pending free, add a fence, lend idle chunks...), each keeping the invariants below, and
+//! reads it through accessors. Here: the blocks' placement (take, split, free, coalesce) and
+//! the statistics; beside it `block.rs` (the records), `access.rs` (what the allocator reads;
+//! the live map, allocation context, private pools' bookkeeping), `segments.rs`, `vm.rs`
+//! (expandable segments), `waits.rs` (cross-stream extras, pending frees, fences), `check.rs`
+//! (the invariant checker) and `tests.rs`.
+//!
 //! Invariants (checked by `check.rs`):
 //! - the blocks of a segment tile it exactly, linked by `prev` / `next` in address order;
 //! - two `Free` blocks are never address neighbours: frees coalesce;
@@ -15,204 +24,32 @@
 //!   `active == allocation + pending`.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 use super::size::{pool_kind, should_split};
 use super::stats::{PoolKind, PoolStats, Stat};
 use super::tlsf::Tlsf;
 use super::AllocatorConfig;
-use crate::stream::Stream;
 
+mod access;
+mod block;
+mod check;
 mod segments;
 mod vm;
+mod waits;
+pub use block::{Block, BlockState, LiveBlocks, Segment, NIL};
+pub use check::Tally;
 pub use vm::{LentRange, PageTable, Run, LENT, NO_CHUNK};
+use waits::PendingFree;
+pub use waits::{Extras, Fence, QUIET_TICKS};
 
 /// Picks one statistic out of a pool's set.
 type StatField = fn(&mut PoolStats) -> &mut Stat;
-
-/// "No block".
-pub const NIL: u32 = u32::MAX;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockState {
-    /// Cached and on a free list.
-    Free,
-    /// Cached in a recent-free slot, not coalesced.
-    Recent,
-    /// Handed out to a caller.
-    Allocated,
-    /// Freed by the caller, waiting for other streams' events before reuse.
-    Pending,
-    /// Expandable segments: the old mapping of a chunk that moved elsewhere, kept until the
-    /// work queued on it has passed; never handed out (see `pool/vm.rs`).
-    Lent,
-    /// An unused slot of the block table.
-    Vacant,
-}
-
-#[derive(Debug, Clone)]
-pub struct Block {
-    pub addr: usize,
-    pub size: u64,
-    /// Bytes the caller asked for (0 when free).
-    pub requested: u64,
-    /// Address neighbours within the segment.
-    pub prev: u32,
-    pub next: u32,
-    /// Free-list links (valid while `Free`).
-    pub free_prev: u32,
-    pub free_next: u32,
-    /// Free-index class while `Free` (cached so removal need not recompute it).
-    pub class: u16,
-    pub state: BlockState,
-    pub kind: PoolKind,
-    /// Pool tick of the last free: garbage collection releases the oldest first.
-    pub last_used: u64,
-    /// Unique buffer id while allocated.
-    pub id: u64,
-    /// Whether `record_stream` or `record_events` attached anything to this block.
-    pub has_extras: bool,
-    /// Bytes from the block's start known to be backed by mapped pages (at least `size`
-    /// outside expandable segments). May understate; never overstates.
-    pub mapped_len: u64,
-    /// Part of an expandable segment: its free space is not stranded by splitting (its pages
-    /// can move), so it does not count as inactive-split.
-    pub vm: bool,
-}
-
-impl Block {
-    fn vacant() -> Block {
-        Block {
-            addr: 0,
-            size: 0,
-            requested: 0,
-            prev: NIL,
-            next: NIL,
-            free_prev: NIL,
-            free_next: NIL,
-            class: 0,
-            state: BlockState::Vacant,
-            kind: PoolKind::Small,
-            last_used: 0,
-            id: 0,
-            has_extras: false,
-            mapped_len: u64::MAX,
-            vm: false,
-        }
-    }
-    /// Every page under the block is mapped.
-    #[inline(always)]
-    pub fn is_mapped(&self) -> bool {
-        self.mapped_len >= self.size
-    }
-    /// A piece of a segment that has other pieces.
-    #[inline(always)]
-    pub fn is_split(&self) -> bool {
-        self.prev != NIL || self.next != NIL
-    }
-}
-
-/// A segment taken from the device. Its first block's index never changes: merges keep the
-/// lower block and splits keep the lower part in place.
-#[derive(Debug, Clone)]
-pub struct Segment {
-    pub base: usize,
-    pub size: u64,
-    pub head: u32,
-    pub kind: PoolKind,
-    /// Page table of an expandable segment (a reserved virtual range); `None` for a
-    /// segment that is memory from end to end.
-    pub vm: Option<Box<PageTable>>,
-}
-
-impl Segment {
-    /// Bytes of memory (not address space) this segment holds.
-    pub fn memory(&self) -> u64 {
-        match &self.vm {
-            None => self.size,
-            Some(t) => t.mapped * t.page_size,
-        }
-    }
-}
-
-/// A freed block whose reuse waits for events on other streams.
-pub struct PendingFree {
-    pub block: u32,
-    pub tickets: Vec<u64>,
-    /// Streams whose events are still to be recorded: the block was freed during a graph
-    /// capture, when no event may be recorded (PyTorch defers them the same way). They are
-    /// recorded by the first `process_pending` after the capture.
-    pub deferred: Vec<crate::stream::Stream>,
-}
-
-/// Cross-stream extras of a block (rare; kept out of `Block`).
-#[derive(Default)]
-pub struct Extras {
-    /// Streams other than the owner that used the block (`record_stream`).
-    pub stream_uses: Vec<Stream>,
-    /// Events from `record_events`, waited on by `wait_for_events`.
-    pub events: Vec<u64>,
-}
-
-/// Hash for 512-byte-aligned addresses: drop the zero bits, then mix with a multiply.
-#[derive(Default)]
-pub struct PtrHasher(u64);
-
-impl Hasher for PtrHasher {
-    #[inline(always)]
-    fn finish(&self) -> u64 {
-        // hashbrown takes the bucket from the low bits and the tag from the top 7: a product
-        // of 2 MiB-aligned addresses has zero low bits, so fold the well-mixed high half down.
-        self.0 ^ (self.0 >> 29)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    #[inline(always)]
-    fn write_usize(&mut self, n: usize) {
-        self.0 = ((n as u64) >> 9).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// Live allocations of a pool: address -> block.
-pub type LiveBlocks = HashMap<usize, u32, BuildHasherDefault<PtrHasher>>;
 
 /// Blocks larger than this coalesce at once instead of waiting in a recent slot: deferring
 /// the merge of large blocks lets same-size reuse eat into space a later, larger request
 /// needed (measured: ResNet-50 trace 1.037 -> 1.052 reserved/allocated with 10 MiB here).
 /// The same holds in expandable segments (measured: 1.004 -> 1.036 with every size here).
 pub const RECENT_MAX_SIZE: u64 = super::size::SMALL_REQUEST;
-
-/// Fences in flight per pool: a new one is recorded when memory to cover was last used after
-/// the newest in flight (`CachingAllocator::cover`), so memory freed meanwhile is covered after
-/// one lag of the device, not two; with this many in flight the newest is replaced.
-pub const MAX_FENCES: usize = 8;
-
-/// An event recorded on a pool's stream (see `PoolState::fences`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fence {
-    /// The pool's tick when it was recorded: memory freed up to it is covered.
-    pub tick: u64,
-    pub ticket: u64,
-    /// Pool tick at which it last answered "not yet" (0: not asked yet). The stream completes
-    /// its fences in order and a pending answer stays true until the device moves on, so
-    /// neither this fence nor a newer one is asked again at that tick, and housekeeping waits
-    /// [`QUIET_TICKS`] more (`CachingAllocator::safe_tick`). Kept here rather than in
-    /// `PoolState`, whose layout the fast paths feel.
-    pub pending_at: u64,
-}
-
-/// After a fence answered "not yet", housekeeping that can wait (unmapping lent ranges) asks
-/// this pool's fences again only once its tick (allocations and frees) has moved this far;
-/// allocations that need memory now ask again at the next tick. 1: housekeeping too asks at
-/// the next tick. Larger values save queries (16: gpt2_train's replay 1,830 driver calls
-/// instead of 1,972) but unmap lent ranges later, and the replay of the real GPT-2 inference
-/// run recorded on the H200 (`traces/recorded/`, its own completion markers) then predicted
-/// 4.1% more peak memory than that run reached (8: Llama 1.1% more); with 1 all five
-/// recordings are predicted within 1% (BENCHMARKS.md, "Driver calls (issue 10)").
-pub const QUIET_TICKS: u64 = 1;
 
 /// Recent-free slots per pool (direct-mapped by block size).
 pub const RECENT_SLOTS: usize = 32;
@@ -223,39 +60,43 @@ fn recent_slot(size: u64) -> usize {
         as usize
 }
 
+/// One pool's state (see the module docs); behind its `StreamPool`'s mutex.
 pub struct PoolState {
     /// Live allocations: address -> block index.
-    pub live: LiveBlocks,
-    pub blocks: Vec<Block>,
+    live: LiveBlocks,
+    blocks: Vec<Block>,
     vacant: Vec<u32>,
-    pub free_index: [Tlsf; 2],
+    free_index: [Tlsf; 2],
     /// Small pool and large pool.
-    pub stats: [PoolStats; 2],
+    stats: [PoolStats; 2],
     /// The two pools together: only the `peak` fields are kept (the current values are the
     /// pools' sums). Exact, where summing the pools' peaks would overstate them; raised after
     /// each increase, so decreases (the free path) pay nothing for it.
-    pub combined_peaks: PoolStats,
-    pub segments: Vec<Segment>,
-    pub pending: Vec<PendingFree>,
-    pub extras: std::collections::HashMap<u32, Extras>,
-    pub tick: u64,
-    pub next_id: u64,
+    combined_peaks: PoolStats,
+    segments: Vec<Segment>,
+    pending: Vec<PendingFree>,
+    extras: std::collections::HashMap<u32, Extras>,
+    tick: u64,
+    next_id: u64,
     /// Recently freed blocks, not coalesced (`NIL` = empty slot).
-    pub recent: [u32; RECENT_SLOTS],
+    recent: [u32; RECENT_SLOTS],
     /// Context recorded at allocation, for snapshots (only while history records context).
-    pub frames: HashMap<u32, super::Frames>,
+    frames: HashMap<u32, super::Frames>,
     /// Private pools: the pool's id, whether it was released, and the streams it served.
-    pub pool_id: crate::graph::MempoolId,
-    pub released: bool,
-    pub users: Vec<crate::stream::Stream>,
+    pool_id: crate::graph::MempoolId,
+    released: bool,
+    users: Vec<crate::stream::Stream>,
     /// Expandable segments (and plain segments' releases): events recorded on the pool's
-    /// stream, oldest first (at most [`MAX_FENCES`]); once one completes, blocks freed up to
-    /// its tick are no longer used by queued work.
-    pub fences: std::collections::VecDeque<Fence>,
+    /// stream, oldest first (at most [`MAX_FENCES`](waits::MAX_FENCES)); once one completes,
+    /// blocks freed up to its tick are no longer used by queued work.
+    fences: std::collections::VecDeque<Fence>,
     /// The tick of the newest completed fence.
-    pub safe_tick: u64,
+    safe_tick: u64,
+    /// Tickets of fences replaced while another thread may be asking them (its query runs
+    /// with the pool unlocked): released once it is done.
+    retired: Vec<u64>,
     /// Expandable segments: old mappings of chunks that moved, waiting to be unmapped.
-    pub lent: Vec<LentRange>,
+    lent: Vec<LentRange>,
 }
 
 impl Default for PoolState {
@@ -279,6 +120,7 @@ impl Default for PoolState {
             users: Vec::new(),
             fences: std::collections::VecDeque::new(),
             safe_tick: 0,
+            retired: Vec::new(),
             lent: Vec::new(),
         }
     }
@@ -528,9 +370,17 @@ impl PoolState {
         rest
     }
 
+    /// Free allocated block `idx` (out of the live map, used on no other stream): it goes
+    /// back to the cache at once.
+    #[inline(always)]
+    pub fn free_to_cache(&mut self, idx: u32) {
+        self.account_free(idx);
+        self.release_to_cache(idx);
+    }
+
     /// Undo the allocation statistics of block `idx`; it stays active.
     #[inline]
-    pub fn account_free(&mut self, idx: u32) {
+    fn account_free(&mut self, idx: u32) {
         let b = &self.blocks[idx as usize];
         let (kind, size, requested) = (b.kind, b.size, b.requested);
         let s = self.stats_of(kind);
@@ -543,7 +393,7 @@ impl PoolState {
     /// cache. Small blocks go to their recent-free slot (coalescing what the slot held);
     /// large ones coalesce at once (see [`RECENT_MAX_SIZE`]).
     #[inline]
-    pub fn release_to_cache(&mut self, idx: u32) {
+    fn release_to_cache(&mut self, idx: u32) {
         self.tick += 1;
         let tick = self.tick;
         let (kind, size) = {

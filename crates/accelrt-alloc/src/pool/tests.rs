@@ -71,3 +71,48 @@ fn merging_takes_the_younger_age() {
         "as young as the last free"
     );
 }
+
+/// Fences are asked with the pool unlocked, so the answers go to the fences still there: the
+/// newest replaced meanwhile (`add_fence` with `MAX_FENCES` in flight) keeps its ticket
+/// until the asking thread is done, and its completion still proves its tick.
+#[test]
+fn fence_answers_go_to_the_fences_still_there() {
+    use super::waits::MAX_FENCES;
+    let mut st = PoolState::new();
+    for i in 1..=MAX_FENCES as u64 {
+        st.tick = 10 * i;
+        assert_eq!(st.add_fence(100 + i, false), None);
+    }
+    let newest = 100 + MAX_FENCES as u64;
+    let probe = st.fences_to_ask(25, 1).expect("fences cover tick 25");
+    assert_eq!(probe.fences[probe.first].tick, 30);
+    // While it asks, another thread replaces the newest fence.
+    st.tick = 1000;
+    assert_eq!(
+        st.add_fence(500, true),
+        None,
+        "the replaced ticket is kept: it may be asked now"
+    );
+    // Every fence asked completed.
+    let mut released = Vec::new();
+    st.apply_fence_answers(&probe, Some(MAX_FENCES - 1), None, |t| released.push(t));
+    assert_eq!(released, (101..newest).collect::<Vec<_>>());
+    assert_eq!(st.safe_tick(), 10 * MAX_FENCES as u64);
+    assert_eq!(
+        st.fences.iter().map(|f| f.ticket).collect::<Vec<_>>(),
+        [500],
+        "the new fence stays"
+    );
+    st.release_retired(|t| released.push(t));
+    assert_eq!(released.last(), Some(&newest));
+    // A "not yet" marks the fence asked, not one that replaced it.
+    let probe = st
+        .fences_to_ask(1000, 1)
+        .expect("the new fence covers tick 1000");
+    st.apply_fence_answers(&probe, None, Some(0), |_| panic!("nothing completed"));
+    assert_eq!(st.fences[0].pending_at, 1000);
+    assert!(
+        st.fences_to_ask(1000, 1).is_none(),
+        "not asked again at the same tick"
+    );
+}

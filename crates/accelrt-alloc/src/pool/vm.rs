@@ -6,7 +6,7 @@
 //! block that nothing can allocate, until a fence on the pool's stream shows that work done.
 //! Then the range is unmapped and becomes free, unmapped space.
 //!
-//! Invariants (checked by `check.rs`):
+//! Invariants (checked by `check.rs` beside):
 //! - a slot holds [`NO_CHUNK`], [`LENT`], or the index of the chunk mapped there, whose home
 //!   it is; `mapped` counts the slots holding a chunk and `lent_slots` the `LENT` ones;
 //! - every slot under a `Lent` block is `LENT`, every `LENT` slot is under one, and `lent`
@@ -200,6 +200,11 @@ struct Idle {
 }
 
 impl PoolState {
+    /// The old mappings of chunks that moved, waiting to be unmapped; the newest last.
+    pub fn lent_ranges(&self) -> &[LentRange] {
+        &self.lent
+    }
+
     /// Register a reserved virtual range as an expandable segment: one free, unmapped block.
     pub fn add_vm_segment(&mut self, base: usize, size: u64, kind: PoolKind, page_size: u64) {
         let idx = self.new_block(Block {

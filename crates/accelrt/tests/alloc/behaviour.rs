@@ -7,16 +7,10 @@ use accelrt::alloc::{AllocatorConfig, AllocatorEvent, CachingAllocator, MemoryPr
 use accelrt::backend::host::HostMemory;
 use accelrt::{AllocError, Device, DeviceType, Stream};
 
+use crate::common::{host_stream as stream, HOST0 as DEV};
+
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
-
-fn stream(index: u32) -> Stream {
-    Stream { device: DEV, index }
-}
 
 /// These tests are about plain segments (sizes, splits, segment release); expandable
 /// segments have their own file.

@@ -10,12 +10,10 @@ use accelrt::alloc::{
 };
 use accelrt::backend::host::{HostDriver, HostMemory};
 use accelrt::runtime::Runtime;
-use accelrt::{Backend, Device, DeviceType, Stream, StreamPriority};
+use accelrt::{Backend, StreamPriority};
 
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
+use crate::common::{host_stream as s, HOST0 as DEV};
+
 const MIB: usize = 1 << 20;
 
 fn allocator(capacity: u64, conf: &str) -> CachingAllocator {
@@ -24,10 +22,6 @@ fn allocator(capacity: u64, conf: &str) -> CachingAllocator {
     let a = CachingAllocator::new(DEV, Arc::new(HostMemory::new(capacity)), None, config).unwrap();
     assert!(a.is_expandable(), "host memory supports virtual memory");
     a
-}
-
-fn s(index: u32) -> Stream {
-    Stream { device: DEV, index }
 }
 
 #[test]

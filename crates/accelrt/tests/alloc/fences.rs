@@ -259,3 +259,63 @@ fn pending_frees_are_asked_without_the_pool_lock() {
     );
     a.check_invariants().unwrap();
 }
+
+/// Fences are asked with the pool's lock released too: a slow driver query of a fence does
+/// not hold up the pool's fast paths on other threads, and the answer still counts.
+#[test]
+fn fences_are_asked_without_the_pool_lock() {
+    // Without checks after every call: a check takes the lock the asking thread's slow path
+    // holds (the chunks'), and is meant for quiescent moments; the test checks at the end.
+    let clock = Arc::new(Clock::default());
+    let a = CachingAllocator::new(
+        DEV,
+        Arc::new(HostMemory::new(1 << 36)),
+        Some(clock.clone()),
+        AllocatorConfig::default(),
+    )
+    .unwrap();
+    let s = stream(0);
+    let keep = a.raw_alloc(4096, s).unwrap(); // live, so its pages stay where they are
+    let x = a.raw_alloc(64 * MIB, s).unwrap();
+    let y = a.raw_alloc(64 * MIB, s).unwrap();
+    a.raw_free(x).unwrap();
+    let z = a.raw_alloc(96 * MIB, s).unwrap(); // past the peak: x's chunks move under z
+    assert!(clock.records() >= 1, "a fence covers x's old range");
+    clock.pass_all();
+    let gate = Gate::new();
+    *clock.hold.lock().unwrap() = Some(gate.clone());
+    let (queries, unmaps) = (clock.queries(), a.stats().driver_calls.unmap);
+    let a = &a;
+    std::thread::scope(|scope| {
+        // A slow path: unmapping the lent range asks the fence, and the query hangs.
+        let asking = scope.spawn(|| a.raw_alloc(40 * MIB, s).unwrap());
+        assert!(common::eventually(|| clock.in_query.load(Ordering::SeqCst)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = scope.spawn(move || {
+            // The fast paths: the freed block is cached, mapped, and served again.
+            a.raw_free(keep).unwrap();
+            let q = a.raw_alloc(4096, s).unwrap();
+            a.raw_free(q).unwrap();
+            tx.send(()).unwrap();
+        });
+        let went_on = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+        *clock.hold.lock().unwrap() = None;
+        gate.open();
+        let big = asking.join().unwrap();
+        other.join().unwrap();
+        assert!(
+            went_on,
+            "a free and an allocation of the pool waited for another thread's fence query"
+        );
+        a.raw_free(big).unwrap();
+    });
+    assert_eq!(clock.queries() - queries, 1, "one answer");
+    assert!(
+        a.stats().driver_calls.unmap > unmaps,
+        "the answer asked unlocked was applied: the lent range was unmapped"
+    );
+    for p in [y, z] {
+        a.raw_free(p).unwrap();
+    }
+    a.check_invariants().unwrap();
+}

@@ -7,12 +7,9 @@ use accelrt::alloc::{
     PoolKind, TraceAction,
 };
 use accelrt::backend::host::HostMemory;
-use accelrt::{Device, DeviceType, Stream};
 
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
+use crate::common::{host_stream as s, HOST0 as DEV};
+
 const MIB: usize = 1 << 20;
 
 fn allocator(capacity: u64) -> CachingAllocator {
@@ -20,10 +17,6 @@ fn allocator(capacity: u64) -> CachingAllocator {
         AllocatorConfig::parse("release_at_peak:false,expandable_segments:false").unwrap();
     config.debug_checks = true;
     CachingAllocator::new(DEV, Arc::new(HostMemory::new(capacity)), None, config).unwrap()
-}
-
-fn s(index: u32) -> Stream {
-    Stream { device: DEV, index }
 }
 
 #[test]

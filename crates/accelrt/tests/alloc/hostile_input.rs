@@ -5,12 +5,8 @@ use std::sync::Arc;
 
 use accelrt::alloc::{AllocatorConfig, CachingAllocator, StreamFilter};
 use accelrt::backend::host::HostMemory;
-use accelrt::{Device, DeviceType, Stream};
 
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
+use crate::common::{host_stream, HOST0 as DEV};
 
 fn allocator() -> CachingAllocator {
     let config = AllocatorConfig {
@@ -27,15 +23,7 @@ fn a_released_pool_cannot_be_released_retained_or_begun_again() {
     let a = allocator();
     let pool = a.new_pool_id();
     a.begin_allocate_to_pool(pool, StreamFilter::All).unwrap();
-    let p = a
-        .raw_alloc(
-            512,
-            Stream {
-                device: DEV,
-                index: 0,
-            },
-        )
-        .unwrap();
+    let p = a.raw_alloc(512, host_stream(0)).unwrap();
     a.end_allocate_to_pool(pool).unwrap();
     a.release_pool(pool).unwrap();
     assert_eq!(a.pool_use_count(pool), Some(0), "released, draining");
@@ -120,16 +108,7 @@ fn a_failed_address_reservation_reads_as_words() {
     let provider = Arc::new(NoAddressSpace(HostMemory::new(1 << 30)));
     let a = CachingAllocator::new(DEV, provider, None, AllocatorConfig::default()).unwrap();
     assert!(a.is_expandable());
-    let e = a
-        .raw_alloc(
-            4096,
-            Stream {
-                device: DEV,
-                index: 0,
-            },
-        )
-        .unwrap_err()
-        .to_string();
+    let e = a.raw_alloc(4096, host_stream(0)).unwrap_err().to_string();
     assert!(!e.contains("Failed("), "no debug formatting: {e}");
     assert_eq!(
         e.matches("reserving address space").count(),
@@ -279,10 +258,7 @@ fn an_absurd_device_size_does_not_make_absurd_address_ranges() {
     let provider = Arc::new(HostMemory::new(u64::MAX));
     let a = CachingAllocator::new(DEV, provider, None, AllocatorConfig::default()).unwrap();
     assert!(a.is_expandable());
-    let s = Stream {
-        device: DEV,
-        index: 0,
-    };
+    let s = host_stream(0);
     let p = a.raw_alloc(1, s).unwrap();
     let snap = a.memory_snapshot();
     assert_eq!(snap.segments.len(), 1);

@@ -6,13 +6,10 @@ use std::sync::Arc;
 
 use accelrt::alloc::{AllocatorConfig, CachingAllocator};
 use accelrt::backend::host::HostMemory;
-use accelrt::{Device, DeviceType, Stream};
 use proptest::prelude::*;
 
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
+use crate::common::{host_stream, HOST0 as DEV};
+
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 
@@ -94,13 +91,7 @@ fn run(conf: &str, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut tag = 0u8;
     for op in ops {
         match *op {
-            Op::Alloc { size, stream } => match a.raw_alloc(
-                size,
-                Stream {
-                    device: DEV,
-                    index: stream,
-                },
-            ) {
+            Op::Alloc { size, stream } => match a.raw_alloc(size, host_stream(stream)) {
                 Ok(ptr) => {
                     for l in &live {
                         prop_assert!(

@@ -6,12 +6,10 @@ use std::sync::Arc;
 use accelrt::alloc::{AllocatorConfig, CachingAllocator, StreamFilter};
 use accelrt::backend::host::{HostDriver, HostMemory};
 use accelrt::runtime::Runtime;
-use accelrt::{Backend, Device, DeviceType, MempoolId, Stream, StreamPriority};
+use accelrt::{Backend, MempoolId, StreamPriority};
 
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
+use crate::common::{host_stream as s, HOST0 as DEV};
+
 const MIB: usize = 1 << 20;
 
 fn allocator() -> CachingAllocator {
@@ -20,10 +18,6 @@ fn allocator() -> CachingAllocator {
         ..AllocatorConfig::default()
     };
     CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap()
-}
-
-fn s(index: u32) -> Stream {
-    Stream { device: DEV, index }
 }
 
 #[test]

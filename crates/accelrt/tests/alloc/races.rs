@@ -16,18 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use accelrt::alloc::{AllocatorConfig, CachingAllocator};
-use accelrt::{AllocError, Device, DeviceType, Stream};
+use accelrt::AllocError;
 use common::memory::{Outcome, TestMemory};
+use common::{host_stream, HOST0 as DEV};
 
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
 const MIB: usize = 1 << 20;
-const STREAM: Stream = Stream {
-    device: DEV,
-    index: 0,
-};
+
 /// An allocator over `mem` (expandable segments, no events: nothing to wait for) holding a
 /// live 2 MiB block `k` (it keeps the range) and, after it, a freed 4 MiB block at `p` whose
 /// pages `empty_cache` gave back: allocating 4 MiB again takes that block and must map pages
@@ -36,8 +30,8 @@ fn allocator_with_unmapped_block(mem: &Arc<TestMemory>) -> (CachingAllocator, us
     let config = AllocatorConfig::parse("expandable_segments:true").unwrap();
     let a = CachingAllocator::new(DEV, mem.clone(), None, config).unwrap();
     assert!(a.is_expandable());
-    let k = a.raw_alloc(2 * MIB, STREAM).unwrap();
-    let p = a.raw_alloc(4 * MIB, STREAM).unwrap();
+    let k = a.raw_alloc(2 * MIB, host_stream(0)).unwrap();
+    let p = a.raw_alloc(4 * MIB, host_stream(0)).unwrap();
     assert_eq!(p, k + 2 * MIB, "carved one after the other");
     a.raw_free(p).unwrap();
     a.empty_cache().unwrap();
@@ -62,7 +56,7 @@ fn stale_free_while_mapping(
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
         let alloc = s.spawn(|| {
-            let r = a.raw_alloc(4 * MIB, STREAM);
+            let r = a.raw_alloc(4 * MIB, host_stream(0));
             done.store(true, Ordering::SeqCst);
             r
         });
@@ -89,7 +83,7 @@ fn a_stale_free_cannot_take_a_block_that_is_still_being_mapped() {
     assert_eq!(q, p, "the cached block was reused");
     a.check_invariants().unwrap();
     // The block is live, once: another allocation of the same size gets other memory.
-    let r = a.raw_alloc(4 * MIB, STREAM).unwrap();
+    let r = a.raw_alloc(4 * MIB, host_stream(0)).unwrap();
     assert_ne!(r, q, "a live block was handed out twice");
     a.raw_free(r).unwrap();
     a.raw_free(q).unwrap();

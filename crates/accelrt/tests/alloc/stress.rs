@@ -6,12 +6,9 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use accelrt::alloc::{AllocatorConfig, CachingAllocator};
 use accelrt::backend::host::HostMemory;
-use accelrt::{Device, DeviceType, Stream};
 
-const DEV: Device = Device {
-    kind: DeviceType::Host,
-    index: 0,
-};
+use crate::common::{host_stream, HOST0 as DEV};
+
 const THREADS: u64 = 8;
 const OPS: usize = 20_000;
 
@@ -72,10 +69,7 @@ fn stress(seed: u64, conf: &str) {
             let (a, mailbox, barrier) = (a.clone(), mailbox.clone(), barrier.clone());
             std::thread::spawn(move || {
                 let mut rng = Rng(seed ^ (t << 32));
-                let stream = Stream {
-                    device: DEV,
-                    index: t as u32,
-                };
+                let stream = host_stream(t as u32);
                 let mut mine: Vec<Live> = Vec::new();
                 barrier.wait();
                 for i in 0..OPS {
