@@ -8,7 +8,8 @@
 # then through the device tool, with `carry: [".gpu-bin"]`:
 #     bash scripts/real-runs.sh matrix [REPS] [SECONDS] [ARGS]  # the table, printed last
 #         ARGS for real_runs.py matrix, e.g. --variant base=.gpu-bin/libaccelrt_torch-base.so
-#     bash scripts/real-runs.sh record [SECONDS]           # v2 traces -> $OUT/recorded-*.tar
+#     bash scripts/real-runs.sh record [SECONDS] [ARGS]    # v2 traces -> $OUT/recorded-*.tar
+#         ARGS for real_runs.py record, e.g. --workloads gpt2_train --configs accelrt
 # Logs and results go to $OUT (matrix.jsonl, recorded.jsonl).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,7 +37,9 @@ matrix)
     python3 scripts/real_runs.py table "$OUT"
     ;;
 record)
-    timeout "${2:-480}" python3 scripts/real_runs.py record "$OUT/traces" --parallel 3 > "$OUT/record.log" 2>&1
+    secs=${2:-480}
+    shift $(( $# < 2 ? $# : 2 ))  # the rest goes to real_runs.py (--workloads, --configs)
+    timeout "$secs" python3 scripts/real_runs.py record "$OUT/traces" --parallel 3 "$@" > "$OUT/record.log" 2>&1
     tail -5 "$OUT/record.log"
     cp "$OUT/traces/recorded.jsonl" "$OUT/" 2>/dev/null
     for c in accelrt pytorch-native pytorch-expandable; do
@@ -45,5 +48,5 @@ record)
     ls -la "$OUT/traces" | tail -40
     ;;
 *)
-    echo "usage: real-runs.sh matrix [REPS] [SECONDS] [real_runs.py matrix options] | record [SECONDS]" >&2; exit 2 ;;
+    echo "usage: real-runs.sh matrix [REPS] [SECONDS] [real_runs.py matrix options] | record [SECONDS] [real_runs.py record options]" >&2; exit 2 ;;
 esac

@@ -5,7 +5,8 @@ usage:
   real_runs.py one WORKLOAD CONFIG [--steps N] [--record PATH]   one run; prints one JSON line
   real_runs.py matrix OUTDIR [--reps 3] [--workloads a,b] [--configs a,b] [--variant NAME=LIB]
                                                                     the timing/memory matrix
-  real_runs.py record OUTDIR [--parallel 3] [--workloads a,b]       recordings for `accelrt replay`
+  real_runs.py record OUTDIR [--parallel 3] [--workloads a,b] [--configs a,b]
+                                                                    recordings for `accelrt replay`
   real_runs.py table OUTDIR                                         the summary table again
 
 CONFIG: native | expandable | accelrt. A run reports peak reserved and peak allocated
@@ -342,14 +343,14 @@ def table(outdir):
 # ---- recordings -----------------------------------------------------------------------------
 
 
-def record(outdir, works, parallel):
+def record(outdir, works, parallel, configs=CONFIGS):
     from concurrent.futures import ThreadPoolExecutor
 
     outdir.mkdir(parents=True, exist_ok=True)
     accelrt = os.environ.get("ACCELRT_BIN", str(HERE.parent / ".gpu-bin" / "accelrt"))
     conf = {"native": "expandable_segments:false,release_at_peak:false",
             "expandable": "expandable_segments:true,release_at_peak:false"}
-    jobs = [(w, c) for w in works for c in CONFIGS]
+    jobs = [(w, c) for w in works for c in configs]
 
     def job(wc):
         w, c = wc
@@ -402,6 +403,7 @@ def main():
     r.add_argument("outdir", type=Path)
     r.add_argument("--parallel", type=int, default=3)
     r.add_argument("--workloads", default=",".join(RECORDED))
+    r.add_argument("--configs", default=",".join(CONFIGS), help="a subset of " + ",".join(CONFIGS))
     t = sub.add_parser("table")
     t.add_argument("outdir", type=Path)
     a = p.parse_args()
@@ -420,7 +422,11 @@ def main():
             configs.append("accelrt@" + name)
         matrix(a.outdir, a.reps, a.workloads.split(","), a.steps, configs)
     elif a.cmd == "record":
-        record(a.outdir, a.workloads.split(","), a.parallel)
+        configs = [c for c in a.configs.split(",") if c]
+        for c in configs:
+            if c not in CONFIGS:
+                p.error(f"--configs: unknown configuration {c!r} (known: {', '.join(CONFIGS)})")
+        record(a.outdir, a.workloads.split(","), a.parallel, configs)
     else:
         table(a.outdir)
 
