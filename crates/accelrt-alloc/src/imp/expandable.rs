@@ -19,8 +19,7 @@
 //! New chunks are sized to demand: a run gets one chunk (up to the current cap, at most
 //! [`MAX_CHUNK_BYTES`]), and a page it shares with a neighbouring block gets its own one-page
 //! chunk, so that a freed block's chunk is wholly idle and can move. The cap halves when a new
-//! peak of at least a quarter chunk happens while free memory is stranded in partly used
-//! chunks. A chunk is always mapped whole (CUDA refuses to map part of an allocation), so
+//! peak happens while free memory is stranded in partly used chunks. A chunk is always mapped whole (CUDA refuses to map part of an allocation), so
 //! every chunk costs one creation. The costs behind these numbers are in `provider.rs` and
 //! `ARCHITECTURE.md`.
 //!
@@ -52,13 +51,6 @@ pub(crate) const MAX_CHUNK_BYTES: u64 = 64 << 20;
 /// would cost more driver time than the memory they save (replays of `traces/`, see
 /// `ARCHITECTURE.md`).
 const STRANDING_FLOOR_DIV: u64 = 32;
-
-/// The cap halves only for a new peak of at least this fraction of a chunk (the shortfall
-/// times this reaches the cap): a page or two short says nothing about the chunks' size, and
-/// an early halving lasts the whole run (GPT-2 training halved at 0.7 GB reserved for a
-/// one-page shortfall, and then made 40% more chunks; replays of `traces/` and
-/// `traces/recorded/`, ARCHITECTURE.md).
-const HALVE_MIN_SHORTFALL_DIV: usize = 4;
 
 /// Move budget: one move (remapping chunks, or releasing idle ones at the peak) per this many
 /// allocations, on average...
@@ -375,9 +367,15 @@ impl CachingAllocator {
                 }
             }
             if remaining > 0 && threshold.is_some() {
-                // A new peak of at least a quarter chunk while free memory lies stranded in
-                // partly used chunks (a chunk moves only whole): chunks are too coarse for this
-                // workload; halve them, down to 1/32 of what is reserved.
+                // A new peak while free memory lies stranded in partly used chunks (a chunk
+                // moves only whole): chunks are too coarse for this workload; halve them, down
+                // to 1/32 of what is reserved. At the peak, that stranded memory is all of the
+                // overhead (replays of `traces/recorded/`: 160-210 MiB of GPT-2's and Llama's
+                // 230-260 MiB over allocated lie in whole free pages of partly used chunks, the
+                // rest in pages shared with live blocks). Halving only for shortfalls of a
+                // quarter chunk or more saved a quarter of the driver calls in replays but
+                // cost 0.5-1.5 points of peak on GPT-2 and Llama training on the H200
+                // (BENCHMARKS.md, "Evening of 2026-11-29").
                 let stranded = pool.state.lock().stranded_bytes(&vm.chunks) / page;
                 let floor = (self.reserved.load(Relaxed) / STRANDING_FLOOR_DIV / page).max(1);
                 vm.chunk_cap = halved_cap(vm.chunk_cap, remaining, stranded, floor as usize);
@@ -555,9 +553,9 @@ fn round_up_checked(n: u64, to: u64) -> Option<u64> {
 
 /// The chunk cap after a new peak `short` pages short while `stranded` pages of free memory
 /// lay in partly used chunks: halved (not below `floor`) when the stranded memory could have
-/// covered the shortfall and the shortfall is chunk-sized (see [`HALVE_MIN_SHORTFALL_DIV`]).
+/// covered the shortfall.
 fn halved_cap(cap: usize, short: usize, stranded: u64, floor: usize) -> usize {
-    if short * HALVE_MIN_SHORTFALL_DIV >= cap && stranded >= short as u64 && cap > floor {
+    if short > 0 && stranded >= short as u64 && cap > floor {
         (cap / 2).max(floor)
     } else {
         cap
@@ -591,15 +589,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cap_halves_only_for_a_chunk_sized_shortfall() {
-        // One page short with stranded memory around: no halving (it lasts the whole run).
-        assert_eq!(halved_cap(32, 1, 100, 1), 32);
-        assert_eq!(halved_cap(32, 7, 100, 1), 32);
-        // A quarter chunk short, and the stranded memory would have covered it: halve.
+    fn the_cap_halves_when_stranded_memory_could_have_covered_the_shortfall() {
+        // Short by a page or by a quarter chunk, with enough stranded around: halve.
+        assert_eq!(halved_cap(32, 1, 100, 1), 16);
         assert_eq!(halved_cap(32, 8, 100, 1), 16);
-        // Not below the floor, and not when nothing that large lies stranded.
+        // Not below the floor, and not when less than the shortfall lies stranded.
         assert_eq!(halved_cap(32, 8, 100, 24), 24);
         assert_eq!(halved_cap(16, 8, 100, 16), 16);
         assert_eq!(halved_cap(32, 8, 7, 1), 32);
+        // No shortfall, no change.
+        assert_eq!(halved_cap(32, 0, 100, 1), 32);
     }
 }

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Do the CUDA virtual-memory calls wait for the GPU? Times cuMemCreate, cuMemMap,
+cuMemSetAccess, cuMemUnmap and cuMemRelease of one 2 MiB and one 64 MiB handle, first with
+the device idle, then while a kernel keeps the device busy for about 300 ms (torch.cuda._sleep
+on the current stream), and says whether the stream was still busy after each call (a call
+that waited for the GPU takes about the kernel's time and finds the stream done).
+
+    python3 scripts/probe_vmm_busy.py      # on the GPU machine; prints a table, then JSON
+"""
+import json
+import statistics
+import time
+
+import torch
+
+try:
+    from cuda.bindings import driver as cu
+except ImportError:  # older cuda-python
+    from cuda import cuda as cu
+
+
+def check(r):
+    err = r[0] if isinstance(r, tuple) else r
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA driver error {err}")
+    return r[1] if isinstance(r, tuple) and len(r) == 2 else r
+
+
+def main():
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")  # the primary context is current from here
+    dev = torch.cuda.current_device()
+    prop = cu.CUmemAllocationProp()
+    prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = dev
+    access = cu.CUmemAccessDesc()
+    access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    access.location.id = dev
+    access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    stream = torch.cuda.current_stream()
+    # About 300 ms of spinning: calibrate the cycles once.
+    t = time.perf_counter(); torch.cuda._sleep(100_000_000); torch.cuda.synchronize()
+    cycles = int(100_000_000 * 0.3 / (time.perf_counter() - t))
+    rows = []
+    for size in (2 << 20, 64 << 20):
+        va = check(cu.cuMemAddressReserve(size, 0, 0, 0))
+        for busy in (False, True, False, True, False, True):
+            if busy:
+                torch.cuda._sleep(cycles)
+            times, still_busy = {}, {}
+            def timed(name, f):
+                t0 = time.perf_counter()
+                r = f()
+                times[name] = (time.perf_counter() - t0) * 1e6
+                still_busy[name] = not stream.query()
+                return r
+            h = timed("create", lambda: check(cu.cuMemCreate(size, prop, 0)))
+            timed("map", lambda: check(cu.cuMemMap(va, size, 0, h, 0)))
+            timed("set_access", lambda: check(cu.cuMemSetAccess(va, size, [access], 1)))
+            timed("unmap", lambda: check(cu.cuMemUnmap(va, size)))
+            timed("release", lambda: check(cu.cuMemRelease(h)))
+            torch.cuda.synchronize()
+            rows.append({"size_mib": size >> 20, "busy": busy, "us": times, "stream_still_busy_after": still_busy})
+        check(cu.cuMemAddressFree(va, size))
+    print("size | device | create us | map us | set_access us | unmap us | release us  (busy after? y/n)")
+    for r in rows:
+        cells = " | ".join(f"{r['us'][k]:.0f} ({'y' if r['stream_still_busy_after'][k] else 'n'})"
+                           for k in ("create", "map", "set_access", "unmap", "release"))
+        print(f"{r['size_mib']} MiB | {'busy' if r['busy'] else 'idle'} | {cells}")
+    for r in rows:
+        print("probe " + json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
