@@ -55,7 +55,7 @@ mod private;
 mod rare;
 mod slow;
 
-use figures::DriverCounters;
+use figures::{DriverCounters, PeakRecord};
 use limits::HardLimit;
 
 use rare::RareFlags;
@@ -154,6 +154,8 @@ pub struct CachingAllocator {
     pub(crate) pages: PageMap,
     pub(crate) reserved: AtomicU64,
     reserved_peak: AtomicU64,
+    /// Where reserved memory was at its last peak, when `record_peak_breakdown` is on.
+    peak: PeakRecord,
     segments: AtomicU64,
     segments_peak: AtomicU64,
     counters: Counters,
@@ -245,6 +247,7 @@ impl CachingAllocator {
             pages: PageMap::new(),
             reserved: AtomicU64::new(0),
             reserved_peak: AtomicU64::new(0),
+            peak: PeakRecord::default(),
             segments: AtomicU64::new(0),
             segments_peak: AtomicU64::new(0),
             counters: Counters::default(),

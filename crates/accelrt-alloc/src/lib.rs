@@ -55,4 +55,6 @@ pub use pinned::{PinnedAllocator, PinnedStats};
 pub use pool::QUIET_TICKS;
 pub use provider::{ChunkHandle, MemoryProvider, ProviderError, StreamEvents, VirtualMemory};
 pub use size::{round_size, segment_size, MAX_REQUEST, MIN_BLOCK};
-pub use stats::{DriverCalls, EventCounters, MemoryStats, PoolKind, PoolStats, Stat};
+pub use stats::{
+    DriverCalls, EventCounters, MemoryStats, PeakBreakdown, PoolKind, PoolStats, Stat,
+};

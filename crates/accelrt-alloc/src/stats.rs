@@ -164,6 +164,37 @@ pub struct EventCounters {
     pub num_pages_remapped: u64,
 }
 
+/// Where reserved memory was at the moment it peaked: the memory a workload paid for beyond
+/// what it had allocated, by why it was not available to the request that raised the peak.
+/// Recorded when asked for (`CachingAllocator::record_peak_breakdown`); every field in bytes.
+///
+/// `reserved = allocated + free_in_shared_pages + free_in_used_chunks + idle_chunks +
+/// spare_chunks + free_in_segments + other`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PeakBreakdown {
+    /// Reserved memory at the peak.
+    pub reserved: u64,
+    /// Blocks handed out (their rounded sizes).
+    pub allocated: u64,
+    /// Expandable segments: free bytes on pages that also hold allocated bytes (a page is
+    /// the mapping unit, 2 MiB on CUDA).
+    pub free_in_shared_pages: u64,
+    /// Expandable segments: whole free pages of chunks that also back allocated pages. A chunk
+    /// is mapped and moved only whole, so only requests that fit these holes can use them;
+    /// smaller chunks leave less here at the price of more driver calls.
+    pub free_in_used_chunks: u64,
+    /// Expandable segments: chunks lying wholly inside free blocks, which a request elsewhere
+    /// could have had by a move.
+    pub idle_chunks: u64,
+    /// Expandable segments: chunks created and mapped nowhere.
+    pub spare_chunks: u64,
+    /// Plain segments: cached free blocks.
+    pub free_in_segments: u64,
+    /// The rest: frees waiting for other streams' work, old mappings waiting to be unmapped,
+    /// and the memory being mapped for the request that raised the peak.
+    pub other: u64,
+}
+
 /// The driver calls an allocator made, one count per kind. Both backends count the same
 /// logical operations on their providers, so a replay on the host predicts the calls a CUDA
 /// run makes.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use accelrt::alloc::{format_size, AllocatorConfig, MemoryProvider};
+use accelrt::alloc::{format_size, AllocatorConfig, MemoryProvider, PeakBreakdown};
 use accelrt::trace::{self, DeviceModel, ReplayInput, ReplayOptions, ReplayOutcome, ReplayTarget};
 use accelrt::{Device, DeviceType};
 
@@ -459,6 +459,15 @@ fn print_table(input: &ReplayInput, rows: &[(&NamedConfig, ReplayOutcome)]) {
             );
         }
     }
+    for (label, (_, outcome)) in labels.iter().zip(rows) {
+        if let Some(b) = &outcome.report.peak_breakdown {
+            println!(
+                "  at the peak ({}): {}",
+                label.trim_end(),
+                breakdown_text(b)
+            );
+        }
+    }
     for (label, (named, outcome)) in labels.iter().zip(rows) {
         if let Some(e) = prediction_error(input, named, outcome) {
             println!(
@@ -521,6 +530,7 @@ fn json_line(
         "capacity_bytes": capacity,
         "device_calls": r.device_calls,
         "driver_calls": r.driver_calls,
+        "peak_breakdown": r.peak_breakdown,
         "torch_peak_allocated_bytes": torch.and_then(|t| t.peak_allocated),
         "torch_peak_reserved_bytes": torch.and_then(|t| t.peak_reserved),
         "torch_ratio": torch.and_then(|t| t.ratio()),
@@ -535,6 +545,34 @@ fn json_line(
         "error": outcome.error.as_ref().map(|e| e.to_string()),
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
     })
+}
+
+/// Where reserved memory was at its peak, in words: reserved = allocated + the parts that
+/// are not zero, largest first.
+pub(crate) fn breakdown_text(b: &PeakBreakdown) -> String {
+    let mut parts = [
+        (b.free_in_used_chunks, "free pages in partly used chunks"),
+        (
+            b.free_in_shared_pages,
+            "free in pages shared with live blocks",
+        ),
+        (b.idle_chunks, "idle chunks"),
+        (b.spare_chunks, "spare chunks"),
+        (b.free_in_segments, "cached in segments"),
+        (b.other, "other (waiting frees, old mappings, the request)"),
+    ];
+    parts.sort_by_key(|&(bytes, _)| std::cmp::Reverse(bytes));
+    let mut text = format!(
+        "reserved {} = allocated {}",
+        format_size(b.reserved),
+        format_size(b.allocated)
+    );
+    for (bytes, what) in parts {
+        if bytes > 0 {
+            text.push_str(&format!(" + {} {what}", format_size(bytes)));
+        }
+    }
+    text
 }
 
 /// `1234567` → `1,234,567`.

@@ -81,6 +81,22 @@ fn predictions_sit_next_to_the_real_run() {
         );
         assert_eq!(v["streams"], 2);
         assert!(v.get("driver_calls").is_some(), "{v}");
+        // Where reserved memory was at its peak: every reserved byte in one of the parts.
+        let b = &v["peak_breakdown"];
+        assert_eq!(b["reserved"], v["peak_reserved_bytes"], "{v}");
+        let parts: u64 = [
+            "allocated",
+            "free_in_shared_pages",
+            "free_in_used_chunks",
+            "idle_chunks",
+            "spare_chunks",
+            "free_in_segments",
+            "other",
+        ]
+        .iter()
+        .map(|k| b[*k].as_u64().unwrap())
+        .sum();
+        assert_eq!(Some(parts), b["reserved"].as_u64(), "{b}");
     }
     // The recorded configuration gets its prediction error; written another way
     // (the same configuration) it still matches; the default does not.
@@ -391,5 +407,32 @@ fn recorded_needs_a_conf_header() {
         stderr(&out).contains("does not say which configuration it was recorded with"),
         "{}",
         stderr(&out)
+    );
+}
+
+#[test]
+fn the_replay_says_where_reserved_memory_was_at_its_peak() {
+    let trace = shipped("gpt2_train.trace.gz");
+    let out = accelrt(&[
+        "replay",
+        &trace,
+        "--alloc-conf",
+        "expandable_segments:false",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with("at the peak (expandable_segments:false): ")
+        })
+        .unwrap_or_else(|| panic!("no peak breakdown line:\n{text}"));
+    // Plain segments: what is not allocated is cached in segments or in flight.
+    assert!(line.contains("= allocated "), "{line}");
+    assert!(line.contains("cached in segments"), "{line}");
+    assert!(
+        !line.contains("chunks"),
+        "no chunks with plain segments: {line}"
     );
 }

@@ -484,7 +484,10 @@ impl CachingAllocator {
         self.driver.create.fetch_add(1, Relaxed);
         match created {
             Ok(h) => {
-                self.reserved_peak.fetch_max(new_total, Relaxed);
+                let before = self.reserved_peak.fetch_max(new_total, Relaxed);
+                if new_total > before {
+                    self.note_new_peak(before, new_total, &vm.chunks);
+                }
                 self.counters.num_device_alloc.fetch_add(1, Relaxed);
                 Ok(vm.chunks.add(h, pages as u32))
             }

@@ -2,6 +2,7 @@
 //! deferred errors.
 
 use super::*;
+use crate::chunks::ChunkTable;
 
 /// What a registered callback is told, and when it fires. Callbacks run on the thread that
 /// made the call, after the allocator's locks are released, so they may call the allocator.
@@ -381,5 +382,70 @@ impl DriverCounters {
             event_query,
             event_wait,
         }
+    }
+}
+
+/// The breakdown of reserved memory at its peak, recorded only while asked for.
+#[derive(Debug, Default)]
+pub(super) struct PeakRecord {
+    on: std::sync::atomic::AtomicBool,
+    last: Mutex<Option<crate::stats::PeakBreakdown>>,
+    /// Time spent recording, in nanoseconds (a replay leaves it out of its call times).
+    spent_ns: AtomicU64,
+}
+
+impl CachingAllocator {
+    /// Record, from now on, where reserved memory is each time it reaches a new peak
+    /// ([`PeakBreakdown`](crate::PeakBreakdown)): each new peak costs a walk over every block
+    /// (slow paths only), so it is off unless asked for; `accelrt replay` turns it on.
+    pub fn record_peak_breakdown(&self, on: bool) {
+        self.peak.on.store(on, Relaxed);
+        if !on {
+            *self.peak.last.lock() = None;
+        }
+    }
+
+    /// Where reserved memory was when it last reached a new peak, if recording was on then.
+    pub fn peak_breakdown(&self) -> Option<crate::stats::PeakBreakdown> {
+        *self.peak.last.lock()
+    }
+
+    /// Time spent recording peak breakdowns so far (inside the calls that raised a peak).
+    pub fn peak_breakdown_cost(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.peak.spent_ns.load(Relaxed))
+    }
+
+    /// Reserved memory just rose from `before` to `reserved`: a new peak records its breakdown
+    /// (when asked for). `chunks` is the chunk table, held by the caller or empty.
+    #[cold]
+    pub(super) fn note_new_peak(&self, before: u64, reserved: u64, chunks: &ChunkTable) {
+        if reserved <= before || !self.peak.on.load(Relaxed) {
+            return;
+        }
+        let start = std::time::Instant::now();
+        let mut b = crate::stats::PeakBreakdown {
+            reserved,
+            ..Default::default()
+        };
+        for pool in self.initialized_pools() {
+            let st = pool.state.lock();
+            b.allocated += st.allocated_bytes();
+            let free = st.free_memory(chunks);
+            b.free_in_shared_pages += free.in_shared_pages;
+            b.free_in_used_chunks += free.in_used_chunks;
+            b.idle_chunks += free.idle_chunks;
+            b.free_in_segments += free.in_segments;
+        }
+        b.spare_chunks = chunks.spare_pages() * self.vm_page;
+        let known = b.allocated
+            + b.free_in_shared_pages
+            + b.free_in_used_chunks
+            + b.idle_chunks
+            + b.spare_chunks
+            + b.free_in_segments;
+        b.other = reserved.saturating_sub(known);
+        *self.peak.last.lock() = Some(b);
+        let spent = start.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.peak.spent_ns.fetch_add(spent, Relaxed);
     }
 }

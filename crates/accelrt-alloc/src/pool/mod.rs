@@ -33,6 +33,7 @@ use super::AllocatorConfig;
 mod access;
 mod block;
 mod check;
+mod free_memory;
 mod segments;
 mod vm;
 mod waits;

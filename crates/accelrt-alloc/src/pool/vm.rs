@@ -191,9 +191,9 @@ pub struct LentRange {
 
 /// A chunk lying wholly in a free block, that could move.
 #[derive(Debug, Clone, Copy)]
-struct Idle {
+pub(super) struct Idle {
     chunk: u32,
-    pages: usize,
+    pub(super) pages: usize,
     block: u32,
     seg_base: usize,
     slot: usize,
@@ -371,7 +371,7 @@ impl PoolState {
     /// Chunks lying wholly inside free blocks last used at or before pool tick `since`,
     /// largest first. Only free blocks of at least a page can hold one, and the free index
     /// lists exactly those, so this costs little even with many blocks.
-    fn idle_chunks(&self, chunks: &ChunkTable, since: u64) -> Vec<Idle> {
+    pub(super) fn idle_chunks(&self, chunks: &ChunkTable, since: u64) -> Vec<Idle> {
         let mut out = Vec::new();
         let Some(page_size) = self
             .segments

@@ -27,7 +27,7 @@ use accelrt_alloc::AllocError;
 use accelrt_alloc::HostMemory;
 use accelrt_alloc::{
     set_thread_context, AllocatorConfig, CachingAllocator, Frames, HistoryConfig, MemoryProvider,
-    MemoryStats, StreamEvents,
+    MemoryStats, PeakBreakdown, StreamEvents,
 };
 
 /// Default cap on the memory history of a replay with history on (entries; the oldest go
@@ -140,6 +140,8 @@ pub struct ReplayReport {
     /// The allocator's own count of driver calls (`MemoryStats::driver_calls`), when the
     /// allocator keeps one.
     pub driver_calls: Option<serde_json::Value>,
+    /// Where reserved memory was at its peak (the replay's own allocator records it).
+    pub peak_breakdown: Option<PeakBreakdown>,
 }
 
 impl ReplayReport {
@@ -318,6 +320,7 @@ fn empty_report(
         history,
         device_calls: None,
         driver_calls: None,
+        peak_breakdown: None,
     }
 }
 
@@ -354,6 +357,7 @@ pub(crate) fn replay_source(
             return outcome;
         }
     };
+    alloc.record_peak_breakdown(true);
     if opts.history {
         alloc.record_memory_history(Some(HistoryConfig {
             max_entries: opts.history_max_entries.max(1),
@@ -509,12 +513,18 @@ impl<'a> Engine<'a> {
         report.peak_reserved_bytes = stats.reserved_bytes_peak;
         report.device_allocs = stats.counters.num_device_alloc;
         report.ooms = stats.counters.num_ooms;
-        report.seconds = self.elapsed.as_secs_f64();
+        // Recording the peak breakdown happens inside the calls that raised a peak; it is
+        // the replay's own cost, not the allocator's.
+        let elapsed = self
+            .elapsed
+            .saturating_sub(self.alloc.peak_breakdown_cost());
+        report.seconds = elapsed.as_secs_f64();
         report.ns_per_call = if self.calls == 0 {
             0.0
         } else {
-            self.elapsed.as_nanos() as f64 / self.calls as f64
+            elapsed.as_nanos() as f64 / self.calls as f64
         };
+        report.peak_breakdown = self.alloc.peak_breakdown();
         report.device_calls = self.sim.map(SimulatedDevice::calls);
         report.driver_calls = driver_calls(&stats);
         let (error, cause) = match error {

@@ -357,3 +357,95 @@ fn page_size_is_configurable_in_multiples_of_the_granularity() {
         "{err}"
     );
 }
+
+/// `reserved` is the sum of the breakdown's parts: nothing is counted twice or lost.
+fn assert_adds_up(b: &accelrt::alloc::PeakBreakdown) {
+    let parts = b.allocated
+        + b.free_in_shared_pages
+        + b.free_in_used_chunks
+        + b.idle_chunks
+        + b.spare_chunks
+        + b.free_in_segments
+        + b.other;
+    assert_eq!(parts, b.reserved, "{b:?}");
+}
+
+#[test]
+fn the_peak_breakdown_shows_free_pages_stranded_in_a_partly_used_chunk() {
+    let a = allocator(1 << 30, "");
+    assert_eq!(a.peak_breakdown(), None, "off until asked for");
+    a.record_peak_breakdown(true);
+    assert_eq!(a.peak_breakdown(), None, "no peak yet");
+    // A 10 MiB block (five pages, its own chunks) with a live block after it; freed, then a
+    // 2 MiB block reuses the start of its range, so the chunk under it is partly used and its
+    // other pages lie free between two live blocks.
+    let big = a.raw_alloc(10 * MIB, s(0)).unwrap();
+    let first = a
+        .peak_breakdown()
+        .expect("the first allocation raised the peak");
+    assert_adds_up(&first);
+    let after = a.raw_alloc(2 * MIB, s(0)).unwrap();
+    assert_eq!(after, big + 10 * MIB);
+    a.raw_free(big).unwrap();
+    let small = a.raw_alloc(2 * MIB, s(0)).unwrap();
+    assert_eq!(small, big, "best fit reuses the freed range");
+    // A request those 8 MiB cannot hold raises the peak.
+    let larger = a.raw_alloc(20 * MIB, s(0)).unwrap();
+    let b = a.peak_breakdown().unwrap();
+    assert_adds_up(&b);
+    assert_eq!(b.reserved, a.stats().reserved_bytes_peak);
+    // The request's own block is carved (and counted) before its memory is mapped.
+    assert_eq!(b.allocated, 24 * MIB as u64, "{b:?}");
+    assert!(
+        b.free_in_used_chunks >= 4 * MIB as u64,
+        "the free pages of the 10 MiB block's chunk: {b:?}"
+    );
+    for p in [small, after, larger] {
+        a.raw_free(p).unwrap();
+    }
+    a.record_peak_breakdown(false);
+    assert_eq!(a.peak_breakdown(), None, "turning it off forgets it");
+}
+
+#[test]
+fn the_peak_breakdown_adds_up_through_churn_in_both_segment_kinds() {
+    for conf in ["", "expandable_segments:false"] {
+        let a = allocator_any(conf);
+        a.record_peak_breakdown(true);
+        let mut live: Vec<usize> = Vec::new();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..2_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if live.len() > 40 || (i % 3 == 2 && !live.is_empty()) {
+                let p = live.swap_remove((x % live.len() as u64) as usize);
+                a.raw_free(p).unwrap();
+            } else {
+                let size = 1 + (x % (24 * MIB as u64)) as usize;
+                live.push(a.raw_alloc(size, s(0)).unwrap());
+            }
+        }
+        let b = a.peak_breakdown().expect("peaks were reached");
+        assert_adds_up(&b);
+        assert_eq!(b.reserved, a.stats().reserved_bytes_peak, "{conf}");
+        assert!(b.allocated <= b.reserved);
+        if conf.is_empty() {
+            assert_eq!(b.free_in_segments, 0, "no plain segments");
+        } else {
+            let vm_parts = b.free_in_shared_pages + b.free_in_used_chunks + b.idle_chunks;
+            assert_eq!(
+                vm_parts + b.spare_chunks,
+                0,
+                "no chunks with plain segments"
+            );
+        }
+        live.into_iter().for_each(|p| a.raw_free(p).unwrap());
+    }
+}
+
+fn allocator_any(conf: &str) -> CachingAllocator {
+    let mut config = AllocatorConfig::parse(conf).unwrap();
+    config.debug_checks = true;
+    CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap()
+}
