@@ -12,6 +12,7 @@ mod chunks;
 mod config;
 pub mod deferred;
 pub mod device;
+mod device_type;
 pub mod error;
 mod free_node;
 pub mod graph;
@@ -39,6 +40,7 @@ pub use host::HostMemory;
 pub use stream::{Stream, StreamPriority};
 
 pub use bytes::format_size;
+pub use callbacks::{AllocatorCallback, AllocatorEvent, CallbackId};
 pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
 pub use deferred::{Deferred, KeptError};
 pub use history::{
@@ -46,9 +48,9 @@ pub use history::{
     MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,
 };
 pub use imp::{
-    AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, CheckpointBlock,
-    CheckpointSegment, ExportedChunk, ExportedRange, ImportedRange, OomInfo, OomObserver,
-    PoolCheckpoint, RestoreReport, StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
+    Buffer, CachingAllocator, CheckpointBlock, CheckpointSegment, ExportedChunk, ExportedRange,
+    ImportedRange, OomInfo, OomObserver, PoolCheckpoint, RestoreReport, StreamFilter,
+    MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
 };
 pub use interface::DeviceAllocator;
 pub use pinned::{PinnedAllocator, PinnedStats};

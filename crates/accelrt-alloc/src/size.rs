@@ -28,19 +28,6 @@ pub fn round_size(size: u64, config: &AllocatorConfig) -> u64 {
     round_with_divisions(size, config.divisions_for(size))
 }
 
-/// The `roundup_power2_divisions` interval of a request: log2 of its size in MiB, from 0
-/// (below 2 MiB) to `ROUNDUP_INTERVALS - 1`, as PyTorch indexes its table.
-#[inline(always)]
-pub fn division_interval(size: u64) -> usize {
-    let mb = size >> 20;
-    let idx = if mb == 0 {
-        0
-    } else {
-        63 - mb.leading_zeros() as usize
-    };
-    idx.min(crate::config::ROUNDUP_INTERVALS - 1)
-}
-
 /// [`round_size`] with the divisions of the request's interval given.
 #[inline]
 pub fn round_with_divisions(size: u64, divisions: u32) -> u64 {

@@ -3,26 +3,6 @@
 
 use super::*;
 
-/// What a registered callback is told, and when it fires. Callbacks run on the thread that
-/// made the call, after the allocator's locks are released, so they may call the allocator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum AllocatorEvent {
-    /// A new segment came from the device (ptr and size of the segment).
-    Allocated,
-    /// A cached block was handed out again (ptr and size of the block).
-    Recycled,
-    /// A block was returned to the cache by a free (for a block used on other streams:
-    /// when it was freed, not when the other streams passed it).
-    Freed,
-    /// A segment was given back to the device (ptr and size of the segment).
-    Released,
-    /// The device (or a limit) refused a new segment; fired before the allocator retries, so
-    /// a callback may free memory (ptr 0, size = bytes requested).
-    AllocationFailed,
-}
-
-/// A callback: (ptr, size, event).
-pub type AllocatorCallback = Arc<dyn Fn(usize, u64, AllocatorEvent) + Send + Sync>;
 /// An out-of-memory observer, called just before `Error::OutOfMemory` is returned.
 pub type OomObserver = Arc<dyn Fn(&OomInfo) + Send + Sync>;
 
@@ -34,10 +14,6 @@ pub struct OomInfo {
     pub device_total: u64,
     pub device_free: u64,
 }
-
-/// Handle for removing a callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CallbackId(pub u64);
 
 impl CachingAllocator {
     // ---- figures ---------------------------------------------------------------------------

@@ -33,12 +33,14 @@ use super::AllocatorConfig;
 mod access;
 mod block;
 mod check;
+mod page_table;
 mod segments;
 mod vm;
 mod waits;
 pub use block::{Block, BlockState, LiveBlocks, Segment, NIL};
 pub use check::Tally;
-pub use vm::{LentRange, PageTable, Run, LENT, NO_CHUNK};
+pub use page_table::{LENT, NO_CHUNK};
+pub use vm::{LentRange, Run};
 use waits::PendingFree;
 pub use waits::{Extras, Fence, QUIET_TICKS};
 
