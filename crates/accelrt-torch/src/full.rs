@@ -13,14 +13,13 @@ use std::ffi::{c_int, c_void};
 use std::ptr::null_mut;
 use std::sync::Arc;
 
-use accelrt::alloc::{
-    AllocatorEvent, BlockStatus, CachingAllocator, Frame, MemorySnapshot, PoolKind, TraceAction,
-};
+use accelrt::alloc::{BlockStatus, CachingAllocator, Frame, MemorySnapshot, PoolKind, TraceAction};
 use accelrt::{Device, MempoolId, Stream};
-use parking_lot::Mutex;
 
 use crate::errors::{guard, Failure, Report};
 use crate::state::{state, State};
+use crate::trackers;
+pub use crate::trackers::TrackerFn;
 use crate::{device_name, maybe_relaxed, pool_id, status};
 
 /// One live block of a private pool (`accelrt_torch_block` in the header).
@@ -572,56 +571,6 @@ pub unsafe extern "C" fn accelrt_torch_snapshot_free(snap: *mut RawSnapshot) {
 
 // ---- segment events (attachAllocatorTraceTracker) -----------------------------------------------
 
-/// A segment event callback: (ctx, action as in [`TraceRecord::action`], device, address,
-/// size).
-pub type TrackerFn = Option<
-    unsafe extern "C" fn(ctx: *mut c_void, action: c_int, device: c_int, addr: u64, size: u64),
->;
-
-struct Tracker {
-    f: unsafe extern "C" fn(*mut c_void, c_int, c_int, u64, u64),
-    ctx: *mut c_void,
-}
-
-// SAFETY: the header's contract for accelrt_torch_add_segment_tracker: the function may be
-// called from any thread, concurrently, for the life of the process, with `ctx`.
-unsafe impl Send for Tracker {}
-// SAFETY: as above.
-unsafe impl Sync for Tracker {}
-
-static TRACKERS: Mutex<Vec<Arc<Tracker>>> = Mutex::new(Vec::new());
-/// Devices whose allocator already forwards its events to [`TRACKERS`].
-static HOOKED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-
-/// Make `a` (device `d`) forward its segment events to the trackers, once.
-pub(crate) fn hook_allocator(d: u32, a: &CachingAllocator) {
-    if TRACKERS.lock().is_empty() {
-        return;
-    }
-    let mut hooked = HOOKED.lock();
-    if hooked.contains(&d) {
-        return;
-    }
-    hooked.push(d);
-    let expandable = a.is_expandable();
-    a.add_callback(Arc::new(
-        move |ptr: usize, size: u64, event: AllocatorEvent| {
-            let action = match event {
-                // In expandable mode a new range of memory is pages mapped into a segment.
-                AllocatorEvent::Allocated if expandable => 5,
-                AllocatorEvent::Allocated => 3,
-                AllocatorEvent::Released => 4,
-                _ => return,
-            };
-            let trackers: Vec<Arc<Tracker>> = TRACKERS.lock().clone();
-            for t in trackers {
-                // SAFETY: the header's contract (see the Send impl); the function must not unwind.
-                unsafe { (t.f)(t.ctx, action, d as c_int, ptr as u64, size) };
-            }
-        },
-    ));
-}
-
 /// Call `f(ctx, action, device, addr, size)` for every segment event from now on: 3
 /// segment_alloc, 4 segment_free (plain segments), 5 segment_map (expandable segments:
 /// pages mapped). `f` must be callable from any thread and must not unwind; `ctx` stays
@@ -630,10 +579,10 @@ pub(crate) fn hook_allocator(d: u32, a: &CachingAllocator) {
 pub extern "C" fn accelrt_torch_add_segment_tracker(f: TrackerFn, ctx: *mut c_void) -> c_int {
     status("accelrt_torch_add_segment_tracker", || {
         let f = f.ok_or("the tracker function is NULL")?;
-        TRACKERS.lock().push(Arc::new(Tracker { f, ctx }));
+        trackers::add(f, ctx);
         let st = state()?;
         for (d, a) in st.existing_allocators() {
-            hook_allocator(d, a);
+            trackers::hook_allocator(d, a);
         }
         Ok(())
     })
