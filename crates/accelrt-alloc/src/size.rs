@@ -5,7 +5,7 @@ use super::PoolKind;
 
 /// Every block is a multiple of this, and no block is smaller.
 pub const MIN_BLOCK: u64 = 512;
-/// Requests up to this size go to the small pool.
+/// Requests up to this size are small: the small size class (PyTorch's small pool).
 pub const SMALL_REQUEST: u64 = 1 << 20;
 /// Segment size for small requests.
 pub const SMALL_SEGMENT: u64 = 2 << 20;
@@ -60,7 +60,7 @@ pub fn round_up(size: u64, multiple: u64) -> u64 {
     (size + multiple - 1) & !(multiple - 1)
 }
 
-/// Which pool a block of `block_size` bytes belongs to.
+/// The size class of a block of `block_size` bytes.
 #[inline(always)]
 pub fn pool_kind(block_size: u64) -> PoolKind {
     if block_size <= SMALL_REQUEST {

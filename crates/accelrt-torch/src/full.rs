@@ -93,6 +93,7 @@ pub struct RawSnapshot {
     pub segment_count: usize,
     pub blocks: *mut SnapshotBlock,
     pub block_count: usize,
+    /// History entries (PyTorch's trace entries, `device_traces`), when asked for.
     pub traces: *mut TraceRecord,
     pub trace_count: usize,
 }
@@ -356,7 +357,7 @@ thread_local! {
 
 /// Attach context id `id` (0: none) to the calling thread's next allocations while history
 /// with context is on (`accelrt_torch_record_history_ex(.., context = 1, ..)`). The id comes
-/// back in structured snapshots (blocks and trace entries), so a caller can keep its own
+/// back in structured snapshots (blocks and history entries), so a caller can keep its own
 /// stack objects (PyTorch's `GatheredContext`) and find them again.
 #[no_mangle]
 pub extern "C" fn accelrt_torch_set_context_id(id: u64) {

@@ -150,8 +150,8 @@ impl CachingAllocator {
     /// Taking a snapshot coalesces the blocks waiting in recent-free slots.
     ///
     /// The `snapshot` action this records lands after the history it returns, as PyTorch's
-    /// does: a snapshot's own trace ends with the last real event, and the next one shows where
-    /// this one was taken.
+    /// does: a snapshot's own history ends with the last real event, and the next snapshot's
+    /// history shows where this one was taken.
     pub fn memory_snapshot(&self) -> MemorySnapshot {
         let mut segments = Vec::new();
         for pool in self.initialized_pools() {
