@@ -57,6 +57,7 @@ import tempfile
 IDENT_START = re.compile(r"[A-Za-z_]")
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 RAW_STR = re.compile(r'(?:b|c)?r(#*)"')
+NUMBER = re.compile(r"[0-9][0-9A-Za-z_]*(\.[0-9][0-9A-Za-z_]*)?")
 
 
 def lex(text):
@@ -121,8 +122,7 @@ def lex(text):
             yield m.group(0), line
             i = m.end()
         elif c.isdigit():
-            m = re.compile(r"[0-9][0-9A-Za-z_]*(\.[0-9][0-9A-Za-z_]*)?").match(text, i)
-            i = m.end()
+            i = NUMBER.match(text, i).end()
         elif text.startswith("::", i):
             yield "::", line
             i += 2
@@ -178,8 +178,6 @@ class FileInfo:
         self.modpath = tuple(modpath)
         # module path -> {name: (segments, line)} bound by `use` in that module
         self.bindings = {}
-        # module path -> [(segments, line)] of glob imports
-        self.globs = {}
         # (module path the reference is written in, segments, line, kind, name), kind one of
         # "path" (in code), "use", "glob", "reexport" (a `pub use`)
         self.refs = []
@@ -211,15 +209,14 @@ def parse_file(info, text):
             j = parse_use_tree(toks, k + 1, [], trees)
             here = modpath()
             # `pub use`, `pub(crate) use`, `pub(super) use`, `pub(in …) use`
-            public = k > 0 and (
-                toks[k - 1][0] == "pub"
-                or (toks[k - 1][0] == ")" and any(toks[i][0] == "pub" for i in range(max(0, k - 6), k)))
+            before = [tok for tok, _ in toks[max(0, k - 8) : k]]
+            public = bool(before) and (
+                before[-1] == "pub" or (before[-1] == ")" and "pub" in before)
             )
             for segs, alias, glob in trees:
                 if not segs:
                     continue
                 if glob:
-                    info.globs.setdefault(here, []).append((segs, line))
                     info.refs.append((here, segs, line, "glob", None))
                     continue
                 name = alias or segs[-1]
@@ -267,15 +264,12 @@ class Crate:
         self.file_of_mod = {f.modpath: f for f in files.values()}
         self.mods = set(self.file_of_mod)
         self.bindings = {}
-        self.globs = {}
         for f in files.values():
             self.mods |= f.inline_mods
             for m in f.inline_mods:
                 self.file_of_mod.setdefault(m, f)
             for m, b in f.bindings.items():
                 self.bindings.setdefault(m, {}).update(b)
-            for m, g in f.globs.items():
-                self.globs.setdefault(m, []).extend(g)
 
     def absolute(self, here, segs, depth=0):
         """The absolute module path a path written in module `here` names, or None when it
