@@ -1,7 +1,8 @@
 //! The global allocator callbacks: registered once, called by every caching allocator of the
 //! process, those that exist and those created later, next to each allocator's own
 //! ([`crate::CachingAllocator::add_callback`]): PyTorch's `MPSAllocatorCallbacksRegistry`.
-//! `accelrt::registry` re-exports them.
+//! `accelrt::registry` re-exports them. Also here, what every callback is told: the
+//! [`AllocatorEvent`]s, the callback types and the [`CallbackId`] that removes one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,10 +10,34 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::device::Device;
-use crate::{AllocatorEvent, CallbackId};
+
+/// What a registered callback is told, and when it fires. Callbacks run on the thread that
+/// made the call, after the allocator's locks are released, so they may call the allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum AllocatorEvent {
+    /// A new segment came from the device (ptr and size of the segment).
+    Allocated,
+    /// A cached block was handed out again (ptr and size of the block).
+    Recycled,
+    /// A block was returned to the cache by a free (for a block used on other streams:
+    /// when it was freed, not when the other streams passed it).
+    Freed,
+    /// A segment was given back to the device (ptr and size of the segment).
+    Released,
+    /// The device (or a limit) refused a new segment; fired before the allocator retries, so
+    /// a callback may free memory (ptr 0, size = bytes requested).
+    AllocationFailed,
+}
+
+/// A callback: (ptr, size, event).
+pub type AllocatorCallback = Arc<dyn Fn(usize, u64, AllocatorEvent) + Send + Sync>;
+
+/// Handle for removing a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CallbackId(pub u64);
 
 /// A callback for every allocator: (device, ptr, size, event), with the same meaning and
-/// timing as an allocator's own [`crate::AllocatorCallback`].
+/// timing as an allocator's own [`AllocatorCallback`].
 pub type GlobalAllocatorCallback = Arc<dyn Fn(Device, usize, u64, AllocatorEvent) + Send + Sync>;
 
 static CALLBACKS: RwLock<Vec<(CallbackId, GlobalAllocatorCallback)>> = RwLock::new(Vec::new());

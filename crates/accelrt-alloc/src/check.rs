@@ -5,8 +5,8 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use super::caching::CachingAllocator;
 use super::chunks::Home;
-use super::imp::CachingAllocator;
 use super::pool::Tally;
 
 impl CachingAllocator {

@@ -16,6 +16,19 @@ const MIB: u64 = 1 << 20;
 /// `[2^k MiB, 2^(k+1) MiB)`, with sizes below 1 MiB in interval 0.
 pub const ROUNDUP_INTERVALS: usize = 32;
 
+/// The `roundup_power2_divisions` interval of a request: log2 of its size in MiB, from 0
+/// (below 2 MiB) to `ROUNDUP_INTERVALS - 1`, as PyTorch indexes its table.
+#[inline(always)]
+pub fn division_interval(size: u64) -> usize {
+    let mb = size >> 20;
+    let idx = if mb == 0 {
+        0
+    } else {
+        63 - mb.leading_zeros() as usize
+    };
+    idx.min(ROUNDUP_INTERVALS - 1)
+}
+
 /// How the allocator sizes, splits, caches and limits memory. Build with
 /// [`AllocatorConfig::default`], the `with_*` methods, or [`AllocatorConfig::parse`].
 #[derive(Debug, Clone, PartialEq)]
@@ -269,7 +282,7 @@ impl AllocatorConfig {
     /// Divisions that apply to a request of `size` bytes.
     #[inline]
     pub fn divisions_for(&self, size: u64) -> u32 {
-        self.roundup_power2_divisions[crate::size::division_interval(size)]
+        self.roundup_power2_divisions[division_interval(size)]
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::device::DeviceType;
+use crate::device_type::DeviceType;
 
 /// Result alias of the allocator crate.
 pub type Result<T, E = AllocError> = std::result::Result<T, E>;

@@ -269,7 +269,7 @@ pub struct SegmentInfo {
     /// Stream index on the device.
     pub stream: u32,
     pub segment_type: PoolKind,
-    /// Private pool id, `(0, 0)` for the default pools.
+    /// Private pool id, `(0, 0)` for the stream pools.
     pub segment_pool_id: (u64, u64),
     pub is_expandable: bool,
     /// Holes with no memory behind them, as (address, size): the parts of an expandable

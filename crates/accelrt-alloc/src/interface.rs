@@ -11,11 +11,12 @@
 use std::any::Any;
 use std::sync::Arc;
 
+use crate::caching::{CachingAllocator, OomObserver};
+use crate::callbacks::{AllocatorCallback, CallbackId};
 use crate::device::Device;
 use crate::error::Result;
 use crate::graph::MempoolId;
 use crate::history::{HistoryConfig, MemorySnapshot};
-use crate::imp::{AllocatorCallback, CachingAllocator, CallbackId, OomObserver};
 use crate::stats::MemoryStats;
 use crate::stream::Stream;
 

@@ -1,23 +1,25 @@
 //! The caching device allocator.
 //!
-//! See `ARCHITECTURE.md` ("alloc") for the design; `imp.rs` holds the implementation.
+//! See `ARCHITECTURE.md` ("alloc") for the design; `caching.rs` and `caching/` hold the caching
+//! allocator itself ([`CachingAllocator`]).
 //! Also here: the plain device, stream and graph id types the allocator names, and
 //! [`HostMemory`], the host memory provider (the host backend's device memory, and the
 //! simulated device replays run on). No backend, no runtime: `accelrt` builds those on top.
 
 mod bytes;
+mod caching;
 pub mod callbacks;
 mod check;
 mod chunks;
 mod config;
 pub mod deferred;
 pub mod device;
+mod device_type;
 pub mod error;
 mod free_node;
 pub mod graph;
 mod history;
 pub mod host;
-mod imp;
 mod interface;
 #[cfg(all(test, accelrt_loom))]
 mod models;
@@ -39,16 +41,17 @@ pub use host::HostMemory;
 pub use stream::{Stream, StreamPriority};
 
 pub use bytes::format_size;
+pub use caching::{
+    Buffer, CachingAllocator, CheckpointBlock, CheckpointSegment, ExportedChunk, ExportedRange,
+    ImportedRange, OomInfo, OomObserver, PoolCheckpoint, RestoreReport, StreamFilter,
+    MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
+};
+pub use callbacks::{AllocatorCallback, AllocatorEvent, CallbackId};
 pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
 pub use deferred::{Deferred, KeptError};
 pub use history::{
     set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,
     MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,
-};
-pub use imp::{
-    AllocatorCallback, AllocatorEvent, Buffer, CachingAllocator, CallbackId, CheckpointBlock,
-    CheckpointSegment, ExportedChunk, ExportedRange, ImportedRange, OomInfo, OomObserver,
-    PoolCheckpoint, RestoreReport, StreamFilter, MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
 };
 pub use interface::DeviceAllocator;
 pub use pinned::{PinnedAllocator, PinnedStats};

@@ -1,7 +1,7 @@
 //! Loom models of the pool lock protocol (`RUSTFLAGS="--cfg accelrt_loom" cargo test -p
 //! accelrt-alloc --lib loom`; `.ci/run` runs them). The page map is modelled on its real code in
-//! `pagemap.rs`; the pool's locking is plain `Mutex` use spread over `imp.rs` and
-//! `imp/expandable.rs`, so its protocol is modelled here, step for step:
+//! `pagemap.rs`; the pool's locking is plain `Mutex` use spread over `caching.rs` and
+//! `caching/expandable.rs`, so its protocol is modelled here, step for step:
 //!
 //! - an allocation that maps pages (`alloc_slow_vm` / `finish_unmapped`): under the pool lock,
 //!   take a block off the free list and mark it allocated, and hold it out of the live map

@@ -5,7 +5,7 @@ use super::PoolKind;
 
 /// Every block is a multiple of this, and no block is smaller.
 pub const MIN_BLOCK: u64 = 512;
-/// Requests up to this size go to the small pool.
+/// Requests up to this size are small: the small size class (PyTorch's small pool).
 pub const SMALL_REQUEST: u64 = 1 << 20;
 /// Segment size for small requests.
 pub const SMALL_SEGMENT: u64 = 2 << 20;
@@ -26,19 +26,6 @@ pub const MAX_REQUEST: u64 = 1 << 48;
 #[inline]
 pub fn round_size(size: u64, config: &AllocatorConfig) -> u64 {
     round_with_divisions(size, config.divisions_for(size))
-}
-
-/// The `roundup_power2_divisions` interval of a request: log2 of its size in MiB, from 0
-/// (below 2 MiB) to `ROUNDUP_INTERVALS - 1`, as PyTorch indexes its table.
-#[inline(always)]
-pub fn division_interval(size: u64) -> usize {
-    let mb = size >> 20;
-    let idx = if mb == 0 {
-        0
-    } else {
-        63 - mb.leading_zeros() as usize
-    };
-    idx.min(crate::config::ROUNDUP_INTERVALS - 1)
 }
 
 /// [`round_size`] with the divisions of the request's interval given.
@@ -73,7 +60,7 @@ pub fn round_up(size: u64, multiple: u64) -> u64 {
     (size + multiple - 1) & !(multiple - 1)
 }
 
-/// Which pool a block of `block_size` bytes belongs to.
+/// The size class of a block of `block_size` bytes.
 #[inline(always)]
 pub fn pool_kind(block_size: u64) -> PoolKind {
     if block_size <= SMALL_REQUEST {

@@ -51,7 +51,8 @@ impl Stat {
     }
 }
 
-/// Which pool a statistic covers.
+/// A size class: small or large blocks, each with its own free index and statistics in every
+/// pool (PyTorch's small and large pools, whose names the statistics' keys keep).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PoolKind {
@@ -70,7 +71,7 @@ impl PoolKind {
     }
 }
 
-/// The per-pool statistics PyTorch reports.
+/// The statistics PyTorch reports for a size class, or for both together.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PoolStats {
     /// Live allocations handed to callers.
@@ -253,7 +254,8 @@ impl DriverCalls {
     }
 }
 
-/// A device's allocator statistics: small pool, large pool and counters.
+/// A device's allocator statistics: per size class (PyTorch's `small_pool` and `large_pool`),
+/// both together, and counters.
 ///
 /// Peaks are exact per stream (small, large, and both together); when several streams have
 /// allocated, the device-wide peaks are the sum of the per-stream peaks (an upper bound),
@@ -262,7 +264,7 @@ impl DriverCalls {
 pub struct MemoryStats {
     pub small_pool: PoolStats,
     pub large_pool: PoolStats,
-    /// Both pools together, kept per stream pool as its own record (exact peaks per stream).
+    /// Both size classes together, kept per pool as its own record (exact peaks per stream).
     pub combined: PoolStats,
     pub counters: EventCounters,
     /// Driver calls made by the allocator.
@@ -274,7 +276,7 @@ pub struct MemoryStats {
 }
 
 impl MemoryStats {
-    /// Small and large pools together (PyTorch's `all`).
+    /// Both size classes together (PyTorch's `all`).
     pub fn all(&self) -> PoolStats {
         let mut all = self.combined;
         all.reserved_bytes.peak = self.reserved_bytes_peak;

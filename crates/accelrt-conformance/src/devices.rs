@@ -211,7 +211,10 @@ pub fn generators(b: &dyn Backend) {
 /// profilerStartTrace / profilerStopTrace.
 pub fn profiler(b: &dyn Backend) {
     let s = fresh_stream(b);
-    assert!(b.profiler_stop_trace().is_err(), "no trace runs");
+    assert!(
+        b.profiler_stop_trace().is_err(),
+        "no profile is being recorded"
+    );
     b.profiler_start_trace(ProfilerMode::ALL, true).unwrap();
     assert!(
         b.profiler_start_trace(ProfilerMode::ALL, false).is_err(),
@@ -235,7 +238,7 @@ pub fn profiler(b: &dyn Backend) {
     }
     assert!(
         trace.events.iter().any(|e| e.cat == "alloc"),
-        "allocations are in the trace: {names:?}"
+        "allocations are in the profile: {names:?}"
     );
     let json = trace.to_chrome_json();
     assert!(json["traceEvents"]

@@ -13,14 +13,13 @@ use std::ffi::{c_int, c_void};
 use std::ptr::null_mut;
 use std::sync::Arc;
 
-use accelrt::alloc::{
-    AllocatorEvent, BlockStatus, CachingAllocator, Frame, MemorySnapshot, PoolKind, TraceAction,
-};
+use accelrt::alloc::{BlockStatus, CachingAllocator, Frame, MemorySnapshot, PoolKind, TraceAction};
 use accelrt::{Device, MempoolId, Stream};
-use parking_lot::Mutex;
 
 use crate::errors::{guard, Failure, Report};
 use crate::state::{state, State};
+use crate::trackers;
+pub use crate::trackers::TrackerFn;
 use crate::{device_name, maybe_relaxed, pool_id, status};
 
 /// One live block of a private pool (`accelrt_torch_block` in the header).
@@ -94,6 +93,7 @@ pub struct RawSnapshot {
     pub segment_count: usize,
     pub blocks: *mut SnapshotBlock,
     pub block_count: usize,
+    /// History entries (PyTorch's trace entries, `device_traces`), when asked for.
     pub traces: *mut TraceRecord,
     pub trace_count: usize,
 }
@@ -357,7 +357,7 @@ thread_local! {
 
 /// Attach context id `id` (0: none) to the calling thread's next allocations while history
 /// with context is on (`accelrt_torch_record_history_ex(.., context = 1, ..)`). The id comes
-/// back in structured snapshots (blocks and trace entries), so a caller can keep its own
+/// back in structured snapshots (blocks and history entries), so a caller can keep its own
 /// stack objects (PyTorch's `GatheredContext`) and find them again.
 #[no_mangle]
 pub extern "C" fn accelrt_torch_set_context_id(id: u64) {
@@ -572,56 +572,6 @@ pub unsafe extern "C" fn accelrt_torch_snapshot_free(snap: *mut RawSnapshot) {
 
 // ---- segment events (attachAllocatorTraceTracker) -----------------------------------------------
 
-/// A segment event callback: (ctx, action as in [`TraceRecord::action`], device, address,
-/// size).
-pub type TrackerFn = Option<
-    unsafe extern "C" fn(ctx: *mut c_void, action: c_int, device: c_int, addr: u64, size: u64),
->;
-
-struct Tracker {
-    f: unsafe extern "C" fn(*mut c_void, c_int, c_int, u64, u64),
-    ctx: *mut c_void,
-}
-
-// SAFETY: the header's contract for accelrt_torch_add_segment_tracker: the function may be
-// called from any thread, concurrently, for the life of the process, with `ctx`.
-unsafe impl Send for Tracker {}
-// SAFETY: as above.
-unsafe impl Sync for Tracker {}
-
-static TRACKERS: Mutex<Vec<Arc<Tracker>>> = Mutex::new(Vec::new());
-/// Devices whose allocator already forwards its events to [`TRACKERS`].
-static HOOKED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-
-/// Make `a` (device `d`) forward its segment events to the trackers, once.
-pub(crate) fn hook_allocator(d: u32, a: &CachingAllocator) {
-    if TRACKERS.lock().is_empty() {
-        return;
-    }
-    let mut hooked = HOOKED.lock();
-    if hooked.contains(&d) {
-        return;
-    }
-    hooked.push(d);
-    let expandable = a.is_expandable();
-    a.add_callback(Arc::new(
-        move |ptr: usize, size: u64, event: AllocatorEvent| {
-            let action = match event {
-                // In expandable mode a new range of memory is pages mapped into a segment.
-                AllocatorEvent::Allocated if expandable => 5,
-                AllocatorEvent::Allocated => 3,
-                AllocatorEvent::Released => 4,
-                _ => return,
-            };
-            let trackers: Vec<Arc<Tracker>> = TRACKERS.lock().clone();
-            for t in trackers {
-                // SAFETY: the header's contract (see the Send impl); the function must not unwind.
-                unsafe { (t.f)(t.ctx, action, d as c_int, ptr as u64, size) };
-            }
-        },
-    ));
-}
-
 /// Call `f(ctx, action, device, addr, size)` for every segment event from now on: 3
 /// segment_alloc, 4 segment_free (plain segments), 5 segment_map (expandable segments:
 /// pages mapped). `f` must be callable from any thread and must not unwind; `ctx` stays
@@ -630,10 +580,10 @@ pub(crate) fn hook_allocator(d: u32, a: &CachingAllocator) {
 pub extern "C" fn accelrt_torch_add_segment_tracker(f: TrackerFn, ctx: *mut c_void) -> c_int {
     status("accelrt_torch_add_segment_tracker", || {
         let f = f.ok_or("the tracker function is NULL")?;
-        TRACKERS.lock().push(Arc::new(Tracker { f, ctx }));
+        trackers::add(f, ctx);
         let st = state()?;
         for (d, a) in st.existing_allocators() {
-            hook_allocator(d, a);
+            trackers::hook_allocator(d, a);
         }
         Ok(())
     })

@@ -29,6 +29,7 @@ mod pools;
 pub mod record;
 mod state;
 mod stats;
+mod trackers;
 
 use std::ffi::{c_char, c_int, c_void};
 use std::ptr::null_mut;

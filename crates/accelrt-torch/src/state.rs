@@ -157,7 +157,7 @@ impl State {
                 .map_err(|e| e.to_string())?;
         }
         let allocator = self.allocators[d as usize].get_or_init(|| allocator);
-        crate::full::hook_allocator(d, allocator);
+        crate::trackers::hook_allocator(d, allocator);
         Ok(allocator)
     }
 

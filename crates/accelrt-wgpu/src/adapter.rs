@@ -1,5 +1,6 @@
-//! Finding adapters, opening them, and what they report: properties from the adapter's info
-//! and limits, memory figures from the driver where it reports them.
+//! Finding adapters (which backends, best first) and what they report: properties from the
+//! adapter's info and limits, memory figures from the driver where it reports them. Opening
+//! them is `device.rs`'s.
 //!
 //! Memory, by source:
 //! - **Vulkan**: the heaps of `vkGetPhysicalDeviceMemoryProperties` give the total (the
@@ -15,10 +16,6 @@
 //!
 //! The MPS watermark model follows: the high watermark (a hard limit) and the low watermark
 //! (garbage collection above it) are ratios of the recommended maximum.
-
-use std::sync::Arc;
-
-use crate::device::DeviceShared;
 
 /// Memory figures of one adapter, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +38,7 @@ pub(crate) fn backends() -> wgpu::Backends {
 }
 
 /// Rank of a device type: discrete GPUs first, the CPU (lavapipe, WARP) last.
-fn rank(t: wgpu::DeviceType) -> u8 {
+pub(crate) fn rank(t: wgpu::DeviceType) -> u8 {
     match t {
         wgpu::DeviceType::DiscreteGpu => 0,
         wgpu::DeviceType::IntegratedGpu => 1,
@@ -49,68 +46,6 @@ fn rank(t: wgpu::DeviceType) -> u8 {
         wgpu::DeviceType::Cpu => 3,
         wgpu::DeviceType::Other => 4,
     }
-}
-
-/// Open every adapter (filtered by `WGPU_ADAPTER_NAME`, a case-insensitive part of the
-/// name), best first; or say why there is none.
-pub(crate) fn open_all() -> std::result::Result<Vec<Arc<DeviceShared>>, String> {
-    let backends = backends();
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-        backends,
-        ..wgpu::InstanceDescriptor::new_without_display_handle()
-    });
-    let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
-    let found: Vec<String> = adapters
-        .iter()
-        .map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend))
-        .collect();
-    let filter = std::env::var("WGPU_ADAPTER_NAME")
-        .ok()
-        .filter(|f| !f.is_empty());
-    if let Some(f) = &filter {
-        let f = f.to_lowercase();
-        adapters.retain(|a| a.get_info().name.to_lowercase().contains(&f));
-    }
-    adapters.sort_by_key(|a| rank(a.get_info().device_type));
-    let mut devices = Vec::new();
-    let mut refused = Vec::new();
-    for adapter in adapters {
-        match open(devices.len() as u32, adapter) {
-            Ok(d) => devices.push(d),
-            Err(e) => refused.push(e),
-        }
-    }
-    if devices.is_empty() {
-        let mut reason = format!("no wgpu adapter on backends {backends:?}");
-        if let Some(f) = &filter {
-            reason += &format!(" named like WGPU_ADAPTER_NAME={f:?} (found: {found:?})");
-        } else if found.is_empty() {
-            reason += " (no Vulkan, Metal or DX12 driver was found: on Linux install a Vulkan \
-                       driver and loader, e.g. Debian's mesa-vulkan-drivers and libvulkan1 for \
-                       the CPU's lavapipe)";
-        }
-        if !refused.is_empty() {
-            reason += &format!("; could not open: {}", refused.join("; "));
-        }
-        return Err(reason);
-    }
-    Ok(devices)
-}
-
-/// Open one adapter with every limit it has and the features accelrt uses.
-fn open(index: u32, adapter: wgpu::Adapter) -> std::result::Result<Arc<DeviceShared>, String> {
-    let info = adapter.get_info();
-    let wanted = wgpu::Features::TIMESTAMP_QUERY;
-    let descriptor = wgpu::DeviceDescriptor {
-        label: Some("accelrt"),
-        required_features: adapter.features() & wanted,
-        required_limits: adapter.limits(),
-        ..Default::default()
-    };
-    let (device, queue) = pollster::block_on(adapter.request_device(&descriptor))
-        .map_err(|e| format!("{} ({:?}): {e}", info.name, info.backend))?;
-    let memory = memory_figures(&adapter);
-    Ok(DeviceShared::new(index, adapter, device, queue, memory))
 }
 
 /// The adapter's memory figures now (see the module docs for the sources).

@@ -7,6 +7,10 @@
 //! finished it. A position on the device is a number: it has completed once `done` reaches it.
 //! Callbacks run inside `Device::poll` (or a later submit); [`DeviceShared::poll`] and
 //! [`DeviceShared::wait`] drive them.
+//!
+//! Also here: opening adapters ([`open_all`]); beside it, what the device holds and what
+//! holds the device: `points.rs` (positions on the queue, timing slots, the event notifier)
+//! and `pipelines.rs` (the compute kernels, compiled on first use).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,9 +20,13 @@ use std::time::{Duration, Instant};
 use accelrt::error::{DeviceError, DeviceResult};
 use parking_lot::Mutex;
 
-use crate::adapter::MemoryFigures;
-use crate::event::{Notifier, SlotPool};
-use crate::kernels::Kernels;
+use crate::adapter::{self, MemoryFigures};
+
+pub(crate) mod pipelines;
+pub(crate) mod points;
+
+use pipelines::Kernels;
+use points::{Notifier, SlotPool};
 
 /// Submissions in flight: our number and wgpu's index, oldest first.
 #[derive(Default)]
@@ -96,6 +104,68 @@ pub(crate) fn wgpu_error(call: &'static str, message: impl std::fmt::Display) ->
         code: None,
         message: message.to_string(),
     }
+}
+
+/// Open every adapter (filtered by `WGPU_ADAPTER_NAME`, a case-insensitive part of the
+/// name), best first; or say why there is none.
+pub(crate) fn open_all() -> std::result::Result<Vec<Arc<DeviceShared>>, String> {
+    let backends = adapter::backends();
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    let found: Vec<String> = adapters
+        .iter()
+        .map(|a| format!("{} ({:?})", a.get_info().name, a.get_info().backend))
+        .collect();
+    let filter = std::env::var("WGPU_ADAPTER_NAME")
+        .ok()
+        .filter(|f| !f.is_empty());
+    if let Some(f) = &filter {
+        let f = f.to_lowercase();
+        adapters.retain(|a| a.get_info().name.to_lowercase().contains(&f));
+    }
+    adapters.sort_by_key(|a| adapter::rank(a.get_info().device_type));
+    let mut devices = Vec::new();
+    let mut refused = Vec::new();
+    for adapter in adapters {
+        match open(devices.len() as u32, adapter) {
+            Ok(d) => devices.push(d),
+            Err(e) => refused.push(e),
+        }
+    }
+    if devices.is_empty() {
+        let mut reason = format!("no wgpu adapter on backends {backends:?}");
+        if let Some(f) = &filter {
+            reason += &format!(" named like WGPU_ADAPTER_NAME={f:?} (found: {found:?})");
+        } else if found.is_empty() {
+            reason += " (no Vulkan, Metal or DX12 driver was found: on Linux install a Vulkan \
+                       driver and loader, e.g. Debian's mesa-vulkan-drivers and libvulkan1 for \
+                       the CPU's lavapipe)";
+        }
+        if !refused.is_empty() {
+            reason += &format!("; could not open: {}", refused.join("; "));
+        }
+        return Err(reason);
+    }
+    Ok(devices)
+}
+
+/// Open one adapter with every limit it has and the features accelrt uses.
+fn open(index: u32, adapter: wgpu::Adapter) -> std::result::Result<Arc<DeviceShared>, String> {
+    let info = adapter.get_info();
+    let wanted = wgpu::Features::TIMESTAMP_QUERY;
+    let descriptor = wgpu::DeviceDescriptor {
+        label: Some("accelrt"),
+        required_features: adapter.features() & wanted,
+        required_limits: adapter.limits(),
+        ..Default::default()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&descriptor))
+        .map_err(|e| format!("{} ({:?}): {e}", info.name, info.backend))?;
+    let memory = adapter::memory_figures(&adapter);
+    Ok(DeviceShared::new(index, adapter, device, queue, memory))
 }
 
 impl DeviceShared {
@@ -367,4 +437,44 @@ impl DeviceShared {
         }
         Ok(best.expect("five rounds ran").1)
     }
+}
+
+/// Map a `MAP_READ` buffer whose writes have finished and copy it out.
+pub(crate) fn map_read(dev: &DeviceShared, buffer: &wgpu::Buffer) -> DeviceResult<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    buffer.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    let mapped = loop {
+        // The buffer's writes have finished, so the mapping completes at the next poll; a
+        // short wait only guards against a driver that is slow to report it (a wait for "the
+        // latest submission" could otherwise sit behind other streams' long kernels).
+        dev.poll()?;
+        if let Ok(r) = rx.try_recv() {
+            break r;
+        }
+        dev.check_lost("wgpu::Buffer::map_async")?;
+        match dev.device.poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: Some(Duration::from_millis(1)),
+        }) {
+            Ok(_) | Err(wgpu::PollError::Timeout) => {}
+            Err(e) => {
+                return Err(wgpu_error(
+                    "wgpu::Device::poll (map a buffer for reading)",
+                    e,
+                ))
+            }
+        }
+        if let Ok(r) = rx.try_recv() {
+            break r;
+        }
+    };
+    mapped.map_err(|e| wgpu_error("wgpu::Buffer::map_async", e))?;
+    let bytes = buffer
+        .get_mapped_range(..)
+        .map_err(|e| wgpu_error("wgpu::Buffer::get_mapped_range", e))?
+        .to_vec();
+    buffer.unmap();
+    Ok(bytes)
 }

@@ -11,8 +11,9 @@ use accelrt::error::{DeviceError, DeviceResult};
 use accelrt::{DeviceProperties, DeviceType, StreamPriority};
 
 use crate::adapter::{self, MemoryFigures};
+use crate::device::points::Point;
 use crate::device::DeviceShared;
-use crate::event::{Point, WgpuEvent};
+use crate::event::WgpuEvent;
 use crate::kernels::{GpuOp, ReadReply, Region};
 use crate::memory::WgpuMemory;
 use crate::stream::{Captured, Item, StreamShared, WgpuStream};
@@ -285,7 +286,7 @@ impl Driver for WgpuDriver {
     /// Every adapter of the backends `WGPU_BACKEND` names (Vulkan, Metal, DX12 by default)
     /// whose name contains `WGPU_ADAPTER_NAME`; unavailable, with the reason, without any.
     fn probe() -> std::result::Result<Self, String> {
-        let devices = adapter::open_all()?;
+        let devices = crate::device::open_all()?;
         Ok(WgpuDriver {
             memory: devices.iter().map(|_| OnceLock::new()).collect(),
             devices,

@@ -60,9 +60,9 @@ use accelrt::runtime::Runtime;
 use accelrt::{DeviceType, Result};
 
 pub use adapter::MemoryFigures;
+pub use device::pipelines::pattern_word;
 pub use driver::{WgpuDriver, WgpuGraph, ENV_VARS, WGPU_VERSION};
 pub use event::WgpuEvent;
-pub use kernels::pattern_word;
 pub use memory::{WgpuMemory, ADDRESS_GRANULARITY};
 pub use stream::WgpuStream;
 /// The wgpu this crate is built with, for work of your own on its devices.

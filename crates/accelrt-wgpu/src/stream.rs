@@ -27,8 +27,8 @@ use accelrt::driver::HostTask;
 use accelrt::error::{DeviceError, DeviceResult};
 use parking_lot::{Condvar, Mutex};
 
+use crate::device::points::Point;
 use crate::device::{wgpu_error, DeviceShared};
-use crate::event::Point;
 use crate::kernels::{self, GpuOp};
 
 thread_local! {

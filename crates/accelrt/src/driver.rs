@@ -4,7 +4,7 @@
 //! A driver does no argument checking and keeps no per-thread state: it is handed valid
 //! device indices and its own streams and events. [`crate::runtime::Runtime`] wraps a driver
 //! into a full [`crate::Backend`] and is the one place that validates, pools events, keeps
-//! the current device and stream, the stream pool, generators, graphs and allocators.
+//! the current device and stream, the pooled streams, generators, graphs and allocators.
 //!
 //! Optional capabilities have default bodies that answer [`DeviceError::Unsupported`].
 

@@ -74,7 +74,8 @@ pub trait Backend: Send + Sync {
     /// The native handle of the current stream (MTIA's `getCurrentRawStream`).
     fn current_raw_stream(&self, device: u32) -> Result<u64>;
     fn set_current_stream(&self, stream: Stream) -> Result<()>;
-    /// A stream from the device's pool (round-robin over a fixed set per priority).
+    /// One of the device's pooled streams (PyTorch's `getStreamFromPool`: round-robin over a
+    /// fixed set per priority).
     fn stream_from_pool(&self, device: u32, priority: StreamPriority) -> Result<Stream>;
     /// A brand-new stream owned by the backend for its lifetime.
     fn new_stream(&self, device: u32, priority: StreamPriority) -> Result<Stream>;
@@ -212,17 +213,17 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     // ---- profiler (PyTorch MPS's profilerStartTrace / profilerStopTrace) --------------------
-    /// Start recording a timeline of what `mode` selects (event records, waits and
+    /// Start recording a profile: a timeline of what `mode` selects (event records, waits and
     /// synchronizations; host tasks as executed; allocations, frees and segment allocations
-    /// from the allocators' memory history, which the trace turns on). With
+    /// from the allocators' memory history, which the profile turns on). With
     /// `wait_until_completed`, stopping first synchronizes every device, so work still queued
-    /// is in the trace. An error if a trace is already running.
+    /// is in the profile. An error if a profile is already being recorded.
     fn profiler_start_trace(
         &self,
         mode: crate::profiler::ProfilerMode,
         wait_until_completed: bool,
     ) -> Result<()>;
-    /// End the running trace and return it (write it with
-    /// [`crate::profiler::ProfilerTrace::write_chrome_trace`]). An error if none runs.
+    /// End the profile being recorded and return it (write it with
+    /// [`crate::profiler::ProfilerTrace::write_chrome_trace`]). An error if none is.
     fn profiler_stop_trace(&self) -> Result<crate::profiler::ProfilerTrace>;
 }

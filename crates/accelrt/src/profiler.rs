@@ -3,9 +3,11 @@
 //! records, waits and synchronizations, host tasks with their start and end as executed,
 //! and the allocators' allocations, frees and segment allocations (read from their memory
 //! history) — written as Chrome trace JSON, which Perfetto (<https://ui.perfetto.dev>) and
-//! `chrome://tracing` open.
+//! `chrome://tracing` open. This timeline is a *profile* (PyTorch's name, kept in the API, is
+//! a profiler trace); an allocator *trace* is something else: the file `accelrt replay` reads.
 //!
-//! While no trace runs, the cost on the event and launch paths is one relaxed atomic load.
+//! While no profile is being recorded, the cost on the event and launch paths is one relaxed
+//! atomic load.
 //!
 //! Tracks: one process per device (`pid` = device index), one thread per stream (`tid` =
 //! stream index + 1); `tid` 0 is the device itself (device synchronize, allocator counters).
@@ -20,7 +22,7 @@ use crate::alloc::{format_size, TraceAction, TraceEntry};
 use crate::device::DeviceType;
 use crate::error::{DeviceError, Error, FormatError, Result};
 
-/// What a trace records (PyTorch MPS's profiler has modes too; these are switches).
+/// What a profile records (PyTorch MPS's profiler has modes too; these are switches).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProfilerMode {
     /// Event record / wait / synchronize, stream and device synchronizations.
@@ -70,7 +72,7 @@ pub struct ProfileEvent {
     pub cat: &'static str,
     /// Slice, instant or counter.
     pub phase: Phase,
-    /// Microseconds since the trace started.
+    /// Microseconds since the profile started.
     pub ts_us: f64,
     /// Device index (the Chrome `pid`).
     pub device: u32,
@@ -80,26 +82,26 @@ pub struct ProfileEvent {
     pub args: serde_json::Value,
 }
 
-/// A finished trace.
+/// A finished profile (PyTorch's profiler trace).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProfilerTrace {
-    /// The backend traced.
+    /// The backend profiled.
     pub device_type: DeviceType,
-    /// When the trace started, in microseconds since the Unix epoch.
+    /// When the profile started, in microseconds since the Unix epoch.
     pub start_unix_us: u64,
     /// How long it ran, in microseconds.
     pub duration_us: f64,
     /// Everything recorded, sorted by time.
     pub events: Vec<ProfileEvent>,
-    /// Events dropped because the trace was full ([`MAX_EVENTS`]).
+    /// Events dropped because the profile was full ([`MAX_EVENTS`]).
     pub dropped: u64,
 }
 
-/// Most events one trace keeps (later ones are counted in [`ProfilerTrace::dropped`]).
+/// Most events one profile keeps (later ones are counted in [`ProfilerTrace::dropped`]).
 pub const MAX_EVENTS: usize = 2_000_000;
 
 impl ProfilerTrace {
-    /// The trace as Chrome trace JSON: `{"traceEvents": [...], "displayTimeUnit": "ms",
+    /// The profile as Chrome trace JSON: `{"traceEvents": [...], "displayTimeUnit": "ms",
     /// "otherData": {...}}`, with process and thread names as metadata events.
     pub fn to_chrome_json(&self) -> serde_json::Value {
         let mut out = Vec::with_capacity(self.events.len() + 16);
@@ -173,7 +175,7 @@ impl ProfilerTrace {
     }
 }
 
-/// Allocator history entries of `device` as trace events: an instant per allocation, free
+/// Allocator history entries of `device` as profile events: an instant per allocation, free
 /// and segment change on its stream's track, and a `memory` counter (allocated and reserved
 /// bytes) on the device track. `origin_unix_us` is time zero; earlier entries are skipped.
 pub fn history_events(
@@ -231,7 +233,7 @@ pub fn history_events(
     out
 }
 
-/// A running trace.
+/// A profile being recorded.
 struct Session {
     id: u64,
     mode: ProfilerMode,
@@ -242,7 +244,7 @@ struct Session {
     dropped: u64,
 }
 
-/// How an allocator's history was set before the trace, to put it back.
+/// How an allocator's history was set before the profile, to put it back.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SavedHistory {
     pub device: u32,
@@ -270,13 +272,13 @@ pub(crate) struct Profiler {
 }
 
 impl Profiler {
-    /// One relaxed load: true while a trace runs.
+    /// One relaxed load: true while a profile is being recorded.
     #[inline(always)]
     pub fn active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// The running trace's mode, if any.
+    /// The mode of the profile being recorded, if any.
     pub fn mode(&self) -> Option<ProfilerMode> {
         self.session.lock().as_ref().map(|s| s.mode)
     }
@@ -310,7 +312,7 @@ impl Profiler {
         self.saved.lock().push(saved);
     }
 
-    /// Whether the running trace asked to wait for devices before stopping.
+    /// Whether the profile being recorded asked to wait for devices before stopping.
     pub fn wait_until_completed(&self) -> Result<bool> {
         self.session
             .lock()
@@ -319,7 +321,7 @@ impl Profiler {
             .ok_or_else(not_running)
     }
 
-    /// End the trace: its events (unsorted), times, and the saved history settings.
+    /// End the profile: its events (unsorted), times, and the saved history settings.
     pub fn stop(&self) -> Result<Stopped> {
         self.active.store(false, Ordering::Release);
         let s = self.session.lock().take().ok_or_else(not_running)?;
@@ -333,7 +335,8 @@ impl Profiler {
         })
     }
 
-    /// Microseconds since the running trace started, and its id (`None` when stopped).
+    /// Microseconds since the profile being recorded started, and its id (`None` when
+    /// stopped).
     pub fn now(&self) -> Option<(f64, u64)> {
         self.session
             .lock()
@@ -341,8 +344,8 @@ impl Profiler {
             .map(|s| (s.start.elapsed().as_secs_f64() * 1e6, s.id))
     }
 
-    /// Record an event of `kind` if the running trace records that kind (`session`: the trace
-    /// the event belongs to; events of an ended trace are dropped).
+    /// Record an event of `kind` if the profile being recorded records that kind (`session`:
+    /// the profile the event belongs to; events of an ended profile are dropped).
     #[cold]
     #[allow(clippy::too_many_arguments)]
     pub fn record(

@@ -42,7 +42,7 @@ pub use handles::{DeviceGuard, Event};
 use shared::*;
 use state::*;
 
-/// Streams per priority in each device's stream pool.
+/// Pooled streams per priority and device (`stream_from_pool`).
 pub const POOL_STREAMS_PER_PRIORITY: usize = 4;
 
 // ---------------------------------------------------------------------------------------
@@ -634,7 +634,7 @@ impl<D: Driver> Backend for Runtime<D> {
                 start_unix_us,
             ));
             if !s.was_recording {
-                // History was off and empty before the trace: put it back that way.
+                // History was off and empty before the profile: put it back that way.
                 allocator.record_memory_history(None);
                 allocator.clear_memory_history();
             }
@@ -653,10 +653,10 @@ impl<D: Driver> Backend for Runtime<D> {
     }
 }
 
-/// Turn on an allocator's memory history for a profiler trace, noting whether it was on.
+/// Turn on an allocator's memory history for a profile, noting whether it was on.
 fn profile_allocator(profiler: &Profiler, device: u32, allocator: &CachingAllocator) {
     // accelrt cannot read an allocator's history setting: a history that holds entries is
-    // taken as the user's recording, which stays on after the trace.
+    // taken as the user's recording, which stays on after the profile.
     let existing = allocator.memory_history().len();
     allocator.record_memory_history(Some(HistoryConfig {
         max_entries: existing + PROFILER_HISTORY_ENTRIES,
@@ -668,5 +668,5 @@ fn profile_allocator(profiler: &Profiler, device: u32, allocator: &CachingAlloca
     });
 }
 
-/// History entries a profiler trace keeps per allocator (beyond what it already held).
+/// History entries a profile keeps per allocator (beyond what it already held).
 const PROFILER_HISTORY_ENTRIES: usize = 1_000_000;

@@ -61,18 +61,18 @@ impl PoolState {
         self.next_id
     }
 
-    /// Statistics of the small and the large pool.
+    /// Statistics of the small and the large size class.
     #[inline]
     pub fn stats(&self) -> &[PoolStats; 2] {
         &self.stats
     }
 
-    /// Bytes of live blocks, both pools together.
+    /// Bytes of live blocks, both size classes together.
     pub fn allocated_bytes(&self) -> u64 {
         self.stats[0].allocated_bytes.current + self.stats[1].allocated_bytes.current
     }
 
-    /// Zero the allocated and freed totals of both pools.
+    /// Zero the allocated and freed totals of both size classes.
     pub fn reset_accumulated_stats(&mut self) {
         self.stats.iter_mut().for_each(PoolStats::reset_accumulated);
     }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use super::PageTable;
+use super::page_table::PageTable;
 use crate::stats::PoolKind;
 
 /// "No block".

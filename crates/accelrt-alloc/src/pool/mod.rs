@@ -14,8 +14,8 @@
 //! Invariants (checked by `check.rs`):
 //! - the blocks of a segment tile it exactly, linked by `prev` / `next` in address order;
 //! - two `Free` blocks are never address neighbours: frees coalesce;
-//! - a block is on a free list iff its state is `Free`, in the index of its pool kind;
-//! - a block is in a recent-free slot iff its state is `Recent` (small pool only). Recent
+//! - a block is on a free list iff its state is `Free`, in the index of its size class;
+//! - a block is in a recent-free slot iff its state is `Recent` (small blocks only). Recent
 //!   blocks are cached but not yet coalesced: reusing one for the same size skips the free
 //!   index, the split and the merge. Slots are flushed (coalesced) before the pool grows or gives memory back,
 //!   so they never cause a new segment;
@@ -34,12 +34,14 @@ mod access;
 mod block;
 mod check;
 mod free_memory;
+mod page_table;
 mod segments;
 mod vm;
 mod waits;
 pub use block::{Block, BlockState, LiveBlocks, Segment, NIL};
 pub use check::Tally;
-pub use vm::{LentRange, PageTable, Run, LENT, NO_CHUNK};
+pub use page_table::{LENT, NO_CHUNK};
+pub use vm::{LentRange, Run};
 use waits::PendingFree;
 pub use waits::{Extras, Fence, QUIET_TICKS};
 
@@ -68,10 +70,10 @@ pub struct PoolState {
     blocks: Vec<Block>,
     vacant: Vec<u32>,
     free_index: [Tlsf; 2],
-    /// Small pool and large pool.
+    /// Per size class: small, large.
     stats: [PoolStats; 2],
-    /// The two pools together: only the `peak` fields are kept (the current values are the
-    /// pools' sums). Exact, where summing the pools' peaks would overstate them; raised after
+    /// Both size classes together: only the `peak` fields are kept (the current values are the
+    /// classes' sums). Exact, where summing the classes' peaks would overstate them; raised after
     /// each increase, so decreases (the free path) pay nothing for it.
     combined_peaks: PoolStats,
     segments: Vec<Segment>,
@@ -172,7 +174,7 @@ impl PoolState {
         }
     }
 
-    /// Both pools together, with exact peaks.
+    /// Both size classes together, with exact peaks.
     pub fn combined_stats(&self) -> PoolStats {
         self.stats[0]
             .merged(self.stats[1])

@@ -35,10 +35,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FormatError, Result};
 use crate::trace::{Trace, MAX_SIZE};
-use accelrt_alloc::{BlockStatus, Frames, MemorySnapshot, SegmentInfo, TraceAction, TraceEntry};
+use accelrt_alloc::{
+    AllocatorConfig, BlockStatus, Frames, MemorySnapshot, SegmentInfo, TraceAction, TraceEntry,
+};
 
 pub use html::{render_html, HtmlOptions};
-pub use record::{replay_recorded, settings_json, RecordedReplay};
+pub use record::{replay_recorded, RecordedReplay};
 pub use timeline::{PeakState, Timeline, TimelinePoint};
 pub use to_trace::pytorch_conf_equivalent;
 
@@ -67,6 +69,21 @@ pub struct Snapshot {
     /// writes these handles back. Empty for snapshots accelrt recorded.
     #[serde(default)]
     pub stream_handles: Vec<Vec<u64>>,
+}
+
+/// An allocator configuration in the shape of PyTorch snapshots' `allocator_settings` (plus
+/// the allocator's name): what accelrt's snapshots carry, from a replay or a live allocator.
+pub fn settings_json(config: &AllocatorConfig) -> serde_json::Value {
+    serde_json::json!({
+        "allocator": "accelrt",
+        "PYTORCH_CUDA_ALLOC_CONF": config.to_conf_string(),
+        "max_split_size": config
+            .max_split_size
+            .map_or(-1, |m| i64::try_from(m).unwrap_or(i64::MAX)),
+        "garbage_collection_threshold": config.garbage_collection_threshold.unwrap_or(0.0),
+        "expandable_segments": config.expandable_segments,
+        "release_at_peak": config.release_at_peak,
+    })
 }
 
 /// One device's allocations of a snapshot, as a replayable trace.

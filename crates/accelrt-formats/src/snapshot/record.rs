@@ -4,7 +4,7 @@
 use super::Snapshot;
 use crate::error::{FormatError, Result};
 use crate::trace::{ReplayInput, ReplayOptions, Trace};
-use accelrt_alloc::{AllocatorConfig, Frames};
+use accelrt_alloc::Frames;
 
 /// What [`replay_recorded`] returns.
 #[derive(Debug, Clone)]
@@ -17,21 +17,6 @@ pub struct RecordedReplay {
     /// Why the replay stopped early (e.g. an out-of-memory at a `--capacity`), naming the
     /// trace line; the snapshot then shows the state at that moment, with the `oom` entry.
     pub error: Option<FormatError>,
-}
-
-/// An allocator configuration in the shape of PyTorch snapshots' `allocator_settings` (plus
-/// the allocator's name): what accelrt's snapshots carry, from a replay or a live allocator.
-pub fn settings_json(config: &AllocatorConfig) -> serde_json::Value {
-    serde_json::json!({
-        "allocator": "accelrt",
-        "PYTORCH_CUDA_ALLOC_CONF": config.to_conf_string(),
-        "max_split_size": config
-            .max_split_size
-            .map_or(-1, |m| i64::try_from(m).unwrap_or(i64::MAX)),
-        "garbage_collection_threshold": config.garbage_collection_threshold.unwrap_or(0.0),
-        "expandable_segments": config.expandable_segments,
-        "release_at_peak": config.release_at_peak,
-    })
 }
 
 /// Replay `trace` (configured by `opts`, with its device model) with memory history

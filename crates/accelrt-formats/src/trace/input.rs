@@ -6,10 +6,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::read::{TraceEvent, GZIP_MAGIC};
-use super::replay::{
-    failed_before_start, replay_source, Progress, ReplayOptions, ReplayOutcome, Source,
-};
+use super::read::{open_file, MemorySource, GZIP_MAGIC};
+use super::replay::{failed_before_start, replay_source, Progress, ReplayOptions, ReplayOutcome};
 use super::{Header, TorchPeaks, Trace, TraceReader};
 use crate::error::{FormatError, Result};
 use crate::snapshot::{self, FileKind};
@@ -146,27 +144,6 @@ impl ReplayInput {
     }
 }
 
-/// Open `path` for reading, with the trace reader's messages for a missing file or a
-/// directory.
-pub(crate) fn open_file(path: &Path, what: &str) -> Result<std::fs::File> {
-    let shown = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| {
-        FormatError::io(
-            shown.clone(),
-            format!("cannot open the {what} file: {e}"),
-            e,
-        )
-    })?;
-    if file.metadata().is_ok_and(|m| m.is_dir()) {
-        return Err(FormatError::io(
-            shown,
-            "is a directory: pass a trace file (e.g. traces/resnet50_train.trace.gz)",
-            std::io::Error::from(std::io::ErrorKind::IsADirectory),
-        ));
-    }
-    Ok(file)
-}
-
 /// Read up to `n` bytes (fewer only at the end of the input or on an error).
 fn read_prefix(r: &mut impl Read, n: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(n);
@@ -265,68 +242,4 @@ pub fn open(path: impl AsRef<Path>) -> Result<Vec<ReplayInput>> {
             input
         })
         .collect())
-}
-
-/// A [`Trace`] in memory as a replay source.
-pub(crate) struct MemorySource<'t> {
-    trace: &'t Trace,
-    frames: Option<&'t [Option<Frames>]>,
-    next: usize,
-}
-
-impl<'t> MemorySource<'t> {
-    pub fn new(trace: &'t Trace, frames: Option<&'t [Option<Frames>]>) -> MemorySource<'t> {
-        MemorySource {
-            trace,
-            frames,
-            next: 0,
-        }
-    }
-
-    /// The next event and its frames.
-    pub fn next_event(&mut self) -> Result<Option<(TraceEvent, Option<Frames>)>> {
-        let t = self.trace;
-        let i = self.next;
-        let Some(&op) = t.ops.get(i) else {
-            return Ok(None);
-        };
-        let timed = t.is_timed();
-        let times = if timed { t.ops.len() } else { 0 };
-        if t.times.len() != times {
-            return Err(FormatError::Parse {
-                file: t.source.clone(),
-                line: t.line_of(i),
-                message: format!(
-                    "the trace has {} times for {} events (version {}): a v2 trace has one \
-                     time per event, a v1 trace none",
-                    t.times.len(),
-                    t.ops.len(),
-                    t.header.version
-                ),
-            });
-        }
-        self.next += 1;
-        let event = TraceEvent {
-            op,
-            time: timed.then(|| t.times[i]),
-            line: t.line_of(i),
-        };
-        let frames = self.frames.and_then(|f| f.get(i).cloned().flatten());
-        Ok(Some((event, frames)))
-    }
-}
-
-impl Source for MemorySource<'_> {
-    fn file(&self) -> &str {
-        &self.trace.source
-    }
-    fn header(&self) -> &Header {
-        &self.trace.header
-    }
-    fn next_event(&mut self) -> Result<Option<(TraceEvent, Option<Frames>)>> {
-        MemorySource::next_event(self)
-    }
-    fn input_bytes(&self) -> u64 {
-        0
-    }
 }

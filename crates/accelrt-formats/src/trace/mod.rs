@@ -324,7 +324,7 @@ impl Trace {
     /// Check the events as the reader checks a file: values in range, ids live where they
     /// must be, times never going backwards, markers after their frees.
     pub fn validate(&self) -> Result<()> {
-        let mut source = input::MemorySource::new(self, None);
+        let mut source = read::MemorySource::new(self, None);
         let mut planner = check::Planner::new(self.is_timed());
         let mut steps = Vec::new();
         while let Some((event, _)) = source.next_event()? {
@@ -401,7 +401,7 @@ pub fn peak_live_bytes(trace: &Trace) -> u64 {
 pub fn load(path: impl AsRef<Path>) -> Result<Trace> {
     let path = path.as_ref();
     let shown = path.display().to_string();
-    let file = input::open_file(path, "trace")?;
+    let file = read::open_file(path, "trace")?;
     let mut trace = parse_reader(&name_from_path(path), &shown, file)?;
     trace.source = shown;
     Ok(trace)

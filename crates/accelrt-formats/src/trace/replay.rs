@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::check::{Planner, Step};
 use super::device_model::{DeviceModel, ModelCalls, ModelSource, ResolvedModel, SimulatedDevice};
-use super::read::TraceEvent;
+use super::read::{MemorySource, TraceEvent};
 use super::{Header, Trace, TraceReader};
 use crate::error::{FormatError, Result};
 use crate::snapshot::Snapshot;
@@ -220,6 +220,21 @@ pub(crate) trait Source {
     fn input_bytes(&self) -> u64;
 }
 
+impl Source for MemorySource<'_> {
+    fn file(&self) -> &str {
+        &self.trace.source
+    }
+    fn header(&self) -> &Header {
+        &self.trace.header
+    }
+    fn next_event(&mut self) -> Result<Option<(TraceEvent, Option<Frames>)>> {
+        MemorySource::next_event(self)
+    }
+    fn input_bytes(&self) -> u64 {
+        0
+    }
+}
+
 impl Source for TraceReader<'_> {
     fn file(&self) -> &str {
         TraceReader::file(self)
@@ -243,7 +258,7 @@ const HOST_DEVICE: Device = Device {
 
 /// Replay `trace` (in memory) under `opts`.
 pub fn replay(trace: &Trace, opts: &ReplayOptions) -> ReplayOutcome {
-    let mut source = super::input::MemorySource::new(trace, None);
+    let mut source = MemorySource::new(trace, None);
     replay_source(&mut source, &trace.name, opts, &mut |_| {})
 }
 
@@ -268,7 +283,7 @@ pub fn replay_reader(
 /// driven (`u` lines are skipped unless the allocator has its own event source). Statistics
 /// are read from the allocator, so it should be fresh (or have had its peaks reset).
 pub fn replay_into(trace: &Trace, alloc: &CachingAllocator) -> ReplayOutcome {
-    let mut source = super::input::MemorySource::new(trace, None);
+    let mut source = MemorySource::new(trace, None);
     let mut engine = Engine::new(alloc, None, false);
     let model = (ResolvedModel::Instant, ModelSource::Asked);
     engine.run(&mut source, &trace.name, model, &mut |_| {})

@@ -4,7 +4,7 @@
 use super::*;
 
 /// A pooled event with the runtime's operations, after PyTorch's `MPSEvent`. Returns to the
-/// pool when dropped.
+/// event pool when dropped.
 pub struct Event<'a, D: Driver> {
     pub(super) core: &'a Core<D>,
     pub(super) ev: PooledEvent<'a, D::Event>,

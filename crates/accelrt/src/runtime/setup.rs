@@ -114,7 +114,7 @@ impl<D: Driver> Runtime<D> {
         Ok(&self.core("event_pool")?.events)
     }
 
-    /// An event from the pool as an RAII handle (returned to the pool on drop): the fast path.
+    /// An event from the event pool as an RAII handle (returned to it on drop): the fast path.
     #[inline]
     pub fn event(&self, device: u32, enable_timing: bool) -> Result<Event<'_, D>> {
         let core = self.core("event")?;

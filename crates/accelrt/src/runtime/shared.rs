@@ -200,7 +200,7 @@ impl<D: Driver> Core<D> {
         self.record_as(ev, stream, "event_record", true)
     }
 
-    /// Record `ev` on `stream`; `name` is what a profiler trace calls it (the allocator's own
+    /// Record `ev` on `stream`; `name` is what a profile calls it (the allocator's own
     /// events are told apart from the program's). On a capturing stream the event marks a
     /// point of the capture (`in_capture`; the allocator's events may not).
     pub(super) fn record_as(
@@ -389,7 +389,7 @@ impl<D: Driver> Core<D> {
         first_error.map_or(Ok(()), Err)
     }
 
-    // ---- profiler (entered only while a trace runs) ---------------------------------------
+    // ---- profiler (entered only while a profile is recorded) ------------------------------
 
     #[cold]
     pub(super) fn profile_instant(&self, name: &str, stream: Stream, timing: bool) {

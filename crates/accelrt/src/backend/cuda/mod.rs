@@ -9,8 +9,8 @@
 //! - `context.rs`: primary contexts (retained per device on first use), the scoped
 //!   current-context guard, errors kept from `Drop`;
 //! - `stream.rs`, `event.rs`, `graph.rs`, `memory.rs`: the handle types;
-//! - `kernels.rs` (feature `test-kernels`): the PTX kernels of the GPU tests and the
-//!   [`CudaDriver`] methods that launch them;
+//! - `kernels.rs` (feature `test-kernels`): the PTX kernels of the GPU tests, launched on a
+//!   raw stream; `launch.rs`: the [`CudaDriver`] methods that launch them on a stream;
 //! - this file: [`CudaDriver`], the [`Driver`] the runtime turns into the `cuda` backend.
 //!
 //! Conventions: the device's default stream is the legacy NULL stream (native handle 0, as
@@ -25,6 +25,8 @@ mod event;
 mod graph;
 #[cfg(feature = "test-kernels")]
 mod kernels;
+#[cfg(feature = "test-kernels")]
+mod launch;
 mod memory;
 mod raw_stream;
 mod stream;

@@ -25,6 +25,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
 
+use super::config::division_interval;
 use super::history::{
     BlockInfo, BlockStatus, History, HistoryConfig, MemorySnapshot, SegmentInfo, TraceAction,
     TraceEntry,
@@ -32,9 +33,7 @@ use super::history::{
 use super::pagemap::PageMap;
 use super::pool::{BlockState, PoolState, Segment, NIL};
 use super::provider::copy_into_host_visible;
-use super::size::{
-    division_interval, round_up, round_with_divisions, segment_size, MAX_REQUEST, MIN_SEGMENT,
-};
+use super::size::{round_up, round_with_divisions, segment_size, MAX_REQUEST, MIN_SEGMENT};
 use super::{
     format_size, AllocatorConfig, DriverCalls, EventCounters, MemoryProvider, MemoryStats,
     ProviderError, StreamEvents,
@@ -60,11 +59,12 @@ use limits::HardLimit;
 
 use rare::RareFlags;
 
+use crate::callbacks::{AllocatorCallback, AllocatorEvent, CallbackId};
 use crate::error::{Error, OomReport, Result};
 use crate::stream::Stream;
 pub use buffer::Buffer;
 pub use checkpoint::{CheckpointBlock, CheckpointSegment, PoolCheckpoint, RestoreReport};
-pub use figures::{AllocatorCallback, AllocatorEvent, CallbackId, OomInfo, OomObserver};
+pub use figures::{OomInfo, OomObserver};
 pub use ipc::{ExportedChunk, ExportedRange, ImportedRange};
 pub use private::{StreamFilter, MAX_PRIVATE_POOLS};
 

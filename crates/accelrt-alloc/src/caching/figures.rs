@@ -4,26 +4,6 @@
 use super::*;
 use crate::chunks::ChunkTable;
 
-/// What a registered callback is told, and when it fires. Callbacks run on the thread that
-/// made the call, after the allocator's locks are released, so they may call the allocator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum AllocatorEvent {
-    /// A new segment came from the device (ptr and size of the segment).
-    Allocated,
-    /// A cached block was handed out again (ptr and size of the block).
-    Recycled,
-    /// A block was returned to the cache by a free (for a block used on other streams:
-    /// when it was freed, not when the other streams passed it).
-    Freed,
-    /// A segment was given back to the device (ptr and size of the segment).
-    Released,
-    /// The device (or a limit) refused a new segment; fired before the allocator retries, so
-    /// a callback may free memory (ptr 0, size = bytes requested).
-    AllocationFailed,
-}
-
-/// A callback: (ptr, size, event).
-pub type AllocatorCallback = Arc<dyn Fn(usize, u64, AllocatorEvent) + Send + Sync>;
 /// An out-of-memory observer, called just before `Error::OutOfMemory` is returned.
 pub type OomObserver = Arc<dyn Fn(&OomInfo) + Send + Sync>;
 
@@ -35,10 +15,6 @@ pub struct OomInfo {
     pub device_total: u64,
     pub device_free: u64,
 }
-
-/// Handle for removing a callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CallbackId(pub u64);
 
 impl CachingAllocator {
     // ---- figures ---------------------------------------------------------------------------
@@ -175,8 +151,8 @@ impl CachingAllocator {
     /// Taking a snapshot coalesces the blocks waiting in recent-free slots.
     ///
     /// The `snapshot` action this records lands after the history it returns, as PyTorch's
-    /// does: a snapshot's own trace ends with the last real event, and the next one shows where
-    /// this one was taken.
+    /// does: a snapshot's own history ends with the last real event, and the next snapshot's
+    /// history shows where this one was taken.
     pub fn memory_snapshot(&self) -> MemorySnapshot {
         let mut segments = Vec::new();
         for pool in self.initialized_pools() {
