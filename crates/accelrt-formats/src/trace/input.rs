@@ -6,7 +6,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::read::{open_file, MemorySource, GZIP_MAGIC};
+use super::memory_source::MemorySource;
+use super::read::{open_file, GZIP_MAGIC};
 use super::replay::{failed_before_start, replay_source, Progress, ReplayOptions, ReplayOutcome};
 use super::{Header, TorchPeaks, Trace, TraceReader};
 use crate::error::{FormatError, Result};

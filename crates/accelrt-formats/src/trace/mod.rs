@@ -42,6 +42,7 @@ pub mod replay;
 
 mod check;
 mod input;
+mod memory_source;
 mod read;
 mod write;
 
@@ -324,7 +325,7 @@ impl Trace {
     /// Check the events as the reader checks a file: values in range, ids live where they
     /// must be, times never going backwards, markers after their frees.
     pub fn validate(&self) -> Result<()> {
-        let mut source = read::MemorySource::new(self, None);
+        let mut source = memory_source::MemorySource::new(self, None);
         let mut planner = check::Planner::new(self.is_timed());
         let mut steps = Vec::new();
         while let Some((event, _)) = source.next_event()? {

@@ -1,5 +1,4 @@
-//! The streaming text reader: v1 and v2 lines, plain or gzip, one event at a time; and
-//! [`MemorySource`], the events of a [`Trace`] already in memory.
+//! The streaming text reader: v1 and v2 lines, plain or gzip, one event at a time.
 //!
 //! This layer checks what one line can show (fields, numbers, value ranges, times that never
 //! go backwards, header keys); what needs the history of the trace (ids live or freed,
@@ -11,11 +10,10 @@ use std::path::Path;
 use std::rc::Rc;
 
 use super::{
-    shown, Header, Markers, TorchPeaks, Trace, TraceOp, MAX_HEADER_BYTES, MAX_HEADER_KEYS,
-    MAX_LINE_LEN, MAX_SIZE, MAX_STREAM, MAX_TIME_US, V2_MAGIC,
+    shown, Header, Markers, TorchPeaks, TraceOp, MAX_HEADER_BYTES, MAX_HEADER_KEYS, MAX_LINE_LEN,
+    MAX_SIZE, MAX_STREAM, MAX_TIME_US, V2_MAGIC,
 };
 use crate::error::{FormatError, Result};
-use accelrt_alloc::Frames;
 
 /// The gzip magic bytes.
 pub(crate) const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -667,56 +665,6 @@ pub(crate) fn parse_torch_header(comment: &str) -> Option<TorchPeaks> {
         None
     } else {
         Some(peaks)
-    }
-}
-
-/// A [`Trace`] in memory, event by event with the frames of each allocation (a replay
-/// source; [`Trace::validate`] checks its events through it).
-pub(crate) struct MemorySource<'t> {
-    pub(super) trace: &'t Trace,
-    frames: Option<&'t [Option<Frames>]>,
-    next: usize,
-}
-
-impl<'t> MemorySource<'t> {
-    pub fn new(trace: &'t Trace, frames: Option<&'t [Option<Frames>]>) -> MemorySource<'t> {
-        MemorySource {
-            trace,
-            frames,
-            next: 0,
-        }
-    }
-
-    /// The next event and its frames.
-    pub fn next_event(&mut self) -> Result<Option<(TraceEvent, Option<Frames>)>> {
-        let t = self.trace;
-        let i = self.next;
-        let Some(&op) = t.ops.get(i) else {
-            return Ok(None);
-        };
-        let timed = t.is_timed();
-        let times = if timed { t.ops.len() } else { 0 };
-        if t.times.len() != times {
-            return Err(FormatError::Parse {
-                file: t.source.clone(),
-                line: t.line_of(i),
-                message: format!(
-                    "the trace has {} times for {} events (version {}): a v2 trace has one \
-                     time per event, a v1 trace none",
-                    t.times.len(),
-                    t.ops.len(),
-                    t.header.version
-                ),
-            });
-        }
-        self.next += 1;
-        let event = TraceEvent {
-            op,
-            time: timed.then(|| t.times[i]),
-            line: t.line_of(i),
-        };
-        let frames = self.frames.and_then(|f| f.get(i).cloned().flatten());
-        Ok(Some((event, frames)))
     }
 }
 

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use super::check::{Planner, Step};
 use super::device_model::{DeviceModel, ModelCalls, ModelSource, ResolvedModel, SimulatedDevice};
-use super::read::{MemorySource, TraceEvent};
+use super::memory_source::MemorySource;
+use super::read::TraceEvent;
 use super::{Header, Trace, TraceReader};
 use crate::error::{FormatError, Result};
 use crate::snapshot::Snapshot;
