@@ -141,6 +141,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "accelrt_torch_create_or_incref_pool": (c_int, [c_int, c_uint64, c_uint64]),
         "accelrt_torch_pool_use_count": (c_int, [c_int, c_uint64, c_uint64]),
         "accelrt_torch_memory_stats_json": (c_void_p, [c_int]),
+        "accelrt_torch_record_peak_breakdown": (c_int, [c_int]),
+        "accelrt_torch_peak_breakdown_json": (c_void_p, [c_int]),
         "accelrt_torch_stats_array": (c_int, [c_int, ctypes.POINTER(c_int64), c_size]),
         "accelrt_torch_reset_peak_stats": (c_int, [c_int]),
         "accelrt_torch_reset_accumulated_stats": (c_int, [c_int]),
@@ -540,6 +542,28 @@ def memory_stats(device: Any = None) -> dict[str, int]:
     if not ptr:
         raise AccelrtError(f"memory_stats: {last_error()}")
     return dict(sorted(json.loads(_take_buffer(ptr)).items()))
+
+
+def record_peak_breakdown(on: bool = True) -> None:
+    """Record, on every device from now on, where reserved memory is each time it reaches a
+    new peak (read it with ``peak_breakdown()``). Each new peak then costs a walk over the
+    allocator's blocks, on the allocation that raised it; ``on=False`` stops and forgets."""
+    if _library().accelrt_torch_record_peak_breakdown(1 if on else 0) != 0:
+        raise AccelrtError(f"record_peak_breakdown: {last_error()}")
+
+
+def peak_breakdown(device: Any = None) -> dict[str, int] | None:
+    """Where `device`'s reserved memory was at its last new peak, in bytes: ``reserved`` =
+    ``allocated`` + ``free_in_shared_pages`` (free bytes on pages that also hold allocated
+    ones) + ``free_in_used_chunks`` (whole free pages of chunks that also back allocated
+    pages: only requests fitting those holes can use them) + ``idle_chunks`` (chunks wholly in
+    free blocks) + ``spare_chunks`` + ``free_in_segments`` (plain segments) + ``other``
+    (frees waiting for other streams, old mappings, the memory being mapped for the request).
+    ``None`` until a peak is recorded (see ``record_peak_breakdown``)."""
+    ptr = _library().accelrt_torch_peak_breakdown_json(_device_index(device))
+    if not ptr:
+        raise AccelrtError(f"peak_breakdown: {last_error()}")
+    return json.loads(_take_buffer(ptr))
 
 
 def memory_allocated(device: Any = None) -> int:

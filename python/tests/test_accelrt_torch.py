@@ -95,6 +95,33 @@ def test_statistics_have_pytorchs_keys_and_move_with_allocations():
     assert array[109] == s["num_ooms"]
 
 
+def test_the_peak_breakdown_says_where_reserved_memory_was():
+    at.empty_cache()
+    at.reset_peak_memory_stats()
+    at.record_peak_breakdown(True)
+    try:
+        p = alloc(at.memory_reserved() + 40 * MiB)  # a new peak
+        b = at.peak_breakdown()
+        assert b is not None, "a peak was recorded"
+        parts = [k for k in b if k != "reserved"]
+        assert sorted(parts) == sorted([
+            "allocated", "free_in_shared_pages", "free_in_used_chunks", "idle_chunks",
+            "spare_chunks", "free_in_segments", "other"]), b
+        assert sum(b[k] for k in parts) == b["reserved"], b
+        assert b["reserved"] == at.max_memory_reserved(), (b, at.max_memory_reserved())
+        free(p)
+    finally:
+        at.record_peak_breakdown(False)
+        at.empty_cache()
+    assert at.peak_breakdown() is None, "off: forgotten"
+    try:
+        at.peak_breakdown(5)
+    except at.AccelrtError as e:
+        assert "device" in str(e), e
+    else:
+        raise AssertionError("peak_breakdown(5) on one device did not raise")
+
+
 def test_snapshots_load_with_pythons_pickle():
     at.record_memory_history(True, 1000)
     live = alloc(5 * MiB)

@@ -88,6 +88,14 @@ char *accelrt_torch_memory_stats_json(int device);
 /* ACCELRT_TORCH_STATS_LEN values (see above) into out[0..len); returns the count or -1. */
 int accelrt_torch_stats_array(int device, int64_t *out, size_t len);
 int accelrt_torch_reset_peak_stats(int device);
+/* Record, on every device from now on (on != 0) or no longer, where reserved memory is each
+   time it reaches a new peak; 0, or -1. */
+int accelrt_torch_record_peak_breakdown(int on);
+/* Where the device's reserved memory was at its last new peak: a JSON object ("reserved",
+   "allocated", "free_in_shared_pages", "free_in_used_chunks", "idle_chunks", "spare_chunks",
+   "free_in_segments", "other": bytes), or "null" when none was recorded; the caller frees
+   it with accelrt_torch_free_buffer. NULL on failure. */
+char *accelrt_torch_peak_breakdown_json(int device);
 int accelrt_torch_reset_accumulated_stats(int device);
 /* An estimate of the largest block an allocation could get now without failing (cached
  * bytes plus what the device and the limits still allow), for cuDNN's workspace choice. */

@@ -49,9 +49,9 @@ pub use pools::{
     accelrt_torch_end_allocate_to_pool, accelrt_torch_pool_use_count, accelrt_torch_release_pool,
 };
 pub use stats::{
-    accelrt_torch_cache_info, accelrt_torch_memory_stats_json,
-    accelrt_torch_reset_accumulated_stats, accelrt_torch_reset_peak_stats,
-    accelrt_torch_stats_array, stats_values,
+    accelrt_torch_cache_info, accelrt_torch_memory_stats_json, accelrt_torch_peak_breakdown_json,
+    accelrt_torch_record_peak_breakdown, accelrt_torch_reset_accumulated_stats,
+    accelrt_torch_reset_peak_stats, accelrt_torch_stats_array, stats_values,
 };
 
 /// Values [`accelrt_torch_stats_array`] writes (`ACCELRT_TORCH_STATS_LEN` in the header).

@@ -85,6 +85,8 @@ struct ForAll {
     history: Option<HistoryConfig>,
     /// `set_rounding`: divisions per size interval and the garbage-collection threshold.
     rounding: Option<([u32; ROUNDUP_INTERVALS], Option<f64>)>,
+    /// `record_peak_breakdown`.
+    peak_breakdown: bool,
 }
 
 impl State {
@@ -149,6 +151,9 @@ impl State {
         let allocator = self.backend.allocator(d).map_err(|e| e.to_string())?;
         if let Some(h) = all.history {
             allocator.record_memory_history(Some(h));
+        }
+        if all.peak_breakdown {
+            allocator.record_peak_breakdown(true);
         }
         if let Some((divisions, gc)) = &all.rounding {
             // Checked when they were set.
@@ -243,6 +248,15 @@ impl State {
             routes.remove(&(device, id));
         }
         self.route_count.store(routes.len(), Ordering::Relaxed);
+    }
+
+    /// Record peak breakdowns on every device (or stop), now and for allocators created later.
+    pub fn set_peak_breakdown_all(&self, on: bool) {
+        let mut all = self.for_all.lock();
+        all.peak_breakdown = on;
+        for (_, a) in self.existing_allocators() {
+            a.record_peak_breakdown(on);
+        }
     }
 
     /// Apply a history setting to every device, now and for allocators created later.

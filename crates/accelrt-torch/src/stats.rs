@@ -73,6 +73,39 @@ pub extern "C" fn accelrt_torch_memory_stats_json(device: c_int) -> *mut c_char 
     )
 }
 
+/// Record, on every device from now on (`on` != 0) or no longer (`on` == 0), where reserved
+/// memory is each time it reaches a new peak (`accelrt::alloc::PeakBreakdown`: a walk over
+/// the blocks on the slow path that raised the peak). 0, or -1.
+#[no_mangle]
+pub extern "C" fn accelrt_torch_record_peak_breakdown(on: c_int) -> c_int {
+    status("accelrt_torch_record_peak_breakdown", || {
+        state()?.set_peak_breakdown_all(on != 0);
+        Ok(())
+    })
+}
+
+/// Where `device`'s reserved memory was at its last new peak, as a JSON object (`reserved`,
+/// `allocated`, `free_in_shared_pages`, `free_in_used_chunks`, `idle_chunks`,
+/// `spare_chunks`, `free_in_segments`, `other`: bytes), or `null` when none was recorded
+/// (recording off, or no peak since it was turned on), NUL-terminated; free it with
+/// [`accelrt_torch_free_buffer`](crate::accelrt_torch_free_buffer). NULL on failure.
+#[no_mangle]
+pub extern "C" fn accelrt_torch_peak_breakdown_json(device: c_int) -> *mut c_char {
+    guard(
+        "accelrt_torch_peak_breakdown_json",
+        null_mut(),
+        Report::Status,
+        || {
+            let st = state()?;
+            let d = st.check_device(device)?;
+            let breakdown = st.existing_allocator(d).and_then(|a| a.peak_breakdown());
+            let json = serde_json::to_string(&breakdown)
+                .map_err(|e| format!("cannot encode the peak breakdown: {e}"))?;
+            Ok(malloc_copy(json.as_bytes(), true)?.cast())
+        },
+    )
+}
+
 /// Write [`STATS_LEN`] values (the header describes their order) to `out[0..len)`; returns
 /// the count written, or -1.
 ///

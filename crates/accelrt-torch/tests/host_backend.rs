@@ -411,3 +411,53 @@ fn rounding_set_at_run_time_applies_to_the_next_requests() {
     assert_eq!(set_rounding(&[], 0.0), 0, "{}", last());
     assert_eq!(grown(size), 84 << 20, "back to the default");
 }
+
+fn peak_breakdown(device: c_int) -> Option<serde_json::Value> {
+    let p = accelrt_torch_peak_breakdown_json(device);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated buffer from the library, freed right after.
+    let json = unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned();
+    // SAFETY: from accelrt_torch_peak_breakdown_json, not yet freed.
+    unsafe { accelrt_torch_free_buffer(p.cast()) };
+    Some(serde_json::from_str(&json).expect("JSON"))
+}
+
+#[test]
+fn the_peak_breakdown_is_recorded_when_asked_for_and_adds_up() {
+    let _serial = setup();
+    assert_eq!(accelrt_torch_empty_cache(), 0, "{}", last());
+    assert_eq!(accelrt_torch_reset_peak_stats(0), 0);
+    assert_eq!(accelrt_torch_record_peak_breakdown(1), 0, "{}", last());
+    let base = stats()["reserved_bytes.all.current"];
+    // A new peak: more than everything reserved so far.
+    let big = alloc((base + (64 << 20)) as isize, null_mut());
+    let b = peak_breakdown(0).expect("a device that exists answers");
+    assert!(b.is_object(), "a peak was recorded: {b}");
+    let parts: u64 = [
+        "allocated",
+        "free_in_shared_pages",
+        "free_in_used_chunks",
+        "idle_chunks",
+        "spare_chunks",
+        "free_in_segments",
+        "other",
+    ]
+    .iter()
+    .map(|k| b[*k].as_u64().unwrap_or_else(|| panic!("{k} in {b}")))
+    .sum();
+    assert_eq!(b["reserved"].as_u64(), Some(parts), "{b}");
+    assert_eq!(
+        b["reserved"].as_u64(),
+        Some(stats()["reserved_bytes.all.peak"])
+    );
+    free(big);
+    // Off: forgotten, and nothing recorded any more.
+    assert_eq!(accelrt_torch_record_peak_breakdown(0), 0);
+    assert_eq!(peak_breakdown(0), Some(serde_json::Value::Null));
+    // A device that does not exist: an error naming it, not a crash.
+    assert_eq!(peak_breakdown(1 << 20), None);
+    assert!(last().contains("device"), "{}", last());
+    assert_eq!(accelrt_torch_empty_cache(), 0);
+}

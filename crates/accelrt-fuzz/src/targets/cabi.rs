@@ -282,6 +282,33 @@ fn cabi_sequence(mut b: Bytes<'_>, held: &mut Held) -> Result<u64, String> {
                     check_failure("cache_info")?;
                 }
                 let _ = accelrt_torch_reset_peak_stats(0);
+                // The peak breakdown, turned on and off with the step count (no extra input
+                // byte, so saved inputs keep their meaning): when one is recorded, its parts
+                // add up to what was reserved.
+                if accelrt_torch_record_peak_breakdown((steps % 2) as c_int) != 0 {
+                    check_failure("record_peak_breakdown")?;
+                }
+                let p = accelrt_torch_peak_breakdown_json(0);
+                if p.is_null() {
+                    check_failure("peak_breakdown_json")?;
+                } else {
+                    // SAFETY: a NUL-terminated buffer from the library, freed right after.
+                    let json = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+                    // SAFETY: from accelrt_torch_peak_breakdown_json, freed once.
+                    unsafe { accelrt_torch_free_buffer(p.cast()) };
+                    let v: serde_json::Value = serde_json::from_str(&json)
+                        .map_err(|e| format!("peak breakdown JSON does not parse: {e}"))?;
+                    if let Some(m) = v.as_object() {
+                        let sum: u64 = m
+                            .iter()
+                            .filter(|(k, _)| k.as_str() != "reserved")
+                            .filter_map(|(_, x)| x.as_u64())
+                            .sum();
+                        if Some(sum) != v["reserved"].as_u64() {
+                            return Err(format!("peak breakdown does not add up: {json}"));
+                        }
+                    }
+                }
             }
             _ => {
                 // Bad devices everywhere.
@@ -341,6 +368,7 @@ fn cabi_cleanup(held: Vec<Held>) -> Result<(), String> {
     // SAFETY: no entries.
     let _ = unsafe { accelrt_torch_set_rounding(std::ptr::null(), 0, 0.0) };
     let _ = accelrt_torch_record_history(-1, 0, 0);
+    let _ = accelrt_torch_record_peak_breakdown(0);
     let host = accelrt::backend(DeviceType::Host);
     host.device_synchronize(0).map_err(|e| e.to_string())?;
     if accelrt_torch_empty_cache() != 0 {
