@@ -558,7 +558,8 @@ def peak_breakdown(device: Any = None) -> dict[str, int] | None:
     ones) + ``free_in_used_chunks`` (whole free pages of chunks that also back allocated
     pages: only requests fitting those holes can use them) + ``idle_chunks`` (chunks wholly in
     free blocks) + ``spare_chunks`` + ``free_in_segments`` (plain segments) + ``other``
-    (frees waiting for other streams, old mappings, the memory being mapped for the request).
+    (frees waiting for other streams, allocations under way on other threads). Taken once
+    the allocation that raised the peak is done.
     ``None`` until a peak is recorded (see ``record_peak_breakdown``)."""
     ptr = _library().accelrt_torch_peak_breakdown_json(_device_index(device))
     if not ptr:

@@ -351,14 +351,18 @@ impl CachingAllocator {
     ) -> Result<usize> {
         if block == NIL {
             drop(st);
-            return self.alloc_slow(pool_idx, pool, rounded, size);
+            let r = self.alloc_slow(pool_idx, pool, rounded, size);
+            self.settle_peak();
+            return r;
         }
         if st.refresh_mapped(block) {
             return Ok(st.block(block).addr);
         }
         st.hold_in_flight(block);
         drop(st);
-        self.finish_unmapped(pool_idx, pool, block, rounded, size)
+        let r = self.finish_unmapped(pool_idx, pool, block, rounded, size);
+        self.settle_peak();
+        r
     }
 
     /// `raw_alloc` with every rare condition handled.
@@ -391,7 +395,9 @@ impl CachingAllocator {
             if !st.block(block).is_mapped() && !st.refresh_mapped(block) {
                 st.hold_in_flight(block);
                 drop(st);
-                return self.finish_unmapped(pool_idx, pool, block, rounded, size);
+                let r = self.finish_unmapped(pool_idx, pool, block, rounded, size);
+                self.settle_peak();
+                return r;
             }
             if self.history.enabled() {
                 self.note_alloc(&mut st, block, pool.stream.index);
@@ -406,7 +412,10 @@ impl CachingAllocator {
             return Ok(ptr);
         }
         drop(st);
-        self.alloc_slow(pool_idx, pool, rounded, size)
+        let r = self.alloc_slow(pool_idx, pool, rounded, size);
+        // A new peak reached on the way is recorded now that the memory is in place.
+        self.settle_peak();
+        r
     }
 
     /// Free an address from [`CachingAllocator::raw_alloc`]. Freeing 0 does nothing.

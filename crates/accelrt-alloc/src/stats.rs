@@ -165,17 +165,20 @@ pub struct EventCounters {
     pub num_pages_remapped: u64,
 }
 
-/// Where reserved memory was at the moment it peaked: the memory a workload paid for beyond
-/// what it had allocated, by why it was not available to the request that raised the peak.
-/// Recorded when asked for (`CachingAllocator::record_peak_breakdown`); every field in bytes.
+/// Where reserved memory was when it peaked: the memory a workload paid for beyond what it
+/// had allocated, by why it was not available to the request that raised the peak. Recorded
+/// when asked for (`CachingAllocator::record_peak_breakdown`), as soon as the allocation that
+/// raised the peak is done (its memory in place; chunks moved for it counted once, where they
+/// are now); every field in bytes.
 ///
 /// `reserved = allocated + free_in_shared_pages + free_in_used_chunks + idle_chunks +
 /// spare_chunks + free_in_segments + other`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PeakBreakdown {
-    /// Reserved memory at the peak.
+    /// Reserved memory when recorded: the peak (less anything the allocation that raised it
+    /// gave back on its way).
     pub reserved: u64,
-    /// Blocks handed out (their rounded sizes).
+    /// Blocks handed out (their rounded sizes), the request that raised the peak included.
     pub allocated: u64,
     /// Expandable segments: free bytes on pages that also hold allocated bytes (a page is
     /// the mapping unit, 2 MiB on CUDA).
@@ -191,8 +194,8 @@ pub struct PeakBreakdown {
     pub spare_chunks: u64,
     /// Plain segments: cached free blocks.
     pub free_in_segments: u64,
-    /// The rest: frees waiting for other streams' work, old mappings waiting to be unmapped,
-    /// and the memory being mapped for the request that raised the peak.
+    /// The rest: blocks freed but waiting for other streams' work, and blocks held by
+    /// allocations under way on other threads.
     pub other: u64,
 }
 

@@ -559,7 +559,10 @@ pub(crate) fn breakdown_text(b: &PeakBreakdown) -> String {
         (b.idle_chunks, "idle chunks"),
         (b.spare_chunks, "spare chunks"),
         (b.free_in_segments, "cached in segments"),
-        (b.other, "other (waiting frees, old mappings, the request)"),
+        (
+            b.other,
+            "other (frees waiting for other streams, allocations under way)",
+        ),
     ];
     parts.sort_by_key(|&(bytes, _)| std::cmp::Reverse(bytes));
     let mut text = format!(

@@ -411,6 +411,45 @@ fn recorded_needs_a_conf_header() {
 }
 
 #[test]
+fn every_shipped_traces_peak_breakdown_adds_up_to_its_peak() {
+    // Chunks moved for the request that raised the peak are counted once, where they went:
+    // a breakdown taken in the middle of that allocation counted them twice (bert_varlen).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../traces");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".trace.gz"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "{files:?}");
+    let mut args = vec!["replay", "--json"];
+    args.extend(files.iter().map(String::as_str));
+    let out = accelrt(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for v in json_lines(&stdout(&out)) {
+        let b = &v["peak_breakdown"];
+        let known: u64 = [
+            "allocated",
+            "free_in_shared_pages",
+            "free_in_used_chunks",
+            "idle_chunks",
+            "spare_chunks",
+            "free_in_segments",
+        ]
+        .iter()
+        .map(|k| b[*k].as_u64().unwrap())
+        .sum();
+        let reserved = b["reserved"].as_u64().unwrap();
+        assert!(
+            known <= reserved,
+            "{}: parts {known} > reserved: {b}",
+            v["trace"]
+        );
+        assert_eq!(b["reserved"], v["peak_reserved_bytes"], "{}", v["trace"]);
+    }
+}
+
+#[test]
 fn the_replay_says_where_reserved_memory_was_at_its_peak() {
     let trace = shipped("gpt2_train.trace.gz");
     let out = accelrt(&[

@@ -485,9 +485,7 @@ impl CachingAllocator {
         match created {
             Ok(h) => {
                 let before = self.reserved_peak.fetch_max(new_total, Relaxed);
-                if new_total > before {
-                    self.note_new_peak(before, new_total, &vm.chunks);
-                }
+                self.note_new_peak(before, new_total);
                 self.counters.num_device_alloc.fetch_add(1, Relaxed);
                 Ok(vm.chunks.add(h, pages as u32))
             }

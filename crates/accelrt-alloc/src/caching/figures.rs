@@ -365,6 +365,8 @@ impl DriverCounters {
 #[derive(Debug, Default)]
 pub(super) struct PeakRecord {
     on: std::sync::atomic::AtomicBool,
+    /// A new peak was reached inside an allocation still under way: recorded once it is done.
+    pending: std::sync::atomic::AtomicBool,
     last: Mutex<Option<crate::stats::PeakBreakdown>>,
     /// Time spent recording, in nanoseconds (a replay leaves it out of its call times).
     spent_ns: AtomicU64,
@@ -391,16 +393,37 @@ impl CachingAllocator {
         std::time::Duration::from_nanos(self.peak.spent_ns.load(Relaxed))
     }
 
-    /// Reserved memory just rose from `before` to `reserved`: a new peak records its breakdown
-    /// (when asked for). `chunks` is the chunk table, held by the caller or empty.
+    /// Reserved memory just rose from `before` to `reserved`: a new peak is recorded (when
+    /// asked for) once the allocation that raised it is done, when the memory is where the
+    /// allocation put it (`settle_peak`).
+    #[inline]
+    pub(super) fn note_new_peak(&self, before: u64, reserved: u64) {
+        if reserved > before && self.peak.on.load(Relaxed) {
+            self.peak.pending.store(true, Relaxed);
+        }
+    }
+
+    /// At the end of a slow path, with no lock held: record the breakdown of a new peak
+    /// reached during it.
+    #[inline]
+    pub(super) fn settle_peak(&self) {
+        if self.peak.pending.load(Relaxed) {
+            self.record_peak();
+        }
+    }
+
     #[cold]
-    pub(super) fn note_new_peak(&self, before: u64, reserved: u64, chunks: &ChunkTable) {
-        if reserved <= before || !self.peak.on.load(Relaxed) {
+    #[inline(never)]
+    fn record_peak(&self) {
+        if !self.peak.pending.swap(false, Relaxed) || !self.peak.on.load(Relaxed) {
             return;
         }
         let start = std::time::Instant::now();
+        // Chunks before pools: the lock order.
+        let vm = self.vm_state.lock();
+        let chunks: &ChunkTable = &vm.chunks;
         let mut b = crate::stats::PeakBreakdown {
-            reserved,
+            reserved: self.reserved.load(Relaxed),
             ..Default::default()
         };
         for pool in self.initialized_pools() {
@@ -413,13 +436,14 @@ impl CachingAllocator {
             b.free_in_segments += free.in_segments;
         }
         b.spare_chunks = chunks.spare_pages() * self.vm_page;
+        drop(vm);
         let known = b.allocated
             + b.free_in_shared_pages
             + b.free_in_used_chunks
             + b.idle_chunks
             + b.spare_chunks
             + b.free_in_segments;
-        b.other = reserved.saturating_sub(known);
+        b.other = b.reserved.saturating_sub(known);
         *self.peak.last.lock() = Some(b);
         let spent = start.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
         self.peak.spent_ns.fetch_add(spent, Relaxed);

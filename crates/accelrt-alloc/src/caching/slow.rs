@@ -5,7 +5,6 @@
 
 use super::fences::Need;
 use super::*;
-use crate::chunks::ChunkTable;
 
 impl CachingAllocator {
     // ---- the slow path ---------------------------------------------------------------------
@@ -188,14 +187,7 @@ impl CachingAllocator {
         match allocated {
             Ok(base) => {
                 let before = self.reserved_peak.fetch_max(new_total, Relaxed);
-                if new_total > before {
-                    // No pool lock is held here; the chunk table's lock may be (a private
-                    // pool's segment while chunks move), so it is only tried.
-                    match self.vm_state.try_lock() {
-                        Some(vm) => self.note_new_peak(before, new_total, &vm.chunks),
-                        None => self.note_new_peak(before, new_total, &ChunkTable::default()),
-                    }
-                }
+                self.note_new_peak(before, new_total);
                 let segs = self.segments.fetch_add(1, Relaxed) + 1;
                 self.segments_peak.fetch_max(segs, Relaxed);
                 self.counters.num_device_alloc.fetch_add(1, Relaxed);
