@@ -178,7 +178,8 @@ pub struct PeakBreakdown {
     /// Reserved memory when recorded: the peak (less anything the allocation that raised it
     /// gave back on its way).
     pub reserved: u64,
-    /// Blocks handed out (their rounded sizes), the request that raised the peak included.
+    /// Blocks handed out (their rounded sizes), the request that raised the peak included;
+    /// a block another thread is still mapping counts only the part memory backs already.
     pub allocated: u64,
     /// Expandable segments: free bytes on pages that also hold allocated bytes (a page is
     /// the mapping unit, 2 MiB on CUDA).

@@ -375,7 +375,8 @@ pub(super) struct PeakRecord {
 impl CachingAllocator {
     /// Record, from now on, where reserved memory is each time it reaches a new peak
     /// ([`PeakBreakdown`](crate::PeakBreakdown)): each new peak costs a walk over every block
-    /// (slow paths only), so it is off unless asked for; `accelrt replay` turns it on.
+    /// with every pool locked (at the end of the slow path that raised it), so it is off
+    /// unless asked for; `accelrt replay` turns it on.
     pub fn record_peak_breakdown(&self, on: bool) {
         self.peak.on.store(on, Relaxed);
         if !on {
@@ -419,23 +420,28 @@ impl CachingAllocator {
             return;
         }
         let start = std::time::Instant::now();
-        // Chunks before pools: the lock order.
+        // One consistent picture under concurrent calls: the chunk table, then every pool
+        // (the lock order; no other thread holding a pool lock waits for another pool's, so
+        // taking them all cannot deadlock). Chunks and pools stand still meanwhile; plain
+        // segments are reserved before their pool gets them and leave their pool before they
+        // are given back, so `reserved`, read last, covers every byte counted.
         let vm = self.vm_state.lock();
         let chunks: &ChunkTable = &vm.chunks;
+        let pools: Vec<_> = self.initialized_pools().map(|p| p.state.lock()).collect();
         let mut b = crate::stats::PeakBreakdown {
             reserved: self.reserved.load(Relaxed),
             ..Default::default()
         };
-        for pool in self.initialized_pools() {
-            let st = pool.state.lock();
-            b.allocated += st.allocated_bytes();
+        for st in &pools {
             let free = st.free_memory(chunks);
+            b.allocated += st.allocated_bytes() - free.unbacked_in_flight;
             b.free_in_shared_pages += free.in_shared_pages;
             b.free_in_used_chunks += free.in_used_chunks;
             b.idle_chunks += free.idle_chunks;
             b.free_in_segments += free.in_segments;
         }
         b.spare_chunks = chunks.spare_pages() * self.vm_page;
+        drop(pools);
         drop(vm);
         let known = b.allocated
             + b.free_in_shared_pages

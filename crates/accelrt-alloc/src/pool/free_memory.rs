@@ -11,6 +11,9 @@ pub(crate) struct FreeMemory {
     pub in_used_chunks: u64,
     pub idle_chunks: u64,
     pub in_segments: u64,
+    /// Bytes of blocks another thread carved and is still mapping (held in flight) that no
+    /// chunk backs yet: counted as allocated by the statistics, not yet reserved.
+    pub unbacked_in_flight: u64,
 }
 
 impl PoolState {
@@ -21,7 +24,19 @@ impl PoolState {
         let mut page_size = 0u64;
         for seg in &self.segments {
             let table = seg.vm.as_deref();
-            for (_, b) in self.blocks_of(seg) {
+            for (idx, b) in self.blocks_of(seg) {
+                if b.state == BlockState::Allocated && self.live.get(&b.addr) != Some(&idx) {
+                    if let Some(t) = table {
+                        let p = t.page_size as usize;
+                        let (lo, hi) = (b.addr - seg.base, b.addr - seg.base + b.size as usize);
+                        let backed: usize = t
+                            .mapped_in(lo / p, hi.div_ceil(p))
+                            .map(|slot| ((slot + 1) * p).min(hi) - (slot * p).max(lo))
+                            .sum();
+                        out.unbacked_in_flight += b.size - backed as u64;
+                    }
+                    continue;
+                }
                 if !matches!(b.state, BlockState::Free | BlockState::Recent) {
                     continue;
                 }
