@@ -383,6 +383,15 @@ def record(outdir, works, parallel, configs=CONFIGS):
             print(json.dumps(r)[:300], flush=True)
 
 
+def known_configs(parser, text):
+    """`--configs a,b`: the configurations named, each one of CONFIGS."""
+    configs = [c for c in text.split(",") if c]
+    for c in configs:
+        if c not in CONFIGS:
+            parser.error(f"--configs: unknown configuration {c!r} (known: {', '.join(CONFIGS)})")
+    return configs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -410,10 +419,7 @@ def main():
     if a.cmd == "one":
         one(a.workload, a.config, a.steps, a.record)
     elif a.cmd == "matrix":
-        configs = [c for c in a.configs.split(",") if c]
-        for c in configs:
-            if c not in CONFIGS:
-                p.error(f"--configs: unknown configuration {c!r} (known: {', '.join(CONFIGS)})")
+        configs = known_configs(p, a.configs)
         for v in a.variant:
             name, sep, path = v.partition("=")
             if not sep or not name or not Path(path).is_file():
@@ -422,11 +428,7 @@ def main():
             configs.append("accelrt@" + name)
         matrix(a.outdir, a.reps, a.workloads.split(","), a.steps, configs)
     elif a.cmd == "record":
-        configs = [c for c in a.configs.split(",") if c]
-        for c in configs:
-            if c not in CONFIGS:
-                p.error(f"--configs: unknown configuration {c!r} (known: {', '.join(CONFIGS)})")
-        record(a.outdir, a.workloads.split(","), a.parallel, configs)
+        record(a.outdir, a.workloads.split(","), a.parallel, known_configs(p, a.configs))
     else:
         table(a.outdir)
 

@@ -351,18 +351,14 @@ impl CachingAllocator {
     ) -> Result<usize> {
         if block == NIL {
             drop(st);
-            let r = self.alloc_slow(pool_idx, pool, rounded, size);
-            self.settle_peak();
-            return r;
+            return self.alloc_slow(pool_idx, pool, rounded, size);
         }
         if st.refresh_mapped(block) {
             return Ok(st.block(block).addr);
         }
         st.hold_in_flight(block);
         drop(st);
-        let r = self.finish_unmapped(pool_idx, pool, block, rounded, size);
-        self.settle_peak();
-        r
+        self.finish_unmapped(pool_idx, pool, block, rounded, size)
     }
 
     /// `raw_alloc` with every rare condition handled.
@@ -395,9 +391,7 @@ impl CachingAllocator {
             if !st.block(block).is_mapped() && !st.refresh_mapped(block) {
                 st.hold_in_flight(block);
                 drop(st);
-                let r = self.finish_unmapped(pool_idx, pool, block, rounded, size);
-                self.settle_peak();
-                return r;
+                return self.finish_unmapped(pool_idx, pool, block, rounded, size);
             }
             if self.history.enabled() {
                 self.note_alloc(&mut st, block, pool.stream.index);
@@ -412,10 +406,7 @@ impl CachingAllocator {
             return Ok(ptr);
         }
         drop(st);
-        let r = self.alloc_slow(pool_idx, pool, rounded, size);
-        // A new peak reached on the way is recorded now that the memory is in place.
-        self.settle_peak();
-        r
+        self.alloc_slow(pool_idx, pool, rounded, size)
     }
 
     /// Free an address from [`CachingAllocator::raw_alloc`]. Freeing 0 does nothing.

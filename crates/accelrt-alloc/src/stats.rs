@@ -200,6 +200,18 @@ pub struct PeakBreakdown {
     pub other: u64,
 }
 
+impl PeakBreakdown {
+    /// Every part but `other`: what the breakdown accounts for (at most `reserved`).
+    pub fn accounted(&self) -> u64 {
+        self.allocated
+            + self.free_in_shared_pages
+            + self.free_in_used_chunks
+            + self.idle_chunks
+            + self.spare_chunks
+            + self.free_in_segments
+    }
+}
+
 /// The driver calls an allocator made, one count per kind. Both backends count the same
 /// logical operations on their providers, so a replay on the host predicts the calls a CUDA
 /// run makes.

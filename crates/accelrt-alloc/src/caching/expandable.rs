@@ -148,7 +148,7 @@ impl CachingAllocator {
         rounded: u64,
         size: u64,
     ) -> Result<usize> {
-        match self.map_block(pool_idx, pool, block) {
+        let result = match self.map_block(pool_idx, pool, block) {
             Ok(()) => Ok(self.publish_mapped(pool, block)),
             Err(SegmentFailure::Driver(message, code)) => {
                 self.unwind_unmapped(pool, block);
@@ -162,7 +162,10 @@ impl CachingAllocator {
                 self.unwind_unmapped(pool, block);
                 self.alloc_slow_vm(pool_idx, pool, rounded, size)
             }
-        }
+        };
+        // A new peak reached on the way is recorded now that the memory is in place.
+        self.settle_peak();
+        result
     }
 
     pub(super) fn publish_mapped(&self, pool: &StreamPool, block: u32) -> usize {

@@ -443,13 +443,7 @@ impl CachingAllocator {
         b.spare_chunks = chunks.spare_pages() * self.vm_page;
         drop(pools);
         drop(vm);
-        let known = b.allocated
-            + b.free_in_shared_pages
-            + b.free_in_used_chunks
-            + b.idle_chunks
-            + b.spare_chunks
-            + b.free_in_segments;
-        b.other = b.reserved.saturating_sub(known);
+        b.other = b.reserved.saturating_sub(b.accounted());
         *self.peak.last.lock() = Some(b);
         let spent = start.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
         self.peak.spent_ns.fetch_add(spent, Relaxed);

@@ -21,29 +21,33 @@ impl CachingAllocator {
         rounded: u64,
         size: u64,
     ) -> Result<usize> {
-        if self.vm_page != 0 && !pool.private {
-            return self.alloc_slow_vm(pool_idx, pool, rounded, size);
-        }
-        self.retry_or_oom(
-            size,
-            "segment allocation",
-            |retry| {
-                // Recently freed blocks may coalesce into a fit: never grow before trying that.
-                if let Some(ptr) = self.try_cached(pool, rounded, size) {
-                    return Ok(Ok(ptr));
-                }
-                if !retry {
-                    self.collect_garbage(segment_size(rounded), pool);
-                    if self.config.release_at_peak {
-                        self.release_before_new_peak(segment_size(rounded), pool);
+        let result = if self.vm_page != 0 && !pool.private {
+            self.alloc_slow_vm(pool_idx, pool, rounded, size)
+        } else {
+            self.retry_or_oom(
+                size,
+                "segment allocation",
+                |retry| {
+                    // Recently freed blocks may coalesce into a fit: never grow before that.
+                    if let Some(ptr) = self.try_cached(pool, rounded, size) {
+                        return Ok(Ok(ptr));
                     }
-                }
-                Ok(self.reserve_for(rounded).map(|(base, seg_size)| {
-                    self.add_new_segment(pool_idx, pool, base, seg_size, rounded, size)
-                }))
-            },
-            || self.try_cached(pool, rounded, size),
-        )
+                    if !retry {
+                        self.collect_garbage(segment_size(rounded), pool);
+                        if self.config.release_at_peak {
+                            self.release_before_new_peak(segment_size(rounded), pool);
+                        }
+                    }
+                    Ok(self.reserve_for(rounded).map(|(base, seg_size)| {
+                        self.add_new_segment(pool_idx, pool, base, seg_size, rounded, size)
+                    }))
+                },
+                || self.try_cached(pool, rounded, size),
+            )
+        };
+        // A new peak reached on the way is recorded now that the memory is in place.
+        self.settle_peak();
+        result
     }
 
     /// The one retry-then-out-of-memory policy of both segment sources (plain segments and
