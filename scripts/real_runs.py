@@ -36,6 +36,9 @@ CONFIGS = ["native", "expandable", "accelrt"]
 # Other builds of libaccelrt_torch.so to run beside the default one (`matrix --variant
 # NAME=PATH`): each is the configuration `accelrt@NAME`, interleaved with the others.
 VARIANTS = {}
+# Other allocator configurations of the default build (`matrix --variant-conf NAME=CONF`,
+# ACCELRT_ALLOC_CONF syntax): each is the configuration `accelrt@NAME`.
+VARIANT_CONFS = {}
 # The issue-10 matrix: the three traced workloads and two dynamic-shape trainings.
 MATRIX = ["gpt2_train", "resnet50_train", "gpt2_infer_varlen", "llama_varlen_train", "vit_varbatch_train"]
 # Recorded for the replay's validation: the matrix plus dynamic inference and two streams.
@@ -177,7 +180,10 @@ def one(work, config, steps, record, emit=None):
     if config == "accelrt" or config.startswith("accelrt@"):
         import accelrt_torch as at
 
-        at.enable(VARIANTS.get(config.partition("@")[2]))
+        name = config.partition("@")[2]
+        if name in VARIANT_CONFS:
+            os.environ["ACCELRT_ALLOC_CONF"] = VARIANT_CONFS[name]
+        at.enable(VARIANTS.get(name))
         if record:
             at.record_trace(record, workload=work)
     elif record:
@@ -408,6 +414,8 @@ def main():
     m.add_argument("--configs", default=",".join(CONFIGS), help="a subset of " + ",".join(CONFIGS))
     m.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
                    help="another libaccelrt_torch.so, run as configuration accelrt@NAME")
+    m.add_argument("--variant-conf", action="append", default=[], metavar="NAME=CONF",
+                   help="the default build under another ACCELRT_ALLOC_CONF, run as accelrt@NAME")
     r = sub.add_parser("record")
     r.add_argument("outdir", type=Path)
     r.add_argument("--parallel", type=int, default=3)
@@ -425,6 +433,12 @@ def main():
             if not sep or not name or not Path(path).is_file():
                 p.error(f"--variant {v!r}: NAME=PATH to a libaccelrt_torch.so that exists")
             VARIANTS[name] = path
+            configs.append("accelrt@" + name)
+        for v in a.variant_conf:
+            name, sep, conf = v.partition("=")
+            if not sep or not name or name in VARIANTS:
+                p.error(f"--variant-conf {v!r}: NAME=CONF with a name no --variant uses")
+            VARIANT_CONFS[name] = conf
             configs.append("accelrt@" + name)
         matrix(a.outdir, a.reps, a.workloads.split(","), a.steps, configs)
     elif a.cmd == "record":

@@ -214,6 +214,7 @@ impl CachingAllocator {
             },
             ..config.clone()
         };
+        let base_chunk_pages = expandable::chunk_pages(&config, vm_page).0;
         Ok(CachingAllocator {
             rare: RareFlags::new(if config.debug_checks {
                 RareFlags::DEBUG
@@ -259,7 +260,7 @@ impl CachingAllocator {
             deferred: crate::deferred::Deferred::default(),
             history: History::new(),
             vm_page,
-            vm_state: Mutex::new(expandable::VmState::new(vm_page)),
+            vm_state: Mutex::new(expandable::VmState::new(base_chunk_pages)),
             driver: DriverCounters::default(),
         })
     }

@@ -16,12 +16,14 @@
 //! 4. new chunks up to the hard limit;
 //! 5. at the limit: one device-wide synchronize, after which every idle chunk may move.
 //!
-//! New chunks are sized to demand: a run gets one chunk (up to the current cap, at most
-//! [`MAX_CHUNK_BYTES`]), and a page it shares with a neighbouring block gets its own one-page
-//! chunk, so that a freed block's chunk is wholly idle and can move. The cap halves when a new
-//! peak happens while free memory is stranded in partly used chunks. A chunk is always mapped whole (CUDA refuses to map part of an allocation), so
-//! every chunk costs one creation. The costs behind these numbers are in `provider.rs` and
-//! `ARCHITECTURE.md`.
+//! New chunks are sized to demand: a run gets one chunk (up to the current cap: `chunk_mb`,
+//! by default [`MAX_CHUNK_BYTES`]), and a page it shares with a neighbouring block gets its
+//! own one-page chunk, so that a freed block's chunk is wholly idle and can move. The cap
+//! halves when a new peak happens while free memory is stranded in partly used chunks. In
+//! the memory-first mode (`chunk_mb` below `max_chunk_mb`) a long run gets about
+//! [`RUN_CHUNKS`] chunks instead. A chunk is always mapped whole (CUDA refuses to map part of
+//! an allocation), so every chunk costs one creation. The costs behind these numbers are in
+//! `provider.rs` and `ARCHITECTURE.md`.
 //!
 //! All chunk and page-table changes happen under the `vm` mutex (before any pool lock); the
 //! fast path never takes it (a block whose pages are all mapped has `mapped_len >= size`).
@@ -47,13 +49,25 @@ use crate::size::pool_kind;
 /// 30-40% more creations and maps for each halving: 64 MiB.
 pub(crate) const MAX_CHUNK_BYTES: u64 = 64 << 20;
 
+/// With `chunk_mb` set below the largest chunk (the memory-first mode), a run longer than
+/// this many base chunks is backed by about this many chunks of 1/`RUN_CHUNKS` of its length
+/// (at most the largest) instead. On the H200 (BENCHMARKS.md, "Night of 2026-11-29"),
+/// `chunk_mb:4` kept peak reserved within 0.6-2.8% of allocated on five real workloads
+/// (default: 1.5-5.7%) at 3-14% more steady-state time; 4 MiB chunks for every run
+/// (`max_chunk_mb:4`) moved GPT-2 training's 1.5 GiB blocks as 400 chunks each, every step:
+/// 63% slower. Replays of the recorded runs with 4 MiB base chunks: 8 chunks a run strands
+/// memory again (Llama 1.026, GPT-2 inference 1.041), 24 or more costs 20-40% more driver
+/// calls than 12 for no less memory.
+const RUN_CHUNKS: usize = 12;
+
 /// The adaptive chunk cap never falls below reserved memory divided by this: smaller chunks
 /// would cost more driver time than the memory they save (replays of `traces/`, see
 /// `ARCHITECTURE.md`).
 const STRANDING_FLOOR_DIV: u64 = 32;
 
 /// Move budget: one move (remapping chunks, or releasing idle ones at the peak) per this many
-/// allocations, on average...
+/// allocations, on average (times 64 MiB / the base chunk: the same memory moves in more,
+/// smaller moves when chunks are smaller)...
 const ALLOCS_PER_MOVE: u64 = 16;
 /// ...plus this many up front. Training and inference traces move around their peaks; a
 /// workload that sits at its peak and churns (RMM's random benchmark) runs out, and new
@@ -64,16 +78,17 @@ const INITIAL_MOVES: u64 = 32;
 #[derive(Debug)]
 pub(crate) struct VmState {
     pub chunks: ChunkTable,
-    /// The largest chunk created now, in pages: starts at [`MAX_CHUNK_BYTES`] and halves each
-    /// time memory stranded in partly used chunks forces a new peak.
+    /// The chunk size of short runs now, in pages: starts at the base chunk (`chunk_mb`,
+    /// default the largest, [`MAX_CHUNK_BYTES`]) and halves each time memory stranded in
+    /// partly used chunks forces a new peak.
     pub chunk_cap: usize,
 }
 
 impl VmState {
-    pub(crate) fn new(page: u64) -> Self {
+    pub(crate) fn new(base_chunk_pages: usize) -> Self {
         VmState {
             chunks: ChunkTable::default(),
-            chunk_cap: (MAX_CHUNK_BYTES / page.max(1)).max(1) as usize,
+            chunk_cap: base_chunk_pages,
         }
     }
 }
@@ -93,7 +108,7 @@ impl CachingAllocator {
     }
 
     pub(super) fn max_chunk_pages(&self) -> usize {
-        (MAX_CHUNK_BYTES / self.vm_page).max(1) as usize
+        chunk_pages(&self.config, self.vm_page).1
     }
 
     /// The slow path of an allocation in expandable mode.
@@ -315,6 +330,13 @@ impl CachingAllocator {
     ) -> std::result::Result<Placement, SegmentFailure> {
         let page = self.page_bytes();
         let cap = vm.chunk_cap.min(self.max_chunk_pages()).max(1);
+        // Memory-first mode: a long run is cut into about RUN_CHUNKS chunks at most.
+        let (base, max) = chunk_pages(&self.config, self.vm_page);
+        let cap = if base < max {
+            cap.max((run.len / RUN_CHUNKS).min(max))
+        } else {
+            cap
+        };
         let mut out: Placement = Vec::new();
         let mut remaining = run.len;
         let room = run.room;
@@ -455,13 +477,20 @@ impl CachingAllocator {
         Ok(())
     }
 
-    /// Whether the move budget (see [`ALLOCS_PER_MOVE`]) allows one more move.
+    /// Whether the move budget (see [`ALLOCS_PER_MOVE`]) allows one more move. Without the
+    /// scaling for smaller chunks, `max_chunk_mb:2` ran out of moves on bert_varlen and grew
+    /// to 2.01x allocated (replay; 1.017 with it), and `max_chunk_mb:4` reserved 1.15-1.22x
+    /// on gpt2_infer_varlen on the H200.
     pub(super) fn may_move(&self) -> bool {
         let allocs: u64 = self
             .pools_with_index()
             .map(|(_, p)| p.state.lock().allocations())
             .sum();
-        self.counters.num_page_steals.load(Relaxed) < allocs / ALLOCS_PER_MOVE + INITIAL_MOVES
+        // Smaller chunks move the same memory in more moves.
+        let base = chunk_pages(&self.config, self.vm_page).0 as u64 * self.vm_page;
+        let scale = (MAX_CHUNK_BYTES / base.max(1)).max(1);
+        self.counters.num_page_steals.load(Relaxed)
+            < (allocs / ALLOCS_PER_MOVE + INITIAL_MOVES).saturating_mul(scale)
     }
 
     /// Chunks created below this many reserved bytes need no search for idle ones.
@@ -550,6 +579,16 @@ pub(super) fn arrange(mut placement: Placement, run: Run) -> Placement {
 /// reserved range (8 MiB here), so a device that claims an absurd size (a host `--capacity`
 /// of 2^64) must not make every range that large: 2^46 cost 400 MB and 1.5 s per range.
 const MAX_RANGE: u64 = 1 << 42;
+
+/// (the base chunk, the largest chunk) in pages of `page` bytes: `chunk_mb` and
+/// `max_chunk_mb` (both by default [`MAX_CHUNK_BYTES`]), at least one page each, the base at
+/// most the largest.
+pub(super) fn chunk_pages(config: &crate::AllocatorConfig, page: u64) -> (usize, usize) {
+    let pages = |bytes: u64| (bytes / page.max(1)).clamp(1, u32::MAX as u64) as usize;
+    let max = pages(config.max_chunk_size.unwrap_or(MAX_CHUNK_BYTES));
+    let base = pages(config.chunk_size.unwrap_or(MAX_CHUNK_BYTES)).min(max);
+    (base, max)
+}
 
 fn round_up_checked(n: u64, to: u64) -> Option<u64> {
     n.checked_add(to - 1).map(|v| v / to * to)

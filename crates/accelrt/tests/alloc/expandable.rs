@@ -298,6 +298,51 @@ fn moves_never_wait_and_keep_the_old_range_until_its_work_has_passed() {
     );
 }
 
+/// Chunk sizes: by default chunks of up to 64 MiB (`max_chunk_mb`); with `chunk_mb` below it
+/// (memory first), short runs get chunks of that size and a long run about 12 chunks. And a
+/// freed block's chunks are idle, so a block elsewhere takes them instead of new ones.
+#[test]
+fn chunks_are_sized_by_configuration_and_run_length() {
+    // (configuration, one block of MiB, chunks created for it). A run that fits in one chunk
+    // is cut into its pages less one and that one page (the page a neighbour may share).
+    let table = [
+        ("", 8, 2),
+        ("", 64, 2),
+        ("", 1024, 17),          // 512 pages: 15 x 32, then 31 + 1
+        ("chunk_mb:4", 8, 3),    // 2 + 1 + 1 pages
+        ("chunk_mb:4", 64, 17),  // 15 x 2, then 1 + 1
+        ("chunk_mb:4", 240, 13), // 120 pages: 11 x 10, then 9 + 1
+        ("chunk_mb:4", 1024, 17),
+        ("chunk_mb:8", 24, 4),
+        ("max_chunk_mb:2", 64, 32),
+        ("max_chunk_mb:1", 8, 4), // never less than a page
+    ];
+    for (conf, mib, chunks) in table {
+        let a = allocator(4 << 30, conf);
+        let x = a.raw_alloc(mib * MIB, s(0)).unwrap();
+        let c = a.stats().driver_calls;
+        assert_eq!(c.create, chunks, "{conf:?}, {mib} MiB: {c:?}");
+        assert_eq!(
+            a.reserved_bytes(),
+            (mib * MIB) as u64,
+            "{conf:?}: the block's pages only"
+        );
+        a.raw_free(x).unwrap();
+        // The freed block's chunks are idle: a larger block after a live one takes them all
+        // (moves) and only the difference is new.
+        let keep = a.raw_alloc(MIB, s(0)).unwrap();
+        let y = a.raw_alloc((mib + 32) * MIB, s(0)).unwrap();
+        assert!(
+            a.reserved_bytes() <= ((mib + 36) * MIB) as u64,
+            "{conf:?}, {mib} MiB: reserved {}",
+            a.reserved_bytes()
+        );
+        for p in [keep, y] {
+            a.raw_free(p).unwrap();
+        }
+    }
+}
+
 /// Every driver call is counted, one count per kind, and `total` is their sum.
 #[test]
 fn driver_calls_are_counted_per_kind() {
