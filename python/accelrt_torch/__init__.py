@@ -24,7 +24,10 @@ required functions and warns about what is lost. The functions of this module
 (``memory_stats()``, ``memory_snapshot()``, ``record_trace()``, ...) work either way.
 
 The allocator reads ``ACCELRT_ALLOC_CONF`` (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`` syntax;
-unset: accelrt's defaults, expandable segments with ``release_at_peak``). The library alone
+unset: accelrt's defaults, expandable segments with ``release_at_peak``). A run that does
+not fit: ``enable(alloc_conf="chunk_mb:4")`` (memory first: on an H200, 0.6-2.8% reserved
+over allocated on five real workloads instead of 1.5-5.7%, for 3-14% more step time), or
+``"max_chunk_mb:2"`` (least memory, most driver calls). The library alone
 (``load_library``, the statistics, snapshot and trace functions) does not need PyTorch;
 ``ACCELRT_TORCH_BACKEND=host`` runs it on accelrt's host backend, for tests.
 """
