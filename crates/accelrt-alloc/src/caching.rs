@@ -214,7 +214,7 @@ impl CachingAllocator {
             },
             ..config.clone()
         };
-        let base_chunk_pages = expandable::chunk_pages(&config, vm_page).0;
+        let vm_state = Mutex::new(expandable::VmState::new(&config, vm_page));
         Ok(CachingAllocator {
             rare: RareFlags::new(if config.debug_checks {
                 RareFlags::DEBUG
@@ -260,7 +260,7 @@ impl CachingAllocator {
             deferred: crate::deferred::Deferred::default(),
             history: History::new(),
             vm_page,
-            vm_state: Mutex::new(expandable::VmState::new(base_chunk_pages)),
+            vm_state,
             driver: DriverCounters::default(),
         })
     }

@@ -478,7 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn max_chunk_mb_sets_the_largest_chunk_and_round_trips() {
+    fn chunk_options_parse_and_round_trip() {
         assert_eq!(AllocatorConfig::default().max_chunk_size, None);
         let c = AllocatorConfig::parse("max_chunk_mb:4,chunk_mb:2").unwrap();
         assert_eq!(

@@ -83,13 +83,19 @@ pub(crate) struct VmState {
     /// default the largest, [`MAX_CHUNK_BYTES`]) and halves each time memory stranded in
     /// partly used chunks forces a new peak.
     pub chunk_cap: usize,
+    /// The configured chunk size and largest chunk, in pages (see [`chunk_pages`]).
+    pub base_pages: usize,
+    pub max_pages: usize,
 }
 
 impl VmState {
-    pub(crate) fn new(base_chunk_pages: usize) -> Self {
+    pub(crate) fn new(config: &crate::AllocatorConfig, page: u64) -> Self {
+        let (base_pages, max_pages) = chunk_pages(config, page);
         VmState {
             chunks: ChunkTable::default(),
-            chunk_cap: base_chunk_pages,
+            chunk_cap: base_pages,
+            base_pages,
+            max_pages,
         }
     }
 }
@@ -106,10 +112,6 @@ impl CachingAllocator {
 
     pub(super) fn page_bytes(&self) -> u64 {
         self.vm_page
-    }
-
-    pub(super) fn max_chunk_pages(&self) -> usize {
-        chunk_pages(&self.config, self.vm_page).1
     }
 
     /// The slow path of an allocation in expandable mode.
@@ -292,10 +294,7 @@ impl CachingAllocator {
         self.reclaim_lent(&mut vm, Some(pool_idx));
         let mut synced = false;
         loop {
-            let run = pool
-                .state
-                .lock()
-                .first_unmapped_run(block, self.max_chunk_pages());
+            let run = pool.state.lock().first_unmapped_run(block, vm.max_pages);
             let Some(run) = run else {
                 pool.state.lock().mark_mapped(block);
                 return Ok(());
@@ -330,11 +329,10 @@ impl CachingAllocator {
         synced: bool,
     ) -> std::result::Result<Placement, SegmentFailure> {
         let page = self.page_bytes();
-        let cap = vm.chunk_cap.min(self.max_chunk_pages()).max(1);
+        let cap = vm.chunk_cap.min(vm.max_pages).max(1);
         // Memory-first mode: a long run is cut into about RUN_CHUNKS chunks at most.
-        let (base, max) = chunk_pages(&self.config, self.vm_page);
-        let cap = if base < max {
-            cap.max((run.len / RUN_CHUNKS).min(max))
+        let cap = if vm.base_pages < vm.max_pages {
+            cap.max((run.len / RUN_CHUNKS).min(vm.max_pages))
         } else {
             cap
         };
@@ -367,7 +365,7 @@ impl CachingAllocator {
                 out.push((self.create_chunk(vm, want)?, want));
                 remaining -= want;
             }
-            if remaining > 0 && (synced || self.may_move()) {
+            if remaining > 0 && (synced || self.may_move(vm)) {
                 // 3. Moves: idle chunks of this pool (no wait), then of other pools behind
                 //    their fences (a device-side wait).
                 for (id, pages) in self.move_idle(vm, pool_idx, pool, remaining, room, synced) {
@@ -482,13 +480,13 @@ impl CachingAllocator {
     /// scaling for smaller chunks, `max_chunk_mb:2` ran out of moves on bert_varlen and grew
     /// to 2.01x allocated (replay; 1.017 with it), and `max_chunk_mb:4` reserved 1.15-1.22x
     /// on gpt2_infer_varlen on the H200.
-    pub(super) fn may_move(&self) -> bool {
+    pub(super) fn may_move(&self, vm: &VmState) -> bool {
         let allocs: u64 = self
             .pools_with_index()
             .map(|(_, p)| p.state.lock().allocations())
             .sum();
         // Smaller chunks move the same memory in more moves.
-        let base = chunk_pages(&self.config, self.vm_page).0 as u64 * self.vm_page;
+        let base = vm.base_pages as u64 * self.vm_page;
         let scale = (MAX_CHUNK_BYTES / base.max(1)).max(1);
         self.counters.num_page_steals.load(Relaxed)
             < (allocs / ALLOCS_PER_MOVE + INITIAL_MOVES).saturating_mul(scale)
@@ -584,7 +582,7 @@ const MAX_RANGE: u64 = 1 << 42;
 /// (the base chunk, the largest chunk) in pages of `page` bytes: `chunk_mb` and
 /// `max_chunk_mb` (both by default [`MAX_CHUNK_BYTES`]), at least one page each, the base at
 /// most the largest.
-pub(super) fn chunk_pages(config: &crate::AllocatorConfig, page: u64) -> (usize, usize) {
+fn chunk_pages(config: &crate::AllocatorConfig, page: u64) -> (usize, usize) {
     let pages = |bytes: u64| (bytes / page.max(1)).clamp(1, u32::MAX as u64) as usize;
     let max = pages(config.max_chunk_size.unwrap_or(MAX_CHUNK_BYTES));
     let base = pages(config.chunk_size.unwrap_or(MAX_CHUNK_BYTES)).min(max);
