@@ -23,7 +23,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, RwLock};
+
+use crate::pool_lock::{PoolGuard, PoolMutex};
 
 use super::config::division_interval;
 use super::history::{
@@ -77,7 +79,7 @@ pub(crate) struct StreamPool {
     pub(crate) stream: Stream,
     /// A private pool (plain segments, routed to by `begin_allocate_to_pool`).
     pub(crate) private: bool,
-    pub(crate) state: Mutex<PoolState>,
+    pub(crate) state: PoolMutex<PoolState>,
     /// Held by the one thread asking the events of this pool's pending frees, with `state`
     /// unlocked (`process_pending`); never on the fast paths.
     pub(crate) pending_queries: Mutex<()>,
@@ -345,7 +347,7 @@ impl CachingAllocator {
         &self,
         pool_idx: u32,
         pool: &StreamPool,
-        mut st: MutexGuard<'_, PoolState>,
+        mut st: PoolGuard<'_, PoolState>,
         block: u32,
         rounded: u64,
         size: u64,
@@ -464,7 +466,7 @@ impl CachingAllocator {
     fn free_rest(
         &self,
         pool: &StreamPool,
-        mut st: MutexGuard<'_, PoolState>,
+        mut st: PoolGuard<'_, PoolState>,
         ptr: usize,
         block: u32,
     ) -> Result<()> {
@@ -537,7 +539,7 @@ impl CachingAllocator {
             Box::new(StreamPool {
                 stream,
                 private: false,
-                state: Mutex::new(PoolState::new()),
+                state: PoolMutex::new(PoolState::new()),
                 pending_queries: Mutex::new(()),
                 fence_queries: Mutex::new(()),
             })

@@ -26,6 +26,7 @@ mod models;
 mod pagemap;
 mod pinned;
 mod pool;
+mod pool_lock;
 mod provider;
 mod size;
 #[doc(hidden)]

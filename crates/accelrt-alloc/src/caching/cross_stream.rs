@@ -131,13 +131,13 @@ impl CachingAllocator {
     /// pool (`StreamPool::pending_queries`), so a ticket is never released by one thread
     /// while another asks it.
     #[cold]
-    pub(super) fn process_pending(&self, pool: &StreamPool, st: &mut MutexGuard<'_, PoolState>) {
+    pub(super) fn process_pending(&self, pool: &StreamPool, st: &mut PoolGuard<'_, PoolState>) {
         let Some(events) = &self.events else { return };
         if !st.has_pending() || self.capturing() {
             return; // no event queries during a capture: the frees wait for its end
         }
         let stream = pool.stream.index;
-        MutexGuard::unlocked(st, || {
+        PoolGuard::unlocked(st, || {
             let _asking = pool.pending_queries.lock();
             let asked: Vec<(u32, Vec<u64>)> = {
                 let mut st = pool.state.lock();

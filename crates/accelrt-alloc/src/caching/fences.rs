@@ -45,7 +45,7 @@ impl CachingAllocator {
     /// are asked, and locked again on return.
     fn ask_fences(
         &self,
-        st: &mut MutexGuard<'_, PoolState>,
+        st: &mut PoolGuard<'_, PoolState>,
         events: &dyn StreamEvents,
         want: u64,
         need: Need,
@@ -62,7 +62,7 @@ impl CachingAllocator {
         };
         // Every fence up to `done` completed, none from `pending` on did (`None`: a broken
         // stream).
-        let answers = MutexGuard::unlocked(st, || {
+        let answers = PoolGuard::unlocked(st, || {
             let ask = |ticket: u64| {
                 self.driver.event_query.fetch_add(1, Relaxed);
                 events.query(ticket)

@@ -126,7 +126,7 @@ impl CachingAllocator {
             Box::new(StreamPool {
                 stream,
                 private: true,
-                state: Mutex::new(PoolState::new()),
+                state: crate::pool_lock::PoolMutex::new(PoolState::new()),
                 pending_queries: Mutex::new(()),
                 fence_queries: Mutex::new(()),
             })

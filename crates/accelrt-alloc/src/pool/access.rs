@@ -82,12 +82,12 @@ impl PoolState {
     /// The live block at `addr` (an address handed out and not freed).
     #[inline]
     pub fn live_block(&self, addr: usize) -> Option<u32> {
-        self.live.get(&addr).copied()
+        self.live.get(addr)
     }
 
     /// Every live block: (address, block).
     pub fn live_blocks(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
-        self.live.iter().map(|(&addr, &idx)| (addr, idx))
+        self.live.iter()
     }
 
     /// A free of `addr`: take its block out of the live map (`None`: no live block there, a
@@ -96,7 +96,7 @@ impl PoolState {
     /// ([`restore_live`](Self::restore_live)) when the free cannot go on.
     #[inline(always)]
     pub fn take_live(&mut self, addr: usize) -> Option<u32> {
-        self.live.remove(&addr)
+        self.live.remove(addr)
     }
 
     /// Undo [`take_live`](Self::take_live): the free of `block` at `addr` did not happen.
@@ -119,7 +119,7 @@ impl PoolState {
     #[inline]
     pub fn hold_in_flight(&mut self, block: u32) {
         let addr = self.blocks[block as usize].addr;
-        let held = self.live.remove(&addr);
+        let held = self.live.remove(addr);
         debug_assert_eq!(held, Some(block), "a block just carved is live");
     }
 

@@ -1,9 +1,6 @@
 //! The records of a pool: blocks (pieces of segments, linked by address), segments, and the
 //! live map's hash.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use super::page_table::PageTable;
 use crate::stats::PoolKind;
 
@@ -111,28 +108,3 @@ impl Segment {
         }
     }
 }
-
-/// Hash for 512-byte-aligned addresses: drop the zero bits, then mix with a multiply.
-#[derive(Default)]
-pub struct PtrHasher(u64);
-
-impl Hasher for PtrHasher {
-    #[inline(always)]
-    fn finish(&self) -> u64 {
-        // hashbrown takes the bucket from the low bits and the tag from the top 7: a product
-        // of 2 MiB-aligned addresses has zero low bits, so fold the well-mixed high half down.
-        self.0 ^ (self.0 >> 29)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    #[inline(always)]
-    fn write_usize(&mut self, n: usize) {
-        self.0 = ((n as u64) >> 9).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// Live allocations of a pool: address -> block.
-pub type LiveBlocks = HashMap<usize, u32, BuildHasherDefault<PtrHasher>>;

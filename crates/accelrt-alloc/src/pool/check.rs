@@ -206,8 +206,8 @@ impl PoolState {
                                 b.requested, b.size
                             ));
                         }
-                        match self.live.get(&b.addr) {
-                            Some(&l) if l == cur => tally.live_seen += 1,
+                        match self.live.get(b.addr) {
+                            Some(l) if l == cur => tally.live_seen += 1,
                             other => return Err(format!("pool {pool_idx}: allocated block {cur} at {:#x} has live entry {other:?}", b.addr)),
                         }
                         if owner(b.addr) != Some(pool_idx) {

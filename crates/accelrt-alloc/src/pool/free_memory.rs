@@ -25,7 +25,7 @@ impl PoolState {
         for seg in &self.segments {
             let table = seg.vm.as_deref();
             for (idx, b) in self.blocks_of(seg) {
-                if b.state == BlockState::Allocated && self.live.get(&b.addr) != Some(&idx) {
+                if b.state == BlockState::Allocated && self.live.get(b.addr) != Some(idx) {
                     if let Some(t) = table {
                         let p = t.page_size as usize;
                         let (lo, hi) = (b.addr - seg.base, b.addr - seg.base + b.size as usize);
