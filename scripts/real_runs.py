@@ -212,6 +212,7 @@ def one(work, config, steps, record, emit=None):
     if at is not None:
         stats = at.memory_stats()
         out["driver_calls"] = {k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("driver_calls.")}
+        out["moves"] = {k: stats.get(k) for k in ("num_page_steals", "num_pages_remapped", "num_moves_deferred")}
         if record:
             at.stop_trace()
     else:

@@ -539,7 +539,8 @@ def _device_index(device: Any = None) -> int:
 def memory_stats(device: Any = None) -> dict[str, int]:
     """accelrt's statistics for `device` with ``torch.cuda.memory_stats()``'s keys
     (``allocated_bytes.all.current``, ``reserved_bytes.all.peak``, ``num_ooms``, ...), sorted
-    like PyTorch's; plus accelrt's ``num_page_steals`` and ``num_pages_remapped``."""
+    like PyTorch's; plus accelrt's ``num_page_steals``, ``num_pages_remapped`` and
+    ``num_moves_deferred``."""
     lib = _library()
     ptr = lib.accelrt_torch_memory_stats_json(_device_index(device))
     if not ptr:

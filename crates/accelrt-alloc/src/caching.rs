@@ -107,6 +107,7 @@ struct Counters {
     num_device_free: AtomicU64,
     num_page_steals: AtomicU64,
     num_pages_remapped: AtomicU64,
+    num_moves_deferred: AtomicU64,
 }
 
 /// Why a new segment could not be had.
@@ -175,6 +176,9 @@ pub struct CachingAllocator {
     pub(crate) vm_state: Mutex<expandable::VmState>,
     /// Driver calls made, per kind.
     driver: DriverCounters,
+    /// What the move budget's time is read from ([`Clock`]), and the wall clock's zero.
+    clock: RwLock<crate::Clock>,
+    born: std::time::Instant,
 }
 
 /// The memory fraction's value while none is set (a set one is in [0, 1]).
@@ -264,7 +268,20 @@ impl CachingAllocator {
             vm_page,
             vm_state,
             driver: DriverCounters::default(),
+            clock: RwLock::new(crate::Clock::Wall),
+            born: std::time::Instant::now(),
         })
+    }
+
+    /// Read the time the move budget is weighed against from `clock` from now on (the
+    /// default: [`Clock::Wall`](crate::Clock::Wall)). Replays set their trace's clock.
+    pub fn set_clock(&self, clock: crate::Clock) {
+        *self.clock.write() = clock;
+    }
+
+    /// Microseconds on the allocator's clock (`None`: no clock).
+    pub(crate) fn now_us(&self) -> Option<u64> {
+        self.clock.read().now_us(self.born)
     }
 
     pub fn device(&self) -> Device {

@@ -11,6 +11,7 @@ mod caching;
 pub mod callbacks;
 mod check;
 mod chunks;
+mod clock;
 mod config;
 pub mod deferred;
 pub mod device;
@@ -48,6 +49,7 @@ pub use caching::{
     MAX_PRIVATE_POOLS, MAX_STREAM_POOLS,
 };
 pub use callbacks::{AllocatorCallback, AllocatorEvent, CallbackId};
+pub use clock::Clock;
 pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
 pub use deferred::{Deferred, KeptError};
 pub use history::{

@@ -163,6 +163,9 @@ pub struct EventCounters {
     pub num_page_steals: u64,
     /// Expandable segments: granules (pages) moved by those moves.
     pub num_pages_remapped: u64,
+    /// Expandable segments: moves not made because the driver time of moves had used up its
+    /// share of the time passed (memory was created instead; see `ARCHITECTURE.md`).
+    pub num_moves_deferred: u64,
 }
 
 /// Where reserved memory was when it peaked: the memory a workload paid for beyond what it
@@ -323,6 +326,7 @@ impl MemoryStats {
         m.insert("num_device_free".into(), c.num_device_free);
         m.insert("num_page_steals".into(), c.num_page_steals);
         m.insert("num_pages_remapped".into(), c.num_pages_remapped);
+        m.insert("num_moves_deferred".into(), c.num_moves_deferred);
         for (name, n) in self.driver_calls.named() {
             m.insert(format!("driver_calls.{name}"), n);
         }

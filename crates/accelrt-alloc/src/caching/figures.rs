@@ -57,6 +57,7 @@ impl CachingAllocator {
             num_device_free: c.num_device_free.load(Relaxed),
             num_page_steals: c.num_page_steals.load(Relaxed),
             num_pages_remapped: c.num_pages_remapped.load(Relaxed),
+            num_moves_deferred: c.num_moves_deferred.load(Relaxed),
         };
         s.driver_calls = self.driver.snapshot();
         s.reserved_bytes_peak = self.reserved_peak.load(Relaxed);
@@ -89,6 +90,7 @@ impl CachingAllocator {
             &c.num_device_free,
             &c.num_page_steals,
             &c.num_pages_remapped,
+            &c.num_moves_deferred,
         ] {
             a.store(0, Relaxed);
         }

@@ -25,6 +25,7 @@ use crate::snapshot::Snapshot;
 use accelrt_alloc::device::{Device, DeviceType};
 use accelrt_alloc::stream::Stream;
 use accelrt_alloc::AllocError;
+use accelrt_alloc::Clock;
 use accelrt_alloc::HostMemory;
 use accelrt_alloc::{
     set_thread_context, AllocatorConfig, CachingAllocator, Frames, HistoryConfig, MemoryProvider,
@@ -373,6 +374,15 @@ pub(crate) fn replay_source(
             return outcome;
         }
     };
+    // The move budget's time: the trace's own CPU clock, so the replay moves memory as the
+    // recorded process would have (the host's time here has nothing to do with it).
+    alloc.set_clock(match (&sim, timed) {
+        (Some(sim), true) => {
+            let sim = Arc::clone(sim);
+            Clock::External(Arc::new(move || sim.now_us()))
+        }
+        _ => Clock::Off,
+    });
     alloc.record_peak_breakdown(true);
     if opts.history {
         alloc.record_memory_history(Some(HistoryConfig {

@@ -487,3 +487,60 @@ fn allocator_any(conf: &str) -> CachingAllocator {
     config.debug_checks = true;
     CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap()
 }
+
+/// Churn at the peak (RMM's random benchmark, shortened): `live` allocations of 1 B..`max`,
+/// then `ops` times free a random one and allocate another, under `clock`. Returns the
+/// allocator's figures after it.
+fn churn_under(clock: accelrt::alloc::Clock) -> accelrt::alloc::MemoryStats {
+    let mut config = AllocatorConfig::parse("").unwrap();
+    config.debug_checks = false; // 40,000 calls
+    let a = CachingAllocator::new(DEV, Arc::new(HostMemory::new(64 << 30)), None, config).unwrap();
+    a.set_clock(clock);
+    let mut rng = accelrt::alloc::splitmix::SplitMix64(7);
+    let (live, max, ops) = (200, 256 * MIB as u64, 20_000);
+    let mut ptrs: Vec<usize> = (0..live)
+        .map(|_| a.raw_alloc(1 + rng.below(max) as usize, s(0)).unwrap())
+        .collect();
+    for _ in 0..ops {
+        let k = rng.below(live as u64) as usize;
+        a.raw_free(ptrs[k]).unwrap();
+        ptrs[k] = a.raw_alloc(1 + rng.below(max) as usize, s(0)).unwrap();
+    }
+    let stats = a.stats();
+    ptrs.into_iter().for_each(|p| a.raw_free(p).unwrap());
+    stats
+}
+
+#[test]
+fn moves_take_a_bounded_share_of_the_time() {
+    use accelrt::alloc::Clock;
+    // A clock that stands still: after the burst in hand (50 ms of moves at 60 us a chunk),
+    // no more moves; memory is created instead.
+    let frozen = churn_under(Clock::External(Arc::new(|| 0)));
+    // A clock on which a second passes between readings: time never runs short.
+    let tick = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t = Arc::clone(&tick);
+    let roomy = churn_under(Clock::External(Arc::new(move || {
+        t.fetch_add(1_000_000, Ordering::Relaxed)
+    })));
+    // No clock (a replay of an untimed trace): counted moves only.
+    let off = churn_under(Clock::Off);
+
+    let (f, r, o) = (&frozen.counters, &roomy.counters, &off.counters);
+    assert!(f.num_moves_deferred > 0, "the frozen clock declined moves");
+    assert_eq!(r.num_moves_deferred, 0);
+    assert_eq!(o.num_moves_deferred, 0);
+    // Moved chunks are mapped a second time: with the clock frozen, at most the burst's worth
+    // (833 chunks, plus the chunks of the move that overdrew it) beyond the creations.
+    let moved = |st: &accelrt::alloc::MemoryStats| st.driver_calls.map - st.driver_calls.create;
+    assert!(
+        moved(&frozen) < moved(&roomy),
+        "{} vs {}",
+        moved(&frozen),
+        moved(&roomy)
+    );
+    assert!(moved(&frozen) <= 833 + 256, "{}", moved(&frozen));
+    // Without a time limit, the clock makes no difference.
+    assert_eq!(r.num_page_steals, o.num_page_steals);
+    assert_eq!(roomy.reserved_bytes_peak, off.reserved_bytes_peak);
+}

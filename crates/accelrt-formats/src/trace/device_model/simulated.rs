@@ -98,6 +98,11 @@ impl SimulatedDevice {
         self.now_time.store(time, Relaxed);
     }
 
+    /// The CPU time of the event being replayed, in microseconds (0 in an untimed trace).
+    pub fn now_us(&self) -> u64 {
+        self.now_time.load(Relaxed)
+    }
+
     /// A completion marker came due: the device has passed event `ordinal` on `stream`.
     #[inline]
     pub fn pass(&self, stream: u32, ordinal: u64) {
