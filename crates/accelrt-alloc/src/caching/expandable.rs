@@ -76,7 +76,8 @@ const ALLOCS_PER_MOVE: u64 = 16;
 const INITIAL_MOVES: u64 = 32;
 
 /// The time budget of moves (see `clock.rs`): the driver time of moves may take this share
-/// of the time that passes (times 64 MiB / the base chunk, as the count budget)...
+/// of the time that passes (`move_time_pct` changes it; times 64 MiB / the base chunk, as the
+/// count budget)...
 const MOVE_TIME_SHARE: f64 = 0.05;
 /// ...with this much in hand at the start and at most (microseconds of moves): a training
 /// step's moves, or a warm-up's, go through at once.
@@ -110,6 +111,9 @@ pub(crate) struct VmState {
     /// 64 MiB / the base chunk (at least 1): smaller chunks move the same memory in more
     /// moves, so both move budgets grow by this factor.
     pub move_scale: u64,
+    /// The share of the time passing that moves may take ([`MOVE_TIME_SHARE`], or
+    /// `move_time_pct`), before `move_scale`.
+    pub move_share: f64,
     pub move_time: MoveTime,
 }
 
@@ -123,6 +127,9 @@ impl VmState {
             base_pages,
             max_pages,
             move_scale,
+            move_share: config
+                .move_time_pct
+                .map_or(MOVE_TIME_SHARE, |pct| pct / 100.0),
             move_time: MoveTime {
                 in_hand_us: MOVE_TIME_BURST_US * move_scale as f64,
                 last_us: None,
@@ -531,8 +538,8 @@ impl CachingAllocator {
         let t = &mut vm.move_time;
         let passed = now.saturating_sub(t.last_us.unwrap_or(now));
         t.last_us = Some(now);
-        t.in_hand_us = (t.in_hand_us + passed as f64 * MOVE_TIME_SHARE * scale)
-            .min(MOVE_TIME_BURST_US * scale);
+        t.in_hand_us =
+            (t.in_hand_us + passed as f64 * vm.move_share * scale).min(MOVE_TIME_BURST_US * scale);
         if t.in_hand_us > 0.0 {
             true
         } else {

@@ -489,10 +489,10 @@ fn allocator_any(conf: &str) -> CachingAllocator {
 }
 
 /// Churn at the peak (RMM's random benchmark, shortened): `live` allocations of 1 B..`max`,
-/// then `ops` times free a random one and allocate another, under `clock`. Returns the
-/// allocator's figures after it.
-fn churn_under(clock: accelrt::alloc::Clock) -> accelrt::alloc::MemoryStats {
-    let mut config = AllocatorConfig::parse("").unwrap();
+/// then `ops` times free a random one and allocate another, under `clock` and configuration
+/// `conf`. Returns the allocator's figures after it.
+fn churn(conf: &str, clock: accelrt::alloc::Clock) -> accelrt::alloc::MemoryStats {
+    let mut config = AllocatorConfig::parse(conf).unwrap();
     config.debug_checks = false; // 40,000 calls
     let a = CachingAllocator::new(DEV, Arc::new(HostMemory::new(64 << 30)), None, config).unwrap();
     a.set_clock(clock);
@@ -516,15 +516,16 @@ fn moves_take_a_bounded_share_of_the_time() {
     use accelrt::alloc::Clock;
     // A clock that stands still: after the burst in hand (50 ms of moves at 60 us a chunk),
     // no more moves; memory is created instead.
-    let frozen = churn_under(Clock::External(Arc::new(|| 0)));
+    let frozen = churn("", Clock::External(Arc::new(|| 0)));
     // A clock on which a second passes between readings: time never runs short.
     let tick = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let t = Arc::clone(&tick);
-    let roomy = churn_under(Clock::External(Arc::new(move || {
-        t.fetch_add(1_000_000, Ordering::Relaxed)
-    })));
+    let roomy = churn(
+        "",
+        Clock::External(Arc::new(move || t.fetch_add(1_000_000, Ordering::Relaxed))),
+    );
     // No clock (a replay of an untimed trace): counted moves only.
-    let off = churn_under(Clock::Off);
+    let off = churn("", Clock::Off);
 
     let (f, r, o) = (&frozen.counters, &roomy.counters, &off.counters);
     assert!(f.num_moves_deferred > 0, "the frozen clock declined moves");
@@ -543,4 +544,25 @@ fn moves_take_a_bounded_share_of_the_time() {
     // Without a time limit, the clock makes no difference.
     assert_eq!(r.num_page_steals, o.num_page_steals);
     assert_eq!(roomy.reserved_bytes_peak, off.reserved_bytes_peak);
+}
+
+#[test]
+fn move_time_pct_sets_the_share() {
+    use accelrt::alloc::Clock;
+    // 100 us pass between readings: 5 us of moves a reading at the default 5% (a chunk
+    // costs 60 us: the budget runs dry), 100 us at 100% (never dry here), nothing at 0% (only
+    // the 50 ms in hand at the start).
+    let ticking = || {
+        let t = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        Clock::External(Arc::new(move || t.fetch_add(100, Ordering::Relaxed)))
+    };
+    let default = churn("", ticking());
+    let all = churn("move_time_pct:100", ticking());
+    let none = churn("move_time_pct:0", ticking());
+    let deferred = |st: &accelrt::alloc::MemoryStats| st.counters.num_moves_deferred;
+    assert_eq!(deferred(&all), 0);
+    assert!(deferred(&default) > 0);
+    assert!(deferred(&none) > 0);
+    let steals = |st: &accelrt::alloc::MemoryStats| st.counters.num_page_steals;
+    assert!(steals(&none) < steals(&default) && steals(&default) < steals(&all));
 }
