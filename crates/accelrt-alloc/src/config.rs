@@ -76,9 +76,9 @@ pub struct AllocatorConfig {
     /// it up, new memory is created instead until time has passed. Moves save memory and cost
     /// about 60 us of driver calls per chunk; while the device runs behind the CPU they hide
     /// behind its work, but when the CPU is the bottleneck (churn at the peak) they are the
-    /// time. 100 lets moves take all of it (on the H200, without the limit, random churn of
-    /// blocks up to 64 MiB reserved 2.2% less at 1.5-1.7x the time, of blocks up to 256 MiB
-    /// no less at 7-10x the time); 0 allows only the first 50 ms of moves. In the
+    /// time. 100 lets moves take all of it (on the H200, random churn of blocks up to 64 MiB
+    /// then reserved 2.2-2.5% less at up to 1.3x the time, of blocks up to 256 MiB no less at
+    /// 5-7x the time); 0 allows only the first 50 ms of moves. In the
     /// memory-first mode the share is multiplied by 64 MiB / `chunk_mb`.
     pub move_time_pct: Option<f64>,
     /// Cap on reserved memory as a share of device memory (`per_process_memory_fraction`,
