@@ -92,9 +92,39 @@ const MOVE_US_PER_CHUNK: f64 = 60.0;
 pub(crate) struct MoveTime {
     /// Microseconds of moves that may still be made (below zero after the last move
     /// overdrew it).
-    pub in_hand_us: f64,
+    in_hand_us: f64,
+    /// Microseconds of moves earned per microsecond passing.
+    refill: f64,
+    /// The most that can be in hand (and what is in hand at the start).
+    cap_us: f64,
     /// The clock's reading at the last refill (`None` before the first).
-    pub last_us: Option<u64>,
+    last_us: Option<u64>,
+}
+
+impl MoveTime {
+    /// A full bucket refilled at `share` of the time passing, both times `scale`.
+    fn new(share: f64, scale: u64) -> Self {
+        let cap_us = MOVE_TIME_BURST_US * scale as f64;
+        MoveTime {
+            in_hand_us: cap_us,
+            refill: share * scale as f64,
+            cap_us,
+            last_us: None,
+        }
+    }
+
+    /// Refill for the time passed up to `now`; whether a move may be made.
+    fn allows(&mut self, now: u64) -> bool {
+        let passed = now.saturating_sub(self.last_us.unwrap_or(now));
+        self.last_us = Some(now);
+        self.in_hand_us = (self.in_hand_us + passed as f64 * self.refill).min(self.cap_us);
+        self.in_hand_us > 0.0
+    }
+
+    /// Draw the driver time of `chunks` moved chunks.
+    fn charge(&mut self, chunks: usize) {
+        self.in_hand_us -= chunks as f64 * MOVE_US_PER_CHUNK;
+    }
 }
 
 /// The state behind the allocator's `vm` mutex.
@@ -111,9 +141,7 @@ pub(crate) struct VmState {
     /// 64 MiB / the base chunk (at least 1): smaller chunks move the same memory in more
     /// moves, so both move budgets grow by this factor.
     pub move_scale: u64,
-    /// The share of the time passing that moves may take ([`MOVE_TIME_SHARE`], or
-    /// `move_time_pct`), before `move_scale`.
-    pub move_share: f64,
+    /// The time budget: [`MOVE_TIME_SHARE`] (or `move_time_pct`) times `move_scale`.
     pub move_time: MoveTime,
 }
 
@@ -127,13 +155,12 @@ impl VmState {
             base_pages,
             max_pages,
             move_scale,
-            move_share: config
-                .move_time_pct
-                .map_or(MOVE_TIME_SHARE, |pct| pct / 100.0),
-            move_time: MoveTime {
-                in_hand_us: MOVE_TIME_BURST_US * move_scale as f64,
-                last_us: None,
-            },
+            move_time: MoveTime::new(
+                config
+                    .move_time_pct
+                    .map_or(MOVE_TIME_SHARE, |pct| pct / 100.0),
+                move_scale,
+            ),
         }
     }
 }
@@ -407,7 +434,7 @@ impl CachingAllocator {
                 // 3. Moves: idle chunks of this pool (no wait), then of other pools behind
                 //    their fences (a device-side wait).
                 let moved = self.move_idle(vm, pool_idx, pool, remaining, room, synced);
-                vm.move_time.in_hand_us -= moved.len() as f64 * MOVE_US_PER_CHUNK;
+                vm.move_time.charge(moved.len());
                 for (id, pages) in moved {
                     out.push((id, pages));
                     remaining = remaining.saturating_sub(pages);
@@ -534,13 +561,7 @@ impl CachingAllocator {
         let Some(now) = self.now_us() else {
             return true; // no clock: by count only
         };
-        let scale = vm.move_scale as f64;
-        let t = &mut vm.move_time;
-        let passed = now.saturating_sub(t.last_us.unwrap_or(now));
-        t.last_us = Some(now);
-        t.in_hand_us =
-            (t.in_hand_us + passed as f64 * vm.move_share * scale).min(MOVE_TIME_BURST_US * scale);
-        if t.in_hand_us > 0.0 {
+        if vm.move_time.allows(now) {
             true
         } else {
             self.counters.num_moves_deferred.fetch_add(1, Relaxed);
