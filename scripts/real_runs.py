@@ -212,7 +212,7 @@ def one(work, config, steps, record, emit=None):
     if at is not None:
         stats = at.memory_stats()
         out["driver_calls"] = {k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("driver_calls.")}
-        out["moves"] = {k: stats.get(k) for k in ("num_page_steals", "num_pages_remapped", "num_moves_deferred")}
+        out["moves"] = {k: stats.get(k) for k in ("num_page_steals", "num_pages_remapped", "num_moves_deferred", "move_time_drawn_peak_us")}
         if record:
             at.stop_trace()
     else:
@@ -327,7 +327,7 @@ def table(outdir):
             works.append(r["workload"])
     gib = lambda b: f"{b / 2**30:.3f}"
     print("\nworkload | config | runs | peak reserved GiB median (min-max) | reserved/allocated | "
-          "first step ms | steady-state sum ms | driver calls")
+          "first step ms | steady-state sum ms | driver calls | moves (deferred) | move budget drawn ms")
     configs = []
     for r in rows:
         if r["config"] not in configs:
@@ -342,9 +342,14 @@ def table(outdir):
                 continue
             ratio = [r["peak_reserved"] / r["peak_allocated"] for r in rs]
             calls = [r.get("driver_calls", {}).get("total") for r in rs]
+            moves = [r.get("moves") or {} for r in rs]
+            steals = [m.get("num_page_steals") for m in moves]
+            deferred = sum(m.get("num_moves_deferred") or 0 for m in moves)
+            drawn = [(m.get("move_time_drawn_peak_us") or 0) / 1000 for m in moves if "move_time_drawn_peak_us" in m]
             print(f"{w} | {c} | {len(rs)} | {spread([r['peak_reserved'] for r in rs], gib)} | "
                   f"{spread(ratio, lambda x: f'{x:.4f}')} | {spread([r['first_step_ms'] for r in rs], lambda x: f'{x:.0f}')} | "
-                  f"{spread([r['steady_sum_ms'] for r in rs], lambda x: f'{x:.0f}')} | {spread(calls, lambda x: f'{x:.0f}')}")
+                  f"{spread([r['steady_sum_ms'] for r in rs], lambda x: f'{x:.0f}')} | {spread(calls, lambda x: f'{x:.0f}')} | "
+                  f"{spread(steals, lambda x: f'{x:.0f}')} ({deferred}) | {spread(drawn, lambda x: f'{x:.1f}')}")
 
 
 # ---- recordings -----------------------------------------------------------------------------

@@ -108,6 +108,7 @@ struct Counters {
     num_page_steals: AtomicU64,
     num_pages_remapped: AtomicU64,
     num_moves_deferred: AtomicU64,
+    move_time_drawn_peak_us: AtomicU64,
 }
 
 /// Why a new segment could not be had.

@@ -166,6 +166,11 @@ pub struct EventCounters {
     /// Expandable segments: moves not made because the driver time of moves had used up its
     /// share of the time passed (memory was created instead; see `ARCHITECTURE.md`).
     pub num_moves_deferred: u64,
+    /// Expandable segments: the most driver time of moves (microseconds, at 60 us a moved
+    /// chunk) drawn from the time budget at once beyond what the time passing had put back:
+    /// how near moves came to being deferred. The budget holds 50 ms (times 64 MiB / the
+    /// chunk size); a peak, reset by `reset_peak_stats` to what is drawn now.
+    pub move_time_drawn_peak_us: u64,
 }
 
 /// Where reserved memory was when it peaked: the memory a workload paid for beyond what it
@@ -327,6 +332,7 @@ impl MemoryStats {
         m.insert("num_page_steals".into(), c.num_page_steals);
         m.insert("num_pages_remapped".into(), c.num_pages_remapped);
         m.insert("num_moves_deferred".into(), c.num_moves_deferred);
+        m.insert("move_time_drawn_peak_us".into(), c.move_time_drawn_peak_us);
         for (name, n) in self.driver_calls.named() {
             m.insert(format!("driver_calls.{name}"), n);
         }

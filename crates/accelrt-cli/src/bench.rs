@@ -238,6 +238,9 @@ struct RandomResult {
     device_allocs: u64,
     /// Driver calls the timed loop made, per kind (`DriverCalls::named`), and their total.
     driver_calls: Vec<(&'static str, u64)>,
+    /// Moves of idle chunks in the timed loop, moves its time budget deferred, and the most
+    /// of that budget drawn at once (microseconds).
+    moves: [u64; 3],
     /// The out-of-memory that stopped the workload: the device is smaller than its peak
     /// (e.g. a registered backend over this machine's memory); the figures are then NaN.
     error: Option<String>,
@@ -256,6 +259,7 @@ impl RandomResult {
             peak_requested: 0,
             device_allocs: 0,
             driver_calls: Vec::new(),
+            moves: [0; 3],
             error: Some(error.to_string()),
         }
     }
@@ -282,6 +286,11 @@ impl RandomResult {
             "ratio_vs_requested": self.peak_reserved as f64 / self.peak_requested.max(1) as f64,
             "device_allocs": self.device_allocs,
             "driver_calls": self.driver_calls_json(),
+            "moves": {
+                "num_page_steals": self.moves[0],
+                "num_moves_deferred": self.moves[1],
+                "move_time_drawn_peak_us": self.moves[2],
+            },
             "error": self.error,
         })
     }
@@ -340,7 +349,8 @@ fn random_workload(
     for &s in &sizes {
         ptrs.push(alloc.raw_alloc(s as usize, stream)?);
     }
-    let calls_before = alloc.stats().driver_calls;
+    let before = alloc.stats();
+    let calls_before = before.driver_calls;
     let start = Instant::now();
     for &(k, s) in &steps {
         let slot = &mut ptrs[k as usize];
@@ -370,6 +380,17 @@ fn random_workload(
         peak_requested,
         device_allocs: stats.counters.num_device_alloc,
         driver_calls,
+        moves: [
+            stats
+                .counters
+                .num_page_steals
+                .saturating_sub(before.counters.num_page_steals),
+            stats
+                .counters
+                .num_moves_deferred
+                .saturating_sub(before.counters.num_moves_deferred),
+            stats.counters.move_time_drawn_peak_us,
+        ],
         error: None,
     })
 }

@@ -530,6 +530,12 @@ fn json_line(
         "capacity_bytes": capacity,
         "device_calls": r.device_calls,
         "driver_calls": r.driver_calls,
+        "moves": {
+            "num_page_steals": r.counters.num_page_steals,
+            "num_pages_remapped": r.counters.num_pages_remapped,
+            "num_moves_deferred": r.counters.num_moves_deferred,
+            "move_time_drawn_peak_us": r.counters.move_time_drawn_peak_us,
+        },
         "peak_breakdown": r.peak_breakdown,
         "torch_peak_allocated_bytes": torch.and_then(|t| t.peak_allocated),
         "torch_peak_reserved_bytes": torch.and_then(|t| t.peak_reserved),

@@ -125,6 +125,15 @@ impl MoveTime {
     fn charge(&mut self, chunks: usize) {
         self.in_hand_us -= chunks as f64 * MOVE_US_PER_CHUNK;
     }
+
+    /// Microseconds drawn and not yet put back by the time passing (0 when full, and
+    /// without a clock: nothing is put back then, and nothing is withheld).
+    pub(crate) fn drawn_us(&self) -> f64 {
+        match self.last_us {
+            Some(_) => (self.cap_us - self.in_hand_us).max(0.0),
+            None => 0.0,
+        }
+    }
 }
 
 /// The state behind the allocator's `vm` mutex.
@@ -435,6 +444,9 @@ impl CachingAllocator {
                 //    their fences (a device-side wait).
                 let moved = self.move_idle(vm, pool_idx, pool, remaining, room, synced);
                 vm.move_time.charge(moved.len());
+                self.counters
+                    .move_time_drawn_peak_us
+                    .fetch_max(vm.move_time.drawn_us() as u64, Relaxed);
                 for (id, pages) in moved {
                     out.push((id, pages));
                     remaining = remaining.saturating_sub(pages);

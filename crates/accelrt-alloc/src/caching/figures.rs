@@ -58,6 +58,7 @@ impl CachingAllocator {
             num_page_steals: c.num_page_steals.load(Relaxed),
             num_pages_remapped: c.num_pages_remapped.load(Relaxed),
             num_moves_deferred: c.num_moves_deferred.load(Relaxed),
+            move_time_drawn_peak_us: c.move_time_drawn_peak_us.load(Relaxed),
         };
         s.driver_calls = self.driver.snapshot();
         s.reserved_bytes_peak = self.reserved_peak.load(Relaxed);
@@ -74,6 +75,10 @@ impl CachingAllocator {
             .store(self.reserved.load(Relaxed), Relaxed);
         self.segments_peak
             .store(self.segments.load(Relaxed), Relaxed);
+        let drawn = self.vm_state.lock().move_time.drawn_us();
+        self.counters
+            .move_time_drawn_peak_us
+            .store(drawn as u64, Relaxed);
     }
 
     /// Zero the allocated/freed totals and the event counters.

@@ -144,6 +144,9 @@ pub struct ReplayReport {
     pub driver_calls: Option<serde_json::Value>,
     /// Where reserved memory was at its peak (the replay's own allocator records it).
     pub peak_breakdown: Option<PeakBreakdown>,
+    /// The allocator's event counters: retries, out-of-memory errors, moves of idle chunks,
+    /// moves the time budget deferred and how much of it was drawn at once.
+    pub counters: accelrt_alloc::EventCounters,
 }
 
 impl ReplayReport {
@@ -338,6 +341,7 @@ fn empty_report(
         device_calls: None,
         driver_calls: None,
         peak_breakdown: None,
+        counters: Default::default(),
     }
 }
 
@@ -553,6 +557,7 @@ impl<'a> Engine<'a> {
         report.peak_breakdown = self.alloc.peak_breakdown();
         report.device_calls = self.sim.map(SimulatedDevice::calls);
         report.driver_calls = driver_calls(&stats);
+        report.counters = stats.counters;
         let (error, cause) = match error {
             Some((e, cause)) => (Some(e), cause),
             None => (None, None),

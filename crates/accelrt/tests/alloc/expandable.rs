@@ -544,6 +544,46 @@ fn moves_take_a_bounded_share_of_the_time() {
     // Without a time limit, the clock makes no difference.
     assert_eq!(r.num_page_steals, o.num_page_steals);
     assert_eq!(roomy.reserved_bytes_peak, off.reserved_bytes_peak);
+    // How much of the budget was drawn at once: all of the 50 ms in hand and the overdraft
+    // of the last move with the clock frozen; with a second between readings, never more
+    // than one move's chunks (the bucket is full again at the next reading); nothing is
+    // withheld without a clock, and nothing is reported.
+    let drawn = |st: &accelrt::alloc::MemoryStats| st.counters.move_time_drawn_peak_us;
+    assert!(drawn(&frozen) >= 50_000, "{}", drawn(&frozen));
+    assert!(
+        drawn(&roomy) > 0 && drawn(&roomy) <= 256 * 60,
+        "{}",
+        drawn(&roomy)
+    );
+    assert_eq!(drawn(&off), 0);
+}
+
+#[test]
+fn reset_peak_stats_sets_the_drawn_peak_to_what_is_drawn_now() {
+    use accelrt::alloc::Clock;
+    let mut config = AllocatorConfig::parse("").unwrap();
+    config.debug_checks = false;
+    let a = CachingAllocator::new(DEV, Arc::new(HostMemory::new(8 << 30)), None, config).unwrap();
+    a.set_clock(Clock::External(Arc::new(|| 0))); // time stands still: nothing is put back
+                                                  // Every other block freed: idle chunks between live blocks, none large enough for the
+                                                  // next request, which takes them (moves) rather than grow past the peak.
+    let blocks: Vec<usize> = (0..8)
+        .map(|_| a.raw_alloc(64 * MIB, s(0)).unwrap())
+        .collect();
+    for p in blocks.iter().step_by(2) {
+        a.raw_free(*p).unwrap();
+    }
+    let big = a.raw_alloc(200 * MIB, s(0)).unwrap();
+    let drawn = a.stats().counters.move_time_drawn_peak_us;
+    assert!(a.stats().counters.num_page_steals > 0);
+    assert!(drawn > 0);
+    a.reset_peak_stats();
+    // The clock stood still: what was drawn is still drawn.
+    assert_eq!(a.stats().counters.move_time_drawn_peak_us, drawn);
+    a.raw_free(big).unwrap();
+    for p in blocks.iter().skip(1).step_by(2) {
+        a.raw_free(*p).unwrap();
+    }
 }
 
 #[test]
