@@ -349,7 +349,8 @@ def table(outdir):
             print(f"{w} | {c} | {len(rs)} | {spread([r['peak_reserved'] for r in rs], gib)} | "
                   f"{spread(ratio, lambda x: f'{x:.4f}')} | {spread([r['first_step_ms'] for r in rs], lambda x: f'{x:.0f}')} | "
                   f"{spread([r['steady_sum_ms'] for r in rs], lambda x: f'{x:.0f}')} | {spread(calls, lambda x: f'{x:.0f}')} | "
-                  f"{spread(steals, lambda x: f'{x:.0f}')} ({deferred}) | {spread(drawn, lambda x: f'{x:.1f}')}")
+                  f"{spread(steals, lambda x: f'{x:.0f}') + f' ({deferred})' if any(moves) else '-'} | "
+                  f"{spread(drawn, lambda x: f'{x:.1f}')}")
 
 
 # ---- recordings -----------------------------------------------------------------------------

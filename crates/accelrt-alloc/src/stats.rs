@@ -173,6 +173,25 @@ pub struct EventCounters {
     pub move_time_drawn_peak_us: u64,
 }
 
+impl EventCounters {
+    /// What happened since `before` (an earlier reading of the same allocator): each count's
+    /// difference; the peak as it stands now.
+    pub fn since(&self, before: &EventCounters) -> EventCounters {
+        let d = |now: u64, then: u64| now.saturating_sub(then);
+        EventCounters {
+            num_alloc_retries: d(self.num_alloc_retries, before.num_alloc_retries),
+            num_ooms: d(self.num_ooms, before.num_ooms),
+            num_sync_all_streams: d(self.num_sync_all_streams, before.num_sync_all_streams),
+            num_device_alloc: d(self.num_device_alloc, before.num_device_alloc),
+            num_device_free: d(self.num_device_free, before.num_device_free),
+            num_page_steals: d(self.num_page_steals, before.num_page_steals),
+            num_pages_remapped: d(self.num_pages_remapped, before.num_pages_remapped),
+            num_moves_deferred: d(self.num_moves_deferred, before.num_moves_deferred),
+            move_time_drawn_peak_us: self.move_time_drawn_peak_us,
+        }
+    }
+}
+
 /// Where reserved memory was when it peaked: the memory a workload paid for beyond what it
 /// had allocated, by why it was not available to the request that raised the peak. Recorded
 /// when asked for (`CachingAllocator::record_peak_breakdown`), as soon as the allocation that
@@ -338,5 +357,39 @@ impl MemoryStats {
         }
         m.insert("driver_calls.total".into(), self.driver_calls.total());
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EventCounters;
+
+    #[test]
+    fn since_takes_differences_of_counts_and_keeps_the_peak() {
+        let before = EventCounters {
+            num_page_steals: 5,
+            num_moves_deferred: 1,
+            move_time_drawn_peak_us: 900,
+            ..Default::default()
+        };
+        let after = EventCounters {
+            num_page_steals: 12,
+            num_pages_remapped: 40,
+            num_moves_deferred: 1,
+            move_time_drawn_peak_us: 700,
+            ..Default::default()
+        };
+        let d = after.since(&before);
+        assert_eq!(
+            (
+                d.num_page_steals,
+                d.num_pages_remapped,
+                d.num_moves_deferred
+            ),
+            (7, 40, 0)
+        );
+        assert_eq!(d.move_time_drawn_peak_us, 700);
+        // A reading taken after a reset: no count goes below zero.
+        assert_eq!(before.since(&after).num_page_steals, 0);
     }
 }

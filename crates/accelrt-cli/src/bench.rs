@@ -11,7 +11,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use accelrt::alloc::splitmix::SplitMix64;
-use accelrt::alloc::{format_size, AllocatorConfig, CachingAllocator, HostMemory, MemoryProvider};
+use accelrt::alloc::{
+    format_size, AllocatorConfig, CachingAllocator, EventCounters, HostMemory, MemoryProvider,
+};
 use accelrt::{Device, DeviceType, Stream};
 use serde_json::{json, Map, Value};
 
@@ -238,9 +240,9 @@ struct RandomResult {
     device_allocs: u64,
     /// Driver calls the timed loop made, per kind (`DriverCalls::named`), and their total.
     driver_calls: Vec<(&'static str, u64)>,
-    /// Moves of idle chunks in the timed loop, moves its time budget deferred, and the most
-    /// of that budget drawn at once (microseconds).
-    moves: [u64; 3],
+    /// The allocator's event counters over the timed loop (moves of idle chunks, moves the
+    /// time budget deferred, the most of it drawn at once).
+    counters: EventCounters,
     /// The out-of-memory that stopped the workload: the device is smaller than its peak
     /// (e.g. a registered backend over this machine's memory); the figures are then NaN.
     error: Option<String>,
@@ -259,7 +261,7 @@ impl RandomResult {
             peak_requested: 0,
             device_allocs: 0,
             driver_calls: Vec::new(),
-            moves: [0; 3],
+            counters: EventCounters::default(),
             error: Some(error.to_string()),
         }
     }
@@ -286,11 +288,7 @@ impl RandomResult {
             "ratio_vs_requested": self.peak_reserved as f64 / self.peak_requested.max(1) as f64,
             "device_allocs": self.device_allocs,
             "driver_calls": self.driver_calls_json(),
-            "moves": {
-                "num_page_steals": self.moves[0],
-                "num_moves_deferred": self.moves[1],
-                "move_time_drawn_peak_us": self.moves[2],
-            },
+            "moves": crate::replay::moves_json(&self.counters),
             "error": self.error,
         })
     }
@@ -380,17 +378,7 @@ fn random_workload(
         peak_requested,
         device_allocs: stats.counters.num_device_alloc,
         driver_calls,
-        moves: [
-            stats
-                .counters
-                .num_page_steals
-                .saturating_sub(before.counters.num_page_steals),
-            stats
-                .counters
-                .num_moves_deferred
-                .saturating_sub(before.counters.num_moves_deferred),
-            stats.counters.move_time_drawn_peak_us,
-        ],
+        counters: stats.counters.since(&before.counters),
         error: None,
     })
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use accelrt::alloc::{format_size, AllocatorConfig, MemoryProvider, PeakBreakdown};
+use accelrt::alloc::{format_size, AllocatorConfig, EventCounters, MemoryProvider, PeakBreakdown};
 use accelrt::trace::{self, DeviceModel, ReplayInput, ReplayOptions, ReplayOutcome, ReplayTarget};
 use accelrt::{Device, DeviceType};
 
@@ -67,6 +67,17 @@ pub(crate) type DeviceMemory = (Device, Arc<dyn MemoryProvider>);
 
 /// The memory provider of `backend`'s device 0, or why it cannot be had. `None` for the host
 /// backend: each replay gets a fresh simulated device of `--capacity` bytes.
+/// The `moves` object of `replay --json` and `bench --json`: moves of idle chunks, the pages
+/// they moved, the moves the time budget deferred, and the most of it drawn at once.
+pub(crate) fn moves_json(c: &EventCounters) -> serde_json::Value {
+    serde_json::json!({
+        "num_page_steals": c.num_page_steals,
+        "num_pages_remapped": c.num_pages_remapped,
+        "num_moves_deferred": c.num_moves_deferred,
+        "move_time_drawn_peak_us": c.move_time_drawn_peak_us,
+    })
+}
+
 pub(crate) fn backend_provider(backend: DeviceType) -> Result<Option<DeviceMemory>, CliError> {
     if backend == DeviceType::Host {
         return Ok(None);
@@ -530,12 +541,7 @@ fn json_line(
         "capacity_bytes": capacity,
         "device_calls": r.device_calls,
         "driver_calls": r.driver_calls,
-        "moves": {
-            "num_page_steals": r.counters.num_page_steals,
-            "num_pages_remapped": r.counters.num_pages_remapped,
-            "num_moves_deferred": r.counters.num_moves_deferred,
-            "move_time_drawn_peak_us": r.counters.move_time_drawn_peak_us,
-        },
+        "moves": moves_json(&r.counters),
         "peak_breakdown": r.peak_breakdown,
         "torch_peak_allocated_bytes": torch.and_then(|t| t.peak_allocated),
         "torch_peak_reserved_bytes": torch.and_then(|t| t.peak_reserved),
