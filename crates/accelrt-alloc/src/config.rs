@@ -78,7 +78,7 @@ pub struct AllocatorConfig {
     /// behind its work, but when the CPU is the bottleneck (churn at the peak) they are the
     /// time. 100 lets moves take all of it (on the H200, random churn of blocks up to 64 MiB
     /// then reserved 2.2-2.5% less at up to 1.3x the time, of blocks up to 256 MiB no less at
-    /// 5-7x the time); 0 allows only the first 50 ms of moves. In the
+    /// 5-7x the time); 0 allows only the 25 ms of moves in hand at the start. In the
     /// memory-first mode the share is multiplied by 64 MiB / `chunk_mb`.
     pub move_time_pct: Option<f64>,
     /// Cap on reserved memory as a share of device memory (`per_process_memory_fraction`,

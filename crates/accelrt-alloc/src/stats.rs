@@ -168,8 +168,9 @@ pub struct EventCounters {
     pub num_moves_deferred: u64,
     /// Expandable segments: the most driver time of moves (microseconds, at 60 us a moved
     /// chunk) drawn from the time budget at once beyond what the time passing had put back:
-    /// how near moves came to being deferred. The budget holds 50 ms (times 64 MiB / the
-    /// chunk size); a peak, reset by `reset_peak_stats` to what is drawn now.
+    /// how near moves came to being deferred. The budget holds 25 ms at the start and at most
+    /// 50 ms (times 64 MiB / the chunk size); a peak, reset by `reset_peak_stats` to what is
+    /// drawn now.
     pub move_time_drawn_peak_us: u64,
 }
 

@@ -81,58 +81,79 @@ const INITIAL_MOVES: u64 = 32;
 /// of the time that passes (`move_time_pct` changes it; times 64 MiB / the base chunk, as the
 /// count budget)...
 const MOVE_TIME_SHARE: f64 = 0.05;
-/// ...with this much in hand at the start and at most (microseconds of moves): a training
-/// step's moves, or a warm-up's, go through at once.
+/// ...with at most this much in hand (microseconds of moves): a training step's moves go
+/// through at once (real GPT-2 training on the H200 draws 25-41 ms at once in its first
+/// steps)...
 const MOVE_TIME_BURST_US: f64 = 50_000.0;
+/// ...and this much when the allocator is made: the rest is earned by running. A full
+/// bucket at the start let a short burst of churn spend half its time moving (RMM's random
+/// benchmark with blocks up to 64 MiB: 50 ms of moves in a 110 ms run, 3,900 driver calls),
+/// while an empty one deferred the first moves of real GPT-2 training in 2 of 7 runs on the
+/// H200 (memory created instead: 1.197x allocated). Half: 0 deferred in 12 GPT-2 runs at
+/// 1.0154-1.0180, and the random benchmark at 2,800-3,000 calls and 1.09x allocated
+/// (BENCHMARKS.md, "The parked large block, and half the moves' budget at the start").
+const MOVE_TIME_START_US: f64 = 25_000.0;
 /// The driver time of moving one chunk, in microseconds: mapped at its new place and given
 /// access there, unmapped at its old place later. On the H200 (`provider.rs`): map 4 us,
 /// set-access 34 us per handle, unmap 22 us.
 const MOVE_US_PER_CHUNK: f64 = 60.0;
 
-/// The time budget of moves: a leaky bucket of microseconds of driver time.
+/// The time budget of moves: a leaky bucket of microseconds of driver time, holding
+/// [`MOVE_TIME_START_US`] at the clock's zero (the allocator's birth, or a replayed trace's
+/// start) and filling as the clock runs.
+///
+/// Invariant: `0 <= owed_us` and `in_hand_us + owed_us <= cap_us` once the clock was read.
 #[derive(Debug)]
 pub(crate) struct MoveTime {
     /// Microseconds of moves that may still be made (below zero after the last move
     /// overdrew it).
     in_hand_us: f64,
+    /// Microseconds drawn that the time passing has not yet put back.
+    owed_us: f64,
     /// Microseconds of moves earned per microsecond passing.
     refill: f64,
-    /// The most that can be in hand (and what is in hand at the start).
+    /// The most that can be in hand.
     cap_us: f64,
-    /// The clock's reading at the last refill (`None` before the first).
+    /// The clock's reading at the last refill (`None` before the first: the first refill
+    /// counts from the clock's zero).
     last_us: Option<u64>,
 }
 
 impl MoveTime {
-    /// A full bucket refilled at `share` of the time passing, both times `scale`.
+    /// A bucket holding [`MOVE_TIME_START_US`], refilled at `share` of the time passing up to
+    /// [`MOVE_TIME_BURST_US`], all three times `scale`.
     fn new(share: f64, scale: u64) -> Self {
-        let cap_us = MOVE_TIME_BURST_US * scale as f64;
         MoveTime {
-            in_hand_us: cap_us,
+            in_hand_us: MOVE_TIME_START_US * scale as f64,
+            owed_us: 0.0,
             refill: share * scale as f64,
-            cap_us,
+            cap_us: MOVE_TIME_BURST_US * scale as f64,
             last_us: None,
         }
     }
 
     /// Refill for the time passed up to `now`; whether a move may be made.
     fn allows(&mut self, now: u64) -> bool {
-        let passed = now.saturating_sub(self.last_us.unwrap_or(now));
-        self.last_us = Some(now);
-        self.in_hand_us = (self.in_hand_us + passed as f64 * self.refill).min(self.cap_us);
+        let earned = now.saturating_sub(self.last_us.unwrap_or(0)) as f64 * self.refill;
+        self.last_us = Some(now.max(self.last_us.unwrap_or(0)));
+        self.in_hand_us = (self.in_hand_us + earned).min(self.cap_us);
+        self.owed_us = (self.owed_us - earned).max(0.0);
+        debug_assert!(self.in_hand_us + self.owed_us <= self.cap_us * (1.0 + 1e-9) + 1e-6);
         self.in_hand_us > 0.0
     }
 
     /// Draw the driver time of `chunks` moved chunks.
     fn charge(&mut self, chunks: usize) {
-        self.in_hand_us -= chunks as f64 * MOVE_US_PER_CHUNK;
+        let us = chunks as f64 * MOVE_US_PER_CHUNK;
+        self.in_hand_us -= us;
+        self.owed_us += us;
     }
 
-    /// Microseconds drawn and not yet put back by the time passing (0 when full, and
-    /// without a clock: nothing is put back then, and nothing is withheld).
+    /// Microseconds drawn and not yet put back by the time passing (0 without a clock:
+    /// nothing is put back then, and nothing is withheld).
     pub(crate) fn drawn_us(&self) -> f64 {
         match self.last_us {
-            Some(_) => (self.cap_us - self.in_hand_us).max(0.0),
+            Some(_) => self.owed_us,
             None => 0.0,
         }
     }
@@ -732,5 +753,46 @@ mod tests {
         assert_eq!(halved_cap(32, 8, 7, 1), 32);
         // No shortfall, no change.
         assert_eq!(halved_cap(32, 0, 100, 1), 32);
+    }
+
+    /// The moves' time budget, as a table of clock readings: what is in hand at the start,
+    /// what the time passing earns (5% of it), the cap, an overdraft, and what is reported
+    /// as drawn.
+    #[test]
+    fn the_move_time_budget_starts_half_full_and_is_earned_by_running() {
+        let mut t = MoveTime::new(0.05, 1);
+        assert_eq!(
+            t.drawn_us(),
+            0.0,
+            "before the first reading: no clock, nothing drawn"
+        );
+        // The first reading at 0 us: 25 ms in hand.
+        assert!(t.allows(0));
+        t.charge(400); // 24 ms
+        assert!(t.allows(0), "1 ms left");
+        t.charge(100); // 6 ms: overdrawn by 5 ms
+        assert!(!t.allows(0));
+        assert_eq!(t.drawn_us(), 30_000.0);
+        // 100 ms earn 5 ms: back to zero, still not allowed; 20 us later, allowed again.
+        assert!(!t.allows(100_000));
+        assert_eq!(t.drawn_us(), 25_000.0);
+        assert!(t.allows(100_020));
+        // Ten seconds earn 500 ms, but at most 50 ms are held, and nothing is owed any more.
+        assert!(t.allows(10_100_020));
+        assert_eq!(t.in_hand_us, MOVE_TIME_BURST_US);
+        assert_eq!(t.drawn_us(), 0.0);
+        // A clock read late for the first time credits the time since its zero.
+        let mut late = MoveTime::new(0.05, 1);
+        assert!(late.allows(400_000));
+        assert_eq!(late.in_hand_us, 45_000.0);
+        // Smaller chunks scale all three amounts.
+        let mut scaled = MoveTime::new(0.05, 4);
+        assert!(scaled.allows(0));
+        assert_eq!(scaled.in_hand_us, 100_000.0);
+        // A clock that goes back in time earns nothing and takes nothing.
+        t.charge(100);
+        assert!(t.allows(5));
+        assert_eq!(t.in_hand_us, MOVE_TIME_BURST_US - 6_000.0);
+        assert_eq!(t.last_us, Some(10_100_020));
     }
 }

@@ -184,9 +184,9 @@ impl PoolState {
                         }
                     }
                     BlockState::Recent => {
-                        if !self.recent.contains(&cur) {
+                        if !self.recent.contains(&cur) && self.parked != cur {
                             return Err(format!(
-                                "pool {pool_idx}: recent block {cur} is in no recent slot"
+                                "pool {pool_idx}: recent block {cur} is in no recent slot and not parked"
                             ));
                         }
                         if b.is_split() && !b.vm {
@@ -241,7 +241,12 @@ impl PoolState {
                 ));
             }
         }
-        for &r in self.recent.iter().filter(|&&r| r != NIL) {
+        for &r in self
+            .recent
+            .iter()
+            .chain([&self.parked])
+            .filter(|&&r| r != NIL)
+        {
             if self.blocks[r as usize].state != BlockState::Recent {
                 return Err(format!(
                     "pool {pool_idx}: recent slot holds block {r} in state {:?}",

@@ -15,10 +15,12 @@
 //! - the blocks of a segment tile it exactly, linked by `prev` / `next` in address order;
 //! - two `Free` blocks are never address neighbours: frees coalesce;
 //! - a block is on a free list iff its state is `Free`, in the index of its size class;
-//! - a block is in a recent-free slot iff its state is `Recent` (small blocks only). Recent
-//!   blocks are cached but not yet coalesced: reusing one for the same size skips the free
-//!   index, the split and the merge. Slots are flushed (coalesced) before the pool grows or gives memory back,
-//!   so they never cause a new segment;
+//! - a block is in a recent-free slot or is the parked block iff its state is `Recent`.
+//!   Recent blocks are cached but not yet coalesced: reusing one for the same size skips the
+//!   free index, the split and the merge. Small blocks wait in their size's slot; a large
+//!   block waits only until the pool's next large request of another size, the next large
+//!   free, or any slow path (see [`PoolState::take_cached`]). Slots are flushed (coalesced)
+//!   before the pool grows or gives memory back, so they never cause a new segment;
 //! - per kind: `reserved_bytes == sum(segment sizes)`,
 //!   `reserved_bytes == allocated_bytes + pending bytes + free bytes`,
 //!   `active == allocation + pending`.
@@ -50,10 +52,11 @@ pub use waits::{Extras, Fence, QUIET_TICKS};
 /// Picks one statistic out of a pool's set.
 type StatField = fn(&mut PoolStats) -> &mut Stat;
 
-/// Blocks larger than this coalesce at once instead of waiting in a recent slot: deferring
-/// the merge of large blocks lets same-size reuse eat into space a later, larger request
-/// needed (measured: ResNet-50 trace 1.037 -> 1.052 reserved/allocated with 10 MiB here).
-/// The same holds in expandable segments (measured: 1.004 -> 1.036 with every size here).
+/// Blocks larger than this do not wait in a recent slot: deferring the merge of large blocks
+/// lets same-size reuse eat into space a later, larger request needed (measured: ResNet-50
+/// trace 1.037 -> 1.052 reserved/allocated with 10 MiB here; expandable segments 1.004 ->
+/// 1.036 with every size here). They wait only as the pool's one parked block, until the next
+/// large request or free.
 pub const RECENT_MAX_SIZE: u64 = super::size::SMALL_REQUEST;
 
 /// Recent-free slots per pool (direct-mapped by block size).
@@ -85,6 +88,9 @@ pub struct PoolState {
     next_id: u64,
     /// Recently freed blocks, not coalesced (`NIL` = empty slot).
     recent: [u32; RECENT_SLOTS],
+    /// The large block freed last, not coalesced (`NIL`: none): taken back by the next request
+    /// of its exact size, coalesced by any other large request or free.
+    parked: u32,
     /// Context recorded at allocation, for snapshots (only while history records context).
     frames: HashMap<u32, super::Frames>,
     /// Private pools: the pool's id, whether it was released, and the streams it served.
@@ -119,6 +125,7 @@ impl Default for PoolState {
             tick: 0,
             next_id: 0,
             recent: [NIL; RECENT_SLOTS],
+            parked: NIL,
             frames: HashMap::new(),
             pool_id: crate::graph::MempoolId::NONE,
             released: false,
@@ -232,17 +239,84 @@ impl PoolState {
 
     /// Take a cached block for a request of `rounded` bytes (`requested` asked), splitting
     /// it if worthwhile. Returns the block index or `NIL`.
+    ///
+    /// A large request first looks at the parked block: of the same size, it is handed back
+    /// as it was (a free and a new allocation of one size, the commonest large pattern, cost
+    /// no split and no merge); of another, it is coalesced first, so the free index looks as
+    /// if it had never been parked.
     #[inline]
     pub fn take_cached(&mut self, rounded: u64, requested: u64, config: &AllocatorConfig) -> u32 {
-        let slot = recent_slot(rounded);
-        let recent = self.recent[slot];
-        if recent != NIL && self.blocks[recent as usize].size == rounded {
-            self.recent[slot] = NIL;
-            self.inactive_remove(recent);
-            self.carve(recent, rounded, requested, config);
-            return recent;
+        if rounded <= RECENT_MAX_SIZE {
+            let slot = recent_slot(rounded);
+            let recent = self.recent[slot];
+            if recent != NIL && self.blocks[recent as usize].size == rounded {
+                self.recent[slot] = NIL;
+                self.inactive_remove(recent);
+                self.carve(recent, rounded, requested, config);
+                return recent;
+            }
+        } else if self.parked != NIL {
+            let parked = std::mem::replace(&mut self.parked, NIL);
+            self.inactive_remove(parked);
+            if self.blocks[parked as usize].size == rounded
+                && self.coalescing_would_pick(parked, rounded, config)
+            {
+                let (next, freed) = {
+                    let b = &self.blocks[parked as usize];
+                    (b.next, b.last_used)
+                };
+                if next != NIL && self.blocks[next as usize].state == BlockState::Free {
+                    // A merge and a split would have given the free neighbour the parked
+                    // block's age (the younger one).
+                    let n = &mut self.blocks[next as usize];
+                    n.last_used = n.last_used.max(freed);
+                }
+                self.mark_allocated(parked, requested);
+                return parked;
+            }
+            self.coalesce(parked);
         }
         self.take_from_index(rounded, requested, config)
+    }
+
+    /// Whether coalescing parked block `idx` (of exactly `rounded` bytes) and taking a block
+    /// for `rounded` from the index would hand out the very same bytes and leave the same free
+    /// blocks: no free block before it (the merged block would start lower), a free block
+    /// after it only if the merged block would be split again where it was, and no other free
+    /// block the index would choose first (a lower class, or in the same class a smaller size
+    /// or address). Then taking it back is the same placement without the merge and the split.
+    #[inline]
+    fn coalescing_would_pick(&self, idx: u32, rounded: u64, config: &AllocatorConfig) -> bool {
+        let b = &self.blocks[idx as usize];
+        if b.kind != super::stats::PoolKind::Large
+            || (b.prev != NIL && self.blocks[b.prev as usize].state == BlockState::Free)
+        {
+            return false;
+        }
+        let (merged, skip) = match b.next {
+            n if n != NIL && self.blocks[n as usize].state == BlockState::Free => {
+                let n = &self.blocks[n as usize];
+                if !should_split(b.kind, b.size + n.size, rounded, config) {
+                    return false;
+                }
+                (b.size + n.size, n.addr)
+            }
+            _ => (b.size, 0),
+        };
+        let fits = |size: u64| match config.max_split_size {
+            None => true,
+            Some(max_split) if rounded < max_split => size < max_split,
+            Some(_) => size <= rounded.saturating_add(config.max_non_split_rounding),
+        };
+        if !fits(merged) {
+            return false;
+        }
+        let rival = self.free_index[b.kind as usize]
+            .find(&self.blocks, rounded, |c| c.addr != skip && fits(c.size));
+        rival == NIL || {
+            let r = &self.blocks[rival as usize];
+            (Tlsf::class_index(merged), merged, b.addr) < (r.class, r.size, r.addr)
+        }
     }
 
     #[inline]
@@ -396,7 +470,7 @@ impl PoolState {
 
     /// Return block `idx` (allocated or pending, already accounted by `account_free`) to the
     /// cache. Small blocks go to their recent-free slot (coalescing what the slot held);
-    /// large ones coalesce at once (see [`RECENT_MAX_SIZE`]).
+    /// a large one is parked (coalescing the block parked before; see [`RECENT_MAX_SIZE`]).
     #[inline]
     fn release_to_cache(&mut self, idx: u32) {
         self.tick += 1;
@@ -412,23 +486,27 @@ impl PoolState {
         let s = self.stats_of(kind);
         s.active.decrease(1);
         s.active_bytes.decrease(size);
-        if size > RECENT_MAX_SIZE {
-            self.coalesce(idx);
-            return;
-        }
         self.inactive_add(idx);
-        let evicted = std::mem::replace(&mut self.recent[recent_slot(size)], idx);
+        let slot = if size > RECENT_MAX_SIZE {
+            &mut self.parked
+        } else {
+            &mut self.recent[recent_slot(size)]
+        };
+        let evicted = std::mem::replace(slot, idx);
         if evicted != NIL {
             self.inactive_remove(evicted);
             self.coalesce(evicted);
         }
     }
 
-    /// Coalesce every recent-free block into the free index.
+    /// Coalesce every recent-free block (and the parked one) into the free index.
     #[cold]
     pub fn flush_recent(&mut self) {
-        for slot in 0..RECENT_SLOTS {
-            let idx = std::mem::replace(&mut self.recent[slot], NIL);
+        for slot in 0..=RECENT_SLOTS {
+            let idx = match slot {
+                RECENT_SLOTS => std::mem::replace(&mut self.parked, NIL),
+                _ => std::mem::replace(&mut self.recent[slot], NIL),
+            };
             if idx != NIL {
                 self.inactive_remove(idx);
                 self.coalesce(idx);

@@ -116,3 +116,101 @@ fn fence_answers_go_to_the_fences_still_there() {
         "not asked again at the same tick"
     );
 }
+
+/// A large free followed by a request of the same size takes the parked block back without
+/// a merge and a split only where coalescing first would have placed it the same: over
+/// random churn of large blocks (fixed seeds), a pool that parks hands out the same
+/// addresses as one flushed before every request, and both end with the same free blocks.
+/// (Free lists are scanned only so far, `tlsf::SCAN_LIMIT`, and the two pools order them
+/// differently: the churn keeps them short, as they are in real pools.)
+#[test]
+fn parking_a_large_block_places_as_coalescing_does() {
+    use crate::splitmix::SplitMix64;
+    const MIB: u64 = 1 << 20;
+    fn free_blocks(st: &mut PoolState) -> Vec<(usize, u64, u64)> {
+        st.flush_recent();
+        let mut out = Vec::new();
+        for seg in &st.segments {
+            let mut cur = seg.head;
+            while cur != NIL {
+                let b = &st.blocks[cur as usize];
+                if b.state == BlockState::Free {
+                    out.push((b.addr, b.size, b.last_used));
+                }
+                cur = b.next;
+            }
+        }
+        out
+    }
+    for (seed, max_split_size) in [(1, None), (2, None), (3, Some(24 * MIB)), (4, None)] {
+        let config = AllocatorConfig {
+            max_split_size,
+            ..AllocatorConfig::default()
+        };
+        let [mut parks, mut flushes] = [PoolState::new(), PoolState::new()];
+        let mut rng = SplitMix64(seed);
+        let mut live: Vec<(u32, u32, u64)> = Vec::new();
+        let (mut reused, mut next_base) = (0, 0x1000_0000usize);
+        for step in 0..20_000 {
+            if !live.is_empty() && (live.len() > 100 || rng.below(2) == 0) {
+                let (a, b, size) = live.swap_remove(rng.below(live.len() as u64) as usize);
+                parks.account_free(a);
+                parks.release_to_cache(a);
+                flushes.account_free(b);
+                flushes.release_to_cache(b);
+                if rng.below(2) == 0 {
+                    // The commonest large pattern: the same size again at once.
+                    let was = parks.parked;
+                    flushes.flush_recent();
+                    let (a, b) = (
+                        parks.take_cached(size, size, &config),
+                        flushes.take_cached(size, size, &config),
+                    );
+                    assert_eq!(a == NIL, b == NIL, "seed {seed} step {step}");
+                    if a == NIL {
+                        continue; // (too large a block left for `max_split_size`)
+                    }
+                    assert_eq!(
+                        parks.blocks[a as usize].addr, flushes.blocks[b as usize].addr,
+                        "seed {seed} step {step}"
+                    );
+                    reused += usize::from(a == was);
+                    live.push((a, b, size));
+                }
+                continue;
+            }
+            let size = (1 + rng.below(16)) * 2 * MIB;
+            flushes.flush_recent();
+            let (mut a, mut b) = (
+                parks.take_cached(size, size, &config),
+                flushes.take_cached(size, size, &config),
+            );
+            assert_eq!(a == NIL, b == NIL, "seed {seed} step {step}");
+            if a == NIL {
+                let seg = (size * 2).max(40 * MIB);
+                parks.flush_recent();
+                a = parks.add_segment(next_base, seg, size, size, &config);
+                b = flushes.add_segment(next_base, seg, size, size, &config);
+                next_base += seg as usize;
+            }
+            assert_eq!(
+                parks.blocks[a as usize].addr, flushes.blocks[b as usize].addr,
+                "seed {seed} step {step}"
+            );
+            live.push((a, b, size));
+        }
+        assert!(
+            reused > 1000,
+            "seed {seed}: only {reused} parked blocks taken back"
+        );
+        assert_eq!(
+            free_blocks(&mut parks),
+            free_blocks(&mut flushes),
+            "seed {seed}"
+        );
+        for st in [&parks, &flushes] {
+            st.check(0, &Default::default(), |_| Some(0), &mut Tally::default())
+                .unwrap();
+        }
+    }
+}
