@@ -7,7 +7,8 @@
 #     bash scripts/gpu-build.sh && bash scripts/build-torch-lib.sh
 # then through the device tool, with `carry: [".gpu-bin"]`:
 #     bash scripts/real-runs.sh matrix [REPS] [SECONDS] [ARGS]  # the table, printed last
-#         ARGS for real_runs.py matrix, e.g. --variant base=.gpu-bin/libaccelrt_torch-base.so
+#         ARGS for real_runs.py matrix, e.g. --variant base=.gpu-bin/libaccelrt_torch-base.so,
+#         or --breakdown (where accelrt's overhead lay at its last new peak; costs time)
 #     bash scripts/real-runs.sh record [SECONDS] [ARGS]    # v2 traces -> $OUT/recorded-*.tar
 #         ARGS for real_runs.py record, e.g. --workloads gpt2_train --configs accelrt
 # Logs and results go to $OUT (matrix.jsonl, recorded.jsonl).

@@ -39,6 +39,13 @@ VARIANTS = {}
 # Other allocator configurations of the default build (`matrix --variant-conf NAME=CONF`,
 # ACCELRT_ALLOC_CONF syntax): each is the configuration `accelrt@NAME`.
 VARIANT_CONFS = {}
+# `matrix --breakdown`: accelrt's runs record where reserved memory lay at each new peak
+# (`accelrt_torch.record_peak_breakdown`; each new peak then costs a walk over the blocks,
+# so the runs' times are not the plain ones) and the table adds where the overhead was.
+BREAKDOWN = False
+# The peak breakdown's parts besides allocated memory, as `peak_breakdown()` names them.
+BREAKDOWN_PARTS = ["free_in_shared_pages", "free_in_used_chunks", "idle_chunks", "spare_chunks",
+                   "free_in_segments", "other"]
 # The issue-10 matrix: the three traced workloads and two dynamic-shape trainings.
 MATRIX = ["gpt2_train", "resnet50_train", "gpt2_infer_varlen", "llama_varlen_train", "vit_varbatch_train"]
 # Recorded for the replay's validation: the matrix plus dynamic inference and two streams.
@@ -184,6 +191,8 @@ def one(work, config, steps, record, emit=None):
         if name in VARIANT_CONFS:
             os.environ["ACCELRT_ALLOC_CONF"] = VARIANT_CONFS[name]
         at.enable(VARIANTS.get(name))
+        if BREAKDOWN:
+            at.record_peak_breakdown(True)
         if record:
             at.record_trace(record, workload=work)
     elif record:
@@ -213,6 +222,8 @@ def one(work, config, steps, record, emit=None):
         stats = at.memory_stats()
         out["driver_calls"] = {k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("driver_calls.")}
         out["moves"] = {k: stats.get(k) for k in ("num_page_steals", "num_pages_remapped", "num_moves_deferred", "move_time_drawn_peak_us")}
+        if BREAKDOWN:
+            out["peak_breakdown"] = at.peak_breakdown()
         if record:
             at.stop_trace()
     else:
@@ -351,6 +362,21 @@ def table(outdir):
                   f"{spread([r['steady_sum_ms'] for r in rs], lambda x: f'{x:.0f}')} | {spread(calls, lambda x: f'{x:.0f}')} | "
                   f"{spread(steals, lambda x: f'{x:.0f}') + f' ({deferred})' if any(moves) else '-'} | "
                   f"{spread(drawn, lambda x: f'{x:.1f}')}")
+    breakdowns = [r for r in rows if r.get("peak_breakdown") and "error" not in r]
+    if breakdowns:
+        # Where the overhead over allocated lay at the last new peak: each part as a
+        # percentage of allocated then, median (min-max) over the runs.
+        print("\nworkload | config | runs | at the last new peak: reserved / allocated | "
+              + " | ".join(p.replace("_", " ") + " %" for p in BREAKDOWN_PARTS))
+        for w in works:
+            for c in configs:
+                bs = [r["peak_breakdown"] for r in breakdowns if r["workload"] == w and r["config"] == c]
+                if not bs:
+                    continue
+                part = lambda b, k: 100 * b.get(k, 0) / max(b["allocated"], 1)
+                print(f"{w} | {c} | {len(bs)} | "
+                      f"{spread([b['reserved'] / max(b['allocated'], 1) for b in bs], lambda x: f'{x:.4f}')} | "
+                      + " | ".join(spread([part(b, k) for b in bs], lambda x: f'{x:.2f}') for k in BREAKDOWN_PARTS))
 
 
 # ---- recordings -----------------------------------------------------------------------------
@@ -423,6 +449,9 @@ def main():
                    help="another libaccelrt_torch.so, run as configuration accelrt@NAME")
     m.add_argument("--variant-conf", action="append", default=[], metavar="NAME=CONF",
                    help="the default build under another ACCELRT_ALLOC_CONF, run as accelrt@NAME")
+    m.add_argument("--breakdown", action="store_true",
+                   help="accelrt's runs record where reserved memory lay at each new peak (costs time "
+                        "at each new peak) and the table adds it")
     r = sub.add_parser("record")
     r.add_argument("outdir", type=Path)
     r.add_argument("--parallel", type=int, default=3)
@@ -434,6 +463,8 @@ def main():
     if a.cmd == "one":
         one(a.workload, a.config, a.steps, a.record)
     elif a.cmd == "matrix":
+        global BREAKDOWN
+        BREAKDOWN = a.breakdown
         configs = known_configs(p, a.configs)
         for v in a.variant:
             name, sep, path = v.partition("=")
