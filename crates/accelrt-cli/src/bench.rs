@@ -383,6 +383,17 @@ fn random_workload(
     })
 }
 
+/// Which allocator the threads of the multi-thread bench share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sharing {
+    /// One allocator, each thread on its own stream (its own pool): what is measured.
+    OneAllocator,
+    /// An allocator of its own for each thread, sharing nothing: the control. Its scaling is
+    /// what the machine allows (cores, caches, clocks); the shared allocator's falling short
+    /// of it is what the allocator costs.
+    OnePerThread,
+}
+
 /// Cached pairs per second over `threads` threads, each on its own stream, all released
 /// together. The window runs from the first worker's start to the last worker's end, as the
 /// workers themselves see it (so a descheduled main thread cannot shorten it).
@@ -391,28 +402,44 @@ fn pairs_per_sec(
     threads: u32,
     pairs_per_thread: u64,
     size: usize,
+    sharing: Sharing,
 ) -> Result<f64, CliError> {
-    let alloc = fresh_allocator(target)?;
+    let shared = match sharing {
+        Sharing::OneAllocator => Some(fresh_allocator(target)?),
+        Sharing::OnePerThread => None,
+    };
     let barrier = Barrier::new(threads as usize);
     let windows = std::thread::scope(|scope| -> Result<Vec<(Instant, Instant)>, CliError> {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
-                let (alloc, barrier) = (&alloc, &barrier);
+                let (shared, barrier) = (shared.as_ref(), &barrier);
                 scope.spawn(move || -> Result<(Instant, Instant), CliError> {
-                    let stream = Stream {
+                    let mut own = None;
+                    let alloc = match shared {
+                        Some(a) => Ok(a),
+                        None => fresh_allocator(target).map(|a| &*own.insert(a)),
+                    };
+                    let stream = |alloc: &CachingAllocator| Stream {
                         device: alloc.device(),
                         index: t + 1,
                     };
-                    let warm = warm_up(alloc, size, stream, pairs_per_thread.min(1_000));
+                    let warm = alloc.and_then(|a| {
+                        warm_up(a, size, stream(a), pairs_per_thread.min(1_000)).map(|()| a)
+                    });
                     // Always reach the barrier, or the others would wait forever.
                     barrier.wait();
-                    warm?;
+                    let alloc = warm?;
+                    let stream = stream(alloc);
                     let start = Instant::now();
                     for _ in 0..pairs_per_thread {
                         let p = black_box(alloc.raw_alloc(black_box(size), stream)?);
                         alloc.raw_free(p)?;
                     }
-                    Ok((start, Instant::now()))
+                    let end = Instant::now();
+                    if shared.is_none() {
+                        alloc.empty_cache()?;
+                    }
+                    Ok((start, end))
                 })
             })
             .collect();
@@ -424,7 +451,9 @@ fn pairs_per_sec(
             })
             .collect()
     })?;
-    alloc.empty_cache()?;
+    if let Some(alloc) = &shared {
+        alloc.empty_cache()?;
+    }
     let first = windows.iter().map(|w| w.0).min();
     let last = windows.iter().map(|w| w.1).max();
     let elapsed = match (first, last) {
@@ -490,7 +519,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
 
     const THREAD_PAIR_SIZE: usize = 4096;
     // Best of a few runs: throughput only ever drops under outside load.
-    let best = |threads: u32| -> Result<f64, CliError> {
+    let best = |threads: u32, sharing: Sharing| -> Result<f64, CliError> {
         let mut best = 0.0f64;
         for _ in 0..plan.thread_reps {
             best = best.max(pairs_per_sec(
@@ -498,12 +527,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
                 threads,
                 plan.thread_pairs,
                 THREAD_PAIR_SIZE,
+                sharing,
             )?);
         }
         Ok(best)
     };
-    let single = best(1)?;
-    let total = best(args.threads)?;
+    let single = best(1, Sharing::OneAllocator)?;
+    let total = best(args.threads, Sharing::OneAllocator)?;
+    let control_single = best(1, Sharing::OnePerThread)?;
+    let control_total = best(args.threads, Sharing::OnePerThread)?;
     let multi = json!({
         "threads": args.threads,
         "size_bytes": THREAD_PAIR_SIZE,
@@ -512,6 +544,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         "pairs_per_sec_total": total,
         "single_thread_pairs_per_sec": single,
         "scaling": total / single.max(1e-9),
+        // The control: each thread with an allocator of its own (nothing shared).
+        "private_allocators_pairs_per_sec_total": control_total,
+        "private_allocators_scaling": control_total / control_single.max(1e-9),
     });
 
     let events = crate::bench_events::run_event_benches(plan.event_iters, args.backend);

@@ -262,6 +262,8 @@ fn bench_json_quick_is_one_object_with_the_keys() {
         "pairs_per_sec_total",
         "single_thread_pairs_per_sec",
         "scaling",
+        "private_allocators_pairs_per_sec_total",
+        "private_allocators_scaling",
     ] {
         assert!(m[key].as_f64().unwrap() > 0.0, "{key} in {m}");
     }

@@ -141,6 +141,11 @@ pub(super) fn print_human(
         num(&m["pairs_per_sec_total"]),
         num(&m["scaling"])
     );
+    println!(
+        "  control, an allocator per thread (what the machine allows): {:.0} pairs/s, scaling {:.2}x",
+        num(&m["private_allocators_pairs_per_sec_total"]),
+        num(&m["private_allocators_scaling"])
+    );
     if !event_keys.is_empty() {
         println!();
         println!("events");
