@@ -68,6 +68,19 @@ fn recent_slot(size: u64) -> usize {
         as usize
 }
 
+/// Whether a free block of `size` bytes may serve a request of `rounded` under
+/// `max_split_size` (PyTorch's rule): a request below it never takes a block at or above it
+/// (those are not split), and a request at or above it takes one no more than
+/// `max_non_split_rounding` larger.
+#[inline]
+fn may_serve(config: &AllocatorConfig, rounded: u64, size: u64) -> bool {
+    match config.max_split_size {
+        None => true,
+        Some(max_split) if rounded < max_split => size < max_split,
+        Some(_) => size <= rounded.saturating_add(config.max_non_split_rounding),
+    }
+}
+
 /// One pool's state (see the module docs); behind its `StreamPool`'s mutex.
 pub struct PoolState {
     /// Live allocations: address -> block index.
@@ -303,16 +316,12 @@ impl PoolState {
             }
             _ => (b.size, 0),
         };
-        let fits = |size: u64| match config.max_split_size {
-            None => true,
-            Some(max_split) if rounded < max_split => size < max_split,
-            Some(_) => size <= rounded.saturating_add(config.max_non_split_rounding),
-        };
-        if !fits(merged) {
+        if !may_serve(config, rounded, merged) {
             return false;
         }
-        let rival = self.free_index[b.kind as usize]
-            .find(&self.blocks, rounded, |c| c.addr != skip && fits(c.size));
+        let rival = self.free_index[b.kind as usize].find(&self.blocks, rounded, |c| {
+            c.addr != skip && may_serve(config, rounded, c.size)
+        });
         rival == NIL || {
             let r = &self.blocks[rival as usize];
             (Tlsf::class_index(merged), merged, b.addr) < (r.class, r.size, r.addr)
@@ -324,16 +333,9 @@ impl PoolState {
         let kind = pool_kind(rounded);
         let idx = match config.max_split_size {
             None => self.free_index[kind as usize].find(&self.blocks, rounded, |_| true),
-            Some(max_split) => {
-                let tolerance = config.max_non_split_rounding;
-                self.free_index[kind as usize].find(&self.blocks, rounded, |b| {
-                    if rounded < max_split {
-                        b.size < max_split
-                    } else {
-                        b.size <= rounded.saturating_add(tolerance)
-                    }
-                })
-            }
+            Some(_) => self.free_index[kind as usize].find(&self.blocks, rounded, |b| {
+                may_serve(config, rounded, b.size)
+            }),
         };
         if idx == NIL || self.blocks[idx as usize].mapped_len < rounded {
             // Expandable segments: not known to be backed by memory. The slow path chooses
