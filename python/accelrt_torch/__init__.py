@@ -541,7 +541,8 @@ def memory_stats(device: Any = None) -> dict[str, int]:
     (``allocated_bytes.all.current``, ``reserved_bytes.all.peak``, ``num_ooms``, ...), sorted
     like PyTorch's; plus accelrt's ``num_page_steals``, ``num_pages_remapped``,
     ``num_moves_deferred`` and ``move_time_drawn_peak_us`` (the most of the moves' time
-    budget drawn at once, in microseconds of driver time; the budget holds 50,000)."""
+    budget drawn at once, in microseconds of driver time; the budget holds 25,000 at the
+    start and at most 50,000)."""
     lib = _library()
     ptr = lib.accelrt_torch_memory_stats_json(_device_index(device))
     if not ptr:

@@ -415,21 +415,21 @@ fn pairs_per_sec(
                 let (shared, barrier) = (shared.as_ref(), &barrier);
                 scope.spawn(move || -> Result<(Instant, Instant), CliError> {
                     let mut own = None;
-                    let alloc = match shared {
+                    let ready = match shared {
                         Some(a) => Ok(a),
                         None => fresh_allocator(target).map(|a| &*own.insert(a)),
-                    };
-                    let stream = |alloc: &CachingAllocator| Stream {
-                        device: alloc.device(),
-                        index: t + 1,
-                    };
-                    let warm = alloc.and_then(|a| {
-                        warm_up(a, size, stream(a), pairs_per_thread.min(1_000)).map(|()| a)
+                    }
+                    .and_then(|alloc| {
+                        let stream = Stream {
+                            device: alloc.device(),
+                            index: t + 1,
+                        };
+                        warm_up(alloc, size, stream, pairs_per_thread.min(1_000))
+                            .map(|()| (alloc, stream))
                     });
                     // Always reach the barrier, or the others would wait forever.
                     barrier.wait();
-                    let alloc = warm?;
-                    let stream = stream(alloc);
+                    let (alloc, stream) = ready?;
                     let start = Instant::now();
                     for _ in 0..pairs_per_thread {
                         let p = black_box(alloc.raw_alloc(black_box(size), stream)?);

@@ -495,24 +495,26 @@ impl PoolState {
             &mut self.recent[recent_slot(size)]
         };
         let evicted = std::mem::replace(slot, idx);
-        if evicted != NIL {
-            self.inactive_remove(evicted);
-            self.coalesce(evicted);
-        }
+        self.coalesce_waiting(evicted);
     }
 
     /// Coalesce every recent-free block (and the parked one) into the free index.
     #[cold]
     pub fn flush_recent(&mut self) {
-        for slot in 0..=RECENT_SLOTS {
-            let idx = match slot {
-                RECENT_SLOTS => std::mem::replace(&mut self.parked, NIL),
-                _ => std::mem::replace(&mut self.recent[slot], NIL),
-            };
-            if idx != NIL {
-                self.inactive_remove(idx);
-                self.coalesce(idx);
-            }
+        for slot in 0..RECENT_SLOTS {
+            let idx = std::mem::replace(&mut self.recent[slot], NIL);
+            self.coalesce_waiting(idx);
+        }
+        let parked = std::mem::replace(&mut self.parked, NIL);
+        self.coalesce_waiting(parked);
+    }
+
+    /// Coalesce `idx`, a `Recent` block just taken out of its slot (`NIL`: nothing to do).
+    #[inline]
+    fn coalesce_waiting(&mut self, idx: u32) {
+        if idx != NIL {
+            self.inactive_remove(idx);
+            self.coalesce(idx);
         }
     }
 
