@@ -11,7 +11,13 @@
 #         or --breakdown (where accelrt's overhead lay at its last new peak; costs time)
 #     bash scripts/real-runs.sh record [SECONDS] [ARGS]    # v2 traces -> $OUT/recorded-*.tar
 #         ARGS for real_runs.py record, e.g. --workloads gpt2_train --configs accelrt
-# Logs and results go to $OUT (matrix.jsonl, recorded.jsonl).
+# Logs and results go to $OUT (matrix.jsonl, recorded.jsonl). Each matrix row keeps every
+# step's time (`step_ms`), and accelrt's rows its driver calls in the steady state (from the
+# third step) and the time of their virtual-memory calls (`steady_vm_call_ms`).
+# --variant-conf NAME=CONF runs the same build under another ACCELRT_ALLOC_CONF (e.g.
+# nomove=release_at_peak:false).
+# Whether virtual-memory calls wait for queued GPU work or slow kernels down:
+#     python3 scripts/vmm_busy_probe.py [REPS]
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/accelrt-real-runs}

@@ -12,8 +12,10 @@ usage:
 CONFIG: native | expandable | accelrt. A run reports peak reserved and peak allocated
 (`torch.cuda.max_memory_*`, answered by accelrt when it is the allocator), the first step's
 time and the sum of the steady-state steps (every step after the first two), each step ended
-by a device synchronize (as `loss.item()` does in a training loop), and for accelrt its driver
-calls. `record` writes v2 traces: accelrt's own recorder (`accelrt_torch.record_trace`, with
+by a device synchronize (as `loss.item()` does in a training loop), every step's time
+(`step_ms`), and for accelrt its driver calls, those of the steady state
+(`steady_driver_calls`) and the time the steady state's virtual-memory calls took
+(`steady_vm_call_ms`). `record` writes v2 traces: accelrt's own recorder (`accelrt_torch.record_trace`, with
 completion markers) and, for PyTorch's allocators, a memory-history snapshot converted by
 `accelrt trace convert` with the run's real peaks in the header.
 
@@ -176,6 +178,10 @@ DEFAULT_STEPS = {"gpt2_infer_varlen": 80, "gpt2_generate": 1, "resnet50_varres":
 # ---- one run ------------------------------------------------------------------------------
 
 
+def driver_calls(stats):
+    return {k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("driver_calls.")}
+
+
 def one(work, config, steps, record, emit=None):
     if config == "expandable":
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
@@ -204,10 +210,16 @@ def one(work, config, steps, record, emit=None):
     next(steps)  # imports, the model, the optimizer: not timed
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    steady_from = None  # accelrt's driver calls when the steady state began (after two steps)
     for _ in steps:
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         times.append((t1 - t0) * 1e3)
+        if at is not None and len(times) == 2:
+            st0 = at.memory_stats()
+            steady_from = driver_calls(st0)
+            steady_from["vm_call_us"] = st0.get("vm_call_us", 0)
+            t1 = time.perf_counter()  # the stats call is no step's time
         t0 = t1
     out = {
         "workload": work,
@@ -215,12 +227,19 @@ def one(work, config, steps, record, emit=None):
         "steps": len(times),
         "first_step_ms": times[0],
         "steady_sum_ms": sum(times[2:]) if len(times) > 2 else None,
+        "step_ms": [round(t, 3) for t in times],
         "peak_reserved": torch.cuda.max_memory_reserved(),
         "peak_allocated": torch.cuda.max_memory_allocated(),
     }
     if at is not None:
         stats = at.memory_stats()
-        out["driver_calls"] = {k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("driver_calls.")}
+        out["driver_calls"] = driver_calls(stats)
+        out["vm_call_us"] = stats.get("vm_call_us")
+        if steady_from is not None:
+            # The steady state's own calls, and the time they took: what its step times pay for.
+            out["steady_driver_calls"] = {k: v - steady_from.get(k, 0) for k, v in out["driver_calls"].items()}
+            if out["vm_call_us"] is not None:
+                out["steady_vm_call_ms"] = (out["vm_call_us"] - steady_from["vm_call_us"]) / 1e3
         out["moves"] = {k: stats.get(k) for k in ("num_page_steals", "num_pages_remapped", "num_moves_deferred", "move_time_drawn_peak_us")}
         if BREAKDOWN:
             out["peak_breakdown"] = at.peak_breakdown()
@@ -338,7 +357,7 @@ def table(outdir):
             works.append(r["workload"])
     gib = lambda b: f"{b / 2**30:.3f}"
     print("\nworkload | config | runs | peak reserved GiB median (min-max) | reserved/allocated | "
-          "first step ms | steady-state sum ms | driver calls | moves (deferred) | move budget drawn ms")
+          "first step ms | steady-state sum ms | driver calls (all / in the steady state; their virtual-memory calls' time) | moves (deferred) | move budget drawn ms")
     configs = []
     for r in rows:
         if r["config"] not in configs:
@@ -353,13 +372,17 @@ def table(outdir):
                 continue
             ratio = [r["peak_reserved"] / r["peak_allocated"] for r in rs]
             calls = [r.get("driver_calls", {}).get("total") for r in rs]
+            steady_calls = [r["steady_driver_calls"]["total"] for r in rs if "steady_driver_calls" in r]
+            steady_vm = [r["steady_vm_call_ms"] for r in rs if r.get("steady_vm_call_ms") is not None]
             moves = [r.get("moves") or {} for r in rs]
             steals = [m.get("num_page_steals") for m in moves]
             deferred = sum(m.get("num_moves_deferred") or 0 for m in moves)
             drawn = [(m.get("move_time_drawn_peak_us") or 0) / 1000 for m in moves if "move_time_drawn_peak_us" in m]
             print(f"{w} | {c} | {len(rs)} | {spread([r['peak_reserved'] for r in rs], gib)} | "
                   f"{spread(ratio, lambda x: f'{x:.4f}')} | {spread([r['first_step_ms'] for r in rs], lambda x: f'{x:.0f}')} | "
-                  f"{spread([r['steady_sum_ms'] for r in rs], lambda x: f'{x:.0f}')} | {spread(calls, lambda x: f'{x:.0f}')} | "
+                  f"{spread([r['steady_sum_ms'] for r in rs], lambda x: f'{x:.0f}')} | {spread(calls, lambda x: f'{x:.0f}')}"
+                  f"{' / ' + spread(steady_calls, lambda x: f'{x:.0f}') if steady_calls else ''}"
+                  f"{'; ' + spread(steady_vm, lambda x: f'{x:.1f}') + ' ms' if steady_vm else ''} | "
                   f"{spread(steals, lambda x: f'{x:.0f}') + f' ({deferred})' if any(moves) else '-'} | "
                   f"{spread(drawn, lambda x: f'{x:.1f}')}")
     breakdowns = [r for r in rows if r.get("peak_breakdown") and "error" not in r]

@@ -542,7 +542,9 @@ def memory_stats(device: Any = None) -> dict[str, int]:
     like PyTorch's; plus accelrt's ``num_page_steals``, ``num_pages_remapped``,
     ``num_moves_deferred`` and ``move_time_drawn_peak_us`` (the most of the moves' time
     budget drawn at once, in microseconds of driver time; the budget holds 25,000 at the
-    start and at most 50,000)."""
+    start and at most 50,000), ``vm_call_us`` (microseconds this process spent in
+    virtual-memory driver calls: creating, mapping with access, unmapping, releasing) and
+    ``driver_calls.*`` (how many driver calls of each kind, and their ``total``)."""
     lib = _library()
     ptr = lib.accelrt_torch_memory_stats_json(_device_index(device))
     if not ptr:

@@ -172,6 +172,12 @@ pub struct EventCounters {
     /// 50 ms (times 64 MiB / the chunk size); a peak, reset by `reset_peak_stats` to what is
     /// drawn now.
     pub move_time_drawn_peak_us: u64,
+    /// Expandable segments: microseconds spent in virtual-memory driver calls (creating,
+    /// mapping with access, unmapping and releasing chunks), measured around each call. What
+    /// the counts in `driver_calls` cost this process: on the H200 inside a PyTorch process a
+    /// lone set-access took 140-240 us, an unmap 70-150 us (BENCHMARKS.md). The host backend's
+    /// simulated calls cost next to nothing.
+    pub vm_call_us: u64,
 }
 
 impl EventCounters {
@@ -189,6 +195,7 @@ impl EventCounters {
             num_pages_remapped: d(self.num_pages_remapped, before.num_pages_remapped),
             num_moves_deferred: d(self.num_moves_deferred, before.num_moves_deferred),
             move_time_drawn_peak_us: self.move_time_drawn_peak_us,
+            vm_call_us: d(self.vm_call_us, before.vm_call_us),
         }
     }
 }
@@ -353,6 +360,7 @@ impl MemoryStats {
         m.insert("num_pages_remapped".into(), c.num_pages_remapped);
         m.insert("num_moves_deferred".into(), c.num_moves_deferred);
         m.insert("move_time_drawn_peak_us".into(), c.move_time_drawn_peak_us);
+        m.insert("vm_call_us".into(), c.vm_call_us);
         for (name, n) in self.driver_calls.named() {
             m.insert(format!("driver_calls.{name}"), n);
         }
@@ -378,6 +386,7 @@ mod tests {
             num_pages_remapped: 40,
             num_moves_deferred: 1,
             move_time_drawn_peak_us: 700,
+            vm_call_us: 5_000,
             ..Default::default()
         };
         let d = after.since(&before);
@@ -390,6 +399,7 @@ mod tests {
             (7, 40, 0)
         );
         assert_eq!(d.move_time_drawn_peak_us, 700);
+        assert_eq!(d.vm_call_us, 5_000);
         // A reading taken after a reset: no count goes below zero.
         assert_eq!(before.since(&after).num_page_steals, 0);
     }

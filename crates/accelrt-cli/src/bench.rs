@@ -288,6 +288,7 @@ impl RandomResult {
             "ratio_vs_requested": self.peak_reserved as f64 / self.peak_requested.max(1) as f64,
             "device_allocs": self.device_allocs,
             "driver_calls": self.driver_calls_json(),
+            "vm_call_us": self.counters.vm_call_us,
             "moves": crate::replay::moves_json(&self.counters),
             "error": self.error,
         })

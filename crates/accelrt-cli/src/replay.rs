@@ -514,7 +514,7 @@ fn json_line(
     let r = &outcome.report;
     let torch = input.torch.as_ref();
     let h = &input.header;
-    serde_json::json!({
+    let mut line = serde_json::json!({
         "trace": r.trace,
         "file": input.source,
         "input": input.kind.name(),
@@ -556,7 +556,11 @@ fn json_line(
         "prediction_error": prediction_error(input, named, outcome),
         "error": outcome.error.as_ref().map(|e| e.to_string()),
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
-    })
+    });
+    // What the counts in `driver_calls` cost (the host backend's simulated calls: next to
+    // nothing); outside the macro above, which is at its depth limit.
+    line["vm_call_us"] = r.counters.vm_call_us.into();
+    line
 }
 
 /// Where reserved memory was at its peak, in words: reserved = allocated + the parts that

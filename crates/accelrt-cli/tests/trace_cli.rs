@@ -81,6 +81,7 @@ fn predictions_sit_next_to_the_real_run() {
         );
         assert_eq!(v["streams"], 2);
         assert!(v.get("driver_calls").is_some(), "{v}");
+        assert!(v["vm_call_us"].is_u64(), "{v}");
         // Where reserved memory was at its peak: every reserved byte in one of the parts.
         let b = &v["peak_breakdown"];
         assert_eq!(b["reserved"], v["peak_reserved_bytes"], "{v}");

@@ -59,6 +59,7 @@ impl CachingAllocator {
             num_pages_remapped: c.num_pages_remapped.load(Relaxed),
             num_moves_deferred: c.num_moves_deferred.load(Relaxed),
             move_time_drawn_peak_us: c.move_time_drawn_peak_us.load(Relaxed),
+            vm_call_us: c.vm_call_ns.load(Relaxed) / 1_000,
         };
         s.driver_calls = self.driver.snapshot();
         s.reserved_bytes_peak = self.reserved_peak.load(Relaxed);
@@ -96,6 +97,7 @@ impl CachingAllocator {
             &c.num_page_steals,
             &c.num_pages_remapped,
             &c.num_moves_deferred,
+            &c.vm_call_ns,
         ] {
             a.store(0, Relaxed);
         }

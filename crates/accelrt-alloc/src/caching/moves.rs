@@ -236,7 +236,7 @@ impl CachingAllocator {
             // longer in any page table as a home, and the work that used it has completed (a
             // completed fence, or a device-wide synchronize); `vm` is held, so nothing maps
             // there meanwhile.
-            unsafe { self.vm().unmap(addr, len) };
+            self.timed_vm_call(|| unsafe { self.vm().unmap(addr, len) });
             self.driver.unmap.fetch_add(1, Relaxed);
         }
     }

@@ -382,6 +382,32 @@ fn driver_calls_are_counted_per_kind() {
     );
 }
 
+/// The time of the virtual-memory calls is measured (`vm_call_us`): what the counts cost.
+#[test]
+fn the_time_of_virtual_memory_calls_is_measured_and_reset_with_the_counts() {
+    let a = allocator(1 << 30, "");
+    // 50 rounds of create, map (an mmap here), unmap and release: hundreds of system calls.
+    for _ in 0..50 {
+        let x = a.raw_alloc(16 * MIB, s(0)).unwrap();
+        a.raw_free(x).unwrap();
+        a.empty_cache().unwrap();
+    }
+    let st = a.stats();
+    assert!(st.driver_calls.map >= 50, "{:?}", st.driver_calls);
+    assert!(st.counters.vm_call_us > 0, "{:?}", st.counters);
+    assert_eq!(st.to_flat_map()["vm_call_us"], st.counters.vm_call_us);
+    a.reset_accumulated_stats();
+    assert_eq!(a.stats().counters.vm_call_us, 0);
+    // Plain segments make no virtual-memory call.
+    let config = AllocatorConfig::parse("expandable_segments:false").unwrap();
+    let plain =
+        CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap();
+    let x = plain.raw_alloc(16 * MIB, s(0)).unwrap();
+    plain.raw_free(x).unwrap();
+    plain.empty_cache().unwrap();
+    assert_eq!(plain.stats().counters.vm_call_us, 0);
+}
+
 #[test]
 fn page_size_is_configurable_in_multiples_of_the_granularity() {
     // (page MiB, reserved after a 5 MiB block)
