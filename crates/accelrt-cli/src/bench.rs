@@ -395,16 +395,28 @@ enum Sharing {
     OnePerThread,
 }
 
-/// Cached pairs per second over `threads` threads, each on its own stream, all released
-/// together. The window runs from the first worker's start to the last worker's end, as the
-/// workers themselves see it (so a descheduled main thread cannot shorten it).
+/// One run of the multi-thread bench.
+#[derive(Clone, Copy, Default)]
+struct ThreadRun {
+    /// All pairs over the window from the first worker's start to the last worker's end.
+    pairs_per_sec: f64,
+    /// The slowest worker's own time per pair: a thread slowed on every call (a cache line
+    /// the threads share) shows here, threads started apart do not.
+    slowest_ns_per_pair: f64,
+    /// Between the first and the last worker's start, in microseconds.
+    start_spread_us: f64,
+}
+
+/// Cached pairs over `threads` threads, each on its own stream, all released together. The
+/// window runs from the first worker's start to the last worker's end, as the workers
+/// themselves see it (so a descheduled main thread cannot shorten it).
 fn pairs_per_sec(
     target: &Target,
     threads: u32,
     pairs_per_thread: u64,
     size: usize,
     sharing: Sharing,
-) -> Result<f64, CliError> {
+) -> Result<ThreadRun, CliError> {
     let shared = match sharing {
         Sharing::OneAllocator => Some(fresh_allocator(target)?),
         Sharing::OnePerThread => None,
@@ -457,11 +469,24 @@ fn pairs_per_sec(
     }
     let first = windows.iter().map(|w| w.0).min();
     let last = windows.iter().map(|w| w.1).max();
+    let last_start = windows.iter().map(|w| w.0).max();
     let elapsed = match (first, last) {
         (Some(first), Some(last)) => last.duration_since(first),
         _ => Duration::ZERO,
     };
-    Ok((threads as u64 * pairs_per_thread) as f64 / elapsed.as_secs_f64().max(1e-9))
+    let slowest = windows
+        .iter()
+        .map(|w| w.1.duration_since(w.0))
+        .max()
+        .unwrap_or_default();
+    Ok(ThreadRun {
+        pairs_per_sec: (threads as u64 * pairs_per_thread) as f64 / elapsed.as_secs_f64().max(1e-9),
+        slowest_ns_per_pair: slowest.as_nanos() as f64 / pairs_per_thread.max(1) as f64,
+        start_spread_us: match (first, last_start) {
+            (Some(a), Some(b)) => b.duration_since(a).as_secs_f64() * 1e6,
+            _ => 0.0,
+        },
+    })
 }
 
 /// Run `accelrt bench`.
@@ -520,16 +545,19 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
 
     const THREAD_PAIR_SIZE: usize = 4096;
     // Best of a few runs: throughput only ever drops under outside load.
-    let best = |threads: u32, sharing: Sharing| -> Result<f64, CliError> {
-        let mut best = 0.0f64;
+    let best = |threads: u32, sharing: Sharing| -> Result<ThreadRun, CliError> {
+        let mut best = ThreadRun::default();
         for _ in 0..plan.thread_reps {
-            best = best.max(pairs_per_sec(
+            let run = pairs_per_sec(
                 &target,
                 threads,
                 plan.thread_pairs,
                 THREAD_PAIR_SIZE,
                 sharing,
-            )?);
+            )?;
+            if run.pairs_per_sec > best.pairs_per_sec {
+                best = run;
+            }
         }
         Ok(best)
     };
@@ -542,12 +570,18 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         "size_bytes": THREAD_PAIR_SIZE,
         "pairs_per_thread": plan.thread_pairs,
         "best_of": plan.thread_reps,
-        "pairs_per_sec_total": total,
-        "single_thread_pairs_per_sec": single,
-        "scaling": total / single.max(1e-9),
+        "pairs_per_sec_total": total.pairs_per_sec,
+        "single_thread_pairs_per_sec": single.pairs_per_sec,
+        "scaling": total.pairs_per_sec / single.pairs_per_sec.max(1e-9),
+        // Per call (the slowest thread's own time per pair) or in the start (the spread)?
+        "slowest_thread_ns_per_pair": total.slowest_ns_per_pair,
+        "single_thread_ns_per_pair": single.slowest_ns_per_pair,
+        "start_spread_us": total.start_spread_us,
         // The control: each thread with an allocator of its own (nothing shared).
-        "private_allocators_pairs_per_sec_total": control_total,
-        "private_allocators_scaling": control_total / control_single.max(1e-9),
+        "private_allocators_pairs_per_sec_total": control_total.pairs_per_sec,
+        "private_allocators_scaling": control_total.pairs_per_sec
+            / control_single.pairs_per_sec.max(1e-9),
+        "private_allocators_slowest_thread_ns_per_pair": control_total.slowest_ns_per_pair,
     });
 
     let events = crate::bench_events::run_event_benches(plan.event_iters, args.backend);

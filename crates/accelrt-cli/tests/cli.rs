@@ -264,9 +264,13 @@ fn bench_json_quick_is_one_object_with_the_keys() {
         "scaling",
         "private_allocators_pairs_per_sec_total",
         "private_allocators_scaling",
+        "slowest_thread_ns_per_pair",
+        "single_thread_ns_per_pair",
+        "private_allocators_slowest_thread_ns_per_pair",
     ] {
         assert!(m[key].as_f64().unwrap() > 0.0, "{key} in {m}");
     }
+    assert!(m["start_spread_us"].as_f64().unwrap() >= 0.0, "{m}");
     assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
     assert_eq!(v["quick"], true);
 }

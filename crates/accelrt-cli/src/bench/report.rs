@@ -136,15 +136,21 @@ pub(super) fn print_human(
         num(&m["single_thread_pairs_per_sec"])
     );
     println!(
-        "  {} threads: {:.0} pairs/s in total, scaling {:.2}x",
+        "  {} threads: {:.0} pairs/s in total, scaling {:.2}x; the slowest thread {:.0} ns a pair \
+         (one thread alone: {:.0}), started within {:.0} us of the first",
         m["threads"],
         num(&m["pairs_per_sec_total"]),
-        num(&m["scaling"])
+        num(&m["scaling"]),
+        num(&m["slowest_thread_ns_per_pair"]),
+        num(&m["single_thread_ns_per_pair"]),
+        num(&m["start_spread_us"])
     );
     println!(
-        "  control, an allocator per thread (what the machine allows): {:.0} pairs/s, scaling {:.2}x",
+        "  control, an allocator per thread (what the machine allows): {:.0} pairs/s, scaling {:.2}x; \
+         the slowest thread {:.0} ns a pair",
         num(&m["private_allocators_pairs_per_sec_total"]),
-        num(&m["private_allocators_scaling"])
+        num(&m["private_allocators_scaling"]),
+        num(&m["private_allocators_slowest_thread_ns_per_pair"])
     );
     if !event_keys.is_empty() {
         println!();
