@@ -3,7 +3,8 @@
 cuMemSetAccess, cuMemUnmap and cuMemRelease of one 2 MiB and one 64 MiB handle, first with
 the device idle, then while a kernel keeps the device busy for about 300 ms (torch.cuda._sleep
 on the current stream), and says whether the stream was still busy after each call (a call
-that waited for the GPU takes about the kernel's time and finds the stream done).
+that waited for the GPU takes about the kernel's time and finds the stream done). Then
+whether remapping memory no kernel uses slows the kernels running meanwhile (`gpu_stall`).
 
     python3 scripts/probe_vmm_busy.py      # on the GPU machine; prints a table, then JSON
 """
@@ -68,8 +69,52 @@ def main():
         cells = " | ".join(f"{r['us'][k]:.0f} ({'y' if r['stream_still_busy_after'][k] else 'n'})"
                            for k in ("create", "map", "set_access", "unmap", "release"))
         print(f"{r['size_mib']} MiB | {'busy' if r['busy'] else 'idle'} | {cells}")
+    stall = gpu_stall(prop, access)
+    print("\nremap cycles while 1,000 kernels run | GPU ms for the kernels, median (min-max) of 5")
+    for cycles, ms in stall.items():
+        print(f"{cycles} | {statistics.median(ms):.2f} ({min(ms):.2f}-{max(ms):.2f})")
     for r in rows:
         print("probe " + json.dumps(r))
+    print("probe " + json.dumps({"gpu_ms_by_remap_cycles": stall}))
+
+
+def gpu_stall(prop, access, reps=5):
+    """Does remapping memory no kernel uses slow the kernels running meanwhile? The GPU time
+    (CUDA events) of 1,000 element-wise kernels on 128 MiB (each longer than its launch, so the
+    host stays ahead), with 0, 20 or 100 create-map-access-unmap-release cycles of another
+    2 MiB page made by the host meanwhile. Returns {cycles: [ms per repetition]}."""
+    size = 2 << 20
+    x = torch.randn(1 << 25, device="cuda")
+    va = check(cu.cuMemAddressReserve(size, 0, 0, 0))
+
+    def cycle():
+        h = check(cu.cuMemCreate(size, prop, 0))
+        check(cu.cuMemMap(va, size, 0, h, 0))
+        check(cu.cuMemSetAccess(va, size, [access], 1))
+        check(cu.cuMemUnmap(va, size))
+        check(cu.cuMemRelease(h))
+
+    def queue(kernels, cycles):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(50):  # the device busy before the timed part
+            x.mul_(1.0000001)
+        start.record()
+        for i in range(kernels):
+            x.mul_(1.0000001)
+            if cycles and i % (kernels // cycles) == 0:
+                cycle()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    queue(200, 0)  # warm-up
+    out = {c: [] for c in (0, 20, 100)}
+    for _ in range(reps):
+        for c in out:  # interleaved
+            out[c].append(queue(1000, c))
+    check(cu.cuMemAddressFree(va, size))
+    return out
 
 
 if __name__ == "__main__":

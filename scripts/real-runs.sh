@@ -17,7 +17,7 @@
 # --variant-conf NAME=CONF runs the same build under another ACCELRT_ALLOC_CONF (e.g.
 # nomove=release_at_peak:false).
 # Whether virtual-memory calls wait for queued GPU work or slow kernels down:
-#     python3 scripts/vmm_busy_probe.py [REPS]
+#     python3 scripts/probe_vmm_busy.py
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/accelrt-real-runs}
