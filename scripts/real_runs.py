@@ -15,7 +15,8 @@ time and the sum of the steady-state steps (every step after the first two), eac
 by a device synchronize (as `loss.item()` does in a training loop), every step's time
 (`step_ms`), and for accelrt its driver calls, those of the steady state
 (`steady_driver_calls`) and the time the steady state's virtual-memory calls took
-(`steady_vm_call_ms`). `record` writes v2 traces: accelrt's own recorder (`accelrt_torch.record_trace`, with
+(`steady_vm_call_ms`), and after every step (outside its time) where reserved memory stood
+and, for accelrt, its moves, creations and driver calls so far (`per_step`). `record` writes v2 traces: accelrt's own recorder (`accelrt_torch.record_trace`, with
 completion markers) and, for PyTorch's allocators, a memory-history snapshot converted by
 `accelrt trace convert` with the run's real peaks in the header.
 
@@ -211,15 +212,25 @@ def one(work, config, steps, record, emit=None):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     steady_from = None  # accelrt's driver calls when the steady state began (after two steps)
+    per_step = []  # after each step: where reserved memory stood, and accelrt's moves so far
     for _ in steps:
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         times.append((t1 - t0) * 1e3)
-        if at is not None and len(times) == 2:
-            st0 = at.memory_stats()
-            steady_from = driver_calls(st0)
-            steady_from["vm_call_us"] = st0.get("vm_call_us", 0)
-            t1 = time.perf_counter()  # the stats call is no step's time
+        after = {"peak_reserved": torch.cuda.max_memory_reserved(),
+                 "reserved": torch.cuda.memory_reserved(),
+                 "peak_allocated": torch.cuda.max_memory_allocated()}
+        if at is not None:
+            st = at.memory_stats()
+            after.update({"moves": st.get("num_page_steals"), "pages_moved": st.get("num_pages_remapped"),
+                          "deferred": st.get("num_moves_deferred"),
+                          "creates": st.get("driver_calls.create"), "calls": st.get("driver_calls.total"),
+                          "vm_ms": round(st.get("vm_call_us", 0) / 1e3, 3)})
+            if len(times) == 2:
+                steady_from = driver_calls(st)
+                steady_from["vm_call_us"] = st.get("vm_call_us", 0)
+        per_step.append(after)
+        t1 = time.perf_counter()  # the stats calls are no step's time
         t0 = t1
     out = {
         "workload": work,
@@ -228,6 +239,7 @@ def one(work, config, steps, record, emit=None):
         "first_step_ms": times[0],
         "steady_sum_ms": sum(times[2:]) if len(times) > 2 else None,
         "step_ms": [round(t, 3) for t in times],
+        "per_step": per_step,
         "peak_reserved": torch.cuda.max_memory_reserved(),
         "peak_allocated": torch.cuda.max_memory_allocated(),
     }

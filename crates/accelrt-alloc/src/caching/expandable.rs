@@ -32,6 +32,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use parking_lot::MutexGuard;
 
+use super::moves::Reach;
 use super::{AllocatorEvent, CachingAllocator, HardLimit, SegmentFailure, StreamPool};
 use crate::chunks::{ChunkTable, Home};
 use crate::error::{Error, Result};
@@ -475,7 +476,16 @@ impl CachingAllocator {
             if remaining > 0 && (synced || self.may_move(vm)) {
                 // 3. Moves: idle chunks of this pool (no wait), then of other pools behind
                 //    their fences (a device-side wait).
-                let moved = self.move_idle(vm, pool_idx, pool, remaining, room, synced);
+                // Without events, a pool robbed of its idle memory takes none of others' in
+                // turn (`PoolState::take_robbed`): it creates what it lacks below.
+                let reach = if synced {
+                    Reach::All
+                } else if self.events.is_none() && pool.state.lock().take_robbed() {
+                    Reach::OwnPool
+                } else {
+                    Reach::OtherPools
+                };
+                let moved = self.move_idle(vm, pool_idx, pool, remaining, room, reach);
                 vm.move_time.charge(moved.len());
                 self.counters
                     .move_time_drawn_peak_us
@@ -490,7 +500,8 @@ impl CachingAllocator {
                 if let (true, Some(t)) = (remaining > 0, threshold) {
                     let need = self.reserved.load(Relaxed) + remaining as u64 * page;
                     if need > t {
-                        self.release_idle_bytes(vm, pool_idx, pool, need - t);
+                        let others = reach != Reach::OwnPool;
+                        self.release_idle_bytes(vm, pool_idx, pool, need - t, others);
                     }
                     while remaining > 0 {
                         let want = new_chunk_pages(remaining, cap);

@@ -7,9 +7,22 @@ use super::fences::Need;
 use super::*;
 use crate::pool::{PoolState, LENT, NO_CHUNK};
 
+/// Whose idle memory a move may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    /// The requesting pool's only: without events, a pool another one robbed of its idle
+    /// memory creates what it lacks rather than rob a third (`PoolState::take_robbed`).
+    OwnPool,
+    /// Also other pools', behind fences recorded on their streams (all of it without events).
+    OtherPools,
+    /// Every pool's: the device was synchronized.
+    All,
+}
+
 impl CachingAllocator {
     /// Move idle chunks to fill `want` slots (plus `room`): from the requesting pool first,
-    /// then from the others. Returns what was taken, lent at its old place.
+    /// then, as far as `reach` allows, from the others. Returns what was taken, lent at its
+    /// old place.
     pub(super) fn move_idle(
         &self,
         vm: &mut VmState,
@@ -17,7 +30,7 @@ impl CachingAllocator {
         pool: &StreamPool,
         want: usize,
         room: usize,
-        synced: bool,
+        reach: Reach,
     ) -> Placement {
         let mut got: Placement = Vec::new();
         let mut remaining = want;
@@ -44,14 +57,14 @@ impl CachingAllocator {
         }
         // Other pools: only memory freed before a fence recorded on their own stream (never
         // record on another pool's stream: it may be an external stream its owner destroyed).
-        if remaining > 0 {
+        if remaining > 0 && reach != Reach::OwnPool {
             for (qi, q) in self.pools_with_index() {
                 if qi as u32 == pool_idx || q.private || remaining == 0 {
                     continue;
                 }
                 let mut st = q.state.lock();
                 // (since, the fence to wait for on the device)
-                let (since, wait) = if synced || self.events.is_none() {
+                let (since, wait) = if reach == Reach::All || self.events.is_none() {
                     (u64::MAX, None)
                 } else if let Some(f) = st.newest_fence() {
                     (f.tick, Some(f.ticket))
@@ -81,6 +94,9 @@ impl CachingAllocator {
                         continue;
                     }
                 }
+                if self.events.is_none() {
+                    st.mark_robbed();
+                }
                 self.note_lent(&st, q.stream.index, &taken);
                 got.extend(taken);
                 remaining = left;
@@ -97,19 +113,21 @@ impl CachingAllocator {
     }
 
     /// Release idle chunks (of the requesting pool first) whose work has passed, holding at
-    /// least `bytes`. Never waits: only memory behind a completed fence goes.
+    /// least `bytes`; other pools' only with `others`. Never waits: only memory behind a
+    /// completed fence goes.
     pub(super) fn release_idle_bytes(
         &self,
         vm: &mut VmState,
         pool_idx: u32,
         pool: &StreamPool,
         bytes: u64,
+        others: bool,
     ) {
         let page = self.page_bytes();
         let mut left = bytes.div_ceil(page) as usize;
         let order = std::iter::once((pool_idx as usize, pool)).chain(
             self.pools_with_index()
-                .filter(|&(i, p)| i as u32 != pool_idx && !p.private),
+                .filter(|&(i, p)| others && i as u32 != pool_idx && !p.private),
         );
         let mut freed = false;
         // The newest last use of the requester's idle chunks too recent to go.
@@ -138,7 +156,14 @@ impl CachingAllocator {
             let Some(since) = since else {
                 continue;
             };
-            let taken = q.state.lock().take_idle_pages(&vm.chunks, since, left);
+            let taken = {
+                let mut st = q.state.lock();
+                let taken = st.take_idle_pages(&vm.chunks, since, left);
+                if !taken.is_empty() && self.events.is_none() && qi as u32 != pool_idx {
+                    st.mark_robbed();
+                }
+                taken
+            };
             if taken.is_empty() {
                 continue;
             }

@@ -116,6 +116,9 @@ pub struct PoolState {
     fences: std::collections::VecDeque<Fence>,
     /// The tick of the newest completed fence.
     safe_tick: u64,
+    /// Without events: another pool took this pool's idle memory since this pool last
+    /// needed some (see `take_robbed`).
+    robbed: bool,
     /// Tickets of fences replaced while another thread may be asking them (its query runs
     /// with the pool unlocked): released once it is done.
     retired: Vec<u64>,
@@ -145,6 +148,7 @@ impl Default for PoolState {
             users: Vec::new(),
             fences: std::collections::VecDeque::new(),
             safe_tick: 0,
+            robbed: false,
             retired: Vec::new(),
             lent: Vec::new(),
         }

@@ -200,6 +200,23 @@ impl PoolState {
         (self.safe_tick > 0).then_some(self.safe_tick)
     }
 
+    /// Without events (nothing runs behind the host), another pool took idle memory of this
+    /// one (moved or released it).
+    pub fn mark_robbed(&mut self) {
+        self.robbed = true;
+    }
+
+    /// Whether another pool took this pool's idle memory since this pool last asked; the
+    /// mark is cleared. A pool that was robbed creates what it lacks instead of taking
+    /// another's idle memory in turn: two threads on two streams that free a block and ask
+    /// for it again at once otherwise take each other's pages on every call, without end
+    /// (16 threads on 16 streams of one allocator ran at 2-4x the time per call of 16
+    /// allocators, BENCHMARKS.md, "Threads"). With events, other pools' memory moves only
+    /// behind their fences, which such threads never record.
+    pub fn take_robbed(&mut self) -> bool {
+        std::mem::take(&mut self.robbed)
+    }
+
     /// The device passed everything queued up to pool tick `tick` (a device-wide wait).
     pub fn raise_safe_tick(&mut self, tick: u64) {
         self.safe_tick = self.safe_tick.max(tick);

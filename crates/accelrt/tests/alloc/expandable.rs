@@ -84,6 +84,42 @@ fn idle_pages_of_a_freed_block_back_a_larger_one() {
 }
 
 #[test]
+fn streams_without_events_do_not_take_each_others_pages_forever() {
+    // Two streams of one allocator without events, each freeing and asking again for its own
+    // block (as threads on their own streams do). A stream whose idle page another took
+    // creates a page rather than take the other's in turn: the two settle on pages of their
+    // own, instead of each slow path taking the other's page and sending it down its own slow
+    // path (every allocation a move, without end).
+    let a = allocator(1 << 30, "");
+    let (one, two) = (s(1), s(2));
+    for _ in 0..200 {
+        let x = a.raw_alloc(3 * MIB, one).unwrap();
+        a.raw_free(x).unwrap();
+        let y = a.raw_alloc(3 * MIB, two).unwrap();
+        a.raw_free(y).unwrap();
+    }
+    let settled = a.stats();
+    for _ in 0..1_000 {
+        let x = a.raw_alloc(3 * MIB, one).unwrap();
+        a.raw_free(x).unwrap();
+        let y = a.raw_alloc(3 * MIB, two).unwrap();
+        a.raw_free(y).unwrap();
+    }
+    let after = a.stats();
+    assert!(
+        settled.counters.num_page_steals <= 4,
+        "the streams kept taking each other's pages while settling: {} moves",
+        settled.counters.num_page_steals
+    );
+    assert_eq!(
+        after.counters.num_page_steals, settled.counters.num_page_steals,
+        "moves once settled"
+    );
+    assert_eq!(after.driver_calls.total(), settled.driver_calls.total());
+    a.check_invariants().unwrap();
+}
+
+#[test]
 fn without_release_at_peak_pages_are_created_instead() {
     let a = allocator(1 << 30, "release_at_peak:false");
     let x = a.raw_alloc(64 * MIB, s(0)).unwrap();
