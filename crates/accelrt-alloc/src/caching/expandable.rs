@@ -32,7 +32,6 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use parking_lot::MutexGuard;
 
-use super::moves::Reach;
 use super::{AllocatorEvent, CachingAllocator, HardLimit, SegmentFailure, StreamPool};
 use crate::chunks::{ChunkTable, Home};
 use crate::error::{Error, Result};
@@ -196,6 +195,18 @@ impl VmState {
             ),
         }
     }
+}
+
+/// Whose idle memory a move may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reach {
+    /// The requesting pool's only: without events, a pool another one robbed of its idle
+    /// memory creates what it lacks rather than rob a third (`PoolState::take_robbed`).
+    OwnPool,
+    /// Also other pools', behind fences recorded on their streams (all of it without events).
+    OtherPools,
+    /// Every pool's: the device was synchronized.
+    All,
 }
 
 /// Chunks to map one after another: (chunk index, pages).

@@ -7,18 +7,6 @@ use super::fences::Need;
 use super::*;
 use crate::pool::{PoolState, LENT, NO_CHUNK};
 
-/// Whose idle memory a move may take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Reach {
-    /// The requesting pool's only: without events, a pool another one robbed of its idle
-    /// memory creates what it lacks rather than rob a third (`PoolState::take_robbed`).
-    OwnPool,
-    /// Also other pools', behind fences recorded on their streams (all of it without events).
-    OtherPools,
-    /// Every pool's: the device was synchronized.
-    All,
-}
-
 impl CachingAllocator {
     /// Move idle chunks to fill `want` slots (plus `room`): from the requesting pool first,
     /// then, as far as `reach` allows, from the others. Returns what was taken, lent at its
