@@ -4,7 +4,10 @@ cuMemSetAccess, cuMemUnmap and cuMemRelease of one 2 MiB and one 64 MiB handle, 
 the device idle, then while a kernel keeps the device busy for about 300 ms (torch.cuda._sleep
 on the current stream), and says whether the stream was still busy after each call (a call
 that waited for the GPU takes about the kernel's time and finds the stream done). Then
-whether remapping memory no kernel uses slows the kernels running meanwhile (`gpu_stall`).
+whether remapping memory no kernel uses slows the kernels running meanwhile (`gpu_stall`),
+and whether kernels run slower on memory mapped from small physical handles than on
+cudaMalloc's (`kernel_speed`: a random gather, which the GPU's address translation limits,
+and a streaming read, over 4 GiB).
 
     python3 scripts/probe_vmm_busy.py      # on the GPU machine; prints a table, then JSON
 """
@@ -73,9 +76,72 @@ def main():
     print("\nremap cycles while 1,000 kernels run | GPU ms for the kernels, median (min-max) of 5")
     for cycles, ms in stall.items():
         print(f"{cycles} | {statistics.median(ms):.2f} ({min(ms):.2f}-{max(ms):.2f})")
+    speed = kernel_speed(prop, access)
+    print("\n4 GiB backed by | random gather ms | streaming read ms  (median (min-max) of 7)")
+    for name, kinds in speed.items():
+        cells = " | ".join(f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for v in kinds.values())
+        print(f"{name} | {cells}")
     for r in rows:
         print("probe " + json.dumps(r))
     print("probe " + json.dumps({"gpu_ms_by_remap_cycles": stall}))
+    print("probe " + json.dumps({"kernel_ms_by_backing": speed}))
+
+
+class _Raw:
+    """A device pointer as a torch tensor (`__cuda_array_interface__`), float32."""
+
+    def __init__(self, ptr, nbytes):
+        self.__cuda_array_interface__ = {"shape": (nbytes // 4,), "typestr": "<f4",
+                                         "data": (int(ptr), False), "version": 3}
+
+
+def kernel_speed(prop, access, total=4 << 30, reps=7):
+    """Kernel time on 4 GiB from cudaMalloc (PyTorch's allocator) and from virtual memory mapped
+    in handles of 2 MiB, 64 MiB and 1 GiB, interleaved. Returns {backing: {kind: [ms]}}."""
+    mapped = []
+
+    def vmm(handle):
+        va = check(cu.cuMemAddressReserve(total, 0, 0, 0))
+        handles = []
+        for off in range(0, total, handle):
+            h = check(cu.cuMemCreate(handle, prop, 0))
+            check(cu.cuMemMap(int(va) + off, handle, 0, h, 0))
+            handles.append(h)
+        check(cu.cuMemSetAccess(va, total, [access], 1))
+        mapped.append((va, handles, handle))
+        return torch.as_tensor(_Raw(int(va), total), device="cuda")
+
+    backings = {"cudaMalloc (PyTorch)": torch.empty(total // 4, device="cuda")}
+    for handle in (2 << 20, 64 << 20, 1 << 30):
+        backings[f"VMM, {handle >> 20} MiB handles"] = vmm(handle)
+    n = total // 4
+    idx = torch.randint(0, n, (1 << 26,), device="cuda")
+    for t in backings.values():
+        t.fill_(1.0)
+
+    def timed(f):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); f(); b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b)
+
+    out = {name: {"gather": [], "read": []} for name in backings}
+    for rep in range(reps + 1):
+        for name, t in backings.items():  # interleaved
+            g = timed(lambda: t[idx].sum())
+            r = timed(lambda: t.sum())
+            if rep:  # the first round warms up
+                out[name]["gather"].append(g)
+                out[name]["read"].append(r)
+    del backings
+    torch.cuda.synchronize()
+    for va, handles, handle in mapped:
+        check(cu.cuMemUnmap(va, total))
+        for h in handles:
+            check(cu.cuMemRelease(h))
+        check(cu.cuMemAddressFree(va, total))
+    return out
 
 
 def gpu_stall(prop, access, reps=5):
