@@ -511,8 +511,7 @@ impl CachingAllocator {
                 if let (true, Some(t)) = (remaining > 0, threshold) {
                     let need = self.reserved.load(Relaxed) + remaining as u64 * page;
                     if need > t {
-                        let others = reach != Reach::OwnPool;
-                        self.release_idle_bytes(vm, pool_idx, pool, need - t, others);
+                        self.release_idle_bytes(vm, pool_idx, pool, need - t, reach);
                     }
                     while remaining > 0 {
                         let want = new_chunk_pages(remaining, cap);

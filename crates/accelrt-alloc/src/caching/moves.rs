@@ -101,21 +101,21 @@ impl CachingAllocator {
     }
 
     /// Release idle chunks (of the requesting pool first) whose work has passed, holding at
-    /// least `bytes`; other pools' only with `others`. Never waits: only memory behind a
-    /// completed fence goes.
+    /// least `bytes`; other pools' too unless `reach` is the requesting pool's only. Never
+    /// waits: only memory behind a completed fence goes.
     pub(super) fn release_idle_bytes(
         &self,
         vm: &mut VmState,
         pool_idx: u32,
         pool: &StreamPool,
         bytes: u64,
-        others: bool,
+        reach: Reach,
     ) {
         let page = self.page_bytes();
         let mut left = bytes.div_ceil(page) as usize;
         let order = std::iter::once((pool_idx as usize, pool)).chain(
             self.pools_with_index()
-                .filter(|&(i, p)| others && i as u32 != pool_idx && !p.private),
+                .filter(|&(i, p)| reach != Reach::OwnPool && i as u32 != pool_idx && !p.private),
         );
         let mut freed = false;
         // The newest last use of the requester's idle chunks too recent to go.
