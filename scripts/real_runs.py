@@ -16,9 +16,10 @@ by a device synchronize (as `loss.item()` does in a training loop), every step's
 (`step_ms`), and for accelrt its driver calls, those of the steady state
 (`steady_driver_calls`) and the time the steady state's virtual-memory calls took
 (`steady_vm_call_ms`), and after every step (outside its time) where reserved memory stood
-and, for accelrt, its moves, creations and driver calls so far (`per_step`). `record` writes v2 traces: accelrt's own recorder (`accelrt_torch.record_trace`, with
-completion markers) and, for PyTorch's allocators, a memory-history snapshot converted by
-`accelrt trace convert` with the run's real peaks in the header.
+and, for accelrt, its moves, creations and driver calls so far (`per_step`). `record` writes
+v2 traces: accelrt's own recorder (`accelrt_torch.record_trace`, with completion markers)
+and, for PyTorch's allocators, a memory-history snapshot converted by `accelrt trace convert`
+with the run's real peaks in the header.
 
 Environment: ACCELRT_TORCH_LIB (libaccelrt_torch.so), ACCELRT_BIN (the accelrt CLI, for
 `record`), PYTHONPATH with this repository's python/ folder.

@@ -91,20 +91,17 @@ fn streams_without_events_do_not_take_each_others_pages_forever() {
     // own, instead of each slow path taking the other's page and sending it down its own slow
     // path (every allocation a move, without end).
     let a = allocator(1 << 30, "");
-    let (one, two) = (s(1), s(2));
-    for _ in 0..200 {
-        let x = a.raw_alloc(3 * MIB, one).unwrap();
-        a.raw_free(x).unwrap();
-        let y = a.raw_alloc(3 * MIB, two).unwrap();
-        a.raw_free(y).unwrap();
-    }
+    let rounds = |n: usize| {
+        for _ in 0..n {
+            for stream in [s(1), s(2)] {
+                let p = a.raw_alloc(3 * MIB, stream).unwrap();
+                a.raw_free(p).unwrap();
+            }
+        }
+    };
+    rounds(200);
     let settled = a.stats();
-    for _ in 0..1_000 {
-        let x = a.raw_alloc(3 * MIB, one).unwrap();
-        a.raw_free(x).unwrap();
-        let y = a.raw_alloc(3 * MIB, two).unwrap();
-        a.raw_free(y).unwrap();
-    }
+    rounds(1_000);
     let after = a.stats();
     assert!(
         settled.counters.num_page_steals <= 4,
