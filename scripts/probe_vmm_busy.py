@@ -7,7 +7,7 @@ that waited for the GPU takes about the kernel's time and finds the stream done)
 whether remapping memory no kernel uses slows the kernels running meanwhile (`gpu_stall`),
 and whether kernels run slower on memory mapped from small physical handles than on
 cudaMalloc's (`kernel_speed`: a random gather, which the GPU's address translation limits,
-and a streaming read, over 4 GiB).
+a streaming read over 4 GiB, and bf16 GEMMs on operands in different handles).
 
     python3 scripts/probe_vmm_busy.py      # on the GPU machine; prints a table, then JSON
 """
@@ -77,7 +77,7 @@ def main():
     for cycles, ms in stall.items():
         print(f"{cycles} | {statistics.median(ms):.2f} ({min(ms):.2f}-{max(ms):.2f})")
     speed = kernel_speed(prop, access)
-    print("\n4 GiB backed by | random gather ms | streaming read ms  (median (min-max) of 7)")
+    print("\n4 GiB backed by | random gather ms | streaming read ms | 50 bf16 GEMMs ms  (median (min-max) of 7)")
     for name, kinds in speed.items():
         cells = " | ".join(f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for v in kinds.values())
         print(f"{name} | {cells}")
@@ -126,14 +126,31 @@ def kernel_speed(prop, access, total=4 << 30, reps=7):
         torch.cuda.synchronize()
         return a.elapsed_time(b)
 
-    out = {name: {"gather": [], "read": []} for name in backings}
+    # A training step's kind of kernel too: 50 bf16 GEMMs the size of a Llama MLP's (8,192 x
+    # 768 by 768 x 2,048), their operands a GiB apart, so they lie in different handles.
+    m, k, nn = 8192, 768, 2048
+
+    def operands(t):
+        h = t.view(torch.bfloat16)
+        gib = (1 << 30) // 2
+        return (h[:m * k].view(m, k), h[gib:gib + k * nn].view(k, nn), h[2 * gib:2 * gib + m * nn].view(m, nn))
+
+    def gemms(a, b, c):
+        for _ in range(50):
+            torch.matmul(a, b, out=c)
+
+    out = {name: {"gather": [], "read": [], "gemm": []} for name in backings}
     for rep in range(reps + 1):
         for name, t in backings.items():  # interleaved
             g = timed(lambda: t[idx].sum())
             r = timed(lambda: t.sum())
+            a, b, c = operands(t)
+            a.normal_(); b.normal_()
+            mm = timed(lambda: gemms(a, b, c))
             if rep:  # the first round warms up
                 out[name]["gather"].append(g)
                 out[name]["read"].append(r)
+                out[name]["gemm"].append(mm)
     del backings
     torch.cuda.synchronize()
     for va, handles, handle in mapped:

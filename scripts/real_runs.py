@@ -13,13 +13,15 @@ CONFIG: native | expandable | accelrt. A run reports peak reserved and peak allo
 (`torch.cuda.max_memory_*`, answered by accelrt when it is the allocator), the first step's
 time and the sum of the steady-state steps (every step after the first two), each step ended
 by a device synchronize (as `loss.item()` does in a training loop), every step's time
-(`step_ms`), and for accelrt its driver calls, those of the steady state
-(`steady_driver_calls`) and the time the steady state's virtual-memory calls took
-(`steady_vm_call_ms`), and after every step (outside its time) where reserved memory stood
-and, for accelrt, its moves, creations and driver calls so far (`per_step`). `record` writes
-v2 traces: accelrt's own recorder (`accelrt_torch.record_trace`, with completion markers)
-and, for PyTorch's allocators, a memory-history snapshot converted by `accelrt trace convert`
-with the run's real peaks in the header.
+(`step_ms`) and its CPU time up to that synchronize (`issue_ms`, summed over the steady state
+in `steady_issue_sum_ms`: a step whose issue time is near its whole time keeps the CPU busy or
+waits inside, so every microsecond the allocator spends shows in it), for accelrt its driver
+calls, those of the steady state (`steady_driver_calls`) and the time the steady state's
+virtual-memory calls took (`steady_vm_call_ms`), and after every step (outside its time) where
+reserved memory stood and, for accelrt, its moves, creations and driver calls so far
+(`per_step`). `record` writes v2 traces: accelrt's own recorder (`accelrt_torch.record_trace`,
+with completion markers) and, for PyTorch's allocators, a memory-history snapshot converted by
+`accelrt trace convert` with the run's real peaks in the header.
 
 Environment: ACCELRT_TORCH_LIB (libaccelrt_torch.so), ACCELRT_BIN (the accelrt CLI, for
 `record`), PYTHONPATH with this repository's python/ folder.
@@ -214,7 +216,9 @@ def one(work, config, steps, record, emit=None):
     t0 = time.perf_counter()
     steady_from = None  # accelrt's driver calls when the steady state began (after two steps)
     per_step = []  # after each step: where reserved memory stood, and accelrt's moves so far
+    issue = []  # each step's CPU time up to its synchronize: how long queueing its work took
     for _ in steps:
+        issue.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         times.append((t1 - t0) * 1e3)
@@ -240,6 +244,8 @@ def one(work, config, steps, record, emit=None):
         "first_step_ms": times[0],
         "steady_sum_ms": sum(times[2:]) if len(times) > 2 else None,
         "step_ms": [round(t, 3) for t in times],
+        "issue_ms": [round(t, 3) for t in issue],
+        "steady_issue_sum_ms": sum(issue[2:]) if len(issue) > 2 else None,
         "per_step": per_step,
         "peak_reserved": torch.cuda.max_memory_reserved(),
         "peak_allocated": torch.cuda.max_memory_allocated(),
@@ -370,7 +376,7 @@ def table(outdir):
             works.append(r["workload"])
     gib = lambda b: f"{b / 2**30:.3f}"
     print("\nworkload | config | runs | peak reserved GiB median (min-max) | reserved/allocated | "
-          "first step ms | steady-state sum ms | driver calls (all / in the steady state; their virtual-memory calls' time) | moves (deferred) | move budget drawn ms")
+          "first step ms | steady-state sum ms (CPU issue sum) | driver calls (all / in the steady state; their virtual-memory calls' time) | moves (deferred) | move budget drawn ms")
     configs = []
     for r in rows:
         if r["config"] not in configs:
@@ -386,6 +392,7 @@ def table(outdir):
             ratio = [r["peak_reserved"] / r["peak_allocated"] for r in rs]
             calls = [r.get("driver_calls", {}).get("total") for r in rs]
             steady_calls = [r["steady_driver_calls"]["total"] for r in rs if "steady_driver_calls" in r]
+            issue = [r["steady_issue_sum_ms"] for r in rs if r.get("steady_issue_sum_ms") is not None]
             steady_vm = [r["steady_vm_call_ms"] for r in rs if r.get("steady_vm_call_ms") is not None]
             moves = [r.get("moves") or {} for r in rs]
             steals = [m.get("num_page_steals") for m in moves]
@@ -393,7 +400,8 @@ def table(outdir):
             drawn = [(m.get("move_time_drawn_peak_us") or 0) / 1000 for m in moves if "move_time_drawn_peak_us" in m]
             print(f"{w} | {c} | {len(rs)} | {spread([r['peak_reserved'] for r in rs], gib)} | "
                   f"{spread(ratio, lambda x: f'{x:.4f}')} | {spread([r['first_step_ms'] for r in rs], lambda x: f'{x:.0f}')} | "
-                  f"{spread([r['steady_sum_ms'] for r in rs], lambda x: f'{x:.0f}')} | {spread(calls, lambda x: f'{x:.0f}')}"
+                  f"{spread([r['steady_sum_ms'] for r in rs], lambda x: f'{x:.0f}')}"
+                  f"{' (' + spread(issue, lambda x: f'{x:.0f}') + ')' if issue else ''} | {spread(calls, lambda x: f'{x:.0f}')}"
                   f"{' / ' + spread(steady_calls, lambda x: f'{x:.0f}') if steady_calls else ''}"
                   f"{'; ' + spread(steady_vm, lambda x: f'{x:.1f}') + ' ms' if steady_vm else ''} | "
                   f"{spread(steals, lambda x: f'{x:.0f}') + f' ({deferred})' if any(moves) else '-'} | "
