@@ -48,6 +48,7 @@ mod cross_stream;
 mod expandable;
 mod fences;
 mod figures;
+mod gate;
 mod ipc;
 mod limits;
 mod metadata;
@@ -182,6 +183,9 @@ pub struct CachingAllocator {
     /// What the move budget's time is read from ([`Clock`]), and the wall clock's zero.
     clock: RwLock<crate::Clock>,
     born: std::time::Instant,
+    /// With `debug_checks`: calls share it, the invariant checker takes it alone
+    /// (`check.rs`).
+    gate: gate::CheckGate,
 }
 
 /// The memory fraction's value while none is set (a set one is in [0, 1]).
@@ -273,6 +277,7 @@ impl CachingAllocator {
             driver: DriverCounters::default(),
             clock: RwLock::new(crate::Clock::Wall),
             born: std::time::Instant::now(),
+            gate: Default::default(),
         })
     }
 
@@ -388,6 +393,9 @@ impl CachingAllocator {
     #[cold]
     #[inline(never)]
     fn alloc_general(&self, size: u64, stream: Stream) -> Result<usize> {
+        if self.config.debug_checks && !self.holds_gate() {
+            return self.gated("alloc", || self.alloc_general(size, stream));
+        }
         if size == 0 {
             return Ok(0);
         }
@@ -422,9 +430,6 @@ impl CachingAllocator {
             drop(st);
             if self.callbacks_on() {
                 self.fire(ptr, block_size, AllocatorEvent::Recycled);
-            }
-            if self.config.debug_checks {
-                self.debug_check("alloc");
             }
             return Ok(ptr);
         }
@@ -490,6 +495,14 @@ impl CachingAllocator {
         ptr: usize,
         block: u32,
     ) -> Result<()> {
+        if self.config.debug_checks && !self.holds_gate() {
+            // Put the block back and free it again under the checker's gate, which is taken
+            // before any pool lock (another thread's double free may win meanwhile: then
+            // this one is the error).
+            st.restore_live(ptr, block);
+            drop(st);
+            return self.gated("free", || self.raw_free(ptr));
+        }
         if self.history.enabled() {
             self.note_free(&mut st, block, pool.stream.index);
         }
@@ -517,9 +530,6 @@ impl CachingAllocator {
         }
         if self.callbacks_on() {
             self.fire(ptr, size, AllocatorEvent::Freed);
-        }
-        if self.config.debug_checks {
-            self.debug_check("free");
         }
         Ok(())
     }

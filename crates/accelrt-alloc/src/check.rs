@@ -2,6 +2,13 @@
 //! Each pool checks its own invariants (`pool/check.rs`); here what spans pools: the live
 //! map against the allocated blocks, chunks against the page tables that hold them, the
 //! reserved counter and the segment index against the segments.
+//!
+//! An operation can span several locks (a new address range enters the segment index, then
+//! its pool), so a checker running beside it could see it half done. With `debug_checks`,
+//! calls and the checker exclude each other through the allocator's check gate: every
+//! public call that changes the allocator's structure runs holding the gate shared (taken
+//! before any pool lock), and the check after it holds the gate alone (`caching/gate.rs`).
+//! Without `debug_checks` nothing takes the gate, and the fast paths never look at it.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -12,9 +19,15 @@ use super::pool::Tally;
 impl CachingAllocator {
     /// Check every structural invariant; `Err` describes the first one broken.
     ///
-    /// Meant for quiescent moments (no call in flight on another thread): a concurrent call
-    /// can be seen half done.
+    /// With `debug_checks`, this may run at any moment: it waits for calls in flight on
+    /// other threads to finish, and holds off new ones while it runs. Without it, calls do
+    /// not wait for the checker, so it is meant for quiescent moments (a call in flight on
+    /// another thread can be seen half done).
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.holding_gate_alone(|| self.check_now())
+    }
+
+    pub(crate) fn check_now(&self) -> Result<(), String> {
         let mut tally = Tally::default();
         // Lock order: the vm state before any pool.
         let vm = self.vm_state.lock();

@@ -96,9 +96,8 @@ pub struct AllocatorConfig {
     /// a workload is still setting its peak; a steady loop below its peak never pays.
     pub release_at_peak: bool,
     /// Check the allocator's invariants after every call (slow; for tests and debugging).
-    /// Single-threaded use only: the check wants a quiescent allocator, and a call in flight
-    /// on another thread can be seen half done and reported as a broken invariant (eight
-    /// threads on their own streams did so within a few thousand calls).
+    /// Calls on several threads are fine: each check holds the others off until it is done
+    /// (so checks serialize the calls around them), and never sees a call half done.
     pub debug_checks: bool,
 }
 

@@ -109,101 +109,100 @@ impl CachingAllocator {
     /// segment gone or changed, blocks outside their segment or overlapping, memory lent
     /// away), nothing changes and the error says which.
     pub fn restore_pool(&self, checkpoint: &PoolCheckpoint) -> Result<RestoreReport> {
-        let id = checkpoint.pool;
-        let pool = self.private_pool(id)?;
-        let why = |m: String| {
-            Error::InvalidArgument(format!(
-                "cannot put private pool ({}, {}) on {} back to its checkpoint: {m}",
-                id.0, id.1, self.device
-            ))
-        };
-        check_shape(checkpoint).map_err(why)?;
-        {
-            // Validate before freeing anything.
-            let st = pool.state.lock();
-            for cs in &checkpoint.segments {
-                if !st
-                    .segments()
-                    .iter()
-                    .any(|s| s.base == cs.base && s.size == cs.size)
-                {
-                    return Err(why(format!(
-                        "its segment at {:#x} ({} bytes) is no longer in the pool (was the pool \
-                         emptied or released since the checkpoint?)",
-                        cs.base, cs.size
-                    )));
+        self.gated("restore_pool", || {
+            let id = checkpoint.pool;
+            let pool = self.private_pool(id)?;
+            let why = |m: String| {
+                Error::InvalidArgument(format!(
+                    "cannot put private pool ({}, {}) on {} back to its checkpoint: {m}",
+                    id.0, id.1, self.device
+                ))
+            };
+            check_shape(checkpoint).map_err(why)?;
+            {
+                // Validate before freeing anything.
+                let st = pool.state.lock();
+                for cs in &checkpoint.segments {
+                    if !st
+                        .segments()
+                        .iter()
+                        .any(|s| s.base == cs.base && s.size == cs.size)
+                    {
+                        return Err(why(format!(
+                            "its segment at {:#x} ({} bytes) is no longer in the pool (was the pool \
+                             emptied or released since the checkpoint?)",
+                            cs.base, cs.size
+                        )));
+                    }
                 }
             }
-        }
-        // Blocks used on other streams go through the ordinary free (their events), and the
-        // pool then waits for them: a restore hands their memory out again at once.
-        let with_extras: Vec<usize> = {
-            let st = pool.state.lock();
-            st.live_blocks()
-                .filter(|&(_, b)| st.block(b).has_extras)
-                .map(|(p, _)| p)
-                .collect()
-        };
-        let mut freed = with_extras.clone();
-        for p in with_extras {
-            self.raw_free(p)?;
-        }
-        self.sync_pending(pool)?;
+            // Blocks used on other streams go through the ordinary free (their events), and the
+            // pool then waits for them: a restore hands their memory out again at once.
+            let with_extras: Vec<usize> = {
+                let st = pool.state.lock();
+                st.live_blocks()
+                    .filter(|&(_, b)| st.block(b).has_extras)
+                    .map(|(p, _)| p)
+                    .collect()
+            };
+            let mut freed = with_extras.clone();
+            for p in with_extras {
+                self.raw_free(p)?;
+            }
+            self.sync_pending(pool)?;
 
-        let mut st = pool.state.lock();
-        self.process_pending(pool, &mut st);
-        if st.has_pending() {
-            return Err(why(format!(
-                "{} block(s) still wait for other streams' events",
-                st.pending_count()
-            )));
-        }
-        if !st.lent_ranges().is_empty() {
-            return Err(why("part of the pool is lent to another mapping".into()));
-        }
-        // Every block allocated now goes back to the pool.
-        let mut live: Vec<(usize, u32)> = st.live_blocks().collect();
-        live.sort_unstable();
-        let mut sizes = Vec::with_capacity(live.len());
-        for &(ptr, block) in &live {
-            st.take_live(ptr);
-            if self.history.enabled() {
-                self.note_free(&mut st, block, pool.stream.index);
+            let mut st = pool.state.lock();
+            self.process_pending(pool, &mut st);
+            if st.has_pending() {
+                return Err(why(format!(
+                    "{} block(s) still wait for other streams' events",
+                    st.pending_count()
+                )));
             }
-            sizes.push((ptr, st.block(block).size));
-            st.free_to_cache(block);
-            freed.push(ptr);
-        }
-        st.flush_recent();
-        // Every allocated block of the checkpoint, at its address.
-        let mut allocated = Vec::new();
-        for b in checkpoint.allocated() {
-            let block = st.claim(b.addr, b.size, b.requested).map_err(|m| {
-                // The checks above leave every byte of the segments free: this is a bug.
-                why(format!(
-                    "re-creating {:#x} ({} bytes) failed after freeing the pool: {m}",
-                    b.addr, b.size
-                ))
-            })?;
-            if self.history.enabled() {
-                self.note_alloc(&mut st, block, pool.stream.index);
+            if !st.lent_ranges().is_empty() {
+                return Err(why("part of the pool is lent to another mapping".into()));
             }
-            allocated.push((b.addr, b.size));
-        }
-        drop(st);
-        if self.callbacks_on() {
-            sizes
-                .iter()
-                .for_each(|&(p, s)| self.fire(p, s, AllocatorEvent::Freed));
-            allocated
-                .iter()
-                .for_each(|&(p, s)| self.fire(p, s, AllocatorEvent::Allocated));
-        }
-        if self.config.debug_checks {
-            self.debug_check("restore_pool");
-        }
-        freed.sort_unstable();
-        Ok(RestoreReport { freed, allocated })
+            // Every block allocated now goes back to the pool.
+            let mut live: Vec<(usize, u32)> = st.live_blocks().collect();
+            live.sort_unstable();
+            let mut sizes = Vec::with_capacity(live.len());
+            for &(ptr, block) in &live {
+                st.take_live(ptr);
+                if self.history.enabled() {
+                    self.note_free(&mut st, block, pool.stream.index);
+                }
+                sizes.push((ptr, st.block(block).size));
+                st.free_to_cache(block);
+                freed.push(ptr);
+            }
+            st.flush_recent();
+            // Every allocated block of the checkpoint, at its address.
+            let mut allocated = Vec::new();
+            for b in checkpoint.allocated() {
+                let block = st.claim(b.addr, b.size, b.requested).map_err(|m| {
+                    // The checks above leave every byte of the segments free: this is a bug.
+                    why(format!(
+                        "re-creating {:#x} ({} bytes) failed after freeing the pool: {m}",
+                        b.addr, b.size
+                    ))
+                })?;
+                if self.history.enabled() {
+                    self.note_alloc(&mut st, block, pool.stream.index);
+                }
+                allocated.push((b.addr, b.size));
+            }
+            drop(st);
+            if self.callbacks_on() {
+                sizes
+                    .iter()
+                    .for_each(|&(p, s)| self.fire(p, s, AllocatorEvent::Freed));
+                allocated
+                    .iter()
+                    .for_each(|&(p, s)| self.fire(p, s, AllocatorEvent::Allocated));
+            }
+            freed.sort_unstable();
+            Ok(RestoreReport { freed, allocated })
+        })
     }
 
     /// The pool of private pool `id`.

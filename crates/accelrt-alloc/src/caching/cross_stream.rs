@@ -107,19 +107,22 @@ impl CachingAllocator {
     /// Block until the events recorded for these buffers have completed (MPS
     /// `waitForEvents`), then give back cached segments whose waits are over.
     pub fn wait_for_events(&self, ptrs: &[usize]) -> Result<()> {
-        let events =
-            self.require_events("wait_for_events on an allocator without an event source")?;
-        for &ptr in ptrs {
-            let tickets =
-                self.with_live_block(ptr, "wait_for_events", |st, block, _| st.take_events(block))?;
-            for t in tickets {
-                self.driver.synchronize.fetch_add(1, Relaxed);
-                let r = events.synchronize(t);
-                events.release(t);
-                r?;
+        self.gated("wait_for_events", || {
+            let events =
+                self.require_events("wait_for_events on an allocator without an event source")?;
+            for &ptr in ptrs {
+                let tickets = self.with_live_block(ptr, "wait_for_events", |st, block, _| {
+                    st.take_events(block)
+                })?;
+                for t in tickets {
+                    self.driver.synchronize.fetch_add(1, Relaxed);
+                    let r = events.synchronize(t);
+                    events.release(t);
+                    r?;
+                }
             }
-        }
-        self.free_inactive_buffers()
+            self.free_inactive_buffers()
+        })
     }
 
     // ---- pending frees ---------------------------------------------------------------------
@@ -220,14 +223,13 @@ impl CachingAllocator {
     /// Give every cached whole segment back to the device, after waiting for pending
     /// cross-stream frees. Split segments with live blocks stay.
     pub fn empty_cache(&self) -> Result<()> {
-        if self.rare.has(RareFlags::DEFERRED) {
-            return Err(self.take_deferred());
-        }
-        self.release_cached(true)?;
-        if self.config.debug_checks {
-            self.debug_check("empty_cache");
-        }
-        Ok(())
+        self.gated("empty_cache", || {
+            if self.rare.has(RareFlags::DEFERRED) {
+                return Err(self.take_deferred());
+            }
+            self.release_cached(true)?;
+            Ok(())
+        })
     }
 
     /// Finish the frees whose streams have passed (MPS's `freeInactiveBuffers`): blocks
@@ -235,15 +237,17 @@ impl CachingAllocator {
     /// to the cache once those streams' events have completed. Waits for nothing and gives
     /// nothing back to the device (that is [`CachingAllocator::empty_cache`]).
     pub fn free_inactive_buffers(&self) -> Result<()> {
-        if self.rare.has(RareFlags::DEFERRED) {
-            return Err(self.take_deferred());
-        }
-        for pool in self.initialized_pools() {
-            let mut st = pool.state.lock();
-            if st.has_pending() {
-                self.process_pending(pool, &mut st);
+        self.gated("free_inactive_buffers", || {
+            if self.rare.has(RareFlags::DEFERRED) {
+                return Err(self.take_deferred());
             }
-        }
-        Ok(())
+            for pool in self.initialized_pools() {
+                let mut st = pool.state.lock();
+                if st.has_pending() {
+                    self.process_pending(pool, &mut st);
+                }
+            }
+            Ok(())
+        })
     }
 }

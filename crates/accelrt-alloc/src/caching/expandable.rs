@@ -313,9 +313,6 @@ impl CachingAllocator {
             self.note_alloc(&mut st, block, pool.stream.index);
         }
         drop(st);
-        if self.config.debug_checks {
-            self.debug_check("alloc (expandable)");
-        }
         ptr
     }
 

@@ -300,13 +300,6 @@ impl CachingAllocator {
         })
     }
 
-    #[cold]
-    pub(super) fn debug_check(&self, after: &str) {
-        if let Err(e) = self.check_invariants() {
-            panic!("accelrt allocator invariant broken after {after}: {e}");
-        }
-    }
-
     pub(crate) fn pool_states(&self) -> impl Iterator<Item = (u32, &StreamPool)> {
         self.pools_with_index().map(|(i, p)| (i as u32, p))
     }

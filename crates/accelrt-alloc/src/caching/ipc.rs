@@ -54,100 +54,102 @@ impl CachingAllocator {
     /// Export the chunks under `[ptr, ptr + len)`, which must lie in one allocated block of an
     /// expandable segment. The chunks stay mapped here; the descriptors are the caller's.
     pub fn export_range(&self, ptr: usize, len: usize) -> Result<ExportedRange> {
-        let why = |m: String| {
-            Error::InvalidArgument(format!(
-                "cannot share {ptr:#x} ({len} bytes) of {} with another process: {m}",
-                self.device
-            ))
-        };
-        if !self.is_expandable() {
-            return Err(why(
-                "it is in a plain segment: share it with the driver's own IPC handle of the \
-                 segment (CUDA: cudaIpcGetMemHandle)"
-                    .into(),
-            ));
-        }
-        if len == 0 || ptr.checked_add(len).is_none() {
-            return Err(why("an empty or overflowing range".into()));
-        }
-        let pool = self
-            .pages
-            .lookup(ptr)
-            .and_then(|i| self.pools[i as usize].get())
-            .ok_or_else(|| why("not memory of this allocator".into()))?;
-        let page = self.vm_page as usize;
-        let handles: Vec<(ChunkHandle, u64, usize)> = {
-            let vm = self.vm_state.lock();
-            let st = pool.state.lock();
-            let seg = st
-                .segment_at(ptr)
-                .ok_or_else(|| why("no segment holds it".into()))?;
-            let table = seg
-                .vm
-                .as_ref()
-                .ok_or_else(|| why("it is in a plain segment".into()))?;
-            // The block holding the range must be allocated (the caller's).
-            let b = st
-                .block_at(seg, ptr)
-                .map(|idx| st.block(idx))
-                .filter(|b| b.state == BlockState::Allocated)
-                .ok_or_else(|| why("it is not in an allocated block".into()))?;
-            if ptr + len > b.addr + b.size as usize {
-                return Err(why(format!(
-                    "it runs past its block ({:#x}, {} bytes)",
-                    b.addr, b.size
-                )));
+        self.gated("export_range", || {
+            let why = |m: String| {
+                Error::InvalidArgument(format!(
+                    "cannot share {ptr:#x} ({len} bytes) of {} with another process: {m}",
+                    self.device
+                ))
+            };
+            if !self.is_expandable() {
+                return Err(why(
+                    "it is in a plain segment: share it with the driver's own IPC handle of the \
+                     segment (CUDA: cudaIpcGetMemHandle)"
+                        .into(),
+                ));
             }
-            let first = (ptr - seg.base) / page;
-            let last = (ptr + len - 1 - seg.base) / page;
-            let mut out: Vec<(ChunkHandle, u64, usize)> = Vec::new();
-            for slot in first..=last {
-                let id = table.get(slot);
-                if id >= LENT {
+            if len == 0 || ptr.checked_add(len).is_none() {
+                return Err(why("an empty or overflowing range".into()));
+            }
+            let pool = self
+                .pages
+                .lookup(ptr)
+                .and_then(|i| self.pools[i as usize].get())
+                .ok_or_else(|| why("not memory of this allocator".into()))?;
+            let page = self.vm_page as usize;
+            let handles: Vec<(ChunkHandle, u64, usize)> = {
+                let vm = self.vm_state.lock();
+                let st = pool.state.lock();
+                let seg = st
+                    .segment_at(ptr)
+                    .ok_or_else(|| why("no segment holds it".into()))?;
+                let table = seg
+                    .vm
+                    .as_ref()
+                    .ok_or_else(|| why("it is in a plain segment".into()))?;
+                // The block holding the range must be allocated (the caller's).
+                let b = st
+                    .block_at(seg, ptr)
+                    .map(|idx| st.block(idx))
+                    .filter(|b| b.state == BlockState::Allocated)
+                    .ok_or_else(|| why("it is not in an allocated block".into()))?;
+                if ptr + len > b.addr + b.size as usize {
                     return Err(why(format!(
-                        "page {slot} of its segment is not backed (an allocator bug: an \
-                         allocated block is always backed)"
+                        "it runs past its block ({:#x}, {} bytes)",
+                        b.addr, b.size
                     )));
                 }
-                let c = vm.chunks.get(id);
-                let Home::Mapped { seg_base, slot, .. } = c.home else {
-                    return Err(why(format!("chunk {id} under it is not mapped at home")));
-                };
-                let start = seg_base + slot as usize * page;
-                if out.last().is_some_and(|&(_, _, s)| s == start) {
-                    continue;
+                let first = (ptr - seg.base) / page;
+                let last = (ptr + len - 1 - seg.base) / page;
+                let mut out: Vec<(ChunkHandle, u64, usize)> = Vec::new();
+                for slot in first..=last {
+                    let id = table.get(slot);
+                    if id >= LENT {
+                        return Err(why(format!(
+                            "page {slot} of its segment is not backed (an allocator bug: an \
+                             allocated block is always backed)"
+                        )));
+                    }
+                    let c = vm.chunks.get(id);
+                    let Home::Mapped { seg_base, slot, .. } = c.home else {
+                        return Err(why(format!("chunk {id} under it is not mapped at home")));
+                    };
+                    let start = seg_base + slot as usize * page;
+                    if out.last().is_some_and(|&(_, _, s)| s == start) {
+                        continue;
+                    }
+                    out.push((c.handle, c.pages as u64 * page as u64, start));
                 }
-                out.push((c.handle, c.pages as u64 * page as u64, start));
+                out
+            };
+            // Contiguous from the first chunk's start (a block's chunks tile it).
+            let base = handles[0].2;
+            let mut at = 0u64;
+            for &(_, bytes, start) in &handles {
+                if (start - base) as u64 != at {
+                    return Err(why(format!(
+                        "its chunks are not contiguous (one at {start:#x})"
+                    )));
+                }
+                at += bytes;
             }
-            out
-        };
-        // Contiguous from the first chunk's start (a block's chunks tile it).
-        let base = handles[0].2;
-        let mut at = 0u64;
-        for &(_, bytes, start) in &handles {
-            if (start - base) as u64 != at {
-                return Err(why(format!(
-                    "its chunks are not contiguous (one at {start:#x})"
-                )));
+            let vm = self.vm();
+            let mut chunks = Vec::with_capacity(handles.len());
+            for (handle, bytes, start) in handles {
+                let fd = vm
+                    .export_chunk(handle)
+                    .map_err(|e| provider_failure(e, "exporting memory"))?;
+                chunks.push(ExportedChunk {
+                    fd,
+                    bytes,
+                    at: (start - base) as u64,
+                });
             }
-            at += bytes;
-        }
-        let vm = self.vm();
-        let mut chunks = Vec::with_capacity(handles.len());
-        for (handle, bytes, start) in handles {
-            let fd = vm
-                .export_chunk(handle)
-                .map_err(|e| provider_failure(e, "exporting memory"))?;
-            chunks.push(ExportedChunk {
-                fd,
-                bytes,
-                at: (start - base) as u64,
-            });
-        }
-        Ok(ExportedRange {
-            chunks,
-            offset: (ptr - base) as u64,
-            span: at,
+            Ok(ExportedRange {
+                chunks,
+                offset: (ptr - base) as u64,
+                span: at,
+            })
         })
     }
 
@@ -155,91 +157,95 @@ impl CachingAllocator {
     /// order, contiguous) at a new address range of this device, readable and writable by
     /// it. The descriptors are consumed. Undo with [`CachingAllocator::close_import`].
     pub fn import_range(&self, chunks: Vec<(OwnedFd, u64)>) -> Result<ImportedRange> {
-        let vm = self.provider.virtual_memory().ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{} has no virtual memory: it cannot map memory of another process (sharing \
-                 expandable memory needs the CUDA backend)",
-                self.device
-            ))
-        })?;
-        let g = vm.granularity() as u64;
-        if chunks.is_empty() {
-            return Err(Error::InvalidArgument("no chunks to import".into()));
-        }
-        let mut span = 0u64;
-        for (_, bytes) in &chunks {
-            if *bytes == 0 || g == 0 || bytes % g != 0 {
-                return Err(Error::InvalidArgument(format!(
-                    "an imported chunk of {bytes} bytes is not a positive multiple of the \
-                     {g}-byte granularity of {}",
+        self.gated("import_range", || {
+            let vm = self.provider.virtual_memory().ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{} has no virtual memory: it cannot map memory of another process (sharing \
+                     expandable memory needs the CUDA backend)",
                     self.device
-                )));
+                ))
+            })?;
+            let g = vm.granularity() as u64;
+            if chunks.is_empty() {
+                return Err(Error::InvalidArgument("no chunks to import".into()));
             }
-            span = span
-                .checked_add(*bytes)
-                .filter(|&s| s <= usize::MAX as u64 / 2)
-                .ok_or_else(|| Error::InvalidArgument("the imported chunks overflow".into()))?;
-        }
-        let mut handles: Vec<(ChunkHandle, usize)> = Vec::with_capacity(chunks.len());
-        let undo = |handles: &[(ChunkHandle, usize)]| {
-            for &(h, n) in handles {
-                // SAFETY: imported just now by us, mapped nowhere.
-                unsafe { vm.release(h, n) };
+            let mut span = 0u64;
+            for (_, bytes) in &chunks {
+                if *bytes == 0 || g == 0 || bytes % g != 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "an imported chunk of {bytes} bytes is not a positive multiple of the \
+                         {g}-byte granularity of {}",
+                        self.device
+                    )));
+                }
+                span = span
+                    .checked_add(*bytes)
+                    .filter(|&s| s <= usize::MAX as u64 / 2)
+                    .ok_or_else(|| Error::InvalidArgument("the imported chunks overflow".into()))?;
             }
-        };
-        for (fd, bytes) in chunks {
-            match vm.import_chunk(fd, bytes as usize) {
-                Ok(h) => handles.push((h, bytes as usize)),
-                Err(e) => {
-                    undo(&handles);
-                    return Err(provider_failure(e, "importing memory"));
+            let mut handles: Vec<(ChunkHandle, usize)> = Vec::with_capacity(chunks.len());
+            let undo = |handles: &[(ChunkHandle, usize)]| {
+                for &(h, n) in handles {
+                    // SAFETY: imported just now by us, mapped nowhere.
+                    unsafe { vm.release(h, n) };
+                }
+            };
+            for (fd, bytes) in chunks {
+                match vm.import_chunk(fd, bytes as usize) {
+                    Ok(h) => handles.push((h, bytes as usize)),
+                    Err(e) => {
+                        undo(&handles);
+                        return Err(provider_failure(e, "importing memory"));
+                    }
                 }
             }
-        }
-        let base = match vm.reserve(span as usize) {
-            Ok(b) => b,
-            Err(e) => {
+            let base = match vm.reserve(span as usize) {
+                Ok(b) => b,
+                Err(e) => {
+                    undo(&handles);
+                    return Err(provider_failure(
+                        e,
+                        "reserving addresses for imported memory",
+                    ));
+                }
+            };
+            // SAFETY: `base` is a fresh reservation of `span` bytes, aligned to the granularity;
+            // the handles are live and cover it exactly, one after another.
+            if let Err(e) = unsafe { vm.map(base, &handles) } {
                 undo(&handles);
-                return Err(provider_failure(
-                    e,
-                    "reserving addresses for imported memory",
-                ));
+                // SAFETY: reserved just now; `map` left nothing mapped on failure.
+                unsafe { vm.unreserve(base, span as usize) };
+                return Err(provider_failure(e, "mapping imported memory"));
             }
-        };
-        // SAFETY: `base` is a fresh reservation of `span` bytes, aligned to the granularity;
-        // the handles are live and cover it exactly, one after another.
-        if let Err(e) = unsafe { vm.map(base, &handles) } {
-            undo(&handles);
-            // SAFETY: reserved just now; `map` left nothing mapped on failure.
-            unsafe { vm.unreserve(base, span as usize) };
-            return Err(provider_failure(e, "mapping imported memory"));
-        }
-        Ok(ImportedRange {
-            base,
-            span,
-            handles,
+            Ok(ImportedRange {
+                base,
+                span,
+                handles,
+            })
         })
     }
 
     /// Unmap and release what [`CachingAllocator::import_range`] mapped. Waits for the
     /// device's queued work first (it may still read the memory).
     pub fn close_import(&self, range: ImportedRange) -> Result<()> {
-        let vm = self.provider.virtual_memory().ok_or_else(|| {
-            Error::InvalidArgument(format!("{} has no virtual memory", self.device))
-        })?;
-        if let Some(events) = &self.events {
-            events.synchronize_device(self.device.index)?;
-        }
-        // SAFETY: `range` came from `import_range` (it cannot be built elsewhere), is
-        // consumed here, and the device's work on it has completed.
-        unsafe {
-            vm.unmap(range.base, range.span as usize);
-            for &(h, n) in &range.handles {
-                vm.release(h, n);
+        self.gated("close_import", || {
+            let vm = self.provider.virtual_memory().ok_or_else(|| {
+                Error::InvalidArgument(format!("{} has no virtual memory", self.device))
+            })?;
+            if let Some(events) = &self.events {
+                events.synchronize_device(self.device.index)?;
             }
-            vm.unreserve(range.base, range.span as usize);
-        }
-        Ok(())
+            // SAFETY: `range` came from `import_range` (it cannot be built elsewhere), is
+            // consumed here, and the device's work on it has completed.
+            unsafe {
+                vm.unmap(range.base, range.span as usize);
+                for &(h, n) in &range.handles {
+                    vm.release(h, n);
+                }
+                vm.unreserve(range.base, range.span as usize);
+            }
+            Ok(())
+        })
     }
 }
 

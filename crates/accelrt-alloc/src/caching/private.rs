@@ -82,60 +82,62 @@ impl CachingAllocator {
     /// Route allocations on streams `filter` accepts to private pool `id` (created on first
     /// use, with a use count of 1), until [`CachingAllocator::end_allocate_to_pool`].
     pub fn begin_allocate_to_pool(&self, id: MempoolId, filter: StreamFilter) -> Result<()> {
-        if id.is_none() {
-            return Err(Error::InvalidArgument(
-                "pool id (0, 0) is not a pool: create one with new_pool_id()".into(),
-            ));
-        }
-        if let StreamFilter::Only(s) = &filter {
-            if s.device != self.device {
-                return Err(Error::InvalidArgument(format!(
-                    "stream {s} is not on {}",
-                    self.device
-                )));
+        self.gated("begin_allocate_to_pool", || {
+            if id.is_none() {
+                return Err(Error::InvalidArgument(
+                    "pool id (0, 0) is not a pool: create one with new_pool_id()".into(),
+                ));
             }
-        }
-        let mut p = self.private.lock();
-        let slot = match p.ids.get(&id) {
-            Some(e) if e.use_count == 0 => return Err(Self::released_pool(id)),
-            Some(e) => e.slot,
-            None => {
-                let slot = match p.free_slots.pop() {
-                    Some(s) => s,
-                    None if p.next_slot < MAX_PRIVATE_POOLS => {
-                        p.next_slot += 1;
-                        p.next_slot - 1
-                    }
-                    None => {
-                        return Err(Error::InvalidArgument(format!(
-                            "{MAX_PRIVATE_POOLS} private pools are in use on {}: release some with release_pool",
-                            self.device
-                        )))
-                    }
-                };
-                p.ids.insert(id, Entry { slot, use_count: 1 });
-                slot
+            if let StreamFilter::Only(s) = &filter {
+                if s.device != self.device {
+                    return Err(Error::InvalidArgument(format!(
+                        "stream {s} is not on {}",
+                        self.device
+                    )));
+                }
             }
-        };
-        let index = MAX_STREAM_POOLS + slot;
-        let pool = self.pools[index].get_or_init(|| {
-            let stream = Stream {
-                device: self.device,
-                index: index as u32,
+            let mut p = self.private.lock();
+            let slot = match p.ids.get(&id) {
+                Some(e) if e.use_count == 0 => return Err(Self::released_pool(id)),
+                Some(e) => e.slot,
+                None => {
+                    let slot = match p.free_slots.pop() {
+                        Some(s) => s,
+                        None if p.next_slot < MAX_PRIVATE_POOLS => {
+                            p.next_slot += 1;
+                            p.next_slot - 1
+                        }
+                        None => {
+                            return Err(Error::InvalidArgument(format!(
+                                "{MAX_PRIVATE_POOLS} private pools are in use on {}: release some with release_pool",
+                                self.device
+                            )))
+                        }
+                    };
+                    p.ids.insert(id, Entry { slot, use_count: 1 });
+                    slot
+                }
             };
-            Box::new(StreamPool {
-                stream,
-                private: true,
-                state: crate::pool_lock::PoolMutex::new(PoolState::new()),
-                pending_queries: Mutex::new(()),
-                fence_queries: Mutex::new(()),
-            })
-        });
-        pool.state.lock().open_private(id);
-        self.pools_in_use.fetch_max(index + 1, Relaxed);
-        p.routes.push((id, index, filter));
-        self.rare.set(RareFlags::ROUTES, !p.routes.is_empty());
-        Ok(())
+            let index = MAX_STREAM_POOLS + slot;
+            let pool = self.pools[index].get_or_init(|| {
+                let stream = Stream {
+                    device: self.device,
+                    index: index as u32,
+                };
+                Box::new(StreamPool {
+                    stream,
+                    private: true,
+                    state: crate::pool_lock::PoolMutex::new(PoolState::new()),
+                    pending_queries: Mutex::new(()),
+                    fence_queries: Mutex::new(()),
+                })
+            });
+            pool.state.lock().open_private(id);
+            self.pools_in_use.fetch_max(index + 1, Relaxed);
+            p.routes.push((id, index, filter));
+            self.rare.set(RareFlags::ROUTES, !p.routes.is_empty());
+            Ok(())
+        })
     }
 
     /// Whether a graph capture may be underway: allocations are routed to a private pool
@@ -182,28 +184,30 @@ impl CachingAllocator {
     /// Drop a use of private pool `id`. At zero, its cached memory goes back to the device
     /// now and the rest as its blocks are freed.
     pub fn release_pool(&self, id: MempoolId) -> Result<()> {
-        let index = {
-            let mut p = self.private.lock();
-            let e = p.ids.get_mut(&id).ok_or_else(|| Self::unknown_pool(id))?;
-            // A released pool still draining (blocks outlived its last use) has no use left
-            // to drop: a second release is an error, not an underflow (issue 13 item 5).
-            if e.use_count == 0 {
-                return Err(Self::released_pool(id));
-            }
-            e.use_count -= 1;
-            if e.use_count > 0 {
-                return Ok(());
-            }
-            p.routes.retain(|(r, _, _)| *r != id);
-            self.rare.set(RareFlags::ROUTES, !p.routes.is_empty());
-            MAX_STREAM_POOLS + p.ids[&id].slot
-        };
-        let pool = self.pools[index]
-            .get()
-            .expect("a registered private pool exists");
-        pool.state.lock().mark_released();
-        self.drain_released_pool(pool);
-        Ok(())
+        self.gated("release_pool", || {
+            let index = {
+                let mut p = self.private.lock();
+                let e = p.ids.get_mut(&id).ok_or_else(|| Self::unknown_pool(id))?;
+                // A released pool still draining (blocks outlived its last use) has no use left
+                // to drop: a second release is an error, not an underflow (issue 13 item 5).
+                if e.use_count == 0 {
+                    return Err(Self::released_pool(id));
+                }
+                e.use_count -= 1;
+                if e.use_count > 0 {
+                    return Ok(());
+                }
+                p.routes.retain(|(r, _, _)| *r != id);
+                self.rare.set(RareFlags::ROUTES, !p.routes.is_empty());
+                MAX_STREAM_POOLS + p.ids[&id].slot
+            };
+            let pool = self.pools[index]
+                .get()
+                .expect("a registered private pool exists");
+            pool.state.lock().mark_released();
+            self.drain_released_pool(pool);
+            Ok(())
+        })
     }
 
     /// Make the free range `[ptr, ptr + size)` of private pool `id` one allocated block again,
@@ -212,37 +216,36 @@ impl CachingAllocator {
     /// checkpoint this way (`setCheckpointPoolState`). The range must lie in one free block of
     /// the pool; anything else is an error naming why, and changes nothing.
     pub fn claim_block(&self, id: MempoolId, ptr: usize, size: u64, requested: u64) -> Result<()> {
-        let why = |m: &str| {
-            Error::InvalidArgument(format!(
-                "cannot claim {ptr:#x} ({size} bytes) in private pool {id:?} on {}: {m}",
-                self.device
-            ))
-        };
-        if size == 0 || size % crate::MIN_BLOCK != 0 || ptr % crate::MIN_BLOCK as usize != 0 {
-            return Err(why(
-                "blocks are whole multiples of 512 bytes at 512-byte boundaries",
-            ));
-        }
-        if requested > size {
-            return Err(why("more bytes requested than the block holds"));
-        }
-        let index = {
-            let p = self.private.lock();
-            MAX_STREAM_POOLS + p.ids.get(&id).ok_or_else(|| Self::unknown_pool(id))?.slot
-        };
-        let pool = self.pools[index]
-            .get()
-            .expect("a registered private pool exists");
-        let mut st = pool.state.lock();
-        let block = st.claim(ptr, size, requested).map_err(|m| why(&m))?;
-        if self.history.enabled() {
-            self.note_alloc(&mut st, block, pool.stream.index);
-        }
-        drop(st);
-        if self.config.debug_checks {
-            self.debug_check("claim_block");
-        }
-        Ok(())
+        self.gated("claim_block", || {
+            let why = |m: &str| {
+                Error::InvalidArgument(format!(
+                    "cannot claim {ptr:#x} ({size} bytes) in private pool {id:?} on {}: {m}",
+                    self.device
+                ))
+            };
+            if size == 0 || size % crate::MIN_BLOCK != 0 || ptr % crate::MIN_BLOCK as usize != 0 {
+                return Err(why(
+                    "blocks are whole multiples of 512 bytes at 512-byte boundaries",
+                ));
+            }
+            if requested > size {
+                return Err(why("more bytes requested than the block holds"));
+            }
+            let index = {
+                let p = self.private.lock();
+                MAX_STREAM_POOLS + p.ids.get(&id).ok_or_else(|| Self::unknown_pool(id))?.slot
+            };
+            let pool = self.pools[index]
+                .get()
+                .expect("a registered private pool exists");
+            let mut st = pool.state.lock();
+            let block = st.claim(ptr, size, requested).map_err(|m| why(&m))?;
+            if self.history.enabled() {
+                self.note_alloc(&mut st, block, pool.stream.index);
+            }
+            drop(st);
+            Ok(())
+        })
     }
 
     /// The pool slot of private pool `id`, or `None` if there is no such pool.

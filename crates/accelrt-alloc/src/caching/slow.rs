@@ -116,9 +116,6 @@ impl CachingAllocator {
         }
         drop(st);
         self.fire(base, seg_size, AllocatorEvent::Allocated);
-        if self.config.debug_checks {
-            self.debug_check("alloc (new segment)");
-        }
         base
     }
 

@@ -122,9 +122,10 @@ fn threads_on_their_own_streams_never_see_each_others_bytes_without_events() {
     // yielding in between, so that another may take its idle page (without events, at once)
     // while it is off the core. Each writes its own pattern into its block and checks it:
     // however the moves interleave, no thread ever sees another's bytes, and the allocator
-    // is consistent once they are done. (`debug_checks` stays off: the invariant checker
-    // wants quiescent moments, so it runs at the end. How many moves it takes to settle
-    // depends on the interleaving; the deterministic test above pins that down.)
+    // is consistent once they are done. (`debug_checks` stays off, so that the threads
+    // really overlap rather than wait for each call's check; the invariants are checked at
+    // the end. How many moves it takes to settle depends on the interleaving; the
+    // deterministic test above pins that down.)
     const THREADS: u32 = 8;
     let config = AllocatorConfig::default();
     let a = CachingAllocator::new(DEV, Arc::new(HostMemory::new(1 << 30)), None, config).unwrap();

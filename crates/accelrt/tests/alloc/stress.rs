@@ -57,8 +57,13 @@ fn verify(l: &Live) {
 }
 
 fn stress(seed: u64, conf: &str) {
-    let mut config = AllocatorConfig::parse(conf).unwrap();
-    config.debug_checks = false; // the checker is not meant for calls in flight
+    stress_for(seed, conf, OPS);
+}
+
+/// `ops` operations a thread under `conf` (which may turn `debug_checks` on: every call is
+/// then checked, with the others held off meanwhile).
+fn stress_for(seed: u64, conf: &str, ops: usize) {
+    let config = AllocatorConfig::parse(conf).unwrap();
     let a = Arc::new(
         CachingAllocator::new(DEV, Arc::new(HostMemory::new(8 << 30)), None, config).unwrap(),
     );
@@ -72,7 +77,7 @@ fn stress(seed: u64, conf: &str) {
                 let stream = host_stream(t as u32);
                 let mut mine: Vec<Live> = Vec::new();
                 barrier.wait();
-                for i in 0..OPS {
+                for i in 0..ops {
                     let r = rng.below(100);
                     if mine.is_empty() || (r < 50 && mine.len() < 48) {
                         let size = match rng.below(10) {
@@ -137,4 +142,63 @@ fn eight_threads_without_release_at_peak() {
 #[test]
 fn eight_threads_plain_segments() {
     stress(7, "expandable_segments:false");
+}
+
+/// With `debug_checks`, the checker after each call holds the others off: it never sees one
+/// half done. (Before the checker's gate, new address ranges, moves and releases in flight
+/// on one thread made the check after another thread's call fail, e.g. "segment index has 8
+/// entries, pools have 5".)
+#[test]
+fn eight_threads_with_every_call_checked() {
+    stress_for(0x0C4E_C4ED, "debug_checks:true", 300);
+    stress_for(12, "debug_checks:true,expandable_segments:false", 300);
+}
+
+/// `check_invariants` from another thread at any moment, with `debug_checks` on: it waits
+/// for the calls in flight and finds every invariant holding.
+#[test]
+fn the_checker_may_run_beside_calls_on_other_threads() {
+    let config = AllocatorConfig::parse("debug_checks:true").unwrap();
+    let a = CachingAllocator::new(DEV, Arc::new(HostMemory::new(8 << 30)), None, config).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let a = &a;
+                scope.spawn(move || {
+                    let mut rng = Rng(99 ^ (t << 32));
+                    let stream = host_stream(t as u32);
+                    let mut mine = Vec::new();
+                    for _ in 0..600 {
+                        if mine.is_empty() || (rng.below(2) == 0 && mine.len() < 32) {
+                            let size = 1 + rng.below(16 << 20) as usize;
+                            mine.push(a.raw_alloc(size, stream).unwrap());
+                        } else {
+                            let i = rng.below(mine.len() as u64) as usize;
+                            a.raw_free(mine.swap_remove(i)).unwrap();
+                        }
+                        if rng.below(64) == 0 {
+                            a.empty_cache().unwrap();
+                        }
+                    }
+                    for p in mine {
+                        a.raw_free(p).unwrap();
+                    }
+                })
+            })
+            .collect();
+        scope.spawn(|| {
+            let mut checks = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || checks == 0 {
+                a.check_invariants().unwrap();
+                checks += 1;
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        });
+        for w in workers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(a.allocated_bytes(), 0);
 }
