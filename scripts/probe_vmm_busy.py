@@ -5,7 +5,8 @@ the device idle, then while a kernel keeps the device busy for about 300 ms (tor
 on the current stream), and says whether the stream was still busy after each call (a call
 that waited for the GPU takes about the kernel's time and finds the stream done). Then
 whether remapping memory no kernel uses slows the kernels running meanwhile (`gpu_stall`),
-and whether kernels run slower on memory mapped from small physical handles than on
+whether they slow the host's kernel launches after them (`launch_cost`), and whether
+kernels run slower on memory mapped from small physical handles than on
 cudaMalloc's (`kernel_speed`: a random gather, which the GPU's address translation limits,
 a streaming read over 4 GiB, and bf16 GEMMs on operands in different handles).
 
@@ -76,6 +77,10 @@ def main():
     print("\nremap cycles while 1,000 kernels run | GPU ms for the kernels, median (min-max) of 5")
     for cycles, ms in stall.items():
         print(f"{cycles} | {statistics.median(ms):.2f} ({min(ms):.2f}-{max(ms):.2f})")
+    launch = launch_cost(prop, access)
+    print("\nremap cycles among 4,000 small ops (host-bound) | host ms for the ops, less the remap calls' own time, median (min-max) of 5 | the remap calls' own ms")
+    for cycles, (ms, calls_ms) in launch.items():
+        print(f"{cycles} | {statistics.median(ms):.2f} ({min(ms):.2f}-{max(ms):.2f}) | {statistics.median(calls_ms):.2f}")
     speed = kernel_speed(prop, access)
     print("\n4 GiB backed by | random gather ms | streaming read ms | 50 bf16 GEMMs ms  (median (min-max) of 7)")
     for name, kinds in speed.items():
@@ -85,6 +90,7 @@ def main():
         print("probe " + json.dumps(r))
     print("probe " + json.dumps({"gpu_ms_by_remap_cycles": stall}))
     print("probe " + json.dumps({"kernel_ms_by_backing": speed}))
+    print("probe " + json.dumps({"host_ms_by_remap_cycles": {c: v[0] for c, v in launch.items()}}))
 
 
 class _Raw:
@@ -196,6 +202,50 @@ def gpu_stall(prop, access, reps=5):
     for _ in range(reps):
         for c in out:  # interleaved
             out[c].append(queue(1000, c))
+    check(cu.cuMemAddressFree(va, size))
+    return out
+
+
+def launch_cost(prop, access, ops=2000, reps=5):
+    """Do virtual-memory calls slow the host's kernel launches after them (a driver cache
+    invalidated by a new mapping, say)? The host time of `ops` rounds of two small ops (an
+    element-wise add and a 64 x 64 GEMM: the device keeps up, so the host's launches set the
+    pace), with 0, 20 or 200 map-access-unmap cycles of a spare 2 MiB page among them, less
+    the time the cycles' own calls took. Returns {cycles: ([host ms], [cycle calls ms])}."""
+    size = 2 << 20
+    x = torch.zeros(1024, device="cuda")
+    a = torch.randn(64, 64, device="cuda")
+    va = check(cu.cuMemAddressReserve(size, 0, 0, 0))
+    h = check(cu.cuMemCreate(size, prop, 0))
+
+    def cycle():
+        check(cu.cuMemMap(va, size, 0, h, 0))
+        check(cu.cuMemSetAccess(va, size, [access], 1))
+        check(cu.cuMemUnmap(va, size))
+
+    def run(cycles):
+        torch.cuda.synchronize()
+        in_calls = 0.0
+        t0 = time.perf_counter()
+        for i in range(ops):
+            x.add_(1.0)
+            torch.mm(a, a)
+            if cycles and i % (ops // cycles) == 0:
+                c0 = time.perf_counter()
+                cycle()
+                in_calls += time.perf_counter() - c0
+        host = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return (host - in_calls) * 1e3, in_calls * 1e3
+
+    run(0)  # warm-up
+    out = {c: ([], []) for c in (0, 20, 200)}
+    for _ in range(reps):
+        for c in out:  # interleaved
+            ms, calls = run(c)
+            out[c][0].append(ms)
+            out[c][1].append(calls)
+    check(cu.cuMemRelease(h))
     check(cu.cuMemAddressFree(va, size))
     return out
 
