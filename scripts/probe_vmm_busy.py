@@ -5,7 +5,9 @@ the device idle, then while a kernel keeps the device busy for about 300 ms (tor
 on the current stream), and says whether the stream was still busy after each call (a call
 that waited for the GPU takes about the kernel's time and finds the stream done). Then
 whether remapping memory no kernel uses slows the kernels running meanwhile (`gpu_stall`),
-whether they slow the host's kernel launches after them (`launch_cost`), and whether
+whether they slow the host's kernel launches after them (`launch_cost`), whether many
+mappings in the process slow the host's work on other memory (`host_cost_by_mappings`:
+cuDNN attention, GEMMs, pointer queries), and whether
 kernels run slower on memory mapped from small physical handles than on
 cudaMalloc's (`kernel_speed`: a random gather, which the GPU's address translation limits,
 a streaming read over 4 GiB, and bf16 GEMMs on operands in different handles).
@@ -81,6 +83,11 @@ def main():
     print("\nremap cycles among 4,000 small ops (host-bound) | host ms for the ops, less the remap calls' own time, median (min-max) of 5 | the remap calls' own ms")
     for cycles, (ms, calls_ms) in launch.items():
         print(f"{cycles} | {statistics.median(ms):.2f} ({min(ms):.2f}-{max(ms):.2f}) | {statistics.median(calls_ms):.2f}")
+    mapped_many = host_cost_by_mappings(prop, access)
+    print("\nother 2 MiB mappings in the process | host ms of 200 cuDNN attention forwards | of 200 bf16 GEMMs | of 2,000 pointer-attribute queries  (median (min-max) of 5)")
+    for n, kinds in mapped_many.items():
+        cells = " | ".join(f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for v in kinds.values())
+        print(f"{n} | {cells}")
     speed = kernel_speed(prop, access)
     print("\n4 GiB backed by | random gather ms | streaming read ms | 50 bf16 GEMMs ms  (median (min-max) of 7)")
     for name, kinds in speed.items():
@@ -91,6 +98,7 @@ def main():
     print("probe " + json.dumps({"gpu_ms_by_remap_cycles": stall}))
     print("probe " + json.dumps({"kernel_ms_by_backing": speed}))
     print("probe " + json.dumps({"host_ms_by_remap_cycles": {c: v[0] for c, v in launch.items()}}))
+    print("probe " + json.dumps({"host_ms_by_other_mappings": mapped_many}))
 
 
 class _Raw:
@@ -203,6 +211,60 @@ def gpu_stall(prop, access, reps=5):
         for c in out:  # interleaved
             out[c].append(queue(1000, c))
     check(cu.cuMemAddressFree(va, size))
+    return out
+
+
+def host_cost_by_mappings(prop, access, reps=5):
+    """Does the number of virtual-memory mappings in the process slow the host's work on
+    other memory (a driver lookup that grows with them)? The host time (no synchronize inside)
+    of 200 cuDNN attention forwards (8 x 12 x 512 x 64, bf16), of 200 bf16 GEMMs (2,048 x 768
+    by 768 x 2,048) and of 2,000 `cuPointerGetAttribute` calls on a cudaMalloc tensor, with 0,
+    500 or 2,000 other 2 MiB handles mapped (each at its own address). Returns {mappings:
+    {kind: [ms]}}."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(8, 12, 512, 64, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(2048, 768, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(768, 2048, device="cuda", dtype=torch.bfloat16)
+    size = 2 << 20
+    held = []  # (va, handle)
+
+    def grow_to(n):
+        while len(held) < n:
+            va = check(cu.cuMemAddressReserve(size, 0, 0, 0))
+            h = check(cu.cuMemCreate(size, prop, 0))
+            check(cu.cuMemMap(va, size, 0, h, 0))
+            check(cu.cuMemSetAccess(va, size, [access], 1))
+            held.append((va, h))
+
+    def host_ms(f, n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        ms = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize()
+        return ms
+
+    attr = cu.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+
+    def attention():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    kinds = {"attention": (attention, 200), "gemm": (lambda: torch.mm(a, b), 200),
+             "pointer_attribute": (lambda: check(cu.cuPointerGetAttribute(attr, q.data_ptr())), 2000)}
+    out = {}
+    for n in (0, 500, 2000):
+        grow_to(n)
+        for f, k in kinds.values():
+            host_ms(f, 20)  # warm-up
+        out[n] = {name: [host_ms(f, k) for _ in range(reps)] for name, (f, k) in kinds.items()}
+    torch.cuda.synchronize()
+    for va, h in held:
+        check(cu.cuMemUnmap(va, size))
+        check(cu.cuMemRelease(h))
+        check(cu.cuMemAddressFree(va, size))
     return out
 
 
