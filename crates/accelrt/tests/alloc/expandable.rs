@@ -381,34 +381,43 @@ fn moves_never_wait_and_keep_the_old_range_until_its_work_has_passed() {
 /// freed block's chunks are idle, so a block elsewhere takes them instead of new ones.
 #[test]
 fn chunks_are_sized_by_configuration_and_run_length() {
-    // (configuration, one block of MiB, chunks created for it). A run that fits in one chunk
-    // is cut into its pages less one and that one page (the page a neighbour may share).
+    // (configuration, one block of MiB plus extra bytes, chunks created for it). A block
+    // whose end falls inside a page (extra bytes) shares that page with whatever comes next:
+    // a run that fits in one chunk is then cut into its pages less one, and that one page.
+    // A block ending on a page boundary shares nothing and is not cut.
+    const KIB: usize = 1 << 10;
     let table = [
-        ("", 8, 2),
-        ("", 64, 2),
-        ("", 1024, 17),          // 512 pages: 15 x 32, then 31 + 1
-        ("chunk_mb:4", 8, 3),    // 2 + 1 + 1 pages
-        ("chunk_mb:4", 64, 17),  // 15 x 2, then 1 + 1
-        ("chunk_mb:4", 240, 13), // 120 pages: 11 x 10, then 9 + 1
-        ("chunk_mb:4", 1024, 17),
-        ("chunk_mb:8", 24, 4),
-        ("max_chunk_mb:2", 64, 32),
-        ("max_chunk_mb:1", 8, 4), // never less than a page
+        ("", 8, 0, 1),
+        ("", 8, KIB, 2), // 5 pages: 4 + 1
+        ("", 64, 0, 1),
+        ("", 62, KIB, 2),          // 32 pages: 31 + 1
+        ("", 1024, 0, 16),         // 512 pages: 16 x 32
+        ("", 1022, KIB, 17),       // 512 pages: 15 x 32, then 31 + 1
+        ("chunk_mb:4", 8, 0, 2),   // 2 + 2 pages
+        ("chunk_mb:4", 6, KIB, 3), // 2 + 1 + 1 pages
+        ("chunk_mb:4", 64, 0, 16),
+        ("chunk_mb:4", 240, 0, 12),   // 120 pages: 12 x 10
+        ("chunk_mb:4", 238, KIB, 13), // 120 pages: 11 x 10, then 9 + 1
+        ("chunk_mb:4", 1024, 0, 16),
+        ("chunk_mb:8", 24, 0, 3),
+        ("max_chunk_mb:2", 64, 0, 32),
+        ("max_chunk_mb:1", 8, 0, 4), // never less than a page
     ];
-    for (conf, mib, chunks) in table {
+    for (conf, mib, extra, chunks) in table {
         let a = allocator(4 << 30, conf);
-        let x = a.raw_alloc(mib * MIB, s(0)).unwrap();
+        let bytes = mib * MIB + extra;
+        let x = a.raw_alloc(bytes, s(0)).unwrap();
         let c = a.stats().driver_calls;
-        assert_eq!(c.create, chunks, "{conf:?}, {mib} MiB: {c:?}");
+        assert_eq!(c.create, chunks, "{conf:?}, {mib} MiB + {extra}: {c:?}");
         assert_eq!(
             a.reserved_bytes(),
-            (mib * MIB) as u64,
+            bytes.div_ceil(2 * MIB) as u64 * 2 * MIB as u64,
             "{conf:?}: the block's pages only"
         );
-        a.raw_free(x).unwrap();
-        // The freed block's chunks are idle: a larger block after a live one takes them all
-        // (moves) and only the difference is new.
+        // The freed block's chunks are idle: a larger block takes them all (in place or
+        // moved) and only the difference is new.
         let keep = a.raw_alloc(MIB, s(0)).unwrap();
+        a.raw_free(x).unwrap();
         let y = a.raw_alloc((mib + 32) * MIB, s(0)).unwrap();
         assert!(
             a.reserved_bytes() <= ((mib + 36) * MIB) as u64,

@@ -167,7 +167,9 @@ fn a_move_from_another_stream_orders_on_the_device() {
         rt.new_stream(0, StreamPriority::Normal).unwrap(),
     );
     let failures = Arc::new(AtomicUsize::new(0));
-    let x = alloc.raw_alloc(40 * MIB, a).unwrap();
+    // 40 MiB and a page's tail: its last page, shared with what may follow, gets a chunk of
+    // its own, which the small block below takes, leaving the 20-page chunk to move to b.
+    let x = alloc.raw_alloc(40 * MIB + 4096, a).unwrap();
     rt.launch_host(
         a,
         Arc::new(move || {
