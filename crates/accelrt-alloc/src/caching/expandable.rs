@@ -750,11 +750,11 @@ fn halved_cap(cap: usize, short: usize, stranded: u64, floor: usize) -> usize {
 /// less one page left for a chunk of its own when the run `shared` a page with a neighbouring
 /// block (`arrange` puts that chunk on the shared page, so that the block's other chunks lie
 /// wholly inside it and become idle, free to move, when it is freed). A run that shares no
-/// page gets no one-page chunk: on the H200 (BENCHMARKS.md, "2026-11-30 08:34 UTC") that
-/// lowered peak reserved on ViT (1.0273 -> 1.0199), ResNet-50 (1.0222 -> 1.0190), Llama
-/// (1.0274 -> 1.0251) and GPT-2 inference (1.0526 -> 1.0496), GPT-2 training unchanged with
-/// 10% fewer driver calls; splitting every run had been measured better on replays of older
-/// builds only.
+/// page gets no one-page chunk: on the H200 (BENCHMARKS.md, "2026-11-30 08:34 and 08:46
+/// UTC", six runs each against splitting every run) that lowered ViT's peak reserved from
+/// 1.023-1.027 to 1.014-1.021 of allocated in every run, left GPT-2 training's unchanged with
+/// 10% fewer driver calls, and ResNet-50's, Llama's and GPT-2 inference's within their
+/// run-to-run spreads (medians +0.1, +0.2 and +1 point; GPT-2 inference swings 1.026-1.078).
 fn new_chunk_pages(remaining: usize, cap: usize, shared: bool) -> usize {
     if shared && remaining >= 2 && remaining <= cap {
         remaining - 1
