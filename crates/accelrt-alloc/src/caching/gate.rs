@@ -66,8 +66,9 @@ impl CachingAllocator {
     #[inline(never)]
     fn gated_and_checked<R>(&self, what: &'static str, call: impl FnOnce() -> R) -> R {
         let result = {
-            // Shared with other calls; taken before any pool lock, and a checker waiting for
-            // it holds none, so no call waits on a waiting checker.
+            // Shared with other calls. A new call queues behind a waiting checker, but it takes
+            // the gate before any pool lock and the checker holds none while it waits, so
+            // neither can hold up what the other needs.
             let _shared = self.gate.0.read();
             let _held = Held::mark(self.gate_id());
             call()
