@@ -393,7 +393,7 @@ impl CachingAllocator {
     #[cold]
     #[inline(never)]
     fn alloc_general(&self, size: u64, stream: Stream) -> Result<usize> {
-        if self.config.debug_checks && !self.holds_gate() {
+        if self.outside_gate() {
             return self.gated("alloc", || self.alloc_general(size, stream));
         }
         if size == 0 {
@@ -495,7 +495,7 @@ impl CachingAllocator {
         ptr: usize,
         block: u32,
     ) -> Result<()> {
-        if self.config.debug_checks && !self.holds_gate() {
+        if self.outside_gate() {
             // Put the block back and free it again under the checker's gate, which is taken
             // before any pool lock (another thread's double free may win meanwhile: then
             // this one is the error).

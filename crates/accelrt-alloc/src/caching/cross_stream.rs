@@ -227,8 +227,7 @@ impl CachingAllocator {
             if self.rare.has(RareFlags::DEFERRED) {
                 return Err(self.take_deferred());
             }
-            self.release_cached(true)?;
-            Ok(())
+            self.release_cached(true)
         })
     }
 

@@ -46,9 +46,16 @@ impl CachingAllocator {
     }
 
     /// Whether this thread is inside a gated call of this allocator.
-    pub(crate) fn holds_gate(&self) -> bool {
+    fn holds_gate(&self) -> bool {
         let id = self.gate_id();
         HELD.with(|h| h.borrow().contains(&id))
+    }
+
+    /// Whether a call entering now must take the gate: `debug_checks` is on and this thread
+    /// is not already inside a gated call of this allocator.
+    #[inline]
+    pub(crate) fn outside_gate(&self) -> bool {
+        self.config().debug_checks && !self.holds_gate()
     }
 
     /// Run the public call `what` (`call`) so that the invariant checker never sees it half
@@ -56,7 +63,7 @@ impl CachingAllocator {
     /// `call()`). A call nested in another of the same allocator runs as it is.
     #[inline]
     pub(crate) fn gated<R>(&self, what: &'static str, call: impl FnOnce() -> R) -> R {
-        if !self.config().debug_checks || self.holds_gate() {
+        if !self.outside_gate() {
             return call();
         }
         self.gated_and_checked(what, call)
