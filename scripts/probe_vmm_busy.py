@@ -7,15 +7,18 @@ that waited for the GPU takes about the kernel's time and finds the stream done)
 whether remapping memory no kernel uses slows the kernels running meanwhile (`gpu_stall`),
 whether they slow the host's kernel launches after them (`launch_cost`), whether many
 mappings in the process slow the host's work on other memory (`host_cost_by_mappings`:
-cuDNN attention, GEMMs, pointer queries), and whether
+cuDNN attention, GEMMs, pointer queries), what one set-access and one unmap cost over 1 to
+64 handles at once and what event calls cost (`call_costs`), and whether
 kernels run slower on memory mapped from small physical handles than on
 cudaMalloc's (`kernel_speed`: a random gather, which the GPU's address translation limits,
 a streaming read over 4 GiB, and bf16 GEMMs on operands in different handles).
 
-    python3 scripts/probe_vmm_busy.py      # on the GPU machine; prints a table, then JSON
+    python3 scripts/probe_vmm_busy.py              # on the GPU machine; prints tables, then JSON
+    python3 scripts/probe_vmm_busy.py call_costs   # only the call costs (a few seconds)
 """
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -46,6 +49,17 @@ def main():
     access.location.id = dev
     access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
     stream = torch.cuda.current_stream()
+    costs = call_costs(prop, access)
+    print("handles in one range | set-access us | unmap us | map us per handle  (median (min-max) of 7)")
+    for n, kinds in costs["by_handles"].items():
+        cells = " | ".join(f"{statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})" for v in kinds.values())
+        print(f"{n} | {cells}")
+    print("event call | us per call, median (min-max) of 7 batches")
+    for name, v in costs["events"].items():
+        print(f"{name} | {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})")
+    print("probe " + json.dumps({"call_costs": costs}))
+    if sys.argv[1:] == ["call_costs"]:
+        return
     # About 300 ms of spinning: calibrate the cycles once.
     t = time.perf_counter(); torch.cuda._sleep(100_000_000); torch.cuda.synchronize()
     cycles = int(100_000_000 * 0.3 / (time.perf_counter() - t))
@@ -266,6 +280,67 @@ def host_cost_by_mappings(prop, access, reps=5):
         check(cu.cuMemRelease(h))
         check(cu.cuMemAddressFree(va, size))
     return out
+
+
+def call_costs(prop, access, reps=7):
+    """What the driver calls of a move cost in a PyTorch process, by how many 2 MiB handles
+    one range holds: one cuMemSetAccess and one cuMemUnmap over 1, 4, 16 or 64 handles mapped
+    side by side (the map calls are per handle anyway); and what the event calls the
+    allocator's fences make cost: cuEventRecord, cuEventQuery on a completed event and on one
+    still pending (the stream kept busy by torch.cuda._sleep). Returns {"by_handles": {n:
+    {"set_access": [us], "unmap": [us], "map_per_handle": [us]}}, "events": {name: [us]}}."""
+    size = 2 << 20
+    by_handles = {}
+    for n in (1, 4, 16, 64):
+        va = check(cu.cuMemAddressReserve(n * size, 0, 0, 0))
+        hs = [check(cu.cuMemCreate(size, prop, 0)) for _ in range(n)]
+        out = {"set_access": [], "unmap": [], "map_per_handle": []}
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for i, h in enumerate(hs):
+                check(cu.cuMemMap(int(va) + i * size, size, 0, h, 0))
+            t1 = time.perf_counter()
+            check(cu.cuMemSetAccess(va, n * size, [access], 1))
+            t2 = time.perf_counter()
+            check(cu.cuMemUnmap(va, n * size))
+            t3 = time.perf_counter()
+            out["map_per_handle"].append((t1 - t0) * 1e6 / n)
+            out["set_access"].append((t2 - t1) * 1e6)
+            out["unmap"].append((t3 - t2) * 1e6)
+        for h in hs:
+            check(cu.cuMemRelease(h))
+        check(cu.cuMemAddressFree(va, n * size))
+        by_handles[n] = out
+    stream = torch.cuda.current_stream()
+    raw = stream.cuda_stream
+    ev = check(cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
+    events = {"record": [], "query_done": [], "query_pending": []}
+    calls = 1000
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            check(cu.cuEventRecord(ev, raw))
+        events["record"].append((time.perf_counter() - t0) * 1e6 / calls)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            cu.cuEventQuery(ev)
+        events["query_done"].append((time.perf_counter() - t0) * 1e6 / calls)
+        torch.cuda._sleep(50_000_000)
+        check(cu.cuEventRecord(ev, raw))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            cu.cuEventQuery(ev)
+        events["query_pending"].append((time.perf_counter() - t0) * 1e6 / calls)
+        torch.cuda.synchronize()
+    # The Python binding's own cost per call, for scale: a driver call that does nothing much.
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        cu.cuCtxGetDevice()
+    events["binding_only (cuCtxGetDevice)"] = [(time.perf_counter() - t0) * 1e6 / calls]
+    check(cu.cuEventDestroy(ev))
+    return {"by_handles": by_handles, "events": events}
 
 
 def launch_cost(prop, access, ops=2000, reps=5):
