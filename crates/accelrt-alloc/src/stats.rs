@@ -174,9 +174,10 @@ pub struct EventCounters {
     pub move_time_drawn_peak_us: u64,
     /// Expandable segments: microseconds spent in virtual-memory driver calls (creating,
     /// mapping with access, unmapping and releasing chunks), measured around each call. What
-    /// the counts in `driver_calls` cost this process: on the H200 inside a PyTorch process a
-    /// lone set-access took 140-240 us, an unmap 70-150 us (BENCHMARKS.md). The host backend's
-    /// simulated calls cost next to nothing.
+    /// the counts in `driver_calls` cost this process: on the H200 inside a PyTorch process,
+    /// set-access and unmap cost 32-36 us and 21 us per handle remapped (140-240 us and 70-150
+    /// us for a lone freshly created handle), map 3 us, event calls 1-2 us (BENCHMARKS.md).
+    /// The host backend's simulated calls cost next to nothing.
     pub vm_call_us: u64,
 }
 
