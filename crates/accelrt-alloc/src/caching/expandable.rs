@@ -17,11 +17,11 @@
 //! 5. at the limit: one device-wide synchronize, after which every idle chunk may move.
 //!
 //! New chunks are sized to demand: a run gets one chunk (up to the current cap: `chunk_mb`,
-//! by default [`MAX_CHUNK_BYTES`]), and a page it shares with a neighbouring block (if any)
-//! gets its own one-page chunk, so that a freed block's chunk is wholly idle and can move. The cap
-//! halves when a new peak happens while free memory is stranded in partly used chunks. In
-//! the memory-first mode (`chunk_mb` below `max_chunk_mb`) a long run gets about
-//! [`RUN_CHUNKS`] chunks instead. A chunk is always mapped whole (CUDA refuses to map part of
+//! by default [`MAX_CHUNK_BYTES`]); where it shares a page with a neighbouring block, that
+//! page gets a one-page chunk of its own, so that a freed block's chunk is wholly idle and
+//! can move. The cap halves when a new peak happens while free memory is stranded in partly
+//! used chunks. In the memory-first mode (`chunk_mb` below `max_chunk_mb`) a long run gets
+//! about [`RUN_CHUNKS`] chunks instead. A chunk is always mapped whole (CUDA refuses to map part of
 //! an allocation), so every chunk costs one creation. The costs behind these numbers are in
 //! `provider.rs` and `ARCHITECTURE.md`.
 //!
