@@ -122,6 +122,11 @@ impl PoolStats {
         }
         self
     }
+    /// These statistics with every peak at its current value.
+    pub fn with_current_as_peak(mut self) -> PoolStats {
+        self.reset_peak();
+        self
+    }
     /// These statistics with every peak taken from `peaks`.
     pub fn with_peaks_of(mut self, mut peaks: PoolStats) -> PoolStats {
         for (s, p) in self.each_mut().into_iter().zip(peaks.each_mut()) {

@@ -43,7 +43,7 @@ impl CachingAllocator {
         let mut s = MemoryStats::default();
         for pool in self.initialized_pools() {
             let st = pool.state.lock();
-            let [small, large] = *st.stats();
+            let [small, large] = st.stats();
             s.small_pool = s.small_pool.merged(small);
             s.large_pool = s.large_pool.merged(large);
             s.combined = s.combined.merged(st.combined_stats());

@@ -61,10 +61,29 @@ impl PoolState {
         self.next_id
     }
 
-    /// Statistics of the small and the large size class.
-    #[inline]
-    pub fn stats(&self) -> &[PoolStats; 2] {
-        &self.stats
+    /// Statistics of the small and the large size class. The `active` figures are derived
+    /// (see `PoolState::pending_figures`): allocated blocks and pending frees; activated are
+    /// the allocations, deactivated the frees less those still pending that were made since
+    /// the totals were last zeroed.
+    pub fn stats(&self) -> [PoolStats; 2] {
+        let mut out = self.stats;
+        for (k, s) in out.iter_mut().enumerate() {
+            let (now, then) = (self.pending_figures[k], self.pending_at_reset[k]);
+            let derive = |active: &mut crate::stats::Stat,
+                          allocs: crate::stats::Stat,
+                          now: u64,
+                          then: u64| {
+                active.current = allocs.current + now;
+                active.allocated = allocs.allocated;
+                // Every free counted since the reset was deactivated but those still pending,
+                // and every block pending at the reset that finished since was deactivated too.
+                active.freed = (allocs.freed + then).saturating_sub(now);
+            };
+            let (allocation, allocated_bytes) = (s.allocation, s.allocated_bytes);
+            derive(&mut s.active, allocation, now.blocks, then.blocks);
+            derive(&mut s.active_bytes, allocated_bytes, now.bytes, then.bytes);
+        }
+        out
     }
 
     /// Bytes of live blocks, both size classes together.
@@ -75,6 +94,7 @@ impl PoolState {
     /// Zero the allocated and freed totals of both size classes.
     pub fn reset_accumulated_stats(&mut self) {
         self.stats.iter_mut().for_each(PoolStats::reset_accumulated);
+        self.pending_at_reset = self.pending_figures;
     }
 
     // ---- the live map ----------------------------------------------------------------------

@@ -269,7 +269,7 @@ impl PoolState {
                 self.pending.len()
             ));
         }
-        for (k, (want, have)) in expect.iter().zip(self.stats.iter()).enumerate() {
+        for (k, (want, have)) in expect.iter().zip(self.stats().iter()).enumerate() {
             for ((name, w), (_, h)) in want.named().iter().zip(have.named().iter()) {
                 if w.current != h.current {
                     return Err(format!(

@@ -94,6 +94,15 @@ pub struct PoolState {
     /// classes' sums). Exact, where summing the classes' peaks would overstate them; raised after
     /// each increase, so decreases (the free path) pay nothing for it.
     combined_peaks: PoolStats,
+    /// Per size class: frees waiting for other streams' events (blocks and bytes). A block is
+    /// active while allocated or pending, so the `active` figures are derived, not counted:
+    /// `active.current = allocation.current + pending.blocks`, and likewise in bytes; an
+    /// allocation raises the `active` peaks (nothing else makes a block active), and a free
+    /// that goes straight back to the cache touches no `active` figure at all.
+    pending_figures: [PendingFigures; 2],
+    /// `pending_figures` when the accumulated totals were last zeroed (see
+    /// [`PoolState::stats`]).
+    pending_at_reset: [PendingFigures; 2],
     segments: Vec<Segment>,
     pending: Vec<PendingFree>,
     extras: std::collections::HashMap<u32, Extras>,
@@ -135,6 +144,8 @@ impl Default for PoolState {
             free_index: Default::default(),
             stats: Default::default(),
             combined_peaks: PoolStats::default(),
+            pending_figures: Default::default(),
+            pending_at_reset: Default::default(),
             segments: Vec::new(),
             pending: Vec::new(),
             extras: Default::default(),
@@ -202,16 +213,17 @@ impl PoolState {
 
     /// Both size classes together, with exact peaks.
     pub fn combined_stats(&self) -> PoolStats {
-        self.stats[0]
-            .merged(self.stats[1])
-            .with_peaks_of(self.combined_peaks)
+        let [small, large] = self.stats();
+        small.merged(large).with_peaks_of(self.combined_peaks)
     }
 
     /// Set every peak (each pool's and the combined ones) to its current value.
     pub fn reset_peak_stats(&mut self) {
-        self.stats.iter_mut().for_each(PoolStats::reset_peak);
-        self.combined_peaks = self.stats[0].merged(self.stats[1]);
-        self.combined_peaks.reset_peak();
+        let [small, large] = self.stats();
+        for (stored, now) in self.stats.iter_mut().zip([small, large]) {
+            *stored = stored.with_peaks_of(now.with_current_as_peak());
+        }
+        self.combined_peaks = small.merged(large).with_current_as_peak();
     }
 
     /// Count a cached piece of a split segment in the inactive-split figures.
@@ -401,19 +413,53 @@ impl PoolState {
         b.last_used = tick;
         let (size, addr) = (b.size, b.addr);
         self.live.insert(addr, idx);
-        let s = self.stats_of(kind);
+        // The other size class's figures, read before this one's are written: the combined
+        // peaks then come from registers, not from loads of what was just stored.
+        let k = kind as usize;
+        let o = &self.stats[1 - k];
+        let (op, kp) = (self.pending_figures[1 - k], self.pending_figures[k]);
+        let others = [
+            o.allocation.current,
+            o.allocated_bytes.current,
+            o.requested_bytes.current,
+        ];
+        let s = &mut self.stats[k];
         s.allocation.increase(1);
         s.allocated_bytes.increase(size);
         s.requested_bytes.increase(requested);
-        s.active.increase(1);
-        s.active_bytes.increase(size);
-        self.raise_combined_peaks([
-            |s| &mut s.allocation,
-            |s| &mut s.allocated_bytes,
-            |s| &mut s.requested_bytes,
-            |s| &mut s.active,
-            |s| &mut s.active_bytes,
-        ]);
+        // Active blocks are the allocated ones and the pending frees (`pending_figures`): only
+        // their peaks are kept here (their current values are derived: `PoolState::stats`).
+        let active = [
+            s.allocation.current + kp.blocks,
+            s.allocated_bytes.current + kp.bytes,
+        ];
+        for (stat, now) in [&mut s.active, &mut s.active_bytes].into_iter().zip(active) {
+            if now > stat.peak {
+                stat.peak = now;
+            }
+        }
+        let now = [
+            s.allocation.current + others[0],
+            s.allocated_bytes.current + others[1],
+            s.requested_bytes.current + others[2],
+            active[0] + others[0] + op.blocks,
+            active[1] + others[1] + op.bytes,
+        ];
+        let c = &mut self.combined_peaks;
+        for (stat, now) in [
+            &mut c.allocation,
+            &mut c.allocated_bytes,
+            &mut c.requested_bytes,
+            &mut c.active,
+            &mut c.active_bytes,
+        ]
+        .into_iter()
+        .zip(now)
+        {
+            if now > stat.peak {
+                stat.peak = now;
+            }
+        }
     }
 
     /// Cut block `idx` after `first_size` bytes; returns the new block of the rest, linked
@@ -481,17 +527,14 @@ impl PoolState {
     fn release_to_cache(&mut self, idx: u32) {
         self.tick += 1;
         let tick = self.tick;
-        let (kind, size) = {
+        let size = {
             let b = &mut self.blocks[idx as usize];
             b.requested = 0;
             b.id = 0;
             b.last_used = tick;
             b.state = BlockState::Recent;
-            (b.kind, b.size)
+            b.size
         };
-        let s = self.stats_of(kind);
-        s.active.decrease(1);
-        s.active_bytes.decrease(size);
         self.inactive_add(idx);
         let slot = if size > RECENT_MAX_SIZE {
             &mut self.parked
@@ -583,3 +626,10 @@ impl PoolState {
 
 #[cfg(test)]
 mod tests;
+
+/// Frees of one size class waiting for other streams' events.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PendingFigures {
+    pub(super) blocks: u64,
+    pub(super) bytes: u64,
+}

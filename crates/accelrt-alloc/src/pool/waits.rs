@@ -146,7 +146,11 @@ impl PoolState {
             self.release_to_cache(block);
             return;
         }
-        self.blocks[block as usize].state = BlockState::Pending;
+        let b = &mut self.blocks[block as usize];
+        b.state = BlockState::Pending;
+        let fig = &mut self.pending_figures[b.kind as usize];
+        fig.blocks += 1;
+        fig.bytes += b.size;
         self.pending.push(PendingFree {
             block,
             tickets,
@@ -178,6 +182,9 @@ impl PoolState {
         let p = self.pending.swap_remove(i);
         let b = &self.blocks[block as usize];
         let (addr, requested) = (b.addr, b.requested);
+        let fig = &mut self.pending_figures[b.kind as usize];
+        fig.blocks -= 1;
+        fig.bytes -= b.size;
         self.release_to_cache(block);
         Some(FinishedFree {
             tickets: p.tickets,

@@ -103,3 +103,50 @@ fn record_events_and_wait_for_events_on_host_streams() {
     let err = alloc.wait_for_events(&[p]).unwrap_err().to_string();
     assert!(err.contains("wait_for_events"), "{err}");
 }
+
+/// The `active` figures are derived from the allocation figures and the pending frees (they
+/// cost the fast paths nothing): a free waiting for another stream keeps its block active,
+/// its end deactivates it, and the totals survive a reset taken while a free is pending.
+#[test]
+fn a_pending_free_stays_active_until_its_stream_passes() {
+    let host = runtime(1);
+    let alloc = host.allocator(0).unwrap();
+    let a = host.default_stream(0).unwrap();
+    let b = host.new_stream(0, StreamPriority::Normal).unwrap();
+    let gate = Arc::new(AtomicBool::new(false));
+    let figures = |alloc: &accelrt::alloc::CachingAllocator| {
+        let s = alloc.stats().all();
+        [
+            (s.allocation.current, s.active.current, s.active.peak),
+            (s.active.allocated, s.active.freed, s.active_bytes.current),
+        ]
+    };
+    let p = alloc.raw_alloc(SIZE, a).unwrap();
+    let q = alloc.raw_alloc(SIZE, a).unwrap();
+    alloc.record_stream(p, b).unwrap();
+    let g = gate.clone();
+    host.launch_host(
+        b,
+        Arc::new(move || {
+            let start = Instant::now();
+            while !g.load(Ordering::Acquire) && start.elapsed() < Duration::from_secs(10) {
+                std::hint::spin_loop();
+            }
+        }),
+    )
+    .unwrap();
+    alloc.raw_free(p).unwrap(); // pending: B has not passed the free
+    assert_eq!(figures(&alloc), [(1, 2, 2), (2, 0, 2 * SIZE as u64)]);
+    alloc.reset_accumulated_stats();
+    alloc.reset_peak_stats();
+    assert_eq!(figures(&alloc), [(1, 2, 2), (0, 0, 2 * SIZE as u64)]);
+    gate.store(true, Ordering::Release);
+    host.stream_synchronize(b).unwrap();
+    // The next allocation finishes the pending free (and takes its block back).
+    let r = alloc.raw_alloc(SIZE, a).unwrap();
+    assert_eq!(figures(&alloc), [(2, 2, 2), (1, 1, 2 * SIZE as u64)]);
+    alloc.raw_free(q).unwrap();
+    alloc.raw_free(r).unwrap();
+    assert_eq!(figures(&alloc), [(0, 0, 2), (1, 3, 0)]);
+    alloc.check_invariants().unwrap();
+}
