@@ -103,6 +103,12 @@ pub struct PoolState {
     /// `pending_figures` when the accumulated totals were last zeroed (see
     /// [`PoolState::stats`]).
     pending_at_reset: [PendingFigures; 2],
+    /// Bumped by every change to the free index (a block added, taken or replaced).
+    index_version: u64,
+    /// The last parked block that `coalescing_would_pick` let be taken back: (block, its
+    /// address, its size, `index_version` then). Neighbours turn free or stop being free only
+    /// through the index, so while the version stands the answer does too.
+    pick_memo: (u32, usize, u64, u64),
     segments: Vec<Segment>,
     pending: Vec<PendingFree>,
     extras: std::collections::HashMap<u32, Extras>,
@@ -146,6 +152,8 @@ impl Default for PoolState {
             combined_peaks: PoolStats::default(),
             pending_figures: Default::default(),
             pending_at_reset: Default::default(),
+            index_version: 0,
+            pick_memo: (NIL, 0, 0, u64::MAX),
             segments: Vec::new(),
             pending: Vec::new(),
             extras: Default::default(),
@@ -256,6 +264,7 @@ impl PoolState {
         self.inactive_add(idx);
         let kind = self.blocks[idx as usize].kind;
         self.blocks[idx as usize].state = BlockState::Free;
+        self.index_version += 1;
         self.free_index[kind as usize].insert(&mut self.blocks, idx);
     }
 
@@ -263,6 +272,7 @@ impl PoolState {
     fn remove_free(&mut self, idx: u32) {
         self.inactive_remove(idx);
         let kind = self.blocks[idx as usize].kind;
+        self.index_version += 1;
         self.free_index[kind as usize].remove(&mut self.blocks, idx);
     }
 
@@ -287,9 +297,18 @@ impl PoolState {
         } else if self.parked != NIL {
             let parked = std::mem::replace(&mut self.parked, NIL);
             self.inactive_remove(parked);
+            let key = (
+                parked,
+                self.blocks[parked as usize].addr,
+                rounded,
+                self.index_version,
+            );
             if self.blocks[parked as usize].size == rounded
-                && self.coalescing_would_pick(parked, rounded, config)
+                && (self.pick_memo == key || self.coalescing_would_pick(parked, rounded, config))
             {
+                // The index is unchanged until it is next added to or taken from: while it
+                // is, the same block of the same size is picked again without looking.
+                self.pick_memo = key;
                 let (next, freed) = {
                     let b = &self.blocks[parked as usize];
                     (b.next, b.last_used)
@@ -367,6 +386,7 @@ impl PoolState {
             // free list instead of a remove and an insert.
             self.inactive_remove(idx);
             let rest = self.split_off(idx, rounded);
+            self.index_version += 1;
             self.free_index[kind as usize].replace(&mut self.blocks, idx, rest);
             self.blocks[rest as usize].state = BlockState::Free;
             self.inactive_add(rest);
@@ -580,6 +600,7 @@ impl PoolState {
                 self.inactive_remove(next);
                 // (retiring `next` keeps its free-list links, which `replace` reads)
                 self.merge_into_prev(idx, next);
+                self.index_version += 1;
                 self.free_index[kind as usize].replace(&mut self.blocks, next, idx);
                 self.blocks[idx as usize].state = BlockState::Free;
                 self.inactive_add(idx);

@@ -150,7 +150,7 @@ fn parking_a_large_block_places_as_coalescing_does() {
         let [mut parks, mut flushes] = [PoolState::new(), PoolState::new()];
         let mut rng = SplitMix64(seed);
         let mut live: Vec<(u32, u32, u64)> = Vec::new();
-        let (mut reused, mut next_base) = (0, 0x1000_0000usize);
+        let (mut reused, mut again, mut next_base) = (0, 0, 0x1000_0000usize);
         for step in 0..20_000 {
             if !live.is_empty() && (live.len() > 100 || rng.below(2) == 0) {
                 let (a, b, size) = live.swap_remove(rng.below(live.len() as u64) as usize);
@@ -175,6 +175,26 @@ fn parking_a_large_block_places_as_coalescing_does() {
                         "seed {seed} step {step}"
                     );
                     reused += usize::from(a == was);
+                    // And again at once, a few times: the pool answers from its memo of the
+                    // last block taken back while the free index stands still.
+                    let (mut a, mut b) = (a, b);
+                    for _ in 0..rng.below(4) {
+                        parks.account_free(a);
+                        parks.release_to_cache(a);
+                        flushes.account_free(b);
+                        flushes.release_to_cache(b);
+                        flushes.flush_recent();
+                        let was = parks.parked;
+                        (a, b) = (
+                            parks.take_cached(size, size, &config),
+                            flushes.take_cached(size, size, &config),
+                        );
+                        assert_eq!(
+                            parks.blocks[a as usize].addr, flushes.blocks[b as usize].addr,
+                            "seed {seed} step {step}, again"
+                        );
+                        again += usize::from(a == was);
+                    }
                     live.push((a, b, size));
                 }
                 continue;
@@ -200,8 +220,8 @@ fn parking_a_large_block_places_as_coalescing_does() {
             live.push((a, b, size));
         }
         assert!(
-            reused > 1000,
-            "seed {seed}: only {reused} parked blocks taken back"
+            reused > 1000 && again > 1000,
+            "seed {seed}: only {reused} parked blocks taken back, {again} again at once"
         );
         assert_eq!(
             free_blocks(&mut parks),
