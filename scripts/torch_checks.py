@@ -7,7 +7,8 @@ installed package's .pth hook; unset: PyTorch's own).
 
   features   statistics, torch.cuda.graph, MemPool, checkPoolLiveAllocations and checkpoints,
              out-of-memory (error text, observers), memory history with stack frames,
-             record_stream, raw alloc/delete, empty_cache, cuDNN benchmark (cacheInfo)
+             record_stream (and a pending free's active figures), raw alloc/delete,
+             empty_cache, cuDNN benchmark (cacheInfo)
   compile    torch.compile(mode="reduce-overhead") inference with varying batch sizes and a
              few training steps; writes outputs and peak memory to --result (JSON) for the
              comparison with PyTorch's allocator
@@ -172,6 +173,36 @@ def features() -> None:
         del x, y
         torch.cuda.synchronize()
 
+    def pending_stays_active():
+        # A block freed while another stream still uses it stays active (not allocated) until
+        # that stream has passed the free: PyTorch's semantics, which accelrt derives
+        # (active = allocated + pending frees) instead of counting.
+        torch.cuda.synchronize()
+        torch.empty(1, device=dev)  # finishes frees left pending by the checks before
+        side = torch.cuda.Stream()
+        x = torch.empty(8 << 20, dtype=torch.uint8, device=dev)
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # keeps the side stream busy for a while
+            x.add_(1)
+        x.record_stream(side)
+        size = x.untyped_storage().nbytes()
+
+        def gap():
+            s = torch.cuda.memory_stats()
+            return (s["active_bytes.all.current"] - s["allocated_bytes.all.current"],
+                    s["active.all.current"] - s["allocation.all.current"])
+
+        before = gap()
+        del x
+        during = gap()
+        side.synchronize()
+        y = torch.empty(8 << 20, dtype=torch.uint8, device=dev)  # finishes the pending free
+        after = gap()
+        del y
+        assert during[0] - before[0] >= size and during[1] - before[1] == 1, (before, during)
+        assert after == before, (before, during, after)
+        return f"while pending: active - allocated {during}, after: {after}"
+
     def raw():
         p = torch.cuda.caching_allocator_alloc(4096)
         torch.cuda.caching_allocator_delete(p)
@@ -240,6 +271,7 @@ def features() -> None:
         ("out_of_memory", oom),
         ("history_with_frames", history),
         ("record_stream", record_stream),
+        ("pending_free_stays_active", pending_stays_active),
         ("raw_alloc_delete", raw),
         ("empty_cache", empty),
         ("cudnn_benchmark_cacheinfo", cudnn),
