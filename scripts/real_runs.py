@@ -229,6 +229,7 @@ def one(work, config, steps, record, emit=None):
             st = at.memory_stats()
             after.update({"moves": st.get("num_page_steals"), "pages_moved": st.get("num_pages_remapped"),
                           "deferred": st.get("num_moves_deferred"),
+                          "exempt": st.get("num_moves_exempt"),
                           "creates": st.get("driver_calls.create"), "calls": st.get("driver_calls.total"),
                           "vm_ms": round(st.get("vm_call_us", 0) / 1e3, 3)})
             if len(times) == 2:
@@ -259,7 +260,7 @@ def one(work, config, steps, record, emit=None):
             out["steady_driver_calls"] = {k: v - steady_from.get(k, 0) for k, v in out["driver_calls"].items()}
             if out["vm_call_us"] is not None:
                 out["steady_vm_call_ms"] = (out["vm_call_us"] - steady_from["vm_call_us"]) / 1e3
-        out["moves"] = {k: stats.get(k) for k in ("num_page_steals", "num_pages_remapped", "num_moves_deferred", "move_time_drawn_peak_us")}
+        out["moves"] = {k: stats.get(k) for k in ("num_page_steals", "num_pages_remapped", "num_moves_deferred", "num_moves_exempt", "move_time_drawn_peak_us")}
         if BREAKDOWN:
             out["peak_breakdown"] = at.peak_breakdown()
         if record:

@@ -540,7 +540,9 @@ def memory_stats(device: Any = None) -> dict[str, int]:
     """accelrt's statistics for `device` with ``torch.cuda.memory_stats()``'s keys
     (``allocated_bytes.all.current``, ``reserved_bytes.all.peak``, ``num_ooms``, ...), sorted
     like PyTorch's; plus accelrt's ``num_page_steals``, ``num_pages_remapped``,
-    ``num_moves_deferred`` and ``move_time_drawn_peak_us`` (the most of the moves' time
+    ``num_moves_deferred``, ``num_moves_exempt`` (moves made while the moves' time budget was
+    dry because the shortfall was at least 1/64 of what is reserved) and
+    ``move_time_drawn_peak_us`` (the most of the moves' time
     budget drawn at once, in microseconds of driver time; the budget holds 25,000 at the
     start and at most 50,000), ``vm_call_us`` (microseconds this process spent in
     virtual-memory driver calls: creating, mapping with access, unmapping, releasing) and

@@ -109,6 +109,7 @@ struct Counters {
     num_page_steals: AtomicU64,
     num_pages_remapped: AtomicU64,
     num_moves_deferred: AtomicU64,
+    num_moves_exempt: AtomicU64,
     move_time_drawn_peak_us: AtomicU64,
     /// Nanoseconds in virtual-memory driver calls (`EventCounters::vm_call_us`).
     vm_call_ns: AtomicU64,

@@ -72,7 +72,7 @@ pub struct AllocatorConfig {
     /// to 2.2x as long on GPT-2 training).
     pub max_chunk_size: Option<u64>,
     /// The share of the time passing, in percent, that moving idle memory (expandable
-    /// segments) may take in driver calls (`move_time_pct`; `None`: 5). When moves have used
+    /// segments) may take in driver calls (`move_time_pct`; `None`: 10). When moves have used
     /// it up, new memory is created instead until time has passed. Moves save memory and cost
     /// about 60 us of driver calls per chunk; while the device runs behind the CPU they hide
     /// behind its work, but when the CPU is the bottleneck (churn at the peak) they are the

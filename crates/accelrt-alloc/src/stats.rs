@@ -171,6 +171,10 @@ pub struct EventCounters {
     /// Expandable segments: moves not made because the driver time of moves had used up its
     /// share of the time passed (memory was created instead; see `ARCHITECTURE.md`).
     pub num_moves_deferred: u64,
+    /// Expandable segments: moves made while the time budget was dry, because the shortfall
+    /// was at least 1/64 of what is reserved (deferring it would have created a new peak of
+    /// that size); not drawn from the budget.
+    pub num_moves_exempt: u64,
     /// Expandable segments: the most driver time of moves (microseconds, at 60 us a moved
     /// chunk) drawn from the time budget at once beyond what the time passing had put back:
     /// how near moves came to being deferred. The budget holds 25 ms at the start and at most
@@ -200,6 +204,7 @@ impl EventCounters {
             num_page_steals: d(self.num_page_steals, before.num_page_steals),
             num_pages_remapped: d(self.num_pages_remapped, before.num_pages_remapped),
             num_moves_deferred: d(self.num_moves_deferred, before.num_moves_deferred),
+            num_moves_exempt: d(self.num_moves_exempt, before.num_moves_exempt),
             move_time_drawn_peak_us: self.move_time_drawn_peak_us,
             vm_call_us: d(self.vm_call_us, before.vm_call_us),
         }
@@ -365,6 +370,7 @@ impl MemoryStats {
         m.insert("num_page_steals".into(), c.num_page_steals);
         m.insert("num_pages_remapped".into(), c.num_pages_remapped);
         m.insert("num_moves_deferred".into(), c.num_moves_deferred);
+        m.insert("num_moves_exempt".into(), c.num_moves_exempt);
         m.insert("move_time_drawn_peak_us".into(), c.move_time_drawn_peak_us);
         m.insert("vm_call_us".into(), c.vm_call_us);
         for (name, n) in self.driver_calls.named() {

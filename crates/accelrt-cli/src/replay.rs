@@ -68,12 +68,14 @@ pub(crate) type DeviceMemory = (Device, Arc<dyn MemoryProvider>);
 /// The memory provider of `backend`'s device 0, or why it cannot be had. `None` for the host
 /// backend: each replay gets a fresh simulated device of `--capacity` bytes.
 /// The `moves` object of `replay --json` and `bench --json`: moves of idle chunks, the pages
-/// they moved, the moves the time budget deferred, and the most of it drawn at once.
+/// they moved, the moves the time budget deferred (and those too large to defer), and the most
+/// of it drawn at once.
 pub(crate) fn moves_json(c: &EventCounters) -> serde_json::Value {
     serde_json::json!({
         "num_page_steals": c.num_page_steals,
         "num_pages_remapped": c.num_pages_remapped,
         "num_moves_deferred": c.num_moves_deferred,
+        "num_moves_exempt": c.num_moves_exempt,
         "move_time_drawn_peak_us": c.move_time_drawn_peak_us,
     })
 }

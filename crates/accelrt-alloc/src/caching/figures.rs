@@ -58,6 +58,7 @@ impl CachingAllocator {
             num_page_steals: c.num_page_steals.load(Relaxed),
             num_pages_remapped: c.num_pages_remapped.load(Relaxed),
             num_moves_deferred: c.num_moves_deferred.load(Relaxed),
+            num_moves_exempt: c.num_moves_exempt.load(Relaxed),
             move_time_drawn_peak_us: c.move_time_drawn_peak_us.load(Relaxed),
             vm_call_us: c.vm_call_ns.load(Relaxed) / 1_000,
         };
@@ -97,6 +98,7 @@ impl CachingAllocator {
             &c.num_page_steals,
             &c.num_pages_remapped,
             &c.num_moves_deferred,
+            &c.num_moves_exempt,
             &c.vm_call_ns,
         ] {
             a.store(0, Relaxed);

@@ -697,7 +697,7 @@ fn reset_peak_stats_sets_the_drawn_peak_to_what_is_drawn_now() {
 #[test]
 fn move_time_pct_sets_the_share() {
     use accelrt::alloc::Clock;
-    // 100 us pass between readings: 5 us of moves a reading at the default 5% (a chunk
+    // 100 us pass between readings: 10 us of moves a reading at the default 10% (a chunk
     // costs 60 us: the budget runs dry), 100 us at 100% (never dry here), nothing at 0% (only
     // the 25 ms in hand at the start).
     let ticking = || {
