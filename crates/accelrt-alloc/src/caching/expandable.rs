@@ -82,8 +82,8 @@ const INITIAL_MOVES: u64 = 32;
 /// count budget)... 10%: GPT-2 training's steady moves (its 1.5 GiB blocks, placed anew each
 /// 61 ms step) draw 4-6% at 60 us a chunk, and with 5% the budget ran dry after 24-26 steps
 /// on the H200, its deferred moves created memory, and 40 steps ended at 1.184-1.199x
-/// allocated; with 10%, 1.0132 in both runs, no move deferred (BENCHMARKS.md, "2026-11-30
-/// 11:20-11:33 UTC"). Churn at the peak (RMM's random benchmark on the H200) ran no slower.
+/// allocated; with 10%, 1.0132-1.0181 in four runs, no move deferred (BENCHMARKS.md, "longer
+/// runs"). Churn at the peak (RMM's random benchmark on the H200) ran no slower.
 const MOVE_TIME_SHARE: f64 = 0.10;
 /// ...with at most this much in hand (microseconds of moves): a training step's moves go
 /// through at once (real GPT-2 training on the H200 draws 25-41 ms at once in its first
@@ -102,8 +102,8 @@ const MOVE_TIME_START_US: f64 = 25_000.0;
 /// deferring a large one creates a new peak of its size. With the budget at 5% of the time
 /// (before [`MOVE_TIME_SHARE`] was raised), GPT-2 training on the H200 ran it dry after 24-26
 /// steps and ended 40 steps at 1.184-1.199x allocated; exempting shortfalls of reserved / 64
-/// made that 1.019-1.086, reserved / 128 1.034-1.081 (BENCHMARKS.md, "2026-11-30 11:20-11:33
-/// UTC"). In the replays and benchmarks a dry budget met shortfalls of reserved / 261 or less
+/// made that 1.019-1.086, reserved / 128 1.034-1.081 (BENCHMARKS.md, "longer runs"). In the
+/// replays and benchmarks a dry budget met shortfalls of reserved / 261 or less
 /// in churn (RMM's random benchmark) and of reserved / 11 .. / 200 in GPT-2 training.
 const TIME_EXEMPT_DIV: u64 = 128;
 
