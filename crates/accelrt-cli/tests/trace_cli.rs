@@ -417,6 +417,44 @@ fn a_dry_time_budget_still_lets_large_moves_through() {
     );
 }
 
+/// `scripts/extend_trace.py` repeats a recording's steady steps: the longer trace replays to
+/// the end, each copy adds its events, and an allocator that never moves memory (its layout
+/// settled after the first steps) reserves exactly what it did over the recorded steps.
+#[test]
+fn an_extended_recording_replays_like_more_of_the_same_steps() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let recorded = root.join("traces/recorded/resnet50_train.accelrt.trace.gz");
+    let d = dir("extend");
+    let extended = d.join("resnet50_train.x4.trace.gz");
+    let out = std::process::Command::new("python3")
+        .arg(root.join("scripts/extend_trace.py"))
+        .args([recorded.as_os_str(), extended.as_os_str()])
+        .args(["--copies", "4"])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let never_moving = "release_at_peak:false";
+    let replay = |trace: &Path| {
+        let trace = trace.display().to_string();
+        let out = accelrt(&["replay", "--json", "--alloc-conf", never_moving, &trace]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        json_lines(&stdout(&out)).remove(0)
+    };
+    let (before, after) = (replay(&recorded), replay(&extended));
+    assert_eq!(after["completed"], true, "{after}");
+    assert!(
+        after["ops"].as_u64().unwrap() > 2 * before["ops"].as_u64().unwrap(),
+        "{} events after, {} before",
+        after["ops"],
+        before["ops"]
+    );
+    assert_eq!(after["peak_reserved_bytes"], before["peak_reserved_bytes"]);
+    assert_eq!(
+        after["peak_allocated_bytes"],
+        before["peak_allocated_bytes"]
+    );
+}
+
 #[test]
 fn recorded_needs_a_conf_header() {
     let v1 = shipped("resnet50_train.trace.gz");
