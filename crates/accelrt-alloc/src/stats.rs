@@ -172,7 +172,7 @@ pub struct EventCounters {
     /// share of the time passed (memory was created instead; see `ARCHITECTURE.md`).
     pub num_moves_deferred: u64,
     /// Expandable segments: moves made while the time budget was dry, because the shortfall
-    /// was at least 1/64 of what is reserved (deferring it would have created a new peak of
+    /// was at least 1/128 of what is reserved (deferring it would have created a new peak of
     /// that size); not drawn from the budget.
     pub num_moves_exempt: u64,
     /// Expandable segments: the most driver time of moves (microseconds, at 60 us a moved

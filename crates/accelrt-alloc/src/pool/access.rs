@@ -4,7 +4,7 @@
 //! private pool's users, teardown.
 
 use super::{Block, BlockState, PoolState, Segment, NIL};
-use crate::stats::PoolStats;
+use crate::stats::{PoolStats, Stat};
 use crate::stream::Stream;
 
 /// Every change keeps the invariants in the pool's module docs (the fields are private to
@@ -66,22 +66,25 @@ impl PoolState {
     /// the allocations, deactivated the frees less those still pending that were made since
     /// the totals were last zeroed.
     pub fn stats(&self) -> [PoolStats; 2] {
+        // `active` from `allocs` with `pending` frees waiting now and `at_reset` waiting when
+        // the totals were last zeroed: every free counted since was deactivated but those
+        // still pending, and so was every block pending at the reset that finished since.
+        fn derive(active: &mut Stat, allocs: Stat, pending: u64, at_reset: u64) {
+            active.current = allocs.current + pending;
+            active.allocated = allocs.allocated;
+            active.freed = (allocs.freed + at_reset).saturating_sub(pending);
+        }
         let mut out = self.stats;
         for (k, s) in out.iter_mut().enumerate() {
-            let (now, then) = (self.pending_figures[k], self.pending_at_reset[k]);
-            let derive = |active: &mut crate::stats::Stat,
-                          allocs: crate::stats::Stat,
-                          now: u64,
-                          then: u64| {
-                active.current = allocs.current + now;
-                active.allocated = allocs.allocated;
-                // Every free counted since the reset was deactivated but those still pending,
-                // and every block pending at the reset that finished since was deactivated too.
-                active.freed = (allocs.freed + then).saturating_sub(now);
-            };
+            let (pending, at_reset) = (self.pending_figures[k], self.pending_at_reset[k]);
             let (allocation, allocated_bytes) = (s.allocation, s.allocated_bytes);
-            derive(&mut s.active, allocation, now.blocks, then.blocks);
-            derive(&mut s.active_bytes, allocated_bytes, now.bytes, then.bytes);
+            derive(&mut s.active, allocation, pending.blocks, at_reset.blocks);
+            derive(
+                &mut s.active_bytes,
+                allocated_bytes,
+                pending.bytes,
+                at_reset.bytes,
+            );
         }
         out
     }

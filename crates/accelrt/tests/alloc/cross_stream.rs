@@ -12,6 +12,15 @@ use crate::common::runtime;
 
 const SIZE: usize = 64 << 10;
 
+/// What a "kernel" on another stream does first: spin until the test opens `gate` (at most
+/// ten seconds, so a broken test ends).
+fn wait_for(gate: &AtomicBool) {
+    let start = Instant::now();
+    while !gate.load(Ordering::Acquire) && start.elapsed() < Duration::from_secs(10) {
+        std::hint::spin_loop();
+    }
+}
+
 #[test]
 fn block_used_on_another_stream_waits_for_that_stream() {
     // A runtime of its own: the device-wide statistics checked at the end are this test's.
@@ -29,10 +38,7 @@ fn block_used_on_another_stream_waits_for_that_stream() {
         host.launch_host(
             b,
             Arc::new(move || {
-                let start = Instant::now();
-                while !g.load(Ordering::Acquire) && start.elapsed() < Duration::from_secs(10) {
-                    std::hint::spin_loop();
-                }
+                wait_for(&g);
                 for _ in 0..4 {
                     // SAFETY: `p` stays mapped: the allocator must not reuse it before this
                     // task ends, which is exactly what the test checks.
@@ -125,16 +131,7 @@ fn a_pending_free_stays_active_until_its_stream_passes() {
     let q = alloc.raw_alloc(SIZE, a).unwrap();
     alloc.record_stream(p, b).unwrap();
     let g = gate.clone();
-    host.launch_host(
-        b,
-        Arc::new(move || {
-            let start = Instant::now();
-            while !g.load(Ordering::Acquire) && start.elapsed() < Duration::from_secs(10) {
-                std::hint::spin_loop();
-            }
-        }),
-    )
-    .unwrap();
+    host.launch_host(b, Arc::new(move || wait_for(&g))).unwrap();
     alloc.raw_free(p).unwrap(); // pending: B has not passed the free
     assert_eq!(figures(&alloc), [(1, 2, 2), (2, 0, 2 * SIZE as u64)]);
     alloc.reset_accumulated_stats();
