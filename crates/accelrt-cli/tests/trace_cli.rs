@@ -537,3 +537,24 @@ fn the_replay_says_where_reserved_memory_was_at_its_peak() {
         "no chunks with plain segments: {line}"
     );
 }
+
+/// `chunk_div`: chunks that follow reserved memory strand less in a small workload. The
+/// recorded GPT-2 inference run (1.31 GiB allocated at its peak) replays at 1.051x with the
+/// default 64 MiB chunks and at 1.015x with chunks of at most reserved / 256 (on the H200,
+/// 1.044-1.053 and 1.011-1.012).
+#[test]
+fn chunks_that_follow_reserved_memory_strand_less_in_a_small_workload() {
+    let trace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../traces/recorded/gpt2_infer_varlen.accelrt.trace.gz");
+    let trace = trace.display().to_string();
+    let ratio = |conf: &str| {
+        let out = accelrt(&["replay", "--json", "--alloc-conf", conf, &trace]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        json_lines(&stdout(&out))[0]["ratio"].as_f64().unwrap()
+    };
+    let (fixed, following) = (ratio(""), ratio("chunk_div:256"));
+    assert!(
+        following < 1.02 && following + 0.02 < fixed,
+        "peak reserved / allocated: {following:.4} with chunk_div:256, {fixed:.4} without"
+    );
+}

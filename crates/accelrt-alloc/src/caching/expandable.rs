@@ -197,6 +197,11 @@ pub(crate) struct VmState {
     pub move_scale: u64,
     /// The time budget: [`MOVE_TIME_SHARE`] (or `move_time_pct`) times `move_scale`.
     pub move_time: MoveTime,
+    /// `chunk_div`: short runs' chunks are at most reserved memory / this.
+    pub chunk_div: Option<u64>,
+    /// The chunk size of short runs at the last fill, in pages (with `chunk_div` it follows
+    /// reserved memory, and the count budget grows by 64 MiB / it: see `count_scale`).
+    pub short_cap: usize,
 }
 
 impl VmState {
@@ -215,6 +220,29 @@ impl VmState {
                     .map_or(MOVE_TIME_SHARE, |pct| pct / 100.0),
                 move_scale,
             ),
+            chunk_div: config.chunk_div,
+            short_cap: base_pages,
+        }
+    }
+
+    /// The count budget's factor: `move_scale`, and with `chunk_div` at least
+    /// [`MAX_CHUNK_BYTES`] / the chunk size of short runs now (smaller chunks move the same
+    /// memory in more moves).
+    fn count_scale(&self, page: u64) -> u64 {
+        if self.chunk_div.is_none() {
+            return self.move_scale;
+        }
+        let short = (self.short_cap as u64).saturating_mul(page).max(1);
+        (MAX_CHUNK_BYTES / short).max(self.move_scale)
+    }
+
+    /// The chunk size for short runs now, in pages: the cap, and with `chunk_div` at most
+    /// `reserved_pages / chunk_div` (at least one page).
+    fn short_run_cap(&self, reserved_pages: u64) -> usize {
+        let cap = self.chunk_cap.min(self.max_pages).max(1);
+        match self.chunk_div {
+            Some(d) => cap.min((reserved_pages / d).clamp(1, usize::MAX as u64) as usize),
+            None => cap,
         }
     }
 }
@@ -467,9 +495,11 @@ impl CachingAllocator {
         synced: bool,
     ) -> std::result::Result<Placement, SegmentFailure> {
         let page = self.page_bytes();
-        let cap = vm.chunk_cap.min(vm.max_pages).max(1);
-        // Memory-first mode: a long run is cut into about RUN_CHUNKS chunks at most.
-        let cap = if vm.base_pages < vm.max_pages {
+        let cap = vm.short_run_cap(self.reserved.load(Relaxed) / page);
+        vm.short_cap = cap;
+        // Memory-first mode (a base chunk below the largest, or `chunk_div` making short runs'
+        // chunks smaller): a long run is cut into about RUN_CHUNKS chunks at most.
+        let cap = if vm.base_pages < vm.max_pages || cap < vm.max_pages.min(vm.chunk_cap) {
             cap.max((run.len / RUN_CHUNKS).min(vm.max_pages))
         } else {
             cap
@@ -652,7 +682,8 @@ impl CachingAllocator {
             .map(|(_, p)| p.state.lock().allocations())
             .sum();
         let by_count = self.counters.num_page_steals.load(Relaxed)
-            < (allocs / ALLOCS_PER_MOVE + INITIAL_MOVES).saturating_mul(vm.move_scale);
+            < (allocs / ALLOCS_PER_MOVE + INITIAL_MOVES)
+                .saturating_mul(vm.count_scale(self.page_bytes()));
         if !by_count {
             return None;
         }

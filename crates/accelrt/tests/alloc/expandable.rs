@@ -430,6 +430,41 @@ fn chunks_are_sized_by_configuration_and_run_length() {
     }
 }
 
+/// With `chunk_div`, a short run's new chunks follow reserved memory: at most reserved / the
+/// divisor (at least a page, at most the largest chunk), and a long run is cut into about 12
+/// chunks as in the memory-first mode. Without it, the chunk size is fixed.
+#[test]
+fn chunk_div_sizes_new_chunks_by_reserved_memory() {
+    // (configuration, MiB already live, then a block of MiB, chunks created for that block).
+    // Every size is whole pages, so no run shares a page with a neighbour.
+    let table = [
+        ("chunk_div:256", 0, 24, 12),      // nothing reserved: one-page chunks
+        ("chunk_div:256", 2048, 24, 3),    // 1,024 pages reserved: chunks of 4
+        ("chunk_div:256", 4096, 24, 2),    // 2,048 pages: 8 + 4
+        ("chunk_div:256", 4096, 1024, 16), // a long run: 512 pages / 12, at most 32 a chunk
+        ("chunk_div:256", 16384, 24, 1),   // 8,192 pages: 32, the largest chunk
+        ("chunk_div:64", 2048, 24, 1),     // 1,024 pages / 64 = 16
+        ("", 2048, 24, 1),
+    ];
+    for (conf, live_mib, mib, chunks) in table {
+        let a = allocator(64 << 30, conf);
+        let live = (live_mib > 0).then(|| a.raw_alloc(live_mib * MIB, s(0)).unwrap());
+        let before = a.stats().driver_calls.create;
+        let x = a.raw_alloc(mib * MIB, s(0)).unwrap();
+        let created = a.stats().driver_calls.create - before;
+        assert_eq!(created, chunks, "{conf:?}, {live_mib} MiB live, {mib} MiB");
+        assert_eq!(
+            a.reserved_bytes(),
+            ((live_mib + mib) * MIB) as u64,
+            "{conf:?}: the blocks' pages only"
+        );
+        a.raw_free(x).unwrap();
+        if let Some(p) = live {
+            a.raw_free(p).unwrap();
+        }
+    }
+}
+
 /// Every driver call is counted, one count per kind, and `total` is their sum.
 #[test]
 fn driver_calls_are_counted_per_kind() {
