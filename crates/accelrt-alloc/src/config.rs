@@ -78,9 +78,10 @@ pub struct AllocatorConfig {
     /// larger ones. On the H200 (`BENCHMARKS.md`, "chunk sizes that follow reserved memory"), `chunk_div:256`
     /// reserved 1.0072-1.0124x allocated on GPT-2 inference, ResNet-50 and ViT training
     /// (default 1.0125-1.0526), 1.0213-1.0234 on Llama-style training (default
-    /// 1.0271-1.0310) and the same as the default on GPT-2 training; its steady state was as
-    /// fast as the default on GPT-2 inference, Llama and ViT, and 6% and 12% slower on GPT-2
-    /// and ResNet-50 training (medians of three; more, smaller chunks moved a step).
+    /// 1.0271-1.0310) and the same as the default on GPT-2 training; its steady state stayed
+    /// within native's spread on GPT-2 inference, Llama and ViT (3-8% above the default's
+    /// medians) and was 6% and 12% slower than the default on GPT-2 and ResNet-50 training
+    /// (medians of three; more, smaller chunks moved a step).
     pub chunk_div: Option<u64>,
     /// The share of the time passing, in percent, that moving idle memory (expandable
     /// segments) may take in driver calls (`move_time_pct`; `None`: 10). When moves have used
