@@ -36,8 +36,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-const CONFIGS: [&str; 11] = [
+const CONFIGS: [&str; 13] = [
     "",
+    "chunk_div:256",
+    "chunk_mb:4",
     "expandable_page_mb:8",
     "max_split_size_mb:16",
     "expandable_segments:false",
