@@ -235,7 +235,12 @@ impl AllocatorConfig {
             "chunk_div" => {
                 let div = parse_u64(key, value)?;
                 if div == 0 || div > 1 << 20 {
-                    return Err(bad(key, value, "a divisor between 1 and 1048576"));
+                    return Err(bad(
+                        key,
+                        value,
+                        "a divisor between 1 and 1048576 (chunk_div:256 keeps new chunks at \
+                         most 1/256 of reserved memory)",
+                    ));
                 }
                 self.chunk_div = Some(div);
             }
