@@ -5,7 +5,7 @@ usage:
   real_runs.py one WORKLOAD CONFIG [--steps N] [--record PATH]   one run; prints one JSON line
   real_runs.py matrix OUTDIR [--reps 3] [--workloads a,b] [--configs a,b] [--variant NAME=LIB]
                                                                     the timing/memory matrix
-  real_runs.py record OUTDIR [--parallel 3] [--workloads a,b] [--configs a,b]
+  real_runs.py record OUTDIR [--parallel 1] [--workloads a,b] [--configs a,b]
                                                                     recordings for `accelrt replay`
   real_runs.py table OUTDIR                                         the summary table again
 
@@ -499,7 +499,8 @@ def main():
                         "at each new peak) and the table adds it")
     r = sub.add_parser("record")
     r.add_argument("outdir", type=Path)
-    r.add_argument("--parallel", type=int, default=3)
+    r.add_argument("--parallel", type=int, default=1,
+                   help="processes at once on the GPU (1: as users run; more change the runs' timing)")
     r.add_argument("--workloads", default=",".join(RECORDED))
     r.add_argument("--configs", default=",".join(CONFIGS), help="a subset of " + ",".join(CONFIGS))
     t = sub.add_parser("table")
