@@ -21,6 +21,8 @@ fn config_seeds() -> Vec<Vec<u8>> {
         "expandable_page_mb:4,release_at_peak:false",
         "max_non_split_rounding_mb:20,expandable_segments:false,max_split_size_mb:20",
         "debug_checks:true",
+        "chunk_div:256,chunk_mb:4,max_chunk_mb:16,move_time_pct:2.5",
+        "chunk_div:1,max_chunk_mb:2",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())
