@@ -43,7 +43,8 @@ CONFIGS = ["native", "expandable", "accelrt"]
 # NAME=PATH`): each is the configuration `accelrt@NAME`, interleaved with the others.
 VARIANTS = {}
 # Other allocator configurations of the default build (`matrix --variant-conf NAME=CONF`,
-# ACCELRT_ALLOC_CONF syntax): each is the configuration `accelrt@NAME`.
+# ACCELRT_ALLOC_CONF syntax): each is the configuration `accelrt@NAME`. With a NAME that
+# `--variant` gave, that build runs under CONF.
 VARIANT_CONFS = {}
 # `matrix --breakdown`: accelrt's runs record where reserved memory lay at each new peak
 # (`accelrt_torch.record_peak_breakdown`; each new peak then costs a walk over the blocks,
@@ -493,7 +494,8 @@ def main():
     m.add_argument("--variant", action="append", default=[], metavar="NAME=PATH",
                    help="another libaccelrt_torch.so, run as configuration accelrt@NAME")
     m.add_argument("--variant-conf", action="append", default=[], metavar="NAME=CONF",
-                   help="the default build under another ACCELRT_ALLOC_CONF, run as accelrt@NAME")
+                   help="the default build under another ACCELRT_ALLOC_CONF, run as accelrt@NAME "
+                        "(a NAME that --variant gives: that build under CONF)")
     m.add_argument("--breakdown", action="store_true",
                    help="accelrt's runs record where reserved memory lay at each new peak (costs time "
                         "at each new peak) and the table adds it")
@@ -520,10 +522,11 @@ def main():
             configs.append("accelrt@" + name)
         for v in a.variant_conf:
             name, sep, conf = v.partition("=")
-            if not sep or not name or name in VARIANTS:
-                p.error(f"--variant-conf {v!r}: NAME=CONF with a name no --variant uses")
+            if not sep or not name or name in VARIANT_CONFS:
+                p.error(f"--variant-conf {v!r}: NAME=CONF, each NAME once")
             VARIANT_CONFS[name] = conf
-            configs.append("accelrt@" + name)
+            if name not in VARIANTS:  # else: that build under this configuration
+                configs.append("accelrt@" + name)
         matrix(a.outdir, a.reps, a.workloads.split(","), a.steps, configs)
     elif a.cmd == "record":
         record(a.outdir, a.workloads.split(","), a.parallel, known_configs(p, a.configs))
