@@ -23,6 +23,37 @@ fn json_lines(text: &str) -> Vec<Value> {
 
 const NATIVE: &str = "expandable_segments:false,release_at_peak:false";
 
+/// `traces/recorded/NAME.accelrt.trace.gz`, a run recorded on the H200.
+fn recording(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../traces/recorded")
+        .join(format!("{name}.accelrt.trace.gz"))
+}
+
+/// [`recording`] `name` with its steady steps repeated `copies` more times
+/// (`scripts/extend_trace.py`), written under `test`'s directory.
+fn extended_recording(test: &str, name: &str, copies: u32) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let extended = dir(test).join(format!("{name}.x{copies}.trace.gz"));
+    let out = std::process::Command::new("python3")
+        .arg(root.join("scripts/extend_trace.py"))
+        .arg(recording(name))
+        .arg(&extended)
+        .args(["--copies", &copies.to_string()])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", stderr(&out));
+    extended
+}
+
+/// `accelrt replay --json --alloc-conf CONF TRACE`, which must succeed: its one JSON line.
+fn replay_under(conf: &str, trace: &Path) -> Value {
+    let trace = trace.display().to_string();
+    let out = accelrt(&["replay", "--json", "--alloc-conf", conf, &trace]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    json_lines(&stdout(&out)).remove(0)
+}
+
 /// A small v2 trace of a recorded PyTorch-native run with its real peaks.
 fn recorded_trace(d: &Path) -> PathBuf {
     let mut text = format!(
@@ -396,18 +427,7 @@ fn recorded_real_runs_are_predicted_within_one_percent() {
 /// reached after 25 steps on the H200 when 5% of the time did not keep up with them.
 #[test]
 fn a_dry_time_budget_still_lets_large_moves_through() {
-    let trace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../traces/recorded/gpt2_train.accelrt.trace.gz");
-    let trace = trace.display().to_string();
-    let out = accelrt(&[
-        "replay",
-        "--json",
-        "--alloc-conf",
-        "move_time_pct:0",
-        &trace,
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v = &json_lines(&stdout(&out))[0];
+    let v = replay_under("move_time_pct:0", &recording("gpt2_train"));
     let moves = &v["moves"];
     assert!(moves["num_moves_exempt"].as_u64().unwrap() > 0, "{moves}");
     let ratio = v["ratio"].as_f64().unwrap();
@@ -422,24 +442,9 @@ fn a_dry_time_budget_still_lets_large_moves_through() {
 /// settled after the first steps) reserves exactly what it did over the recorded steps.
 #[test]
 fn an_extended_recording_replays_like_more_of_the_same_steps() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let recorded = root.join("traces/recorded/resnet50_train.accelrt.trace.gz");
-    let d = dir("extend");
-    let extended = d.join("resnet50_train.x4.trace.gz");
-    let out = std::process::Command::new("python3")
-        .arg(root.join("scripts/extend_trace.py"))
-        .args([recorded.as_os_str(), extended.as_os_str()])
-        .args(["--copies", "4"])
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", stderr(&out));
-    let never_moving = "release_at_peak:false";
-    let replay = |trace: &Path| {
-        let trace = trace.display().to_string();
-        let out = accelrt(&["replay", "--json", "--alloc-conf", never_moving, &trace]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        json_lines(&stdout(&out)).remove(0)
-    };
+    let recorded = recording("resnet50_train");
+    let extended = extended_recording("extend", "resnet50_train", 4);
+    let replay = |trace: &Path| replay_under("release_at_peak:false", trace);
     let (before, after) = (replay(&recorded), replay(&extended));
     assert_eq!(after["completed"], true, "{after}");
     assert!(
@@ -544,14 +549,8 @@ fn the_replay_says_where_reserved_memory_was_at_its_peak() {
 /// 1.044-1.053 and 1.011-1.012).
 #[test]
 fn chunks_that_follow_reserved_memory_strand_less_in_a_small_workload() {
-    let trace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../traces/recorded/gpt2_infer_varlen.accelrt.trace.gz");
-    let trace = trace.display().to_string();
-    let ratio = |conf: &str| {
-        let out = accelrt(&["replay", "--json", "--alloc-conf", conf, &trace]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        json_lines(&stdout(&out))[0]["ratio"].as_f64().unwrap()
-    };
+    let trace = recording("gpt2_infer_varlen");
+    let ratio = |conf: &str| replay_under(conf, &trace)["ratio"].as_f64().unwrap();
     let (fixed, following) = (ratio(""), ratio("chunk_div:256"));
     assert!(
         following < 1.02 && following + 0.02 < fixed,
@@ -566,27 +565,8 @@ fn chunks_that_follow_reserved_memory_strand_less_in_a_small_workload() {
 /// peak reserved reached 1.08-1.13x allocated, as 40 real steps did on the H200 (1.05-1.11).
 #[test]
 fn chunks_that_follow_reserved_memory_do_not_run_the_time_budget_dry() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let d = dir("chunk_div_budget");
-    let extended = d.join("gpt2_train.x4.trace.gz");
-    let out = std::process::Command::new("python3")
-        .arg(root.join("scripts/extend_trace.py"))
-        .arg(root.join("traces/recorded/gpt2_train.accelrt.trace.gz"))
-        .arg(&extended)
-        .args(["--copies", "4"])
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", stderr(&out));
-    let trace = extended.display().to_string();
-    let out = accelrt(&[
-        "replay",
-        "--json",
-        "--alloc-conf",
-        "chunk_div:256,move_time_pct:4",
-        &trace,
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v = &json_lines(&stdout(&out))[0];
+    let extended = extended_recording("chunk_div_budget", "gpt2_train", 4);
+    let v = replay_under("chunk_div:256,move_time_pct:4", &extended);
     assert_eq!(v["moves"]["num_moves_deferred"], 0, "{}", v["moves"]);
     let ratio = v["ratio"].as_f64().unwrap();
     assert!(ratio < 1.03, "peak reserved / allocated {ratio:.4}");
