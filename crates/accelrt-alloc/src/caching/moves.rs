@@ -24,9 +24,17 @@ impl CachingAllocator {
         let mut remaining = want;
         // The requesting pool: free blocks are used by nothing but work queued on its own
         // stream, and later work on that stream runs after it.
+        // Only pools whose first cycle is over give memory away, unless the device is full
+        // (`Reach::All`): before that, what a pool frees is about to be taken back where it
+        // lies (`PoolState::recycling`).
+        let gives = |st: &PoolState| reach == Reach::All || st.recycling();
         {
             let mut st = pool.state.lock();
-            let (taken, left) = st.lend_idle(&mut vm.chunks, u64::MAX, remaining, room);
+            let (taken, left) = if gives(&st) {
+                st.lend_idle(&mut vm.chunks, u64::MAX, remaining, room)
+            } else {
+                (Vec::new(), remaining)
+            };
             self.note_lent(&st, pool.stream.index, &taken);
             // The last use of the ranges just lent: one fence recorded after it covers them
             // all (and one already in flight may).
@@ -51,6 +59,9 @@ impl CachingAllocator {
                     continue;
                 }
                 let mut st = q.state.lock();
+                if !gives(&st) {
+                    continue;
+                }
                 // (since, the fence to wait for on the device)
                 let (since, wait) = if reach == Reach::All || self.events.is_none() {
                     (u64::MAX, None)
@@ -128,6 +139,9 @@ impl CachingAllocator {
             // used after what completed fences already proved.
             let (safe, ages) = {
                 let mut st = q.state.lock();
+                if reach != Reach::All && !st.recycling() {
+                    continue;
+                }
                 let safe = st.safe_tick();
                 (safe, st.idle_ages_after(&vm.chunks, safe))
             };

@@ -83,6 +83,70 @@ fn idle_pages_of_a_freed_block_back_a_larger_one() {
     a.check_invariants().unwrap();
 }
 
+/// Moves wait for the pool's first cycle: until its allocated memory has fallen to two thirds
+/// of its peak (or it has freed half its peak since the peak last rose), what it frees is
+/// taken back in place, and a larger block gets new memory instead of moving freed chunks
+/// under it.
+#[test]
+fn moves_wait_for_the_first_cycle() {
+    // (blocks of 64 MiB freed out of 8 live before a 96 MiB request: whether it moved)
+    let table = [(1, false), (2, false), (3, true), (4, true)];
+    for (freed, moves) in table {
+        let a = allocator(1 << 31, "");
+        let live: Vec<usize> = (0..8)
+            .map(|_| a.raw_alloc(64 * MIB, s(0)).unwrap())
+            .collect();
+        // Every other block, so that no two freed ones merge into a hole 96 MiB fits.
+        let order: Vec<usize> = (0..8).step_by(2).chain((1..8).step_by(2)).collect();
+        for &i in &order[..freed] {
+            a.raw_free(live[i]).unwrap();
+        }
+        let z = a.raw_alloc(96 * MIB, s(0)).unwrap();
+        let st = a.stats();
+        assert_eq!(st.counters.num_page_steals > 0, moves, "{freed} of 8 freed");
+        if !moves {
+            assert_eq!(
+                st.reserved_bytes_peak,
+                (8 * 64 + 96) as u64 * MIB as u64,
+                "{freed} of 8 freed: new memory"
+            );
+        }
+        a.raw_free(z).unwrap();
+        for &i in &order[freed..] {
+            a.raw_free(live[i]).unwrap();
+        }
+        a.check_invariants().unwrap();
+    }
+    // A churn at its peak, whose allocated memory neither falls nor grows much: the first
+    // move comes once it has fallen a third below its peak or half the peak has been freed
+    // since the peak last rose.
+    let a = allocator(1 << 34, "");
+    let mut rng = accelrt::alloc::splitmix::SplitMix64(11);
+    let mut size = || 1 + rng.below(128 * MIB as u64) as usize;
+    let mut live: Vec<usize> = (0..16)
+        .map(|_| a.raw_alloc(size(), s(0)).unwrap())
+        .collect();
+    let (mut over, mut first_move, mut seen) = (false, None, (0, 0));
+    for round in 0..2000 {
+        let k = round * 7 % 16;
+        a.raw_free(live[k]).unwrap();
+        let now = a.stats().all().allocated_bytes;
+        if now.peak != seen.0 {
+            seen = (now.peak, now.freed);
+        }
+        over |= now.current * 3 <= now.peak * 2 || (now.freed - seen.1) * 2 >= now.peak;
+        live[k] = a.raw_alloc(size(), s(0)).unwrap();
+        if a.stats().counters.num_page_steals > 0 {
+            first_move = Some((now, over));
+            break;
+        }
+    }
+    let (at, over) = first_move.expect("the churn moved memory");
+    assert!(over, "moved before the first cycle was over: {at:?}");
+    live.into_iter().for_each(|p| a.raw_free(p).unwrap());
+    a.check_invariants().unwrap();
+}
+
 #[test]
 fn streams_without_events_do_not_take_each_others_pages_forever() {
     // Two streams of one allocator without events, each freeing and asking again for its own

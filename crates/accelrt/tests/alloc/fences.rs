@@ -189,6 +189,10 @@ fn ranges_lent_before_a_fence_share_it() {
 fn one_answer_of_the_newest_fence_stands_for_the_older_ones() {
     let (a, clock) = allocator();
     let s = stream(0);
+    // A first step, all freed and allocated again: what the pool frees from now on may move
+    // (moves wait for its first cycle: `PoolState::recycling`).
+    let first: Vec<usize> = (0..10).map(|_| a.raw_alloc(64 * MIB, s).unwrap()).collect();
+    first.into_iter().for_each(|p| a.raw_free(p).unwrap());
     let blocks: Vec<usize> = (0..10).map(|_| a.raw_alloc(64 * MIB, s).unwrap()).collect();
     // Five rounds: free a hole, move its chunks under a new block; each round's range was
     // used after the previous fence, so each records one.
