@@ -22,12 +22,12 @@ impl CachingAllocator {
     ) -> Placement {
         let mut got: Placement = Vec::new();
         let mut remaining = want;
-        // The requesting pool: free blocks are used by nothing but work queued on its own
-        // stream, and later work on that stream runs after it.
         // Only pools whose first cycle is over give memory away, unless the device is full
         // (`Reach::All`): before that, what a pool frees is about to be taken back where it
         // lies (`PoolState::recycling`).
         let gives = |st: &PoolState| reach == Reach::All || st.recycling();
+        // The requesting pool: free blocks are used by nothing but work queued on its own
+        // stream, and later work on that stream runs after it.
         {
             let mut st = pool.state.lock();
             let (taken, left) = if gives(&st) {
