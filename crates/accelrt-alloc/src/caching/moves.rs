@@ -22,15 +22,11 @@ impl CachingAllocator {
     ) -> Placement {
         let mut got: Placement = Vec::new();
         let mut remaining = want;
-        // Only pools whose first cycle is over give memory away, unless the device is full
-        // (`Reach::All`): before that, what a pool frees is about to be taken back where it
-        // lies (`PoolState::recycling`).
-        let gives = |st: &PoolState| reach == Reach::All || st.recycling();
         // The requesting pool: free blocks are used by nothing but work queued on its own
         // stream, and later work on that stream runs after it.
         {
             let mut st = pool.state.lock();
-            let (taken, left) = if gives(&st) {
+            let (taken, left) = if gives(reach, &st) {
                 st.lend_idle(&mut vm.chunks, u64::MAX, remaining, room)
             } else {
                 (Vec::new(), remaining)
@@ -59,7 +55,7 @@ impl CachingAllocator {
                     continue;
                 }
                 let mut st = q.state.lock();
-                if !gives(&st) {
+                if !gives(reach, &st) {
                     continue;
                 }
                 // (since, the fence to wait for on the device)
@@ -139,7 +135,7 @@ impl CachingAllocator {
             // used after what completed fences already proved.
             let (safe, ages) = {
                 let mut st = q.state.lock();
-                if reach != Reach::All && !st.recycling() {
+                if !gives(reach, &st) {
                     continue;
                 }
                 let safe = st.safe_tick();
@@ -409,4 +405,11 @@ impl CachingAllocator {
             unsafe { self.vm().unreserve(seg.base, seg.size as usize) };
         }
     }
+}
+
+/// Whether a pool (its state `st`) gives idle memory to a move or a release reaching `reach`:
+/// only once its first cycle is over, unless the device is full (`Reach::All`). Before that,
+/// what a pool frees is about to be taken back where it lies (`PoolState::recycling`).
+fn gives(reach: Reach, st: &PoolState) -> bool {
+    reach == Reach::All || st.recycling()
 }
