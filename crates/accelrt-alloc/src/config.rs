@@ -16,6 +16,10 @@ const MIB: u64 = 1 << 20;
 /// `[2^k MiB, 2^(k+1) MiB)`, with sizes below 1 MiB in interval 0.
 pub const ROUNDUP_INTERVALS: usize = 32;
 
+/// The default of `chunk_div` ([`AllocatorConfig::chunk_div`]): once a pool's first cycle is
+/// over, new chunks of short runs are at most 1/256 of reserved memory.
+pub const DEFAULT_CHUNK_DIV: u64 = 256;
+
 /// The `roundup_power2_divisions` interval of a request: log2 of its size in MiB, from 0
 /// (below 2 MiB) to `ROUNDUP_INTERVALS - 1`, as PyTorch indexes its table.
 #[inline(always)]
@@ -71,21 +75,18 @@ pub struct AllocatorConfig {
     /// (0.5-1.2% over allocated on the same five) for the most driver calls (steady state up
     /// to 2.2x as long on GPT-2 training).
     pub max_chunk_size: Option<u64>,
-    /// Chunks follow reserved memory (`chunk_div`; `None`: they do not): a short run's new
-    /// chunks are at most reserved memory / this (at least a page, at most `chunk_mb`), and
-    /// below the largest chunk a long run is cut into about 12, as in the memory-first mode.
-    /// A small workload then gets small chunks, which strand little, and a large one keeps
-    /// larger ones. On the H200 (`BENCHMARKS.md`, "chunk sizes that follow reserved memory"), `chunk_div:256`
-    /// reserved 1.0072-1.0124x allocated on GPT-2 inference, ResNet-50 and ViT training
-    /// (default 1.0125-1.0526), 1.0213-1.0234 on Llama-style training (default
-    /// 1.0271-1.0310) and the same as the default on GPT-2 training; its steady state stayed
-    /// within native's spread on GPT-2 inference, Llama and ViT (3-8% above the default's
-    /// medians) and was 6% and 12% slower than the default on GPT-2 and ResNet-50 training
-    /// (medians of three; more, smaller chunks moved a step; a second call measured 9%, 12%
-    /// and, swinging, 21% on ViT). The move budgets count memory moved, not the small chunks:
-    /// charged per chunk, 40 steps of GPT-2 training ran the time budget dry and reserved
-    /// 1.05-1.11x allocated; charged per largest chunk's worth of pages, 1.019-1.020 (default
-    /// 1.018) at 2.5% more time.
+    /// Chunks follow reserved memory once a pool's first cycle is over (`chunk_div`, default
+    /// [`DEFAULT_CHUNK_DIV`]; `chunk_div:off`, `None`: they never do): from then on, a short
+    /// run's new chunks are at most reserved memory / this (at least a page, at most
+    /// `chunk_mb`), and below the largest chunk a long run is cut into about 12, as in the
+    /// memory-first mode. A small workload then gets small chunks, which strand little, and a
+    /// large one keeps larger ones. During the first cycle (while a pool only grows) chunks
+    /// keep the fixed size: chunks made while little is reserved would stay small, and every
+    /// later move would map them one by one. On the H200 (`BENCHMARKS.md`, "chunk_div by
+    /// default"), against `chunk_div:off`: GPT-2 inference 1.0150-1.0210x allocated (off:
+    /// 1.0467-1.0496), GPT-2 training 1.0129-1.0192 (1.0129-1.0191), ResNet-50, ViT and
+    /// Llama-style training the same; from the start instead of after the first cycle,
+    /// `chunk_div:256` made GPT-2 training's steady state 3-14% slower.
     pub chunk_div: Option<u64>,
     /// The share of the time passing, in percent, that moving idle memory (expandable
     /// segments) may take in driver calls (`move_time_pct`; `None`: 10). When moves have used
@@ -128,7 +129,7 @@ impl Default for AllocatorConfig {
             expandable_page_size: None,
             chunk_size: None,
             max_chunk_size: None,
-            chunk_div: None,
+            chunk_div: Some(DEFAULT_CHUNK_DIV),
             move_time_pct: None,
             per_process_memory_fraction: None,
             high_watermark_ratio: 0.0,
@@ -233,13 +234,19 @@ impl AllocatorConfig {
                 }
             }
             "chunk_div" => {
-                let div = parse_u64(key, value)?;
+                if value.eq_ignore_ascii_case("off") {
+                    self.chunk_div = None;
+                    return Ok(());
+                }
+                let div = value
+                    .parse::<u64>()
+                    .map_err(|_| bad(key, value, "a divisor between 1 and 1048576, or off"))?;
                 if div == 0 || div > 1 << 20 {
                     return Err(bad(
                         key,
                         value,
-                        "a divisor between 1 and 1048576 (chunk_div:256 keeps new chunks at \
-                         most 1/256 of reserved memory)",
+                        "a divisor between 1 and 1048576, or off (chunk_div:256, the default, \
+                         keeps new chunks at most 1/256 of reserved memory)",
                     ));
                 }
                 self.chunk_div = Some(div);
@@ -340,8 +347,10 @@ impl AllocatorConfig {
         if let Some(c) = self.max_chunk_size {
             parts.push(format!("max_chunk_mb:{}", c / MIB));
         }
-        if let Some(d) = self.chunk_div {
-            parts.push(format!("chunk_div:{d}"));
+        match self.chunk_div {
+            Some(DEFAULT_CHUNK_DIV) => {}
+            Some(d) => parts.push(format!("chunk_div:{d}")),
+            None => parts.push("chunk_div:off".into()),
         }
         if let Some(pct) = self.move_time_pct {
             parts.push(format!("move_time_pct:{pct}"));
@@ -544,11 +553,28 @@ mod tests {
         );
         assert!(c.to_conf_string().contains("chunk_mb:2,max_chunk_mb:4"));
         assert_eq!(AllocatorConfig::parse(&c.to_conf_string()).unwrap(), c);
-        assert_eq!(AllocatorConfig::default().chunk_div, None);
-        let c = AllocatorConfig::parse("chunk_div:256").unwrap();
-        assert_eq!(c.chunk_div, Some(256));
-        assert!(c.to_conf_string().contains("chunk_div:256"));
-        assert_eq!(AllocatorConfig::parse(&c.to_conf_string()).unwrap(), c);
+        assert_eq!(
+            AllocatorConfig::default().chunk_div,
+            Some(DEFAULT_CHUNK_DIV)
+        );
+        assert!(!AllocatorConfig::default()
+            .to_conf_string()
+            .contains("chunk_div"));
+        for (conf, div, canonical) in [
+            ("chunk_div:256", Some(256), None),
+            ("chunk_div:64", Some(64), Some("chunk_div:64")),
+            ("chunk_div:off", None, Some("chunk_div:off")),
+            ("chunk_div:OFF", None, Some("chunk_div:off")),
+        ] {
+            let c = AllocatorConfig::parse(conf).unwrap();
+            assert_eq!(c.chunk_div, div, "{conf}");
+            let text = c.to_conf_string();
+            match canonical {
+                Some(part) => assert!(text.contains(part), "{conf}: {text}"),
+                None => assert!(!text.contains("chunk_div"), "{conf}: {text}"),
+            }
+            assert_eq!(AllocatorConfig::parse(&text).unwrap(), c, "{conf}");
+        }
     }
 
     #[test]

@@ -50,7 +50,9 @@ pub use caching::{
 };
 pub use callbacks::{AllocatorCallback, AllocatorEvent, CallbackId};
 pub use clock::Clock;
-pub use config::{AllocatorConfig, ALLOC_CONF_ENV, MAX_CONF_LEN, ROUNDUP_INTERVALS};
+pub use config::{
+    AllocatorConfig, ALLOC_CONF_ENV, DEFAULT_CHUNK_DIV, MAX_CONF_LEN, ROUNDUP_INTERVALS,
+};
 pub use deferred::{Deferred, KeptError};
 pub use history::{
     set_thread_context, thread_context, BlockInfo, BlockStatus, Frame, Frames, HistoryConfig,

@@ -236,23 +236,21 @@ impl VmState {
         (MAX_CHUNK_BYTES / short).max(self.move_scale)
     }
 
-    /// The chunks a move is charged to the time budget for: one per chunk moved; with
-    /// `chunk_div`, one per largest chunk's worth of pages moved (at least one), as the
-    /// memory-first mode scales its budget: the budget bounds the memory moved, and chunks
-    /// made small while little was reserved must not run it dry. Charged per chunk, GPT-2
-    /// training with `chunk_div:256` on the H200 deferred 82 moves over 40 steps and
-    /// reserved 1.049-1.107x allocated (default 1.013-1.018).
+    /// The chunks a move is charged to the time budget for: one per chunk moved, scaled by
+    /// the chunk size short runs get now over the largest (at least one): each chunk costs
+    /// its driver calls, and a workload that `chunk_div` gives small chunks gets a budget
+    /// as much larger, as the memory-first mode scales its own. Chunks small for other
+    /// reasons (a run's remainder) are charged whole: charged by pages moved instead, random
+    /// churn of blocks up to 64 MiB moved twice as often and reserved 1.13x allocated
+    /// instead of 1.10x (host backend). Charged per chunk while chunks were made small from
+    /// the start, GPT-2 training with `chunk_div:256` on the H200 deferred 82 moves over 40
+    /// steps and reserved 1.049-1.107x allocated (default 1.013-1.018).
     fn charged_chunks(&self, moved: &[(u32, usize)]) -> usize {
-        match self.chunk_div {
-            None => moved.len(),
-            Some(_) => {
-                let pages: usize = moved.iter().map(|&(_, p)| p).sum();
-                pages
-                    .div_ceil(self.max_pages.max(1))
-                    .max(1)
-                    .min(moved.len())
-            }
+        let (short, max) = (self.short_cap.max(1), self.max_pages.max(1));
+        if self.chunk_div.is_none() || short >= max {
+            return moved.len();
         }
+        (moved.len() * short).div_ceil(max).max(1).min(moved.len())
     }
 
     /// The chunk size for short runs now, in pages: the cap, and with `chunk_div` at most
@@ -514,7 +512,14 @@ impl CachingAllocator {
         synced: bool,
     ) -> std::result::Result<Placement, SegmentFailure> {
         let page = self.page_bytes();
-        let cap = vm.short_run_cap(self.reserved.load(Relaxed) / page);
+        // `chunk_div` sizes chunks by reserved memory once the pool's first cycle is over:
+        // chunks made while little is reserved would stay small, and every later move would
+        // map them one by one (BENCHMARKS.md, "chunk_div by default").
+        let cap = if vm.chunk_div.is_none() || pool.state.lock().recycling() {
+            vm.short_run_cap(self.reserved.load(Relaxed) / page)
+        } else {
+            vm.chunk_cap.min(vm.max_pages).max(1)
+        };
         vm.short_cap = cap;
         // Memory-first mode (a base chunk below the largest, or `chunk_div` making short runs'
         // chunks smaller): a long run is cut into about RUN_CHUNKS chunks at most.

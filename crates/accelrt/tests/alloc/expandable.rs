@@ -494,9 +494,10 @@ fn chunks_are_sized_by_configuration_and_run_length() {
     }
 }
 
-/// With `chunk_div`, a short run's new chunks follow reserved memory: at most reserved / the
-/// divisor (at least a page, at most the largest chunk), and a long run is cut into about 12
-/// chunks as in the memory-first mode. Without it, the chunk size is fixed.
+/// With `chunk_div` (256 by default), once the pool's first cycle is over, a short run's new
+/// chunks follow reserved memory: at most reserved / the divisor (at least a page, at most
+/// the largest chunk), and a long run is cut into about 12 chunks as in the memory-first
+/// mode. With `chunk_div:off`, and during the first cycle, the chunk size is fixed.
 #[test]
 fn chunk_div_sizes_new_chunks_by_reserved_memory() {
     // (configuration, MiB already live, then a block of MiB, chunks created for that block).
@@ -508,10 +509,16 @@ fn chunk_div_sizes_new_chunks_by_reserved_memory() {
         ("chunk_div:256", 4096, 1024, 16), // a long run: 512 pages / 12, at most 32 a chunk
         ("chunk_div:256", 16384, 24, 1),   // 8,192 pages: 32, the largest chunk
         ("chunk_div:64", 2048, 24, 1),     // 1,024 pages / 64 = 16
-        ("", 2048, 24, 1),
+        ("", 2048, 24, 3),                 // the default: 256
+        ("chunk_div:off", 2048, 24, 1),
     ];
     for (conf, live_mib, mib, chunks) in table {
         let a = allocator(64 << 30, conf);
+        // The pool's first cycle, over before the table's blocks (`chunk_div` applies from
+        // then on): a small block allocated and freed, its segment given back.
+        let p = a.raw_alloc(4096, s(0)).unwrap();
+        a.raw_free(p).unwrap();
+        a.empty_cache().unwrap();
         let live = (live_mib > 0).then(|| a.raw_alloc(live_mib * MIB, s(0)).unwrap());
         let before = a.stats().driver_calls.create;
         let x = a.raw_alloc(mib * MIB, s(0)).unwrap();
@@ -526,6 +533,17 @@ fn chunk_div_sizes_new_chunks_by_reserved_memory() {
         if let Some(p) = live {
             a.raw_free(p).unwrap();
         }
+    }
+    // During the first cycle: one chunk for the 24 MiB block, as with `chunk_div:off`.
+    for conf in ["chunk_div:256", ""] {
+        let a = allocator(64 << 30, conf);
+        let x = a.raw_alloc(24 * MIB, s(0)).unwrap();
+        assert_eq!(
+            a.stats().driver_calls.create,
+            1,
+            "{conf:?}: the first cycle's chunk"
+        );
+        a.raw_free(x).unwrap();
     }
 }
 

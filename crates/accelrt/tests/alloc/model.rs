@@ -38,7 +38,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 const CONFIGS: [&str; 13] = [
     "",
-    "chunk_div:256",
+    "chunk_div:off",
     "chunk_mb:4",
     "expandable_page_mb:8",
     "max_split_size_mb:16",
