@@ -78,15 +78,16 @@ pub struct AllocatorConfig {
     /// Chunks follow reserved memory once a pool's first cycle is over (`chunk_div`, default
     /// [`DEFAULT_CHUNK_DIV`]; `chunk_div:off`, `None`: they never do): from then on, a short
     /// run's new chunks are at most reserved memory / this (at least a page, at most
-    /// `chunk_mb`), and below the largest chunk a long run is cut into about 12, as in the
-    /// memory-first mode. A small workload then gets small chunks, which strand little, and a
-    /// large one keeps larger ones. During the first cycle (while a pool only grows) chunks
-    /// keep the fixed size: chunks made while little is reserved would stay small, and every
-    /// later move would map them one by one. On the H200 (`BENCHMARKS.md`, "chunk_div by
-    /// default"), against `chunk_div:off`: GPT-2 inference 1.0150-1.0210x allocated (off:
-    /// 1.0467-1.0496), GPT-2 training 1.0129-1.0192 (1.0129-1.0191), ResNet-50, ViT and
-    /// Llama-style training the same; from the start instead of after the first cycle,
-    /// `chunk_div:256` made GPT-2 training's steady state 3-14% slower.
+    /// `chunk_mb`), below the largest chunk a long run is cut into about 12, as in the
+    /// memory-first mode, and where memory strands at a new peak the chunk size may halve
+    /// down to reserved / this. A small workload then gets small chunks, which strand
+    /// little, and a large one keeps larger ones. During the first cycle (while a pool only
+    /// grows) chunks keep the fixed size: chunks made while little is reserved would stay
+    /// small, and every later move would map them one by one. On the H200 (`BENCHMARKS.md`,
+    /// "chunk_div by default"), against `chunk_div:off`: GPT-2 inference 1.012-1.017x
+    /// allocated (off: 1.033-1.072), ResNet-50 and ViT 1.010-1.014 (1.008-1.016), GPT-2
+    /// training and Llama-style training the same; from the start instead of after the
+    /// first cycle, `chunk_div:256` made GPT-2 training's steady state 3-14% slower.
     pub chunk_div: Option<u64>,
     /// The share of the time passing, in percent, that moving idle memory (expandable
     /// segments) may take in driver calls (`move_time_pct`; `None`: 10). When moves have used

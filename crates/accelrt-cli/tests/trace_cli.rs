@@ -546,20 +546,28 @@ fn the_replay_says_where_reserved_memory_was_at_its_peak() {
 }
 
 /// `chunk_div` (on by default): chunks that follow reserved memory strand less in a small
-/// workload. GPT-2 inference (1.31 GiB allocated at its peak) as PyTorch native ran it on the
-/// H200 (`traces/recorded/`) replays at 1.054x with fixed 64 MiB chunks (`chunk_div:off`)
-/// and at 1.020x with chunks of at most reserved / 256 once its first cycle is over (on the
-/// H200, accelrt itself: 1.033-1.047 and 1.011-1.018, BENCHMARKS.md "chunk_div by default").
+/// workload. GPT-2 inference (1.31 GiB allocated at its peak), as PyTorch native and as
+/// accelrt ran it on the H200 (`traces/recorded/`), replays at 1.054x and 1.036x with fixed
+/// 64 MiB chunks (`chunk_div:off`) and at 1.015x and 1.017x by default: once its first cycle
+/// is over, chunks of at most reserved / 256, and where memory still strands at a new peak
+/// the chunk cap halves down to that scale too (down to reserved / 32 only, the second
+/// recording replays at 1.032x). On the H200: 1.012-1.017 by default, 1.017-1.026 when
+/// halving stopped at reserved / 32, 1.033-1.072 with fixed chunks (BENCHMARKS.md, "chunk_div
+/// by default").
 #[test]
 fn chunks_that_follow_reserved_memory_strand_less_in_a_small_workload() {
-    let trace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../traces/recorded/gpt2_infer_varlen.pytorch-native.trace.gz");
-    let ratio = |conf: &str| replay_under(conf, &trace)["ratio"].as_f64().unwrap();
-    let (fixed, following) = (ratio("chunk_div:off"), ratio(""));
-    assert!(
-        following < 1.025 && following + 0.02 < fixed,
-        "peak reserved / allocated: {following:.4} by default, {fixed:.4} with chunk_div:off"
-    );
+    for name in ["pytorch-native", "accelrt"] {
+        let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+            "../../traces/recorded/gpt2_infer_varlen.{name}.trace.gz"
+        ));
+        let ratio = |conf: &str| replay_under(conf, &trace)["ratio"].as_f64().unwrap();
+        let (fixed, following) = (ratio("chunk_div:off"), ratio(""));
+        assert!(
+            following < 1.02 && following + 0.015 < fixed,
+            "{name}: peak reserved / allocated {following:.4} by default, {fixed:.4} with \
+             chunk_div:off"
+        );
+    }
 }
 
 /// With `chunk_div`, small chunks do not run the moves' time budget dry: chunks made during

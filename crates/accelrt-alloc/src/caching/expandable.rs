@@ -61,8 +61,9 @@ pub(crate) const MAX_CHUNK_BYTES: u64 = 64 << 20;
 /// calls than 12 for no less memory.
 const RUN_CHUNKS: usize = 12;
 
-/// The adaptive chunk cap never falls below reserved memory divided by this: smaller chunks
-/// would cost more driver time than the memory they save (replays of `traces/`, see
+/// The adaptive chunk cap never falls below reserved memory divided by this during a pool's
+/// first cycle (after it, by `chunk_div` when that is larger): smaller chunks would cost
+/// more driver time than the memory they save (replays of `traces/`, see
 /// `ARCHITECTURE.md`). On the H200, 64 made GPT-2 training move its 1.5 GiB blocks in
 /// smaller chunks, ran the moves' time budget dry, and the deferred moves created memory:
 /// 1.197x allocated against 1.016 (BENCHMARKS.md, "2026-11-30 00:52 UTC").
@@ -609,7 +610,11 @@ impl CachingAllocator {
             if remaining > 0 && threshold.is_some() {
                 // A new peak while free memory lies stranded in partly used chunks (a chunk
                 // moves only whole): chunks are too coarse for this workload; halve them, down
-                // to 1/32 of what is reserved. At the peak, that stranded memory is all of the
+                // to 1/32 of what is reserved, and once the pool's first cycle is over down to
+                // 1/`chunk_div` (the scale its new chunks follow then; on the H200, GPT-2
+                // inference 1.012-1.017x allocated against 1.017-1.026 with 1/32, ViT and
+                // ResNet-50 0.3 points above, within 1.015; BENCHMARKS.md, "chunk_div by
+                // default"). At the peak, that stranded memory is all of the
                 // overhead (replays of `traces/recorded/`: 160-210 MiB of GPT-2's and Llama's
                 // 230-260 MiB over allocated lie in whole free pages of partly used chunks, the
                 // rest in pages shared with live blocks). Halving only for shortfalls of a
@@ -617,7 +622,11 @@ impl CachingAllocator {
                 // cost 0.5-1.5 points of peak on GPT-2 and Llama training on the H200
                 // (BENCHMARKS.md, "Evening of 2026-11-29").
                 let stranded = pool.state.lock().stranded_bytes(&vm.chunks) / page;
-                let floor = (self.reserved.load(Relaxed) / STRANDING_FLOOR_DIV / page).max(1);
+                let floor_div = match vm.chunk_div {
+                    Some(d) if pool.state.lock().recycling() => d.max(STRANDING_FLOOR_DIV),
+                    _ => STRANDING_FLOOR_DIV,
+                };
+                let floor = (self.reserved.load(Relaxed) / floor_div / page).max(1);
                 vm.chunk_cap = halved_cap(vm.chunk_cap, remaining, stranded, floor as usize);
             }
             // 5. New chunks up to the hard limit.
