@@ -254,11 +254,11 @@ impl VmState {
         (moved.len() * short).div_ceil(max).max(1).min(moved.len())
     }
 
-    /// The chunk size for short runs now, in pages: the cap, and with `chunk_div` at most
-    /// `reserved_pages / chunk_div` (at least one page).
-    fn short_run_cap(&self, reserved_pages: u64) -> usize {
+    /// The chunk size for short runs now, in pages: the cap, and with a divisor `div` (the
+    /// `chunk_div` in force) at most `reserved_pages / div` (at least one page).
+    fn short_run_cap(&self, reserved_pages: u64, div: Option<u64>) -> usize {
         let cap = self.chunk_cap.min(self.max_pages).max(1);
-        match self.chunk_div {
+        match div {
             Some(d) => cap.min((reserved_pages / d).clamp(1, usize::MAX as u64) as usize),
             None => cap,
         }
@@ -513,14 +513,11 @@ impl CachingAllocator {
         synced: bool,
     ) -> std::result::Result<Placement, SegmentFailure> {
         let page = self.page_bytes();
-        // `chunk_div` sizes chunks by reserved memory once the pool's first cycle is over:
-        // chunks made while little is reserved would stay small, and every later move would
-        // map them one by one (BENCHMARKS.md, "chunk_div by default").
-        let cap = if vm.chunk_div.is_none() || pool.state.lock().recycling() {
-            vm.short_run_cap(self.reserved.load(Relaxed) / page)
-        } else {
-            vm.chunk_cap.min(vm.max_pages).max(1)
-        };
+        // `chunk_div` is in force once the pool's first cycle is over: chunks made while
+        // little is reserved would stay small, and every later move would map them one by
+        // one (BENCHMARKS.md, "chunk_div by default").
+        let div = vm.chunk_div.filter(|_| pool.state.lock().recycling());
+        let cap = vm.short_run_cap(self.reserved.load(Relaxed) / page, div);
         vm.short_cap = cap;
         // Memory-first mode (a base chunk below the largest, or `chunk_div` making short runs'
         // chunks smaller): a long run is cut into about RUN_CHUNKS chunks at most.
@@ -622,10 +619,7 @@ impl CachingAllocator {
                 // cost 0.5-1.5 points of peak on GPT-2 and Llama training on the H200
                 // (BENCHMARKS.md, "Evening of 2026-11-29").
                 let stranded = pool.state.lock().stranded_bytes(&vm.chunks) / page;
-                let floor_div = match vm.chunk_div {
-                    Some(d) if pool.state.lock().recycling() => d.max(STRANDING_FLOOR_DIV),
-                    _ => STRANDING_FLOOR_DIV,
-                };
+                let floor_div = div.map_or(STRANDING_FLOOR_DIV, |d| d.max(STRANDING_FLOOR_DIV));
                 let floor = (self.reserved.load(Relaxed) / floor_div / page).max(1);
                 vm.chunk_cap = halved_cap(vm.chunk_cap, remaining, stranded, floor as usize);
             }
