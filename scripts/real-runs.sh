@@ -6,7 +6,8 @@
 # Build here first (the GPU machine has no Rust toolchain):
 #     bash scripts/gpu-build.sh && bash scripts/build-torch-lib.sh
 # then through the device tool, with `carry: [".gpu-bin"]`:
-#     bash scripts/real-runs.sh matrix [REPS] [SECONDS] [ARGS]  # the table, printed last
+#     bash scripts/real-runs.sh matrix [REPS] [SECONDS] [ARGS]  # the tables, printed last: every
+#         run's figures, then issue 10's targets against PyTorch in the same call
 #         ARGS for real_runs.py matrix, e.g. --variant base=.gpu-bin/libaccelrt_torch-base.so,
 #         or --breakdown (where accelrt's overhead lay at its last new peak; costs time)
 #     bash scripts/real-runs.sh record [SECONDS] [ARGS]    # v2 traces -> $OUT/recorded-*.tar

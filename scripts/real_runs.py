@@ -7,7 +7,8 @@ usage:
                                                                     the timing/memory matrix
   real_runs.py record OUTDIR [--parallel 1] [--workloads a,b] [--configs a,b]
                                                                     recordings for `accelrt replay`
-  real_runs.py table OUTDIR                                         the summary table again
+  real_runs.py table OUTDIR                                         the summary tables again (every
+                                                                    run's figures; issue 10's targets)
 
 CONFIG: native | expandable | accelrt. A run reports peak reserved and peak allocated
 (`torch.cuda.max_memory_*`, answered by accelrt when it is the allocator), the first step's
@@ -408,6 +409,7 @@ def table(outdir):
                   f"{'; ' + spread(steady_vm, lambda x: f'{x:.1f}') + ' ms' if steady_vm else ''} | "
                   f"{spread(steals, lambda x: f'{x:.0f}') + f' ({deferred})' if any(moves) else '-'} | "
                   f"{spread(drawn, lambda x: f'{x:.1f}')}")
+    targets(rows, works, configs)
     breakdowns = [r for r in rows if r.get("peak_breakdown") and "error" not in r]
     if breakdowns:
         # Where the overhead over allocated lay at the last new peak: each part as a
@@ -423,6 +425,41 @@ def table(outdir):
                 print(f"{w} | {c} | {len(bs)} | "
                       f"{spread([b['reserved'] / max(b['allocated'], 1) for b in bs], lambda x: f'{x:.4f}')} | "
                       + " | ".join(spread([part(b, k) for b in bs], lambda x: f'{x:.2f}') for k in BREAKDOWN_PARTS))
+
+
+def targets(rows, works, configs):
+    """Issue 10's targets against PyTorch in the same call, for every configuration that is
+    not PyTorch's: peak reserved / allocated at most 1.02 in every run; median peak reserved
+    against expandable_segments' (at least 4% less on GPT-2 training and inference); the
+    median steady-state sum inside native's range (min-max); the median first step at or
+    below native's median. Printed only when the call ran PyTorch native."""
+    ok = lambda r: "error" not in r
+    med = lambda xs: statistics.median(xs) if xs else None
+    pct = lambda a, b: f"{100 * (a - b) / b:+.1f}%" if a is not None and b else "-"
+    if not any(r["config"] == "native" for r in rows if ok(r)):
+        return
+    print("\nworkload | config | reserved/allocated <= 1.02 (runs) | peak reserved vs expandable, vs native "
+          "(medians) | steady-state median in native's range | first step vs native (medians)")
+    for w in works:
+        of = lambda c: [r for r in rows if r["workload"] == w and r["config"] == c and ok(r)]
+        native, expandable = of("native"), of("expandable")
+        if not native:
+            continue
+        n_steady = [r["steady_sum_ms"] for r in native]
+        n_first = med([r["first_step_ms"] for r in native])
+        n_res = med([r["peak_reserved"] for r in native])
+        e_res = med([r["peak_reserved"] for r in expandable])
+        for c in configs:
+            rs = of(c)
+            if c in ("native", "expandable") or not rs:
+                continue
+            within = sum(r["peak_reserved"] <= 1.02 * r["peak_allocated"] for r in rs)
+            res = med([r["peak_reserved"] for r in rs])
+            steady = med([r["steady_sum_ms"] for r in rs])
+            inside = "yes" if min(n_steady) <= steady <= max(n_steady) else ("below" if steady < min(n_steady) else "no, above")
+            first = med([r["first_step_ms"] for r in rs])
+            print(f"{w} | {c} | {within} of {len(rs)} | {pct(res, e_res)}, {pct(res, n_res)} | "
+                  f"{inside} ({steady:.0f} against {min(n_steady):.0f}-{max(n_steady):.0f}) | {pct(first, n_first)}")
 
 
 # ---- recordings -----------------------------------------------------------------------------
