@@ -9,6 +9,7 @@ usage:
                                                                     recordings for `accelrt replay`
   real_runs.py table OUTDIR                                         the summary tables again (every
                                                                     run's figures; issue 10's targets)
+  real_runs.py self-test                                            the targets table on made-up runs
 
 CONFIG: native | expandable | accelrt. A run reports peak reserved and peak allocated
 (`torch.cuda.max_memory_*`, answered by accelrt when it is the allocator), the first step's
@@ -409,7 +410,9 @@ def table(outdir):
                   f"{'; ' + spread(steady_vm, lambda x: f'{x:.1f}') + ' ms' if steady_vm else ''} | "
                   f"{spread(steals, lambda x: f'{x:.0f}') + f' ({deferred})' if any(moves) else '-'} | "
                   f"{spread(drawn, lambda x: f'{x:.1f}')}")
-    targets(rows, works, configs)
+    lines = targets(rows, works, configs)
+    if lines:
+        print("\n" + "\n".join(lines))
     breakdowns = [r for r in rows if r.get("peak_breakdown") and "error" not in r]
     if breakdowns:
         # Where the overhead over allocated lay at the last new peak: each part as a
@@ -432,14 +435,14 @@ def targets(rows, works, configs):
     not PyTorch's: peak reserved / allocated at most 1.02 in every run; median peak reserved
     against expandable_segments' (at least 4% less on GPT-2 training and inference); the
     median steady-state sum inside native's range (min-max); the median first step at or
-    below native's median. Printed only when the call ran PyTorch native."""
+    below native's median. The table's lines (none when the call did not run PyTorch native)."""
     ok = lambda r: "error" not in r
     med = lambda xs: statistics.median(xs) if xs else None
     pct = lambda a, b: f"{100 * (a - b) / b:+.1f}%" if a is not None and b else "-"
     if not any(r["config"] == "native" for r in rows if ok(r)):
-        return
-    print("\nworkload | config | reserved/allocated <= 1.02 (runs) | peak reserved vs expandable, vs native "
-          "(medians) | steady-state median in native's range | first step vs native (medians)")
+        return []
+    lines = ["workload | config | reserved/allocated <= 1.02 (runs) | peak reserved vs expandable, vs "
+             "native (medians) | steady-state median in native's range | first step vs native (medians)"]
     for w in works:
         of = lambda c: [r for r in rows if r["workload"] == w and r["config"] == c and ok(r)]
         native, expandable = of("native"), of("expandable")
@@ -456,10 +459,34 @@ def targets(rows, works, configs):
             within = sum(r["peak_reserved"] <= 1.02 * r["peak_allocated"] for r in rs)
             res = med([r["peak_reserved"] for r in rs])
             steady = med([r["steady_sum_ms"] for r in rs])
-            inside = "yes" if min(n_steady) <= steady <= max(n_steady) else ("below" if steady < min(n_steady) else "no, above")
+            lo, hi = min(n_steady), max(n_steady)
+            inside = "yes" if lo <= steady <= hi else ("below" if steady < lo else "no, above")
             first = med([r["first_step_ms"] for r in rs])
-            print(f"{w} | {c} | {within} of {len(rs)} | {pct(res, e_res)}, {pct(res, n_res)} | "
-                  f"{inside} ({steady:.0f} against {min(n_steady):.0f}-{max(n_steady):.0f}) | {pct(first, n_first)}")
+            lines.append(f"{w} | {c} | {within} of {len(rs)} | {pct(res, e_res)}, {pct(res, n_res)} | "
+                         f"{inside} ({steady:.0f} against {lo:.0f}-{hi:.0f}) | {pct(first, n_first)}")
+    return lines
+
+
+def self_test():
+    """`targets` on made-up runs whose verdicts are known (CI runs it: no GPU needed)."""
+    def run(w, c, reserved, steady, first):
+        return {"workload": w, "config": c, "peak_reserved": reserved, "peak_allocated": 100.0,
+                "steady_sum_ms": steady, "first_step_ms": first}
+    rows = [run("a", "native", 112, s, f) for s, f in [(100, 500), (110, 520), (120, 540)]]
+    rows += [run("a", "expandable", 107, 110, 530)]
+    rows += [run("a", "accelrt", r, s, f) for r, s, f in [(101.5, 105, 560), (101.8, 106, 570), (102.5, 107, 580)]]
+    rows += [run("b", "native", 120, s, 100) for s in (50, 60)]
+    rows += [run("b", "accelrt@x", 101, 45, 90), run("b", "accelrt@y", 103, 70, 110),
+             {"workload": "b", "config": "accelrt@y", "error": "killed"}]
+    got = targets(rows, ["a", "b"], ["native", "expandable", "accelrt", "accelrt@x", "accelrt@y"])
+    want = [
+        "a | accelrt | 2 of 3 | -4.9%, -9.1% | yes (106 against 100-120) | +9.6%",
+        "b | accelrt@x | 1 of 1 | -, -15.8% | below (45 against 50-60) | -10.0%",
+        "b | accelrt@y | 0 of 1 | -, -14.2% | no, above (70 against 50-60) | +10.0%",
+    ]
+    assert got[1:] == want, "\n".join(["targets() printed:"] + got + ["expected:"] + want)
+    assert targets([r for r in rows if r["config"] != "native"], ["a", "b"], ["accelrt"]) == []
+    print("real_runs.py self-test: the targets table gives the expected verdicts")
 
 
 # ---- recordings -----------------------------------------------------------------------------
@@ -544,7 +571,11 @@ def main():
     r.add_argument("--configs", default=",".join(CONFIGS), help="a subset of " + ",".join(CONFIGS))
     t = sub.add_parser("table")
     t.add_argument("outdir", type=Path)
+    sub.add_parser("self-test", help="check the targets table on made-up runs (no GPU needed)")
     a = p.parse_args()
+    if a.cmd == "self-test":
+        self_test()
+        return
     if a.cmd == "one":
         one(a.workload, a.config, a.steps, a.record)
     elif a.cmd == "matrix":
