@@ -27,8 +27,9 @@ The allocator reads ``ACCELRT_ALLOC_CONF`` (PyTorch's ``PYTORCH_CUDA_ALLOC_CONF`
 unset: accelrt's defaults, expandable segments with ``release_at_peak``). A run that does
 not fit: ``enable(alloc_conf="chunk_mb:4")`` (memory first: on an H200, 0.6-2.8% reserved
 over allocated on five real workloads instead of 1.5-5.7%, for 3-14% more step time),
-``"chunk_div:256"`` (chunks at most 1/256 of what is reserved: GPT-2 inference 1.011x
-instead of 1.05x within native's step time, training with short steps 6-12% slower), or
+``"halving_div:256"`` (finer chunks where memory strands: Llama-style training with varying
+sequence lengths 1.011x instead of 1.029x at no cost in time, but training whose largest
+blocks move every step, as GPT-2's do, 39% slower: replay a trace under it first), or
 ``"max_chunk_mb:2"`` (least memory, most driver calls). The library alone
 (``load_library``, the statistics, snapshot and trace functions) does not need PyTorch;
 ``ACCELRT_TORCH_BACKEND=host`` runs it on accelrt's host backend, for tests.

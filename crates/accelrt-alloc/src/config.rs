@@ -89,6 +89,15 @@ pub struct AllocatorConfig {
     /// training and Llama-style training the same; from the start instead of after the
     /// first cycle, `chunk_div:256` made GPT-2 training's steady state 3-14% slower.
     pub chunk_div: Option<u64>,
+    /// Where memory strands in partly used chunks at a new peak, the chunk size halves, never
+    /// below reserved memory / this (`halving_div`; `None`: 32), and once a pool's first cycle
+    /// is over never below reserved / `chunk_div` either. Finer chunks made during the first
+    /// cycle strand less later where smaller blocks reuse their memory, but every move maps
+    /// them one by one. On the H200 (`BENCHMARKS.md`, "Llama's 1.02 on the GPU"), 256:
+    /// Llama-style training with varying sequence lengths 1.011x allocated instead of 1.029x
+    /// at no cost in time, but GPT-2 training's steady state 39% slower (its 1.5 GiB blocks
+    /// move every step, then as 2 MiB chunks). Replay a trace under it before using it.
+    pub halving_div: Option<u64>,
     /// The share of the time passing, in percent, that moving idle memory (expandable
     /// segments) may take in driver calls (`move_time_pct`; `None`: 10). When moves have used
     /// it up, new memory is created instead until time has passed. Moves save memory and cost
@@ -131,6 +140,7 @@ impl Default for AllocatorConfig {
             chunk_size: None,
             max_chunk_size: None,
             chunk_div: Some(DEFAULT_CHUNK_DIV),
+            halving_div: None,
             move_time_pct: None,
             per_process_memory_fraction: None,
             high_watermark_ratio: 0.0,
@@ -252,6 +262,18 @@ impl AllocatorConfig {
                 }
                 self.chunk_div = Some(div);
             }
+            "halving_div" => {
+                let div = parse_u64(key, value)?;
+                if div == 0 || div > 1 << 20 {
+                    return Err(bad(
+                        key,
+                        value,
+                        "a divisor between 1 and 1048576 (halving_div:32, the default, lets \
+                         chunks halve down to 1/32 of reserved memory)",
+                    ));
+                }
+                self.halving_div = Some(div);
+            }
             "move_time_pct" => {
                 let pct = parse_f64(key, value)?;
                 if !(0.0..=100.0).contains(&pct) {
@@ -353,6 +375,9 @@ impl AllocatorConfig {
             Some(d) => parts.push(format!("chunk_div:{d}")),
             None => parts.push("chunk_div:off".into()),
         }
+        if let Some(d) = self.halving_div {
+            parts.push(format!("halving_div:{d}"));
+        }
         if let Some(pct) = self.move_time_pct {
             parts.push(format!("move_time_pct:{pct}"));
         }
@@ -394,6 +419,7 @@ const KNOWN_OPTIONS: &[&str] = &[
     "chunk_mb",
     "max_chunk_mb",
     "chunk_div",
+    "halving_div",
     "move_time_pct",
     "per_process_memory_fraction",
     "high_watermark_ratio",
@@ -579,6 +605,21 @@ mod tests {
     }
 
     #[test]
+    fn halving_div_parses_and_round_trips() {
+        assert_eq!(AllocatorConfig::default().halving_div, None);
+        assert!(!AllocatorConfig::default()
+            .to_conf_string()
+            .contains("halving_div"));
+        for (conf, div) in [("halving_div:256", 256), ("halving_div:1", 1)] {
+            let c = AllocatorConfig::parse(conf).unwrap();
+            assert_eq!(c.halving_div, Some(div), "{conf}");
+            let text = c.to_conf_string();
+            assert!(text.contains(conf), "{conf}: {text}");
+            assert_eq!(AllocatorConfig::parse(&text).unwrap(), c, "{conf}");
+        }
+    }
+
+    #[test]
     fn move_time_pct_parses_and_round_trips() {
         assert_eq!(AllocatorConfig::default().move_time_pct, None);
         for (conf, pct) in [
@@ -629,6 +670,9 @@ mod tests {
             ("chunk_div:0", "a divisor between 1 and 1048576"),
             ("chunk_div:99999999999", "a divisor between 1 and 1048576"),
             ("chunk_div:1.5", "'chunk_div' has value '1.5'"),
+            ("halving_div:0", "a divisor between 1 and 1048576"),
+            ("halving_div:2097152", "a divisor between 1 and 1048576"),
+            ("halving_div:off", "'halving_div' has value 'off'"),
             ("move_time_pct:101", "a percentage in [0, 100]"),
             ("move_time_pct:-1", "a percentage in [0, 100]"),
             ("move_time_pct:NaN", "a finite number"),

@@ -200,6 +200,9 @@ pub(crate) struct VmState {
     pub move_time: MoveTime,
     /// `chunk_div`: short runs' chunks are at most reserved memory / this.
     pub chunk_div: Option<u64>,
+    /// `halving_div` (default [`STRANDING_FLOOR_DIV`]): the chunk cap halves down to reserved
+    /// memory / this at most.
+    pub halving_div: u64,
     /// The chunk size of short runs at the last fill, in pages (with `chunk_div` it follows
     /// reserved memory, and the count budget grows by 64 MiB / it: see `count_scale`).
     pub short_cap: usize,
@@ -222,6 +225,7 @@ impl VmState {
                 move_scale,
             ),
             chunk_div: config.chunk_div,
+            halving_div: config.halving_div.unwrap_or(STRANDING_FLOOR_DIV),
             short_cap: base_pages,
         }
     }
@@ -619,7 +623,7 @@ impl CachingAllocator {
                 // cost 0.5-1.5 points of peak on GPT-2 and Llama training on the H200
                 // (BENCHMARKS.md, "Evening of 2026-11-29").
                 let stranded = pool.state.lock().stranded_bytes(&vm.chunks) / page;
-                let floor_div = div.map_or(STRANDING_FLOOR_DIV, |d| d.max(STRANDING_FLOOR_DIV));
+                let floor_div = div.map_or(vm.halving_div, |d| d.max(vm.halving_div));
                 let floor = (self.reserved.load(Relaxed) / floor_div / page).max(1);
                 vm.chunk_cap = halved_cap(vm.chunk_cap, remaining, stranded, floor as usize);
             }

@@ -24,6 +24,7 @@ fn config_seeds() -> Vec<Vec<u8>> {
         "chunk_div:256,chunk_mb:4,max_chunk_mb:16,move_time_pct:2.5",
         "chunk_div:1,max_chunk_mb:2",
         "chunk_div:off,chunk_mb:8",
+        "halving_div:256,chunk_div:64",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

@@ -36,9 +36,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-const CONFIGS: [&str; 13] = [
+const CONFIGS: [&str; 14] = [
     "",
     "chunk_div:off",
+    "halving_div:1",
     "chunk_mb:4",
     "expandable_page_mb:8",
     "max_split_size_mb:16",
