@@ -415,13 +415,14 @@ fn print_table(input: &ReplayInput, rows: &[(&NamedConfig, ReplayOutcome)]) {
         .max()
         .unwrap_or(6);
     println!(
-        "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>4}  {:>8}",
+        "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>12}  {:>4}  {:>8}",
         "config",
         "events",
         "peak allocated",
         "peak reserved",
         "ratio",
         "device allocs",
+        "driver calls",
         "OOMs",
         "ns/call"
     );
@@ -432,14 +433,22 @@ fn print_table(input: &ReplayInput, rows: &[(&NamedConfig, ReplayOutcome)]) {
         } else {
             format!("{} (stop)", group(r.ops))
         };
+        // Every driver call (creations, maps, access grants, unmaps, releases, events): what
+        // the configuration costs in time on a real device.
+        let calls = r
+            .driver_calls
+            .as_ref()
+            .and_then(|d| d["total"].as_u64())
+            .map_or_else(|| "-".to_string(), group);
         println!(
-            "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>4}  {:>8.1}",
+            "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>12}  {:>4}  {:>8.1}",
             label,
             events,
             format_size(r.peak_allocated_bytes),
             format_size(r.peak_reserved_bytes),
             ratio_text(r.ratio()),
             group(r.device_allocs),
+            calls,
             r.ooms,
             r.ns_per_call,
         );
@@ -460,12 +469,13 @@ fn print_table(input: &ReplayInput, rows: &[(&NamedConfig, ReplayOutcome)]) {
     for (label, figures) in recorded_rows {
         if let (Some(label), Some((allocated, reserved, ratio))) = (label, figures) {
             println!(
-                "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>4}  {:>8}",
+                "  {:<width$}  {:>13}  {:>14}  {:>13}  {:>7}  {:>13}  {:>12}  {:>4}  {:>8}",
                 label,
                 "-",
                 bytes_text(allocated),
                 bytes_text(reserved),
                 ratio_text(ratio),
+                "-",
                 "-",
                 "-",
                 "-",

@@ -100,6 +100,23 @@ fn replay_table_shows_pytorch_side_by_side() {
         text.contains("peak reserved") && text.contains("ns/call"),
         "{text}"
     );
+    // Every driver call of the configuration, as `--json`'s `driver_calls.total` counts it.
+    let json = accelrt(&[
+        "replay",
+        "--json",
+        &shipped("resnet50_train.trace.gz"),
+        "--alloc-conf",
+        "debug_checks:false",
+    ]);
+    let total = serde_json::from_str::<Value>(stdout(&json).lines().next().unwrap()).unwrap()
+        ["driver_calls"]["total"]
+        .as_u64()
+        .unwrap();
+    let calls = format!(" {} ", grouped(total));
+    assert!(
+        text.contains("driver calls") && text.contains(&calls),
+        "{calls} driver calls: {text}"
+    );
     assert!(text.contains("PyTorch (native, recorded)"), "{text}");
     assert!(
         text.contains("1.190x"),
@@ -299,4 +316,17 @@ fn info_json_lists_the_host_backend() {
             assert!(b["reason"].as_str().is_some_and(|r| !r.is_empty()), "{b}");
         }
     }
+}
+
+/// `n` with a comma every three digits, as the CLI's tables print counts.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
