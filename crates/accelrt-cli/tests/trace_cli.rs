@@ -25,9 +25,15 @@ const NATIVE: &str = "expandable_segments:false,release_at_peak:false";
 
 /// `traces/recorded/NAME.accelrt.trace.gz`, a run recorded on the H200.
 fn recording(name: &str) -> PathBuf {
+    recorded(name, "accelrt")
+}
+
+/// `traces/recorded/NAME.ALLOCATOR.trace.gz`: `name` as `allocator` (`accelrt`,
+/// `pytorch-native`, `pytorch-expandable`) ran it on the H200.
+fn recorded(name: &str, allocator: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../traces/recorded")
-        .join(format!("{name}.accelrt.trace.gz"))
+        .join(format!("{name}.{allocator}.trace.gz"))
 }
 
 /// [`recording`] `name` with its steady steps repeated `copies` more times
@@ -560,9 +566,7 @@ fn the_replay_says_where_reserved_memory_was_at_its_peak() {
 fn chunks_that_follow_reserved_memory_strand_less_in_a_small_workload() {
     // (recording, how much lower than with fixed chunks the default must replay)
     for (name, gain) in [("pytorch-native", 0.015), ("accelrt", 0.005)] {
-        let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
-            "../../traces/recorded/gpt2_infer_varlen.{name}.trace.gz"
-        ));
+        let trace = recorded("gpt2_infer_varlen", name);
         let ratio = |conf: &str| replay_under(conf, &trace)["ratio"].as_f64().unwrap();
         let (fixed, following) = (ratio("chunk_div:off"), ratio(""));
         assert!(
@@ -583,9 +587,7 @@ fn chunks_that_follow_reserved_memory_strand_less_in_a_small_workload() {
 #[test]
 fn finer_chunks_where_memory_strands_trade_driver_calls_for_memory() {
     let figures = |conf: &str, workload: &str| {
-        let trace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(format!("../../traces/recorded/{workload}.accelrt.trace.gz"));
-        let v = replay_under(conf, &trace);
+        let v = replay_under(conf, &recording(workload));
         let calls = v["driver_calls"]["total"].as_u64().unwrap();
         (v["ratio"].as_f64().unwrap(), calls)
     };

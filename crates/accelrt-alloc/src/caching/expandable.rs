@@ -623,7 +623,7 @@ impl CachingAllocator {
                 // cost 0.5-1.5 points of peak on GPT-2 and Llama training on the H200
                 // (BENCHMARKS.md, "Evening of 2026-11-29").
                 let stranded = pool.state.lock().stranded_bytes(&vm.chunks) / page;
-                let floor_div = div.map_or(vm.halving_div, |d| d.max(vm.halving_div));
+                let floor_div = vm.halving_div.max(div.unwrap_or(0));
                 let floor = (self.reserved.load(Relaxed) / floor_div / page).max(1);
                 vm.chunk_cap = halved_cap(vm.chunk_cap, remaining, stranded, floor as usize);
             }
