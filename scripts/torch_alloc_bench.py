@@ -6,6 +6,10 @@ small inline extension, so Python is not in the timed loop:
   - RMM-style random workload: N live allocations, sizes uniform in [1, max], free a random
     live one and allocate another (ns per call, and peak reserved / peak allocated).
 Prints one JSON object per line, prefixed with `torch `.
+
+  python3 scripts/torch_alloc_bench.py [--ops N]
+--ops: operations per random workload (default 200000, as `accelrt bench`; 20000 matches
+`accelrt bench --quick`, whose short runs are mostly growth).
 """
 import json
 import os
@@ -58,6 +62,14 @@ double random_ns(int64_t ops, int64_t live, int64_t max_size, int64_t seed) {
 
 
 def main():
+    ops = 200000
+    args = sys.argv[1:]
+    if args:
+        if len(args) != 2 or args[0] != "--ops" or not args[1].isdigit() or int(args[1]) < 1:
+            print(f"usage: torch_alloc_bench.py [--ops N] (N a positive integer), got {' '.join(args)!r}",
+                  file=sys.stderr)
+            return 2
+        ops = int(args[1])
     ext = load_inline("accelrt_torch_bench", cpp_sources=SOURCE, functions=["median_pair_ns", "random_ns"],
                       extra_cflags=["-O2"], with_cuda=True, verbose=False)
     torch.empty(1, device="cuda")
@@ -69,9 +81,9 @@ def main():
     for live, max_size in [(1000, 1 << 20), (1000, 64 << 20), (200, 256 << 20)]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        ns = ext.random_ns(200000, live, max_size, 42)
+        ns = ext.random_ns(ops, live, max_size, 42)
         reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
-        print("torch " + json.dumps({"conf": conf, "random": {"live": live, "max_size": max_size, "ns_per_call": round(ns, 1),
+        print("torch " + json.dumps({"conf": conf, "random": {"live": live, "max_size": max_size, "ops": ops, "ns_per_call": round(ns, 1),
                                                               "peak_reserved": reserved, "peak_allocated": allocated,
                                                               "ratio": round(reserved / max(1, allocated), 3)}}), flush=True)
 
