@@ -252,27 +252,22 @@ impl AllocatorConfig {
                 let div = value
                     .parse::<u64>()
                     .map_err(|_| bad(key, value, "a divisor between 1 and 1048576, or off"))?;
-                if div == 0 || div > 1 << 20 {
-                    return Err(bad(
-                        key,
-                        value,
-                        "a divisor between 1 and 1048576, or off (chunk_div:256, the default, \
-                         keeps new chunks at most 1/256 of reserved memory)",
-                    ));
-                }
-                self.chunk_div = Some(div);
+                self.chunk_div = Some(divisor(
+                    key,
+                    value,
+                    div,
+                    ", or off (chunk_div:256, the default, keeps new chunks at most 1/256 of \
+                     reserved memory)",
+                )?);
             }
             "halving_div" => {
-                let div = parse_u64(key, value)?;
-                if div == 0 || div > 1 << 20 {
-                    return Err(bad(
-                        key,
-                        value,
-                        "a divisor between 1 and 1048576 (halving_div:32, the default, lets \
-                         chunks halve down to 1/32 of reserved memory)",
-                    ));
-                }
-                self.halving_div = Some(div);
+                self.halving_div = Some(divisor(
+                    key,
+                    value,
+                    parse_u64(key, value)?,
+                    " (halving_div:32, the default, lets chunks halve down to 1/32 of reserved \
+                     memory)",
+                )?);
             }
             "move_time_pct" => {
                 let pct = parse_f64(key, value)?;
@@ -432,6 +427,20 @@ fn bad(key: &str, value: &str, expected: &str) -> AllocError {
     AllocError::Config(format!(
         "option '{key}' has value '{value}': expected {expected}"
     ))
+}
+
+/// `div` if it is a divisor of reserved memory the allocator takes (1 to 2^20), else the
+/// error for option `key`, whose text goes on with `example`.
+fn divisor(key: &str, value: &str, div: u64, example: &str) -> Result<u64> {
+    if (1..=1 << 20).contains(&div) {
+        Ok(div)
+    } else {
+        Err(bad(
+            key,
+            value,
+            &format!("a divisor between 1 and 1048576{example}"),
+        ))
+    }
 }
 
 fn parse_u64(key: &str, value: &str) -> Result<u64> {
